@@ -1,0 +1,1 @@
+"""Modality adapters (one file per modality) and sensor readers."""

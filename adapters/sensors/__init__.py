@@ -1,0 +1,1 @@
+"""Sensor readers: ROS-style messages and bags, RGB-D folders."""

@@ -1,0 +1,1 @@
+"""The `mmtk` command line (Typer)."""

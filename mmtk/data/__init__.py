@@ -1,0 +1,1 @@
+"""The mmtk HDF5 dataset format: conversion, inspection and loading."""
