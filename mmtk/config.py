@@ -1,0 +1,305 @@
+"""Typed training recipes: YAML files loaded into dataclasses, validated, with ``--set`` overrides.
+
+A recipe has four sections (``data``, ``model``, ``optim``, ``train``) plus ``kind`` (pretrain or
+finetune). Every field has a default, so a recipe only states what differs. Mistakes the user can
+make (an unknown key, a wrong type, a missing data file) raise :class:`~mmtk.errors.MmtkError` with
+one line naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from mmtk.errors import MmtkError
+
+Kind = Literal["pretrain", "finetune"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass
+class DataConfig:
+    """Where the frames come from and how they are augmented."""
+
+    path: str | None = None  # HDF5 file written by `mmtk convert`; relative to the working directory
+    train_split: str = "train"
+    eval_split: str = "test"
+    image_size: tuple[int, int] | None = None  # (H, W); None = the file's frame size
+    num_classes: int | None = None  # None = the file's class count
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # random resized crop area range, shared by all modalities
+    hflip: bool = True
+    num_workers: int = 0
+    pin_memory: bool = True  # only has an effect on CUDA
+
+
+@dataclass
+class ModelConfig:
+    """Which model to build (arguments of :func:`mmtk.create_model`)."""
+
+    name: str = "multimae-base"
+    inputs: tuple[str, ...] = ("rgb", "depth", "semseg")
+    outputs: tuple[str, ...] = ("rgb", "norm_rgb", "depth", "semseg")  # pretraining targets
+    num_visible: int = 98
+    alphas: float = 1.0
+    head: Literal["convnext", "dpt"] | None = None  # finetuning head
+    task: Literal["semseg", "depth"] | None = None  # finetuning task
+    main_inputs: tuple[str, ...] | None = None  # modalities whose tokens feed the convnext head
+    overrides: dict[str, Any] = field(default_factory=dict)  # any other create_model argument
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, warm-up + cosine schedule, batch size and gradient handling."""
+
+    batch_size: int = 256  # global batch per optimizer step, over all processes and accumulation steps
+    lr: float = 1e-4
+    scale_lr: bool = True  # effective lr = lr * batch_size / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    layer_decay: float = 1.0  # lr of encoder block i is lr * layer_decay ** (num_blocks + 1 - (i + 1))
+    epochs: float = 1600
+    warmup_epochs: float = 40
+    accum_steps: int = 1  # micro-batches per optimizer step
+    clip_grad: float | None = None  # max global gradient norm; None = no clipping
+
+
+@dataclass
+class TrainConfig:
+    """Everything about running the loop that is not the optimisation itself."""
+
+    seed: int = 0
+    precision: Precision = "bf16"  # autocast dtype; fp16 adds a gradient scaler (CUDA only)
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    deterministic: bool = False  # torch.use_deterministic_algorithms; needed for bit-exact resume on GPU
+    loss: Literal["ce", "berhu", "l1"] | None = None  # finetuning loss; None = ce for semseg, berhu for depth
+    log_every: int = 10  # steps between progress lines and JSONL records
+    ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 2  # newest step checkpoints kept on disk
+    max_steps: int | None = None  # stop after this many steps; the lr schedule still spans all epochs
+
+
+@dataclass
+class Recipe:
+    """A full training recipe."""
+
+    kind: Kind = "pretrain"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building typed objects from plain YAML values
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert lists to tuples; raise MmtkError."""
+
+    def fail(expected: str) -> MmtkError:
+        return MmtkError(f"{source}: {key}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key, source)
+            except MmtkError:
+                continue
+        raise fail(" or ".join(_type_name(a) for a in args))
+    if origin is Literal:
+        if value in args:
+            return value
+        raise fail("one of " + ", ".join(repr(a) for a in args))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise fail(f"a mapping of {tp.__name__} keys")
+        return _build(tp, value, key, source)
+    if origin is tuple:
+        if isinstance(value, str) and args and args[-1] is Ellipsis:
+            value = [v.strip() for v in value.split(",") if v.strip()]  # "rgb,depth" on the command line
+        if not isinstance(value, (list, tuple)):
+            raise fail("a list")
+        if args and args[-1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise fail(f"a list of {len(args)} values")
+        return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail("a mapping")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail("true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail("an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise fail("a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise fail("a string")
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # programming error, not the user's
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise MmtkError(f"{source}: unknown key '{full}'; valid keys here: {', '.join(sorted(names))}")
+        kwargs[key] = _coerce(value, hints[key], full, source)
+    return cls(**kwargs)
+
+
+def recipe_from_dict(values: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    """Build and validate a :class:`Recipe` from nested plain values (as read from YAML)."""
+    if not isinstance(values, dict):
+        raise MmtkError(f"{source}: a recipe must be a YAML mapping, got {type(values).__name__}")
+    recipe = _build(Recipe, values, "", source)
+    validate(recipe, source)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """Plain nested dict (lists, not tuples) of a recipe, ready for YAML or a checkpoint."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(recipe))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``"optim.lr=2e-4"`` into (["optim", "lr"], 2e-4); the value is read as YAML."""
+    if "=" not in text:
+        raise MmtkError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optim.lr=2e-4")
+    key, raw = text.split("=", 1)
+    path = [part for part in key.strip().split(".") if part]
+    if not path:
+        raise MmtkError(f"--set {text!r}: empty key; expected e.g. --set optim.lr=2e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``KEY=VALUE`` of ``overrides`` into the nested dict ``values`` (in place, returned)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = values
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise MmtkError(f"--set {text!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return values
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, data_path: str | None = None) -> Recipe:
+    """Read a recipe YAML file, apply ``--set`` overrides and ``--data``, validate and return it."""
+    path = Path(path)
+    if not path.is_file():
+        raise MmtkError(f"recipe file {path} not found; pass a YAML file such as recipes/tiny.yaml")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise MmtkError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(values, dict):
+        raise MmtkError(f"{path}: a recipe must be a YAML mapping, got {type(values).__name__}")
+    apply_overrides(values, overrides or [])
+    if data_path is not None:
+        values.setdefault("data", {})
+        if not isinstance(values["data"], dict):
+            raise MmtkError(f"{path}: 'data' must be a mapping")
+        values["data"]["path"] = str(data_path)
+    return recipe_from_dict(values, str(path))
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write the fully resolved recipe as YAML (atomically: temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    tmp.replace(path)
+
+
+def validate(recipe: Recipe, source: str) -> None:
+    """Checks that need more than one field, or the file system; raise one-line MmtkErrors."""
+    data, model, optim, train = recipe.data, recipe.model, recipe.optim, recipe.train
+    if data.path is not None and not Path(data.path).is_file():
+        raise MmtkError(f"{source}: data.path: file {data.path} not found; convert frames with `mmtk convert`")
+    positive = {
+        "optim.batch_size": optim.batch_size,
+        "optim.accum_steps": optim.accum_steps,
+        "optim.epochs": optim.epochs,
+        "optim.lr": optim.lr,
+        "model.num_visible": model.num_visible,
+        "train.log_every": train.log_every,
+        "train.ckpt_every": train.ckpt_every,
+        "train.keep_checkpoints": train.keep_checkpoints,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise MmtkError(f"{source}: {key}: must be > 0, got {value}")
+    if optim.warmup_epochs < 0 or optim.warmup_epochs > optim.epochs:
+        raise MmtkError(f"{source}: optim.warmup_epochs: must be in [0, optim.epochs], got {optim.warmup_epochs}")
+    if not 0 < optim.layer_decay <= 1:
+        raise MmtkError(f"{source}: optim.layer_decay: must be in (0, 1], got {optim.layer_decay}")
+    if not 0 < data.crop_scale[0] <= data.crop_scale[1] <= 1:
+        raise MmtkError(f"{source}: data.crop_scale: need 0 < min <= max <= 1, got {list(data.crop_scale)}")
+    if optim.batch_size % optim.accum_steps:
+        raise MmtkError(f"{source}: optim.batch_size {optim.batch_size} is not divisible by "
+                        f"optim.accum_steps {optim.accum_steps}")
+    if train.max_steps is not None and train.max_steps <= 0:
+        raise MmtkError(f"{source}: train.max_steps: must be > 0, got {train.max_steps}")
+    if not model.inputs:
+        raise MmtkError(f"{source}: model.inputs: give at least one input modality")
+    if recipe.kind == "finetune":
+        if model.head is None or model.task is None:
+            raise MmtkError(f"{source}: a finetune recipe needs model.head (convnext|dpt) and model.task (semseg|depth)")
+        if model.task == "semseg" and train.loss not in (None, "ce"):
+            raise MmtkError(f"{source}: train.loss: semseg finetuning uses 'ce', got {train.loss!r}")
+        if model.task == "depth" and train.loss not in (None, "berhu", "l1"):
+            raise MmtkError(f"{source}: train.loss: depth finetuning uses 'berhu' or 'l1', got {train.loss!r}")
+    elif not model.outputs:
+        raise MmtkError(f"{source}: model.outputs: pretraining needs at least one output task")

@@ -1,0 +1,537 @@
+"""The training engine shared by pretraining and finetuning.
+
+One loop (:func:`fit`): AdamW with weight-decay groups and layer-wise lr decay, linear warm-up then
+cosine per optimizer step, gradient accumulation, optional clipping, autocast (bf16/fp16), optional
+``torch.compile``, DDP under ``torchrun``, atomic checkpoints with every state needed to resume
+bit-exactly, JSONL metrics, rich progress and TensorBoard when installed.
+
+What is being trained comes in as a model, a dataset and a ``compute_loss(model, batch)`` function,
+so the loop knows nothing about MultiMAE; :mod:`mmtk.training` builds those from a recipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from mmtk.config import Recipe, recipe_to_dict, save_recipe
+from mmtk.errors import MmtkError
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+CHECKPOINT_FORMAT = "mmtk-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes and devices
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in a (possibly single-process) run."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` is the local rank's GPU when CUDA is available, else the CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MmtkError(f"train.device={name} but CUDA is not available; use --set train.device=cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def setup_distributed(device_name: str) -> DistInfo:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def layer_id(name: str, num_blocks: int) -> int:
+    """Depth of a parameter for layer-wise lr decay: 0 tokenizers/global tokens, i+1 block i, top the rest."""
+    if name.startswith(("encoder.tokenizers.", "encoder.global_tokens", "encoder.pos_emb")):
+        return 0
+    match = re.match(r"encoder\.blocks\.(\d+)\.", name)
+    if match:
+        return int(match.group(1)) + 1
+    return num_blocks + 1
+
+
+def count_blocks(model: nn.Module) -> int:
+    ids = {int(m.group(1)) for n, _ in model.named_parameters() if (m := re.match(r"encoder\.blocks\.(\d+)\.", n))}
+    return max(ids) + 1 if ids else 0
+
+
+def _no_weight_decay(name: str, param: torch.Tensor, extra: set[str]) -> bool:
+    # Biases, norm scales, learned tokens and position embeddings are not decayed (MAE/BEiT convention).
+    return param.ndim <= 1 or name.endswith(".bias") or name in extra or "token" in name or "pos_emb" in name
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups: (decay / no decay) x layer, each with its own ``lr`` (layer-wise decay) and ``weight_decay``."""
+    num_blocks = count_blocks(model)
+    extra = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lid = layer_id(name, num_blocks)
+        decay = not _no_weight_decay(name, param, extra)
+        scale = layer_decay ** (num_blocks + 1 - lid)
+        group = groups.setdefault((lid, decay), {
+            "params": [], "names": [], "lr": lr * scale, "lr_scale": scale,
+            "weight_decay": weight_decay if decay else 0.0,
+        })
+        group["params"].append(param)
+        group["names"].append(name)
+    return [groups[key] for key in sorted(groups)]
+
+
+@dataclass
+class WarmupCosine:
+    """lr multiplier at optimizer step s: linear warm-up to 1, then cosine down to ``min_ratio``."""
+
+    warmup_steps: int
+    total_steps: int
+    min_ratio: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, recipe: Recipe, total_steps: int, warmup_steps: int):
+    """AdamW + per-step warm-up/cosine LambdaLR for ``model`` as the recipe says."""
+    optim = recipe.optim
+    lr = optim.lr * optim.batch_size / 256 if optim.scale_lr else optim.lr
+    groups = param_groups(model, lr, optim.weight_decay, optim.layer_decay)
+    for group in groups:
+        group.pop("names")
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=optim.betas, weight_decay=optim.weight_decay)
+    schedule = WarmupCosine(warmup_steps, total_steps, optim.min_lr / lr if lr > 0 else 0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return optimizer, scheduler
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: resumable sampling and per-sample seeded augmentation
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that yields ``(epoch, index)`` and can skip the first samples of an epoch."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, int(i)) for i in itertools.islice(super().__iter__(), self.skip, None))
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+class SeededDataset(Dataset):
+    """Makes a dataset's random augmentation a function of (seed, epoch, index) only.
+
+    The global torch/numpy/python RNGs are re-seeded around each ``dataset[index]`` and restored
+    afterwards, so the crop of a frame does not depend on the worker count, on the process count or
+    on where a resumed run restarted.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        sample_seed = (self.seed * 1_000_003 + epoch * 10_007 + index) % (2**63)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            np.random.seed(sample_seed % (2**32))
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write ``state`` to ``path`` atomically (temporary file in the same folder, fsync, rename).
+
+    Keep ``state`` to tensors, plain containers, numbers and strings so it loads with
+    ``weights_only=True``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every OS)
+        fd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load an mmtk checkpoint safely (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MmtkError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise MmtkError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})".splitlines()[0]) from None
+
+
+def checkpoint_paths(run_dir: str | Path) -> list[Path]:
+    """Step checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    found = [(int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := re.fullmatch(r"step_(\d+)\.pt", p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def newest_checkpoint(run_dir: str | Path) -> Path | None:
+    paths = checkpoint_paths(run_dir)
+    return paths[-1] if paths else None
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the loop touches, as tensors and plain values (weights_only-safe)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics log
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl``; TensorBoard too when it is installed."""
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if enabled:
+            with contextlib.suppress(ImportError):
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records newer than ``step`` (written after the checkpoint a resumed run starts from)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The JSONL records of a run, in order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` leaves behind."""
+
+    run_dir: Path
+    steps: int
+    last_checkpoint: Path | None
+    last_losses: dict[str, float]
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _mean_over_ranks(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.world_size > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values = values / info.world_size
+    return values
+
+
+def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Dataset, compute_loss: LossFn,
+        resume: bool = False, extra_state: dict[str, Any] | None = None) -> FitResult:
+    """Train ``model`` on ``train_set`` as ``recipe`` says, writing checkpoints and metrics to ``run_dir``.
+
+    ``compute_loss(model, batch)`` returns the scalar loss to minimise and a dict of named scalar
+    losses to log. ``extra_state`` (plain values) is stored in every checkpoint, e.g. how to rebuild
+    the model. With ``resume`` the newest checkpoint in ``run_dir`` is loaded and training continues
+    from its step, reproducing an uninterrupted run.
+    """
+    opt, cfg = recipe.optim, recipe.train
+    info = setup_distributed(cfg.device)
+    run_dir = Path(run_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run_dir / "recipe.yaml")
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if cfg.precision == "fp16" and info.device.type != "cuda":
+        raise MmtkError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+
+    # Batches: the global batch is split over processes and accumulation steps.
+    per_step = info.world_size * opt.accum_steps
+    if opt.batch_size % per_step:
+        raise MmtkError(f"optim.batch_size {opt.batch_size} must be divisible by processes x accum_steps = {per_step}")
+    micro = opt.batch_size // per_step
+    sampler = ResumableSampler(train_set, info.world_size, info.rank, cfg.seed)
+    steps_per_epoch = sampler.num_samples // micro // opt.accum_steps
+    if steps_per_epoch == 0:
+        raise MmtkError(f"the training split has {len(train_set)} frames, fewer than one global batch of "
+                        f"{opt.batch_size}; lower optim.batch_size (--set optim.batch_size=N)")
+    loader = DataLoader(SeededDataset(train_set, cfg.seed), batch_size=micro, sampler=sampler,
+                        num_workers=recipe.data.num_workers, drop_last=True,
+                        pin_memory=recipe.data.pin_memory and info.device.type == "cuda")
+    total_steps = max(1, math.ceil(opt.epochs * steps_per_epoch))
+    warmup_steps = round(opt.warmup_epochs * steps_per_epoch)
+    stop = min(total_steps, cfg.max_steps or total_steps)
+
+    model.to(info.device)
+    optimizer, scheduler = build_optimizer(model, recipe, total_steps, warmup_steps)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
+    metrics = MetricsLog(run_dir, info.is_main)
+    step, last_ckpt = 0, None
+    seed_everything(cfg.seed + info.rank)  # different masks per process, same init (weights are broadcast)
+
+    if resume:
+        last_ckpt = newest_checkpoint(run_dir)
+        if last_ckpt is None:
+            raise MmtkError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
+        state = load_checkpoint(last_ckpt)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
+        if len(state["rng"]) == info.world_size:
+            set_rng_state(state["rng"][info.rank])
+        else:
+            seed_everything(cfg.seed + info.rank + step)
+        metrics.truncate_after(step)
+
+    train_model: nn.Module = model
+    if info.world_size > 1:
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    def save(at_step: int) -> Path:
+        states = [None] * info.world_size
+        if info.world_size > 1:
+            dist.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        path = run_dir / "checkpoints" / f"step_{at_step:08d}.pt"
+        if info.is_main:
+            save_checkpoint({
+                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": recipe.kind,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": states,
+                "step": at_step, "epoch": at_step / steps_per_epoch, "recipe": recipe_to_dict(recipe),
+                **(extra_state or {}),
+            }, path)
+            for old in checkpoint_paths(run_dir)[:-cfg.keep_checkpoints]:
+                old.unlink(missing_ok=True)
+        return path
+
+    progress = _progress(info.is_main)
+    task = progress.add_task("train", total=stop, completed=step)
+    last_losses: dict[str, float] = {}
+    tick, tick_step = time.perf_counter(), step
+    train_model.train()
+    with progress:
+        while step < stop:
+            epoch, done_in_epoch = divmod(step, steps_per_epoch)
+            sampler.set_epoch(epoch)
+            sampler.skip = done_in_epoch * opt.accum_steps * micro
+            batches = iter(loader)
+            for _ in range(done_in_epoch, steps_per_epoch):
+                if step >= stop:
+                    break
+                sums: dict[str, torch.Tensor] = {}
+                for micro_step in range(opt.accum_steps):
+                    batch = to_device(next(batches), info.device)
+                    sync = micro_step == opt.accum_steps - 1 or info.world_size == 1
+                    with contextlib.nullcontext() if sync else train_model.no_sync():
+                        with _autocast(info.device, cfg.precision):
+                            loss, losses = compute_loss(train_model, batch)
+                        scaler.scale(loss / opt.accum_steps).backward()
+                    for name, value in {"loss": loss, **losses}.items():
+                        sums[name] = sums.get(name, 0) + value.detach().float() / opt.accum_steps
+                values = _mean_over_ranks(torch.stack(list(sums.values())), info).tolist()
+                step_losses = dict(zip(sums, values))
+                if not all(math.isfinite(v) for v in values):
+                    raise MmtkError(
+                        f"loss became non-finite at step {step + 1} ({_fmt_losses(step_losses)}); stopped. "
+                        f"Last good checkpoint: {last_ckpt or 'none yet'}. Lower optim.lr, set optim.clip_grad "
+                        f"or train.precision=fp32, then rerun with --resume")
+                if opt.clip_grad is not None:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), opt.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                lr = optimizer.param_groups[-1]["lr"]  # top group: undecayed lr
+                scheduler.step()
+                step += 1
+                last_losses = step_losses
+                if step % cfg.log_every == 0 or step == stop:
+                    now = time.perf_counter()
+                    images_per_s = (step - tick_step) * opt.batch_size / max(now - tick, 1e-9)
+                    tick, tick_step = now, step
+                    metrics.write({"step": step, "epoch": round(step / steps_per_epoch, 4), **step_losses,
+                                   "lr": lr, "images_per_s": round(images_per_s, 2)})
+                    progress.update(task, description=f"{_fmt_losses(step_losses)} lr {lr:.2e} "
+                                                      f"{images_per_s:.1f} img/s")
+                    if not progress.console.is_terminal and info.is_main:
+                        progress.console.print(f"step {step}/{stop} {_fmt_losses(step_losses)} lr {lr:.2e} "
+                                               f"{images_per_s:.1f} img/s")
+                progress.update(task, completed=step)
+                if step % cfg.ckpt_every == 0 or step == stop:
+                    last_ckpt = save(step)
+    metrics.close()
+    return FitResult(run_dir, step, last_ckpt, last_losses)
+
+
+def _fmt_losses(losses: dict[str, float]) -> str:
+    return " ".join(f"{name} {value:.4f}" for name, value in losses.items())
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(), TimeRemainingColumn(),
+                    TextColumn("{task.description}"), disable=not enabled, transient=False)
+
+
+def main_process_print(message: str) -> None:
+    """Print on rank 0 only (under torchrun every process would print otherwise)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr)
