@@ -1,0 +1,170 @@
+"""From a recipe to a run: dataset, model and loss for pretraining and finetuning, handed to the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmtk.config import Recipe
+from mmtk.engine import FitResult, fit, main_process_print, seed_everything
+from mmtk.errors import MmtkError
+from mmtk.metrics import IGNORE_INDEX
+
+DERIVED = {"norm_rgb": "rgb"}  # targets computed by the model from another modality
+
+
+@dataclass
+class DataInfo:
+    """What a data file offers."""
+
+    path: str
+    modalities: tuple[str, ...]
+    image_size: tuple[int, int]
+    num_classes: int
+    frames: int
+
+
+def open_dataset(path: str | Path, split: str, modalities: tuple[str, ...], image_size: tuple[int, int] | None,
+                 augment: bool, crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True):
+    """The HDF5 split as prepared tensors (see the contract in the README), with a clear error for a missing modality."""
+    from mmtk.data import H5Dataset
+
+    return H5Dataset(path, split=split, modalities=modalities, image_size=image_size, augment=augment,
+                     crop_scale=crop_scale, hflip=hflip)
+
+
+def data_info(path: str | Path) -> DataInfo:
+    """Modalities, frame size and class count stored in a data file."""
+    from mmtk.data import H5Dataset
+
+    info = H5Dataset.describe(path)
+    return DataInfo(str(path), tuple(info["modalities"]), tuple(info["image_size"]), int(info["num_classes"]),
+                    int(info["frames"]))
+
+
+def require_modalities(wanted: tuple[str, ...], info: DataInfo, what: str) -> None:
+    """A recipe asking for a modality the file lacks is a one-line error."""
+    for name in wanted:
+        source = DERIVED.get(name, name)
+        if source not in info.modalities:
+            raise MmtkError(f"{what} needs '{name}' but {info.path} has only {', '.join(info.modalities)}; "
+                            f"drop it from the recipe (e.g. --set model.inputs=...) or convert a file with it")
+
+
+def model_args(recipe: Recipe, info: DataInfo) -> dict[str, Any]:
+    """Keyword arguments of :func:`mmtk.create_model` for this recipe and data file (plain values)."""
+    model, data = recipe.model, recipe.data
+    args: dict[str, Any] = {
+        "inputs": list(model.inputs),
+        "image_size": list(data.image_size or info.image_size),
+        "num_classes": data.num_classes or info.num_classes,
+    }
+    if recipe.kind == "pretrain":
+        args.update(outputs=list(model.outputs), num_visible=model.num_visible, alphas=model.alphas)
+    else:
+        args.update(outputs=[], head=model.head, task=model.task,
+                    main_inputs=list(model.main_inputs or model.inputs[:1]))
+    args.update(model.overrides)
+    return args
+
+
+def needed_modalities(recipe: Recipe) -> tuple[str, ...]:
+    """Prepared tensors the run reads from the data file."""
+    model = recipe.model
+    if recipe.kind == "pretrain":
+        wanted = list(model.inputs) + [DERIVED.get(m, m) for m in model.outputs]
+    else:
+        wanted = list(model.inputs) + [model.task]
+    return tuple(dict.fromkeys(wanted))
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+
+
+def pretrain_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """The MultiMAE objective: the model masks, decodes every task and returns its losses."""
+    valid = {"depth": batch["depth_valid"]} if "depth_valid" in batch else None
+    out = model({k: v for k, v in batch.items() if k in ("rgb", "depth", "semseg")}, valid=valid)
+    return out.loss, dict(out.losses)
+
+
+def semseg_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy at full resolution, unlabeled pixels (255) ignored; mean per image, then over images.
+
+    logits: [B, C, H, W]; target: [B, H, W].
+    """
+    pixel = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="none")  # [B, H, W]
+    labelled = (target != IGNORE_INDEX).flatten(1)
+    return (pixel.flatten(1).sum(1) / labelled.sum(1).clamp(min=1)).mean()
+
+
+def depth_loss(pred: Tensor, target: Tensor, valid: Tensor, kind: str = "berhu") -> Tensor:
+    """berHu (reverse Huber, threshold 0.2 x the image's largest error) or L1, in metres, valid pixels only.
+
+    pred, target: [B, 1, H, W] metres; valid: [B, 1, H, W] bool. Mean per image, then over images.
+    """
+    valid = valid.bool() & (target > 0)
+    error = (pred.float() - target).abs() * valid  # [B, 1, H, W]
+    flat = error.flatten(1)
+    if kind == "berhu":
+        c = (0.2 * flat.max(dim=1, keepdim=True).values).detach().clamp(min=1e-6)  # [B, 1]
+        flat = torch.where(flat <= c, flat, (flat**2 + c**2) / (2 * c)) * valid.flatten(1)
+    return (flat.sum(1) / valid.flatten(1).sum(1).clamp(min=1)).mean()
+
+
+def finetune_loss_fn(recipe: Recipe):
+    """compute_loss(model, batch) for the recipe's finetuning task."""
+    inputs, task = recipe.model.inputs, recipe.model.task
+    kind = recipe.train.loss or ("ce" if task == "semseg" else "berhu")
+
+    def compute(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        pred = model({name: batch[name] for name in inputs})
+        if task == "semseg":
+            loss = semseg_loss(pred, batch["semseg_full"])
+        else:
+            loss = depth_loss(pred, batch["depth_m"], batch["depth_valid"], kind)
+        return loss, {task: loss}
+
+    return compute
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+def _prepare(recipe: Recipe) -> tuple[DataInfo, Any]:
+    if recipe.data.path is None:
+        raise MmtkError("no data file: pass --data FILE.h5 (written by `mmtk convert`) or set data.path in the recipe")
+    info = data_info(recipe.data.path)
+    require_modalities(needed_modalities(recipe), info, f"the recipe ({recipe.kind})")
+    image_size = tuple(recipe.data.image_size or info.image_size)
+    train_set = open_dataset(recipe.data.path, recipe.data.train_split, needed_modalities(recipe), image_size,
+                             augment=True, crop_scale=recipe.data.crop_scale, hflip=recipe.data.hflip)
+    return info, train_set
+
+
+def run_training(recipe: Recipe, run_dir: str | Path, init: str | Path | None = None,
+                 resume: bool = False) -> FitResult:
+    """Pretrain or finetune (``recipe.kind``) into ``run_dir``; ``init`` seeds a finetuning encoder."""
+    import mmtk
+
+    info, train_set = _prepare(recipe)
+    args = model_args(recipe, info)
+    seed_everything(recipe.train.seed)  # identical initial weights on every process
+    if recipe.kind == "finetune" and init is None and not resume:
+        main_process_print("warning: finetuning without --init starts from random weights")
+    pretrained = None if resume else init
+    model = mmtk.create_model(recipe.model.name, pretrained=pretrained, verbose=False, **args)
+    if pretrained is not None:
+        main_process_print(f"init from {init}: {model.load_report.summary()}")
+    compute_loss = pretrain_loss if recipe.kind == "pretrain" else finetune_loss_fn(recipe)
+    extra = {"model_name": recipe.model.name, "model_args": args,
+             "data": {"path": str(info.path), "modalities": list(info.modalities),
+                      "image_size": list(info.image_size), "num_classes": info.num_classes}}
+    return fit(recipe, run_dir, model, train_set, compute_loss, resume=resume, extra_state=extra)

@@ -1,0 +1,88 @@
+"""Engine pieces on the real tiny model: weight-decay groups, layer-wise lr decay, schedule, atomic checkpoints."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import mmtk
+from mmtk.engine import (WarmupCosine, checkpoint_paths, layer_id, load_checkpoint, newest_checkpoint, param_groups,
+                         rng_state, save_checkpoint, set_rng_state)
+from mmtk.errors import MmtkError
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return mmtk.create_model("multimae-tiny", depth=3, dim=32, num_heads=2, decoder_dim=32, decoder_depth=1,
+                             image_size=(32, 32), num_visible=8)
+
+
+def test_layer_ids_follow_encoder_depth():
+    assert layer_id("encoder.tokenizers.rgb.proj.weight", 12) == 0
+    assert layer_id("encoder.global_tokens", 12) == 0
+    assert layer_id("encoder.blocks.0.attn.qkv.weight", 12) == 1
+    assert layer_id("encoder.blocks.11.mlp.fc2.weight", 12) == 12
+    assert layer_id("decoders.rgb.cross_attn.q.weight", 12) == 13
+    assert layer_id("head.output.weight", 12) == 13
+
+
+def test_param_groups_decay_and_layer_scales(tiny):
+    groups = param_groups(tiny, lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    by_name = {n: g for g in groups for n in g["names"]}
+    assert sum(len(g["params"]) for g in groups) == len([p for p in tiny.parameters() if p.requires_grad])
+    # 3 blocks: tokenizers lr 0.5**4, block i 0.5**(3-i), decoders 1
+    assert by_name["encoder.tokenizers.rgb.proj.weight"]["lr"] == pytest.approx(0.5**4)
+    assert by_name["encoder.blocks.0.attn.qkv.weight"]["lr"] == pytest.approx(0.5**3)
+    assert by_name["encoder.blocks.2.attn.qkv.weight"]["lr"] == pytest.approx(0.5)
+    decoder_weight = next(n for n in by_name if n.startswith("decoders.") and n.endswith(".weight")
+                          and by_name[n]["weight_decay"] > 0)
+    assert by_name[decoder_weight]["lr"] == pytest.approx(1.0)
+    # no weight decay on biases, norms, the global token; decay on matrices
+    assert by_name["encoder.global_tokens"]["weight_decay"] == 0.0
+    assert by_name["encoder.blocks.0.attn.qkv.bias"]["weight_decay"] == 0.0
+    assert by_name["encoder.blocks.0.norm1.weight"]["weight_decay"] == 0.0
+    assert by_name["encoder.blocks.0.attn.qkv.weight"]["weight_decay"] == 0.05
+
+
+def test_warmup_cosine_values():
+    schedule = WarmupCosine(warmup_steps=4, total_steps=14, min_ratio=0.1)
+    assert [schedule(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert schedule(4) == pytest.approx(1.0)
+    assert schedule(9) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert schedule(14) == pytest.approx(0.1)
+
+
+def test_checkpoint_is_weights_only_and_restores_rng(tmp_path, tiny):
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)
+    state = {"model": tiny.state_dict(), "rng": [rng_state()], "step": 7, "recipe": {"optim": {"lr": 1e-4}}}
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    path = save_checkpoint(state, tmp_path / "checkpoints" / "step_00000007.pt")
+    loaded = load_checkpoint(path)  # weights_only=True inside
+    assert loaded["step"] == 7 and loaded["recipe"]["optim"]["lr"] == 1e-4
+    assert torch.equal(loaded["model"]["encoder.global_tokens"], tiny.state_dict()["encoder.global_tokens"])
+    set_rng_state(loaded["rng"][0])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert random.random() == expected[1] and np.random.rand() == expected[2]
+    assert newest_checkpoint(tmp_path) == path
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path):
+    path = save_checkpoint({"step": 1, "w": torch.ones(2)}, tmp_path / "checkpoints" / "step_00000001.pt")
+    with pytest.raises(Exception):
+        save_checkpoint({"step": 2, "bad": lambda: None}, path)  # a lambda cannot be pickled mid-write
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+    assert checkpoint_paths(tmp_path) == [path]
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(MmtkError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(MmtkError, match="cannot be read"):
+        load_checkpoint(broken)
