@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -122,7 +123,7 @@ def eval_cmd(
         raise MmtkError(f"--limit must be > 0, got {limit}")
     rows, frames = evaluate(checkpoint, data, inputs, split=split, limit=limit, batch_size=batch_size,
                             device=device, save_predictions=save_predictions)
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     for task, keys in (("semseg", SEG_KEYS), ("depth", DEPTH_KEYS)):
         task_rows = [r for r in rows if r.task == task]
         if not task_rows:
@@ -135,8 +136,11 @@ def eval_cmd(
         table.add_column("pixels", justify="right")
         for row in task_rows:
             cells = [_fmt(row.metrics[k], k) for k in keys] if row.metrics else ["-"] * len(keys)
-            table.add_row(",".join(row.inputs), *cells, str(row.metrics.get("pixels", row.note)))
+            table.add_row(",".join(row.inputs), *cells, str(row.metrics.get("pixels", "-")))
         console.print(table)
+        for row in task_rows:
+            if row.note:
+                console.print(f"  {','.join(row.inputs)} -> {task}: {row.note}")
     console.print(f"{frames} frames evaluated (split '{split}'{', --limit ' + str(limit) if limit else ', full split'})")
     if json_out:
         payload = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "frames": frames,

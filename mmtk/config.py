@@ -34,6 +34,7 @@ class DataConfig:
     num_classes: int | None = None  # None = the file's class count
     crop_scale: tuple[float, float] = (0.2, 1.0)  # random resized crop area range, shared by all modalities
     hflip: bool = True
+    repeat: int = 1  # an epoch visits every frame this many times (differently augmented); for tiny files
     num_workers: int = 0
     pin_memory: bool = True  # only has an effect on CUDA
 
@@ -270,6 +271,7 @@ def validate(recipe: Recipe, source: str) -> None:
         raise MmtkError(f"{source}: data.path: file {data.path} not found; convert frames with `mmtk convert`")
     positive = {
         "optim.batch_size": optim.batch_size,
+        "data.repeat": data.repeat,
         "optim.accum_steps": optim.accum_steps,
         "optim.epochs": optim.epochs,
         "optim.lr": optim.lr,

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
 from mmtk.config import Recipe, recipe_to_dict, save_recipe
 from mmtk.errors import MmtkError
@@ -400,11 +400,13 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
     if opt.batch_size % per_step:
         raise MmtkError(f"optim.batch_size {opt.batch_size} must be divisible by processes x accum_steps = {per_step}")
     micro = opt.batch_size // per_step
+    if recipe.data.repeat > 1:
+        train_set = ConcatDataset([train_set] * recipe.data.repeat)
     sampler = ResumableSampler(train_set, info.world_size, info.rank, cfg.seed)
     steps_per_epoch = sampler.num_samples // micro // opt.accum_steps
     if steps_per_epoch == 0:
-        raise MmtkError(f"the training split has {len(train_set)} frames, fewer than one global batch of "
-                        f"{opt.batch_size}; lower optim.batch_size (--set optim.batch_size=N)")
+        raise MmtkError(f"the training split gives {len(train_set)} samples per epoch, fewer than one global batch "
+                        f"of {opt.batch_size}; lower optim.batch_size or raise data.repeat (--set data.repeat=N)")
     loader = DataLoader(SeededDataset(train_set, cfg.seed), batch_size=micro, sampler=sampler,
                         num_workers=recipe.data.num_workers, drop_last=True,
                         pin_memory=recipe.data.pin_memory and info.device.type == "cuda")

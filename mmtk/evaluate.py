@@ -134,7 +134,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
         tasks = tuple(t for t in ("semseg", "depth") if t in args.get("outputs", []))
         if not tasks:
             raise MmtkError(f"{checkpoint}: the pretrained model predicts neither depth nor semseg; nothing to evaluate")
-    info = data_info(data)
+    info = data_info(data, split)
     wanted = tuple(dict.fromkeys(available + tuple("depth" if t == "depth" else "semseg" for t in tasks)))
     require_modalities(wanted, info, f"evaluating {checkpoint}")
     dataset = open_dataset(data, split, wanted, tuple(args["image_size"]), augment=False)
@@ -206,7 +206,8 @@ class PredictionWriter:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.palette = class_palette(num_classes)
-        self.names = list(getattr(info, "class_names", None) or [f"class {k}" for k in range(num_classes)])
+        names = list(info.class_names)
+        self.names = names + [f"class {k}" for k in range(len(names), num_classes)]
 
     def write(self, batch: dict[str, Tensor], pred: Tensor, combo: tuple[str, ...], task: str, first: int) -> None:
         from PIL import Image

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +25,34 @@ class DataInfo:
     path: str
     modalities: tuple[str, ...]
     image_size: tuple[int, int]
-    num_classes: int
+    num_classes: int  # 0 when the file has no semantic labels
     frames: int
+    class_names: list[str] = field(default_factory=list)
 
 
 def open_dataset(path: str | Path, split: str, modalities: tuple[str, ...], image_size: tuple[int, int] | None,
                  augment: bool, crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True):
-    """The HDF5 split as prepared tensors (see the contract in the README), with a clear error for a missing modality."""
+    """One split of an HDF5 file as prepared tensors (the data contract); only ``modalities`` are read."""
     from mmtk.data import H5Dataset
 
-    return H5Dataset(path, split=split, modalities=modalities, image_size=image_size, augment=augment,
+    files = tuple(m for m in modalities if m in ("rgb", "depth", "semseg"))
+    return H5Dataset(path, split=split, modalities=files, image_size=image_size, augment=augment,
                      crop_scale=crop_scale, hflip=hflip)
 
 
-def data_info(path: str | Path) -> DataInfo:
-    """Modalities, frame size and class count stored in a data file."""
-    from mmtk.data import H5Dataset
+def data_info(path: str | Path, split: str = "train") -> DataInfo:
+    """Modalities, frame size, class count and class names of one split of a data file."""
+    from mmtk.data import read_info
 
-    info = H5Dataset.describe(path)
-    return DataInfo(str(path), tuple(info["modalities"]), tuple(info["image_size"]), int(info["num_classes"]),
-                    int(info["frames"]))
+    info = read_info(path)
+    if split not in info["splits"]:
+        raise MmtkError(f"{path} has no split '{split}'; it has {', '.join(info['splits'])} "
+                        f"(set data.train_split / --split)")
+    part = info["splits"][split]
+    modalities = tuple(m for m in ("rgb", "depth", "semseg") if m in part["datasets"])
+    classes = list(info.get("classes") or [])
+    return DataInfo(str(path), modalities, tuple(part["image_size"] or (0, 0)), len(classes), int(part["frames"]),
+                    classes)
 
 
 def require_modalities(wanted: tuple[str, ...], info: DataInfo, what: str) -> None:
@@ -62,7 +70,7 @@ def model_args(recipe: Recipe, info: DataInfo) -> dict[str, Any]:
     args: dict[str, Any] = {
         "inputs": list(model.inputs),
         "image_size": list(data.image_size or info.image_size),
-        "num_classes": data.num_classes or info.num_classes,
+        "num_classes": data.num_classes or info.num_classes or 40,  # 40: NYUv2 classes when the file has none
     }
     if recipe.kind == "pretrain":
         args.update(outputs=list(model.outputs), num_visible=model.num_visible, alphas=model.alphas)
@@ -141,7 +149,7 @@ def finetune_loss_fn(recipe: Recipe):
 def _prepare(recipe: Recipe) -> tuple[DataInfo, Any]:
     if recipe.data.path is None:
         raise MmtkError("no data file: pass --data FILE.h5 (written by `mmtk convert`) or set data.path in the recipe")
-    info = data_info(recipe.data.path)
+    info = data_info(recipe.data.path, recipe.data.train_split)
     require_modalities(needed_modalities(recipe), info, f"the recipe ({recipe.kind})")
     image_size = tuple(recipe.data.image_size or info.image_size)
     train_set = open_dataset(recipe.data.path, recipe.data.train_split, needed_modalities(recipe), image_size,
