@@ -1,0 +1,58 @@
+"""Shared pieces of the engine tests: a real sample file and tiny-model recipe overrides."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmtk.errors import MmtkError
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+SAMPLES = REPO / "samples"
+CLI = [sys.executable, "-c", "from mmtk.cli.main import main; main()"]
+
+# A ViT of 2 blocks, width 64, on 64x64 crops: seconds per run on a CPU.
+TINY = ["data.image_size=[64,64]", "model.overrides.dim=64", "model.overrides.depth=2",
+        "model.overrides.num_heads=2", "model.overrides.decoder_dim=64", "model.overrides.decoder_depth=1",
+        "train.log_every=1", "data.num_workers=0"]
+TINY_SEMSEG = TINY + ["model.overrides.head_dim=64", "model.overrides.head_depth=1"]
+TINY_DEPTH = TINY + ["model.overrides.hooks=[0,1,1,1]", "model.overrides.layer_dims=[8,16,32,64]",
+                     "model.overrides.head_dim=32"]
+
+
+@pytest.fixture(scope="session")
+def sample_h5(tmp_path_factory) -> Path:
+    """The real NYUv2 labeled frame shipped in samples/ (train and test split), stored at 120x160 px."""
+    from mmtk.data import convert_rgbd
+
+    out = tmp_path_factory.mktemp("data") / "nyuv2_sample.h5"
+    convert_rgbd(SAMPLES / "nyuv2_multimae", out, size=(120, 160), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sync_h5(tmp_path_factory) -> Path:
+    """3 real NYUv2 raw frames with depth holes and no labels (rgb + depth only)."""
+    from mmtk.data import convert_rgbd
+
+    out = tmp_path_factory.mktemp("data") / "nyuv2_sync.h5"
+    convert_rgbd(SAMPLES / "nyuv2_sync", out, size=(120, 160), progress=False)
+    return out
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    """Run `mmtk ARGS` in-process (MmtkError -> exit 2 and 'error: ...' as the real entry point does)."""
+    from typer.testing import CliRunner
+
+    from mmtk.cli import train_cmds  # noqa: F401  (registers pretrain/finetune/eval)
+    from mmtk.cli.main import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if isinstance(result.exception, MmtkError):
+        return 2, result.output + f"error: {result.exception}\n"
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
