@@ -407,9 +407,11 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
     if steps_per_epoch == 0:
         raise MmtkError(f"the training split gives {len(train_set)} samples per epoch, fewer than one global batch "
                         f"of {opt.batch_size}; lower optim.batch_size or raise data.repeat (--set data.repeat=N)")
+    # Its own generator: creating an iterator must not draw from the global RNG (the masks' RNG).
     loader = DataLoader(SeededDataset(train_set, cfg.seed), batch_size=micro, sampler=sampler,
                         num_workers=recipe.data.num_workers, drop_last=True,
-                        pin_memory=recipe.data.pin_memory and info.device.type == "cuda")
+                        generator=torch.Generator().manual_seed(cfg.seed),
+                        persistent_workers=False, pin_memory=recipe.data.pin_memory and info.device.type == "cuda")
     total_steps = max(1, math.ceil(opt.epochs * steps_per_epoch))
     warmup_steps = round(opt.warmup_epochs * steps_per_epoch)
     stop = min(total_steps, cfg.max_steps or total_steps)
