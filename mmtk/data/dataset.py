@@ -90,6 +90,7 @@ class H5Dataset(Dataset):
         self.image_size = tuple(image_size) if image_size is not None else self.file_size
         self._handle: h5py.File | None = None
         self._pid: int | None = None
+        self._open: dict[str, h5py.Dataset] = {}
 
     def _check(self, handle: h5py.File) -> None:
         if self.split not in handle:
@@ -115,13 +116,17 @@ class H5Dataset(Dataset):
         state = self.__dict__.copy()
         state["_handle"] = None  # h5py handles cannot cross processes; each worker reopens
         state["_pid"] = None
+        state["_open"] = {}
         return state
 
-    def _group(self) -> h5py.Group:
+    def _datasets(self) -> dict[str, h5py.Dataset]:
+        """This process's open datasets, modality -> h5py.Dataset (opened lazily, once per worker)."""
         if self._handle is None or self._pid != os.getpid():
             self._handle = open_mmtk_file(self.path)
             self._pid = os.getpid()
-        return self._handle[self.split]
+            group = self._handle[self.split]
+            self._open = {m: group[self.dataset_map[m]] for m in self.modalities}
+        return self._open
 
     def window(self) -> CropWindow:
         """Crop window for the next sample (random when augmenting, else the full frame)."""
@@ -133,12 +138,11 @@ class H5Dataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        group = self._group()
+        datasets = self._datasets()
         win = self.window()
         sample: dict[str, torch.Tensor] = {}
         for modality in self.modalities:
-            stored = group[self.dataset_map[modality]]
-            crop = _read_window(stored, index, win)
+            crop = _read_window(datasets[modality], index, win)
             if modality == "rgb":
                 sample["rgb"] = prepare_rgb(crop, self.image_size, win.flip)
             elif modality == "depth":
@@ -152,6 +156,7 @@ class H5Dataset(Dataset):
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+            self._open = {}
 
 
 def _read_window(dataset: h5py.Dataset, index: int, win: CropWindow) -> np.ndarray:

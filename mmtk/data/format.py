@@ -87,8 +87,9 @@ class H5Writer:
     """
 
     def __init__(self, out_path: str | os.PathLike, source: str, force: bool = False,
-                 classes: Sequence[str] | None = None) -> None:
+                 classes: Sequence[str] | None = None, compression: str | None = COMPRESSION) -> None:
         self.out_path = Path(out_path)
+        self.compression = compression
         self.source = source
         self.force = force
         self.classes: list[str] | None = list(classes) if classes is not None else None
@@ -264,7 +265,7 @@ class H5Writer:
             else:
                 shape = value.shape
                 dataset = group.create_dataset(key, shape=(0, *shape), maxshape=(None, *shape),
-                                               dtype=value.dtype, chunks=(1, *shape), compression=COMPRESSION)
+                                               dtype=value.dtype, chunks=(1, *shape), compression=self.compression)
             if key in UNITS:
                 dataset.attrs["units"] = UNITS[key]
         if "semseg" in frame:

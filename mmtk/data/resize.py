@@ -44,13 +44,15 @@ def resize_depth(depth: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tens
     valid = depth > 0
     if tuple(depth.shape[-2:]) == tuple(size):
         return depth, valid
-    weights = valid.to(torch.float32)
-    both = torch.cat([depth * weights, weights], dim=1)  # [1, 2, H, W]
+    both = torch.empty((1, 2, *depth.shape[-2:]), dtype=torch.float32)  # [1, 2, H, W]: depth*valid, valid
+    both[0, 0] = depth[0, 0]  # invalid pixels are already 0, so depth == depth * valid
+    both[0, 1] = valid[0, 0]
     both = F.interpolate(both, size=size, mode="bilinear", antialias=True, align_corners=False)
     valid_out = resize_labels(valid, size)
     total, weight = both[:, :1], both[:, 1:]
-    out = torch.where(valid_out & (weight > 1e-6), total / weight.clamp_min(1e-6), torch.zeros_like(total))
-    return out, valid_out & (out > 0)
+    keep = valid_out & (weight > 1e-6)
+    out = torch.where(keep, total / weight.clamp_min(1e-6), 0.0)
+    return out, keep
 
 
 def resize_frame_arrays(size: tuple[int, int], rgb: np.ndarray, depth: np.ndarray | None = None,
