@@ -31,7 +31,7 @@ def convert(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Convert RGB-D data into one mmtk HDF5 file (metres, labels, intrinsics, provenance)."""
-    from mmtk.data.convert import convert_rgbd, parse_size, write_frames
+    from mmtk.data.convert import convert_rgbd, parse_size
 
     if (rgbd is None) == (rosbag is None):
         raise MmtkError("give exactly one source: --rgbd FOLDER or --rosbag BAG")
@@ -42,7 +42,7 @@ def convert(
         convert_rgbd(rgbd, out, classes=classes, depth_scale=depth_scale, size=shape, force=force,
                      progress=progress, log=_log)
         return
-    from mmtk.adapters.sensors.rosbag import image_topics, open_rosbag_source
+    from mmtk.adapters.sensors.rosbag import image_topics
 
     assert rosbag is not None
     if rgb_topic is None or depth_topic is None:
@@ -59,14 +59,10 @@ def convert(
         raise MmtkError(f"--max-dt must be positive seconds, got {max_dt}")
     if depth_scale is not None and depth_scale <= 0:
         raise MmtkError(f"--depth-scale must be positive (units per metre), got {depth_scale}")
-    if out.exists() and not force:
-        raise MmtkError(f"{out} already exists; pass --force to overwrite it")
-    source = open_rosbag_source(rosbag, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale)
-    _log(f"layout: rosbag - {source.description}; {source.total} frames")
-    for note in source.notes:
-        _log(f"  {note}")
-    write_frames(source.frames(), out, source=f"mmtk convert --rosbag {source.description}", total=source.total,
-                 size=shape, force=force, progress=progress, log=_log)
+    from mmtk.data import convert_rosbag
+
+    convert_rosbag(rosbag, out, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale, size=shape,
+                   force=force, progress=progress, log=_log)
 
 
 @app.command("info")

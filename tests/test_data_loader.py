@@ -102,3 +102,13 @@ def test_dataset_map_and_errors(nyu_file, tmp_path):
         H5Dataset(nyu_file, split="val")
     with pytest.raises(MmtkError, match="unknown modalities"):
         H5Dataset(nyu_file, modalities=("normals",))
+
+
+def test_demo_file_trains_shape_ready(tmp_path):
+    from mmtk.data import build_demo_file
+
+    out = tmp_path / "demo.h5"
+    build_demo_file(out)
+    batch = next(iter(DataLoader(H5Dataset(out, split="train", augment=True), batch_size=2)))
+    assert batch["rgb"].shape == (1, 3, 224, 224) and batch["semseg"].shape == (1, 56, 56)
+    assert H5Dataset(out, split="test").classes[0] == "wall"

@@ -8,10 +8,12 @@ Public API:
     build_demo_file                     -- a small training file from the samples shipped with the repo
 """
 
-from mmtk.data.convert import ConvertResult, convert_rgbd, parse_size, write_frames
+from mmtk.data.convert import ConvertResult, build_demo_file, convert_rgbd, convert_rosbag, parse_size, samples_dir, write_frames
 from mmtk.data.dataset import H5Dataset, open_mmtk_file
 from mmtk.data.format import FORMAT_VERSION, H5Writer
 from mmtk.data.info import format_info, read_info
 
 __all__ = ["FORMAT_VERSION", "H5Writer", "H5Dataset", "open_mmtk_file", "read_info", "format_info",
-           "convert_rgbd", "write_frames", "parse_size", "ConvertResult"]
+           "convert_rgbd", "convert_rosbag", "write_frames", "parse_size", "ConvertResult", "build_demo_file",
+           "samples_dir"]
+

@@ -130,3 +130,38 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
         provenance += f", resized to {size[0]}x{size[1]}"
     return write_frames(source.frames(), out_path, source=provenance, total=source.total, classes=source.classes,
                         size=size, force=force, progress=progress, log=log)
+
+
+def samples_dir() -> Path:
+    """The repository's ``samples/`` folder (real frames shipped with mmtk's source checkout)."""
+    folder = Path(__file__).resolve().parents[2] / "samples"
+    if not folder.is_dir():
+        raise MmtkError(f"{folder} not found: the demo samples ship with the mmtk source repository, not the wheel")
+    return folder
+
+
+def build_demo_file(out_path: str | os.PathLike, *, force: bool = False, size: tuple[int, int] | None = None,
+                    progress: bool = False, log: Log | None = None) -> ConvertResult:
+    """Convert ``samples/nyuv2_multimae`` (real NYUv2 labeled frame, train + test, 40 classes) to ``out_path``.
+
+    Equivalent to ``mmtk convert --rgbd samples/nyuv2_multimae OUT.h5``.
+    """
+    return convert_rgbd(samples_dir() / "nyuv2_multimae", out_path, size=size, force=force, progress=progress,
+                        log=log)
+
+
+def convert_rosbag(bag: str | os.PathLike, out_path: str | os.PathLike, rgb_topic: str, depth_topic: str, camera_info_topic: str | None = None,
+                   max_dt: float = 0.02, depth_scale: float | None = None, size: tuple[int, int] | None = None,
+                   force: bool = False, progress: bool = True, log: Log | None = None) -> ConvertResult:
+    """Convert a ROS1 .bag or ROS2 bag (sqlite3/mcap) to an mmtk HDF5 file (colour/depth paired by stamp)."""
+    from mmtk.adapters.sensors.rosbag import open_rosbag_source
+
+    if Path(out_path).exists() and not force:
+        raise MmtkError(f"{out_path} already exists; pass --force (force=True) to overwrite it")
+    source = open_rosbag_source(bag, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale)
+    if log:
+        log(f"layout: rosbag - {source.description}; {source.total} frames")
+        for note in source.notes:
+            log(f"  {note}")
+    return write_frames(source.frames(), out_path, source=f"mmtk convert --rosbag {source.description}",
+                        total=source.total, size=size, force=force, progress=progress, log=log)
