@@ -120,6 +120,8 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
 
     if depth_scale is not None and depth_scale <= 0:
         raise MmtkError(f"--depth-scale must be positive (units per metre), got {depth_scale}")
+    if Path(out_path).exists() and not force:
+        raise MmtkError(f"{out_path} already exists; pass --force (force=True) to overwrite it")
     source = open_rgbd_source(src, ConvertOptions(classes=classes, depth_scale=depth_scale))
     if log:
         log(f"layout: {source.layout} - {source.description}; {source.total} frames")
