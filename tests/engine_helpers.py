@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmtk.errors import MmtkError
 
@@ -13,14 +15,26 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 SAMPLES = REPO / "samples"
 CLI = [sys.executable, "-c", "from mmtk.cli.main import main; main()"]
+# Tiny models are dominated by per-op overhead: one thread is many times faster than two that compete
+# with other test processes, and results do not depend on it.
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 # A ViT of 2 blocks, width 64, on 64x64 crops: seconds per run on a CPU.
 TINY = ["data.image_size=[64,64]", "model.overrides.dim=64", "model.overrides.depth=2",
         "model.overrides.num_heads=2", "model.overrides.decoder_dim=64", "model.overrides.decoder_depth=1",
         "train.log_every=1", "data.num_workers=0"]
-TINY_SEMSEG = TINY + ["model.overrides.head_dim=64", "model.overrides.head_depth=1"]
+TINY_SEMSEG = TINY + ["model.overrides.convnext_dim=64", "model.overrides.convnext_depth=1"]
 TINY_DEPTH = TINY + ["model.overrides.hooks=[0,1,1,1]", "model.overrides.layer_dims=[8,16,32,64]",
-                     "model.overrides.head_dim=32"]
+                     "model.overrides.dpt_dim=32"]
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test with one intra-op thread, then restore the previous setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from engine_helpers import CLI, RECIPES, TINY_SEMSEG, sample_h5  # noqa: F401
+from engine_helpers import CLI, ONE_THREAD_ENV, RECIPES, TINY_SEMSEG, sample_h5  # noqa: F401
 from mmtk.engine import checkpoint_paths, load_checkpoint, read_metrics
 
 
@@ -19,11 +19,12 @@ def _args(data, out):
 
 
 def test_two_gloo_processes_match_one_process(sample_h5, tmp_path):
-    one = subprocess.run(CLI + _args(sample_h5, tmp_path / "one"), capture_output=True, text=True, timeout=600)
+    one = subprocess.run(CLI + _args(sample_h5, tmp_path / "one"), capture_output=True, text=True, timeout=600,
+                         env=ONE_THREAD_ENV)
     assert one.returncode == 0, one.stderr[-2000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python"]
     two = subprocess.run(torchrun + CLI + _args(sample_h5, tmp_path / "two"), capture_output=True, text=True,
-                         timeout=600)
+                         timeout=600, env=ONE_THREAD_ENV)
     assert two.returncode == 0, two.stderr[-3000:]
 
     single, double = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")

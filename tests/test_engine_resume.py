@@ -7,7 +7,7 @@ import signal
 import subprocess
 import time
 
-from engine_helpers import CLI, RECIPES, TINY, sample_h5  # noqa: F401
+from engine_helpers import CLI, ONE_THREAD_ENV, RECIPES, TINY, sample_h5  # noqa: F401
 from mmtk.engine import checkpoint_paths, read_metrics
 
 LOSSES = ("loss", "rgb", "norm_rgb", "depth", "semseg", "lr")
@@ -15,7 +15,7 @@ LOSSES = ("loss", "rgb", "norm_rgb", "depth", "semseg", "lr")
 
 def _command(data, out, *extra):
     # 2 steps per epoch; a checkpoint every 3 steps lands mid-epoch, so resuming must skip half an epoch.
-    sets = TINY + ["optim.batch_size=4", "data.repeat=8", "optim.epochs=6", "optim.warmup_epochs=1",
+    sets = TINY + ["optim.batch_size=4", "data.repeat=8", "optim.epochs=20", "optim.warmup_epochs=1",
                    "train.ckpt_every=3", "train.deterministic=true", "model.num_visible=12"]
     return CLI + ["pretrain", str(RECIPES / "tiny.yaml"), "--data", str(data), "--out", str(out),
                   *[f"--set={s}" for s in sets], *extra]
@@ -26,30 +26,33 @@ def _losses(run_dir):
 
 
 def test_sigkill_then_resume_reproduces_uninterrupted_run(sample_h5, tmp_path):
-    subprocess.run(_command(sample_h5, tmp_path / "full"), check=True, capture_output=True, timeout=600)
+    subprocess.run(_command(sample_h5, tmp_path / "full"), check=True, capture_output=True, timeout=600,
+                   env=ONE_THREAD_ENV)
     expected = _losses(tmp_path / "full")
-    assert [row[0] for row in expected] == list(range(1, 13))
+    assert [row[0] for row in expected] == list(range(1, 41))
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_command(sample_h5, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(_command(sample_h5, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=ONE_THREAD_ENV)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and process.poll() is None:
         steps = [r["step"] for r in read_metrics(killed)] if (killed / "metrics.jsonl").exists() else []
-        if steps and steps[-1] >= 5:  # past the step-3 checkpoint, before the step-6 one completes
+        if steps and steps[-1] >= 5:  # past the step-3 checkpoint, well before the end (step 40)
             break
         time.sleep(0.05)
     assert process.poll() is None, "the run ended before it could be killed"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert 3 <= int(checkpoint_paths(killed)[-1].stem.split("_")[1]) < 12
+    assert 3 <= int(checkpoint_paths(killed)[-1].stem.split("_")[1]) < 40
 
-    resumed = subprocess.run(_command(sample_h5, killed, "--resume"), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(_command(sample_h5, killed, "--resume"), capture_output=True, text=True, timeout=600,
+                             env=ONE_THREAD_ENV)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _losses(killed) == expected  # bit-identical losses and lr at every step, no duplicates
 
 
 def test_resume_without_checkpoint_is_a_clear_error(sample_h5, tmp_path):
     result = subprocess.run(_command(sample_h5, tmp_path / "empty", "--resume"), capture_output=True, text=True,
-                            timeout=300)
+                            timeout=300, env=ONE_THREAD_ENV)
     assert result.returncode == 2
     assert "no checkpoint" in result.stderr and "Traceback" not in result.stderr
