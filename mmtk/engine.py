@@ -529,10 +529,12 @@ def _fmt_losses(losses: dict[str, float]) -> str:
 
 
 def _progress(enabled: bool):
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    console = Console() if sys.stdout.isatty() else Console(width=200)  # logs: one line per record
     return Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(), TimeRemainingColumn(),
-                    TextColumn("{task.description}"), disable=not enabled, transient=False)
+                    TextColumn("{task.description}"), disable=not enabled, transient=False, console=console)
 
 
 def main_process_print(message: str) -> None:

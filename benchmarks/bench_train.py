@@ -1,0 +1,126 @@
+"""Training throughput of the recipes, and whether the data loader keeps up.
+
+    python benchmarks/bench_train.py [--recipes tiny base] [--precisions fp32 bf16] [--steps 5]
+                                     [--base-batch 8] [--data FILE.h5]
+
+For each recipe and precision: images/s of a full optimizer step (forward, backward, AdamW) of the
+recipe's model on synthetic tensors of the recipe's image size. Then, for the tiny recipe, the
+same steps fed by the real HDF5 loader (random resized crop + flip from the sample frames) against
+the same steps on synthetic tensors already in memory, and the loader alone: if the real-data step
+is no slower than the synthetic one, the loader keeps up. No GPU needed; on a GPU the same script
+measures the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from mmtk.config import load_recipe
+from mmtk.engine import SeededDataset, _autocast, build_optimizer, pick_device, to_device
+from mmtk.training import DataInfo, model_args, needed_modalities, open_dataset, pretrain_loss
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic_batch(batch: int, size: tuple[int, int], num_classes: int) -> dict[str, torch.Tensor]:
+    h, w = size
+    return {"rgb": torch.randn(batch, 3, h, w), "depth": torch.randn(batch, 1, h, w),
+            "depth_valid": torch.ones(batch, 1, h, w, dtype=torch.bool),
+            "semseg": torch.randint(0, num_classes, (batch, h // 4, w // 4))}
+
+
+def build(recipe_name: str, precision: str, batch: int | None):
+    import mmtk
+
+    overrides = [f"train.precision={precision}", "data.path=null"]
+    if batch:
+        overrides.append(f"optim.batch_size={batch}")
+    recipe = load_recipe(REPO / "recipes" / f"{recipe_name}.yaml", overrides)
+    size = tuple(recipe.data.image_size or (224, 224))
+    info = DataInfo("synthetic", ("rgb", "depth", "semseg"), size, 40, 0)
+    torch.manual_seed(0)
+    model = mmtk.create_model(recipe.model.name, verbose=False, **model_args(recipe, info))
+    return recipe, model, size
+
+
+def time_steps(recipe, model, batches, device, steps: int) -> float:
+    """Seconds per optimizer step (median of `steps` after one warm-up step)."""
+    model.to(device).train()
+    optimizer, _ = build_optimizer(model, recipe, total_steps=1000, warmup_steps=10)
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        batch = to_device(next(batches), device)
+        with _autocast(device, recipe.train.precision):
+            loss, _ = pretrain_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def forever(batch: dict[str, torch.Tensor]):
+    while True:
+        yield batch
+
+
+def real_batches(recipe, data: Path):
+    dataset = open_dataset(data, "train", needed_modalities(recipe), tuple(recipe.data.image_size), augment=True,
+                           crop_scale=recipe.data.crop_scale, hflip=recipe.data.hflip)
+    keys = [(0, i % len(dataset)) for i in range(10**6)]  # (epoch, index) as the engine's sampler yields
+    loader = DataLoader(SeededDataset(dataset, 0), batch_size=recipe.optim.batch_size, sampler=keys,
+                        num_workers=recipe.data.num_workers)
+    return iter(loader)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="+", default=["tiny", "base"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--base-batch", type=int, default=8, help="batch for base.yaml (its 2048 needs GPUs)")
+    parser.add_argument("--data", type=Path, default=None, help="HDF5 file (default: the shipped NYUv2 sample)")
+    args = parser.parse_args()
+    device = pick_device("auto")
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name in args.recipes:
+        for precision in args.precisions:
+            recipe, model, size = build(name, precision, args.base_batch if name == "base" else None)
+            batch = recipe.optim.batch_size
+            seconds = time_steps(recipe, model, forever(synthetic_batch(batch, size, 40)), device, args.steps)
+            print(f"{name:5s} {precision}: {model.config.dim}-wide x {model.config.depth} blocks, "
+                  f"{size[0]}x{size[1]} px, batch {batch}: {seconds:.3f} s/step, {batch / seconds:.1f} images/s")
+
+    data = args.data
+    if data is None:
+        from mmtk.data import convert_rgbd
+
+        data = Path(tempfile.mkdtemp()) / "sample.h5"
+        convert_rgbd(REPO / "samples" / "nyuv2_multimae", data, progress=False)
+    recipe, model, size = build("tiny", "fp32", None)
+    batches = real_batches(recipe, data)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        next(batches)
+    load = (time.perf_counter() - start) / args.steps
+    synthetic = time_steps(recipe, model, forever(synthetic_batch(recipe.optim.batch_size, size, 40)), device,
+                           args.steps)
+    real = time_steps(recipe, model, batches, device, args.steps)
+    print(f"loader alone (tiny recipe, {recipe.data.num_workers} workers, frames {data}): {load:.3f} s/batch, "
+          f"{recipe.optim.batch_size / load:.1f} images/s")
+    print(f"tiny fp32 step: synthetic tensors {synthetic:.3f} s, real data {real:.3f} s "
+          f"({100 * (real / synthetic - 1):+.0f} % from loading)")
+
+
+if __name__ == "__main__":
+    main()
