@@ -1,0 +1,93 @@
+"""Building blocks shared by tokenizers and decoders.
+
+The transformer block, MLP, DropPath and weight init come from timm; what timm does not have is
+here: fixed 2D sin-cos positional embeddings, the patch tokenizer that uses them, and the
+cross-attention of MultiMAE's decoders.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from timm.models.vision_transformer import Block  # noqa: F401  (re-exported: the encoder block)
+from torch import Tensor, nn
+
+LAYER_NORM_EPS = 1e-6
+
+
+def layer_norm(dim: int, **kwargs) -> nn.LayerNorm:
+    """The LayerNorm used everywhere in MultiMAE (eps 1e-6); kwargs as nn.LayerNorm's (device, dtype)."""
+    return nn.LayerNorm(dim, eps=LAYER_NORM_EPS, **kwargs)
+
+
+def sincos_pos_embed_2d(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> Tensor:
+    """Fixed 2D sin-cos positional embedding as a feature map: [1, dim, grid_h, grid_w].
+
+    Channels are four blocks of dim/4: sin(row), cos(row), sin(col), cos(col), with the
+    frequencies 1 / temperature**(k / (dim/4)).
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos positional embeddings need a width divisible by 4, got {dim}")
+    grid_h, grid_w = grid
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # [D/4]
+    rows = torch.arange(grid_h, dtype=torch.float64)[:, None] * omega  # [gh, D/4]
+    cols = torch.arange(grid_w, dtype=torch.float64)[:, None] * omega  # [gw, D/4]
+    rows = rows[:, None, :].expand(grid_h, grid_w, quarter)
+    cols = cols[None, :, :].expand(grid_h, grid_w, quarter)
+    emb = torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=-1)  # [gh, gw, D]
+    return emb.permute(2, 0, 1).unsqueeze(0).float()
+
+
+def resize_pos_embed(pos: Tensor, grid: tuple[int, int], mode: str = "bicubic") -> Tensor:
+    """Interpolate a [1, D, h, w] positional embedding to `grid` (no-op when it already fits)."""
+    if tuple(pos.shape[-2:]) == tuple(grid):
+        return pos
+    return F.interpolate(pos, size=grid, mode=mode, align_corners=False)
+
+
+def pos_embed_tokens(pos: Tensor, grid: tuple[int, int], mode: str) -> Tensor:
+    """Resize a [1, D, h, w] embedding to `grid` and flatten it row-major to tokens [1, N, D]."""
+    return rearrange(resize_pos_embed(pos, grid, mode), "b d h w -> b (h w) d")
+
+
+class PatchTokenizer(nn.Module):
+    """Cut a dense [B, C, H, W] map into patch tokens [B, N, D] with fixed sin-cos positions.
+
+    `stride` is the resolution of the input relative to the image (4 for maps at 1/4 resolution),
+    so the kernel covers patch_size/stride pixels and every modality shares one token grid.
+    `pos_mode` is how the stored positional grid is interpolated to other image sizes.
+    """
+
+    def __init__(self, in_channels: int, dim: int, patch_size: int, grid: tuple[int, int],
+                 stride: int = 1, pos_mode: str = "bicubic") -> None:
+        super().__init__()
+        kernel = max(1, patch_size // stride)
+        self.pos_mode = pos_mode
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=kernel, stride=kernel)
+        self.register_buffer("pos_emb", sincos_pos_embed_2d(grid, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.proj(x)  # x: [B, D, gh, gw]
+        grid = (x.shape[-2], x.shape[-1])
+        return rearrange(x, "b d h w -> b (h w) d") + pos_embed_tokens(self.pos_emb, grid, self.pos_mode)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries [B, Nq, D] to a context [B, Nc, D] (separate q and kv)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """`key_mask`: [B, Nc] bool, True for context tokens that may be attended to."""
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads)
+        k, v = rearrange(self.kv(context), "b m (two h d) -> two b h m d", two=2, h=self.num_heads)
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))

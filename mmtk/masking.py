@@ -1,0 +1,93 @@
+"""Multi-modal masking: how many tokens of each modality the encoder sees.
+
+Per sample, a Dirichlet(alpha) draw splits a fixed budget of visible tokens over the input
+modalities (MultiMAE, Sec. 3.2). The split is exact: the per-modality counts add up to the budget
+(largest-remainder rounding), never exceed what a modality has, and what one modality cannot take
+goes to the others. Within a modality the visible patches are uniform at random among the eligible
+ones (e.g. patches that are not depth holes).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def sample_shares(batch: int, alphas: Tensor, sample_subsets: bool = False) -> Tensor:
+    """Dirichlet(alphas) shares [B, M], optionally over a uniformly drawn non-empty subset.
+
+    With `sample_subsets`, each sample first picks one of the 2^M - 1 non-empty subsets of
+    modalities uniformly; modalities outside it get share 0.
+    """
+    num = alphas.numel()
+    gammas = torch._standard_gamma(alphas.expand(batch, num).contiguous())  # Dirichlet = normalised Gammas
+    gammas = gammas.clamp_min(torch.finfo(gammas.dtype).tiny)  # tiny alphas can underflow to 0
+    if sample_subsets:
+        subset_id = torch.randint(1, 2**num, (batch, 1))
+        chosen = (subset_id >> torch.arange(num)) & 1  # bit m of the subset id: modality m chosen
+        gammas = gammas * chosen
+    return gammas / gammas.sum(dim=1, keepdim=True)
+
+
+def _largest_remainder(ideal: Tensor, total: Tensor) -> Tensor:
+    """Round non-negative [B, M] amounts to integers summing to `total` [B] per row."""
+    counts = ideal.floor()
+    short = (total - counts.sum(dim=1)).round().long()  # [B], 0 <= short < M
+    rank = torch.argsort(torch.argsort(counts - ideal, dim=1, stable=True), dim=1)  # 0 = largest remainder
+    return (counts + (rank < short[:, None]).to(counts.dtype)).long()
+
+
+def apportion(shares: Tensor, budget: int, capacity: Tensor) -> Tensor:
+    """Split `budget` visible tokens per sample by `shares` [B, M] within `capacity` [B, M].
+
+    Returns integer counts [B, M] with counts <= capacity and sum = min(budget, capacity.sum()).
+    Tokens a full modality cannot take are re-split among the others by their shares (uniformly
+    when none of the others has a share).
+    """
+    capacity = capacity.long()
+    total = torch.clamp(capacity.sum(dim=1), max=budget)  # [B]
+    counts = torch.zeros_like(capacity)
+    for _ in range(shares.shape[1] + 1):
+        remaining = total - counts.sum(dim=1)
+        if not bool((remaining > 0).any()):
+            break
+        room = capacity - counts
+        weights = shares * (room > 0)
+        no_share = weights.sum(dim=1, keepdim=True) <= 0
+        weights = torch.where(no_share, (room > 0).to(shares.dtype), weights)
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        extra = _largest_remainder(weights * remaining[:, None].to(weights.dtype), remaining)
+        counts = counts + torch.minimum(extra, room)
+    return counts
+
+
+def choose_visible(counts: Tensor, eligible: Tensor) -> Tensor:
+    """Pick `counts` [B] visible tokens uniformly among `eligible` [B, N]; returns hidden [B, N]."""
+    noise = torch.rand(eligible.shape, device=eligible.device)
+    noise = torch.where(eligible, noise, 2.0)  # ineligible tokens sort last
+    rank = torch.argsort(torch.argsort(noise, dim=1), dim=1)
+    return rank >= counts[:, None]
+
+
+def sample_masks(
+    eligible: dict[str, Tensor],
+    budget: int,
+    alphas: dict[str, float],
+    sample_subsets: bool = False,
+) -> dict[str, Tensor]:
+    """Random token masks for one batch (True = hidden).
+
+    Args:
+        eligible: per input modality, [B, N_m] bool of tokens that may be visible.
+        budget: visible tokens per sample, over all modalities together.
+        alphas: Dirichlet concentration per modality.
+        sample_subsets: first pick a non-empty subset of modalities uniformly per sample.
+    """
+    names = list(eligible)
+    batch = next(iter(eligible.values())).shape[0]
+    device = next(iter(eligible.values())).device
+    alpha = torch.tensor([float(alphas[name]) for name in names])
+    shares = sample_shares(batch, alpha, sample_subsets)  # [B, M] on CPU (tiny)
+    capacity = torch.stack([eligible[name].sum(dim=1).cpu() for name in names], dim=1)
+    counts = apportion(shares, budget, capacity).to(device)  # [B, M]
+    return {name: choose_visible(counts[:, i], eligible[name]) for i, name in enumerate(names)}
