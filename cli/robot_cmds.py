@@ -80,3 +80,103 @@ def export_pointcloud_command(
     skipped = cloud.num_invalid
     written = write_cloud(out, cloud)
     typer.echo(f"{out}: {written} points written ({skipped} pixels without depth skipped)")
+
+
+def _parse_size(text: Optional[str], option: str) -> Optional[tuple[int, int]]:
+    from mmtk.errors import MmtkError
+
+    if text is None:
+        return None
+    try:
+        height, width = (int(v) for v in text.split(","))
+    except ValueError:
+        raise MmtkError(f"{option} {text!r}: give height,width in pixels, e.g. 480,640") from None
+    return height, width
+
+
+@app.command("predict")
+def predict_command(
+    checkpoint: Path = typer.Option(..., help="mmtk checkpoint (pretrained MultiMAE or finetuned model)."),
+    out: Path = typer.Option(..., help="Output folder for PNGs (colour maps), .npy depth and optional .ply."),
+    rgb: Optional[Path] = typer.Option(None, help="One RGB image ..."),
+    depth: Optional[Path] = typer.Option(None, help="... with an optional aligned depth image (PNG/TIFF/.npy)."),
+    depth_scale: Optional[float] = typer.Option(None, help="Depth units per metre (default 1000 for integer images)."),
+    h5: Optional[Path] = typer.Option(None, help="Or every frame of a split of an mmtk HDF5 file ..."),
+    split: str = typer.Option("test", help="... this split ..."),
+    index: Optional[int] = typer.Option(None, help="... or only this frame of it."),
+    bag: Optional[Path] = typer.Option(None, help="Or the RGB images of a ROS1/ROS2 bag ..."),
+    rgb_topic: str = typer.Option("/camera/rgb/image_color", help="... on this topic ..."),
+    depth_topic: Optional[str] = typer.Option(None, help="... with depth from this topic (paired by time)."),
+    outputs: str = typer.Option("depth,semseg", help="Comma-separated tasks to predict (those the model has)."),
+    ply: bool = typer.Option(False, help="Also write a coloured .ply per frame (needs metric depth + intrinsics)."),
+    intrinsics: Optional[str] = typer.Option(None, help="fx,fy,cx,cy in pixels, for --ply."),
+    image_size: Optional[str] = typer.Option(None, help="height,width the model runs at (default: its training size)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+) -> None:
+    """Predict depth / semantics from RGB (and optional depth) with a pretrained or finetuned model."""
+    from mmtk.errors import MmtkError
+    from mmtk.pointcloud import parse_intrinsics
+    from mmtk.predict import load_predictor, predict_frame, read_bag_frames, read_depth, read_rgb, write_prediction
+
+    sources = [s for s in (rgb, h5, bag) if s is not None]
+    if len(sources) != 1:
+        raise MmtkError("give exactly one source: --rgb IMAGE, --h5 FILE or --bag BAG")
+    if depth is not None and rgb is None:
+        raise MmtkError("--depth goes with --rgb (HDF5 files and bags bring their own depth)")
+    size = _parse_size(image_size, "--image-size")
+    k_override = parse_intrinsics(intrinsics) if intrinsics is not None else None
+    predictor = load_predictor(checkpoint, device)
+    wanted = [name.strip() for name in outputs.split(",") if name.strip()]
+    if predictor.finetuned:  # a finetuned model has one task; keep what was asked of it
+        wanted = [name for name in wanted if name in predictor.available_outputs] or wanted
+    wanted_t = tuple(wanted)
+
+    def frames():
+        if rgb is not None:
+            image = read_rgb(rgb)
+            sensor = read_depth(depth, depth_scale) if depth is not None else None
+            if sensor is not None and sensor.shape != image.shape[:2]:
+                raise MmtkError(f"{depth}: depth is {sensor.shape} but {rgb} is {image.shape[:2]}; they must be aligned")
+            yield rgb.stem, image, sensor, None
+        elif h5 is not None:
+            import h5py
+
+            from mmtk.predict import read_h5_frame
+            if not h5.is_file():
+                raise MmtkError(f"{h5}: no such HDF5 file")
+            with h5py.File(h5, "r") as handle:
+                if split not in handle:
+                    raise MmtkError(f"{h5}: no split {split!r}; splits: {sorted(handle)}")
+                count = handle[split]["rgb"].shape[0]
+                has_depth = "depth" in handle[split]
+            for i in ([index] if index is not None else range(count)):
+                frame = read_h5_frame(h5, split, i, "depth" if has_depth else "")
+                yield f"{split}_{i % count:06d}", frame.rgb, frame.depth, frame.intrinsics
+        else:
+            for i, frame in enumerate(read_bag_frames(bag, rgb_topic, depth_topic)):
+                yield f"frame_{i:06d}", frame.rgb, frame.depth, frame.intrinsics
+
+    count = 0
+    for stem, image, sensor, k in frames():
+        prediction = predict_frame(predictor, image, sensor, wanted_t, size)
+        written = write_prediction(out, stem, image, prediction, sensor, k_override if k_override is not None else k, ply)
+        count += 1
+        typer.echo(f"{stem}: " + ", ".join(p.name for p in written))
+    typer.echo(f"{count} frame(s) predicted into {out}")
+
+
+@app.command("export")
+def export_command(
+    checkpoint: Path = typer.Argument(..., help="Finetuned mmtk checkpoint."),
+    onnx: Path = typer.Option(..., "--onnx", help="Output .onnx file."),
+    inputs: Optional[str] = typer.Option(None, help="Comma-separated inputs the graph takes (default: the model's)."),
+    image_size: Optional[str] = typer.Option(None, help="height,width of the graph (default: the training size)."),
+    opset: int = typer.Option(18, help="ONNX opset."),
+) -> None:
+    """Export a finetuned model to ONNX (fixed inputs and size), checked against ONNX Runtime."""
+    from mmtk.export import export_onnx
+
+    names = tuple(n.strip() for n in inputs.split(",")) if inputs else None
+    result = export_onnx(checkpoint, onnx, names, _parse_size(image_size, "--image-size"), opset)
+    typer.echo(f"{result.path}: inputs {', '.join(result.inputs)} at {result.image_size[0]}x{result.image_size[1]} px, "
+               f"output {result.output}; max |onnxruntime - pytorch| = {result.max_abs_diff:.2e}")
