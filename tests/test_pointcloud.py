@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -213,3 +214,56 @@ def test_bag_with_unknown_topic_is_a_clear_error():
 def test_import_mmtk_does_not_load_open3d():
     code = "import sys, mmtk, mmtk.pointcloud; assert 'open3d' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------ xyz modality
+
+def test_xyz_prepared_from_depth_equals_from_organized_and_projected_cloud(pcd, depth_mm):
+    from mmtk.adapters.xyz import prepare_xyz_from_cloud, prepare_xyz_from_depth
+
+    from_depth, valid = prepare_xyz_from_depth(depth_mm / 1000.0, K)
+    from_cloud, valid_cloud = prepare_xyz_from_cloud(pcd)
+    projected, valid_projected = prepare_xyz_from_cloud(pcd.finite(), K, (480, 640))
+    assert from_depth.shape == (3, 480, 640) and np.array_equal(valid[0].numpy(), depth_mm > 0)
+    for other, other_valid in ((from_cloud, valid_cloud), (projected, valid_projected)):
+        assert torch.equal(other_valid, valid)
+        torch.testing.assert_close(other, from_depth, rtol=0, atol=1e-5)
+    # One scale for all axes: the prepared x/z ratio is the metric one, z robustly centred.
+    z = depth_mm[depth_mm > 0] / 1000.0
+    low, high = np.quantile(z, [0.1, 0.9])
+    scale = np.sqrt(z[(z >= low) & (z <= high)].var() + 1e-6)
+    x_m = pcd.points[100, 600, 0]
+    assert from_depth[0, 100, 600].item() == pytest.approx(x_m / scale, rel=1e-4)
+    with pytest.raises(MmtkError, match="intrinsics"):
+        prepare_xyz_from_cloud(pcd.finite())
+
+
+def test_xyz_modality_pretrains_and_finetunes_without_core_changes(depth_mm, rgb):
+    import mmtk
+    from mmtk.adapters.xyz import flip_xyz, prepare_xyz_from_depth
+    from mmtk.predict import prepare_depth, prepare_rgb
+
+    small = slice(96, 96 + 64), slice(160, 160 + 96)
+    xyz, valid = prepare_xyz_from_depth(depth_mm[small] / 1000.0, intrinsics_matrix(525, 525, 320 - 160, 240 - 96))
+    depth, depth_valid = prepare_depth(depth_mm[small] / 1000.0)
+    batch = {"rgb": prepare_rgb(rgb[small])[None], "xyz": xyz[None], "depth": depth[None]}
+    torch.manual_seed(0)
+    model = mmtk.create_model("multimae-tiny", verbose=False, dim=64, depth=2, num_heads=2, decoder_dim=32,
+                              decoder_depth=1, decoder_heads=2, image_size=(64, 96), inputs=("rgb", "xyz"),
+                              outputs=("rgb", "xyz", "depth"), num_visible=12)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        out = model(batch, valid={"xyz": valid[None], "depth": depth_valid[None]})
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.losses["xyz"].item())
+    assert set(out.losses) == {"rgb", "xyz", "depth"} and out.masks["xyz"].shape == (1, 24)
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])  # it learns to reconstruct real geometry
+    finetune = mmtk.create_model("multimae-tiny", verbose=False, dim=64, depth=4, num_heads=2, image_size=(64, 96),
+                                 inputs=("rgb", "xyz"), main_inputs=("rgb", "xyz"), head="dpt", task="depth",
+                                 hooks=(0, 1, 2, 3), layer_dims=(16, 32, 64, 64), head_dim=32)
+    assert finetune({"rgb": batch["rgb"], "xyz": batch["xyz"]}).shape == (1, 1, 64, 96)
+    flipped = flip_xyz(xyz)
+    assert torch.equal(flipped[0], -xyz[0].flip(-1)) and torch.equal(flipped[1:], xyz[1:].flip(-1))
