@@ -191,6 +191,23 @@ def cloud_to_xyz(cloud: PointCloud, intrinsics: np.ndarray | None = None,
     return depth_to_xyz(depth, intrinsics)
 
 
+def cloud_to_image_depth(cloud: PointCloud, image_size: tuple[int, int],
+                         intrinsics: np.ndarray | None = None) -> np.ndarray:
+    """Depth [H, W] (metres, 0 = invalid) aligned with a colour image of ``image_size`` (H, W).
+
+    An organized cloud of exactly that size is read pixel for pixel (it is registered to the image);
+    any other cloud (unorganized, or organized at another resolution such as a subsampled one) is
+    projected with the colour camera's ``intrinsics``, which are then required.
+    """
+    if cloud.organized and cloud.points.shape[:2] == tuple(image_size):
+        return cloud_to_depth(cloud)
+    if intrinsics is None:
+        layout = f"an organized {cloud.points.shape[1]}x{cloud.points.shape[0]}" if cloud.organized else "an unorganized"
+        raise MmtkError(f"{layout} point cloud cannot be aligned with the {image_size[1]}x{image_size[0]} colour "
+                        "image without the colour camera's intrinsics; give a camera_info topic or fx,fy,cx,cy")
+    return project_points(cloud, intrinsics, image_size).depth
+
+
 def project_points(cloud: PointCloud, intrinsics: np.ndarray, image_size: tuple[int, int]) -> Projection:
     """Project a cloud onto an image with a z-buffer: where several points hit a pixel, the nearest wins.
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from mmtk.errors import MmtkError
 from mmtk.pointcloud import (
-    PointCloud, cloud_to_depth, cloud_to_xyz, depth_to_cloud, depth_to_xyz, intrinsics_matrix,
+    PointCloud, cloud_to_depth, cloud_to_image_depth, cloud_to_xyz, depth_to_cloud, depth_to_xyz, intrinsics_matrix,
     parse_intrinsics, pointcloud2_to_cloud, project_points, read_bag_clouds, read_cloud, write_cloud,
 )
 
@@ -105,6 +105,10 @@ def test_projection_counts_points_behind_and_outside_and_nan():
     result = project_points(PointCloud(points), K, (480, 640))
     assert (result.skipped_invalid, result.skipped_behind, result.skipped_outside, result.occluded) == (1, 1, 1, 1)
     assert result.depth[240, 320] == 1.0 and (result.depth > 0).sum() == 1
+
+
+def test_cloud_registered_to_the_image_needs_no_intrinsics(pcd, depth_mm):
+    np.testing.assert_allclose(cloud_to_image_depth(pcd, (480, 640)), depth_mm / 1000.0, rtol=0, atol=1e-6)
 
 
 def test_unorganized_cloud_without_intrinsics_is_a_clear_error(pcd):
@@ -203,6 +207,9 @@ def test_bag_clouds_match_the_depth_frames(bag, step):
         mask = np.ones_like(projected, dtype=bool)
         mask[::step, ::step] = False
         assert not projected[mask].any()
+        np.testing.assert_array_equal(cloud_to_image_depth(cloud, (480, 640), K), projected)
+        with pytest.raises(MmtkError, match="intrinsics"):
+            cloud_to_image_depth(cloud, (480, 640))
 
 
 @needs_shared

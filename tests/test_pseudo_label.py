@@ -280,3 +280,31 @@ def test_folder_without_processor_or_with_broken_weights(model_dirs, h5_file, tm
     (broken / "model.safetensors").write_bytes(b"garbage")
     code, _, err = run_cli(["pseudo-label", str(h5_file), "--depth-model", str(broken)], capsys, monkeypatch)
     assert code == 2 and "cannot load the dpt model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_convert_images_then_pseudo_label_from_rgb_alone(model_dirs, tmp_path, capsys, monkeypatch):
+    source = Image.open(SAMPLES / f"{FRAME}_rgb.png").convert("RGB")
+    root = tmp_path / "images"
+    for rel, box in (("train/laptop/a.png", (0, 0, 640, 480)), ("train/box/b.jpg", (100, 50, 420, 450)),
+                     ("val/laptop/c.png", (320, 0, 640, 480))):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        source.crop(box).save(root / rel)
+    (root / "train/box/broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "rgb.h5"
+    code, stdout, err = run_cli(["convert-images", str(root), str(out), "--size", "120,160", "--no-progress"],
+                                capsys, monkeypatch)
+    assert code == 0, err
+    assert "train: 2" in stdout and "test: 1" in stdout and "skipped 1 unreadable" in stdout
+    with h5py.File(out) as f:
+        assert f.attrs["mmtk_format"] >= 1 and set(f) == {"train", "test"}
+        assert [s.decode() for s in f["train/frame_id"][:]] == ["box/b.jpg", "laptop/a.png"]
+        np.testing.assert_array_equal(f["test/rgb"][0], pl.fit_image(source.crop((320, 0, 640, 480)), (120, 160)))
+        # 640x480 covers 160x120 exactly: a plain resize, compare with PIL's.
+        np.testing.assert_array_equal(f["train/rgb"][1], np.array(source.resize((160, 120), Image.BILINEAR)))
+    code, _, err = run_cli(["pseudo-label", str(out), "--depth-model", str(model_dirs["dpt"]),
+                            "--semseg-model", str(model_dirs["upernet"]), "--no-progress"], capsys, monkeypatch)
+    assert code == 0, err
+    with h5py.File(out) as f:
+        assert f["train/depth_pseudo"].shape == (2, 120, 160) and f["test/semseg_pseudo"].shape == (1, 120, 160)
+    code, _, err = run_cli(["convert-images", str(tmp_path / "nothing"), str(tmp_path / "x.h5")], capsys, monkeypatch)
+    assert code == 2 and "no such folder" in err and not (tmp_path / "x.h5").exists()
