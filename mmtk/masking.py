@@ -55,7 +55,8 @@ def apportion(shares: Tensor, budget: int, capacity: Tensor) -> Tensor:
         weights = shares * (room > 0)
         no_share = weights.sum(dim=1, keepdim=True) <= 0
         weights = torch.where(no_share, (room > 0).to(shares.dtype), weights)
-        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        weights = torch.where(remaining[:, None] > 0, weights, torch.ones_like(weights))  # avoid 0/0
+        weights = weights / weights.sum(dim=1, keepdim=True)  # rows without room have remaining == 0
         extra = _largest_remainder(weights * remaining[:, None].to(weights.dtype), remaining)
         counts = counts + torch.minimum(extra, room)
     return counts

@@ -59,11 +59,12 @@ class ModelConfig:
     head: str | None = None  # "convnext" | "dpt"
     task: str | None = None  # what the head predicts: "semseg" | "depth" | any modality name
     main_inputs: tuple[str, ...] = ("rgb",)  # tokens the head reads
-    head_dim: int = 6144  # ConvNeXt: values per token before un-patchifying; DPT: feature width
-    head_depth: int = 4  # ConvNeXt blocks
+    convnext_dim: int = 6144  # ConvNeXt: values per token before un-patchifying
+    convnext_depth: int = 4  # ConvNeXt blocks
     preds_per_patch: int = 16  # ConvNeXt: k*k pixels predicted per token
     hooks: tuple[int, ...] = (2, 5, 8, 11)  # DPT: 0-based encoder blocks read (blocks 3/6/9/12)
     layer_dims: tuple[int, ...] = (96, 192, 384, 768)  # DPT: widths of the reassembled maps
+    dpt_dim: int = 256  # DPT: width of the fused feature maps
 
     def __post_init__(self) -> None:
         self.image_size = _pair(self.image_size)
@@ -331,12 +332,12 @@ class DenseModel(nn.Module):
         self.task = build_modality(config.task, config)
         in_dim = config.dim * len(config.main_inputs)
         if config.head == "convnext":
-            self.head = ConvNeXtHead(in_dim, self.task.out_channels, config.head_dim, config.preds_per_patch,
-                                     config.head_depth)
+            self.head = ConvNeXtHead(in_dim, self.task.out_channels, config.convnext_dim, config.preds_per_patch,
+                                     config.convnext_depth)
         else:
             if len(config.hooks) != 4 or max(config.hooks) >= config.depth:
                 raise MmtkError(f"DPT needs 4 hooks among the {config.depth} encoder blocks, got {config.hooks}")
-            self.head = DPTHead(in_dim, self.task.out_channels, config.hooks, config.layer_dims, config.head_dim)
+            self.head = DPTHead(in_dim, self.task.out_channels, config.hooks, config.layer_dims, config.dpt_dim)
         init_weights(self)
 
     def forward(self, inputs: dict[str, Tensor]) -> Tensor:

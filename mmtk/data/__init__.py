@@ -1,1 +1,19 @@
-"""The mmtk HDF5 dataset format: conversion, inspection and loading."""
+"""The mmtk HDF5 dataset format: conversion, inspection and loading.
+
+Public API:
+    FORMAT_VERSION, H5Writer            -- the format and its atomic writer (reusable by any converter)
+    H5Dataset                           -- PyTorch Dataset over a split, prepared as the model expects
+    read_info, format_info              -- summaries for `mmtk info` and the engine
+    convert_rgbd, convert_rosbag        -- the `mmtk convert` back-ends
+    build_demo_file                     -- a small training file from the samples shipped with the repo
+"""
+
+from mmtk.data.convert import ConvertResult, build_demo_file, convert_rgbd, convert_rosbag, parse_size, samples_dir, write_frames
+from mmtk.data.dataset import H5Dataset, open_mmtk_file
+from mmtk.data.format import FORMAT_VERSION, H5Writer
+from mmtk.data.info import format_info, read_info
+
+__all__ = ["FORMAT_VERSION", "H5Writer", "H5Dataset", "open_mmtk_file", "read_info", "format_info",
+           "convert_rgbd", "convert_rosbag", "write_frames", "parse_size", "ConvertResult", "build_demo_file",
+           "samples_dir"]
+

@@ -1,0 +1,259 @@
+"""RGB-D frames from ROS1 ``.bag`` and ROS2 (sqlite3, mcap) bags via ``rosbags`` (no ROS install needed).
+
+Colour and depth are paired by header time stamps with a slop ``max_dt`` (one-to-one, closest pairs
+first, like message_filters' approximate policy); unpaired messages are counted and reported.
+Reading is two passes: stamps only (a few bytes per message), then the paired images, so memory holds
+only the messages waiting for their partner.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+from mmtk.adapters.sensors.common import Frame, to_metres
+from mmtk.adapters.sensors.rgbd_folders import RgbdSource, associate_by_time
+from mmtk.errors import MmtkError
+
+IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
+CAMERA_INFO_TYPE = "sensor_msgs/msg/CameraInfo"
+COLOR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8")
+DEPTH_ENCODINGS = {"16UC1": 1000.0, "mono16": 1000.0, "32FC1": None}  # units per metre (None = metres)
+
+
+@dataclass
+class TopicInfo:
+    """One topic of a bag."""
+
+    topic: str
+    msgtype: str
+    count: int
+
+
+def _bag_path(bag: Path) -> Path:
+    if not bag.exists():
+        raise MmtkError(f"{bag} does not exist")
+    if bag.is_file() and bag.suffix in (".mcap", ".db3") and (bag.parent / "metadata.yaml").is_file():
+        return bag.parent  # rosbag2 is read as its directory
+    return bag
+
+
+def _open_reader(bag: Path) -> Any:
+    from rosbags.highlevel import AnyReader
+    from rosbags.typesys import Stores, get_typestore
+
+    reader = AnyReader([_bag_path(bag)], default_typestore=get_typestore(Stores.ROS2_HUMBLE))
+    try:
+        reader.open()
+    except Exception as err:  # rosbags raises several reader-specific error types
+        raise MmtkError(f"{bag} is not a readable ROS1 bag or ROS2 bag directory ({err}); "
+                        f"it may be truncated or corrupt") from None
+    return reader
+
+
+def list_topics(bag: str | Path) -> list[TopicInfo]:
+    """All topics of a bag with message type and count."""
+    reader = _open_reader(Path(bag))
+    try:
+        counts: dict[str, TopicInfo] = {}
+        for conn in reader.connections:
+            info = counts.setdefault(conn.topic, TopicInfo(conn.topic, conn.msgtype, 0))
+            info.count += conn.msgcount
+        return sorted(counts.values(), key=lambda t: t.topic)
+    finally:
+        reader.close()
+
+
+def image_topics(bag: str | Path) -> list[TopicInfo]:
+    """The bag's Image, CompressedImage and CameraInfo topics."""
+    return [t for t in list_topics(bag) if t.msgtype in IMAGE_TYPES + (CAMERA_INFO_TYPE,)]
+
+
+def _header_stamp(raw: bytes, is_ros2: bool) -> float:
+    """Header stamp in seconds from raw message bytes (Image/CompressedImage/CameraInfo start with a Header)."""
+    if is_ros2:  # CDR: 4-byte encapsulation (byte 1: 1 = little endian), then int32 sec, uint32 nanosec
+        order = "<" if raw[1] == 1 else ">"
+        sec, nsec = struct.unpack_from(order + "iI", raw, 4)
+    else:  # ROS1: uint32 seq, then uint32 sec, uint32 nsec
+        sec, nsec = struct.unpack_from("<II", raw, 4)
+    return sec + nsec * 1e-9
+
+
+def _connections(reader: Any, topic: str, available: list[TopicInfo], role: str) -> list[Any]:
+    conns = [c for c in reader.connections if c.topic == topic]
+    if not conns:
+        listing = ", ".join(f"{t.topic} ({t.msgtype.split('/')[-1]}, {t.count})" for t in available)
+        raise MmtkError(f"{role} topic {topic!r} is not in the bag; its topics are: {listing}")
+    return conns
+
+
+def decode_image(msg: Any, msgtype: str, role: str, depth_scale: float | None) -> np.ndarray:
+    """Decode an Image/CompressedImage to uint8 RGB [H, W, 3] (role 'rgb') or metres [H, W] (role 'depth')."""
+    if msgtype.endswith("CompressedImage"):
+        return _decode_compressed(msg, role, depth_scale)
+    encoding = msg.encoding
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    data = np.asarray(msg.data, dtype=np.uint8)
+    if data.size < height * step:
+        raise MmtkError(f"{role} image is truncated ({data.size} bytes for {height} rows of {step})")
+    rows = data[: height * step].reshape(height, step)
+    if role == "rgb":
+        channels = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}.get(encoding)
+        if channels is None:
+            raise MmtkError(f"colour encoding {encoding!r} is not supported; use one of {', '.join(COLOR_ENCODINGS)}")
+        pixels = rows[:, : width * channels].reshape(height, width, channels)
+        if encoding == "mono8":
+            return np.repeat(pixels, 3, axis=2)
+        if encoding.startswith("bgr"):
+            return np.ascontiguousarray(pixels[:, :, 2::-1])
+        return np.ascontiguousarray(pixels[:, :, :3])
+    if encoding not in DEPTH_ENCODINGS:
+        raise MmtkError(f"depth encoding {encoding!r} is not supported; use 16UC1 (mm) or 32FC1 (m)")
+    dtype = np.dtype(np.uint16 if encoding != "32FC1" else np.float32).newbyteorder(">" if msg.is_bigendian else "<")
+    values = rows[:, : width * dtype.itemsize].copy().view(dtype).reshape(height, width).astype(dtype.newbyteorder("="))
+    scale = depth_scale if depth_scale is not None else DEPTH_ENCODINGS[encoding]
+    return to_metres(values, scale)
+
+
+def _decode_compressed(msg: Any, role: str, depth_scale: float | None) -> np.ndarray:
+    fmt = str(msg.format)
+    payload = bytes(np.asarray(msg.data, dtype=np.uint8))
+    if "compressedDepth" in fmt:
+        if role != "depth":
+            raise MmtkError(f"compressedDepth ({fmt!r}) given as the colour topic")
+        # image_transport's compressedDepth: 12-byte header (int32 format, float32 quant A, B), then PNG
+        _, quant_a, quant_b = struct.unpack_from("<iff", payload, 0)
+        values = _decode_bytes(payload[12:], fmt)
+        if "32FC1" in fmt:  # stored as quantised inverse depth
+            depth = np.zeros(values.shape, np.float32)
+            valid = values > 0
+            depth[valid] = quant_a / (values[valid].astype(np.float32) - quant_b)
+            return to_metres(depth, depth_scale)
+        return to_metres(values, depth_scale if depth_scale is not None else 1000.0)
+    array = _decode_bytes(payload, fmt)
+    if role == "rgb":
+        if array.ndim == 2:
+            array = np.repeat(array[:, :, None], 3, axis=2)
+        if array.dtype != np.uint8:
+            raise MmtkError(f"compressed colour image has dtype {array.dtype}; expected 8-bit")
+        # PIL decodes to RGB; a "bgr8; jpeg compressed bgr8" message was encoded from BGR by cv2, which
+        # writes a standard RGB JPEG/PNG, so no swap is needed.
+        return np.ascontiguousarray(array[:, :, :3])
+    if array.ndim != 2 or array.dtype != np.uint16:
+        raise MmtkError(f"compressed depth image has dtype {array.dtype} {array.shape}; expected 16-bit mono PNG")
+    return to_metres(array, depth_scale if depth_scale is not None else 1000.0)
+
+
+def _decode_bytes(payload: bytes, fmt: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(payload)) as image:
+            array = np.array(image)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise MmtkError(f"cannot decode a compressed image ({fmt!r}): {err}") from None
+    if array.dtype == np.int32:
+        array = array.astype(np.uint16)
+    return array
+
+
+def _camera_matrix(msg: Any) -> tuple[np.ndarray, tuple[int, int]]:
+    k = np.asarray(getattr(msg, "k", None) if hasattr(msg, "k") else msg.K, dtype=np.float32).reshape(3, 3)
+    return k, (int(msg.height), int(msg.width))
+
+
+def open_rosbag_source(bag: str | Path, rgb_topic: str, depth_topic: str, camera_info_topic: str | None = None,
+                       max_dt: float = 0.02, depth_scale: float | None = None) -> RgbdSource:
+    """Plan the conversion of a bag: pair colour and depth by stamp and read camera intrinsics."""
+    bag = Path(bag)
+    available = list_topics(bag)
+    reader = _open_reader(bag)
+    notes: list[str] = []
+    try:
+        rgb_conns = _connections(reader, rgb_topic, available, "colour")
+        depth_conns = _connections(reader, depth_topic, available, "depth")
+        for conn, role in ((rgb_conns[0], "colour"), (depth_conns[0], "depth")):
+            if conn.msgtype not in IMAGE_TYPES:
+                raise MmtkError(f"{role} topic {conn.topic!r} has type {conn.msgtype}, expected Image or "
+                                f"CompressedImage")
+        if camera_info_topic is None:
+            guess = rgb_topic.rsplit("/", 1)[0] + "/camera_info"
+            camera_info_topic = guess if any(t.topic == guess for t in available) else None
+            if camera_info_topic:
+                notes.append(f"intrinsics from {camera_info_topic} (pass --camera-info-topic to change)")
+            else:
+                notes.append("no CameraInfo topic beside the colour topic: frames get no intrinsics")
+        info_conns = _connections(reader, camera_info_topic, available, "camera info") if camera_info_topic else []
+        is_ros2 = bool(getattr(reader, "is2", False))
+        stamps: dict[str, list[float]] = {"rgb": [], "depth": []}
+        infos: list[tuple[float, np.ndarray, tuple[int, int]]] = []
+        for conn, log_time, raw in reader.messages(connections=rgb_conns + depth_conns + info_conns):
+            stamp = _header_stamp(raw, is_ros2) or log_time * 1e-9
+            if conn in info_conns:
+                k, size = _camera_matrix(reader.deserialize(raw, conn.msgtype))
+                infos.append((stamp, k, size))
+            else:
+                stamps["rgb" if conn in rgb_conns else "depth"].append(stamp)
+    finally:
+        reader.close()
+    pairs = associate_by_time(stamps["rgb"], stamps["depth"], max_dt)
+    dropped_rgb = len(stamps["rgb"]) - len(pairs)
+    dropped_depth = len(stamps["depth"]) - len(pairs)
+    notes.append(f"paired {len(pairs)} frames within {max_dt * 1000:g} ms; dropped {dropped_rgb} colour and "
+                 f"{dropped_depth} depth messages without a partner")
+    if not pairs:
+        raise MmtkError(f"no colour message has a depth message within --max-dt {max_dt} s "
+                        f"({len(stamps['rgb'])} colour, {len(stamps['depth'])} depth messages)")
+
+    def frames() -> Iterator[Frame]:
+        yield from _paired_frames(bag, rgb_topic, depth_topic, pairs, stamps["rgb"], infos, depth_scale)
+
+    description = f"ROS bag {bag.name}: {rgb_topic} + {depth_topic}"
+    return RgbdSource("rosbag", description, len(pairs), frames, None, notes)
+
+
+def _paired_frames(bag: Path, rgb_topic: str, depth_topic: str, pairs: list[tuple[int, int]],
+                   rgb_stamps: list[float], infos: list[tuple[float, np.ndarray, tuple[int, int]]],
+                   depth_scale: float | None) -> Iterator[Frame]:
+    rgb_partner = dict(pairs)
+    depth_partner = {j: i for i, j in pairs}
+    pending_rgb: dict[int, np.ndarray] = {}
+    pending_depth: dict[int, np.ndarray] = {}
+    counters = {"rgb": 0, "depth": 0}
+    info_times = np.asarray([t for t, _, _ in infos])
+    reader = _open_reader(bag)
+    try:
+        conns = [c for c in reader.connections if c.topic in (rgb_topic, depth_topic)]
+        for conn, _, raw in reader.messages(connections=conns):
+            role = "rgb" if conn.topic == rgb_topic else "depth"
+            index = counters[role]
+            counters[role] += 1
+            partners = rgb_partner if role == "rgb" else depth_partner
+            if index not in partners:
+                continue
+            image = decode_image(reader.deserialize(raw, conn.msgtype), conn.msgtype, role, depth_scale)
+            (pending_rgb if role == "rgb" else pending_depth)[index] = image
+            rgb_index = index if role == "rgb" else partners[index]
+            depth_index = partners[index] if role == "rgb" else index
+            if rgb_index in pending_rgb and depth_index in pending_depth:
+                rgb, depth = pending_rgb.pop(rgb_index), pending_depth.pop(depth_index)
+                stamp = rgb_stamps[rgb_index]
+                yield Frame("all", rgb, depth, intrinsics=_nearest_k(infos, info_times, stamp, rgb.shape[:2]),
+                            timestamp=stamp, frame_id=f"{rgb_topic}#{rgb_index}")
+    finally:
+        reader.close()
+
+
+def _nearest_k(infos: list[tuple[float, np.ndarray, tuple[int, int]]], times: np.ndarray, stamp: float,
+               size: tuple[int, int]) -> np.ndarray | None:
+    if not infos:
+        return None
+    _, k, info_size = infos[int(np.argmin(np.abs(times - stamp)))]
+    if info_size != tuple(size):
+        raise MmtkError(f"CameraInfo is {info_size[1]}x{info_size[0]} but the colour image is {size[1]}x{size[0]}; "
+                        f"pass the camera info topic of the colour camera (--camera-info-topic)")
+    return k

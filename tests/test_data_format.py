@@ -1,0 +1,179 @@
+"""The HDF5 writer (atomic, validated), read_info / `mmtk info`, and bad input errors from `mmtk convert`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_helpers import MULTIMAE, REPO, SYNC, TUM, labeled_frame, run_cli
+from mmtk.data import FORMAT_VERSION, H5Writer, read_info
+from mmtk.errors import MmtkError
+
+NAMES = ["wall", "floor", "cabinet"]
+
+
+def frame():
+    rgb, depth, labels = labeled_frame()
+    return rgb, depth, np.minimum(labels, 3)
+
+
+def test_writer_layout_attrs_and_stats(tmp_path):
+    rgb, depth, labels = frame()
+    out = tmp_path / "w.h5"
+    with H5Writer(out, source="unit test", classes=NAMES) as writer:
+        for i in range(2):
+            writer.add_frame("train", rgb=rgb, depth=depth, semseg=labels, intrinsics=np.eye(3),
+                             timestamp=10.0 + i, frame_id=f"f{i}")
+        assert not out.exists()  # nothing under the final name until the end
+    with h5py.File(out) as f:
+        assert f.attrs["mmtk_format"] == FORMAT_VERSION and f.attrs["source"] == "unit test"
+        assert f["train/rgb"].chunks == (1, 480, 640, 3)
+        assert f["train/semseg"].dtype == np.uint8 and json.loads(f["train/semseg"].attrs["classes"]) == NAMES
+        assert f["train/timestamp"].attrs["units"] == "s"
+    info = read_info(out)
+    split = info["splits"]["train"]
+    assert split["frames"] == 2 and split["image_size"] == [480, 640]
+    assert split["depth"]["depth"]["min_m"] == pytest.approx(float(depth.min()))
+    assert split["class_histogram"]["cabinet"] == 2 * int((labels == 3).sum())
+    assert info["units"]["depth"] == "m"
+
+
+def test_writer_is_atomic_and_refuses_overwrite(tmp_path):
+    rgb, depth, labels = frame()
+    out = tmp_path / "w.h5"
+    with pytest.raises(RuntimeError):
+        with H5Writer(out, source="x") as writer:
+            writer.add_frame("all", rgb=rgb, depth=depth)
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    out.write_bytes(b"keep me")
+    with pytest.raises(MmtkError, match="already exists"):
+        with H5Writer(out, source="x") as writer:
+            writer.add_frame("all", rgb=rgb, depth=depth)
+    assert out.read_bytes() == b"keep me"
+    with H5Writer(out, source="x", force=True) as writer:
+        writer.add_frame("all", rgb=rgb, depth=depth)
+    assert read_info(out)["splits"]["all"]["frames"] == 1
+
+
+@pytest.mark.parametrize("case, message", [
+    ("mm_as_m", "looks like millimetres"),
+    ("label_beyond", "beyond the 3-class map"),
+    ("size_mismatch", "split's images are 480x640"),
+    ("missing_modality", "every frame of a split needs the same modalities"),
+    ("empty", "no frames were written"),
+])
+def test_writer_rejects_bad_frames(tmp_path, case, message):
+    rgb, depth, labels = frame()
+    out = tmp_path / "bad.h5"
+    with pytest.raises(MmtkError, match=message):
+        with H5Writer(out, source="x", classes=NAMES) as writer:
+            if case == "mm_as_m":
+                writer.add_frame("all", rgb=rgb, depth=depth * 1000)
+            elif case == "label_beyond":
+                writer.add_frame("all", rgb=rgb, depth=depth, semseg=labels + 1)
+            elif case == "size_mismatch":
+                writer.add_frame("all", rgb=rgb, depth=depth)
+                writer.add_frame("all", rgb=rgb[:240], depth=depth[:240])
+            elif case == "missing_modality":
+                writer.add_frame("all", rgb=rgb, depth=depth, semseg=labels)
+                writer.add_frame("all", rgb=rgb, depth=depth)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_info_text_and_json(tmp_path):
+    out = tmp_path / "mm.h5"
+    assert run_cli("convert", "--rgbd", MULTIMAE, out, "--no-progress")[0] == 0
+    code, text = run_cli("info", out)
+    assert code == 0
+    assert "[train] 1 frames, 480x640 px" in text and "depth range 1.79" in text and "wall 40.8 %" in text
+    code, text = run_cli("info", out, "--json")
+    data = json.loads(text)
+    assert data["splits"]["test"]["datasets"]["depth"] == {"shape": [1, 480, 640], "dtype": "float32", "units": "m"}
+    assert data["classes"][0] == "wall"
+
+
+def _assert_clean_error(tmp_path, args, expect):
+    out = tmp_path / "out.h5"
+    code, text = run_cli("convert", *args, out, "--no-progress")
+    assert code == 2, text
+    error_lines = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and expect in error_lines[0], text
+    assert "Traceback" not in text
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("out.h5")]
+
+
+def test_unknown_layout_lists_supported(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "notes.txt").write_text("hello")
+    _assert_clean_error(tmp_path, ["--rgbd", tmp_path / "src"], "supported layouts: nyuv2-mat")
+
+
+def test_millimetres_given_as_metres(tmp_path):
+    _assert_clean_error(tmp_path, ["--rgbd", SYNC, "--depth-scale", "1"], "looks like millimetres")
+
+
+def test_mismatched_rgb_depth_sizes(tmp_path):
+    src = tmp_path / "pairs"
+    src.mkdir()
+    shutil.copy(TUM / "TUM_color.png", src / "a_color.png")
+    Image.open(TUM / "TUM_depth.png").crop((0, 0, 320, 240)).save(src / "a_depth.png")
+    _assert_clean_error(tmp_path, ["--rgbd", src], "rgb is 480x640 but depth is 240x320")
+
+
+def test_corrupt_image(tmp_path):
+    src = tmp_path / "sync"
+    shutil.copytree(SYNC, src)
+    data = (src / "depth" / "sync_depth_00050.png").read_bytes()
+    (src / "depth" / "sync_depth_00050.png").write_bytes(data[: len(data) // 2])
+    _assert_clean_error(tmp_path, ["--rgbd", src], "corrupt or truncated")
+
+
+def test_empty_split(tmp_path):
+    src = tmp_path / "mm"
+    shutil.copytree(MULTIMAE, src)
+    for path in (src / "test" / "depth" / "data").iterdir():
+        path.unlink()
+    _assert_clean_error(tmp_path, ["--rgbd", src], "split 'test' has no frame")
+
+
+def test_label_beyond_class_map(tmp_path):
+    src = tmp_path / "mm"
+    shutil.copytree(MULTIMAE, src)
+    labels = np.array(Image.open(src / "train/semseg/data/0000.png"))
+    labels[0, 0] = 41
+    Image.fromarray(labels).save(src / "train/semseg/data/0000.png")
+    _assert_clean_error(tmp_path, ["--rgbd", src], "label 41 is beyond the 40-class map")
+
+
+def test_existing_output_needs_force(tmp_path):
+    out = tmp_path / "out.h5"
+    out.write_bytes(b"old")
+    code, text = run_cli("convert", "--rgbd", SYNC, out, "--no-progress")
+    assert code == 2 and "--force" in text and out.read_bytes() == b"old"
+    code, text = run_cli("convert", "--rgbd", SYNC, out, "--no-progress", "--force")
+    assert code == 0 and read_info(out)["splits"]["all"]["frames"] == 3
+
+
+def test_info_on_non_mmtk_file(tmp_path):
+    bad = tmp_path / "x.h5"
+    bad.write_bytes(b"not hdf5 at all")
+    code, text = run_cli("info", bad)
+    assert code == 2 and "not a readable HDF5 file" in text
+
+
+def test_real_entry_point_prints_one_line_and_exits_2(tmp_path):
+    # Runs mmtk.cli.main.main() (the console script) with only this part's commands registered.
+    script = ("import sys; import mmtk.cli.main as m; "
+              "m._register_commands = lambda: __import__('mmtk.cli.data_cmds'); m.main()")
+    proc = subprocess.run([sys.executable, "-c", script, "convert", "--rgbd", str(tmp_path / "nope"),
+                           str(tmp_path / "o.h5")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'} does not exist"]

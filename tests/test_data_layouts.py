@@ -1,0 +1,186 @@
+"""`mmtk convert --rgbd` on every folder layout, with real frames: units, pairing, splits, intrinsics."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_helpers import MULTIMAE, SYNC, TUM, labeled_frame, run_cli, shared
+
+
+def convert(src, out, *extra):
+    code, text = run_cli("convert", "--rgbd", src, out, "--no-progress", *extra)
+    assert code == 0, text
+    return text
+
+
+def test_multimae_layout_units_labels_and_splits(tmp_path):
+    out = tmp_path / "mm.h5"
+    text = convert(MULTIMAE, out)
+    assert "layout: multimae" in text
+    rgb, _, labels = labeled_frame()
+    depth_units = np.array(Image.open(MULTIMAE / "test/depth/data/0000.png"))
+    with h5py.File(out) as f:
+        assert set(f) == {"train", "test"}
+        np.testing.assert_array_equal(f["test/rgb"][0], rgb)
+        np.testing.assert_allclose(f["test/depth"][0], depth_units / 6553.6, rtol=1e-6)
+        assert 1.7 < f["test/depth"][0].min() and f["test/depth"][0].max() < 3.7   # metres, as in the source npy
+        np.testing.assert_array_equal(f["train/semseg"][0], labels)
+        assert json.loads(f["train/semseg"].attrs["classes"])[21] == "ceiling"
+
+
+def test_multimae_frame_missing_a_modality_is_reported_not_shifted(tmp_path):
+    src = tmp_path / "mm"
+    shutil.copytree(MULTIMAE, src)
+    shutil.copy(src / "train/rgb/data/0000.png", src / "train/rgb/data/0001.png")  # rgb with no depth/semseg
+    out = tmp_path / "mm.h5"
+    text = convert(src, out)
+    assert "skipped 1 train/rgb files without all other modalities: 0001" in text
+    with h5py.File(out) as f:
+        assert f["train/rgb"].shape[0] == 1
+
+
+def test_bts_sync_layout_millimetres_and_intrinsics(tmp_path):
+    out = tmp_path / "sync.h5"
+    text = convert(SYNC, out)
+    assert "layout: bts-sync" in text
+    mm = np.array(Image.open(SYNC / "depth/sync_depth_00050.png"))
+    with h5py.File(out) as f:
+        ids = [s.decode() for s in f["all/frame_id"][:]]
+        assert ids == ["rgb/rgb_00000.jpg", "rgb/rgb_00050.jpg", "rgb/rgb_00100.jpg"]
+        np.testing.assert_allclose(f["all/depth"][1], mm / 1000.0, rtol=1e-6)
+        assert (f["all/depth"][1] == 0).mean() == pytest.approx((mm == 0).mean())
+        np.testing.assert_array_equal(f["all/rgb"][2], np.array(Image.open(SYNC / "rgb/rgb_00100.jpg")))
+        assert f["all/intrinsics"][0][0, 2] == pytest.approx(324.5824, abs=1e-3)
+
+
+def test_depth_scale_override_changes_units(tmp_path):
+    out = tmp_path / "sync_cm.h5"
+    convert(SYNC, out, "--depth-scale", "100")
+    mm = np.array(Image.open(SYNC / "depth/sync_depth_00000.png"))
+    with h5py.File(out) as f:
+        np.testing.assert_allclose(f["all/depth"][0], mm / 100.0, rtol=1e-6)
+
+
+def test_sparse_to_dense_h5_layout(tmp_path):
+    src = tmp_path / "nyudepthv2"
+    for split, name in (("train/basement_0001a", "00001.h5"), ("val/official", "00001.h5")):
+        (src / split).mkdir(parents=True)
+        rgb = np.array(Image.open(SYNC / "rgb/rgb_00000.jpg"))
+        depth = np.array(Image.open(SYNC / "depth/sync_depth_00000.png")) / np.float32(1000)
+        with h5py.File(src / split / name, "w") as f:
+            f["rgb"] = rgb.transpose(2, 0, 1)  # [3, H, W] as in sparse-to-dense
+            f["depth"] = depth.astype(np.float32)
+    out = tmp_path / "s2d.h5"
+    text = convert(src, out)
+    assert "layout: sparse-to-dense" in text
+    with h5py.File(out) as f:
+        assert f["train/rgb"].shape == (1, 480, 640, 3) and f["test/rgb"].shape[0] == 1
+        np.testing.assert_array_equal(f["test/rgb"][0], rgb)
+        np.testing.assert_array_equal(f["train/depth"][0], depth.astype(np.float32))
+
+
+def _tum_folder(root, stamps_rgb, stamps_depth):
+    (root / "rgb").mkdir(parents=True)
+    (root / "depth").mkdir()
+    for t in stamps_rgb:
+        shutil.copy(TUM / "TUM_color.png", root / "rgb" / f"{t}.png")
+    for t in stamps_depth:
+        shutil.copy(TUM / "TUM_depth.png", root / "depth" / f"{t}.png")
+
+
+def test_tum_layout_pairs_by_timestamp_and_reports_orphans(tmp_path):
+    src = tmp_path / "tum"
+    # depth 0.010 s after the first colour frame; the last colour frame has no depth within 20 ms
+    _tum_folder(src, ["1305031102.175304", "1305031102.211214", "1305031103.000000"],
+                ["1305031102.185000", "1305031102.205000"])
+    out = tmp_path / "tum.h5"
+    text = convert(src, out)
+    assert "layout: tum" in text and "skipped 1 rgb frames without depth: 1305031103.000000.png" in text
+    raw = np.array(Image.open(TUM / "TUM_depth.png"))
+    with h5py.File(out) as f:
+        np.testing.assert_allclose(f["all/timestamp"][:], [1305031102.175304, 1305031102.211214])
+        np.testing.assert_allclose(f["all/depth"][0], raw / 5000.0, rtol=1e-6)  # TUM: 5000 units per metre
+
+
+def test_tum_associations_file(tmp_path):
+    src = tmp_path / "tum"
+    _tum_folder(src, ["10.0"], ["10.5"])
+    (src / "associations.txt").write_text("10.0 rgb/10.0.png 10.5 depth/10.5.png\n")
+    out = tmp_path / "tum.h5"
+    assert "pairs from associations.txt" in convert(src, out)
+    with h5py.File(out) as f:
+        assert f["all/timestamp"][:].tolist() == [10.0]
+
+
+def test_generic_pairs_guess_units_and_show_range(tmp_path):
+    out = tmp_path / "tum_guess.h5"
+    text = convert(TUM, out)
+    assert "GUESSED units" in text and "millimetres" in text
+    assert "depth 7.6" in text or "depth 7." in text  # a wrong mm guess on 5000/m data shows a 7-47 m range
+    out2 = tmp_path / "tum_ok.h5"
+    text = convert(TUM, out2, "--depth-scale", "5000")
+    raw = np.array(Image.open(TUM / "TUM_depth.png"))
+    with h5py.File(out2) as f:
+        np.testing.assert_allclose(f["all/depth"][0], raw / 5000.0, rtol=1e-6)
+        assert f["all/depth"].attrs["valid_fraction"] == pytest.approx((raw > 0).mean())
+
+
+def test_generic_rgb_depth_label_folders_on_sagate_frame(tmp_path):
+    src = shared("nyuv2_sagate_labeled")
+    out = tmp_path / "sagate.h5"
+    text = convert(src, out)
+    assert "float depth read as metres" in text
+    _, _, labels = labeled_frame()
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["all/depth"][0], np.load(src / "Depth/0.npy"))
+        np.testing.assert_array_equal(f["all/semseg"][0], labels)
+
+
+def test_pcl_tiff_pairs_millimetres(tmp_path):
+    src = shared("pcl_kinect_grabber/tiff")
+    out = tmp_path / "pcl.h5"
+    convert(src, out)
+    with h5py.File(out) as f:
+        depth = f["all/depth"][:]
+        ids = [s.decode() for s in f["all/frame_id"][:]]
+    assert ids[0] == "frame_20121214T142255.814212_rgb.tiff"
+    mm = np.array(Image.open(src / "frame_20121214T142255.814212_depth.tiff"))
+    np.testing.assert_allclose(depth[0], mm / 1000.0, rtol=1e-6)
+    assert 0.6 < depth[depth > 0].min() and depth.max() < 1.8
+
+
+def test_resize_on_the_way_in(tmp_path):
+    out = tmp_path / "small.h5"
+    convert(SYNC, out, "--size", "240x320")
+    mm = np.array(Image.open(SYNC / "depth/sync_depth_00000.png")) / 1000.0
+    with h5py.File(out) as f:
+        depth = f["all/depth"][0]
+        k = f["all/intrinsics"][0]
+    assert depth.shape == (240, 320)
+    assert k[0, 0] == pytest.approx(518.8579 / 2, abs=1e-3) and k[0, 2] == pytest.approx((324.5824 + 0.5) / 2 - 0.5, abs=1e-3)
+    valid = depth > 0
+    # no mixing: each valid output lies within the valid source values under its 4x4 antialiasing support
+    padded = np.pad(mm, 1)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (4, 4))[::2, ::2].reshape(240, 320, 16)
+    lo = np.where(windows > 0, windows, np.inf).min(-1)
+    hi = windows.max(-1)
+    assert np.all(depth[valid] >= lo[valid] - 1e-4) and np.all(depth[valid] <= hi[valid] + 1e-4)
+    naive = mm.reshape(240, 2, 320, 2).mean((1, 3))  # plain averaging pulls edges towards 0
+    assert (naive[valid] < lo[valid] - 0.05).sum() > 100
+    assert valid.mean() == pytest.approx((mm > 0).mean(), abs=0.02)
+
+
+def test_resize_keeps_labels_as_labels(tmp_path):
+    out = tmp_path / "mm_small.h5"
+    convert(MULTIMAE, out, "--size", "120x160")
+    _, _, labels = labeled_frame()
+    with h5py.File(out) as f:
+        small = f["train/semseg"][0]
+    assert set(np.unique(small)) <= set(np.unique(labels))
+    assert (small == labels[2::4, 2::4]).mean() > 0.9
