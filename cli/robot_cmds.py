@@ -88,9 +88,11 @@ def _parse_size(text: Optional[str], option: str) -> Optional[tuple[int, int]]:
     if text is None:
         return None
     try:
-        height, width = (int(v) for v in text.split(","))
+        height, width = (int(v) for v in text.lower().replace("x", ",").split(","))
     except ValueError:
-        raise MmtkError(f"{option} {text!r}: give height,width in pixels, e.g. 480,640") from None
+        raise MmtkError(f"{option} {text!r}: give HxW in pixels, e.g. 480x640") from None
+    if height < 8 or width < 8:
+        raise MmtkError(f"{option} {text!r}: height and width must be at least 8 pixels")
     return height, width
 
 
@@ -110,7 +112,7 @@ def predict_command(
     outputs: str = typer.Option("depth,semseg", help="Comma-separated tasks to predict (those the model has)."),
     ply: bool = typer.Option(False, help="Also write a coloured .ply per frame (needs metric depth + intrinsics)."),
     intrinsics: Optional[str] = typer.Option(None, help="fx,fy,cx,cy in pixels, for --ply."),
-    image_size: Optional[str] = typer.Option(None, help="height,width the model runs at (default: its training size)."),
+    image_size: Optional[str] = typer.Option(None, help="HxW the model runs at (default: its training size)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
     """Predict depth / semantics from RGB (and optional depth) with a pretrained or finetuned model."""
@@ -170,7 +172,7 @@ def export_command(
     checkpoint: Path = typer.Argument(..., help="Finetuned mmtk checkpoint."),
     onnx: Path = typer.Option(..., "--onnx", help="Output .onnx file."),
     inputs: Optional[str] = typer.Option(None, help="Comma-separated inputs the graph takes (default: the model's)."),
-    image_size: Optional[str] = typer.Option(None, help="height,width of the graph (default: the training size)."),
+    image_size: Optional[str] = typer.Option(None, help="HxW of the graph (default: the training size)."),
     opset: int = typer.Option(18, help="ONNX opset."),
 ) -> None:
     """Export a finetuned model to ONNX (fixed inputs and size), checked against ONNX Runtime."""
@@ -186,7 +188,7 @@ def export_command(
 def convert_images_command(
     images: Path = typer.Argument(..., help="Folder of RGB images: flat, class folders, or train/val/test above them."),
     out: Path = typer.Argument(..., help="Output .h5 file (RGB only; add depth/semantics with `mmtk pseudo-label`)."),
-    size: Optional[str] = typer.Option(None, help="height,width of the stored frames (default: the first image's)."),
+    size: Optional[str] = typer.Option(None, help="HxW of the stored frames (default: the first image's)."),
     force: bool = typer.Option(False, help="Overwrite OUT if it exists."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:

@@ -270,7 +270,7 @@ def test_xyz_modality_pretrains_and_finetunes_without_core_changes(depth_mm, rgb
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])  # it learns to reconstruct real geometry
     finetune = mmtk.create_model("multimae-tiny", verbose=False, dim=64, depth=4, num_heads=2, image_size=(64, 96),
                                  inputs=("rgb", "xyz"), main_inputs=("rgb", "xyz"), head="dpt", task="depth",
-                                 hooks=(0, 1, 2, 3), layer_dims=(16, 32, 64, 64), head_dim=32)
+                                 hooks=(0, 1, 2, 3), layer_dims=(16, 32, 64, 64), dpt_dim=32)
     assert finetune({"rgb": batch["rgb"], "xyz": batch["xyz"]}).shape == (1, 1, 64, 96)
     flipped = flip_xyz(xyz)
     assert torch.equal(flipped[0], -xyz[0].flip(-1)) and torch.equal(flipped[1:], xyz[1:].flip(-1))

@@ -67,9 +67,9 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         "pretrain": save_tiny(root / "pretrain.pt", **TINY, inputs=("rgb", "depth"), outputs=("rgb", "depth", "semseg"),
                               decoder_dim=32, decoder_depth=1, decoder_heads=2),
         "semseg": save_tiny(root / "semseg.pt", **TINY, head="convnext", task="semseg", inputs=("rgb", "depth"),
-                            head_dim=256, head_depth=1),
+                            convnext_dim=256, convnext_depth=1),
         "depth": save_tiny(root / "depth.pt", **TINY, head="dpt", task="depth", inputs=("rgb", "depth"),
-                           hooks=(0, 1, 2, 3), layer_dims=(16, 32, 64, 64), head_dim=32),
+                           hooks=(0, 1, 2, 3), layer_dims=(16, 32, 64, 64), dpt_dim=32),
     }
 
 
@@ -144,10 +144,12 @@ def test_predict_cli_h5_split(checkpoints, rgb, depth_m, tmp_path, capsys, monke
     small_rgb = np.stack([rgb[::4, ::4], rgb[1::4, 1::4]])
     small_depth = np.stack([depth_m[::4, ::4], depth_m[1::4, 1::4]])
     path = tmp_path / "frames.h5"
-    with h5py.File(path, "w") as f:
-        g = f.create_group("test")
-        g["rgb"], g["depth"] = small_rgb, small_depth
-        g["intrinsics"] = np.stack([intrinsics_matrix(131.25, 131.25, 80, 60)] * 2)
+    from mmtk.data import H5Writer
+
+    with H5Writer(path, source="pcl_kinect_grabber (subsampled)") as writer:
+        for i in range(2):
+            writer.add_frame("test", rgb=small_rgb[i], depth=small_depth[i],
+                             intrinsics=intrinsics_matrix(131.25, 131.25, 80, 60))
     out = tmp_path / "out"
     code, stdout, err = run_cli(["predict", "--checkpoint", str(checkpoints["pretrain"]), "--h5", str(path),
                                  "--out", str(out), "--outputs", "semseg", "--ply"], capsys, monkeypatch)
@@ -263,10 +265,13 @@ def test_export_pointcloud_from_images_and_h5(rgb, depth_m, tmp_path, capsys, mo
     labels = np.zeros((120, 160), np.uint8)
     labels[:, 80:] = 2
     path = tmp_path / "frames.h5"
-    with h5py.File(path, "w") as f:
-        g = f.create_group("test")
-        g["rgb"], g["depth"], g["semseg_pseudo"] = rgb[None, ::4, ::4], depth_m[None, ::4, ::4], labels[None]
-        g["depth"].attrs["units"] = "m"
+    from mmtk.data import H5Writer
+
+    with H5Writer(path, source="pcl_kinect_grabber (subsampled)") as writer:
+        writer.add_frame("test", rgb=np.ascontiguousarray(rgb[::4, ::4]), depth=depth_m[::4, ::4])
+    with h5py.File(path, "r+") as f:  # as `mmtk pseudo-label` adds them
+        g = f["test"]
+        g["semseg_pseudo"] = labels[None]
         g["semseg_pseudo"].attrs["classes"] = json.dumps(["floor", "box"])
         g["depth_pseudo"] = np.ones((1, 120, 160), np.float32)
         g["depth_pseudo"].attrs["units"] = "relative"

@@ -61,15 +61,13 @@ def real_frames() -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_h5(path: Path) -> None:
-    """An mmtk HDF5 file (format contract of issue 3) with a 3-frame train and a 1-frame test split."""
+    """An mmtk HDF5 file (mmtk.data.H5Writer) with a 3-frame train and a 1-frame test split."""
+    from mmtk.data import H5Writer
+
     rgb, depth = real_frames()
-    with h5py.File(path, "w") as f:
-        f.attrs.update({"mmtk_format": 1, "source": "pcl_kinect_grabber (crops)", "created": "2024-01-01T00:00:00"})
-        for split, frames in (("train", slice(0, 3)), ("test", slice(3, 4))):
-            g = f.create_group(split)
-            n = len(rgb[frames])
-            g.create_dataset("rgb", data=rgb[frames], chunks=(1, 120, 160, 3))
-            g.create_dataset("depth", data=depth[frames], chunks=(1, 120, 160)).attrs["units"] = "m"
+    with H5Writer(path, source="pcl_kinect_grabber (crops)") as writer:
+        for i in range(4):
+            writer.add_frame("train" if i < 3 else "test", rgb=rgb[i], depth=depth[i])
 
 
 def _labels() -> dict:
@@ -291,7 +289,7 @@ def test_convert_images_then_pseudo_label_from_rgb_alone(model_dirs, tmp_path, c
         source.crop(box).save(root / rel)
     (root / "train/box/broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "rgb.h5"
-    code, stdout, err = run_cli(["convert-images", str(root), str(out), "--size", "120,160", "--no-progress"],
+    code, stdout, err = run_cli(["convert-images", str(root), str(out), "--size", "120x160", "--no-progress"],
                                 capsys, monkeypatch)
     assert code == 0, err
     assert "train: 2" in stdout and "test: 1" in stdout and "skipped 1 unreadable" in stdout
