@@ -49,10 +49,9 @@ def export_pointcloud_command(
     color: str = typer.Option("rgb", help="Colour points by 'rgb', 'none' or an HDF5 label dataset (e.g. semseg_pseudo)."),
 ) -> None:
     """Write a coloured point cloud from a frame's depth (optionally coloured by semantic labels)."""
-    from mmtk.pointcloud import depth_to_cloud, parse_intrinsics, write_cloud
-    from mmtk.predict import colorize_labels, read_depth, read_h5_frame, read_rgb
-
     from mmtk.errors import MmtkError
+    from mmtk.pointcloud import depth_to_cloud, parse_intrinsics, write_cloud
+    from mmtk.predict import Frame, colorize_labels, read_depth, read_h5_frame, read_rgb
 
     if (h5 is None) == (rgb is None):
         raise MmtkError("give the frame either with --h5 FILE (--split, --index) or with --rgb IMAGE --depth IMAGE")
@@ -64,7 +63,6 @@ def export_pointcloud_command(
             raise MmtkError("--rgb needs --depth (a depth image aligned with it)")
         if label_key is not None:
             raise MmtkError(f"--color {color}: label colouring needs --h5 (or --checkpoint with `mmtk predict`)")
-        from mmtk.predict import Frame
         frame = Frame(read_rgb(rgb), read_depth(depth, depth_scale), None)
         if frame.depth.shape != frame.rgb.shape[:2]:
             raise MmtkError(f"{depth}: depth is {frame.depth.shape} but {rgb} is {frame.rgb.shape[:2]}; they must be aligned")
