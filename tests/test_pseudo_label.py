@@ -306,3 +306,23 @@ def test_convert_images_then_pseudo_label_from_rgb_alone(model_dirs, tmp_path, c
         assert f["train/depth_pseudo"].shape == (2, 120, 160) and f["test/semseg_pseudo"].shape == (1, 120, 160)
     code, _, err = run_cli(["convert-images", str(tmp_path / "nothing"), str(tmp_path / "x.h5")], capsys, monkeypatch)
     assert code == 2 and "no such folder" in err and not (tmp_path / "x.h5").exists()
+
+
+def test_metric_depth_anything_is_stored_in_metres(model_dirs, h5_file, tmp_path, capsys, monkeypatch):
+    model, processor = tiny_models()["depth_anything"]
+    metric = transformers.DepthAnythingForDepthEstimation(
+        transformers.DepthAnythingConfig(**{**model.config.to_dict(), "depth_estimation_type": "metric",
+                                            "max_depth": 10}))
+    folder = tmp_path / "metric"
+    metric.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    code, _, err = run_cli(["pseudo-label", str(h5_file), "--depth-model", str(folder), "--no-progress"],
+                           capsys, monkeypatch)
+    assert code == 0, err
+    rgb, _ = real_frames()
+    with h5py.File(h5_file) as f:
+        assert f["test/depth_pseudo"].attrs["units"] == "m"
+        stored = f["test/depth_pseudo"][0]
+    expected = reference(folder, rgb[3])  # metric output, in metres (sigmoid head scaled by max_depth)
+    np.testing.assert_allclose(stored, expected, rtol=1e-4, atol=1e-5)
+    assert 0 < stored.min() and stored.max() <= 10.0
