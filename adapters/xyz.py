@@ -25,6 +25,18 @@ from mmtk.layers import PatchTokenizer
 class XYZ(Modality):
     name = "xyz"
     channels = 3
+    stored_from = ("depth", "intrinsics")  # mmtk HDF5: computed per crop from metric depth and K
+
+    def load(self, read, window, image_size: tuple[int, int]) -> dict[str, Tensor]:
+        from mmtk.data.resize import resize_depth
+
+        depth = torch.from_numpy(np.ascontiguousarray(read("depth"), dtype=np.float32))[None, None]
+        depth, _ = resize_depth(depth, image_size)  # valid-aware resize of the crop, metres
+        intrinsics = crop_intrinsics(np.asarray(read("intrinsics"), dtype=np.float64), window, image_size)
+        xyz, valid = prepare_xyz_from_depth(depth[0, 0].numpy(), intrinsics)
+        if window.flip:
+            xyz, valid = flip_xyz(xyz), valid.flip(-1)
+        return {"xyz": xyz, "xyz_valid": valid}
 
     def tokenizer(self, dim: int, grid: tuple[int, int]) -> nn.Module:
         return PatchTokenizer(self.channels, dim, self.patch_size, grid, pos_mode=self.pos_mode)
@@ -35,6 +47,16 @@ class XYZ(Modality):
 
     def pixel_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         return (pred - target).abs().mean(dim=1)  # [B, H, W]
+
+
+def crop_intrinsics(intrinsics: np.ndarray, window, image_size: tuple[int, int]) -> np.ndarray:
+    """K of a crop (top, left, height, width) resized to image_size (pixel centres stay aligned)."""
+    scale_y, scale_x = image_size[0] / window.height, image_size[1] / window.width
+    out = intrinsics.copy()
+    out[0, 0], out[1, 1] = intrinsics[0, 0] * scale_x, intrinsics[1, 1] * scale_y
+    out[0, 2] = (intrinsics[0, 2] - window.left + 0.5) * scale_x - 0.5
+    out[1, 2] = (intrinsics[1, 2] - window.top + 0.5) * scale_y - 0.5
+    return out
 
 
 def normalise_xyz(xyz: np.ndarray) -> tuple[Tensor, Tensor]:
