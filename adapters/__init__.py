@@ -1,10 +1,16 @@
 """Modality adapters (one file per modality) and sensor readers.
 
-Importing this package registers the built-in modalities: rgb, depth, semseg, norm_rgb.
-A new modality is one new file with a `@register_modality` class; nothing else changes.
+Importing this package registers every modality file in it (rgb, depth, semseg, norm_rgb, xyz, ...):
+a new modality is one new file with a `@register_modality` class; nothing else changes.
 """
 
-from mmtk.adapters import depth, norm_rgb, rgb, semseg  # noqa: F401  (registers the built-ins)
+import importlib
+import pkgutil
+
 from mmtk.adapters.base import Modality, get_modality, list_modalities, register_modality
+
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.ispkg and _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["Modality", "get_modality", "list_modalities", "register_modality"]

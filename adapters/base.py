@@ -8,7 +8,7 @@ per-pixel loss. The core model never names a modality; it looks them up here.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
 from torch import Tensor, nn
 
@@ -28,6 +28,8 @@ class Modality:
       mask_source:   the input whose positions give the decoder's queries and whose token mask
                      decides which pixels the loss sees (default: itself; norm_rgb uses rgb).
       pos_mode:      interpolation of its positional grid at other image sizes.
+      stored_from:   HDF5 datasets of a split it is computed from, for modalities that are not stored
+                     as themselves (xyz: depth and intrinsics); see :meth:`load`.
     """
 
     name: ClassVar[str]
@@ -36,6 +38,7 @@ class Modality:
     is_input: ClassVar[bool] = True
     mask_source: ClassVar[str | None] = None
     pos_mode: ClassVar[str] = "bicubic"
+    stored_from: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, patch_size: int = 16, num_classes: int = 0) -> None:
         self.patch_size = patch_size
@@ -65,6 +68,15 @@ class Modality:
     def pixel_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         """Per-pixel loss [B, h, w] of a prediction [B, C, h, w] against its target."""
         raise NotImplementedError
+
+    def load(self, read: Callable[[str], Any], window: Any, image_size: tuple[int, int]) -> dict[str, Tensor]:
+        """Prepared tensors of one frame for `mmtk.data.H5Dataset` (modalities with `stored_from`).
+
+        `read(name)` returns the frame's stored array `name` cropped to `window` (a
+        `mmtk.data.transforms.CropWindow`: top, left, height, width, flip); per-frame matrices such as
+        "intrinsics" come whole. Return the modality's tensor plus an optional "<name>_valid" map.
+        """
+        raise MmtkError(f"modality '{self.name}' cannot be loaded from an mmtk HDF5 file")
 
     def postprocess(self, pred: Tensor) -> Tensor:
         """Turn the raw decoder output into the prediction users see (identity by default)."""

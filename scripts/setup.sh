@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install mmtk and everything it needs on a fresh Debian/Ubuntu machine (run as root or with sudo).
-# Usage: bash scripts/setup.sh [--dev]
+# Usage: bash scripts/setup.sh [--dev]   (--dev: also the test tools and the optional pseudo-label and ONNX extras)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,5 +18,5 @@ if ! ldconfig -p 2>/dev/null | grep -q "libusb-1.0.so.0"; then
 fi
 
 extras=""
-if [ "${1:-}" = "--dev" ]; then extras="[dev]"; fi
+if [ "${1:-}" = "--dev" ]; then extras="[dev,pseudo,onnx]"; fi
 python3 -m pip install -q --disable-pip-version-check -e ".${extras}"

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mmtk.adapters import Modality, get_modality
 from mmtk.data.format import FORMAT_VERSION
 from mmtk.data.transforms import CropWindow, full_window, prepare_depth, prepare_rgb, prepare_semseg, random_resized_crop
 from mmtk.errors import MmtkError
@@ -74,14 +75,21 @@ class H5Dataset(Dataset):
         self.hflip = hflip
         self.dataset_map = {m: m for m in self.modalities}
         self.dataset_map.update(dataset_map or {})
-        unknown = [m for m in self.modalities if m not in KNOWN_MODALITIES]
-        if unknown or not self.modalities:
-            raise MmtkError(f"unknown modalities {unknown}; choose from {', '.join(KNOWN_MODALITIES)}")
+        if not self.modalities:
+            raise MmtkError("no modality requested; choose from rgb, depth, semseg or a registered one")
+        # Modalities computed from stored datasets (e.g. xyz from depth + intrinsics), by their adapter.
+        self.derived: dict[str, Modality] = {m: get_modality(m)() for m in self.modalities
+                                             if m not in KNOWN_MODALITIES}
+        for name, modality in self.derived.items():
+            if not modality.stored_from:
+                raise MmtkError(f"modality '{name}' is not stored in mmtk HDF5 files and cannot be derived from "
+                                f"them; use {', '.join(KNOWN_MODALITIES)}")
         with open_mmtk_file(self.path) as handle:
             self._check(handle)
             group = handle[split]
-            self.length = int(group[self.dataset_map[self.modalities[0]]].shape[0])
-            self.file_size = tuple(int(v) for v in group[self.dataset_map[self.modalities[0]]].shape[1:3])
+            first = group[next(name for _, name in self._stored_names() if name != "intrinsics")]
+            self.length = int(first.shape[0])
+            self.file_size = tuple(int(v) for v in first.shape[1:3])
             self.classes: list[str] | None = None
             if "semseg" in self.modalities:
                 import json
@@ -97,17 +105,24 @@ class H5Dataset(Dataset):
             raise MmtkError(f"{self.path} has no split {self.split!r}; it has {', '.join(handle.keys())}")
         group = handle[self.split]
         sizes = set()
-        for modality in self.modalities:
-            name = self.dataset_map[modality]
+        for modality, name in self._stored_names():
             if name not in group:
                 raise MmtkError(f"{self.path}:{self.split} has no dataset {name!r} for {modality}; it has "
                                 f"{', '.join(group.keys())}")
-            sizes.add((group[name].shape[0], *group[name].shape[1:3]))
+            if group[name].ndim >= 3 and name != "intrinsics":
+                sizes.add((group[name].shape[0], *group[name].shape[1:3]))
         if len(sizes) != 1:
             raise MmtkError(f"{self.path}:{self.split}: datasets {list(self.dataset_map.values())} differ in "
                             f"frame count or size {sorted(sizes)}")
         if next(iter(sizes))[0] == 0:
             raise MmtkError(f"{self.path}: split {self.split!r} is empty")
+
+    def _stored_names(self) -> list[tuple[str, str]]:
+        """(modality, stored dataset name) for everything this dataset reads."""
+        pairs = [(m, self.dataset_map[m]) for m in self.modalities if m not in self.derived]
+        for m, modality in self.derived.items():
+            pairs += [(m, self.dataset_map.get(source, source)) for source in modality.stored_from]
+        return pairs
 
     def __len__(self) -> int:
         return self.length
@@ -125,7 +140,7 @@ class H5Dataset(Dataset):
             self._handle = open_mmtk_file(self.path)
             self._pid = os.getpid()
             group = self._handle[self.split]
-            self._open = {m: group[self.dataset_map[m]] for m in self.modalities}
+            self._open = {name: group[name] for _, name in self._stored_names()}
         return self._open
 
     def window(self) -> CropWindow:
@@ -142,7 +157,13 @@ class H5Dataset(Dataset):
         win = self.window()
         sample: dict[str, torch.Tensor] = {}
         for modality in self.modalities:
-            crop = _read_window(datasets[modality], index, win)
+            if modality in self.derived:
+                def read(name: str) -> np.ndarray:
+                    stored = datasets[self.dataset_map.get(name, name)]
+                    return stored[index] if name == "intrinsics" else _read_window(stored, index, win)
+                sample.update(self.derived[modality].load(read, win, self.image_size))
+                continue
+            crop = _read_window(datasets[self.dataset_map[modality]], index, win)
             if modality == "rgb":
                 sample["rgb"] = prepare_rgb(crop, self.image_size, win.flip)
             elif modality == "depth":

@@ -1,0 +1,465 @@
+"""Prediction helpers: reading user images, colour maps for depth and labels, per-frame point clouds.
+
+(The model-driven part of ``mmtk predict`` lives further down, once the model core is available.)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mmtk.errors import MmtkError
+
+# Viridis at 0, 1/4, 1/2, 3/4, 1 (perceptually uniform; near = dark, far = bright).
+_DEPTH_STOPS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
+
+
+def colorize_depth(depth: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """uint8 RGB [H, W, 3] from depth [H, W]: viridis over the 2-98% range of valid pixels; invalid -> black."""
+    depth = np.asarray(depth, dtype=np.float64)
+    if valid is None:
+        valid = np.isfinite(depth) & (depth > 0)
+    image = np.zeros((*depth.shape, 3), dtype=np.uint8)
+    if not valid.any():
+        return image
+    low, high = np.percentile(depth[valid], [2, 98])
+    scaled = np.clip((depth[valid] - low) / max(high - low, 1e-9), 0, 1) * (len(_DEPTH_STOPS) - 1)
+    position = np.arange(len(_DEPTH_STOPS))
+    image[valid] = np.stack([np.interp(scaled, position, _DEPTH_STOPS[:, c]) for c in range(3)], -1).round()
+    return image
+
+
+def label_palette(num_labels: int) -> np.ndarray:
+    """uint8 [num_labels, 3]: label 0 black (unlabeled), others distinct colours from spreading the label's
+    bits over the high bits of R, G and B (deterministic, neighbours differ strongly)."""
+    palette = np.zeros((num_labels, 3), dtype=np.uint8)
+    for label in range(1, num_labels):
+        value, rgb = label, [0, 0, 0]
+        for bit in range(7, -1, -1):
+            for channel in range(3):
+                rgb[channel] |= ((value >> channel) & 1) << bit
+            value >>= 3
+        palette[label] = rgb
+    return palette
+
+
+def colorize_labels(labels: np.ndarray, num_labels: int | None = None) -> np.ndarray:
+    """uint8 RGB [H, W, 3] from integer labels [H, W] (HDF5 convention: 0 = unlabeled, black)."""
+    labels = np.asarray(labels).astype(np.int64)
+    count = int(labels.max()) + 1 if num_labels is None else num_labels
+    return label_palette(max(count, int(labels.max()) + 1))[labels]
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """uint8 RGB [H, W, 3] from an image file; an unreadable file is a clear MmtkError."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except FileNotFoundError as err:
+        raise MmtkError(f"{path}: no such image file") from err
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise MmtkError(f"{path}: cannot read as an image ({type(err).__name__}); give a PNG/JPEG/TIFF file") from err
+
+
+def read_depth(path: str | os.PathLike, depth_scale: float | None = None) -> np.ndarray:
+    """Depth in metres, float32 [H, W], 0 = invalid, from an image (PNG/TIFF) or ``.npy`` file.
+
+    Integer images are divided by ``depth_scale`` (units per metre: 1000 for millimetres, the default; 5000 for
+    TUM RGB-D). Float images and ``.npy`` arrays are taken as metres unless ``depth_scale`` is given.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if depth_scale is not None and depth_scale <= 0:
+        raise MmtkError(f"--depth-scale {depth_scale}: must be positive (units per metre, e.g. 1000 for mm)")
+    try:
+        if path.suffix.lower() == ".npy":
+            raw = np.load(path, allow_pickle=False)
+        else:
+            with Image.open(path) as image:
+                raw = np.array(image)
+    except FileNotFoundError as err:
+        raise MmtkError(f"{path}: no such depth file") from err
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise MmtkError(f"{path}: cannot read as a depth image ({type(err).__name__}); give a 16-bit PNG, "
+                        "TIFF or .npy") from err
+    if raw.ndim != 2:
+        raise MmtkError(f"{path}: depth must be a single-channel image, got shape {raw.shape}")
+    scale = depth_scale if depth_scale is not None else (1000.0 if np.issubdtype(raw.dtype, np.integer) else 1.0)
+    depth = raw.astype(np.float32) / np.float32(scale)
+    return np.where(np.isfinite(depth) & (depth > 0), depth, 0.0).astype(np.float32)
+
+
+@dataclass
+class Frame:
+    """One RGB-D frame as the point-cloud and prediction commands use it."""
+
+    rgb: np.ndarray  # uint8 [H, W, 3]
+    depth: np.ndarray | None  # float32 [H, W] metres, 0 = invalid
+    intrinsics: np.ndarray | None  # float32 [3, 3] pixels
+    labels: np.ndarray | None = None  # int [H, W], 0 = unlabeled
+    num_labels: int | None = None
+
+
+METRE_UNITS = ("m", "metre", "metres", "meter", "meters")
+
+
+def read_h5_frame(path: str | os.PathLike, split: str, index: int, depth_key: str = "depth",
+                  label_key: str | None = None) -> Frame:
+    """Frame ``index`` of ``split`` from an mmtk HDF5 file; depth must be metric (units attr "m")."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise MmtkError(f"{path}: no such HDF5 file")
+    with h5py.File(path, "r") as handle:
+        if split not in handle:
+            raise MmtkError(f"{path}: no split {split!r}; splits: {sorted(handle)}")
+        group = handle[split]
+        count = group["rgb"].shape[0]
+        if not -count <= index < count:
+            raise MmtkError(f"{path}: split {split!r} has {count} frames; index {index} is out of range")
+        depth = None
+        if depth_key:
+            if depth_key not in group:
+                raise MmtkError(f"{path}: split {split!r} has no dataset {depth_key!r}; datasets: {sorted(group)}")
+            units = str(group[depth_key].attrs.get("units", "m"))
+            if units not in METRE_UNITS:
+                raise MmtkError(f"{path}: {split}/{depth_key} is in {units!r} units, not metres; a point cloud "
+                                "needs metric depth (use the sensor depth or a metric model)")
+            depth = np.asarray(group[depth_key][index], dtype=np.float32)
+        intrinsics = np.asarray(group["intrinsics"][index], np.float32) if "intrinsics" in group else None
+        labels = num_labels = None
+        if label_key:
+            if label_key not in group:
+                raise MmtkError(f"{path}: split {split!r} has no dataset {label_key!r}; datasets: {sorted(group)}")
+            labels = np.asarray(group[label_key][index])
+            classes = group[label_key].attrs.get("classes")
+            if classes is not None:
+                import json
+                num_labels = len(json.loads(classes)) + 1
+        return Frame(np.asarray(group["rgb"][index]), depth, intrinsics, labels, num_labels)
+
+
+# ------------------------------------------------------------------------------------ model side
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def prepare_rgb(rgb: np.ndarray) -> "torch.Tensor":
+    """uint8 [H, W, 3] -> float32 [3, H, W], ImageNet-normalised (the contract's prepared ``rgb``)."""
+    import torch
+
+    image = (np.asarray(rgb, dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def prepare_depth(depth_m: np.ndarray) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Metres [H, W] -> (robustly standardised depth [1, H, W], valid [1, H, W]) as in the data contract.
+
+    Valid pixels (> 0) between their 10% and 90% quantiles give mean m and std s = sqrt(var + 1e-6);
+    depth = (d - m) / s, invalid pixels 0.
+    """
+    import torch
+
+    depth = np.asarray(depth_m, dtype=np.float64)
+    valid = np.isfinite(depth) & (depth > 0)
+    out = np.zeros(depth.shape, dtype=np.float32)
+    if valid.any():
+        values = depth[valid]
+        low, high = np.quantile(values, [0.1, 0.9])
+        kept = values[(values >= low) & (values <= high)]
+        kept = kept if kept.size else values
+        mean, std = kept.mean(), np.sqrt(kept.var() + 1e-6)
+        out[valid] = ((values - mean) / std).astype(np.float32)
+    return torch.from_numpy(out)[None], torch.from_numpy(valid)[None]
+
+
+@dataclass
+class Predictor:
+    """A model rebuilt from an mmtk training checkpoint, ready for inference."""
+
+    model: "torch.nn.Module"
+    model_name: str
+    model_args: dict
+    device: str
+
+    @property
+    def config(self):  # mmtk.ModelConfig
+        return self.model.config
+
+    @property
+    def finetuned(self) -> bool:
+        return self.config.head is not None
+
+    @property
+    def available_outputs(self) -> tuple[str, ...]:
+        return (self.config.task,) if self.finetuned else tuple(self.config.outputs)
+
+
+def load_predictor(path: str | os.PathLike, device: str = "cpu") -> Predictor:
+    """Rebuild the model of an mmtk training checkpoint (``model_name``, ``model_args``, ``model``)."""
+    import mmtk
+    from mmtk.formats import read_state_dict
+
+    state = read_state_dict(path)
+    missing = [key for key in ("model_name", "model_args", "model") if key not in state]
+    if missing:
+        raise MmtkError(f"{path}: not an mmtk training checkpoint (no {', '.join(missing)}); give a checkpoint "
+                        "written by `mmtk pretrain` or `mmtk finetune`")
+    model = mmtk.create_model(state["model_name"], verbose=False, **state["model_args"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise MmtkError(f"{path}: weights do not fit the model described in the checkpoint "
+                        f"({str(err).splitlines()[0]})") from None
+    model.eval().to(device)
+    return Predictor(model, state["model_name"], dict(state["model_args"]), device)
+
+
+@dataclass
+class Prediction:
+    """Predictions for one frame at the frame's resolution."""
+
+    depth: np.ndarray | None = None  # float32 [H, W]
+    depth_units: str = ""  # "m" (finetuned depth model) or "standardised" (pretrained MultiMAE)
+    semseg: np.ndarray | None = None  # uint16 [H, W], class k stored as k + 1 (0 = unlabeled)
+    num_classes: int = 0
+
+
+def _resize_chw(tensor: "torch.Tensor", size: tuple[int, int], mode: str) -> "torch.Tensor":
+    import torch.nn.functional as F
+
+    if tuple(tensor.shape[-2:]) == tuple(size):
+        return tensor
+    if mode == "nearest":
+        return F.interpolate(tensor[None].float(), size=size, mode="nearest")[0].to(tensor.dtype)
+    return F.interpolate(tensor[None], size=size, mode=mode, align_corners=False)[0]
+
+
+def build_inputs(predictor: Predictor, rgb: np.ndarray, depth_m: np.ndarray | None,
+                 image_size: tuple[int, int]) -> tuple[dict, dict]:
+    """Prepared, resized model inputs [1, ...] and validity maps from a frame."""
+    names = set(predictor.config.inputs)
+    inputs, valid = {}, {}
+    if "rgb" in names:
+        inputs["rgb"] = _resize_chw(prepare_rgb(rgb), image_size, "bilinear")[None]
+    if depth_m is not None and "depth" in names:
+        depth, depth_valid = prepare_depth(depth_m)
+        inputs["depth"] = _resize_chw(depth, image_size, "nearest")[None]
+        valid["depth"] = _resize_chw(depth_valid, image_size, "nearest")[None]
+    if not inputs:
+        raise MmtkError(f"the model takes {list(predictor.config.inputs)} but only "
+                        f"{'rgb and depth' if depth_m is not None else 'rgb'} were given")
+    return inputs, valid
+
+
+def predict_frame(predictor: Predictor, rgb: np.ndarray, depth_m: np.ndarray | None = None,
+                  outputs: tuple[str, ...] = ("depth", "semseg"), image_size: tuple[int, int] | None = None
+                  ) -> Prediction:
+    """Cross-modal prediction for one frame (rgb uint8 [H, W, 3], optional depth in metres [H, W]).
+
+    A pretrained MultiMAE sees every token of the given inputs except those of requested outputs (every
+    target token is masked); a finetuned model runs its head. Results are resized back to the frame.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    unknown = [name for name in outputs if name not in predictor.available_outputs]
+    if unknown:
+        raise MmtkError(f"the model cannot predict {unknown}; it predicts {list(predictor.available_outputs)}")
+    size = tuple(image_size or predictor.config.image_size)
+    inputs, valid = build_inputs(predictor, rgb, depth_m, size)
+    inputs = {k: v.to(predictor.device) for k, v in inputs.items()}
+    valid = {k: v.to(predictor.device) for k, v in valid.items()}
+    frame_size = rgb.shape[:2]
+    result = Prediction(num_classes=predictor.config.num_classes)
+    with torch.inference_mode():
+        if predictor.finetuned:
+            raw = {predictor.config.task: predictor.model(inputs)}
+        else:
+            masks = {name: torch.full(_token_mask_shape(predictor, inputs[name], name), name in outputs,
+                                      dtype=torch.bool, device=predictor.device) for name in inputs}
+            if all(mask.all() for mask in masks.values()):
+                raise MmtkError(f"every given input is also a requested output ({list(inputs)}); "
+                                "give another input to predict from")
+            raw = predictor.model(inputs, masks=masks, valid=valid).preds
+    if "depth" in outputs:
+        depth = F.interpolate(raw["depth"].float(), size=frame_size, mode="bilinear", align_corners=False)
+        result.depth = depth[0, 0].cpu().numpy().astype(np.float32)
+        result.depth_units = "m" if predictor.finetuned else "standardised"
+        if predictor.finetuned:
+            result.depth = np.clip(result.depth, 0, None)
+    if "semseg" in outputs:
+        logits = F.interpolate(raw["semseg"].float(), size=frame_size, mode="bilinear", align_corners=False)
+        result.semseg = (logits[0].argmax(0).cpu().numpy() + 1).astype(np.uint16)
+    return result
+
+
+def _token_mask_shape(predictor: Predictor, tensor: "torch.Tensor", name: str) -> tuple[int, int]:
+    """[B, N] shape of the token mask of a prepared input [B, C, h, w]."""
+    stride = predictor.model.encoder.modalities[name].stride
+    patch = predictor.config.patch_size
+    return tensor.shape[0], (tensor.shape[-2] * stride // patch) * (tensor.shape[-1] * stride // patch)
+
+
+# ---------------------------------------------------------------------------------------- output
+
+def save_image(path: Path, array: np.ndarray) -> None:
+    """Write a PNG atomically (temporary file beside it, then rename)."""
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    """Write a .npy atomically."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_prediction(out_dir: Path, stem: str, rgb: np.ndarray, prediction: Prediction,
+                     sensor_depth: np.ndarray | None = None, intrinsics: np.ndarray | None = None,
+                     ply: bool = False) -> list[Path]:
+    """Write one frame's predictions; returns the files written.
+
+    ``<stem>_depth.png`` (colour map) and ``<stem>_depth.npy`` (float32 values, metres or standardised);
+    ``<stem>_semseg.png`` (colour map) and ``<stem>_semseg_labels.png`` (16-bit labels, class k as k + 1);
+    ``<stem>.ply`` when asked: metric depth (predicted, else the sensor's) back-projected with the intrinsics,
+    coloured by the predicted classes when there are any, else by the RGB.
+    """
+    from mmtk.pointcloud import depth_to_cloud, write_cloud
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    if prediction.depth is not None:
+        valid = prediction.depth > 0 if prediction.depth_units == "m" else np.isfinite(prediction.depth)
+        save_image(out_dir / f"{stem}_depth.png", colorize_depth(prediction.depth, valid))
+        save_array(out_dir / f"{stem}_depth.npy", prediction.depth)
+        written += [out_dir / f"{stem}_depth.png", out_dir / f"{stem}_depth.npy"]
+    if prediction.semseg is not None:
+        save_image(out_dir / f"{stem}_semseg.png", colorize_labels(prediction.semseg, prediction.num_classes + 1))
+        save_image(out_dir / f"{stem}_semseg_labels.png", prediction.semseg.astype(np.uint16))
+        written += [out_dir / f"{stem}_semseg.png", out_dir / f"{stem}_semseg_labels.png"]
+    if ply:
+        metric = prediction.depth if prediction.depth_units == "m" else sensor_depth
+        if metric is None:
+            raise MmtkError("--ply needs metric depth: a finetuned depth model, or --depth with the sensor depth "
+                            "(a pretrained MultiMAE predicts standardised depth only)")
+        if intrinsics is None:
+            raise MmtkError("--ply needs the camera intrinsics: pass --intrinsics fx,fy,cx,cy")
+        colors = rgb if prediction.semseg is None else colorize_labels(prediction.semseg, prediction.num_classes + 1)
+        write_cloud(out_dir / f"{stem}.ply", depth_to_cloud(metric, intrinsics, colors))
+        written.append(out_dir / f"{stem}.ply")
+    return written
+
+
+# ----------------------------------------------------------------------------------- ROS images
+
+_IMAGE_ENCODINGS = {  # encoding -> (numpy dtype, channels)
+    "rgb8": ("u1", 3), "bgr8": ("u1", 3), "rgba8": ("u1", 4), "bgra8": ("u1", 4), "mono8": ("u1", 1),
+    "16UC1": ("u2", 1), "mono16": ("u2", 1), "32FC1": ("f4", 1),
+}
+
+
+def image_msg_to_array(msg) -> np.ndarray:
+    """Decode a ``sensor_msgs/Image`` (rgb8, bgr8, rgba8, bgra8, mono8, 16UC1, mono16, 32FC1) with numpy.
+
+    Colour comes back as uint8 RGB [H, W, 3]; depth encodings as [H, W] of their raw type.
+    """
+    encoding = str(msg.encoding)
+    if encoding not in _IMAGE_ENCODINGS:
+        raise MmtkError(f"unsupported image encoding {encoding!r}; supported: {', '.join(_IMAGE_ENCODINGS)}")
+    code, channels = _IMAGE_ENCODINGS[encoding]
+    dtype = np.dtype(code).newbyteorder(">" if msg.is_bigendian else "<")
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    data = np.frombuffer(bytes(msg.data) if not isinstance(msg.data, np.ndarray) else msg.data.tobytes(), np.uint8)
+    if len(data) < height * step:
+        raise MmtkError(f"image message has {len(data)} bytes, expected {height} rows of {step}")
+    rows = data[: height * step].reshape(height, step)[:, : width * channels * dtype.itemsize]
+    image = np.ascontiguousarray(rows).view(dtype).reshape(height, width, channels).astype(dtype.newbyteorder("="))
+    if encoding.startswith("bgr"):
+        image = image[..., [2, 1, 0]]
+    elif encoding.startswith("rgb"):
+        image = image[..., :3]
+    return image[..., 0] if channels == 1 else image
+
+
+def depth_msg_to_metres(msg) -> np.ndarray:
+    """Depth image message -> float32 metres (16UC1/mono16 in millimetres, 32FC1 in metres; NaN -> 0)."""
+    raw = image_msg_to_array(msg)
+    depth = raw.astype(np.float32) / (1000.0 if raw.dtype == np.uint16 else 1.0)
+    return np.where(np.isfinite(depth) & (depth > 0), depth, 0.0).astype(np.float32)
+
+
+@dataclass
+class BagFrame:
+    """An RGB image from a bag, with the depth image nearest in time (if a depth topic was given)."""
+
+    timestamp: float
+    rgb: np.ndarray
+    depth: np.ndarray | None
+    intrinsics: np.ndarray | None
+
+
+def read_bag_frames(path: str | os.PathLike, rgb_topic: str, depth_topic: str | None = None,
+                    max_gap_s: float = 0.05):
+    """Yield :class:`BagFrame` for each message on ``rgb_topic`` of a ROS1/ROS2 bag (rosbags).
+
+    Depth is paired by header time (nearest, at most ``max_gap_s`` seconds apart); intrinsics come from
+    the ``camera_info`` topic beside the RGB topic when the bag has one.
+    """
+    from rosbags.highlevel import AnyReader
+
+    path = Path(path)
+    if not path.exists():
+        raise MmtkError(f"{path}: no such bag file or folder")
+    try:
+        reader = AnyReader([path])
+        reader.open()
+    except Exception as err:  # rosbags raises several types for unreadable bags
+        raise MmtkError(f"{path}: cannot read the ROS bag ({err})") from err
+    try:
+        topics = {c.topic: c for c in reader.connections}
+        for topic in (rgb_topic, depth_topic):
+            if topic is not None and topic not in topics:
+                images = sorted(t for t, c in topics.items() if c.msgtype == "sensor_msgs/msg/Image")
+                raise MmtkError(f"{path}: no topic {topic!r}; image topics: {images}")
+        info_topic = rgb_topic.rsplit("/", 1)[0] + "/camera_info"
+        wanted = [topics[t] for t in (rgb_topic, depth_topic, info_topic) if t is not None and t in topics]
+        rgbs, depths, intrinsics = [], [], None
+        for connection, _, raw in reader.messages(connections=wanted):
+            msg = reader.deserialize(raw, connection.msgtype)
+            stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+            if connection.topic == info_topic:
+                k = msg.k if hasattr(msg, "k") else msg.K  # ROS2 / ROS1 field name
+                intrinsics = np.asarray(k, dtype=np.float32).reshape(3, 3)
+            elif connection.topic == rgb_topic:
+                rgbs.append((stamp, image_msg_to_array(msg)))
+            else:
+                depths.append((stamp, depth_msg_to_metres(msg)))
+    finally:
+        reader.close()
+    for stamp, rgb in rgbs:
+        depth = None
+        if depths:
+            gap, nearest = min((abs(s - stamp), i) for i, (s, _) in enumerate(depths))
+            depth = depths[nearest][1] if gap <= max_gap_s else None
+        yield BagFrame(stamp, rgb if rgb.ndim == 3 else np.repeat(rgb[..., None], 3, -1), depth, intrinsics)

@@ -1,0 +1,290 @@
+"""`mmtk predict`, `mmtk export --onnx` and `mmtk export-pointcloud` on the real PCL Kinect frame."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mmtk
+from mmtk.pointcloud import depth_to_xyz, intrinsics_matrix, read_cloud
+from mmtk.predict import (
+    colorize_labels, depth_msg_to_metres, image_msg_to_array, label_palette, load_predictor, predict_frame,
+    prepare_depth, prepare_rgb, read_bag_frames,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "samples" / "pcl_kinect"
+FRAME = "frame_20121214T142255.814212"
+RGB_PNG = SAMPLES / f"{FRAME}_rgb.png"
+DEPTH_PNG = SAMPLES / f"{FRAME}_depth.png"
+SHARED = REPO.parent / "shared" / "data"
+BAG = SHARED / "rosbag_pcl_kinect" / "pcl_kinect_3frames.bag"
+K = intrinsics_matrix(525.0, 525.0, 320.0, 240.0)
+TINY = dict(dim=64, depth=4, num_heads=2, image_size=(64, 96), num_classes=5)
+
+
+def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
+    """Run `mmtk ARGS` through the real entry point (error handling included); (exit code, stdout, stderr)."""
+    import mmtk.cli.main as cli_main
+
+    def register_robot_commands() -> None:
+        from mmtk.cli import robot_cmds  # noqa: F401
+
+    monkeypatch.setattr(cli_main, "_register_commands", register_robot_commands)
+    monkeypatch.setattr(sys, "argv", ["mmtk", *args])
+    code = 0
+    try:
+        cli_main.main()
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def save_tiny(path: Path, **args) -> Path:
+    """A randomly initialised tiny model saved like the engine's checkpoints (model_name, model_args, model)."""
+    torch.manual_seed(0)
+    model = mmtk.create_model("multimae-tiny", verbose=False, **args)
+    if args.get("task") == "depth":  # centre the random depth head's output near 1 m, like a trained one
+        with torch.no_grad():
+            model.head.output[-1].bias.fill_(1.0)
+    torch.save({"model_name": "multimae-tiny", "model_args": args, "model": model.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    return {
+        "pretrain": save_tiny(root / "pretrain.pt", **TINY, inputs=("rgb", "depth"), outputs=("rgb", "depth", "semseg"),
+                              decoder_dim=32, decoder_depth=1, decoder_heads=2),
+        "semseg": save_tiny(root / "semseg.pt", **TINY, head="convnext", task="semseg", inputs=("rgb", "depth"),
+                            convnext_dim=256, convnext_depth=1),
+        "depth": save_tiny(root / "depth.pt", **TINY, head="dpt", task="depth", inputs=("rgb", "depth"),
+                           hooks=(0, 1, 2, 3), layer_dims=(16, 32, 64, 64), dpt_dim=32),
+    }
+
+
+@pytest.fixture(scope="module")
+def rgb() -> np.ndarray:
+    return np.array(Image.open(RGB_PNG).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def depth_m() -> np.ndarray:
+    return np.array(Image.open(DEPTH_PNG)).astype(np.float32) / 1000.0
+
+
+def test_prepared_tensors_follow_the_data_contract(rgb, depth_m):
+    prepared = prepare_rgb(rgb)
+    assert prepared.shape == (3, 480, 640)
+    np.testing.assert_allclose(prepared[:, 0, 0].numpy(), (rgb[0, 0] / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225],
+                               rtol=1e-5)
+    depth, valid = prepare_depth(depth_m)
+    values = depth_m[depth_m > 0].astype(np.float64)
+    low, high = np.quantile(values, [0.1, 0.9])
+    kept = values[(values >= low) & (values <= high)]
+    expected = (values - kept.mean()) / np.sqrt(kept.var() + 1e-6)
+    np.testing.assert_allclose(depth[0].numpy()[depth_m > 0], expected, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(valid[0].numpy(), depth_m > 0) and not depth[0].numpy()[depth_m == 0].any()
+
+
+def test_pretrained_prediction_masks_every_target_token(checkpoints, rgb, depth_m):
+    predictor = load_predictor(checkpoints["pretrain"])
+    from_rgb = predict_frame(predictor, rgb, None, ("depth",))
+    # Depth is requested, so the given sensor depth is entirely hidden: the prediction must not change.
+    with_depth = predict_frame(predictor, rgb, depth_m, ("depth",))
+    np.testing.assert_allclose(with_depth.depth, from_rgb.depth, rtol=0, atol=1e-5)
+    assert from_rgb.depth.shape == (480, 640) and from_rgb.depth_units == "standardised"
+    # Semantics alone is requested: now the depth tokens are visible and change the prediction.
+    seg_rgb = predict_frame(predictor, rgb, None, ("semseg",)).semseg
+    seg_rgbd = predict_frame(predictor, rgb, depth_m, ("semseg",)).semseg
+    assert seg_rgb.shape == (480, 640) and 1 <= seg_rgb.min() and seg_rgb.max() <= 5
+    assert (seg_rgb != seg_rgbd).any()
+
+
+def test_predict_cli_single_image_writes_colour_maps(checkpoints, rgb, depth_m, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["predict", "--checkpoint", str(checkpoints["semseg"]), "--rgb", str(RGB_PNG),
+                                 "--depth", str(DEPTH_PNG), "--out", str(out)], capsys, monkeypatch)
+    assert code == 0, err
+    labels = np.array(Image.open(out / f"{FRAME}_rgb_semseg_labels.png"))
+    colours = np.array(Image.open(out / f"{FRAME}_rgb_semseg.png"))
+    assert labels.shape == (480, 640) and 1 <= labels.min() and labels.max() <= 5
+    assert np.array_equal(colours, label_palette(6)[labels])
+    # The labels are the argmax of the model's logits at its training size, upsampled to the frame.
+    predictor = load_predictor(checkpoints["semseg"])
+    direct = predict_frame(predictor, rgb, depth_m, ("semseg",))
+    assert np.array_equal(direct.semseg, labels)
+    assert sorted(p.name for p in out.iterdir()) == [f"{FRAME}_rgb_semseg.png", f"{FRAME}_rgb_semseg_labels.png"]
+
+
+def test_predict_cli_depth_with_ply(checkpoints, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    code, _, err = run_cli(["predict", "--checkpoint", str(checkpoints["depth"]), "--rgb", str(RGB_PNG),
+                            "--out", str(out), "--outputs", "depth", "--ply", "--intrinsics", "525,525,320,240"],
+                           capsys, monkeypatch)
+    assert code == 0, err
+    depth = np.load(out / f"{FRAME}_rgb_depth.npy")
+    cloud = read_cloud(out / f"{FRAME}_rgb.ply")
+    valid = depth > 0
+    assert len(cloud.points) == int(valid.sum()) > 0
+    np.testing.assert_allclose(cloud.points, depth_to_xyz(depth, K)[valid], rtol=1e-5, atol=1e-6)
+
+
+def test_predict_cli_h5_split(checkpoints, rgb, depth_m, tmp_path, capsys, monkeypatch):
+    small_rgb = np.stack([rgb[::4, ::4], rgb[1::4, 1::4]])
+    small_depth = np.stack([depth_m[::4, ::4], depth_m[1::4, 1::4]])
+    path = tmp_path / "frames.h5"
+    from mmtk.data import H5Writer
+
+    with H5Writer(path, source="pcl_kinect_grabber (subsampled)") as writer:
+        for i in range(2):
+            writer.add_frame("test", rgb=small_rgb[i], depth=small_depth[i],
+                             intrinsics=intrinsics_matrix(131.25, 131.25, 80, 60))
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["predict", "--checkpoint", str(checkpoints["pretrain"]), "--h5", str(path),
+                                 "--out", str(out), "--outputs", "semseg", "--ply"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "2 frame(s) predicted" in stdout
+    for i in range(2):
+        labels = np.array(Image.open(out / f"test_{i:06d}_semseg_labels.png"))
+        cloud = read_cloud(out / f"test_{i:06d}.ply")  # sensor depth coloured by the predicted classes
+        assert len(cloud.points) == int((small_depth[i] > 0).sum())
+        assert np.array_equal(cloud.colors, label_palette(6)[labels[small_depth[i] > 0]])
+
+
+@pytest.mark.skipif(not BAG.is_file(), reason="../shared/data not present")
+def test_predict_cli_rosbag(checkpoints, tmp_path, capsys, monkeypatch):
+    frames = list(read_bag_frames(BAG, "/camera/rgb/image_color", "/camera/depth_registered/image_raw"))
+    tiffs = sorted((SHARED / "pcl_kinect_grabber" / "tiff").glob("*_depth.tiff"))
+    for frame, tiff in zip(frames, tiffs, strict=True):
+        np.testing.assert_allclose(frame.depth, np.array(Image.open(tiff)) / 1000.0, rtol=0, atol=1e-6)
+        assert np.array_equal(frame.rgb, np.array(Image.open(str(tiff).replace("_depth", "_rgb"))))
+        np.testing.assert_array_equal(frame.intrinsics, K)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["predict", "--checkpoint", str(checkpoints["depth"]), "--bag", str(BAG),
+                                 "--depth-topic", "/camera/depth_registered/image", "--out", str(out), "--ply"],
+                                capsys, monkeypatch)
+    assert code == 0, err
+    assert "3 frame(s) predicted" in stdout and (out / "frame_000002.ply").is_file()
+
+
+def test_image_message_decoding_with_row_padding(rgb, depth_m):
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    rows = np.zeros((480, 640 * 3 + 16), np.uint8)
+    rows[:, : 640 * 3] = bgr.reshape(480, -1)
+    msg = SimpleNamespace(encoding="bgr8", height=480, width=640, step=640 * 3 + 16, is_bigendian=0, data=rows.ravel())
+    assert np.array_equal(image_msg_to_array(msg), rgb)
+    mm = np.round(depth_m * 1000).astype(">u2")
+    msg = SimpleNamespace(encoding="16UC1", height=480, width=640, step=1280, is_bigendian=1, data=mm.tobytes())
+    np.testing.assert_allclose(depth_msg_to_metres(msg), depth_m, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--rgb", "{bad}"], "cannot read as an image"),
+    (["--rgb", "{rgb}", "--ply"], "--ply needs metric depth"),
+    (["--rgb", "{rgb}", "--depth", "{depth}", "--ply"], "intrinsics"),
+    (["--rgb", "{rgb}", "--outputs", "rgb2"], "cannot predict"),
+])
+def test_predict_bad_input_is_one_line(args, message, checkpoints, tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG but not really")
+    args = [a.format(bad=bad, rgb=RGB_PNG, depth=DEPTH_PNG) for a in args]
+    out = tmp_path / "out"
+    code, _, err = run_cli(["predict", "--checkpoint", str(checkpoints["pretrain"]), "--out", str(out), *args],
+                           capsys, monkeypatch)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists() or not any(p.suffix == ".ply" for p in out.iterdir())
+
+
+def test_predict_rejects_a_file_that_is_not_an_mmtk_checkpoint(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "weights.pt"
+    torch.save({"encoder.blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, path)
+    code, _, err = run_cli(["predict", "--checkpoint", str(path), "--rgb", str(RGB_PNG), "--out", str(tmp_path / "o")],
+                           capsys, monkeypatch)
+    assert code == 2 and "not an mmtk training checkpoint" in err
+
+
+onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime is an optional extra (mmtk[onnx])")
+
+
+@pytest.mark.parametrize("kind", ["semseg", "depth"])
+def test_onnx_export_matches_pytorch_on_a_real_frame(kind, checkpoints, rgb, depth_m, tmp_path, capsys, monkeypatch):
+    out = tmp_path / f"{kind}.onnx"
+    code, stdout, err = run_cli(["export", str(checkpoints[kind]), "--onnx", str(out)], capsys, monkeypatch)
+    assert code == 0, err
+    assert "max |onnxruntime - pytorch|" in stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # nothing else left behind
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta["mmtk_inputs"]) == ["rgb", "depth"] and json.loads(meta["mmtk_image_size"]) == [64, 96]
+    # A real frame, prepared and resized as `mmtk predict` does, through both runtimes.
+    predictor = load_predictor(checkpoints[kind])
+    from mmtk.predict import build_inputs
+
+    inputs, _ = build_inputs(predictor, rgb, depth_m, (64, 96))
+    with torch.inference_mode():
+        expected = predictor.model(inputs).numpy()
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {name: tensor.numpy() for name, tensor in inputs.items()})[0]
+    assert got.shape == expected.shape == ((1, 5, 64, 96) if kind == "semseg" else (1, 1, 64, 96))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+
+
+def test_export_refuses_pretraining_checkpoints_and_leaves_no_file(checkpoints, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "model.onnx"
+    code, _, err = run_cli(["export", str(checkpoints["pretrain"]), "--onnx", str(out)], capsys, monkeypatch)
+    assert code == 2 and "pretraining checkpoint" in err
+    code, _, err = run_cli(["export", str(checkpoints["semseg"]), "--onnx", str(tmp_path / "model.bin")],
+                           capsys, monkeypatch)
+    assert code == 2 and ".onnx" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_pointcloud_from_images_and_h5(rgb, depth_m, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "frame.pcd"
+    code, stdout, err = run_cli(["export-pointcloud", str(out), "--rgb", str(RGB_PNG), "--depth", str(DEPTH_PNG),
+                                 "--intrinsics", "525,525,320,240"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "271575 points written (35625 pixels without depth skipped)" in stdout
+    pcd = read_cloud(SAMPLES / f"{FRAME}.pcd").finite()
+    cloud = read_cloud(out)
+    np.testing.assert_allclose(cloud.points, pcd.points, rtol=0, atol=1e-6)  # same as PCL's own cloud
+    assert np.array_equal(cloud.colors, pcd.colors)
+
+    labels = np.zeros((120, 160), np.uint8)
+    labels[:, 80:] = 2
+    path = tmp_path / "frames.h5"
+    from mmtk.data import H5Writer
+
+    with H5Writer(path, source="pcl_kinect_grabber (subsampled)") as writer:
+        writer.add_frame("test", rgb=np.ascontiguousarray(rgb[::4, ::4]), depth=depth_m[::4, ::4])
+    with h5py.File(path, "r+") as f:  # as `mmtk pseudo-label` adds them
+        g = f["test"]
+        g["semseg_pseudo"] = labels[None]
+        g["semseg_pseudo"].attrs["classes"] = json.dumps(["floor", "box"])
+        g["depth_pseudo"] = np.ones((1, 120, 160), np.float32)
+        g["depth_pseudo"].attrs["units"] = "relative"
+    ply = tmp_path / "labels.ply"
+    no_k = run_cli(["export-pointcloud", str(ply), "--h5", str(path), "--color", "semseg_pseudo"], capsys, monkeypatch)
+    assert no_k[0] == 2 and "no camera intrinsics" in no_k[2] and not ply.exists()
+    relative = run_cli(["export-pointcloud", str(ply), "--h5", str(path), "--depth-key", "depth_pseudo",
+                        "--intrinsics", "131.25,131.25,80,60"], capsys, monkeypatch)
+    assert relative[0] == 2 and "not metres" in relative[2] and not ply.exists()
+    code, _, err = run_cli(["export-pointcloud", str(ply), "--h5", str(path), "--color", "semseg_pseudo",
+                            "--intrinsics", "131.25,131.25,80,60"], capsys, monkeypatch)
+    assert code == 0, err
+    cloud = read_cloud(ply)
+    valid = depth_m[::4, ::4] > 0
+    assert np.array_equal(cloud.colors, colorize_labels(labels, 3)[valid])
+    assert set(map(tuple, cloud.colors)) == {(0, 0, 0), tuple(label_palette(3)[2])}
