@@ -73,9 +73,10 @@ def finetune(
 
 
 def _newest_run_checkpoint() -> Path:
-    found = sorted(Path("runs").glob("*/checkpoints/step_*.pt"), key=lambda p: p.stat().st_mtime)
+    found = sorted(Path("runs").glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise MmtkError("no --checkpoint given and no run under runs/; pass --checkpoint RUN/checkpoints/step_N.pt")
+        raise MmtkError("no --checkpoint given and no run under runs/; pass --checkpoint RUN/last.pt")
+    typer.echo(f"checkpoint: {found[-1]} (the newest run under runs/)")
     return found[-1]
 
 
@@ -95,7 +96,7 @@ HEADERS = {"miou": "mIoU %", "pixel_acc": "pixel acc %", "mean_acc": "mean acc %
 @app.command("eval")
 def eval_cmd(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint of `mmtk pretrain`/`finetune` "
-                                              "(default: the newest under runs/)."),
+                                              "(default: the newest runs/*/last.pt)."),
     data: Optional[Path] = typer.Option(None, "--data", help="HDF5 file (default: the one the run trained on)."),
     inputs: list[str] = typer.Option([], "--inputs", help="Input combination, e.g. rgb,depth; repeat for more rows "
                                      "(default: each input alone and all together)."),
@@ -119,6 +120,7 @@ def eval_cmd(
         data = Path(load_checkpoint(checkpoint).get("data", {}).get("path", ""))
         if not data.is_file():
             raise MmtkError(f"no --data given and the training file {data} of {checkpoint} is gone; pass --data FILE.h5")
+        typer.echo(f"data: {data} (the file the run trained on)")
     if limit is not None and limit <= 0:
         raise MmtkError(f"--limit must be > 0, got {limit}")
     rows, frames = evaluate(checkpoint, data, inputs, split=split, limit=limit, batch_size=batch_size,

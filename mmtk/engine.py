@@ -240,6 +240,21 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def link_last(path: Path) -> Path:
+    """Point ``RUN/last.pt`` at checkpoint ``path`` (a hard link, swapped in atomically; a copy where links fail)."""
+    last = path.parent.parent / "last.pt"
+    tmp = last.with_name(f".last.pt.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, last)
+    return last
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load an mmtk checkpoint safely (``weights_only=True``)."""
     path = Path(path)
@@ -400,8 +415,14 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
     if opt.batch_size % per_step:
         raise MmtkError(f"optim.batch_size {opt.batch_size} must be divisible by processes x accum_steps = {per_step}")
     micro = opt.batch_size // per_step
-    if recipe.data.repeat > 1:
-        train_set = ConcatDataset([train_set] * recipe.data.repeat)
+    repeat = recipe.data.repeat
+    if len(train_set) * repeat < opt.batch_size:  # e.g. 795 NYUv2 frames and the paper's batch of 2048
+        repeat = math.ceil(opt.batch_size / len(train_set))
+        if info.is_main:
+            main_process_print(f"note: {len(train_set)} frames x data.repeat {recipe.data.repeat} is less than one "
+                               f"global batch of {opt.batch_size}; each epoch repeats the frames {repeat} times")
+    if repeat > 1:
+        train_set = ConcatDataset([train_set] * repeat)
     sampler = ResumableSampler(train_set, info.world_size, info.rank, cfg.seed)
     steps_per_epoch = sampler.num_samples // micro // opt.accum_steps
     if steps_per_epoch == 0:
@@ -461,6 +482,7 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
                 "step": at_step, "epoch": at_step / steps_per_epoch, "recipe": recipe_to_dict(recipe),
                 **(extra_state or {}),
             }, path)
+            link_last(path)
             for old in checkpoint_paths(run_dir)[:-cfg.keep_checkpoints]:
                 old.unlink(missing_ok=True)
         return path

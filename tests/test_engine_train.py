@@ -36,6 +36,7 @@ def test_pretraining_lowers_every_task_loss(sample_h5, tmp_path):
         assert after < 0.9 * before, f"{task}: mean loss {before:.3f} over steps 1-20 vs {after:.3f} over 181-200"
     # the run folder holds the resolved recipe and a weights_only checkpoint that rebuilds the model
     assert load_recipe(tmp_path / "run" / "recipe.yaml") == recipe
+    assert (tmp_path / "run" / "last.pt").samefile(checkpoint_paths(tmp_path / "run")[-1])
     state = load_checkpoint(checkpoint_paths(tmp_path / "run")[-1])
     assert state["step"] == 200 and state["kind"] == "pretrain" and state["model_args"]["num_visible"] == 12
     # cross-modal evaluation of the pretrained model: depth and semseg with every target token hidden
@@ -126,10 +127,13 @@ def test_recipe_asking_for_a_modality_the_file_lacks(sync_h5, tmp_path):
 
 
 def test_cli_finetune_then_eval_table_json_and_pictures(sample_h5, tmp_path):
-    args = [f"--set={s}" for s in TINY_SEMSEG + ["optim.batch_size=4", "optim.epochs=2", "optim.warmup_epochs=1"]]
+    # data.repeat=1: 1 frame < a batch of 4, so the engine repeats the frame 4 times per epoch (1 step)
+    args = [f"--set={s}" for s in TINY_SEMSEG + ["optim.batch_size=4", "optim.epochs=2", "optim.warmup_epochs=1",
+                                                 "data.repeat=1"]]
     code, output = run_cli("finetune", RECIPES / "tiny_finetune_semseg.yaml", "--data", sample_h5,
                            "--out", tmp_path / "ft", *args)
     assert code == 0, output
+    assert [r["step"] for r in read_metrics(tmp_path / "ft")] == [1, 2]
     ckpt = checkpoint_paths(tmp_path / "ft")[-1]
     code, output = run_cli("finetune", RECIPES / "tiny_finetune_semseg.yaml", "--data", sample_h5,
                            "--out", tmp_path / "ft", *args)
