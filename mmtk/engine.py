@@ -432,7 +432,8 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
     loader = DataLoader(SeededDataset(train_set, cfg.seed), batch_size=micro, sampler=sampler,
                         num_workers=recipe.data.num_workers, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.seed),
-                        persistent_workers=False, pin_memory=recipe.data.pin_memory and info.device.type == "cuda")
+                        persistent_workers=recipe.data.num_workers > 0,
+                        pin_memory=recipe.data.pin_memory and info.device.type == "cuda")
     total_steps = max(1, math.ceil(opt.epochs * steps_per_epoch))
     warmup_steps = round(opt.warmup_epochs * steps_per_epoch)
     stop = min(total_steps, cfg.max_steps or total_steps)
