@@ -389,28 +389,26 @@ def _mean_over_ranks(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return values
 
 
-def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Dataset, compute_loss: LossFn,
-        resume: bool = False, extra_state: dict[str, Any] | None = None) -> FitResult:
-    """Train ``model`` on ``train_set`` as ``recipe`` says, writing checkpoints and metrics to ``run_dir``.
+@dataclass
+class Batches:
+    """The resumable data feed of a run."""
 
-    ``compute_loss(model, batch)`` returns the scalar loss to minimise and a dict of named scalar
-    losses to log. ``extra_state`` (plain values) is stored in every checkpoint, e.g. how to rebuild
-    the model. With ``resume`` the newest checkpoint in ``run_dir`` is loaded and training continues
-    from its step, reproducing an uninterrupted run.
-    """
-    opt, cfg = recipe.optim, recipe.train
-    info = setup_distributed(cfg.device)
-    run_dir = Path(run_dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_recipe(recipe, run_dir / "recipe.yaml")
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if cfg.precision == "fp16" and info.device.type != "cuda":
-        raise MmtkError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    loader: DataLoader
+    sampler: ResumableSampler
+    micro: int  # samples per process per micro-step
+    steps_per_epoch: int  # optimizer steps
 
-    # Batches: the global batch is split over processes and accumulation steps.
+    def epoch_from(self, step: int, accum_steps: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches from optimizer step ``step`` to the end of its epoch."""
+        epoch, done = divmod(step, self.steps_per_epoch)
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip = done * accum_steps * self.micro
+        return iter(self.loader)
+
+
+def make_batches(recipe: Recipe, train_set: Dataset, info: DistInfo) -> Batches:
+    """Split the global batch over processes and accumulation steps; seed sampling and augmentation."""
+    opt, seed = recipe.optim, recipe.train.seed
     per_step = info.world_size * opt.accum_steps
     if opt.batch_size % per_step:
         raise MmtkError(f"optim.batch_size {opt.batch_size} must be divisible by processes x accum_steps = {per_step}")
@@ -423,83 +421,109 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
                                f"global batch of {opt.batch_size}; each epoch repeats the frames {repeat} times")
     if repeat > 1:
         train_set = ConcatDataset([train_set] * repeat)
-    sampler = ResumableSampler(train_set, info.world_size, info.rank, cfg.seed)
-    steps_per_epoch = sampler.num_samples // micro // opt.accum_steps
-    if steps_per_epoch == 0:
-        raise MmtkError(f"the training split gives {len(train_set)} samples per epoch, fewer than one global batch "
-                        f"of {opt.batch_size}; lower optim.batch_size or raise data.repeat (--set data.repeat=N)")
+    sampler = ResumableSampler(train_set, info.world_size, info.rank, seed)
     # Its own generator: creating an iterator must not draw from the global RNG (the masks' RNG).
-    loader = DataLoader(SeededDataset(train_set, cfg.seed), batch_size=micro, sampler=sampler,
+    loader = DataLoader(SeededDataset(train_set, seed), batch_size=micro, sampler=sampler,
                         num_workers=recipe.data.num_workers, drop_last=True,
-                        generator=torch.Generator().manual_seed(cfg.seed),
+                        generator=torch.Generator().manual_seed(seed),
                         persistent_workers=recipe.data.num_workers > 0,
                         pin_memory=recipe.data.pin_memory and info.device.type == "cuda")
-    total_steps = max(1, math.ceil(opt.epochs * steps_per_epoch))
-    warmup_steps = round(opt.warmup_epochs * steps_per_epoch)
-    stop = min(total_steps, cfg.max_steps or total_steps)
+    return Batches(loader, sampler, micro, sampler.num_samples // micro // opt.accum_steps)
 
-    model.to(info.device)
-    optimizer, scheduler = build_optimizer(model, recipe, total_steps, warmup_steps)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
-    metrics = MetricsLog(run_dir, info.is_main)
-    step, last_ckpt = 0, None
-    seed_everything(cfg.seed + info.rank)  # different masks per process, same init (weights are broadcast)
 
-    if resume:
-        last_ckpt = newest_checkpoint(run_dir)
-        if last_ckpt is None:
-            raise MmtkError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
-        state = load_checkpoint(last_ckpt)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+class Checkpointer:
+    """Writes and restores everything a bit-exact resume needs; only rank 0 writes."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, info: DistInfo, model: nn.Module, optimizer, scheduler,
+                 scaler, steps_per_epoch: int, extra_state: dict[str, Any] | None) -> None:
+        self.recipe, self.run_dir, self.info, self.model = recipe, run_dir, info, model
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.steps_per_epoch, self.extra = steps_per_epoch, extra_state or {}
+        self.last: Path | None = None
+
+    def save(self, step: int) -> Path:
+        states = [rng_state()]
+        if self.info.world_size > 1:
+            states = [None] * self.info.world_size
+            dist.all_gather_object(states, rng_state())
+        path = self.run_dir / "checkpoints" / f"step_{step:08d}.pt"
+        if self.info.is_main:
+            save_checkpoint({
+                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": self.recipe.kind,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": states,
+                "step": step, "epoch": step / self.steps_per_epoch, "recipe": recipe_to_dict(self.recipe),
+                **self.extra,
+            }, path)
+            link_last(path)
+            for old in checkpoint_paths(self.run_dir)[:-self.recipe.train.keep_checkpoints]:
+                old.unlink(missing_ok=True)
+        self.last = path
+        return path
+
+    def restore(self) -> int:
+        """Load the newest checkpoint into everything; returns its step."""
+        self.last = newest_checkpoint(self.run_dir)
+        if self.last is None:
+            raise MmtkError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}; start without --resume")
+        state = load_checkpoint(self.last)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
-        if len(state["rng"]) == info.world_size:
-            set_rng_state(state["rng"][info.rank])
-        else:
-            seed_everything(cfg.seed + info.rank + step)
-        metrics.truncate_after(step)
+        if len(state["rng"]) == self.info.world_size:
+            set_rng_state(state["rng"][self.info.rank])
+        else:  # resumed with another process count: same data order, new mask draws
+            seed_everything(self.recipe.train.seed + self.info.rank + step)
+        return step
 
-    train_model: nn.Module = model
+
+def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Dataset, compute_loss: LossFn,
+        resume: bool = False, extra_state: dict[str, Any] | None = None) -> FitResult:
+    """Train ``model`` on ``train_set`` as ``recipe`` says, writing checkpoints and metrics to ``run_dir``.
+
+    ``compute_loss(model, batch)`` returns the scalar loss to minimise and a dict of named scalar
+    losses to log. ``extra_state`` (plain values) is stored in every checkpoint, e.g. how to rebuild
+    the model. With ``resume`` the newest checkpoint in ``run_dir`` is loaded and training continues
+    from its step, reproducing an uninterrupted run.
+    """
+    opt, cfg, run_dir = recipe.optim, recipe.train, Path(run_dir)
+    info = setup_distributed(cfg.device)
+    if cfg.precision == "fp16" and info.device.type != "cuda":
+        raise MmtkError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run_dir / "recipe.yaml")
+    data = make_batches(recipe, train_set, info)
+    total_steps = max(1, math.ceil(opt.epochs * data.steps_per_epoch))
+    stop = min(total_steps, cfg.max_steps or total_steps)
+    model.to(info.device)
+    optimizer, scheduler = build_optimizer(model, recipe, total_steps, round(opt.warmup_epochs * data.steps_per_epoch))
+    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
+    ckpt = Checkpointer(recipe, run_dir, info, model, optimizer, scheduler, scaler, data.steps_per_epoch, extra_state)
+    metrics = MetricsLog(run_dir, info.is_main)
+    seed_everything(cfg.seed + info.rank)  # different masks per process, same init (weights are broadcast)
+    step = ckpt.restore() if resume else 0
+    metrics.truncate_after(step)
+    train_model = model
     if info.world_size > 1:
         ids = [info.device.index] if info.device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
     if cfg.compile:
         train_model = torch.compile(train_model)
 
-    def save(at_step: int) -> Path:
-        states = [None] * info.world_size
-        if info.world_size > 1:
-            dist.all_gather_object(states, rng_state())
-        else:
-            states = [rng_state()]
-        path = run_dir / "checkpoints" / f"step_{at_step:08d}.pt"
-        if info.is_main:
-            save_checkpoint({
-                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": recipe.kind,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": states,
-                "step": at_step, "epoch": at_step / steps_per_epoch, "recipe": recipe_to_dict(recipe),
-                **(extra_state or {}),
-            }, path)
-            link_last(path)
-            for old in checkpoint_paths(run_dir)[:-cfg.keep_checkpoints]:
-                old.unlink(missing_ok=True)
-        return path
-
-    progress = _progress(info.is_main)
+    progress, last_losses = _progress(info.is_main), {}
     task = progress.add_task("train", total=stop, completed=step)
-    last_losses: dict[str, float] = {}
     tick, tick_step = time.perf_counter(), step
     train_model.train()
     with progress:
         while step < stop:
-            epoch, done_in_epoch = divmod(step, steps_per_epoch)
-            sampler.set_epoch(epoch)
-            sampler.skip = done_in_epoch * opt.accum_steps * micro
-            batches = iter(loader)
-            for _ in range(done_in_epoch, steps_per_epoch):
+            batches = data.epoch_from(step, opt.accum_steps)
+            for _ in range(step % data.steps_per_epoch, data.steps_per_epoch):
                 if step >= stop:
                     break
                 sums: dict[str, torch.Tensor] = {}
@@ -517,7 +541,7 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
                 if not all(math.isfinite(v) for v in values):
                     raise MmtkError(
                         f"loss became non-finite at step {step + 1} ({_fmt_losses(step_losses)}); stopped. "
-                        f"Last good checkpoint: {last_ckpt or 'none yet'}. Lower optim.lr, set optim.clip_grad "
+                        f"Last good checkpoint: {ckpt.last or 'none yet'}. Lower optim.lr, set optim.clip_grad "
                         f"or train.precision=fp32, then rerun with --resume")
                 if opt.clip_grad is not None:
                     scaler.unscale_(optimizer)
@@ -525,26 +549,28 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                lr = optimizer.param_groups[-1]["lr"]  # top group: undecayed lr
+                lr = optimizer.param_groups[-1]["lr"]  # top group: no layer decay
                 scheduler.step()
-                step += 1
-                last_losses = step_losses
+                step, last_losses = step + 1, step_losses
                 if step % cfg.log_every == 0 or step == stop:
                     now = time.perf_counter()
                     images_per_s = (step - tick_step) * opt.batch_size / max(now - tick, 1e-9)
                     tick, tick_step = now, step
-                    metrics.write({"step": step, "epoch": round(step / steps_per_epoch, 4), **step_losses,
+                    metrics.write({"step": step, "epoch": round(step / data.steps_per_epoch, 4), **step_losses,
                                    "lr": lr, "images_per_s": round(images_per_s, 2)})
-                    progress.update(task, description=f"{_fmt_losses(step_losses)} lr {lr:.2e} "
-                                                      f"{images_per_s:.1f} img/s")
-                    if not progress.console.is_terminal and info.is_main:
-                        progress.console.print(f"step {step}/{stop} {_fmt_losses(step_losses)} lr {lr:.2e} "
-                                               f"{images_per_s:.1f} img/s")
+                    _report(progress, task, step, stop, f"{_fmt_losses(step_losses)} lr {lr:.2e} "
+                                                        f"{images_per_s:.1f} img/s", info.is_main)
                 progress.update(task, completed=step)
                 if step % cfg.ckpt_every == 0 or step == stop:
-                    last_ckpt = save(step)
+                    ckpt.save(step)
     metrics.close()
-    return FitResult(run_dir, step, last_ckpt, last_losses)
+    return FitResult(run_dir, step, ckpt.last, last_losses)
+
+
+def _report(progress, task, step: int, stop: int, text: str, is_main: bool) -> None:
+    progress.update(task, description=text)
+    if is_main and not progress.console.is_terminal:  # logs (CI, nohup): one plain line per record
+        progress.console.print(f"step {step}/{stop} {text}")
 
 
 def _fmt_losses(losses: dict[str, float]) -> str:
