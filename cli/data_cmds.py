@@ -30,7 +30,9 @@ def convert(
     max_dt: float = typer.Option(0.02, "--max-dt", help="Max colour/depth stamp difference for a pair, seconds."),
     classes: int = typer.Option(40, "--classes", help="NYUv2 label space: 40, 13 or 894."),
     depth_scale: Optional[float] = typer.Option(None, "--depth-scale", help="Stored depth units per metre (1000 = mm)."),
-    size: Optional[str] = typer.Option(None, "--size", help="Resize on the way in, HxW pixels (e.g. 240x320)."),
+    size: Optional[str] = typer.Option(None, "--size", help="Resize on the way in, HxW pixels (e.g. 240x320); "
+                                       "--images: default the first image's size, others resized to cover and "
+                                       "centre-cropped."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
