@@ -1,4 +1,4 @@
-"""`mmtk convert` (RGB-D folders, NYUv2 .mat, ROS bags -> mmtk HDF5) and `mmtk info`."""
+"""`mmtk convert` (RGB-D folders, NYUv2 .mat, ROS bags, RGB image folders -> mmtk HDF5) and `mmtk info`."""
 
 from __future__ import annotations
 
@@ -20,49 +20,80 @@ def convert(
     out: Optional[Path] = typer.Argument(None, help="Output .h5 file (written atomically)."),
     rgbd: Optional[Path] = typer.Option(None, "--rgbd", help="RGB-D dataset folder (layout auto-detected) or NYUv2 .mat."),
     rosbag: Optional[Path] = typer.Option(None, "--rosbag", help="ROS1 .bag or ROS2 bag directory (sqlite3/mcap)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of RGB images (flat, class folders, or "
+                                          "train/val/test above them); RGB only, add depth with `mmtk pseudo-label`."),
     rgb_topic: Optional[str] = typer.Option(None, "--rgb-topic", help="Colour Image/CompressedImage topic."),
     depth_topic: Optional[str] = typer.Option(None, "--depth-topic", help="Depth Image topic (16UC1 mm, 32FC1 m)."),
+    cloud_topic: Optional[str] = typer.Option(None, "--cloud-topic", help="Or a PointCloud2 topic (metres, colour "
+                                              "camera frame) as the depth source."),
     camera_info_topic: Optional[str] = typer.Option(None, "--camera-info-topic", help="CameraInfo topic for intrinsics."),
     max_dt: float = typer.Option(0.02, "--max-dt", help="Max colour/depth stamp difference for a pair, seconds."),
     classes: int = typer.Option(40, "--classes", help="NYUv2 label space: 40, 13 or 894."),
     depth_scale: Optional[float] = typer.Option(None, "--depth-scale", help="Stored depth units per metre (1000 = mm)."),
-    size: Optional[str] = typer.Option(None, "--size", help="Resize on the way in, HxW pixels (e.g. 240x320)."),
+    size: Optional[str] = typer.Option(None, "--size", help="Resize on the way in, HxW pixels (e.g. 240x320); "
+                                       "--images: default the first image's size, others resized to cover and "
+                                       "centre-cropped."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Convert RGB-D data into one mmtk HDF5 file (metres, labels, intrinsics, provenance)."""
+    """Convert RGB-D data, ROS bags or RGB image folders into one mmtk HDF5 file (metres, labels, intrinsics)."""
     from mmtk.data.convert import convert_rgbd, parse_size
 
-    if (rgbd is None) == (rosbag is None):
-        raise MmtkError("give exactly one source: --rgbd FOLDER or --rosbag BAG")
+    if sum(source is not None for source in (rgbd, rosbag, images)) != 1:
+        raise MmtkError("give exactly one source: --rgbd FOLDER, --rosbag BAG or --images FOLDER")
     shape = parse_size(size)
-    if rgbd is not None:
+    if images is not None:
+        if out is None:
+            raise MmtkError("missing OUT.h5: mmtk convert --images FOLDER OUT.h5")
+        _convert_images(images, out, shape, force, progress)
+    elif rgbd is not None:
         if out is None:
             raise MmtkError("missing OUT.h5: mmtk convert --rgbd SRC OUT.h5")
         convert_rgbd(rgbd, out, classes=classes, depth_scale=depth_scale, size=shape, force=force,
                      progress=progress, log=_log)
-        return
+    else:
+        assert rosbag is not None
+        _convert_rosbag(rosbag, out, rgb_topic, depth_topic, cloud_topic, camera_info_topic, max_dt, depth_scale,
+                        shape, force, progress)
+
+
+def _convert_images(images: Path, out: Path, size: Optional[tuple[int, int]], force: bool, progress: bool) -> None:
+    from mmtk.pseudo_label import convert_images
+
+    result = convert_images(images, out, size, force=force, progress=progress)
+    counts = ", ".join(f"{split}: {n}" for split, n in result.frames.items())
+    typer.echo(f"{out}: {counts} frames at {result.size[0]}x{result.size[1]} px"
+               + (f"; skipped {len(result.skipped)} unreadable file(s), first: {result.skipped[0]}"
+                  if result.skipped else ""))
+
+
+def _convert_rosbag(bag: Path, out: Optional[Path], rgb_topic: Optional[str], depth_topic: Optional[str],
+                    cloud_topic: Optional[str], camera_info_topic: Optional[str], max_dt: float,
+                    depth_scale: Optional[float], size: Optional[tuple[int, int]], force: bool, progress: bool) -> None:
     from mmtk.adapters.sensors.rosbag import image_topics
 
-    assert rosbag is not None
-    if rgb_topic is None or depth_topic is None:
-        topics = image_topics(rosbag)
-        typer.echo(f"image topics in {rosbag} (pass --rgb-topic and --depth-topic to convert):")
+    if depth_topic is not None and cloud_topic is not None:
+        raise MmtkError("--depth-topic and --cloud-topic both give depth; pass only one of them")
+    if rgb_topic is None or (depth_topic is None and cloud_topic is None):
+        topics = image_topics(bag)
+        typer.echo(f"image and point-cloud topics in {bag} (pass --rgb-topic and --depth-topic or --cloud-topic "
+                   f"to convert):")
         for topic in topics:
             typer.echo(f"  {topic.topic:<45} {topic.msgtype:<35} {topic.count} messages")
         if not topics:
             typer.echo("  (none)")
         return
     if out is None:
-        raise MmtkError("missing OUT.h5: mmtk convert --rosbag BAG OUT.h5 --rgb-topic T --depth-topic T")
+        raise MmtkError("missing OUT.h5: mmtk convert --rosbag BAG OUT.h5 --rgb-topic T --depth-topic T "
+                        "(or --cloud-topic T)")
     if max_dt <= 0:
         raise MmtkError(f"--max-dt must be positive seconds, got {max_dt}")
     if depth_scale is not None and depth_scale <= 0:
         raise MmtkError(f"--depth-scale must be positive (units per metre), got {depth_scale}")
     from mmtk.data import convert_rosbag
 
-    convert_rosbag(rosbag, out, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale, size=shape,
-                   force=force, progress=progress, log=_log)
+    convert_rosbag(bag, out, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale, size=size,
+                   force=force, progress=progress, log=_log, cloud_topic=cloud_topic)
 
 
 @app.command("info")

@@ -180,21 +180,3 @@ def export_command(
     result = export_onnx(checkpoint, onnx, names, _parse_size(image_size, "--image-size"), opset)
     typer.echo(f"{result.path}: inputs {', '.join(result.inputs)} at {result.image_size[0]}x{result.image_size[1]} px, "
                f"output {result.output}; max |onnxruntime - pytorch| = {result.max_abs_diff:.2e}")
-
-
-@app.command("convert-images")
-def convert_images_command(
-    images: Path = typer.Argument(..., help="Folder of RGB images: flat, class folders, or train/val/test above them."),
-    out: Path = typer.Argument(..., help="Output .h5 file (RGB only; add depth/semantics with `mmtk pseudo-label`)."),
-    size: Optional[str] = typer.Option(None, help="HxW of the stored frames (default: the first image's)."),
-    force: bool = typer.Option(False, help="Overwrite OUT if it exists."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
-) -> None:
-    """Turn a folder of RGB images into the mmtk HDF5 format, so pretraining can start from RGB alone."""
-    from mmtk.pseudo_label import convert_images
-
-    result = convert_images(images, out, _parse_size(size, "--size"), force=force, progress=progress)
-    counts = ", ".join(f"{split}: {n}" for split, n in result.frames.items())
-    typer.echo(f"{out}: {counts} frames at {result.size[0]}x{result.size[1]} px"
-               + (f"; skipped {len(result.skipped)} unreadable file(s), first: {result.skipped[0]}"
-                  if result.skipped else ""))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_helpers import BAG1, DEPTH_TOPIC, RGB_TOPIC, run_cli, shared
+from data_helpers import BAG1, DEPTH_TOPIC, RGB_TOPIC, SAMPLES, run_cli, shared
 from mmtk.adapters.sensors.rosbag import decode_image
 
 
@@ -173,3 +173,156 @@ def test_decode_compressed_images():
     msg = _msg(format="16UC1; compressedDepth png", data=np.frombuffer(payload, np.uint8))
     np.testing.assert_allclose(decode_image(msg, "sensor_msgs/msg/CompressedImage", "depth", None), mm / 1000.0,
                                rtol=1e-6)
+
+
+# ------------------------------------------------------------------ PointCloud2 as the depth source
+
+K_PCL = np.array([[525.0, 0, 320], [0, 525.0, 240], [0, 0, 1]], np.float32)  # samples/pcl_kinect intrinsics
+
+
+def sample_clouds():
+    """Per sample frame: (subsampled cloud, full-size organized cloud), each (points, colours), metres.
+
+    Frame 0 is the real organized PCD PCL's grabber recorded for that frame: every 2nd pixel (320x240, like
+    ../shared's bag) and in full (640x480). Frame 1 is back-projected from its depth image: unorganized (valid
+    points only, shuffled) and organized 640x480.
+    """
+    from mmtk.pointcloud import depth_to_xyz, read_cloud
+
+    real = read_cloud(SAMPLES / "pcl_kinect" / "frame_20121214T142255.814212.pcd")
+    _, rgb, mm = sample_frames()[1]
+    xyz = depth_to_xyz(mm / np.float32(1000), K_PCL)
+    valid = np.isfinite(xyz).all(axis=-1)
+    order = np.random.default_rng(0).permutation(int(valid.sum()))
+    return [((real.points[::2, ::2], real.colors[::2, ::2]), (real.points, real.colors)),
+            ((xyz[valid][order], rgb[valid][order]), (xyz, rgb))]
+
+
+def write_cloud_bag(path, kind: str, with_info: bool = True):
+    """A ROS1 .bag or ROS2 mcap bag with the sample's real colour + 16UC1 depth, two PointCloud2 topics
+    (/cam/points: see sample_clouds, /cam/points_full: 640x480 organized), clouds stamped 3 ms after colour."""
+    from rosbags.typesys import Stores, get_typestore
+
+    ros1 = kind == "ros1"
+    store = get_typestore(Stores.ROS1_NOETIC if ros1 else Stores.ROS2_HUMBLE)
+    types = store.types
+    serialize = store.serialize_ros1 if ros1 else store.serialize_cdr
+
+    def header(ns):
+        extra = {"seq": 0} if ros1 else {}
+        return types["std_msgs/msg/Header"](**extra, stamp=types["builtin_interfaces/msg/Time"](
+            sec=ns // 10**9, nanosec=ns % 10**9), frame_id="camera_rgb_optical_frame")
+
+    def cloud_msg(ns, points, colors):
+        record = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("rgb", "<u4")])
+        flat = np.zeros(points.shape[:-1], record)
+        flat["x"], flat["y"], flat["z"] = points[..., 0], points[..., 1], points[..., 2]
+        flat["rgb"] = (colors[..., 0].astype(np.uint32) << 16) | (colors[..., 1].astype(np.uint32) << 8) | colors[..., 2]
+        height, width = flat.shape if flat.ndim == 2 else (1, flat.shape[0])
+        fields = [types["sensor_msgs/msg/PointField"](name=n, offset=4 * i, datatype=7, count=1)
+                  for i, n in enumerate("x y z rgb".split())]
+        return types["sensor_msgs/msg/PointCloud2"](header(ns), height, width, fields, False, 16, 16 * width,
+                                                     flat.view(np.uint8).reshape(-1), False)
+
+    def info_msg(ns):
+        mats = {"d": np.zeros(5), "k": K_PCL.astype(np.float64).reshape(-1), "r": np.eye(3).reshape(-1),
+                "p": np.zeros(12)}
+        mats = {(name.upper() if ros1 else name): value for name, value in mats.items()}
+        return types["sensor_msgs/msg/CameraInfo"](header=header(ns), height=480, width=640,
+                                                   distortion_model="plumb_bob", **mats, binning_x=0, binning_y=0,
+                                                   roi=types["sensor_msgs/msg/RegionOfInterest"](0, 0, 0, 0, False))
+
+    if ros1:
+        from rosbags.rosbag1 import Writer
+        writer = Writer(path)
+    else:
+        from rosbags.rosbag2 import StoragePlugin, Writer
+        writer = Writer(path, version=9, storage_plugin=StoragePlugin.MCAP)
+    with writer:
+        conn = {topic: writer.add_connection(topic, msgtype, typestore=store) for topic, msgtype in (
+            ("/cam/color", "sensor_msgs/msg/Image"), ("/cam/depth", "sensor_msgs/msg/Image"),
+            ("/cam/points", "sensor_msgs/msg/PointCloud2"), ("/cam/points_full", "sensor_msgs/msg/PointCloud2"),
+            ("/cam/camera_info", "sensor_msgs/msg/CameraInfo"))}
+        for (stamp, rgb, mm), (cloud, full) in zip(sample_frames(), sample_clouds()):
+            messages = [("/cam/color", stamp, types["sensor_msgs/msg/Image"](header(stamp), 480, 640, "rgb8", 0, 1920,
+                                                                             rgb.reshape(-1))),
+                        ("/cam/depth", stamp, types["sensor_msgs/msg/Image"](
+                            header(stamp), 480, 640, "16UC1", 0, 1280, mm.astype("<u2").view(np.uint8).reshape(-1))),
+                        ("/cam/points", stamp + 3_000_000, cloud_msg(stamp + 3_000_000, *cloud)),
+                        ("/cam/points_full", stamp + 3_000_000, cloud_msg(stamp + 3_000_000, *full))]
+            if with_info:
+                messages.append(("/cam/camera_info", stamp, info_msg(stamp)))
+            for topic, ns, msg in messages:
+                writer.write(conn[topic], ns, serialize(msg, conn[topic].msgtype))
+
+
+@pytest.mark.parametrize("kind", ["ros1", "mcap"])
+def test_cloud_topic_gives_the_depth_image_values(tmp_path, kind):
+    bag = tmp_path / ("b.bag" if kind == "ros1" else "b_mcap")
+    write_cloud_bag(bag, kind)
+    code, text = run_cli("convert", "--rosbag", bag)
+    assert code == 0 and "/cam/points" in text and "sensor_msgs/msg/PointCloud2" in text
+    from_cloud, from_full, from_image = tmp_path / "c.h5", tmp_path / "f.h5", tmp_path / "d.h5"
+    texts = []
+    for out, args in ((from_cloud, ["--cloud-topic", "/cam/points"]), (from_full, ["--cloud-topic", "/cam/points_full"]),
+                      (from_image, ["--depth-topic", "/cam/depth"])):
+        code, text = run_cli("convert", "--rosbag", bag, out, "--rgb-topic", "/cam/color", "--no-progress", *args)
+        assert code == 0, text
+        texts.append(text)
+    assert "paired 2 frames within 20 ms; dropped 0 colour and 0 cloud messages" in texts[0]
+    (_, _, mm0), (stamp1, rgb1, mm1) = sample_frames()
+    with h5py.File(from_cloud) as c, h5py.File(from_full) as f, h5py.File(from_image) as d:
+        assert c["all/depth"].attrs["units"] == d["all/depth"].attrs["units"] == "m"
+        np.testing.assert_array_equal(c["all/rgb"][:], d["all/rgb"][:])
+        np.testing.assert_array_equal(c["all/intrinsics"][1], K_PCL)
+        assert c["all/timestamp"][1] == pytest.approx(stamp1 * 1e-9)
+        image_depth, cloud_depth = d["all/depth"][:], c["all/depth"][:]
+        both = (image_depth > 0) & (cloud_depth > 0)
+        assert np.abs(cloud_depth - image_depth)[both].max() < 1e-3                   # within 1 mm
+        # frame 0: the real 320x240 cloud lands on every 2nd pixel of the 640x480 colour image, nowhere else
+        grid = np.zeros((480, 640), bool)
+        grid[::2, ::2] = True
+        np.testing.assert_array_equal(cloud_depth[0] > 0, grid & (mm0 > 0))
+        # frame 1: the unorganized cloud covers exactly the pixels with depth
+        np.testing.assert_array_equal(cloud_depth[1] > 0, mm1 > 0)
+        # the full-size organized cloud is registered: read pixel for pixel, equal to the depth image
+        np.testing.assert_allclose(f["all/depth"][:], image_depth, atol=1e-3)
+        np.testing.assert_array_equal(f["all/depth"][:] > 0, image_depth > 0)
+
+
+def test_cloud_topic_errors(tmp_path):
+    bag = tmp_path / "noinfo.bag"
+    write_cloud_bag(bag, "ros1", with_info=False)
+    out = tmp_path / "o.h5"
+    code, text = run_cli("convert", "--rosbag", bag, out, "--rgb-topic", "/cam/color", "--cloud-topic", "/cam/points",
+                         "--depth-topic", "/cam/depth")
+    assert code == 2 and "--depth-topic and --cloud-topic both give depth; pass only one" in text
+    code, text = run_cli("convert", "--rosbag", bag, out, "--rgb-topic", "/cam/color", "--cloud-topic", "/cam/points",
+                         "--no-progress")
+    error = text.split("error: ", 1)[1]
+    assert code == 2 and "'/cam/points' is organized 320x240" in error and "--camera-info-topic" in error
+    assert len(error.strip().splitlines()) == 1 and not out.exists() and not list(tmp_path.glob("o.h5*"))
+    code, text = run_cli("convert", "--rosbag", bag, out, "--rgb-topic", "/cam/color", "--cloud-topic", "/cam/depth")
+    assert code == 2 and "'/cam/depth' has type sensor_msgs/msg/Image, expected PointCloud2" in text
+    # a registered (same-size organized) cloud needs no intrinsics
+    code, text = run_cli("convert", "--rosbag", bag, out, "--rgb-topic", "/cam/color", "--cloud-topic",
+                         "/cam/points_full", "--no-progress")
+    assert code == 0, text
+    with h5py.File(out) as f:
+        np.testing.assert_allclose(f["all/depth"][1], sample_frames()[1][2] / 1000.0, atol=1e-3)
+
+
+def test_shared_bags_cloud_topic_ros1_and_ros2(tmp_path):
+    ros1 = shared("rosbag_pcl_kinect/pcl_kinect_3frames.bag")
+    ros2 = shared("rosbag_pcl_kinect/pcl_kinect_3frames_ros2")
+    image = tmp_path / "d.h5"
+    convert_bag(ros1, image)
+    for bag, step in ((ros1, 2), (ros2, 4)):  # clouds of every 2nd (320x240) / 4th (160x120) pixel
+        out = tmp_path / f"c{step}.h5"
+        code, text = run_cli("convert", "--rosbag", bag, out, "--rgb-topic", RGB_TOPIC, "--cloud-topic",
+                             "/camera/depth_registered/points", "--no-progress")
+        assert code == 0, text
+        with h5py.File(out) as c, h5py.File(image) as d:
+            expected = np.zeros_like(d["all/depth"][:])
+            expected[:, ::step, ::step] = d["all/depth"][:, ::step, ::step]
+            np.testing.assert_allclose(c["all/depth"][:], expected, atol=1e-3)

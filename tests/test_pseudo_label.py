@@ -28,7 +28,7 @@ def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
     import mmtk.cli.main as cli_main
 
     def register_robot_commands() -> None:
-        from mmtk.cli import robot_cmds  # noqa: F401
+        from mmtk.cli import data_cmds, robot_cmds  # noqa: F401  (convert --images lives in data_cmds)
 
     monkeypatch.setattr(cli_main, "_register_commands", register_robot_commands)
     monkeypatch.setattr(sys, "argv", ["mmtk", *args])
@@ -289,7 +289,7 @@ def test_convert_images_then_pseudo_label_from_rgb_alone(model_dirs, tmp_path, c
         source.crop(box).save(root / rel)
     (root / "train/box/broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "rgb.h5"
-    code, stdout, err = run_cli(["convert-images", str(root), str(out), "--size", "120x160", "--no-progress"],
+    code, stdout, err = run_cli(["convert", "--images", str(root), str(out), "--size", "120x160", "--no-progress"],
                                 capsys, monkeypatch)
     assert code == 0, err
     assert "train: 2" in stdout and "test: 1" in stdout and "skipped 1 unreadable" in stdout
@@ -304,8 +304,14 @@ def test_convert_images_then_pseudo_label_from_rgb_alone(model_dirs, tmp_path, c
     assert code == 0, err
     with h5py.File(out) as f:
         assert f["train/depth_pseudo"].shape == (2, 120, 160) and f["test/semseg_pseudo"].shape == (1, 120, 160)
-    code, _, err = run_cli(["convert-images", str(tmp_path / "nothing"), str(tmp_path / "x.h5")], capsys, monkeypatch)
+    code, _, err = run_cli(["convert", "--images", str(tmp_path / "nothing"), str(tmp_path / "x.h5")], capsys,
+                           monkeypatch)
     assert code == 2 and "no such folder" in err and not (tmp_path / "x.h5").exists()
+    code, _, err = run_cli(["convert", "--images", str(root), "--rosbag", str(root), str(tmp_path / "x.h5")], capsys,
+                           monkeypatch)
+    assert code == 2 and err.strip() == "error: give exactly one source: --rgbd FOLDER, --rosbag BAG or --images FOLDER"
+    code, _, err = run_cli(["convert-images", str(root), str(tmp_path / "x.h5")], capsys, monkeypatch)
+    assert code != 0 and "No such command 'convert-images'" in err    # one way to do it: `mmtk convert --images`
 
 
 def test_metric_depth_anything_is_stored_in_metres(model_dirs, h5_file, tmp_path, capsys, monkeypatch):

@@ -1,5 +1,7 @@
 """RGB-D frames from ROS1 ``.bag`` and ROS2 (sqlite3, mcap) bags via ``rosbags`` (no ROS install needed).
 
+Depth comes from an Image/CompressedImage topic or from a PointCloud2 topic; a cloud is turned into depth
+aligned with the colour image (see :func:`mmtk.pointcloud.cloud_to_image_depth`).
 Colour and depth are paired by header time stamps with a slop ``max_dt`` (one-to-one, closest pairs
 first, like message_filters' approximate policy); unpaired messages are counted and reported.
 Reading is two passes: stamps only (a few bytes per message), then the paired images, so memory holds
@@ -20,9 +22,11 @@ from PIL import Image
 from mmtk.adapters.sensors.common import Frame, to_metres
 from mmtk.adapters.sensors.rgbd_folders import RgbdSource, associate_by_time
 from mmtk.errors import MmtkError
+from mmtk.pointcloud import PointCloud, cloud_to_image_depth, pointcloud2_to_cloud
 
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 CAMERA_INFO_TYPE = "sensor_msgs/msg/CameraInfo"
+CLOUD_TYPE = "sensor_msgs/msg/PointCloud2"
 COLOR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8")
 DEPTH_ENCODINGS = {"16UC1": 1000.0, "mono16": 1000.0, "32FC1": None}  # units per metre (None = metres)
 
@@ -71,12 +75,13 @@ def list_topics(bag: str | Path) -> list[TopicInfo]:
 
 
 def image_topics(bag: str | Path) -> list[TopicInfo]:
-    """The bag's Image, CompressedImage and CameraInfo topics."""
-    return [t for t in list_topics(bag) if t.msgtype in IMAGE_TYPES + (CAMERA_INFO_TYPE,)]
+    """The bag's Image, CompressedImage, PointCloud2 and CameraInfo topics (what `mmtk convert` can use)."""
+    return [t for t in list_topics(bag) if t.msgtype in IMAGE_TYPES + (CLOUD_TYPE, CAMERA_INFO_TYPE)]
 
 
 def _header_stamp(raw: bytes, is_ros2: bool) -> float:
-    """Header stamp in seconds from raw message bytes (Image/CompressedImage/CameraInfo start with a Header)."""
+    """Header stamp in seconds from raw message bytes (Image/CompressedImage/CameraInfo/PointCloud2 start with a
+    Header)."""
     if is_ros2:  # CDR: 4-byte encapsulation (byte 1: 1 = little endian), then int32 sec, uint32 nanosec
         order = "<" if raw[1] == 1 else ">"
         sec, nsec = struct.unpack_from(order + "iI", raw, 4)
@@ -166,20 +171,34 @@ def _camera_matrix(msg: Any) -> tuple[np.ndarray, tuple[int, int]]:
     return k, (int(msg.height), int(msg.width))
 
 
-def open_rosbag_source(bag: str | Path, rgb_topic: str, depth_topic: str, camera_info_topic: str | None = None,
-                       max_dt: float = 0.02, depth_scale: float | None = None) -> RgbdSource:
-    """Plan the conversion of a bag: pair colour and depth by stamp and read camera intrinsics."""
+def open_rosbag_source(bag: str | Path, rgb_topic: str, depth_topic: str | None = None,
+                       camera_info_topic: str | None = None, max_dt: float = 0.02, depth_scale: float | None = None,
+                       cloud_topic: str | None = None) -> RgbdSource:
+    """Plan the conversion of a bag: pair colour and depth by stamp and read camera intrinsics.
+
+    Depth comes from exactly one of ``depth_topic`` (Image/CompressedImage) and ``cloud_topic`` (PointCloud2,
+    metres, in the colour camera's optical frame: no TF is applied). A cloud that is not organized at the
+    colour image's size is projected with the colour camera's intrinsics (the CameraInfo topic).
+    """
+    if (depth_topic is None) == (cloud_topic is None):
+        raise MmtkError("give exactly one depth source: --depth-topic (depth images) or --cloud-topic (PointCloud2)")
+    if cloud_topic is not None and depth_scale is not None:
+        raise MmtkError("--depth-scale applies to depth images; PointCloud2 points are already in metres")
     bag = Path(bag)
     available = list_topics(bag)
     reader = _open_reader(bag)
     notes: list[str] = []
+    depth_source = depth_topic if depth_topic is not None else cloud_topic
+    assert depth_source is not None
     try:
         rgb_conns = _connections(reader, rgb_topic, available, "colour")
-        depth_conns = _connections(reader, depth_topic, available, "depth")
-        for conn, role in ((rgb_conns[0], "colour"), (depth_conns[0], "depth")):
-            if conn.msgtype not in IMAGE_TYPES:
-                raise MmtkError(f"{role} topic {conn.topic!r} has type {conn.msgtype}, expected Image or "
-                                f"CompressedImage")
+        depth_conns = _connections(reader, depth_source, available, "depth" if cloud_topic is None else "cloud")
+        _check_type(rgb_conns[0], "colour", IMAGE_TYPES, "Image or CompressedImage")
+        if cloud_topic is None:
+            _check_type(depth_conns[0], "depth", IMAGE_TYPES, "Image or CompressedImage")
+        else:
+            _check_type(depth_conns[0], "cloud", (CLOUD_TYPE,), "PointCloud2")
+            notes.extend(_frame_note(reader, rgb_conns[0], depth_conns[0]))
         if camera_info_topic is None:
             guess = rgb_topic.rsplit("/", 1)[0] + "/camera_info"
             camera_info_topic = guess if any(t.topic == guess for t in available) else None
@@ -201,28 +220,47 @@ def open_rosbag_source(bag: str | Path, rgb_topic: str, depth_topic: str, camera
     finally:
         reader.close()
     pairs = associate_by_time(stamps["rgb"], stamps["depth"], max_dt)
+    kind = "depth" if cloud_topic is None else "cloud"
     dropped_rgb = len(stamps["rgb"]) - len(pairs)
     dropped_depth = len(stamps["depth"]) - len(pairs)
     notes.append(f"paired {len(pairs)} frames within {max_dt * 1000:g} ms; dropped {dropped_rgb} colour and "
-                 f"{dropped_depth} depth messages without a partner")
+                 f"{dropped_depth} {kind} messages without a partner")
     if not pairs:
-        raise MmtkError(f"no colour message has a depth message within --max-dt {max_dt} s "
-                        f"({len(stamps['rgb'])} colour, {len(stamps['depth'])} depth messages)")
+        raise MmtkError(f"no colour message has a {kind} message within --max-dt {max_dt} s "
+                        f"({len(stamps['rgb'])} colour, {len(stamps['depth'])} {kind} messages)")
 
     def frames() -> Iterator[Frame]:
-        yield from _paired_frames(bag, rgb_topic, depth_topic, pairs, stamps["rgb"], infos, depth_scale)
+        yield from _paired_frames(bag, rgb_topic, depth_source, pairs, stamps["rgb"], infos, depth_scale,
+                                  from_cloud=cloud_topic is not None)
 
-    description = f"ROS bag {bag.name}: {rgb_topic} + {depth_topic}"
+    description = f"ROS bag {bag.name}: {rgb_topic} + {depth_source}"
     return RgbdSource("rosbag", description, len(pairs), frames, None, notes)
+
+
+def _check_type(conn: Any, role: str, types: tuple[str, ...], expected: str) -> None:
+    if conn.msgtype not in types:
+        raise MmtkError(f"{role} topic {conn.topic!r} has type {conn.msgtype}, expected {expected}")
+
+
+def _frame_note(reader: Any, rgb_conn: Any, cloud_conn: Any) -> list[str]:
+    """A note when the cloud's frame_id differs from the colour image's (no TF is applied to align them)."""
+    frame_ids = []
+    for conn in (rgb_conn, cloud_conn):
+        first = next(iter(reader.messages(connections=[conn])), None)
+        frame_ids.append("" if first is None else str(reader.deserialize(first[2], conn.msgtype).header.frame_id))
+    if frame_ids[0] and frame_ids[1] and frame_ids[0] != frame_ids[1]:
+        return [f"cloud frame {frame_ids[1]!r} differs from colour frame {frame_ids[0]!r}: the points are taken "
+                f"as given in the colour camera's optical frame (no TF is applied)"]
+    return []
 
 
 def _paired_frames(bag: Path, rgb_topic: str, depth_topic: str, pairs: list[tuple[int, int]],
                    rgb_stamps: list[float], infos: list[tuple[float, np.ndarray, tuple[int, int]]],
-                   depth_scale: float | None) -> Iterator[Frame]:
+                   depth_scale: float | None, from_cloud: bool = False) -> Iterator[Frame]:
     rgb_partner = dict(pairs)
     depth_partner = {j: i for i, j in pairs}
     pending_rgb: dict[int, np.ndarray] = {}
-    pending_depth: dict[int, np.ndarray] = {}
+    pending_depth: dict[int, Any] = {}  # depth images [H, W] metres, or PointCloud when from_cloud
     counters = {"rgb": 0, "depth": 0}
     info_times = np.asarray([t for t, _, _ in infos])
     reader = _open_reader(bag)
@@ -235,17 +273,35 @@ def _paired_frames(bag: Path, rgb_topic: str, depth_topic: str, pairs: list[tupl
             partners = rgb_partner if role == "rgb" else depth_partner
             if index not in partners:
                 continue
-            image = decode_image(reader.deserialize(raw, conn.msgtype), conn.msgtype, role, depth_scale)
-            (pending_rgb if role == "rgb" else pending_depth)[index] = image
+            msg = reader.deserialize(raw, conn.msgtype)
+            if role == "rgb":
+                pending_rgb[index] = decode_image(msg, conn.msgtype, role, depth_scale)
+            elif from_cloud:  # aligned with the colour image once its partner (and size) is known
+                pending_depth[index] = pointcloud2_to_cloud(msg)
+            else:
+                pending_depth[index] = decode_image(msg, conn.msgtype, role, depth_scale)
             rgb_index = index if role == "rgb" else partners[index]
             depth_index = partners[index] if role == "rgb" else index
             if rgb_index in pending_rgb and depth_index in pending_depth:
                 rgb, depth = pending_rgb.pop(rgb_index), pending_depth.pop(depth_index)
                 stamp = rgb_stamps[rgb_index]
-                yield Frame("all", rgb, depth, intrinsics=_nearest_k(infos, info_times, stamp, rgb.shape[:2]),
-                            timestamp=stamp, frame_id=f"{rgb_topic}#{rgb_index}")
+                k = _nearest_k(infos, info_times, stamp, rgb.shape[:2])
+                if from_cloud:
+                    depth = _cloud_depth(depth, rgb.shape[:2], k, depth_topic)
+                yield Frame("all", rgb, depth, intrinsics=k, timestamp=stamp, frame_id=f"{rgb_topic}#{rgb_index}")
     finally:
         reader.close()
+
+
+def _cloud_depth(cloud: PointCloud, size: tuple[int, int], k: np.ndarray | None, topic: str) -> np.ndarray:
+    """Depth [H, W] metres (0 = invalid) aligned with the colour image, from a decoded PointCloud2."""
+    if k is None and not (cloud.organized and cloud.points.shape[:2] == tuple(size)):
+        layout = (f"organized {cloud.points.shape[1]}x{cloud.points.shape[0]}" if cloud.organized
+                  else f"unorganized ({cloud.points.shape[0]} points)")
+        raise MmtkError(f"cloud topic {topic!r} is {layout}, not the {size[1]}x{size[0]} colour image's layout, so "
+                        f"it must be projected with the colour camera's intrinsics; pass its CameraInfo topic "
+                        f"with --camera-info-topic")
+    return cloud_to_image_depth(cloud, size, k)
 
 
 def _nearest_k(infos: list[tuple[float, np.ndarray, tuple[int, int]]], times: np.ndarray, stamp: float,

@@ -152,15 +152,21 @@ def build_demo_file(out_path: str | os.PathLike, *, force: bool = False, size: t
                         log=log)
 
 
-def convert_rosbag(bag: str | os.PathLike, out_path: str | os.PathLike, rgb_topic: str, depth_topic: str, camera_info_topic: str | None = None,
-                   max_dt: float = 0.02, depth_scale: float | None = None, size: tuple[int, int] | None = None,
-                   force: bool = False, progress: bool = True, log: Log | None = None) -> ConvertResult:
-    """Convert a ROS1 .bag or ROS2 bag (sqlite3/mcap) to an mmtk HDF5 file (colour/depth paired by stamp)."""
+def convert_rosbag(bag: str | os.PathLike, out_path: str | os.PathLike, rgb_topic: str, depth_topic: str | None = None,
+                   camera_info_topic: str | None = None, max_dt: float = 0.02, depth_scale: float | None = None,
+                   size: tuple[int, int] | None = None, force: bool = False, progress: bool = True,
+                   log: Log | None = None, cloud_topic: str | None = None) -> ConvertResult:
+    """Convert a ROS1 .bag or ROS2 bag (sqlite3/mcap) to an mmtk HDF5 file (colour/depth paired by stamp).
+
+    Depth comes from ``depth_topic`` (Image/CompressedImage) or ``cloud_topic`` (PointCloud2, turned into
+    depth aligned with the colour image; a cloud of another layout needs the colour camera's CameraInfo).
+    """
     from mmtk.adapters.sensors.rosbag import open_rosbag_source
 
     if Path(out_path).exists() and not force:
         raise MmtkError(f"{out_path} already exists; pass --force (force=True) to overwrite it")
-    source = open_rosbag_source(bag, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale)
+    source = open_rosbag_source(bag, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale,
+                                cloud_topic=cloud_topic)
     if log:
         log(f"layout: rosbag - {source.description}; {source.total} frames")
         for note in source.notes:
