@@ -256,10 +256,14 @@ class PredictionWriter:
     def _compose(self, panels: list[np.ndarray], labels: list[str], legend: tuple) -> np.ndarray:
         from PIL import Image, ImageDraw
 
+        scale = max(1, -(-160 // max(p.shape[0] for p in panels)))  # small frames are enlarged (nearest)
+        panels = [np.repeat(np.repeat(p, scale, axis=0), scale, axis=1) for p in panels]
         h = max(p.shape[0] for p in panels)
-        w = sum(p.shape[1] for p in panels) + 4 * (len(panels) - 1)
-        title, legend_h = 14, 16 * (1 + (len(legend[1]) + 3) // 4 if legend[0] == "classes" else 2)
-        canvas = Image.new("RGB", (max(w, 360), h + title + legend_h), "white")
+        width = max(sum(p.shape[1] for p in panels) + 4 * (len(panels) - 1), 440)
+        columns = width // 110
+        rows = 1 + (len(legend[1]) - 1) // columns if legend[0] == "classes" and legend[1] else 2
+        title = 14
+        canvas = Image.new("RGB", (width, h + title + 16 * rows + 4), "white")
         draw = ImageDraw.Draw(canvas)
         x = 0
         for panel, label in zip(panels, labels):
@@ -269,7 +273,7 @@ class PredictionWriter:
         y = h + title + 2
         if legend[0] == "classes":
             for i, k in enumerate(legend[1]):
-                cx, cy = 4 + (i % 4) * 110, y + (i // 4) * 16
+                cx, cy = 4 + (i % columns) * 110, y + (i // columns) * 16
                 draw.rectangle([cx, cy, cx + 10, cy + 10], fill=tuple(int(v) for v in self.palette[k]))
                 draw.text((cx + 14, cy), self.names[k][:15] if k < len(self.names) else str(k), fill="black")
         else:
