@@ -74,12 +74,12 @@ def forever(batch: dict[str, torch.Tensor]):
         yield batch
 
 
-def real_batches(recipe, data: Path):
+def real_batches(recipe, data: Path, workers: int):
     dataset = open_dataset(data, "train", needed_modalities(recipe), tuple(recipe.data.image_size), augment=True,
                            crop_scale=recipe.data.crop_scale, hflip=recipe.data.hflip)
     keys = [(0, i % len(dataset)) for i in range(10**6)]  # (epoch, index) as the engine's sampler yields
     loader = DataLoader(SeededDataset(dataset, 0), batch_size=recipe.optim.batch_size, sampler=keys,
-                        num_workers=recipe.data.num_workers)
+                        num_workers=workers, persistent_workers=workers > 0)
     return iter(loader)
 
 
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--base-batch", type=int, default=8, help="batch for base.yaml (its 2048 needs GPUs)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1], help="loader worker counts to compare")
     parser.add_argument("--data", type=Path, default=None, help="HDF5 file (default: the shipped NYUv2 sample)")
     args = parser.parse_args()
     device = pick_device("auto")
@@ -108,18 +109,20 @@ def main() -> None:
         data = Path(tempfile.mkdtemp()) / "sample.h5"
         convert_rgbd(REPO / "samples" / "nyuv2_multimae", data, progress=False)
     recipe, model, size = build("tiny", "fp32", None)
-    batches = real_batches(recipe, data)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        next(batches)
-    load = (time.perf_counter() - start) / args.steps
     synthetic = time_steps(recipe, model, forever(synthetic_batch(recipe.optim.batch_size, size, 40)), device,
                            args.steps)
-    real = time_steps(recipe, model, batches, device, args.steps)
-    print(f"loader alone (tiny recipe, {recipe.data.num_workers} workers, frames {data}): {load:.3f} s/batch, "
-          f"{recipe.optim.batch_size / load:.1f} images/s")
-    print(f"tiny fp32 step: synthetic tensors {synthetic:.3f} s, real data {real:.3f} s "
-          f"({100 * (real / synthetic - 1):+.0f} % from loading)")
+    print(f"tiny fp32 step on synthetic tensors: {synthetic:.3f} s")
+    for workers in args.workers:
+        batches = real_batches(recipe, data, workers)
+        next(batches)  # start the workers
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            next(batches)
+        load = (time.perf_counter() - start) / args.steps
+        real = time_steps(recipe, model, batches, device, args.steps)
+        print(f"real frames of {data.name}, {workers} loader workers: loader alone {load:.3f} s/batch "
+              f"({recipe.optim.batch_size / load:.0f} images/s); training step {real:.3f} s "
+              f"({100 * (real / synthetic - 1):+.0f} % vs synthetic)")
 
 
 if __name__ == "__main__":
