@@ -67,7 +67,8 @@ class OptimConfig:
     layer_decay: float = 1.0  # lr of encoder block i is lr * layer_decay ** (num_blocks + 1 - (i + 1))
     epochs: float = 1600
     warmup_epochs: float = 40
-    accum_steps: int = 1  # micro-batches per optimizer step
+    accum_steps: int = 1  # micro-batches per optimizer step (at least)
+    micro_batch: int | None = None  # most samples per process per micro-step; more accumulation steps if needed
     clip_grad: float | None = None  # max global gradient norm; None = no clipping
 
 
@@ -292,6 +293,8 @@ def validate(recipe: Recipe, source: str) -> None:
     if optim.batch_size % optim.accum_steps:
         raise MmtkError(f"{source}: optim.batch_size {optim.batch_size} is not divisible by "
                         f"optim.accum_steps {optim.accum_steps}")
+    if optim.micro_batch is not None and optim.micro_batch <= 0:
+        raise MmtkError(f"{source}: optim.micro_batch: must be > 0, got {optim.micro_batch}")
     if train.max_steps is not None and train.max_steps <= 0:
         raise MmtkError(f"{source}: train.max_steps: must be > 0, got {train.max_steps}")
     if not model.inputs:

@@ -396,22 +396,27 @@ class Batches:
     loader: DataLoader
     sampler: ResumableSampler
     micro: int  # samples per process per micro-step
+    accum_steps: int  # micro-steps per optimizer step
     steps_per_epoch: int  # optimizer steps
 
-    def epoch_from(self, step: int, accum_steps: int) -> Iterator[dict[str, torch.Tensor]]:
+    def epoch_from(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
         """Micro-batches from optimizer step ``step`` to the end of its epoch."""
         epoch, done = divmod(step, self.steps_per_epoch)
         self.sampler.set_epoch(epoch)
-        self.sampler.skip = done * accum_steps * self.micro
+        self.sampler.skip = done * self.accum_steps * self.micro
         return iter(self.loader)
 
 
 def make_batches(recipe: Recipe, train_set: Dataset, info: DistInfo) -> Batches:
     """Split the global batch over processes and accumulation steps; seed sampling and augmentation."""
     opt, seed = recipe.optim, recipe.train.seed
-    per_step = info.world_size * opt.accum_steps
+    accum = opt.accum_steps
+    if opt.micro_batch is not None:  # e.g. the paper's 2048 on one GPU: 8 micro-steps of 256
+        accum = max(accum, math.ceil(opt.batch_size / (info.world_size * opt.micro_batch)))
+    per_step = info.world_size * accum
     if opt.batch_size % per_step:
-        raise MmtkError(f"optim.batch_size {opt.batch_size} must be divisible by processes x accum_steps = {per_step}")
+        raise MmtkError(f"optim.batch_size {opt.batch_size} must be divisible by processes x accumulation steps "
+                        f"= {info.world_size} x {accum}; change optim.batch_size or optim.micro_batch")
     micro = opt.batch_size // per_step
     repeat = recipe.data.repeat
     if len(train_set) * repeat < opt.batch_size:  # e.g. 795 NYUv2 frames and the paper's batch of 2048
@@ -428,7 +433,7 @@ def make_batches(recipe: Recipe, train_set: Dataset, info: DistInfo) -> Batches:
                         generator=torch.Generator().manual_seed(seed),
                         persistent_workers=recipe.data.num_workers > 0,
                         pin_memory=recipe.data.pin_memory and info.device.type == "cuda")
-    return Batches(loader, sampler, micro, sampler.num_samples // micro // opt.accum_steps)
+    return Batches(loader, sampler, micro, accum, sampler.num_samples // micro // accum)
 
 
 class Checkpointer:
@@ -522,20 +527,20 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
     train_model.train()
     with progress:
         while step < stop:
-            batches = data.epoch_from(step, opt.accum_steps)
+            batches = data.epoch_from(step)
             for _ in range(step % data.steps_per_epoch, data.steps_per_epoch):
                 if step >= stop:
                     break
                 sums: dict[str, torch.Tensor] = {}
-                for micro_step in range(opt.accum_steps):
+                for micro_step in range(data.accum_steps):
                     batch = to_device(next(batches), info.device)
-                    sync = micro_step == opt.accum_steps - 1 or info.world_size == 1
+                    sync = micro_step == data.accum_steps - 1 or info.world_size == 1
                     with contextlib.nullcontext() if sync else train_model.no_sync():
                         with _autocast(info.device, cfg.precision):
                             loss, losses = compute_loss(train_model, batch)
-                        scaler.scale(loss / opt.accum_steps).backward()
+                        scaler.scale(loss / data.accum_steps).backward()
                     for name, value in {"loss": loss, **losses}.items():
-                        sums[name] = sums.get(name, 0) + value.detach().float() / opt.accum_steps
+                        sums[name] = sums.get(name, 0) + value.detach().float() / data.accum_steps
                 values = _mean_over_ranks(torch.stack(list(sums.values())), info).tolist()
                 step_losses = dict(zip(sums, values))
                 if not all(math.isfinite(v) for v in values):

@@ -1,5 +1,6 @@
 """Engine pieces on the real tiny model: weight-decay groups, layer-wise lr decay, schedule, atomic checkpoints."""
 
+import itertools
 import math
 import random
 
@@ -86,3 +87,23 @@ def test_load_checkpoint_errors(tmp_path):
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(MmtkError, match="cannot be read"):
         load_checkpoint(broken)
+
+
+def test_global_batch_split_over_processes_and_accumulation():
+    from mmtk.config import recipe_from_dict
+    from mmtk.engine import DistInfo, make_batches
+
+    frames = [{"x": torch.tensor([float(i)])} for i in range(10)]
+    recipe = recipe_from_dict({"optim": {"batch_size": 8, "micro_batch": 2, "epochs": 1, "warmup_epochs": 0}})
+    one = make_batches(recipe, frames, DistInfo(0, 1, 0, torch.device("cpu")))
+    assert (one.micro, one.accum_steps, one.steps_per_epoch) == (2, 4, 1)
+    two = make_batches(recipe, frames, DistInfo(1, 2, 1, torch.device("cpu")))
+    assert (two.micro, two.accum_steps) == (2, 2)
+    # rank 1 of 2 sees the odd positions of the epoch's permutation (DistributedSampler, seed 0 + epoch 0)
+    first = torch.cat([b["x"] for b in itertools.islice(two.epoch_from(0), 2)]).flatten().tolist()
+    full = [int(i) for i in torch.randperm(10, generator=torch.Generator().manual_seed(0))]
+    assert first == [float(i) for i in full[1:8:2]]
+    with pytest.raises(MmtkError, match="divisible"):
+        make_batches(recipe_from_dict({"optim": {"batch_size": 6, "micro_batch": 2, "epochs": 1,
+                                                 "warmup_epochs": 0}}), frames,
+                     DistInfo(0, 4, 0, torch.device("cpu")))
