@@ -100,7 +100,7 @@ def test_dataset_map_and_errors(nyu_file, tmp_path):
         H5Dataset(nyu_file, split="test", dataset_map={"depth": "depth_pseudo"})
     with pytest.raises(MmtkError, match="no split 'val'"):
         H5Dataset(nyu_file, split="val")
-    with pytest.raises(MmtkError, match="unknown modalities"):
+    with pytest.raises(MmtkError, match="unknown modality"):
         H5Dataset(nyu_file, modalities=("normals",))
 
 
