@@ -168,3 +168,17 @@ def test_loader_workers_do_not_change_the_run(sample_h5, tmp_path):
         run_training(recipe, tmp_path / f"w{workers}")
         losses.append([(r["step"], r["loss"]) for r in read_metrics(tmp_path / f"w{workers}")])
     assert len(losses[0]) == 6 and losses[0] == losses[1]
+
+
+def test_gradient_accumulation_matches_the_full_batch(sample_h5, tmp_path):
+    """A global batch of 4 as 1 micro-step of 4 or 4 micro-steps of 1 gives the same run (finetuning is deterministic)."""
+    runs = []
+    for micro in (4, 1):
+        recipe = load_recipe(RECIPES / "tiny_finetune_semseg.yaml", TINY_SEMSEG + [
+            "optim.batch_size=4", f"optim.micro_batch={micro}", "optim.epochs=2", "optim.warmup_epochs=1"],
+            data_path=str(sample_h5))
+        run_training(recipe, tmp_path / f"micro{micro}")
+        runs.append(read_metrics(tmp_path / f"micro{micro}"))
+    assert [r["step"] for r in runs[0]] == [r["step"] for r in runs[1]] == [1, 2, 3, 4]
+    for full, accumulated in zip(*runs):
+        assert accumulated["loss"] == pytest.approx(full["loss"], rel=1e-4)
