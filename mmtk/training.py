@@ -10,12 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmtk.adapters import get_modality, list_modalities
 from mmtk.config import Recipe
 from mmtk.engine import FitResult, fit, main_process_print, seed_everything
 from mmtk.errors import MmtkError
 from mmtk.metrics import IGNORE_INDEX
 
-DERIVED = {"norm_rgb": "rgb"}  # targets computed by the model from another modality
+STORED = ("rgb", "depth", "semseg")  # modalities an mmtk HDF5 file stores as datasets
+EXTRAS = ("depth_m", "semseg_full")  # prepared targets that are not model inputs
+
+
+def data_source(name: str) -> str:
+    """The prepared tensor a task reads: its own, or its mask source's (norm_rgb is computed from rgb)."""
+    modality = get_modality(name)
+    return name if modality.is_input else (modality.mask_source or name)
 
 
 @dataclass
@@ -35,8 +43,7 @@ def open_dataset(path: str | Path, split: str, modalities: tuple[str, ...], imag
     """One split of an HDF5 file as prepared tensors (the data contract); only ``modalities`` are read."""
     from mmtk.data import H5Dataset
 
-    files = tuple(m for m in modalities if m in ("rgb", "depth", "semseg"))
-    return H5Dataset(path, split=split, modalities=files, image_size=image_size, augment=augment,
+    return H5Dataset(path, split=split, modalities=modalities, image_size=image_size, augment=augment,
                      crop_scale=crop_scale, hflip=hflip)
 
 
@@ -49,7 +56,10 @@ def data_info(path: str | Path, split: str = "train") -> DataInfo:
         raise MmtkError(f"{path} has no split '{split}'; it has {', '.join(info['splits'])} "
                         f"(set data.train_split / --split)")
     part = info["splits"][split]
-    modalities = tuple(m for m in ("rgb", "depth", "semseg") if m in part["datasets"])
+    stored = [m for m in STORED if m in part["datasets"]]
+    derived = [name for name in list_modalities() if name not in STORED and get_modality(name).stored_from
+               and all(source in part["datasets"] for source in get_modality(name).stored_from)]
+    modalities = tuple(stored + derived)  # e.g. xyz, computed from depth + intrinsics by its adapter
     classes = list(info.get("classes") or [])
     return DataInfo(str(path), modalities, tuple(part["image_size"] or (0, 0)), len(classes), int(part["frames"]),
                     classes)
@@ -58,7 +68,7 @@ def data_info(path: str | Path, split: str = "train") -> DataInfo:
 def require_modalities(wanted: tuple[str, ...], info: DataInfo, what: str) -> None:
     """A recipe asking for a modality the file lacks is a one-line error."""
     for name in wanted:
-        source = DERIVED.get(name, name)
+        source = data_source(name)
         if source not in info.modalities:
             raise MmtkError(f"{what} needs '{name}' but {info.path} has only {', '.join(info.modalities)}; "
                             f"drop it from the recipe (e.g. --set model.inputs=...) or convert a file with it")
@@ -85,7 +95,7 @@ def needed_modalities(recipe: Recipe) -> tuple[str, ...]:
     """Prepared tensors the run reads from the data file."""
     model = recipe.model
     if recipe.kind == "pretrain":
-        wanted = list(model.inputs) + [DERIVED.get(m, m) for m in model.outputs]
+        wanted = list(model.inputs) + [data_source(m) for m in model.outputs]
     else:
         wanted = list(model.inputs) + [model.task]
     return tuple(dict.fromkeys(wanted))
@@ -97,8 +107,9 @@ def needed_modalities(recipe: Recipe) -> tuple[str, ...]:
 
 def pretrain_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
     """The MultiMAE objective: the model masks, decodes every task and returns its losses."""
-    valid = {"depth": batch["depth_valid"]} if "depth_valid" in batch else None
-    out = model({k: v for k, v in batch.items() if k in ("rgb", "depth", "semseg")}, valid=valid)
+    valid = {key[: -len("_valid")]: value for key, value in batch.items() if key.endswith("_valid")}
+    inputs = {key: value for key, value in batch.items() if not key.endswith("_valid") and key not in EXTRAS}
+    out = model(inputs, valid=valid)
     return out.loss, dict(out.losses)
 
 

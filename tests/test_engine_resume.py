@@ -7,7 +7,7 @@ import signal
 import subprocess
 import time
 
-from engine_helpers import CLI, ONE_THREAD_ENV, RECIPES, TINY, sample_h5  # noqa: F401
+from engine_helpers import CLI, ONE_THREAD_ENV, RECIPES, TINY, run_cli, sample_h5  # noqa: F401
 from mmtk.engine import checkpoint_paths, read_metrics
 
 LOSSES = ("loss", "rgb", "norm_rgb", "depth", "semseg", "lr")
@@ -52,7 +52,6 @@ def test_sigkill_then_resume_reproduces_uninterrupted_run(sample_h5, tmp_path):
 
 
 def test_resume_without_checkpoint_is_a_clear_error(sample_h5, tmp_path):
-    result = subprocess.run(_command(sample_h5, tmp_path / "empty", "--resume"), capture_output=True, text=True,
-                            timeout=300, env=ONE_THREAD_ENV)
-    assert result.returncode == 2
-    assert "no checkpoint" in result.stderr and "Traceback" not in result.stderr
+    code, output = run_cli(*_command(sample_h5, tmp_path / "empty", "--resume")[len(CLI):])
+    assert code == 2
+    assert "no checkpoint" in output and "start without --resume" in output

@@ -182,3 +182,15 @@ def test_gradient_accumulation_matches_the_full_batch(sample_h5, tmp_path):
     assert [r["step"] for r in runs[0]] == [r["step"] for r in runs[1]] == [1, 2, 3, 4]
     for full, accumulated in zip(*runs):
         assert accumulated["loss"] == pytest.approx(full["loss"], rel=1e-4)
+
+
+def test_pretraining_with_a_registered_derived_modality(sync_h5, tmp_path):
+    """xyz (computed from depth + intrinsics by its adapter) trains like any stored modality; depth holes are skipped."""
+    recipe = load_recipe(RECIPES / "tiny.yaml", TINY + [
+        "data.train_split=all", "model.inputs=rgb,depth,xyz", "model.outputs=rgb,depth,xyz", "optim.batch_size=3",
+        "data.repeat=2", "optim.epochs=10", "optim.warmup_epochs=1", "model.num_visible=12"],
+        data_path=str(sync_h5))
+    run_training(recipe, tmp_path / "run")
+    records = read_metrics(tmp_path / "run")
+    assert len(records) == 20 and all(math.isfinite(r["xyz"]) and r["xyz"] > 0 for r in records)
+    assert _mean(records, "xyz", range(16, 21)) < _mean(records, "xyz", range(1, 6))
