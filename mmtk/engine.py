@@ -471,6 +471,9 @@ class Checkpointer:
         self.last = newest_checkpoint(self.run_dir)
         if self.last is None:
             raise MmtkError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}; start without --resume")
+        if self.info.is_main:  # temporary files of writes a kill interrupted
+            for stale in [*self.last.parent.glob(".step_*.tmp"), *self.run_dir.glob(".last.pt.*.tmp")]:
+                stale.unlink(missing_ok=True)
         state = load_checkpoint(self.last)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

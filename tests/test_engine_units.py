@@ -107,3 +107,27 @@ def test_global_batch_split_over_processes_and_accumulation():
         make_batches(recipe_from_dict({"optim": {"batch_size": 6, "micro_batch": 2, "epochs": 1,
                                                  "warmup_epochs": 0}}), frames,
                      DistInfo(0, 4, 0, torch.device("cpu")))
+
+
+def test_sigkill_during_checkpoint_writes_leaves_a_loadable_file(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "checkpoints" / "step_00000001.pt"
+    save_checkpoint({"step": 0, "w": torch.zeros(4)}, path)
+    writer = ("import sys, torch\nfrom mmtk.engine import save_checkpoint\n"
+              "for i in range(1, 10**6):\n"
+              "    save_checkpoint({'step': i, 'w': torch.full((4_000_000,), float(i))}, sys.argv[1])\n")
+    process = subprocess.Popen([sys.executable, "-c", writer, str(path)])
+    deadline = time.monotonic() + 120
+    while load_checkpoint(path)["step"] < 2 and time.monotonic() < deadline:  # readers always see whole files
+        time.sleep(0.05)
+    time.sleep(0.3)  # now a 16 MB write is most likely in flight
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    state = load_checkpoint(path)  # whichever version was last renamed in, complete
+    assert state["step"] >= 2 and state["w"].numel() == 4_000_000
+    assert bool((state["w"] == float(state["step"])).all())
