@@ -1,6 +1,6 @@
 """Pretraining step of MultiMAE-base: images/s (fp32 and bf16 autocast), FLOPs, and how close to GEMM-bound.
 
-    python benchmarks/bench_model.py [--batch 8] [--steps 5] [--size 224]
+    python benchmarks/bench_model.py [--batch 8] [--steps 5] [--size 224] [--compile]
 
 FLOPs per image come from PyTorch's flop counter (matmuls, convolutions, attention) over one
 forward+backward. The "matmul-bound limit" is FLOPs per image divided by the GEMM rate measured
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -68,7 +69,10 @@ def main() -> None:
     with FlopCounterMode(display=False) as counter:
         step(model, batch, bf16=False)
     flops_per_image = counter.get_total_flops() / args.batch
-    print(f"threads: {torch.get_num_threads()}, batch {args.batch}, {args.size}x{args.size} px, 98 visible tokens")
+    if args.compile:
+        mmtk.compile_blocks(model)
+    print(f"threads: {torch.get_num_threads()}, batch {args.batch}, {args.size}x{args.size} px, 98 visible tokens, "
+          f"{'compiled blocks' if args.compile else 'eager'}")
     print(f"FLOPs per image (forward+backward): {flops_per_image / 1e9:.1f} GFLOP")
     for label, dtype, bf16 in (("fp32", torch.float32, False), ("bf16 autocast", torch.bfloat16, True)):
         rate = gemm_rate(dtype)

@@ -78,7 +78,7 @@ class TrainConfig:
 
     seed: int = 0
     precision: Precision = "bf16"  # autocast dtype; fp16 adds a gradient scaler (CUDA only)
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the transformer blocks (mmtk.compile_blocks)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False  # torch.use_deterministic_algorithms; needed for bit-exact resume on GPU
     loss: Literal["ce", "berhu", "l1"] | None = None  # finetuning loss; None = ce for semseg, berhu for depth

@@ -33,6 +33,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 
 from mmtk.config import Recipe, recipe_to_dict, save_recipe
 from mmtk.errors import MmtkError
+from mmtk.multimae import compile_blocks
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 CHECKPOINT_FORMAT = "mmtk-checkpoint"
@@ -517,12 +518,12 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
     seed_everything(cfg.seed + info.rank)  # different masks per process, same init (weights are broadcast)
     step = ckpt.restore() if resume else 0
     metrics.truncate_after(step)
+    if cfg.compile:
+        compile_blocks(model)  # the transformer blocks; masking and gathers stay eager
     train_model = model
     if info.world_size > 1:
         ids = [info.device.index] if info.device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
 
     progress, last_losses = _progress(info.is_main), {}
     task = progress.add_task("train", total=stop, completed=step)

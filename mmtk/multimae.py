@@ -352,6 +352,19 @@ class DenseModel(nn.Module):
         return self.encoder.forward_features(inputs, return_all_blocks)
 
 
+def compile_blocks(model: nn.Module) -> nn.Module:
+    """`torch.compile` every transformer block in place and return the model.
+
+    Blocks see fixed shapes (the visible-token budget is exact), so they compile once and fuse norms,
+    activations and residuals around the matmuls; masking, gathers and losses stay eager, which avoids
+    the recompilations a whole-model compile suffers from data-dependent token counts.
+    """
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.compile()
+    return model
+
+
 def init_weights(model: nn.Module) -> None:
     """MAE/MultiMAE-style init: xavier-uniform linears (q, k, v as separate matrices), zero biases."""
     for name, module in model.named_modules():
