@@ -373,93 +373,16 @@ def write_prediction(out_dir: Path, stem: str, rgb: np.ndarray, prediction: Pred
 
 # ----------------------------------------------------------------------------------- ROS images
 
-_IMAGE_ENCODINGS = {  # encoding -> (numpy dtype, channels)
-    "rgb8": ("u1", 3), "bgr8": ("u1", 3), "rgba8": ("u1", 4), "bgra8": ("u1", 4), "mono8": ("u1", 1),
-    "16UC1": ("u2", 1), "mono16": ("u2", 1), "32FC1": ("f4", 1),
-}
-
-
-def image_msg_to_array(msg) -> np.ndarray:
-    """Decode a ``sensor_msgs/Image`` (rgb8, bgr8, rgba8, bgra8, mono8, 16UC1, mono16, 32FC1) with numpy.
-
-    Colour comes back as uint8 RGB [H, W, 3]; depth encodings as [H, W] of their raw type.
-    """
-    encoding = str(msg.encoding)
-    if encoding not in _IMAGE_ENCODINGS:
-        raise MmtkError(f"unsupported image encoding {encoding!r}; supported: {', '.join(_IMAGE_ENCODINGS)}")
-    code, channels = _IMAGE_ENCODINGS[encoding]
-    dtype = np.dtype(code).newbyteorder(">" if msg.is_bigendian else "<")
-    height, width, step = int(msg.height), int(msg.width), int(msg.step)
-    data = np.frombuffer(bytes(msg.data) if not isinstance(msg.data, np.ndarray) else msg.data.tobytes(), np.uint8)
-    if len(data) < height * step:
-        raise MmtkError(f"image message has {len(data)} bytes, expected {height} rows of {step}")
-    rows = data[: height * step].reshape(height, step)[:, : width * channels * dtype.itemsize]
-    image = np.ascontiguousarray(rows).view(dtype).reshape(height, width, channels).astype(dtype.newbyteorder("="))
-    if encoding.startswith("bgr"):
-        image = image[..., [2, 1, 0]]
-    elif encoding.startswith("rgb"):
-        image = image[..., :3]
-    return image[..., 0] if channels == 1 else image
-
-
-def depth_msg_to_metres(msg) -> np.ndarray:
-    """Depth image message -> float32 metres (16UC1/mono16 in millimetres, 32FC1 in metres; NaN -> 0)."""
-    raw = image_msg_to_array(msg)
-    depth = raw.astype(np.float32) / (1000.0 if raw.dtype == np.uint16 else 1.0)
-    return np.where(np.isfinite(depth) & (depth > 0), depth, 0.0).astype(np.float32)
-
-
-@dataclass
-class BagFrame:
-    """An RGB image from a bag, with the depth image nearest in time (if a depth topic was given)."""
-
-    timestamp: float
-    rgb: np.ndarray
-    depth: np.ndarray | None
-    intrinsics: np.ndarray | None
-
-
 def read_bag_frames(path: str | os.PathLike, rgb_topic: str, depth_topic: str | None = None,
                     max_gap_s: float = 0.05):
-    """Yield :class:`BagFrame` for each message on ``rgb_topic`` of a ROS1/ROS2 bag (rosbags).
+    """Frames of a ROS1/ROS2 bag for prediction: colour, with depth paired by time when a depth topic is given.
 
-    Depth is paired by header time (nearest, at most ``max_gap_s`` seconds apart); intrinsics come from
-    the ``camera_info`` topic beside the RGB topic when the bag has one.
+    Reading, decoding and pairing are `mmtk convert --rosbag`'s (`mmtk.adapters.sensors.rosbag`); without a
+    depth topic every colour message is a frame (depth None). Each frame has rgb, depth, intrinsics, timestamp.
     """
-    from rosbags.highlevel import AnyReader
+    from mmtk.adapters.sensors.rosbag import open_rosbag_source, read_colour_frames
 
-    path = Path(path)
-    if not path.exists():
-        raise MmtkError(f"{path}: no such bag file or folder")
-    try:
-        reader = AnyReader([path])
-        reader.open()
-    except Exception as err:  # rosbags raises several types for unreadable bags
-        raise MmtkError(f"{path}: cannot read the ROS bag ({err})") from err
-    try:
-        topics = {c.topic: c for c in reader.connections}
-        for topic in (rgb_topic, depth_topic):
-            if topic is not None and topic not in topics:
-                images = sorted(t for t, c in topics.items() if c.msgtype == "sensor_msgs/msg/Image")
-                raise MmtkError(f"{path}: no topic {topic!r}; image topics: {images}")
-        info_topic = rgb_topic.rsplit("/", 1)[0] + "/camera_info"
-        wanted = [topics[t] for t in (rgb_topic, depth_topic, info_topic) if t is not None and t in topics]
-        rgbs, depths, intrinsics = [], [], None
-        for connection, _, raw in reader.messages(connections=wanted):
-            msg = reader.deserialize(raw, connection.msgtype)
-            stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
-            if connection.topic == info_topic:
-                k = msg.k if hasattr(msg, "k") else msg.K  # ROS2 / ROS1 field name
-                intrinsics = np.asarray(k, dtype=np.float32).reshape(3, 3)
-            elif connection.topic == rgb_topic:
-                rgbs.append((stamp, image_msg_to_array(msg)))
-            else:
-                depths.append((stamp, depth_msg_to_metres(msg)))
-    finally:
-        reader.close()
-    for stamp, rgb in rgbs:
-        depth = None
-        if depths:
-            gap, nearest = min((abs(s - stamp), i) for i, (s, _) in enumerate(depths))
-            depth = depths[nearest][1] if gap <= max_gap_s else None
-        yield BagFrame(stamp, rgb if rgb.ndim == 3 else np.repeat(rgb[..., None], 3, -1), depth, intrinsics)
+    if depth_topic is None:
+        yield from read_colour_frames(path, rgb_topic)
+        return
+    yield from open_rosbag_source(path, rgb_topic, depth_topic, max_dt=max_gap_s).frames()

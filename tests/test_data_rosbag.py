@@ -326,3 +326,14 @@ def test_shared_bags_cloud_topic_ros1_and_ros2(tmp_path):
             expected = np.zeros_like(d["all/depth"][:])
             expected[:, ::step, ::step] = d["all/depth"][:, ::step, ::step]
             np.testing.assert_allclose(c["all/depth"][:], expected, atol=1e-3)
+
+
+def test_colour_frames_without_depth_for_prediction():
+    from mmtk.adapters.sensors.rosbag import read_colour_frames
+
+    bag = SAMPLES / "rosbag_pcl_kinect" / "pcl_kinect_2frames.bag"
+    frames = list(read_colour_frames(bag, "/camera/rgb/image_color"))
+    assert len(frames) == 2 and all(f.depth is None for f in frames)
+    assert frames[0].rgb.shape == (480, 640, 3) and frames[0].rgb.dtype == np.uint8
+    np.testing.assert_allclose(frames[0].intrinsics, [[525, 0, 320], [0, 525, 240], [0, 0, 1]])
+    assert frames[0].timestamp < frames[1].timestamp

@@ -16,7 +16,7 @@ from PIL import Image
 import mmtk
 from mmtk.pointcloud import depth_to_xyz, intrinsics_matrix, read_cloud
 from mmtk.predict import (
-    colorize_labels, depth_msg_to_metres, image_msg_to_array, label_palette, load_predictor, predict_frame,
+    colorize_labels, label_palette, load_predictor, predict_frame,
     prepare_depth, prepare_rgb, read_bag_frames,
 )
 
@@ -176,17 +176,6 @@ def test_predict_cli_rosbag(checkpoints, tmp_path, capsys, monkeypatch):
                                 capsys, monkeypatch)
     assert code == 0, err
     assert "3 frame(s) predicted" in stdout and (out / "frame_000002.ply").is_file()
-
-
-def test_image_message_decoding_with_row_padding(rgb, depth_m):
-    bgr = np.ascontiguousarray(rgb[..., ::-1])
-    rows = np.zeros((480, 640 * 3 + 16), np.uint8)
-    rows[:, : 640 * 3] = bgr.reshape(480, -1)
-    msg = SimpleNamespace(encoding="bgr8", height=480, width=640, step=640 * 3 + 16, is_bigendian=0, data=rows.ravel())
-    assert np.array_equal(image_msg_to_array(msg), rgb)
-    mm = np.round(depth_m * 1000).astype(">u2")
-    msg = SimpleNamespace(encoding="16UC1", height=480, width=640, step=1280, is_bigendian=1, data=mm.tobytes())
-    np.testing.assert_allclose(depth_msg_to_metres(msg), depth_m, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("args,message", [

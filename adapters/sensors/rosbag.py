@@ -237,6 +237,30 @@ def open_rosbag_source(bag: str | Path, rgb_topic: str, depth_topic: str | None 
     return RgbdSource("rosbag", description, len(pairs), frames, None, notes)
 
 
+def read_colour_frames(bag: str | Path, rgb_topic: str, camera_info_topic: str | None = None) -> Iterator[Frame]:
+    """Every colour message of a bag as a frame without depth (for prediction from RGB alone)."""
+    bag = Path(bag)
+    available = list_topics(bag)
+    if camera_info_topic is None:
+        guess = rgb_topic.rsplit("/", 1)[0] + "/camera_info"
+        camera_info_topic = guess if any(t.topic == guess for t in available) else None
+    reader = _open_reader(bag)
+    try:
+        rgb_conns = _connections(reader, rgb_topic, available, "colour")
+        _check_type(rgb_conns[0], "colour", IMAGE_TYPES, "Image or CompressedImage")
+        info_conns = _connections(reader, camera_info_topic, available, "camera info") if camera_info_topic else []
+        infos = [_camera_matrix(reader.deserialize(raw, conn.msgtype))[0]
+                 for conn, _, raw in reader.messages(connections=info_conns)]
+        intrinsics = infos[0] if infos else None  # a camera's intrinsics do not change within a bag
+        for conn, log_time, raw in reader.messages(connections=rgb_conns):
+            msg = reader.deserialize(raw, conn.msgtype)
+            stamp = _header_stamp(raw, bool(getattr(reader, "is2", False))) or log_time * 1e-9
+            yield Frame("all", decode_image(msg, conn.msgtype, "rgb", None), None, intrinsics=intrinsics,
+                        timestamp=stamp)
+    finally:
+        reader.close()
+
+
 def _check_type(conn: Any, role: str, types: tuple[str, ...], expected: str) -> None:
     if conn.msgtype not in types:
         raise MmtkError(f"{role} topic {conn.topic!r} has type {conn.msgtype}, expected {expected}")
