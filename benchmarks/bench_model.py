@@ -4,12 +4,13 @@
 
 FLOPs per image come from PyTorch's flop counter (matmuls, convolutions, attention) over one
 forward+backward. The "matmul-bound limit" is FLOPs per image divided by the GEMM rate measured
-in the same run with large square matrices; the efficiency is images/s over that limit.
+between the steps with large square matrices; the efficiency is images/s over that limit.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -18,16 +19,27 @@ from torch.utils.flop_counter import FlopCounterMode
 import mmtk
 
 
-def gemm_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    """Measured matmul FLOP/s for dtype (best of several)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def gemm_seconds(a: torch.Tensor, b: torch.Tensor) -> float:
+    start = time.perf_counter()
     a @ b
-    best = float("inf")
-    for _ in range(repeats):
+    return time.perf_counter() - start
+
+
+def time_steps(model: torch.nn.Module, batch: dict, bf16: bool, steps: int, dtype: torch.dtype,
+               n: int = 2048) -> tuple[float, float]:
+    """Median seconds per step, and the median GEMM FLOP/s measured between the steps (same conditions:
+    this machine's speed drifts by +-20 % from minute to minute, so both are sampled together)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    step(model, batch, bf16)  # warm-up
+    gemm_seconds(a, b)
+    step_times, gemm_times = [], []
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+        step(model, batch, bf16)
+        step_times.append(time.perf_counter() - start)
+        gemm_times += [gemm_seconds(a, b) for _ in range(3)]
+    return statistics.median(step_times), 2 * n**3 / statistics.median(gemm_times)
 
 
 def make_batch(batch: int, size: int) -> dict[str, torch.Tensor]:
@@ -42,17 +54,6 @@ def step(model: torch.nn.Module, batch: dict, bf16: bool) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         loss = model(batch).loss
     loss.backward()
-
-
-def time_steps(model: torch.nn.Module, batch: dict, bf16: bool, steps: int) -> float:
-    step(model, batch, bf16)  # warm-up
-    times = []
-    for _ in range(steps):
-        model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        step(model, batch, bf16)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]  # median seconds per step
 
 
 def main() -> None:
@@ -75,8 +76,7 @@ def main() -> None:
           f"{'compiled blocks' if args.compile else 'eager'}")
     print(f"FLOPs per image (forward+backward): {flops_per_image / 1e9:.1f} GFLOP")
     for label, dtype, bf16 in (("fp32", torch.float32, False), ("bf16 autocast", torch.bfloat16, True)):
-        rate = gemm_rate(dtype)
-        seconds = time_steps(model, batch, bf16, args.steps)
+        seconds, rate = time_steps(model, batch, bf16, args.steps, dtype)
         images_per_s = args.batch / seconds
         limit = rate / flops_per_image
         print(f"{label:>14}: {images_per_s:6.2f} images/s ({seconds * 1000:.0f} ms/step); GEMM rate "

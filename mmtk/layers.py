@@ -1,19 +1,50 @@
 """Building blocks shared by tokenizers and decoders.
 
 The transformer block, MLP, DropPath and weight init come from timm; what timm does not have is
-here: fixed 2D sin-cos positional embeddings, the patch tokenizer that uses them, and the
-cross-attention of MultiMAE's decoders.
+here: fixed 2D sin-cos positional embeddings, the patch tokenizer that uses them, the
+cross-attention of MultiMAE's decoders, and the attention kernel choice both attentions share.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from timm.models.vision_transformer import Block  # noqa: F401  (re-exported: the encoder block)
+from timm.layers import Attention as TimmAttention
+from timm.models.vision_transformer import Block as TimmBlock
 from torch import Tensor, nn
 
 LAYER_NORM_EPS = 1e-6
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v for [B, heads, N, d] tensors; `attn_mask` True = may attend.
+
+    `scaled_dot_product_attention` everywhere except bf16 on the CPU, where its fused kernels are
+    2-3x slower than two batched bf16 matmuls around an fp32 softmax (measured at MultiMAE's sizes).
+    """
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, h, N, M]
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores.float().softmax(dim=-1).to(v.dtype) @ v
+
+
+class SelfAttention(TimmAttention):
+    """timm's multi-head self-attention (same parameters: fused qkv, proj) on :func:`attention`."""
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        batch, tokens, _ = x.shape
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads).unbind(0)
+        out = attention(q, k, v, attn_mask)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+# The pre-norm ViT block: timm's, with its attention layer injected.
+Block = partial(TimmBlock, attn_layer=SelfAttention)
 
 
 def layer_norm(dim: int, **kwargs) -> nn.LayerNorm:
@@ -89,5 +120,5 @@ class CrossAttention(nn.Module):
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads)
         k, v = rearrange(self.kv(context), "b m (two h d) -> two b h m d", two=2, h=self.num_heads)
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = attention(q, k, v, attn_mask)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))

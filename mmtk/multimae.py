@@ -24,7 +24,7 @@ from mmtk.adapters import Modality, get_modality
 from mmtk.decoder import MaskedDecoder, TokenLayout, VisibleTokens
 from mmtk.errors import MmtkError
 from mmtk.heads import ConvNeXtHead, DPTHead
-from mmtk.layers import Block, layer_norm
+from mmtk.layers import Block, TimmBlock, layer_norm
 from mmtk.masking import sample_masks
 
 
@@ -360,7 +360,7 @@ def compile_blocks(model: nn.Module) -> nn.Module:
     the recompilations a whole-model compile suffers from data-dependent token counts.
     """
     for module in model.modules():
-        if isinstance(module, Block):
+        if isinstance(module, TimmBlock):
             module.compile()
     return model
 

@@ -177,3 +177,16 @@ def test_unknown_model_option_is_a_clear_error():
         mmtk.create_model("multimae-tiny", dimension=3)
     with pytest.raises(mmtk.MmtkError, match="not divisible by the patch size"):
         mmtk.create_model("multimae-tiny", image_size=(100, 64))
+
+
+def test_cpu_bf16_attention_matches_sdpa():
+    from mmtk.layers import attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 20, 16, generator=gen) for _ in range(3))
+    mask = torch.ones(2, 1, 1, 20, dtype=torch.bool)
+    mask[1, ..., 15:] = False  # padded keys of sample 1
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    fast = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), reference, atol=3e-2, rtol=3e-2)
