@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 work=${1:-demo}
 mkdir -p "$work"
 rm -rf "$work/pretrain" "$work/finetune"
+mmtk() { python3 -m mmtk "$@"; }  # the interpreter setup.sh installed into, whatever is on PATH
 
 mmtk convert --rgbd samples/nyuv2_multimae "$work/nyuv2_sample.h5" --force --no-progress
 mmtk info "$work/nyuv2_sample.h5"

@@ -20,3 +20,4 @@ fi
 extras=""
 if [ "${1:-}" = "--dev" ]; then extras="[dev,pseudo,onnx]"; fi
 python3 -m pip install -q --disable-pip-version-check -e ".${extras}"
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi  # make the new `mmtk` command visible
