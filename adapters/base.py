@@ -54,8 +54,15 @@ class Modality:
         return self.channels
 
     def tokenizer(self, dim: int, grid: tuple[int, int]) -> nn.Module:
-        """A module mapping the prepared tensor [B, ...] to tokens [B, gh*gw, dim] (positions included)."""
-        raise MmtkError(f"modality '{self.name}' is target-only; remove it from the model inputs")
+        """A module mapping the prepared tensor [B, ...] to tokens [B, gh*gw, dim] (positions included).
+
+        Default: patches of the dense [B, channels, H, W] map (rgb, depth, xyz, ...).
+        """
+        if not self.is_input:
+            raise MmtkError(f"modality '{self.name}' is target-only; remove it from the model inputs")
+        from mmtk.layers import PatchTokenizer
+
+        return PatchTokenizer(self.channels, dim, self.patch_size, grid, stride=self.stride, pos_mode=self.pos_mode)
 
     def target(self, inputs: dict[str, Tensor]) -> Tensor | None:
         """The training target in the decoder's output layout, or None when the batch lacks it."""

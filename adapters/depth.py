@@ -5,19 +5,15 @@ Pixels the sensor did not measure (``valid["depth"]`` False) never enter the los
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmtk.adapters.base import Modality, register_modality
-from mmtk.layers import PatchTokenizer
 
 
 @register_modality
 class Depth(Modality):
     name = "depth"
     channels = 1
-
-    def tokenizer(self, dim: int, grid: tuple[int, int]) -> nn.Module:
-        return PatchTokenizer(self.channels, dim, self.patch_size, grid, pos_mode=self.pos_mode)
 
     def valid_pixels(self, inputs: dict[str, Tensor], valid: dict[str, Tensor]) -> Tensor | None:
         mask = valid.get(self.name)

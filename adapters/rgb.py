@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmtk.adapters.base import Modality, register_modality
-from mmtk.layers import PatchTokenizer
 
 
 @register_modality
 class RGB(Modality):
     name = "rgb"
     channels = 3
-
-    def tokenizer(self, dim: int, grid: tuple[int, int]) -> nn.Module:
-        return PatchTokenizer(self.channels, dim, self.patch_size, grid, pos_mode=self.pos_mode)
 
     def pixel_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         return F.mse_loss(pred, target, reduction="none").mean(dim=1)  # [B, H, W]

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from mmtk.adapters.base import Modality, register_modality
-from mmtk.layers import PatchTokenizer
+from mmtk.adapters.base import register_modality
+from mmtk.adapters.depth import Depth
 
 
 @register_modality
-class XYZ(Modality):
+class XYZ(Depth):
+    """Tokenized, validated and scored like depth (L1 on hidden, valid pixels), with 3 channels."""
+
     name = "xyz"
     channels = 3
     stored_from = ("depth", "intrinsics")  # mmtk HDF5: computed per crop from metric depth and K
@@ -37,16 +39,6 @@ class XYZ(Modality):
         if window.flip:
             xyz, valid = flip_xyz(xyz), valid.flip(-1)
         return {"xyz": xyz, "xyz_valid": valid}
-
-    def tokenizer(self, dim: int, grid: tuple[int, int]) -> nn.Module:
-        return PatchTokenizer(self.channels, dim, self.patch_size, grid, pos_mode=self.pos_mode)
-
-    def valid_pixels(self, inputs: dict[str, Tensor], valid: dict[str, Tensor]) -> Tensor | None:
-        mask = valid.get(self.name)
-        return None if mask is None else mask.reshape(mask.shape[0], *mask.shape[-2:]).bool()
-
-    def pixel_loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        return (pred - target).abs().mean(dim=1)  # [B, H, W]
 
 
 def crop_intrinsics(intrinsics: np.ndarray, window, image_size: tuple[int, int]) -> np.ndarray:

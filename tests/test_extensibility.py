@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 import mmtk
 from helpers import TINY, random_batch
 from mmtk.adapters import Modality, register_modality
-from mmtk.layers import PatchTokenizer
 
 
 @register_modality
@@ -18,9 +17,6 @@ class SurfaceNormals(Modality):
 
     name = "test_normals"
     channels = 3
-
-    def tokenizer(self, dim: int, grid: tuple[int, int]) -> nn.Module:
-        return PatchTokenizer(self.channels, dim, self.patch_size, grid)
 
     def pixel_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         return 1 - F.cosine_similarity(pred, target, dim=1)  # [B, H, W]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cli_helpers import run_cli
 import mmtk
 from mmtk.pointcloud import depth_to_xyz, intrinsics_matrix, read_cloud
 from mmtk.predict import (
@@ -29,24 +29,6 @@ SHARED = REPO.parent / "shared" / "data"
 BAG = SHARED / "rosbag_pcl_kinect" / "pcl_kinect_3frames.bag"
 K = intrinsics_matrix(525.0, 525.0, 320.0, 240.0)
 TINY = dict(dim=64, depth=4, num_heads=2, image_size=(64, 96), num_classes=5)
-
-
-def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    """Run `mmtk ARGS` through the real entry point (error handling included); (exit code, stdout, stderr)."""
-    import mmtk.cli.main as cli_main
-
-    def register_robot_commands() -> None:
-        from mmtk.cli import robot_cmds  # noqa: F401
-
-    monkeypatch.setattr(cli_main, "_register_commands", register_robot_commands)
-    monkeypatch.setattr(sys, "argv", ["mmtk", *args])
-    code = 0
-    try:
-        cli_main.main()
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def save_tiny(path: Path, **args) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 from pathlib import Path
 
 import h5py
@@ -15,30 +14,13 @@ from PIL import Image
 transformers = pytest.importorskip("transformers")
 import torch  # noqa: E402
 
+from cli_helpers import run_cli
 import mmtk.pseudo_label as pl  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "pcl_kinect"
 FRAME = "frame_20121214T142255.814212"
 CLASSES = ["floor", "wall", "laptop", "box", "carpet"]
-
-
-def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    """Run `mmtk ARGS` through the real entry point (error handling included); (exit code, stdout, stderr)."""
-    import mmtk.cli.main as cli_main
-
-    def register_robot_commands() -> None:
-        from mmtk.cli import data_cmds, robot_cmds  # noqa: F401  (convert --images lives in data_cmds)
-
-    monkeypatch.setattr(cli_main, "_register_commands", register_robot_commands)
-    monkeypatch.setattr(sys, "argv", ["mmtk", *args])
-    code = 0
-    try:
-        cli_main.main()
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(autouse=True)
