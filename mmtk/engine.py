@@ -33,6 +33,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 
 from mmtk.config import Recipe, recipe_to_dict, save_recipe
 from mmtk.errors import MmtkError
+from mmtk.formats import read_state_dict
 from mmtk.multimae import compile_blocks
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -257,14 +258,8 @@ def link_last(path: Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load an mmtk checkpoint safely (``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MmtkError(f"checkpoint {path} not found")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise MmtkError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})".splitlines()[0]) from None
+    """Load an mmtk checkpoint safely (``weights_only=True``; see :func:`mmtk.formats.read_state_dict`)."""
+    return read_state_dict(path, map_location)
 
 
 def checkpoint_paths(run_dir: str | Path) -> list[Path]:
