@@ -35,6 +35,7 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.2, 1.0)  # random resized crop area range, shared by all modalities
     hflip: bool = True
     repeat: int = 1  # an epoch visits every frame this many times (differently augmented); for tiny files
+    sources: dict[str, str] = field(default_factory=dict)  # modality -> stored dataset, e.g. {depth: depth_pseudo}
     num_workers: int = 0
     pin_memory: bool = True  # only has an effect on CUDA
 

@@ -39,15 +39,19 @@ class DataInfo:
 
 
 def open_dataset(path: str | Path, split: str, modalities: tuple[str, ...], image_size: tuple[int, int] | None,
-                 augment: bool, crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True):
-    """One split of an HDF5 file as prepared tensors (the data contract); only ``modalities`` are read."""
+                 augment: bool, crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True,
+                 sources: dict[str, str] | None = None):
+    """One split of an HDF5 file as prepared tensors (the data contract); only ``modalities`` are read.
+
+    ``sources`` maps a modality to the stored dataset it reads (``{"depth": "depth_pseudo"}``).
+    """
     from mmtk.data import H5Dataset
 
     return H5Dataset(path, split=split, modalities=modalities, image_size=image_size, augment=augment,
-                     crop_scale=crop_scale, hflip=hflip)
+                     crop_scale=crop_scale, hflip=hflip, dataset_map=sources)
 
 
-def data_info(path: str | Path, split: str = "train") -> DataInfo:
+def data_info(path: str | Path, split: str = "train", sources: dict[str, str] | None = None) -> DataInfo:
     """Modalities, frame size, class count and class names of one split of a data file."""
     from mmtk.data import read_info
 
@@ -56,7 +60,12 @@ def data_info(path: str | Path, split: str = "train") -> DataInfo:
         raise MmtkError(f"{path} has no split '{split}'; it has {', '.join(info['splits'])} "
                         f"(set data.train_split / --split)")
     part = info["splits"][split]
-    stored = [m for m in STORED if m in part["datasets"]]
+    sources = sources or {}
+    for modality, name in sources.items():
+        if name not in part["datasets"]:
+            raise MmtkError(f"data.sources maps {modality} to '{name}' but split '{split}' of {path} has only "
+                            f"{', '.join(part['datasets'])}; fix data.sources or run `mmtk pseudo-label` first")
+    stored = [m for m in STORED if sources.get(m, m) in part["datasets"]]
     derived = [name for name in list_modalities() if name not in STORED and get_modality(name).stored_from
                and all(source in part["datasets"] for source in get_modality(name).stored_from)]
     modalities = tuple(stored + derived)  # e.g. xyz, computed from depth + intrinsics by its adapter
@@ -160,11 +169,12 @@ def finetune_loss_fn(recipe: Recipe):
 def _prepare(recipe: Recipe) -> tuple[DataInfo, Any]:
     if recipe.data.path is None:
         raise MmtkError("no data file: pass --data FILE.h5 (written by `mmtk convert`) or set data.path in the recipe")
-    info = data_info(recipe.data.path, recipe.data.train_split)
+    info = data_info(recipe.data.path, recipe.data.train_split, recipe.data.sources)
     require_modalities(needed_modalities(recipe), info, f"the recipe ({recipe.kind})")
     image_size = tuple(recipe.data.image_size or info.image_size)
     train_set = open_dataset(recipe.data.path, recipe.data.train_split, needed_modalities(recipe), image_size,
-                             augment=True, crop_scale=recipe.data.crop_scale, hflip=recipe.data.hflip)
+                             augment=True, crop_scale=recipe.data.crop_scale, hflip=recipe.data.hflip,
+                             sources=recipe.data.sources)
     return info, train_set
 
 
