@@ -81,7 +81,7 @@ class MaskedDecoder(nn.Module):
         """Task embedding + position of every input token: [1, N, d]."""
         pos = self.positions(layout.grid)
         embs = []
-        for name, (start, end) in layout.spans.items():
+        for name in layout.spans:
             task_emb = self.task_embeddings[name] if name in self.task_embeddings else torch.zeros_like(self.mask_token)
             embs.append(task_emb + pos)
         return torch.cat(embs, dim=1)
