@@ -13,6 +13,7 @@ from mmtk.cli.main import app
 @app.command("models")
 def models() -> None:
     """List the model sizes `create_model` knows, with their parameter counts."""
+    import torch
     from rich.console import Console
     from rich.table import Table
 
@@ -23,7 +24,8 @@ def models() -> None:
         table.add_column(column, justify="left" if column == "name" else "right")
     for name in mmtk.list_models():
         config = mmtk.model_config(name)
-        model = mmtk.build_model(config)
+        with torch.device("meta"):  # shapes only: no memory, no init
+            model = mmtk.build_model(config)
         count = sum(p.numel() for p in model.parameters() if p.requires_grad)
         table.add_row(name, str(config.dim), str(config.depth), str(config.num_heads), f"{count / 1e6:.1f}")
     Console().print(table)

@@ -130,7 +130,7 @@ class MultiModalEncoder(nn.Module):
         self.tokenizers = nn.ModuleDict({name: m.tokenizer(config.dim, config.grid)
                                          for name, m in self.modalities.items()})
         self.global_tokens = nn.Parameter(torch.zeros(1, config.num_global_tokens, config.dim))
-        drop_path = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        drop_path = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]  # linear
         self.blocks = nn.ModuleList([
             Block(config.dim, config.num_heads, config.mlp_ratio, qkv_bias=True, drop_path=dp, norm_layer=layer_norm)
             for dp in drop_path
