@@ -57,11 +57,9 @@ def normalise_xyz(xyz: np.ndarray) -> tuple[Tensor, Tensor]:
     valid = np.isfinite(xyz).all(axis=-1) & (xyz[..., 2] > 0)
     out = np.zeros(xyz.shape, dtype=np.float32)
     if valid.any():
-        z = xyz[..., 2][valid]
-        low, high = np.quantile(z, [0.1, 0.9])
-        kept = z[(z >= low) & (z <= high)]
-        kept = kept if kept.size else z
-        mean, scale = kept.mean(), np.sqrt(kept.var() + 1e-6)
+        from mmtk.data.transforms import robust_mean_std
+
+        mean, scale = robust_mean_std(xyz[..., 2][valid])
         out[valid] = ((xyz[valid] - [0.0, 0.0, mean]) / scale).astype(np.float32)
     return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))), torch.from_numpy(valid)[None]
 

@@ -51,7 +51,8 @@ def export_pointcloud_command(
     """Write a coloured point cloud from a frame's depth (optionally coloured by semantic labels)."""
     from mmtk.errors import MmtkError
     from mmtk.pointcloud import depth_to_cloud, parse_intrinsics, write_cloud
-    from mmtk.predict import Frame, colorize_labels, read_depth, read_h5_frame, read_rgb
+    from mmtk.predict import Frame, read_depth, read_h5_frame, read_rgb
+    from mmtk.visualize import colorize_labels
 
     if (h5 is None) == (rgb is None):
         raise MmtkError("give the frame either with --h5 FILE (--split, --index) or with --rgb IMAGE --depth IMAGE")

@@ -22,10 +22,11 @@ from torch.utils.data import DataLoader, Subset
 from mmtk.engine import load_checkpoint, pick_device, to_device
 from mmtk.errors import MmtkError
 from mmtk.metrics import DepthMetrics, SegmentationMetrics
+from mmtk.adapters.semseg import IGNORE_INDEX
+from mmtk.data.transforms import IMAGENET_MEAN, IMAGENET_STD, robust_mean_std
 from mmtk.training import data_info, open_dataset, require_modalities
+from mmtk.visualize import colorize_depth, label_palette
 
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 SEG_KEYS = ("miou", "pixel_acc", "mean_acc")
 DEPTH_KEYS = ("delta1", "delta2", "delta3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10")
 
@@ -70,22 +71,16 @@ def parse_input_sets(values: list[str] | None, available: tuple[str, ...]) -> li
 
 
 def robust_stats(depth_m: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-frame mean and std of the 10-90% quantile slice of valid depths (as the data standardises).
+    """Per-frame robust mean and std of the valid depths, as the data standardises them.
 
-    depth_m, valid: [B, 1, H, W] -> (m, s) each [B, 1, 1, 1].
+    depth_m, valid: [B, 1, H, W] -> (m, s) each [B, 1, 1, 1]; a frame without valid depth gives (0, 1).
     """
-    means, stds = [], []
-    for d, v in zip(depth_m, valid):
-        values = d[v.bool() & (d > 0)].float()
-        if values.numel() == 0:
-            means.append(torch.tensor(0.0))
-            stds.append(torch.tensor(1.0))
-            continue
-        lo, hi = torch.quantile(values, torch.tensor([0.1, 0.9], device=values.device))
-        kept = values[(values >= lo) & (values <= hi)]
-        means.append(kept.mean())
-        stds.append(torch.sqrt(kept.var(unbiased=False) + 1e-6))
-    return torch.stack(means).view(-1, 1, 1, 1).to(depth_m), torch.stack(stds).view(-1, 1, 1, 1).to(depth_m)
+    stats = []
+    for d, v in zip(depth_m.cpu().numpy(), valid.cpu().numpy()):
+        values = d[v.astype(bool) & (d > 0)]
+        stats.append(robust_mean_std(values) if values.size else (0.0, 1.0))
+    mean, std = torch.tensor(stats, dtype=depth_m.dtype, device=depth_m.device).unbind(1)
+    return mean.view(-1, 1, 1, 1), std.view(-1, 1, 1, 1)
 
 
 def _predict(model: nn.Module, kind: str, batch: dict[str, Tensor], combo: tuple[str, ...],
@@ -180,32 +175,13 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
 # ---------------------------------------------------------------------------------------------
 # Pictures
 
-_VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
-
-
-def colorize_depth(depth: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """[H, W] metres -> [H, W, 3] uint8 viridis; pixels <= 0 black."""
-    t = np.clip((depth - lo) / max(hi - lo, 1e-6), 0, 1) * (len(_VIRIDIS) - 1)
-    i = np.minimum(t.astype(int), len(_VIRIDIS) - 2)
-    rgb = _VIRIDIS[i] + (t - i)[..., None] * (_VIRIDIS[i + 1] - _VIRIDIS[i])
-    rgb[depth <= 0] = 0
-    return rgb.astype(np.uint8)
-
-
-def class_palette(num_classes: int) -> np.ndarray:
-    """[num_classes + 1, 3] distinct colours; the last row (ignored pixels) black."""
-    rng = np.random.default_rng(7)
-    colours = rng.integers(40, 256, size=(num_classes, 3))
-    return np.vstack([colours, [[0, 0, 0]]]).astype(np.uint8)
-
-
 class PredictionWriter:
     """Writes input | prediction | ground truth side by side as PNG, with a legend strip."""
 
     def __init__(self, folder: str | Path, num_classes: int, info: Any) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.palette = class_palette(num_classes)
+        self.palette = label_palette(num_classes + 1)  # row 0: unlabeled (black), row k + 1: class k
         names = list(info.class_names)
         self.names = names + [f"class {k}" for k in range(len(names), num_classes)]
 
@@ -219,13 +195,13 @@ class PredictionWriter:
                 guess = pred[b].argmax(0).numpy()
                 guess_img, target_img = self._seg(guess), self._seg(target)
                 present = np.unique(np.concatenate([guess.ravel(), target.ravel()]))
-                legend = ("classes", [int(c) for c in present if c != 255])
+                legend = ("classes", [int(c) for c in present if c != IGNORE_INDEX])
             else:
                 target = batch["depth_m"][b, 0].cpu().numpy()
                 valid = batch["depth_valid"][b, 0].cpu().numpy().astype(bool) & (target > 0)
                 lo, hi = (float(target[valid].min()), float(target[valid].max())) if valid.any() else (0.0, 10.0)
-                guess_img = colorize_depth(pred[b, 0].numpy(), lo, hi)
-                target_img = colorize_depth(np.where(valid, target, 0), lo, hi)
+                guess_img = colorize_depth(pred[b, 0].numpy(), value_range=(lo, hi))
+                target_img = colorize_depth(np.where(valid, target, 0), value_range=(lo, hi))
                 legend = ("depth", lo, hi)
             panels += [guess_img, target_img]
             labels += [f"predicted {task}", f"ground truth {task}"]
@@ -243,15 +219,14 @@ class PredictionWriter:
                 panels.append((rgb.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
             elif name == "depth" and "depth_m" in batch:
                 d = batch["depth_m"][b, 0].cpu().numpy()
-                panels.append(colorize_depth(d, float(d[d > 0].min()) if (d > 0).any() else 0, float(d.max())))
+                panels.append(colorize_depth(d, value_range=(float(d[d > 0].min()), float(d.max())) if (d > 0).any() else None))
             elif name == "semseg":
                 labels = batch["semseg_full"][b].cpu().numpy() if "semseg_full" in batch else batch["semseg"][b].cpu().numpy()
                 panels.append(self._seg(labels))
         return panels
 
     def _seg(self, labels: np.ndarray) -> np.ndarray:
-        index = np.where(labels == 255, len(self.palette) - 1, np.clip(labels, 0, len(self.palette) - 2))
-        return self.palette[index]
+        return self.palette[np.where(labels == IGNORE_INDEX, 0, np.clip(labels, 0, len(self.palette) - 2) + 1)]
 
     def _compose(self, panels: list[np.ndarray], labels: list[str], legend: tuple) -> np.ndarray:
         from PIL import Image, ImageDraw
@@ -274,11 +249,11 @@ class PredictionWriter:
         if legend[0] == "classes":
             for i, k in enumerate(legend[1]):
                 cx, cy = 4 + (i % columns) * 110, y + (i // columns) * 16
-                draw.rectangle([cx, cy, cx + 10, cy + 10], fill=tuple(int(v) for v in self.palette[k]))
+                draw.rectangle([cx, cy, cx + 10, cy + 10], fill=tuple(int(v) for v in self.palette[k + 1]))
                 draw.text((cx + 14, cy), self.names[k][:15] if k < len(self.names) else str(k), fill="black")
         else:
             _, lo, hi = legend
-            bar = colorize_depth(np.tile(np.linspace(lo, hi, 200), (10, 1)), lo, hi)
+            bar = colorize_depth(np.tile(np.linspace(lo, hi, 200), (10, 1)), np.ones((10, 200), bool), (lo, hi))
             canvas.paste(Image.fromarray(bar), (60, y))
             draw.text((4, y), f"{lo:.2f} m", fill="black")
             draw.text((264, y), f"{hi:.2f} m", fill="black")

@@ -15,7 +15,8 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.regression import MeanAbsolutePercentageError, MeanSquaredError
 
-IGNORE_INDEX = 255
+from mmtk.adapters.semseg import IGNORE_INDEX
+
 
 
 class SegmentationMetrics(Metric):

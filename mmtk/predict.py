@@ -12,46 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from mmtk.errors import MmtkError
-
-# Viridis at 0, 1/4, 1/2, 3/4, 1 (perceptually uniform; near = dark, far = bright).
-_DEPTH_STOPS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
-
-
-def colorize_depth(depth: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
-    """uint8 RGB [H, W, 3] from depth [H, W]: viridis over the 2-98% range of valid pixels; invalid -> black."""
-    depth = np.asarray(depth, dtype=np.float64)
-    if valid is None:
-        valid = np.isfinite(depth) & (depth > 0)
-    image = np.zeros((*depth.shape, 3), dtype=np.uint8)
-    if not valid.any():
-        return image
-    low, high = np.percentile(depth[valid], [2, 98])
-    scaled = np.clip((depth[valid] - low) / max(high - low, 1e-9), 0, 1) * (len(_DEPTH_STOPS) - 1)
-    position = np.arange(len(_DEPTH_STOPS))
-    image[valid] = np.stack([np.interp(scaled, position, _DEPTH_STOPS[:, c]) for c in range(3)], -1).round()
-    return image
-
-
-def label_palette(num_labels: int) -> np.ndarray:
-    """uint8 [num_labels, 3]: label 0 black (unlabeled), others distinct colours from spreading the label's
-    bits over the high bits of R, G and B (deterministic, neighbours differ strongly)."""
-    palette = np.zeros((num_labels, 3), dtype=np.uint8)
-    for label in range(1, num_labels):
-        value, rgb = label, [0, 0, 0]
-        for bit in range(7, -1, -1):
-            for channel in range(3):
-                rgb[channel] |= ((value >> channel) & 1) << bit
-            value >>= 3
-        palette[label] = rgb
-    return palette
-
-
-def colorize_labels(labels: np.ndarray, num_labels: int | None = None) -> np.ndarray:
-    """uint8 RGB [H, W, 3] from integer labels [H, W] (HDF5 convention: 0 = unlabeled, black)."""
-    labels = np.asarray(labels).astype(np.int64)
-    count = int(labels.max()) + 1 if num_labels is None else num_labels
-    return label_palette(max(count, int(labels.max()) + 1))[labels]
-
+from mmtk.visualize import colorize_depth, colorize_labels
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """uint8 RGB [H, W, 3] from an image file; an unreadable file is a clear MmtkError."""
@@ -149,39 +110,6 @@ def read_h5_frame(path: str | os.PathLike, split: str, index: int, depth_key: st
 
 # ------------------------------------------------------------------------------------ model side
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-
-
-def prepare_rgb(rgb: np.ndarray) -> "torch.Tensor":
-    """uint8 [H, W, 3] -> float32 [3, H, W], ImageNet-normalised (the contract's prepared ``rgb``)."""
-    import torch
-
-    image = (np.asarray(rgb, dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-
-
-def prepare_depth(depth_m: np.ndarray) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """Metres [H, W] -> (robustly standardised depth [1, H, W], valid [1, H, W]) as in the data contract.
-
-    Valid pixels (> 0) between their 10% and 90% quantiles give mean m and std s = sqrt(var + 1e-6);
-    depth = (d - m) / s, invalid pixels 0.
-    """
-    import torch
-
-    depth = np.asarray(depth_m, dtype=np.float64)
-    valid = np.isfinite(depth) & (depth > 0)
-    out = np.zeros(depth.shape, dtype=np.float32)
-    if valid.any():
-        values = depth[valid]
-        low, high = np.quantile(values, [0.1, 0.9])
-        kept = values[(values >= low) & (values <= high)]
-        kept = kept if kept.size else values
-        mean, std = kept.mean(), np.sqrt(kept.var() + 1e-6)
-        out[valid] = ((values - mean) / std).astype(np.float32)
-    return torch.from_numpy(out)[None], torch.from_numpy(valid)[None]
-
-
 @dataclass
 class Predictor:
     """A model rebuilt from an mmtk training checkpoint, ready for inference."""
@@ -234,27 +162,18 @@ class Prediction:
     num_classes: int = 0
 
 
-def _resize_chw(tensor: "torch.Tensor", size: tuple[int, int], mode: str) -> "torch.Tensor":
-    import torch.nn.functional as F
-
-    if tuple(tensor.shape[-2:]) == tuple(size):
-        return tensor
-    if mode == "nearest":
-        return F.interpolate(tensor[None].float(), size=size, mode="nearest")[0].to(tensor.dtype)
-    return F.interpolate(tensor[None], size=size, mode=mode, align_corners=False)[0]
-
-
 def build_inputs(predictor: Predictor, rgb: np.ndarray, depth_m: np.ndarray | None,
                  image_size: tuple[int, int]) -> tuple[dict, dict]:
     """Prepared, resized model inputs [1, ...] and validity maps from a frame."""
+    from mmtk.data.transforms import prepare_depth, prepare_rgb
+
     names = set(predictor.config.inputs)
     inputs, valid = {}, {}
-    if "rgb" in names:
-        inputs["rgb"] = _resize_chw(prepare_rgb(rgb), image_size, "bilinear")[None]
+    if "rgb" in names:  # prepared exactly as the training data (mmtk.data.transforms)
+        inputs["rgb"] = prepare_rgb(rgb, image_size, flip=False)[None]
     if depth_m is not None and "depth" in names:
-        depth, depth_valid = prepare_depth(depth_m)
-        inputs["depth"] = _resize_chw(depth, image_size, "nearest")[None]
-        valid["depth"] = _resize_chw(depth_valid, image_size, "nearest")[None]
+        depth = prepare_depth(np.asarray(depth_m, dtype=np.float32), image_size, flip=False)
+        inputs["depth"], valid["depth"] = depth["depth"][None], depth["depth_valid"][None]
     if not inputs:
         raise MmtkError(f"the model takes {list(predictor.config.inputs)} but only "
                         f"{'rgb and depth' if depth_m is not None else 'rgb'} were given")

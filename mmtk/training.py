@@ -14,7 +14,7 @@ from mmtk.adapters import get_modality, list_modalities
 from mmtk.config import Recipe
 from mmtk.engine import FitResult, fit, main_process_print, seed_everything
 from mmtk.errors import MmtkError
-from mmtk.metrics import IGNORE_INDEX
+from mmtk.adapters.semseg import IGNORE_INDEX
 
 STORED = ("rgb", "depth", "semseg")  # modalities an mmtk HDF5 file stores as datasets
 EXTRAS = ("depth_m", "semseg_full")  # prepared targets that are not model inputs

@@ -248,12 +248,13 @@ def test_xyz_prepared_from_depth_equals_from_organized_and_projected_cloud(pcd, 
 def test_xyz_modality_pretrains_and_finetunes_without_core_changes(depth_mm, rgb):
     import mmtk
     from mmtk.adapters.xyz import flip_xyz, prepare_xyz_from_depth
-    from mmtk.predict import prepare_depth, prepare_rgb
+    from mmtk.data.transforms import prepare_depth, prepare_rgb
 
     small = slice(96, 96 + 64), slice(160, 160 + 96)
     xyz, valid = prepare_xyz_from_depth(depth_mm[small] / 1000.0, intrinsics_matrix(525, 525, 320 - 160, 240 - 96))
-    depth, depth_valid = prepare_depth(depth_mm[small] / 1000.0)
-    batch = {"rgb": prepare_rgb(rgb[small])[None], "xyz": xyz[None], "depth": depth[None]}
+    prepared = prepare_depth((depth_mm[small] / 1000.0).astype(np.float32), (64, 96), flip=False)
+    depth, depth_valid = prepared["depth"], prepared["depth_valid"]
+    batch = {"rgb": prepare_rgb(rgb[small], (64, 96), flip=False)[None], "xyz": xyz[None], "depth": depth[None]}
     torch.manual_seed(0)
     model = mmtk.create_model("multimae-tiny", verbose=False, dim=64, depth=2, num_heads=2, decoder_dim=32,
                               decoder_depth=1, decoder_heads=2, image_size=(64, 96), inputs=("rgb", "xyz"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -14,10 +15,8 @@ from PIL import Image
 from cli_helpers import run_cli
 import mmtk
 from mmtk.pointcloud import depth_to_xyz, intrinsics_matrix, read_cloud
-from mmtk.predict import (
-    colorize_labels, label_palette, load_predictor, predict_frame,
-    prepare_depth, prepare_rgb, read_bag_frames,
-)
+from mmtk.predict import build_inputs, load_predictor, predict_frame, read_bag_frames
+from mmtk.visualize import colorize_labels, label_palette
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "pcl_kinect"
@@ -65,11 +64,12 @@ def depth_m() -> np.ndarray:
 
 
 def test_prepared_tensors_follow_the_data_contract(rgb, depth_m):
-    prepared = prepare_rgb(rgb)
+    predictor = SimpleNamespace(config=SimpleNamespace(inputs=("rgb", "depth")))
+    inputs, valids = build_inputs(predictor, rgb, depth_m, (480, 640))
+    prepared, depth, valid = inputs["rgb"][0], inputs["depth"][0], valids["depth"][0]
     assert prepared.shape == (3, 480, 640)
     np.testing.assert_allclose(prepared[:, 0, 0].numpy(), (rgb[0, 0] / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225],
                                rtol=1e-5)
-    depth, valid = prepare_depth(depth_m)
     values = depth_m[depth_m > 0].astype(np.float64)
     low, high = np.quantile(values, [0.1, 0.9])
     kept = values[(values >= low) & (values <= high)]

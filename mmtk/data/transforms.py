@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mmtk.adapters.semseg import IGNORE_INDEX
 from mmtk.data.resize import resize_depth, resize_labels, resize_rgb
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-IGNORE_INDEX = 255
 SEMSEG_STRIDE = 4
 
 
@@ -84,8 +84,20 @@ def prepare_rgb(rgb: np.ndarray, size: tuple[int, int], flip: bool) -> torch.Ten
     return (x.to(torch.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
 
 
+def robust_mean_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and std (sqrt(var + 1e-6)) of the 10-90 % quantile slice of `values` (1-D, non-empty).
+
+    The statistics of mmtk's robust depth standardisation (MultiMAE's), shared by data preparation,
+    xyz normalisation and mapping predicted depth back to metres.
+    """
+    low, high = _quantiles(values, 0.1, 0.9)
+    kept = values[(values >= low) & (values <= high)]
+    kept = kept if kept.size else values
+    return float(kept.mean(dtype=np.float64)), float(np.sqrt(kept.var(dtype=np.float64) + 1e-6))
+
+
 def standardize_depth(depth_m: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Robust per-image standardisation: mean/std of the valid pixels inside their 10-90 % quantiles.
+    """Robust per-image standardisation (:func:`robust_mean_std` of the valid pixels).
 
     depth_m, valid: [1, H, W]. Invalid pixels are 0 in the result; no valid pixel gives all zeros.
     """
@@ -93,10 +105,7 @@ def standardize_depth(depth_m: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
     values = depth[mask]
     if values.size == 0:
         return torch.zeros_like(depth_m)
-    low, high = _quantiles(values, 0.1, 0.9)
-    kept = values[(values >= low) & (values <= high)]
-    mean = kept.mean(dtype=np.float64)
-    std = np.sqrt(kept.var(dtype=np.float64) + 1e-6)
+    mean, std = robust_mean_std(values)
     out = np.where(mask, (depth - np.float32(mean)) / np.float32(std), np.float32(0.0))
     return torch.from_numpy(out.astype(np.float32, copy=False))
 
