@@ -140,12 +140,10 @@ def predict_command(
                 raise MmtkError(f"{depth}: depth is {sensor.shape} but {rgb} is {image.shape[:2]}; they must be aligned")
             yield rgb.stem, image, sensor, None
         elif h5 is not None:
-            import h5py
-
+            from mmtk.data.dataset import open_mmtk_file
             from mmtk.predict import read_h5_frame
-            if not h5.is_file():
-                raise MmtkError(f"{h5}: no such HDF5 file")
-            with h5py.File(h5, "r") as handle:
+
+            with open_mmtk_file(h5) as handle:
                 if split not in handle:
                     raise MmtkError(f"{h5}: no split {split!r}; splits: {sorted(handle)}")
                 count = handle[split]["rgb"].shape[0]

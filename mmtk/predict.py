@@ -15,17 +15,10 @@ from mmtk.errors import MmtkError
 from mmtk.visualize import colorize_depth, colorize_labels
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """uint8 RGB [H, W, 3] from an image file; an unreadable file is a clear MmtkError."""
-    from PIL import Image, UnidentifiedImageError
+    """uint8 RGB [H, W, 3] from an image file (the converters' reader); an unreadable file is a clear MmtkError."""
+    from mmtk.adapters.sensors.common import read_rgb as read_colour
 
-    path = Path(path)
-    try:
-        with Image.open(path) as image:
-            return np.array(image.convert("RGB"))
-    except FileNotFoundError as err:
-        raise MmtkError(f"{path}: no such image file") from err
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise MmtkError(f"{path}: cannot read as an image ({type(err).__name__}); give a PNG/JPEG/TIFF file") from err
+    return read_colour(Path(path))
 
 
 def read_depth(path: str | os.PathLike, depth_scale: float | None = None) -> np.ndarray:
@@ -34,27 +27,13 @@ def read_depth(path: str | os.PathLike, depth_scale: float | None = None) -> np.
     Integer images are divided by ``depth_scale`` (units per metre: 1000 for millimetres, the default; 5000 for
     TUM RGB-D). Float images and ``.npy`` arrays are taken as metres unless ``depth_scale`` is given.
     """
-    from PIL import Image, UnidentifiedImageError
+    from mmtk.adapters.sensors.common import read_depth_units, to_metres
 
-    path = Path(path)
     if depth_scale is not None and depth_scale <= 0:
         raise MmtkError(f"--depth-scale {depth_scale}: must be positive (units per metre, e.g. 1000 for mm)")
-    try:
-        if path.suffix.lower() == ".npy":
-            raw = np.load(path, allow_pickle=False)
-        else:
-            with Image.open(path) as image:
-                raw = np.array(image)
-    except FileNotFoundError as err:
-        raise MmtkError(f"{path}: no such depth file") from err
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise MmtkError(f"{path}: cannot read as a depth image ({type(err).__name__}); give a 16-bit PNG, "
-                        "TIFF or .npy") from err
-    if raw.ndim != 2:
-        raise MmtkError(f"{path}: depth must be a single-channel image, got shape {raw.shape}")
-    scale = depth_scale if depth_scale is not None else (1000.0 if np.issubdtype(raw.dtype, np.integer) else 1.0)
-    depth = raw.astype(np.float32) / np.float32(scale)
-    return np.where(np.isfinite(depth) & (depth > 0), depth, 0.0).astype(np.float32)
+    raw = read_depth_units(Path(path))
+    default = 1000.0 if np.issubdtype(raw.dtype, np.integer) else None
+    return to_metres(raw, depth_scale if depth_scale is not None else default)
 
 
 @dataclass
@@ -74,12 +53,10 @@ METRE_UNITS = ("m", "metre", "metres", "meter", "meters")
 def read_h5_frame(path: str | os.PathLike, split: str, index: int, depth_key: str = "depth",
                   label_key: str | None = None) -> Frame:
     """Frame ``index`` of ``split`` from an mmtk HDF5 file; depth must be metric (units attr "m")."""
-    import h5py
+    from mmtk.data.dataset import open_mmtk_file
 
     path = Path(path)
-    if not path.is_file():
-        raise MmtkError(f"{path}: no such HDF5 file")
-    with h5py.File(path, "r") as handle:
+    with open_mmtk_file(path) as handle:
         if split not in handle:
             raise MmtkError(f"{path}: no split {split!r}; splits: {sorted(handle)}")
         group = handle[split]

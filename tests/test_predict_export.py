@@ -160,7 +160,7 @@ def test_predict_cli_rosbag(checkpoints, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--rgb", "{bad}"], "cannot read as an image"),
+    (["--rgb", "{bad}"], "is corrupt or truncated"),
     (["--rgb", "{rgb}", "--ply"], "--ply needs metric depth"),
     (["--rgb", "{rgb}", "--depth", "{depth}", "--ply"], "intrinsics"),
     (["--rgb", "{rgb}", "--outputs", "rgb2"], "cannot predict"),
