@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import mmtk
+
+# Tests of the GPU paths run where CUDA is present (a lent GPU machine) and are skipped elsewhere.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 TINY = dict(dim=64, depth=2, num_heads=4, decoder_dim=32, decoder_depth=1, decoder_heads=4, num_classes=5)
 

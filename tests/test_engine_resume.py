@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
 import time
 
+import pytest
+
 from engine_helpers import CLI, ONE_THREAD_ENV, RECIPES, TINY, run_cli, sample_h5  # noqa: F401
+from helpers import needs_cuda
 from mmtk.engine import checkpoint_paths, read_metrics
 
 LOSSES = ("loss", "rgb", "norm_rgb", "depth", "semseg", "lr")
@@ -55,3 +59,23 @@ def test_resume_without_checkpoint_is_a_clear_error(sample_h5, tmp_path):
     code, output = run_cli(*_command(sample_h5, tmp_path / "empty", "--resume")[len(CLI):])
     assert code == 2
     assert "no checkpoint" in output and "start without --resume" in output
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_run_stopped_then_resumed_matches_uninterrupted(sample_h5, tmp_path, precision):
+    """On the GPU (deterministic algorithms): stop at step 7 (checkpoint at 6), resume, same 12 steps."""
+    def command(out, *extra):
+        return _command(sample_h5, out, "--set=train.device=cuda", f"--set=train.precision={precision}",
+                        "--set=optim.epochs=6", *extra)
+
+    subprocess.run(command(tmp_path / "full"), check=True, capture_output=True, timeout=600)
+    expected = _losses(tmp_path / "full")
+    assert [row[0] for row in expected] == list(range(1, 13))
+    assert all(math.isfinite(v) for row in expected for v in row[1:])
+    subprocess.run(command(tmp_path / "cut", "--set=train.max_steps=7"), check=True, capture_output=True,
+                   timeout=600)
+    (tmp_path / "cut" / "checkpoints" / "step_00000007.pt").unlink()  # as if killed after step 7's log line
+    resumed = subprocess.run(command(tmp_path / "cut", "--resume"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _losses(tmp_path / "cut") == expected

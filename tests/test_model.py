@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mmtk
-from helpers import TINY, random_batch, tiny_model
+from helpers import DEVICES, TINY, random_batch, tiny_model
 
 
 @pytest.mark.parametrize("size", [(64, 64), (64, 96), (96, 64), (480, 640)])
@@ -136,15 +136,21 @@ def test_cross_modal_prediction_without_an_input():
     assert "semseg" not in out.losses and set(out.masks) == {"rgb", "depth"}
 
 
-def test_bf16_autocast_keeps_semseg_decoder_in_fp32():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_keeps_semseg_decoder_in_fp32(device):
     torch.manual_seed(0)
-    model = tiny_model()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(random_batch(2))
+    model = tiny_model().to(device)
+    batch = {k: v.to(device) for k, v in random_batch(2).items()}
+    with torch.no_grad():
+        reference = model(batch)  # fp32, its masks reused below
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = model(batch, masks=reference.masks)
     assert out.preds["rgb"].dtype == torch.bfloat16
     assert out.preds["semseg"].dtype == torch.float32
-    assert torch.isfinite(out.loss)
+    for task, loss in reference.losses.items():  # bf16 keeps ~3 significant digits
+        assert out.losses[task].item() == pytest.approx(loss.item(), rel=0.03), task
     out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 def test_base_model_has_official_parameter_count():

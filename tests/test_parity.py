@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mmtk
+from helpers import needs_cuda
 
 PARITY = Path(__file__).parent / "parity"
 REL_TOL = 1e-5
@@ -53,6 +54,12 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     assert err < REL_TOL, f"{what}: relative error {err:.2e}"
 
 
+def check_losses(losses: dict, case: dict) -> None:
+    for task, ref in (case.get("losses") or {}).items():
+        ours = losses[task]
+        assert abs(ours.item() - ref.item()) <= REL_TOL * max(abs(ref.item()), 1e-6), f"loss {task}"
+
+
 def run(name: str, inputs: dict, masks: dict | None):
     model = MODELS[name]
     with torch.no_grad():
@@ -68,9 +75,7 @@ def test_case_matches_official(index):
     preds, losses = run(case["model"], case["inputs"], case.get("masks"))
     for task, ref in case["preds"].items():
         assert_close(preds[task], ref, f"pred {task}")
-    for task, ref in (case.get("losses") or {}).items():
-        ours = losses.get(task, torch.zeros(()))
-        assert abs(ours.item() - ref.item()) <= REL_TOL * max(abs(ref.item()), 1e-6), f"loss {task}"
+    check_losses(losses, case)
 
 
 STACKABLE = sorted(name for name in MODELS if sum(c["model"] == name for c in CASES) > 1 and "masks" in
@@ -95,3 +100,23 @@ def test_stacked_cases_match_per_sample(name):
                 if task not in c["masks"] or bool(c["masks"][task if task != "norm_rgb" else "rgb"].any())]
         expected = sum(refs) / len(refs)
         assert abs(batched.losses[task].item() - expected) <= 1e-5 * max(abs(expected), 1e-6), task
+
+
+@needs_cuda
+def test_every_case_matches_official_on_cuda():
+    """The same vectors on the GPU in fp32 (TF32 off, as the official outputs were computed without it)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        for name, model in MODELS.items():
+            model.cuda()
+            for case in (c for c in CASES if c["model"] == name):
+                inputs = {k: v.cuda() for k, v in case["inputs"].items()}
+                masks = {k: v.cuda() for k, v in case["masks"].items()} if "masks" in case else None
+                preds, losses = run(name, inputs, masks)
+                for task, ref in case["preds"].items():
+                    assert_close(preds[task].cpu(), ref, f"{name} pred {task} on cuda")
+                check_losses(losses, case)
+            model.cpu()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32

@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 import torch  # noqa: E402
 
 from cli_helpers import run_cli
+from helpers import needs_cuda
 import mmtk.pseudo_label as pl  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,6 +185,25 @@ def test_both_models_in_one_run_then_skip_when_complete(model_dirs, h5_file, cap
     assert code == 0 and out.count("already complete") == 4
     with h5py.File(h5_file) as f:
         np.testing.assert_array_equal(f["train/depth_pseudo"][:], first)
+
+
+@needs_cuda
+def test_bf16_on_cuda_agrees_with_fp32(model_dirs, h5_file, capsys, monkeypatch):
+    """On a GPU the models run in bfloat16 (the default): close to the float32 reference, recorded as such."""
+    code, _, err = run_cli(["pseudo-label", str(h5_file), "--depth-model", str(model_dirs["dpt"]),
+                            "--semseg-model", str(model_dirs["segformer"]), "--device", "cuda", "--no-progress"],
+                           capsys, monkeypatch)
+    assert code == 0, err
+    rgb, _ = real_frames()
+    with h5py.File(h5_file) as f:
+        depths = np.concatenate([f["train/depth_pseudo"][:], f["test/depth_pseudo"][:]])
+        labels = np.concatenate([f["train/semseg_pseudo"][:], f["test/semseg_pseudo"][:]])
+        attrs = dict(f["train/depth_pseudo"].attrs)
+    assert attrs["dtype"] == "bfloat16" and attrs["device"].startswith("cuda")
+    for frame, depth, label in zip(rgb, depths, labels):
+        expected = pl.inverse_to_relative_depth(reference(model_dirs["dpt"], frame))
+        assert np.median(np.abs(depth - expected) / np.maximum(expected, 1e-6)) < 0.05
+        assert (label == reference(model_dirs["segformer"], frame) + 1).mean() > 0.8
 
 
 def test_interrupted_run_resumes_where_it_stopped(model_dirs, h5_file, tmp_path, capsys, monkeypatch):
