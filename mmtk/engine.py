@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 
 from mmtk.config import Recipe, recipe_to_dict, save_recipe
 from mmtk.errors import MmtkError
@@ -156,7 +156,8 @@ def build_optimizer(model: nn.Module, recipe: Recipe, total_steps: int, warmup_s
     groups = param_groups(model, lr, optim.weight_decay, optim.layer_decay)
     for group in groups:
         group.pop("names")
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=optim.betas, weight_decay=optim.weight_decay)
+    # fused: one kernel for all parameters (on a CPU 5x faster than the default per-parameter loop)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=optim.betas, weight_decay=optim.weight_decay, fused=True)
     schedule = WarmupCosine(warmup_steps, total_steps, optim.min_lr / lr if lr > 0 else 0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return optimizer, scheduler
@@ -166,18 +167,31 @@ def build_optimizer(model: nn.Module, recipe: Recipe, total_steps: int, warmup_s
 # Data: resumable sampling and per-sample seeded augmentation
 
 
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that yields ``(epoch, index)`` and can skip the first samples of an epoch."""
+class RunSampler(Sampler):
+    """``(epoch, index)`` keys for a whole run, epoch after epoch, from any optimizer step on.
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.skip = 0
+    Each epoch is a DistributedSampler permutation (this process's share) cut to whole optimizer
+    steps, so a batch never straddles two epochs and a run resumed at step s sees the same keys as
+    an uninterrupted one. The stream is endless: one loader iterator serves the whole run, and its
+    workers keep prefetching across epoch boundaries (with a few steps per epoch, restarting the
+    loader every epoch would leave the GPU waiting for each epoch's first batch).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, samples_per_step: int) -> None:
+        self.epoch_order = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                                              drop_last=True)
+        self.samples_per_step = samples_per_step
+        self.steps_per_epoch = self.epoch_order.num_samples // samples_per_step
+        self.start_step = 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((self.epoch, int(i)) for i in itertools.islice(super().__iter__(), self.skip, None))
-
-    def __len__(self) -> int:
-        return self.num_samples - self.skip
+        epoch, done = divmod(self.start_step, self.steps_per_epoch)
+        first, end = done * self.samples_per_step, self.steps_per_epoch * self.samples_per_step
+        while True:
+            self.epoch_order.set_epoch(epoch)
+            for index in itertools.islice(self.epoch_order, first, end):
+                yield epoch, int(index)
+            epoch, first = epoch + 1, 0
 
 
 class SeededDataset(Dataset):
@@ -390,16 +404,14 @@ class Batches:
     """The resumable data feed of a run."""
 
     loader: DataLoader
-    sampler: ResumableSampler
+    sampler: RunSampler
     micro: int  # samples per process per micro-step
     accum_steps: int  # micro-steps per optimizer step
     steps_per_epoch: int  # optimizer steps
 
-    def epoch_from(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Micro-batches from optimizer step ``step`` to the end of its epoch."""
-        epoch, done = divmod(step, self.steps_per_epoch)
-        self.sampler.set_epoch(epoch)
-        self.sampler.skip = done * self.accum_steps * self.micro
+    def from_step(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches from optimizer step ``step`` on, endlessly (``accum_steps`` per optimizer step)."""
+        self.sampler.start_step = step
         return iter(self.loader)
 
 
@@ -422,14 +434,12 @@ def make_batches(recipe: Recipe, train_set: Dataset, info: DistInfo) -> Batches:
                                f"global batch of {opt.batch_size}; each epoch repeats the frames {repeat} times")
     if repeat > 1:
         train_set = ConcatDataset([train_set] * repeat)
-    sampler = ResumableSampler(train_set, info.world_size, info.rank, seed)
+    sampler = RunSampler(train_set, info.world_size, info.rank, seed, samples_per_step=micro * accum)
     # Its own generator: creating an iterator must not draw from the global RNG (the masks' RNG).
     loader = DataLoader(SeededDataset(train_set, seed), batch_size=micro, sampler=sampler,
-                        num_workers=recipe.data.num_workers, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed),
-                        persistent_workers=recipe.data.num_workers > 0,
+                        num_workers=recipe.data.num_workers, generator=torch.Generator().manual_seed(seed),
                         pin_memory=recipe.data.pin_memory and info.device.type == "cuda")
-    return Batches(loader, sampler, micro, accum, sampler.num_samples // micro // accum)
+    return Batches(loader, sampler, micro, accum, sampler.steps_per_epoch)
 
 
 class Checkpointer:
@@ -524,49 +534,46 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
     task = progress.add_task("train", total=stop, completed=step)
     tick, tick_step = time.perf_counter(), step
     train_model.train()
+    batches = data.from_step(step)
     with progress:
         while step < stop:
-            batches = data.epoch_from(step)
-            for _ in range(step % data.steps_per_epoch, data.steps_per_epoch):
-                if step >= stop:
-                    break
-                sums: dict[str, torch.Tensor] = {}
-                for micro_step in range(data.accum_steps):
-                    batch = to_device(next(batches), info.device)
-                    sync = micro_step == data.accum_steps - 1 or info.world_size == 1
-                    with contextlib.nullcontext() if sync else train_model.no_sync():
-                        with _autocast(info.device, cfg.precision):
-                            loss, losses = compute_loss(train_model, batch)
-                        scaler.scale(loss / data.accum_steps).backward()
-                    for name, value in {"loss": loss, **losses}.items():
-                        sums[name] = sums.get(name, 0) + value.detach().float() / data.accum_steps
-                values = _mean_over_ranks(torch.stack(list(sums.values())), info).tolist()
-                step_losses = dict(zip(sums, values))
-                if not all(math.isfinite(v) for v in values):
-                    raise MmtkError(
-                        f"loss became non-finite at step {step + 1} ({_fmt_losses(step_losses)}); stopped. "
-                        f"Last good checkpoint: {ckpt.last or 'none yet'}. Lower optim.lr, set optim.clip_grad "
-                        f"or train.precision=fp32, then rerun with --resume")
-                if opt.clip_grad is not None:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), opt.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                lr = optimizer.param_groups[-1]["lr"]  # top group: no layer decay
-                scheduler.step()
-                step, last_losses = step + 1, step_losses
-                if step % cfg.log_every == 0 or step == stop:
-                    now = time.perf_counter()
-                    images_per_s = (step - tick_step) * opt.batch_size / max(now - tick, 1e-9)
-                    tick, tick_step = now, step
-                    metrics.write({"step": step, "epoch": round(step / data.steps_per_epoch, 4), **step_losses,
-                                   "lr": lr, "images_per_s": round(images_per_s, 2)})
-                    _report(progress, task, step, stop, f"{_fmt_losses(step_losses)} lr {lr:.2e} "
-                                                        f"{images_per_s:.1f} img/s", info.is_main)
-                progress.update(task, completed=step)
-                if step % cfg.ckpt_every == 0 or step == stop:
-                    ckpt.save(step)
+            sums: dict[str, torch.Tensor] = {}
+            for micro_step in range(data.accum_steps):
+                batch = to_device(next(batches), info.device)
+                sync = micro_step == data.accum_steps - 1 or info.world_size == 1
+                with contextlib.nullcontext() if sync else train_model.no_sync():
+                    with _autocast(info.device, cfg.precision):
+                        loss, losses = compute_loss(train_model, batch)
+                    scaler.scale(loss / data.accum_steps).backward()
+                for name, value in {"loss": loss, **losses}.items():
+                    sums[name] = sums.get(name, 0) + value.detach().float() / data.accum_steps
+            values = _mean_over_ranks(torch.stack(list(sums.values())), info).tolist()
+            step_losses = dict(zip(sums, values))
+            if not all(math.isfinite(v) for v in values):
+                raise MmtkError(
+                    f"loss became non-finite at step {step + 1} ({_fmt_losses(step_losses)}); stopped. "
+                    f"Last good checkpoint: {ckpt.last or 'none yet'}. Lower optim.lr, set optim.clip_grad "
+                    f"or train.precision=fp32, then rerun with --resume")
+            if opt.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), opt.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            lr = optimizer.param_groups[-1]["lr"]  # top group: no layer decay
+            scheduler.step()
+            step, last_losses = step + 1, step_losses
+            if step % cfg.log_every == 0 or step == stop:
+                now = time.perf_counter()
+                images_per_s = (step - tick_step) * opt.batch_size / max(now - tick, 1e-9)
+                tick, tick_step = now, step
+                metrics.write({"step": step, "epoch": round(step / data.steps_per_epoch, 4), **step_losses,
+                               "lr": lr, "images_per_s": round(images_per_s, 2)})
+                _report(progress, task, step, stop, f"{_fmt_losses(step_losses)} lr {lr:.2e} "
+                                                    f"{images_per_s:.1f} img/s", info.is_main)
+            progress.update(task, completed=step)
+            if step % cfg.ckpt_every == 0 or step == stop:
+                ckpt.save(step)
     metrics.close()
     return FitResult(run_dir, step, ckpt.last, last_losses)
 

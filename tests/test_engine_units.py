@@ -100,13 +100,26 @@ def test_global_batch_split_over_processes_and_accumulation():
     two = make_batches(recipe, frames, DistInfo(1, 2, 1, torch.device("cpu")))
     assert (two.micro, two.accum_steps) == (2, 2)
     # rank 1 of 2 sees the odd positions of the epoch's permutation (DistributedSampler, seed 0 + epoch 0)
-    first = torch.cat([b["x"] for b in itertools.islice(two.epoch_from(0), 2)]).flatten().tolist()
+    first = torch.cat([b["x"] for b in itertools.islice(two.from_step(0), 2)]).flatten().tolist()
     full = [int(i) for i in torch.randperm(10, generator=torch.Generator().manual_seed(0))]
     assert first == [float(i) for i in full[1:8:2]]
     with pytest.raises(MmtkError, match="divisible"):
         make_batches(recipe_from_dict({"optim": {"batch_size": 6, "micro_batch": 2, "epochs": 1,
                                                  "warmup_epochs": 0}}), frames,
                      DistInfo(0, 4, 0, torch.device("cpu")))
+
+
+def test_run_sampler_streams_whole_step_epochs_and_resumes_at_any_step():
+    from mmtk.engine import RunSampler
+
+    sampler = RunSampler(list(range(10)), num_replicas=1, rank=0, seed=0, samples_per_step=4)
+    assert sampler.steps_per_epoch == 2  # 10 frames: 2 steps of 4, the last 2 of each permutation unused
+    keys = list(itertools.islice(iter(sampler), 16))  # 4 steps: epochs 0 and 1 from one iterator
+    for epoch in (0, 1):
+        permutation = torch.randperm(10, generator=torch.Generator().manual_seed(epoch)).tolist()
+        assert keys[8 * epoch:8 * epoch + 8] == [(epoch, i) for i in permutation[:8]]
+    sampler.start_step = 3  # a run resumed after step 3 continues with the 4th step's keys
+    assert list(itertools.islice(iter(sampler), 4)) == keys[12:16]
 
 
 def test_sigkill_during_checkpoint_writes_leaves_a_loadable_file(tmp_path):
