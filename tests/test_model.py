@@ -183,6 +183,17 @@ def test_unknown_model_option_is_a_clear_error():
         mmtk.create_model("multimae-tiny", dimension=3)
     with pytest.raises(mmtk.MmtkError, match="not divisible by the patch size"):
         mmtk.create_model("multimae-tiny", image_size=(100, 64))
+    with pytest.raises(mmtk.MmtkError, match="an input of 72x64 px does not split into 16x16 patches"):
+        tiny_model()({"rgb": torch.randn(1, 3, 72, 64)})
+
+
+def test_patch_embedding_equals_the_strided_convolution():
+    """Tokens come from one matmul over flattened patches, with the official conv-shaped weights."""
+    tokenizer = tiny_model().encoder.tokenizers["rgb"]
+    x = torch.randn(2, 3, 64, 96)
+    conv = torch.nn.functional.conv2d(x, tokenizer.proj.weight, tokenizer.proj.bias, stride=16)  # [B, D, 4, 6]
+    expected = conv.flatten(2).transpose(1, 2) + tokenizer(torch.zeros_like(x)) - tokenizer.proj.bias
+    torch.testing.assert_close(tokenizer(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_cpu_bf16_attention_matches_sdpa():
