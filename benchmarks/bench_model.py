@@ -1,6 +1,7 @@
 """Pretraining step of MultiMAE-base: images/s (fp32 and bf16 autocast), FLOPs, and how close to GEMM-bound.
 
     python benchmarks/bench_model.py [--batch 8] [--steps 5] [--size 224] [--compile] [--device cpu|cuda]
+                                     [--profile]
 
 FLOPs per image come from PyTorch's flop counter (matmuls, convolutions, attention) over one
 forward+backward. The "matmul-bound limit" is FLOPs per image divided by the GEMM rate measured
@@ -62,6 +63,26 @@ def step(model: torch.nn.Module, batch: dict, bf16: bool) -> None:
     loss.backward()
 
 
+def profile_step(model: torch.nn.Module, batch: dict, bf16: bool) -> None:
+    """Print where one step's time goes: the top operators, and on a GPU how busy the GPU was."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    device = batch["rgb"].device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        seconds = timed(lambda: step(model, batch, bf16), device)
+    events = prof.key_averages()
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(events.table(sort_by=sort_by, row_limit=25, max_name_column_width=60))
+    if device.type == "cuda":
+        print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # not the operators that launch them
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6
+        print(f"GPU kernels {busy * 1000:.1f} ms of a {seconds * 1000:.1f} ms step (profiled): "
+              f"GPU busy {100 * busy / seconds:.0f}%")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
@@ -69,6 +90,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU wants a larger --batch, e.g. 128)")
+    parser.add_argument("--profile", action="store_true", help="then print where a bf16 step's time goes")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -92,6 +114,8 @@ def main() -> None:
         print(f"{label:>14}: {images_per_s:6.2f} images/s ({seconds * 1000:.0f} ms/step); GEMM rate "
               f"{rate / 1e9:.0f} GFLOP/s -> matmul-bound limit {limit:.2f} images/s; "
               f"efficiency {100 * images_per_s / limit:.0f}%")
+    if args.profile:
+        profile_step(model, batch, bf16=True)
 
 
 if __name__ == "__main__":

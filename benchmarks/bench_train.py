@@ -1,14 +1,15 @@
 """Training throughput of the recipes, and whether the data loader keeps up.
 
     python benchmarks/bench_train.py [--recipes tiny base] [--precisions fp32 bf16] [--steps 5]
-                                     [--base-batch 8] [--data FILE.h5]
+                                     [--base-batch 8] [--data FILE.h5] [--loader-recipe tiny|base]
+                                     [--workers 0 1]
 
 For each recipe and precision: images/s of a full optimizer step (forward, backward, AdamW) of the
-recipe's model on synthetic tensors of the recipe's image size. Then, for the tiny recipe, the
-same steps fed by the real HDF5 loader (random resized crop + flip from the sample frames) against
-the same steps on synthetic tensors already in memory, and the loader alone: if the real-data step
-is no slower than the synthetic one, the loader keeps up. No GPU needed; on a GPU the same script
-measures the GPU.
+recipe's model on synthetic tensors of the recipe's image size. Then, for --loader-recipe (its
+precision, its image size), the same steps fed by the real HDF5 loader (random resized crop + flip
+from the sample frames) against the same steps on synthetic tensors already in memory, and the
+loader alone, per worker count: if the real-data step is no slower than the synthetic one, the
+loader keeps up. No GPU needed; on a GPU the same script measures the GPU.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def real_batches(recipe, data: Path, workers: int):
                            crop_scale=recipe.data.crop_scale, hflip=recipe.data.hflip)
     keys = [(0, i % len(dataset)) for i in range(10**6)]  # (epoch, index) as the engine's sampler yields
     loader = DataLoader(SeededDataset(dataset, 0), batch_size=recipe.optim.batch_size, sampler=keys,
-                        num_workers=workers, persistent_workers=workers > 0)
+                        num_workers=workers,
+                        pin_memory=torch.cuda.is_available())  # as the engine does on a GPU
     return iter(loader)
 
 
@@ -91,6 +93,8 @@ def main() -> None:
     parser.add_argument("--base-batch", type=int, default=8, help="batch for base.yaml (its 2048 needs GPUs)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1], help="loader worker counts to compare")
     parser.add_argument("--data", type=Path, default=None, help="HDF5 file (default: the shipped NYUv2 sample)")
+    parser.add_argument("--loader-recipe", choices=["tiny", "base"], default="tiny",
+                        help="the recipe whose steps the real loader feeds (tiny: fp32, base: bf16, --base-batch)")
     args = parser.parse_args()
     device = pick_device("auto")
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -108,10 +112,11 @@ def main() -> None:
 
         data = Path(tempfile.mkdtemp()) / "sample.h5"
         convert_rgbd(REPO / "samples" / "nyuv2_multimae", data, progress=False)
-    recipe, model, size = build("tiny", "fp32", None)
+    name = args.loader_recipe
+    recipe, model, size = build(name, "fp32" if name == "tiny" else "bf16", args.base_batch if name == "base" else None)
     synthetic = time_steps(recipe, model, forever(synthetic_batch(recipe.optim.batch_size, size, 40)), device,
                            args.steps)
-    print(f"tiny fp32 step on synthetic tensors: {synthetic:.3f} s")
+    print(f"{name} {recipe.train.precision} step on synthetic tensors: {synthetic:.3f} s")
     for workers in args.workers:
         batches = real_batches(recipe, data, workers)
         next(batches)  # start the workers
