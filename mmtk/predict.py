@@ -1,6 +1,7 @@
-"""Prediction helpers: reading user images, colour maps for depth and labels, per-frame point clouds.
+"""``mmtk predict``: read frames (image files, HDF5, ROS bags), run a trained model, write its predictions
+(pictures, arrays in metres or class ids, coloured point clouds).
 
-(The model-driven part of ``mmtk predict`` lives further down, once the model core is available.)
+torch is imported inside the functions that need it, so reading and writing frames stays light.
 """
 
 from __future__ import annotations
@@ -8,11 +9,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mmtk.errors import MmtkError
 from mmtk.visualize import colorize_depth, colorize_labels
+
+if TYPE_CHECKING:
+    import torch
+
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """uint8 RGB [H, W, 3] from an image file (the converters' reader); an unreadable file is a clear MmtkError."""
@@ -91,7 +97,7 @@ def read_h5_frame(path: str | os.PathLike, split: str, index: int, depth_key: st
 class Predictor:
     """A model rebuilt from an mmtk training checkpoint, ready for inference."""
 
-    model: "torch.nn.Module"
+    model: torch.nn.Module
     model_name: str
     model_args: dict
     device: str
@@ -199,7 +205,7 @@ def predict_frame(predictor: Predictor, rgb: np.ndarray, depth_m: np.ndarray | N
     return result
 
 
-def _token_mask_shape(predictor: Predictor, tensor: "torch.Tensor", name: str) -> tuple[int, int]:
+def _token_mask_shape(predictor: Predictor, tensor: torch.Tensor, name: str) -> tuple[int, int]:
     """[B, N] shape of the token mask of a prepared input [B, C, h, w]."""
     stride = predictor.model.encoder.modalities[name].stride
     patch = predictor.config.patch_size

@@ -29,11 +29,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from mmtk.errors import MmtkError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 DEPTH_FAMILIES = ("dpt", "depth_anything")
 SEMSEG_FAMILIES = ("mask2former", "segformer", "upernet")
@@ -370,7 +373,7 @@ def list_images(root: Path) -> dict[str, list[tuple[Path, str]]]:
     return {split: files for split, files in found.items() if files}
 
 
-def fit_image(image: "Image.Image", size: tuple[int, int]) -> np.ndarray:
+def fit_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """Resize so the image covers (H, W) keeping its aspect ratio, then centre-crop: uint8 [H, W, 3]."""
     from PIL import Image
 

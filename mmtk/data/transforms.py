@@ -79,7 +79,8 @@ def _flip(x: torch.Tensor, flip: bool) -> torch.Tensor:
 
 def prepare_rgb(rgb: np.ndarray, size: tuple[int, int], flip: bool) -> torch.Tensor:
     """uint8 [h, w, 3] crop -> float32 [3, H, W], ImageNet-normalised."""
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]  # [1, 3, h, w] uint8
+    rgb = np.require(rgb, requirements=["C", "W"])  # frames decoded from bags are read-only buffers
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None]  # [1, 3, h, w] uint8
     x = _flip(resize_rgb(x, size), flip)[0]
     return (x.to(torch.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
 
