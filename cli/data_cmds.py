@@ -24,8 +24,8 @@ def convert(
                                           "train/val/test above them); RGB only, add depth with `mmtk pseudo-label`."),
     rgb_topic: Optional[str] = typer.Option(None, "--rgb-topic", help="Colour Image/CompressedImage topic."),
     depth_topic: Optional[str] = typer.Option(None, "--depth-topic", help="Depth Image topic (16UC1 mm, 32FC1 m)."),
-    cloud_topic: Optional[str] = typer.Option(None, "--cloud-topic", help="Or a PointCloud2 topic (metres, colour "
-                                              "camera frame) as the depth source."),
+    cloud_topic: Optional[str] = typer.Option(None, "--cloud-topic", help="Or a PointCloud2 topic (metres; moved into "
+                                              "the colour camera's frame with /tf_static and /tf) as the depth source."),
     camera_info_topic: Optional[str] = typer.Option(None, "--camera-info-topic", help="CameraInfo topic for intrinsics."),
     max_dt: float = typer.Option(0.02, "--max-dt", help="Max colour/depth stamp difference for a pair, seconds."),
     classes: int = typer.Option(40, "--classes", help="NYUv2 label space: 40, 13 or 894."),

@@ -78,6 +78,16 @@ class PointCloud:
         colors = None if self.colors is None else self.colors[mask]
         return PointCloud(self.points[mask], colors, self.frame_id)
 
+    def transformed(self, matrix: np.ndarray, frame_id: str) -> "PointCloud":
+        """The valid points moved into ``frame_id`` by a 4x4 rigid ``matrix`` (points here -> points there).
+
+        The result is unorganized: seen from another frame, the points no longer keep their image layout.
+        """
+        moved = self.finite()
+        matrix = np.asarray(matrix, dtype=np.float64)
+        points = moved.points.astype(np.float64) @ matrix[:3, :3].T + matrix[:3, 3]
+        return PointCloud(points, moved.colors, frame_id)
+
 
 @dataclass
 class Projection:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from data_helpers import BAG1, DEPTH_TOPIC, RGB_TOPIC, SAMPLES, run_cli, shared
 from mmtk.adapters.sensors.rosbag import decode_image
+from mmtk.errors import MmtkError
 
 
 def sample_frames():
@@ -198,22 +199,45 @@ def sample_clouds():
             ((xyz[valid][order], rgb[valid][order]), (xyz, rgb))]
 
 
-def write_cloud_bag(path, kind: str, with_info: bool = True):
+# A robot (REP 103 axes: x forward, y left, z up) with the colour camera and a lidar on its base_link.
+CAMERA_IN_BASE = np.array([[0, 0, 1, 0.20], [-1, 0, 0, 0.0], [0, -1, 0, 0.50], [0, 0, 0, 1]])  # optical frame axes
+YAW = np.radians(10)
+LIDAR_IN_BASE = np.array([[np.cos(YAW), -np.sin(YAW), 0, 0.10], [np.sin(YAW), np.cos(YAW), 0, 0.10], [0, 0, 1, 0.60],
+                          [0, 0, 0, 1]])
+TF_STATIC = [("base_link", "camera_rgb_optical_frame", (0.20, 0.0, 0.50), (-0.5, 0.5, -0.5, 0.5)),  # (x, y, z, w)
+             ("/base_link", "lidar", (0.10, 0.10, 0.60), (0.0, 0.0, np.sin(YAW / 2), np.cos(YAW / 2)))]
+
+
+def write_cloud_bag(path, kind: str, with_info: bool = True, in_lidar_frame: bool = False):
     """A ROS1 .bag or ROS2 mcap bag with the sample's real colour + 16UC1 depth, two PointCloud2 topics
-    (/cam/points: see sample_clouds, /cam/points_full: 640x480 organized), clouds stamped 3 ms after colour."""
+    (/cam/points: see sample_clouds, /cam/points_full: 640x480 organized), clouds stamped 3 ms after colour.
+
+    With ``in_lidar_frame`` the /cam/points clouds are given in the lidar's frame instead, and /tf_static holds
+    the robot's two mounts (TF_STATIC) while /tf moves the robot in the world (not between the sensors)."""
     from rosbags.typesys import Stores, get_typestore
 
     ros1 = kind == "ros1"
     store = get_typestore(Stores.ROS1_NOETIC if ros1 else Stores.ROS2_HUMBLE)
+    if ros1:  # tf2_msgs is not in rosbags' Noetic store; its one-line definition, as in ROS
+        from rosbags.typesys import get_types_from_msg
+
+        store.register(get_types_from_msg("geometry_msgs/TransformStamped[] transforms", "tf2_msgs/msg/TFMessage"))
     types = store.types
     serialize = store.serialize_ros1 if ros1 else store.serialize_cdr
 
-    def header(ns):
+    def header(ns, frame="camera_rgb_optical_frame"):
         extra = {"seq": 0} if ros1 else {}
         return types["std_msgs/msg/Header"](**extra, stamp=types["builtin_interfaces/msg/Time"](
-            sec=ns // 10**9, nanosec=ns % 10**9), frame_id="camera_rgb_optical_frame")
+            sec=ns // 10**9, nanosec=ns % 10**9), frame_id=frame)
 
-    def cloud_msg(ns, points, colors):
+    def tf_msg(ns, transforms):
+        vector, quaternion = types["geometry_msgs/msg/Vector3"], types["geometry_msgs/msg/Quaternion"]
+        return types["tf2_msgs/msg/TFMessage"]([types["geometry_msgs/msg/TransformStamped"](
+            header(ns, parent), child, types["geometry_msgs/msg/Transform"](vector(*map(float, t)),
+                                                                             quaternion(*map(float, q))))
+            for parent, child, t, q in transforms])
+
+    def cloud_msg(ns, points, colors, frame="camera_rgb_optical_frame"):
         record = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("rgb", "<u4")])
         flat = np.zeros(points.shape[:-1], record)
         flat["x"], flat["y"], flat["z"] = points[..., 0], points[..., 1], points[..., 2]
@@ -221,7 +245,7 @@ def write_cloud_bag(path, kind: str, with_info: bool = True):
         height, width = flat.shape if flat.ndim == 2 else (1, flat.shape[0])
         fields = [types["sensor_msgs/msg/PointField"](name=n, offset=4 * i, datatype=7, count=1)
                   for i, n in enumerate("x y z rgb".split())]
-        return types["sensor_msgs/msg/PointCloud2"](header(ns), height, width, fields, False, 16, 16 * width,
+        return types["sensor_msgs/msg/PointCloud2"](header(ns, frame), height, width, fields, False, 16, 16 * width,
                                                      flat.view(np.uint8).reshape(-1), False)
 
     def info_msg(ns):
@@ -242,13 +266,25 @@ def write_cloud_bag(path, kind: str, with_info: bool = True):
         conn = {topic: writer.add_connection(topic, msgtype, typestore=store) for topic, msgtype in (
             ("/cam/color", "sensor_msgs/msg/Image"), ("/cam/depth", "sensor_msgs/msg/Image"),
             ("/cam/points", "sensor_msgs/msg/PointCloud2"), ("/cam/points_full", "sensor_msgs/msg/PointCloud2"),
-            ("/cam/camera_info", "sensor_msgs/msg/CameraInfo"))}
+            ("/cam/camera_info", "sensor_msgs/msg/CameraInfo"), ("/tf_static", "tf2_msgs/msg/TFMessage"),
+            ("/tf", "tf2_msgs/msg/TFMessage"))}
+        first_stamp = sample_frames()[0][0]
+        if in_lidar_frame:
+            writer.write(conn["/tf_static"], first_stamp, serialize(tf_msg(0, TF_STATIC), "tf2_msgs/msg/TFMessage"))
         for (stamp, rgb, mm), (cloud, full) in zip(sample_frames(), sample_clouds()):
+            cloud_frame = "camera_rgb_optical_frame"
+            if in_lidar_frame:
+                valid = np.isfinite(cloud[0]).all(axis=-1)
+                to_lidar = np.linalg.inv(LIDAR_IN_BASE) @ CAMERA_IN_BASE
+                cloud = (cloud[0][valid] @ to_lidar[:3, :3].T + to_lidar[:3, 3], cloud[1][valid])
+                cloud_frame = "lidar"
+                odom = ("odom", "base_link", (1e-9 * (stamp - first_stamp), 0, 0), (0, 0, 0, 1))  # driving at 1 m/s
+                writer.write(conn["/tf"], stamp, serialize(tf_msg(stamp, [odom]), "tf2_msgs/msg/TFMessage"))
             messages = [("/cam/color", stamp, types["sensor_msgs/msg/Image"](header(stamp), 480, 640, "rgb8", 0, 1920,
                                                                              rgb.reshape(-1))),
                         ("/cam/depth", stamp, types["sensor_msgs/msg/Image"](
                             header(stamp), 480, 640, "16UC1", 0, 1280, mm.astype("<u2").view(np.uint8).reshape(-1))),
-                        ("/cam/points", stamp + 3_000_000, cloud_msg(stamp + 3_000_000, *cloud)),
+                        ("/cam/points", stamp + 3_000_000, cloud_msg(stamp + 3_000_000, *cloud, cloud_frame)),
                         ("/cam/points_full", stamp + 3_000_000, cloud_msg(stamp + 3_000_000, *full))]
             if with_info:
                 messages.append(("/cam/camera_info", stamp, info_msg(stamp)))
@@ -288,6 +324,72 @@ def test_cloud_topic_gives_the_depth_image_values(tmp_path, kind):
         # the full-size organized cloud is registered: read pixel for pixel, equal to the depth image
         np.testing.assert_allclose(f["all/depth"][:], image_depth, atol=1e-3)
         np.testing.assert_array_equal(f["all/depth"][:] > 0, image_depth > 0)
+
+
+def test_transform_tree_walks_mounts_both_ways():
+    from mmtk.adapters.sensors.tf import TransformTree, rigid_matrix
+
+    tree = TransformTree()
+    for parent, child, t, q in TF_STATIC:
+        tree.add(parent, child, rigid_matrix(t, q))
+    np.testing.assert_allclose(rigid_matrix(*TF_STATIC[0][2:]), CAMERA_IN_BASE, atol=1e-12)
+    lidar_to_camera = tree.lookup("camera_rgb_optical_frame", "/lidar", stamp=0.0, max_dt=0.0)
+    np.testing.assert_allclose(lidar_to_camera, np.linalg.inv(CAMERA_IN_BASE) @ LIDAR_IN_BASE, atol=1e-12)
+    np.testing.assert_allclose(tree.lookup("lidar", "camera_rgb_optical_frame", 0.0, 0.0) @ lidar_to_camera, np.eye(4),
+                               atol=1e-12)
+    assert tree.lookup("lidar", "map", 0.0, 1.0) is None  # not connected
+    tree.add("map", "base_link", rigid_matrix((5.0, 0, 0), (0, 0, 0, 1)), stamp=10.0)  # a moving robot
+    tree.add("map", "base_link", rigid_matrix((6.0, 0, 0), (0, 0, 0, 1)), stamp=11.0)
+    assert tree.lookup("map", "base_link", 10.9, max_dt=0.2)[0, 3] == 6.0  # the sample nearest in time
+    with pytest.raises(MmtkError, match="no map -> base_link transform within 0.2 s of 12.000 s"):
+        tree.lookup("map", "lidar", 12.0, max_dt=0.2)
+
+
+@pytest.mark.parametrize("kind", ["ros1", "mcap"])
+def test_cloud_in_another_frame_is_moved_with_tf_static(tmp_path, kind):
+    bag = tmp_path / ("b.bag" if kind == "ros1" else "b_mcap")
+    write_cloud_bag(bag, kind, in_lidar_frame=True)
+    moved, image = tmp_path / "moved.h5", tmp_path / "image.h5"
+    code, text = run_cli("convert", "--rosbag", bag, moved, "--rgb-topic", "/cam/color", "--cloud-topic",
+                         "/cam/points", "--no-progress")
+    assert code == 0, text
+    assert "cloud points moved from frame 'lidar' to the colour frame 'camera_rgb_optical_frame'" in text
+    code, text = run_cli("convert", "--rosbag", bag, image, "--rgb-topic", "/cam/color", "--depth-topic",
+                         "/cam/depth", "--no-progress")
+    assert code == 0, text
+    (_, _, mm0), (_, _, mm1) = sample_frames()
+    with h5py.File(moved) as c, h5py.File(image) as d:
+        cloud_depth, image_depth = c["all/depth"][:], d["all/depth"][:]
+    grid = np.zeros((480, 640), bool)
+    grid[::2, ::2] = True
+    np.testing.assert_array_equal(cloud_depth[0] > 0, grid & (mm0 > 0))  # the same pixels as in the camera frame
+    np.testing.assert_array_equal(cloud_depth[1] > 0, mm1 > 0)
+    both = cloud_depth > 0
+    assert np.abs(cloud_depth - image_depth)[both].max() < 1e-3  # within 1 mm of the depth image
+
+
+def copy_ros1_bag_without(bag, out, prefix: str):
+    """A copy of a ROS1 bag without the topics that start with ``prefix`` (connections included)."""
+    from rosbags.highlevel import AnyReader
+    from rosbags.rosbag1 import Writer
+
+    with AnyReader([bag]) as reader, Writer(out) as writer:
+        keep = [c for c in reader.connections if not c.topic.startswith(prefix)]
+        conns = {c.id: writer.add_connection(c.topic, c.msgtype, msgdef=c.msgdef.data, md5sum=c.digest) for c in keep}
+        for conn, stamp, raw in reader.messages(connections=keep):
+            writer.write(conns[conn.id], stamp, raw)
+    return out
+
+
+def test_cloud_frame_without_transforms_is_taken_as_given(tmp_path):
+    bag = tmp_path / "b.bag"
+    write_cloud_bag(bag, "ros1", in_lidar_frame=True)
+    stripped = copy_ros1_bag_without(bag, tmp_path / "no_tf.bag", "/tf")
+    code, text = run_cli("convert", "--rosbag", stripped, tmp_path / "o.h5", "--rgb-topic", "/cam/color",
+                         "--cloud-topic", "/cam/points", "--no-progress")
+    assert code == 0, text
+    assert "cloud frame 'lidar' differs from colour frame 'camera_rgb_optical_frame' and /tf_static and /tf do not " \
+           "connect them" in " ".join(text.split())
 
 
 def test_cloud_topic_errors(tmp_path):
@@ -337,3 +439,12 @@ def test_colour_frames_without_depth_for_prediction():
     assert frames[0].rgb.shape == (480, 640, 3) and frames[0].rgb.dtype == np.uint8
     np.testing.assert_allclose(frames[0].intrinsics, [[525, 0, 320], [0, 525, 240], [0, 0, 1]])
     assert frames[0].timestamp < frames[1].timestamp
+
+
+def test_colour_frames_of_a_bag_without_camera_info(tmp_path):
+    from mmtk.adapters.sensors.rosbag import read_colour_frames
+
+    bag = copy_ros1_bag_without(SAMPLES / "rosbag_pcl_kinect" / "pcl_kinect_2frames.bag", tmp_path / "b.bag",
+                                "/camera/rgb/camera_info")
+    frames = list(read_colour_frames(bag, "/camera/rgb/image_color"))
+    assert len(frames) == 2 and all(f.intrinsics is None and f.rgb.shape == (480, 640, 3) for f in frames)

@@ -1,6 +1,7 @@
 """RGB-D frames from ROS1 ``.bag`` and ROS2 (sqlite3, mcap) bags via ``rosbags`` (no ROS install needed).
 
-Depth comes from an Image/CompressedImage topic or from a PointCloud2 topic; a cloud is turned into depth
+Depth comes from an Image/CompressedImage topic or from a PointCloud2 topic; a cloud is moved into the colour
+camera's frame with the bag's /tf_static and /tf when it is given in another frame, then turned into depth
 aligned with the colour image (see :func:`mmtk.pointcloud.cloud_to_image_depth`).
 Colour and depth are paired by header time stamps with a slop ``max_dt`` (one-to-one, closest pairs
 first, like message_filters' approximate policy); unpaired messages are counted and reported.
@@ -21,6 +22,7 @@ from PIL import Image
 
 from mmtk.adapters.sensors.common import Frame, to_metres
 from mmtk.adapters.sensors.rgbd_folders import RgbdSource, associate_by_time
+from mmtk.adapters.sensors.tf import TransformTree, read_transforms
 from mmtk.errors import MmtkError
 from mmtk.pointcloud import PointCloud, cloud_to_image_depth, pointcloud2_to_cloud
 
@@ -177,8 +179,9 @@ def open_rosbag_source(bag: str | Path, rgb_topic: str, depth_topic: str | None 
     """Plan the conversion of a bag: pair colour and depth by stamp and read camera intrinsics.
 
     Depth comes from exactly one of ``depth_topic`` (Image/CompressedImage) and ``cloud_topic`` (PointCloud2,
-    metres, in the colour camera's optical frame: no TF is applied). A cloud that is not organized at the
-    colour image's size is projected with the colour camera's intrinsics (the CameraInfo topic).
+    metres). A cloud in another frame than the colour image (a lidar, the depth camera) is moved into the colour
+    camera's frame with the bag's /tf_static and /tf, then projected with the colour camera's intrinsics (the
+    CameraInfo topic); a cloud in the colour frame and organized at the colour image's size is read as is.
     """
     if (depth_topic is None) == (cloud_topic is None):
         raise MmtkError("give exactly one depth source: --depth-topic (depth images) or --cloud-topic (PointCloud2)")
@@ -188,6 +191,7 @@ def open_rosbag_source(bag: str | Path, rgb_topic: str, depth_topic: str | None 
     available = list_topics(bag)
     reader = _open_reader(bag)
     notes: list[str] = []
+    alignment: CloudAlignment | None = None
     depth_source = depth_topic if depth_topic is not None else cloud_topic
     assert depth_source is not None
     try:
@@ -198,7 +202,8 @@ def open_rosbag_source(bag: str | Path, rgb_topic: str, depth_topic: str | None 
             _check_type(depth_conns[0], "depth", IMAGE_TYPES, "Image or CompressedImage")
         else:
             _check_type(depth_conns[0], "cloud", (CLOUD_TYPE,), "PointCloud2")
-            notes.extend(_frame_note(reader, rgb_conns[0], depth_conns[0]))
+            alignment, note = _cloud_alignment(reader, rgb_conns[0], depth_conns[0], max_dt)
+            notes.extend(note)
         if camera_info_topic is None:
             guess = rgb_topic.rsplit("/", 1)[0] + "/camera_info"
             camera_info_topic = guess if any(t.topic == guess for t in available) else None
@@ -230,8 +235,8 @@ def open_rosbag_source(bag: str | Path, rgb_topic: str, depth_topic: str | None 
                         f"({len(stamps['rgb'])} colour, {len(stamps['depth'])} {kind} messages)")
 
     def frames() -> Iterator[Frame]:
-        yield from _paired_frames(bag, rgb_topic, depth_source, pairs, stamps["rgb"], infos, depth_scale,
-                                  from_cloud=cloud_topic is not None)
+        yield from _paired_frames(bag, rgb_topic, depth_source, pairs, stamps, infos, depth_scale,
+                                  from_cloud=cloud_topic is not None, alignment=alignment)
 
     description = f"ROS bag {bag.name}: {rgb_topic} + {depth_source}"
     return RgbdSource("rosbag", description, len(pairs), frames, None, notes)
@@ -250,7 +255,7 @@ def read_colour_frames(bag: str | Path, rgb_topic: str, camera_info_topic: str |
         _check_type(rgb_conns[0], "colour", IMAGE_TYPES, "Image or CompressedImage")
         info_conns = _connections(reader, camera_info_topic, available, "camera info") if camera_info_topic else []
         infos = [_camera_matrix(reader.deserialize(raw, conn.msgtype))[0]
-                 for conn, _, raw in reader.messages(connections=info_conns)]
+                 for conn, _, raw in reader.messages(connections=info_conns)] if info_conns else []
         intrinsics = infos[0] if infos else None  # a camera's intrinsics do not change within a bag
         for conn, log_time, raw in reader.messages(connections=rgb_conns):
             msg = reader.deserialize(raw, conn.msgtype)
@@ -266,21 +271,52 @@ def _check_type(conn: Any, role: str, types: tuple[str, ...], expected: str) -> 
         raise MmtkError(f"{role} topic {conn.topic!r} has type {conn.msgtype}, expected {expected}")
 
 
-def _frame_note(reader: Any, rgb_conn: Any, cloud_conn: Any) -> list[str]:
-    """A note when the cloud's frame_id differs from the colour image's (no TF is applied to align them)."""
-    frame_ids = []
-    for conn in (rgb_conn, cloud_conn):
-        first = next(iter(reader.messages(connections=[conn])), None)
-        frame_ids.append("" if first is None else str(reader.deserialize(first[2], conn.msgtype).header.frame_id))
-    if frame_ids[0] and frame_ids[1] and frame_ids[0] != frame_ids[1]:
-        return [f"cloud frame {frame_ids[1]!r} differs from colour frame {frame_ids[0]!r}: the points are taken "
-                f"as given in the colour camera's optical frame (no TF is applied)"]
-    return []
+@dataclass
+class CloudAlignment:
+    """Moves clouds from their own frame into the colour camera's, with the bag's transforms."""
+
+    tree: TransformTree
+    camera_frame: str
+    max_dt: float
+
+    def to_camera(self, cloud: PointCloud, stamp: float) -> PointCloud:
+        matrix = self.tree.lookup(self.camera_frame, cloud.frame_id, stamp, self.max_dt)
+        if matrix is None:
+            raise MmtkError(f"a cloud at {stamp:.3f} s is in frame {cloud.frame_id!r}, which /tf_static and /tf do "
+                            f"not connect to the colour frame {self.camera_frame!r}")
+        return cloud.transformed(matrix, self.camera_frame)
+
+
+def _cloud_alignment(reader: Any, rgb_conn: Any, cloud_conn: Any,
+                     max_dt: float) -> tuple[CloudAlignment | None, list[str]]:
+    """How to bring the clouds into the colour camera's frame (None: they are in it already), and a note."""
+    camera_frame, _ = _first_header(reader, rgb_conn)
+    cloud_frame, cloud_stamp = _first_header(reader, cloud_conn)
+    if not camera_frame or not cloud_frame or camera_frame == cloud_frame:
+        return None, []
+    tree = read_transforms(reader)
+    matrix = tree.lookup(camera_frame, cloud_frame, cloud_stamp, max_dt)
+    if matrix is None:
+        return None, [f"cloud frame {cloud_frame!r} differs from colour frame {camera_frame!r} and /tf_static and /tf "
+                      f"do not connect them: the points are taken as given in the colour camera's optical frame"]
+    return CloudAlignment(tree, camera_frame, max_dt), [
+        f"cloud points moved from frame {cloud_frame!r} to the colour frame {camera_frame!r} with the bag's "
+        f"transforms (origins {np.linalg.norm(matrix[:3, 3]):.3f} m apart)"]
+
+
+def _first_header(reader: Any, conn: Any) -> tuple[str, float]:
+    """frame_id and stamp (s) of a topic's first message ("" and 0 when it has none)."""
+    first = next(iter(reader.messages(connections=[conn])), None)
+    if first is None:
+        return "", 0.0
+    header = reader.deserialize(first[2], conn.msgtype).header
+    return str(header.frame_id).lstrip("/"), header.stamp.sec + header.stamp.nanosec * 1e-9
 
 
 def _paired_frames(bag: Path, rgb_topic: str, depth_topic: str, pairs: list[tuple[int, int]],
-                   rgb_stamps: list[float], infos: list[tuple[float, np.ndarray, tuple[int, int]]],
-                   depth_scale: float | None, from_cloud: bool = False) -> Iterator[Frame]:
+                   stamps: dict[str, list[float]], infos: list[tuple[float, np.ndarray, tuple[int, int]]],
+                   depth_scale: float | None, from_cloud: bool = False,
+                   alignment: CloudAlignment | None = None) -> Iterator[Frame]:
     rgb_partner = dict(pairs)
     depth_partner = {j: i for i, j in pairs}
     pending_rgb: dict[int, np.ndarray] = {}
@@ -301,14 +337,17 @@ def _paired_frames(bag: Path, rgb_topic: str, depth_topic: str, pairs: list[tupl
             if role == "rgb":
                 pending_rgb[index] = decode_image(msg, conn.msgtype, role, depth_scale)
             elif from_cloud:  # aligned with the colour image once its partner (and size) is known
-                pending_depth[index] = pointcloud2_to_cloud(msg)
+                cloud = pointcloud2_to_cloud(msg)
+                if alignment is not None:
+                    cloud = alignment.to_camera(cloud, stamps["depth"][index])
+                pending_depth[index] = cloud
             else:
                 pending_depth[index] = decode_image(msg, conn.msgtype, role, depth_scale)
             rgb_index = index if role == "rgb" else partners[index]
             depth_index = partners[index] if role == "rgb" else index
             if rgb_index in pending_rgb and depth_index in pending_depth:
                 rgb, depth = pending_rgb.pop(rgb_index), pending_depth.pop(depth_index)
-                stamp = rgb_stamps[rgb_index]
+                stamp = stamps["rgb"][rgb_index]
                 k = _nearest_k(infos, info_times, stamp, rgb.shape[:2])
                 if from_cloud:
                     depth = _cloud_depth(depth, rgb.shape[:2], k, depth_topic)
