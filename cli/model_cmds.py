@@ -37,14 +37,10 @@ def weights(
     to_official: Optional[Path] = typer.Option(None, "--to-official", help="Write the weights in the official "
                                                "MultiMAE layout ({'model': state_dict}) to this file."),
     task: Optional[str] = typer.Option(None, "--task", help="Task of a finetuning head (semseg, depth) for the "
-                                       "official names; read from the checkpoint's config when stored."),
+                                       "official names; read from an mmtk training checkpoint."),
 ) -> None:
     """Say what a checkpoint holds (format, tensors, parameters) and convert it to the official layout."""
-    import os
-    import tempfile
-
-    import torch
-
+    from mmtk.engine import save_checkpoint
     from mmtk.formats import mmtk_to_official, read_state_dict, to_mmtk_names, unwrap
 
     container = read_state_dict(checkpoint)
@@ -55,15 +51,7 @@ def weights(
         typer.echo(f"  {len(unknown)} tensors have no mmtk meaning: {', '.join(unknown[:10])}")
     if to_official is None:
         return
-    config = container.get("config") if isinstance(container.get("config"), dict) else {}
-    model_config = config.get("model", config) if isinstance(config, dict) else {}
-    official = mmtk_to_official(state, task or model_config.get("task"))
-    fd, tmp = tempfile.mkstemp(dir=to_official.parent if str(to_official.parent) else ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"model": official}, tmp)
-        os.replace(tmp, to_official)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    model_args = container.get("model_args") if isinstance(container.get("model_args"), dict) else {}
+    official = mmtk_to_official(state, task or model_args.get("task"))  # mmtk training checkpoints store it
+    save_checkpoint({"model": official}, to_official)
     typer.echo(f"wrote {to_official} ({len(official)} tensors in the official MultiMAE layout)")

@@ -126,6 +126,8 @@ def _mmtk_name_to_official(name: str, task: str | None) -> str | None:
         match = re.match(pattern, name)
         if match:
             return match.expand(template)
+    if name.startswith("head.") and task is None:
+        raise MmtkError("the official layout names a finetuning head by its task; give it (semseg or depth; `mmtk weights --task`)")
     prefix = f"output_adapters.{task}"
     head_rules = [
         (r"^head\.reassemble\.(\d)\.(.+)$", lambda m: f"{prefix}.act_{int(m[1]) + 1}_postprocess.{m[2]}"),

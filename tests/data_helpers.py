@@ -10,10 +10,9 @@ import h5py
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
+from cli_helpers import invoke as run_cli  # noqa: F401  (the tests' way to run `mmtk ...`)
 from mmtk.adapters.sensors.common import nyuv2_meta
-from mmtk.errors import MmtkError
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
@@ -32,20 +31,6 @@ def shared(path: str) -> Path:
     if not full.exists():
         pytest.skip(f"{full} not available")
     return full
-
-
-def run_cli(*args: str) -> tuple[int, str]:
-    """Run `mmtk ARGS` in-process like mmtk.cli.main.main (MmtkError -> 'error: ...', exit 2)."""
-    from mmtk.cli import data_cmds  # noqa: F401  (registers convert/info on the app)
-    from mmtk.cli.main import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    output = result.output
-    if isinstance(result.exception, MmtkError):
-        return 2, output + f"error: {result.exception}\n"
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, output
 
 
 def labeled_frame() -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmtk.errors import MmtkError
+from cli_helpers import invoke as run_cli  # noqa: F401  (the tests' way to run `mmtk ...`)
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -57,16 +57,3 @@ def sync_h5(tmp_path_factory) -> Path:
     return out
 
 
-def run_cli(*args: str) -> tuple[int, str]:
-    """Run `mmtk ARGS` in-process (MmtkError -> exit 2 and 'error: ...' as the real entry point does)."""
-    from typer.testing import CliRunner
-
-    from mmtk.cli import train_cmds  # noqa: F401  (registers pretrain/finetune/eval)
-    from mmtk.cli.main import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if isinstance(result.exception, MmtkError):
-        return 2, result.output + f"error: {result.exception}\n"
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output

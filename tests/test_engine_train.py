@@ -158,6 +158,12 @@ def test_cli_finetune_then_eval_table_json_and_pictures(sample_h5, tmp_path):
     assert image.width >= 4 * 64 and image.height > 64  # rgb | depth | prediction | truth, plus the legend
     code, output = run_cli("eval", "--checkpoint", ckpt, "--data", sample_h5, "--inputs", "semseg")
     assert code == 2 and "the model takes rgb, depth" in output
+    # the finetuned weights in the official layout: the head is named by the task stored in the checkpoint
+    code, output = run_cli("weights", ckpt, "--to-official", tmp_path / "official" / "semseg.pt")
+    assert code == 0, output
+    official = torch.load(tmp_path / "official" / "semseg.pt", weights_only=True)["model"]
+    assert "output_adapters.semseg.final_layer.weight" in official
+    assert all(not k.startswith("head") and ".None." not in k for k in official)
 
 
 def test_loader_workers_do_not_change_the_run(sample_h5, tmp_path):
