@@ -69,7 +69,7 @@ def main() -> None:
         result = export_onnx(checkpoint, Path(tmp) / "model.onnx", names, size)
         export_s = time.perf_counter() - start
         predictor = load_predictor(checkpoint)
-        tensors = example_inputs(predictor, names, size)
+        tensors = example_inputs(names, size)
         feeds = {n: t.numpy() for n, t in zip(names, tensors)}
         model = predictor.model
         with torch.inference_mode():

@@ -8,6 +8,7 @@ holding the *prepared* tensor of the data contract (``rgb`` [1, 3, H, W] ImageNe
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -48,8 +49,7 @@ def output_name(predictor: Predictor) -> str:
     return "depth_m" if predictor.config.task == "depth" else f"{predictor.config.task}_logits"
 
 
-def example_inputs(predictor: Predictor, inputs: tuple[str, ...], image_size: tuple[int, int],
-                   seed: int = 0) -> list[Tensor]:
+def example_inputs(inputs: tuple[str, ...], image_size: tuple[int, int], seed: int = 0) -> list[Tensor]:
     """Random prepared tensors [1, C, H, W] for each input (normal values, like normalised data)."""
     generator = torch.Generator().manual_seed(seed)
     channels = {"rgb": 3, "depth": 1}
@@ -79,8 +79,11 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, inputs: t
     out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise MmtkError(f"{out}: the output file must end in .onnx")
+    missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MmtkError(f"ONNX export needs {', '.join(missing)}; install them with `pip install mmtk[onnx]`")
     wrapper = _PositionalInputs(predictor.model, names).eval()
-    example = example_inputs(predictor, names, size)
+    example = example_inputs(names, size)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.onnx")
     try:

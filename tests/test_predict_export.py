@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -184,9 +185,11 @@ def test_predict_rejects_a_file_that_is_not_an_mmtk_checkpoint(tmp_path, capsys,
     assert code == 2 and "not an mmtk training checkpoint" in err
 
 
-onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime is an optional extra (mmtk[onnx])")
+needs_onnx = pytest.mark.skipif(any(importlib.util.find_spec(n) is None for n in ("onnx", "onnxscript", "onnxruntime")),
+                                reason="ONNX export is an optional extra (mmtk[onnx])")
 
 
+@needs_onnx
 @pytest.mark.parametrize("kind", ["semseg", "depth"])
 def test_onnx_export_matches_pytorch_on_a_real_frame(kind, checkpoints, rgb, depth_m, tmp_path, capsys, monkeypatch):
     out = tmp_path / f"{kind}.onnx"
@@ -205,6 +208,8 @@ def test_onnx_export_matches_pytorch_on_a_real_frame(kind, checkpoints, rgb, dep
     inputs, _ = build_inputs(predictor, rgb, depth_m, (64, 96))
     with torch.inference_mode():
         expected = predictor.model(inputs).numpy()
+    import onnxruntime
+
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     got = session.run(None, {name: tensor.numpy() for name, tensor in inputs.items()})[0]
     assert got.shape == expected.shape == ((1, 5, 64, 96) if kind == "semseg" else (1, 1, 64, 96))
@@ -218,6 +223,10 @@ def test_export_refuses_pretraining_checkpoints_and_leaves_no_file(checkpoints, 
     code, _, err = run_cli(["export", str(checkpoints["semseg"]), "--onnx", str(tmp_path / "model.bin")],
                            capsys, monkeypatch)
     assert code == 2 and ".onnx" in err
+    find_spec = importlib.util.find_spec  # without the optional extra: one line saying what to install
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else find_spec(name, *a))
+    code, _, err = run_cli(["export", str(checkpoints["semseg"]), "--onnx", str(out)], capsys, monkeypatch)
+    assert code == 2 and "needs onnxscript; install them with `pip install mmtk[onnx]`" in err
     assert list(tmp_path.iterdir()) == []
 
 
