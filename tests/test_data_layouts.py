@@ -184,3 +184,20 @@ def test_resize_keeps_labels_as_labels(tmp_path):
         small = f["train/semseg"][0]
     assert set(np.unique(small)) <= set(np.unique(labels))
     assert (small == labels[2::4, 2::4]).mean() > 0.9
+
+
+@pytest.mark.parametrize("mode", ["P", "LA", "RGBA", "CMYK", "1"])
+def test_colour_images_in_other_modes_are_read_as_rgb(tmp_path, mode):
+    from mmtk.adapters.sensors.common import read_rgb
+
+    rgb, _, _ = labeled_frame()
+    image = Image.fromarray(rgb).quantize(256) if mode == "P" else Image.fromarray(rgb).convert(mode)
+    path = tmp_path / ("frame.jpg" if mode == "CMYK" else "frame.png")
+    image.save(path)
+    with Image.open(path) as stored:
+        expected = np.array(stored.convert("RGB"))
+    got = read_rgb(path)
+    assert got.shape == rgb.shape and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, expected)
+    if mode == "P":  # palette indices are not colours
+        assert np.abs(got.astype(int) - rgb).mean() < 10

@@ -33,11 +33,17 @@ class Frame:
     frame_id: str | None = None
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Decode an image file fully (PNG/JPEG/TIFF/PPM...) to a numpy array; corrupt files raise MmtkError."""
+COLOUR_MODES = ("1", "P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV")  # modes PIL converts to RGB
+
+
+def read_image(path: Path, to_rgb: bool = False) -> np.ndarray:
+    """Decode an image file fully (PNG/JPEG/TIFF/PPM...) to a numpy array; corrupt files raise MmtkError.
+
+    With ``to_rgb``, palette, alpha and other 8-bit colour modes are converted to RGB; label images keep their
+    palette indices (the class ids)."""
     try:
         with Image.open(path) as image:
-            array = np.array(image)
+            array = np.array(image.convert("RGB") if to_rgb and image.mode in COLOUR_MODES else image)
             mode = image.mode
     except FileNotFoundError:
         raise MmtkError(f"{path} does not exist") from None
@@ -51,13 +57,13 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """Decode a colour image to uint8 [H, W, 3] RGB (grey/RGBA/palette images are converted)."""
-    array = read_image(path)
+    """Decode a colour image to uint8 [H, W, 3] RGB (grey, palette, alpha and CMYK images are converted)."""
+    array = read_image(path, to_rgb=True)
     if array.dtype != np.uint8:
         raise MmtkError(f"{path}: colour image has dtype {array.dtype}, expected 8-bit")
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
-    return np.ascontiguousarray(array[:, :, :3])
+    return np.ascontiguousarray(array)
 
 
 def read_depth_units(path: Path) -> np.ndarray:
