@@ -118,6 +118,28 @@ def test_tum_associations_file(tmp_path):
         assert f["all/timestamp"][:].tolist() == [10.0]
 
 
+def test_malformed_folders_are_one_line_errors(tmp_path):
+    def error(src):
+        code, text = run_cli("convert", "--rgbd", src, tmp_path / "out.h5", "--no-progress")
+        assert code == 2 and not (tmp_path / "out.h5").exists()
+        return text.split("error: ", 1)[1].strip()
+
+    tum = tmp_path / "tum"
+    _tum_folder(tum, ["10.0"], ["10.5"])
+    (tum / "associations.txt").write_text("ten rgb/10.0.png 10.5 depth/10.5.png\n")
+    assert "associations.txt:1: the time stamps must be numbers (seconds)" in error(tum)
+    s2d = tmp_path / "nyudepthv2" / "val" / "official"
+    s2d.mkdir(parents=True)
+    with h5py.File(s2d / "00001.h5", "w") as f:
+        f["rgb"], f["depth"] = np.zeros((480, 640), np.uint8), np.ones((480, 640), np.float32)
+    assert "rgb is uint8 (480, 640), expected uint8 [3, H, W]" in error(tmp_path / "nyudepthv2")
+    paired = tmp_path / "paired"
+    for folder, name in (("image", "a.png"), ("depth", "a.png"), ("labels", "b.png")):
+        (paired / folder).mkdir(parents=True)
+        shutil.copy(TUM / ("TUM_depth.png" if folder == "depth" else "TUM_color.png"), paired / folder / name)
+    assert "no label file shares its name with a colour/depth pair" in error(paired)
+
+
 def test_generic_pairs_guess_units_and_show_range(tmp_path):
     out = tmp_path / "tum_guess.h5"
     text = convert(TUM, out)

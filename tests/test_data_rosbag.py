@@ -406,6 +406,9 @@ def test_cloud_topic_errors(tmp_path):
     assert len(error.strip().splitlines()) == 1 and not out.exists() and not list(tmp_path.glob("o.h5*"))
     code, text = run_cli("convert", "--rosbag", bag, out, "--rgb-topic", "/cam/color", "--cloud-topic", "/cam/depth")
     assert code == 2 and "'/cam/depth' has type sensor_msgs/msg/Image, expected PointCloud2" in text
+    code, text = run_cli("convert", "--rosbag", bag, out, "--rgb-topic", "/cam/color", "--depth-topic", "/cam/depth",
+                         "--camera-info-topic", "/cam/color")
+    assert code == 2 and "camera info topic '/cam/color' has type sensor_msgs/msg/Image, expected CameraInfo" in text
     # a registered (same-size organized) cloud needs no intrinsics
     code, text = run_cli("convert", "--rosbag", bag, out, "--rgb-topic", "/cam/color", "--cloud-topic",
                          "/cam/points_full", "--no-progress")

@@ -326,11 +326,12 @@ def _open_sparse_to_dense(src: Path, options: ConvertOptions) -> RgbdSource:
         for path in files:
             try:
                 with h5py.File(path, "r") as handle:
-                    rgb = np.ascontiguousarray(np.transpose(handle["rgb"][()], (1, 2, 0)))
-                    depth_units = handle["depth"][()]
+                    rgb, depth_units = handle["rgb"][()], handle["depth"][()]
             except (OSError, KeyError) as err:
                 raise MmtkError(f"{path} is corrupt, truncated or lacks rgb/depth ({err})") from None
-            if rgb.dtype != np.uint8 or rgb.shape[2] != 3:
+            if rgb.ndim == 3:
+                rgb = np.ascontiguousarray(np.transpose(rgb, (1, 2, 0)))
+            if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
                 raise MmtkError(f"{path}: rgb is {rgb.dtype} {rgb.shape}, expected uint8 [3, H, W]")
             depth = to_metres(depth_units, scale)
             k = nyuv2_intrinsics() if rgb.shape[:2] == (480, 640) else None
@@ -392,7 +393,11 @@ def _read_associations(path: Path, src: Path) -> list[tuple[float, Path, Path]]:
             raise MmtkError(f"{path}:{number}: expected 'time rgb/file time depth/file', got {line!r}")
         first, second = src / fields[1], src / fields[3]
         rgb_path, depth_path = (first, second) if "depth" not in fields[1] else (second, first)
-        rows.append((float(fields[0] if rgb_path is first else fields[2]), rgb_path, depth_path))
+        try:
+            stamp = float(fields[0] if rgb_path is first else fields[2])
+        except ValueError:
+            raise MmtkError(f"{path}:{number}: the time stamps must be numbers (seconds), got {line!r}") from None
+        rows.append((stamp, rgb_path, depth_path))
     return rows
 
 
@@ -473,6 +478,9 @@ def _open_paired(src: Path, options: ConvertOptions) -> RgbdSource:
     keys = sorted(set(color) & set(depth))
     if labels:
         keys = [k for k in keys if k in labels]
+        if not keys:
+            raise MmtkError(f"{src}: no label file shares its name with a colour/depth pair; name each label like "
+                            f"its frame (e.g. 0001.png beside 0001.jpg and 0001 depth), or move the labels away")
     notes: list[str] = []
     _report_unpaired(notes, "colour files without depth", [color[k].name for k in sorted(set(color) - set(keys))])
     _report_unpaired(notes, "depth files without colour", [depth[k].name for k in sorted(set(depth) - set(keys))])

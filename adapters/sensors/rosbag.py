@@ -205,13 +205,12 @@ def open_rosbag_source(bag: str | Path, rgb_topic: str, depth_topic: str | None 
             alignment, note = _cloud_alignment(reader, rgb_conns[0], depth_conns[0], max_dt)
             notes.extend(note)
         if camera_info_topic is None:
-            guess = rgb_topic.rsplit("/", 1)[0] + "/camera_info"
-            camera_info_topic = guess if any(t.topic == guess for t in available) else None
+            camera_info_topic = _camera_info_beside(rgb_topic, available)
             if camera_info_topic:
                 notes.append(f"intrinsics from {camera_info_topic} (pass --camera-info-topic to change)")
             else:
                 notes.append("no CameraInfo topic beside the colour topic: frames get no intrinsics")
-        info_conns = _connections(reader, camera_info_topic, available, "camera info") if camera_info_topic else []
+        info_conns = _camera_info_connections(reader, camera_info_topic, available)
         is_ros2 = bool(getattr(reader, "is2", False))
         stamps: dict[str, list[float]] = {"rgb": [], "depth": []}
         infos: list[tuple[float, np.ndarray, tuple[int, int]]] = []
@@ -247,13 +246,12 @@ def read_colour_frames(bag: str | Path, rgb_topic: str, camera_info_topic: str |
     bag = Path(bag)
     available = list_topics(bag)
     if camera_info_topic is None:
-        guess = rgb_topic.rsplit("/", 1)[0] + "/camera_info"
-        camera_info_topic = guess if any(t.topic == guess for t in available) else None
+        camera_info_topic = _camera_info_beside(rgb_topic, available)
     reader = _open_reader(bag)
     try:
         rgb_conns = _connections(reader, rgb_topic, available, "colour")
         _check_type(rgb_conns[0], "colour", IMAGE_TYPES, "Image or CompressedImage")
-        info_conns = _connections(reader, camera_info_topic, available, "camera info") if camera_info_topic else []
+        info_conns = _camera_info_connections(reader, camera_info_topic, available)
         infos = [_camera_matrix(reader.deserialize(raw, conn.msgtype))[0]
                  for conn, _, raw in reader.messages(connections=info_conns)] if info_conns else []
         intrinsics = infos[0] if infos else None  # a camera's intrinsics do not change within a bag
@@ -264,6 +262,20 @@ def read_colour_frames(bag: str | Path, rgb_topic: str, camera_info_topic: str |
                         timestamp=stamp)
     finally:
         reader.close()
+
+
+def _camera_info_beside(rgb_topic: str, available: list[TopicInfo]) -> str | None:
+    """The camera_info topic of the colour topic's camera (/cam/rgb/image -> /cam/rgb/camera_info), if recorded."""
+    guess = rgb_topic.rsplit("/", 1)[0] + "/camera_info"
+    return guess if any(t.topic == guess for t in available) else None
+
+
+def _camera_info_connections(reader: Any, topic: str | None, available: list[TopicInfo]) -> list[Any]:
+    if topic is None:
+        return []
+    conns = _connections(reader, topic, available, "camera info")
+    _check_type(conns[0], "camera info", (CAMERA_INFO_TYPE,), "CameraInfo")
+    return conns
 
 
 def _check_type(conn: Any, role: str, types: tuple[str, ...], expected: str) -> None:
