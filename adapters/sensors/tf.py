@@ -49,6 +49,9 @@ class TransformTree:
 
     static: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
     dynamic: dict[tuple[str, str], list[tuple[float, np.ndarray]]] = field(default_factory=dict)
+    # Derived on the first lookup (a cloud per frame asks for the same chain thousands of times):
+    _paths: dict[tuple[str, str], list[str] | None] = field(default_factory=dict, init=False, repr=False)
+    _stamps: dict[tuple[str, str], np.ndarray] = field(default_factory=dict, init=False, repr=False)
 
     def add(self, parent: str, child: str, matrix: np.ndarray, stamp: float | None = None) -> None:
         """Record ``matrix`` (child -> parent coordinates); ``stamp`` in seconds, None for a static transform."""
@@ -57,6 +60,8 @@ class TransformTree:
             self.static[key] = matrix
         else:
             self.dynamic.setdefault(key, []).append((stamp, matrix))
+        self._paths.clear()
+        self._stamps.pop(key, None)
 
     def lookup(self, target: str, source: str, stamp: float, max_dt: float) -> np.ndarray | None:
         """4x4 matrix taking points given in ``source`` into ``target`` at time ``stamp`` (s).
@@ -64,7 +69,10 @@ class TransformTree:
         None when no chain of recorded transforms connects the two frames. A dynamic transform on the
         chain without a sample within ``max_dt`` seconds of ``stamp`` is an MmtkError.
         """
-        path = self._path(_frame(source), _frame(target))
+        ends = (_frame(source), _frame(target))
+        if ends not in self._paths:
+            self._paths[ends] = self._path(*ends)
+        path = self._paths[ends]
         if path is None:
             return None
         matrix = np.eye(4)
@@ -108,7 +116,13 @@ class TransformTree:
         if (parent, child) in self.static:
             return self.static[(parent, child)]
         samples = self.dynamic[(parent, child)]
-        nearest_stamp, matrix = min(samples, key=lambda sample: abs(sample[0] - stamp))
+        if (parent, child) not in self._stamps:
+            samples.sort(key=lambda sample: sample[0])
+            self._stamps[(parent, child)] = np.array([t for t, _ in samples])
+        stamps = self._stamps[(parent, child)]
+        after = int(np.searchsorted(stamps, stamp))  # the nearest sample is this one or the one before
+        nearest = min((i for i in (after - 1, after) if 0 <= i < len(stamps)), key=lambda i: abs(stamps[i] - stamp))
+        nearest_stamp, matrix = samples[nearest]
         if abs(nearest_stamp - stamp) > max_dt:
             raise MmtkError(f"/tf has no {parent} -> {child} transform within {max_dt} s of {stamp:.3f} s (nearest "
                             f"{nearest_stamp - stamp:+.3f} s); raise --max-dt or record /tf at a higher rate")
