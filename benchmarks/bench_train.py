@@ -5,7 +5,8 @@
                                      [--workers 0 1]
 
 For each recipe and precision: images/s of a full optimizer step (forward, backward, AdamW) of the
-recipe's model on synthetic tensors of the recipe's image size. Then, for --loader-recipe (its
+recipe's model on synthetic tensors of the recipe's image size, and the AdamW step alone (default,
+foreach and fused implementations). Then, for --loader-recipe (its
 precision, its image size), the same steps fed by the real HDF5 loader (random resized crop + flip
 from the sample frames) against the same steps on synthetic tensors already in memory, and the
 loader alone, per worker count: if the real-data step is no slower than the synthetic one, the
@@ -70,6 +71,28 @@ def time_steps(recipe, model, batches, device, steps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def adamw_step_ms(model: torch.nn.Module, device: torch.device, repeats: int = 5) -> dict[str, float]:
+    """Milliseconds per AdamW step over the model's parameters: the default implementation, foreach, fused
+    (the engine's)."""
+    params = [p for p in model.to(device).parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    times = {}
+    for label, options in (("default", {}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
+        optimizer = torch.optim.AdamW(params, lr=1e-4, **options)
+        optimizer.step()  # creates the state
+        start = time.perf_counter()
+        for _ in range(repeats):
+            optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times[label] = (time.perf_counter() - start) / repeats * 1000
+        del optimizer  # its state (two tensors per parameter) before the next one's
+    for p in params:
+        p.grad = None
+    return times
+
+
 def forever(batch: dict[str, torch.Tensor]):
     while True:
         yield batch
@@ -105,6 +128,8 @@ def main() -> None:
             seconds = time_steps(recipe, model, forever(synthetic_batch(batch, size, 40)), device, args.steps)
             print(f"{name:5s} {precision}: {model.config.dim}-wide x {model.config.depth} blocks, "
                   f"{size[0]}x{size[1]} px, batch {batch}: {seconds:.3f} s/step, {batch / seconds:.1f} images/s")
+        print(f"{name:5s} AdamW step alone ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters): "
+              + ", ".join(f"{label} {ms:.0f} ms" for label, ms in adamw_step_ms(model, device).items()))
 
     data = args.data
     if data is None:

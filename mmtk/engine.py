@@ -156,7 +156,7 @@ def build_optimizer(model: nn.Module, recipe: Recipe, total_steps: int, warmup_s
     groups = param_groups(model, lr, optim.weight_decay, optim.layer_decay)
     for group in groups:
         group.pop("names")
-    # fused: one kernel for all parameters (on a CPU 5x faster than the default per-parameter loop)
+    # fused: one kernel for all parameters (on a CPU about 3x faster than the default per-parameter loop)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=optim.betas, weight_decay=optim.weight_decay, fused=True)
     schedule = WarmupCosine(warmup_steps, total_steps, optim.min_lr / lr if lr > 0 else 0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
