@@ -30,8 +30,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time cap, log to LOG_DIR/NA
 step tests 240 python3 -m pytest -q -rs -k cuda tests/test_model.py tests/test_parity.py \
     tests/test_engine_resume.py tests/test_pseudo_label.py
 step bench_model 120 python3 benchmarks/bench_model.py --device cuda --batch 128 --steps 10
-step bench_train 150 python3 benchmarks/bench_train.py --recipes base tiny --base-batch 256 --steps 10 \
-    --workers 0 4
+step bench_train 150 python3 benchmarks/bench_train.py --recipes base tiny --base-batch 256 --steps 20 \
+    --loader-recipe base --workers 6 12 15
 python3 -m mmtk convert --rgbd samples/nyuv2_multimae "$work/sample.h5" --no-progress >/dev/null 2>&1
 step pretrain_base 150 python3 -m mmtk pretrain recipes/base.yaml --data "$work/sample.h5" --out "$work/base" \
     --set optim.batch_size=256 --set data.repeat=2560 --set train.max_steps=40 --set train.log_every=10 \
