@@ -112,17 +112,15 @@ def eval_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from mmtk.engine import load_checkpoint
     from mmtk.evaluate import DEPTH_KEYS, SEG_KEYS, evaluate
+    from mmtk.formats import read_state_dict
 
     checkpoint = checkpoint or _newest_run_checkpoint()
-    if data is None:
-        data = Path(load_checkpoint(checkpoint).get("data", {}).get("path", ""))
+    if data is None:  # the recorded training file (tensors only mapped, not read)
+        data = Path(read_state_dict(checkpoint, mmap=True).get("data", {}).get("path", ""))
         if not data.is_file():
             raise MmtkError(f"no --data given and the training file {data} of {checkpoint} is gone; pass --data FILE.h5")
         typer.echo(f"data: {data} (the file the run trained on)")
-    if limit is not None and limit <= 0:
-        raise MmtkError(f"--limit must be > 0, got {limit}")
     rows, frames = evaluate(checkpoint, data, inputs, split=split, limit=limit, batch_size=batch_size,
                             device=device, save_predictions=save_predictions)
     console = Console() if sys.stdout.isatty() else Console(width=160)

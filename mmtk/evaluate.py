@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from mmtk.engine import load_checkpoint, pick_device, to_device
 from mmtk.errors import MmtkError
 from mmtk.metrics import DepthMetrics, SegmentationMetrics
+from mmtk.predict import model_from_checkpoint
 from mmtk.adapters.semseg import IGNORE_INDEX
 from mmtk.data.transforms import IMAGENET_MEAN, IMAGENET_STD, robust_mean_std
 from mmtk.training import data_info, open_dataset, require_modalities
@@ -45,15 +46,8 @@ class EvalRow:
 
 def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model an mmtk training run saved, with its weights; returns (model, checkpoint)."""
-    import mmtk
-
     state = load_checkpoint(path)
-    if "model_name" not in state or "model_args" not in state:
-        raise MmtkError(f"{path} is not an mmtk training checkpoint (no model description); evaluate a "
-                        "checkpoint written by `mmtk pretrain` or `mmtk finetune`")
-    model = mmtk.create_model(state["model_name"], verbose=False, **state["model_args"])
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), state
+    return model_from_checkpoint(state, path).to(device).eval(), state
 
 
 def parse_input_sets(values: list[str] | None, available: tuple[str, ...]) -> list[tuple[str, ...]]:
@@ -118,6 +112,10 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
     Returns (rows, frames used). Metrics are pooled over all frames of the split (or the first
     ``limit`` frames).
     """
+    if limit is not None and limit <= 0:
+        raise MmtkError(f"--limit must be > 0, got {limit}")
+    if batch_size <= 0:
+        raise MmtkError(f"--batch-size must be > 0, got {batch_size}")
     torch_device = pick_device(device)
     model, state = load_trained_model(checkpoint, torch_device)
     kind, args = state.get("kind", "pretrain"), state["model_args"]
@@ -130,7 +128,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
         if not tasks:
             raise MmtkError(f"{checkpoint}: the pretrained model predicts neither depth nor semseg; nothing to evaluate")
     info = data_info(data, split)
-    wanted = tuple(dict.fromkeys(available + tuple("depth" if t == "depth" else "semseg" for t in tasks)))
+    wanted = tuple(dict.fromkeys(available + tasks))
     require_modalities(wanted, info, f"evaluating {checkpoint}")
     dataset = open_dataset(data, split, wanted, tuple(args["image_size"]), augment=False)
     frames = len(dataset) if limit is None else min(limit, len(dataset))

@@ -179,13 +179,15 @@ def _timm_pos_embed_to_map(pos: Tensor) -> Tensor:
     return tokens.reshape(1, side, side, -1).permute(0, 3, 1, 2).contiguous()
 
 
-def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint file safely (`weights_only=True`), with a clear error when it is not one."""
+def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """Read a checkpoint file safely (`weights_only=True`), with a clear error when it is not one.
+
+    ``mmap`` maps the tensors instead of reading them: cheap when only the plain values are wanted."""
     path = Path(path)
     if not path.is_file():
         raise MmtkError(f"checkpoint '{path}' does not exist; check the path")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # corrupt, truncated, or pickled code objects
         raise MmtkError(f"cannot read checkpoint '{path}' ({type(err).__name__}): it is corrupt, truncated "
                         "or not a plain-weights PyTorch file") from None

@@ -117,10 +117,18 @@ class Predictor:
 
 def load_predictor(path: str | os.PathLike, device: str = "cpu") -> Predictor:
     """Rebuild the model of an mmtk training checkpoint (``model_name``, ``model_args``, ``model``)."""
-    import mmtk
     from mmtk.formats import read_state_dict
 
     state = read_state_dict(path)
+    model = model_from_checkpoint(state, path)
+    model.eval().to(device)
+    return Predictor(model, state["model_name"], dict(state["model_args"]), device)
+
+
+def model_from_checkpoint(state: dict, path: str | os.PathLike) -> torch.nn.Module:
+    """The model a loaded mmtk training checkpoint describes, with its weights (clear errors when it cannot)."""
+    import mmtk
+
     missing = [key for key in ("model_name", "model_args", "model") if key not in state]
     if missing:
         raise MmtkError(f"{path}: not an mmtk training checkpoint (no {', '.join(missing)}); give a checkpoint "
@@ -131,8 +139,7 @@ def load_predictor(path: str | os.PathLike, device: str = "cpu") -> Predictor:
     except RuntimeError as err:
         raise MmtkError(f"{path}: weights do not fit the model described in the checkpoint "
                         f"({str(err).splitlines()[0]})") from None
-    model.eval().to(device)
-    return Predictor(model, state["model_name"], dict(state["model_args"]), device)
+    return model
 
 
 @dataclass

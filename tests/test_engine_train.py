@@ -158,6 +158,10 @@ def test_cli_finetune_then_eval_table_json_and_pictures(sample_h5, tmp_path):
     assert image.width >= 4 * 64 and image.height > 64  # rgb | depth | prediction | truth, plus the legend
     code, output = run_cli("eval", "--checkpoint", ckpt, "--data", sample_h5, "--inputs", "semseg")
     assert code == 2 and "the model takes rgb, depth" in output
+    code, output = run_cli("eval", "--checkpoint", ckpt, "--inputs", "rgb")  # the file the run trained on
+    assert code == 0 and f"data: {sample_h5} (the file the run trained on)" in output, output
+    code, output = run_cli("eval", "--checkpoint", ckpt, "--batch-size", "0")
+    assert code == 2 and "--batch-size must be > 0, got 0" in output
     # the finetuned weights in the official layout: the head is named by the task stored in the checkpoint
     code, output = run_cli("weights", ckpt, "--to-official", tmp_path / "official" / "semseg.pt")
     assert code == 0, output
