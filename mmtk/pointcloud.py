@@ -398,16 +398,10 @@ def read_bag_clouds(path: str | os.PathLike, topic: str | None = None) -> Iterat
 
     ``topic`` picks one topic; without it the bag must hold exactly one PointCloud2 topic.
     """
-    from rosbags.highlevel import AnyReader
+    from mmtk.adapters.sensors.rosbag import open_reader  # (that module imports this one)
 
     path = Path(path)
-    if not path.exists():
-        raise MmtkError(f"{path}: no such bag file or folder")
-    try:
-        reader = AnyReader([path])
-        reader.open()
-    except Exception as err:  # rosbags raises several types for unreadable bags
-        raise MmtkError(f"{path}: cannot read the ROS bag ({err})") from err
+    reader = open_reader(path)
     try:
         clouds = [c for c in reader.connections if c.msgtype == "sensor_msgs/msg/PointCloud2"]
         topics = sorted({c.topic for c in clouds})

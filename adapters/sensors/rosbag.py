@@ -50,7 +50,8 @@ def _bag_path(bag: Path) -> Path:
     return bag
 
 
-def _open_reader(bag: Path) -> Any:
+def open_reader(bag: Path) -> Any:
+    """An open rosbags reader of a ROS1 bag or ROS2 bag (its folder, or a file in it); MmtkError when unreadable."""
     from rosbags.highlevel import AnyReader
     from rosbags.typesys import Stores, get_typestore
 
@@ -65,7 +66,7 @@ def _open_reader(bag: Path) -> Any:
 
 def list_topics(bag: str | Path) -> list[TopicInfo]:
     """All topics of a bag with message type and count."""
-    reader = _open_reader(Path(bag))
+    reader = open_reader(Path(bag))
     try:
         counts: dict[str, TopicInfo] = {}
         for conn in reader.connections:
@@ -189,7 +190,7 @@ def open_rosbag_source(bag: str | Path, rgb_topic: str, depth_topic: str | None 
         raise MmtkError("--depth-scale applies to depth images; PointCloud2 points are already in metres")
     bag = Path(bag)
     available = list_topics(bag)
-    reader = _open_reader(bag)
+    reader = open_reader(bag)
     notes: list[str] = []
     alignment: CloudAlignment | None = None
     depth_source = depth_topic if depth_topic is not None else cloud_topic
@@ -247,7 +248,7 @@ def read_colour_frames(bag: str | Path, rgb_topic: str, camera_info_topic: str |
     available = list_topics(bag)
     if camera_info_topic is None:
         camera_info_topic = _camera_info_beside(rgb_topic, available)
-    reader = _open_reader(bag)
+    reader = open_reader(bag)
     try:
         rgb_conns = _connections(reader, rgb_topic, available, "colour")
         _check_type(rgb_conns[0], "colour", IMAGE_TYPES, "Image or CompressedImage")
@@ -335,7 +336,7 @@ def _paired_frames(bag: Path, rgb_topic: str, depth_topic: str, pairs: list[tupl
     pending_depth: dict[int, Any] = {}  # depth images [H, W] metres, or PointCloud when from_cloud
     counters = {"rgb": 0, "depth": 0}
     info_times = np.asarray([t for t, _, _ in infos])
-    reader = _open_reader(bag)
+    reader = open_reader(bag)
     try:
         conns = [c for c in reader.connections if c.topic in (rgb_topic, depth_topic)]
         for conn, _, raw in reader.messages(connections=conns):
