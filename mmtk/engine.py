@@ -60,12 +60,17 @@ class DistInfo:
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` is the local rank's GPU when CUDA is available, else the CPU."""
+    """``auto`` is the local rank's GPU when CUDA is available, else the CPU; ``cpu``, ``cuda``, ``cuda:N``."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MmtkError(f"device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise MmtkError(f"device {name!r}: mmtk runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise MmtkError(f"train.device={name} but CUDA is not available; use --set train.device=cpu")
+        raise MmtkError(f"device {name!r} asked for, but CUDA is not available here; use cpu (or auto)")
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")
     return device

@@ -147,19 +147,6 @@ def load_model(path: str | os.PathLike, task: str) -> LoadedModel:
     return LoadedModel(task, family, path, model, processor, metric)
 
 
-def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" when a GPU is visible, else "cpu"; other values are checked and returned."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MmtkError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise MmtkError(f"--device {device}: unknown device; use auto, cpu or cuda")
-    return device
-
-
 def inverse_to_relative_depth(inverse: np.ndarray) -> np.ndarray:
     """Relative depth (float32, frame median 1, grows with distance) from relative inverse depth [H, W].
 
@@ -267,6 +254,8 @@ def pseudo_label(path: str | os.PathLike, config: PseudoLabelConfig,
     import h5py
     import torch
 
+    from mmtk.engine import pick_device
+
     path = Path(path)
     if config.depth_model is None and config.semseg_model is None:
         raise MmtkError("nothing to do: give --depth-model, --semseg-model or both")
@@ -279,7 +268,7 @@ def pseudo_label(path: str | os.PathLike, config: PseudoLabelConfig,
         models.append(load_model(config.depth_model, "depth"))
     if config.semseg_model is not None:
         models.append(load_model(config.semseg_model, "semseg"))
-    device = resolve_device(config.device)
+    device = str(pick_device(config.device))
     use_bf16 = config.bf16 and device.startswith("cuda") and torch.cuda.is_bf16_supported()
     dtype = torch.bfloat16 if use_bf16 else torch.float32
     for loaded in models:

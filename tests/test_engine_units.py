@@ -144,3 +144,16 @@ def test_sigkill_during_checkpoint_writes_leaves_a_loadable_file(tmp_path):
     state = load_checkpoint(path)  # whichever version was last renamed in, complete
     assert state["step"] >= 2 and state["w"].numel() == 4_000_000
     assert bool((state["w"] == float(state["step"])).all())
+
+
+def test_device_names_are_checked_with_one_line_errors():
+    from mmtk.engine import pick_device
+
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(MmtkError, match="'gpu' is not a device; use auto, cpu, cuda or cuda:N"):
+        pick_device("gpu")
+    with pytest.raises(MmtkError, match="mmtk runs on cpu or cuda"):
+        pick_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(MmtkError, match="CUDA is not available here"):
+            pick_device("cuda:0")
