@@ -74,8 +74,10 @@ class MaskedDecoder(nn.Module):
         for token in [self.mask_token, *self.task_embeddings.values()]:
             trunc_normal_(token, std=0.02)
 
+    pos_mode = "bilinear"  # how the positional grid is interpolated to other image sizes
+
     def positions(self, grid: tuple[int, int]) -> Tensor:
-        return pos_embed_tokens(self.pos_emb, grid, mode="bilinear")  # [1, N_grid, d]
+        return pos_embed_tokens(self.pos_emb, grid, self.pos_mode)  # [1, N_grid, d]
 
     def context_embeddings(self, layout: TokenLayout) -> Tensor:
         """Task embedding + position of every input token: [1, N, d]."""

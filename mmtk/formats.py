@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmtk.errors import MmtkError
+from mmtk.layers import resize_pos_embed
 
 # (official regex, mmtk template), applied in order; the first match wins.
 _OFFICIAL_TO_MMTK = [
@@ -237,7 +237,8 @@ def load_weights(model: nn.Module, source: str | Path | dict) -> LoadReport:
             report.unused.append(name)
             continue
         if tensor.shape != own[name].shape and name.endswith("pos_emb") and tensor.dim() == 4:
-            tensor = F.interpolate(tensor.float(), size=own[name].shape[-2:], mode="bicubic", align_corners=False)
+            owner = model.get_submodule(name.rsplit(".", 1)[0])  # resized as the model itself would at run time
+            tensor = resize_pos_embed(tensor.float(), tuple(own[name].shape[-2:]), owner.pos_mode)
             report.resized.append(name)
         if tensor.shape != own[name].shape:
             report.unused.append(f"{name} (shape {tuple(tensor.shape)}, model has {tuple(own[name].shape)})")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import mmtk
+from mmtk.layers import resize_pos_embed
 from helpers import TINY
 
 LISTINGS = Path(__file__).parent / "parity"
@@ -66,6 +67,11 @@ def test_positional_embeddings_resize_on_load(tmp_path):
     assert "encoder.tokenizers.rgb.pos_emb" in large.load_report.resized
     assert large.encoder.tokenizers["rgb"].pos_emb.shape[-2:] == (8, 8)
     assert large.load_report.unused == []
+    # each grid is resized as the small model resizes it at run time (bicubic rgb, bilinear semseg and decoders)
+    for name in ("encoder.tokenizers.rgb", "encoder.tokenizers.semseg", "decoders.depth"):
+        source, loaded = small.get_submodule(name), large.get_submodule(name)
+        expected = resize_pos_embed(source.pos_emb, (8, 8), source.pos_mode)
+        torch.testing.assert_close(loaded.pos_emb, expected, rtol=0, atol=0)
 
 
 def test_mismatched_class_count_is_reported_not_loaded(tmp_path):
