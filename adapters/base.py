@@ -85,10 +85,6 @@ class Modality:
         """
         raise MmtkError(f"modality '{self.name}' cannot be loaded from an mmtk HDF5 file")
 
-    def postprocess(self, pred: Tensor) -> Tensor:
-        """Turn the raw decoder output into the prediction users see (identity by default)."""
-        return pred
-
 
 def register_modality(cls: type[Modality]) -> type[Modality]:
     """Class decorator: make a modality available to `mmtk.create_model` by its `name`."""

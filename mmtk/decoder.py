@@ -80,13 +80,9 @@ class MaskedDecoder(nn.Module):
         return pos_embed_tokens(self.pos_emb, grid, self.pos_mode)  # [1, N_grid, d]
 
     def context_embeddings(self, layout: TokenLayout) -> Tensor:
-        """Task embedding + position of every input token: [1, N, d]."""
+        """Task embedding + position of every input token: [1, N, d] (every model input has a task embedding)."""
         pos = self.positions(layout.grid)
-        embs = []
-        for name in layout.spans:
-            task_emb = self.task_embeddings[name] if name in self.task_embeddings else torch.zeros_like(self.mask_token)
-            embs.append(task_emb + pos)
-        return torch.cat(embs, dim=1)
+        return torch.cat([self.task_embeddings[name] + pos for name in layout.spans], dim=1)
 
     def queries_from_mask_token(self, batch: int, grid: tuple[int, int]) -> Tensor:
         queries = self.mask_token + self.positions(grid)

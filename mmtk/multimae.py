@@ -216,7 +216,6 @@ class MultiMAE(nn.Module):
         losses = self.forward_loss(preds, inputs, masks, valid, layout.grid)
         weights = self.config.loss_weights
         total = sum((weights.get(name, 1.0) * loss for name, loss in losses.items()), encoded.new_zeros(()))
-        preds = {name: self.tasks[name].postprocess(pred) for name, pred in preds.items()}
         return MultiMAEOutput(preds, losses, total, masks)
 
     def forward_features(self, inputs: dict[str, Tensor], return_all_blocks: bool = False) -> EncoderFeatures:
