@@ -312,10 +312,9 @@ def masked_mean(pixel_loss: Tensor, weight: Tensor) -> Tensor:
     loss = torch.where(weight, pixel_loss, torch.zeros((), dtype=pixel_loss.dtype, device=pixel_loss.device))
     count = weight.flatten(1).sum(dim=1)  # [B]
     per_sample = loss.flatten(1).sum(dim=1) / count.clamp_min(1)
-    has_any = count > 0
-    if not bool(has_any.any()):
-        return pixel_loss.sum() * 0.0  # keeps the graph; no hidden pixel in the whole batch
-    return per_sample[has_any].mean()
+    has_any = (count > 0).to(per_sample.dtype)
+    # No branch and no boolean indexing: nothing waits for the GPU; 0 (with a graph) when no sample has any.
+    return (per_sample * has_any).sum() / has_any.sum().clamp_min(1)
 
 
 class DenseModel(nn.Module):

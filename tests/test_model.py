@@ -207,3 +207,16 @@ def test_cpu_bf16_attention_matches_sdpa():
     fast = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
     assert fast.dtype == torch.bfloat16
     torch.testing.assert_close(fast.float(), reference, atol=3e-2, rtol=3e-2)
+
+
+def test_masked_mean_averages_samples_that_have_hidden_pixels():
+    from mmtk.multimae import masked_mean
+
+    loss = torch.tensor([[[1.0, 3.0]], [[5.0, 7.0]], [[100.0, 100.0]]], requires_grad=True)  # [B=3, 1, 2]
+    weight = torch.tensor([[[True, True]], [[True, False]], [[False, False]]])
+    value = masked_mean(loss, weight)
+    assert value.item() == pytest.approx((2.0 + 5.0) / 2)  # sample 3 has none: left out, not counted as 0
+    value.backward()
+    assert loss.grad[2].abs().sum() == 0
+    nothing = masked_mean(loss, torch.zeros_like(weight))
+    assert nothing.item() == 0 and nothing.requires_grad  # still part of the graph
