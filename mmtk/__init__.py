@@ -1,13 +1,37 @@
-"""mmtk: MultiMAE-style multi-modal multi-task masked autoencoders for RGB-D robotics data."""
+"""mmtk: MultiMAE-style multi-modal multi-task masked autoencoders for RGB-D robotics data.
+
+The public names below load on first use (PEP 562), so `import mmtk.cli` and `mmtk --help` do not pay for
+importing torch and timm.
+"""
+
+import importlib
+from typing import TYPE_CHECKING
 
 from mmtk.errors import MmtkError
-from mmtk.formats import LoadReport, export_official, load_weights
-from mmtk.multimae import DenseModel, ModelConfig, MultiMAE, MultiMAEOutput, compile_blocks
-from mmtk.registry import build_model, create_model, list_models, model_config
+
+if TYPE_CHECKING:  # what editors and type checkers see
+    from mmtk.formats import LoadReport, export_official, load_weights
+    from mmtk.multimae import DenseModel, ModelConfig, MultiMAE, MultiMAEOutput, compile_blocks
+    from mmtk.registry import build_model, create_model, list_models, model_config
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DenseModel", "LoadReport", "MmtkError", "ModelConfig", "MultiMAE", "MultiMAEOutput", "build_model", "compile_blocks",
-    "create_model", "export_official", "list_models", "load_weights", "model_config",
-]
+_PUBLIC = {
+    "LoadReport": "mmtk.formats", "export_official": "mmtk.formats", "load_weights": "mmtk.formats",
+    "DenseModel": "mmtk.multimae", "ModelConfig": "mmtk.multimae", "MultiMAE": "mmtk.multimae",
+    "MultiMAEOutput": "mmtk.multimae", "compile_blocks": "mmtk.multimae",
+    "build_model": "mmtk.registry", "create_model": "mmtk.registry", "list_models": "mmtk.registry",
+    "model_config": "mmtk.registry",
+}
+
+__all__ = ["MmtkError", *_PUBLIC]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'mmtk' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])
