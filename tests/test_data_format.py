@@ -160,6 +160,8 @@ def test_existing_output_needs_force(tmp_path):
     assert code == 2 and "--force" in text and out.read_bytes() == b"old"
     code, text = run_cli("convert", "--rgbd", SYNC, out, "--no-progress", "--force")
     assert code == 0 and read_info(out)["splits"]["all"]["frames"] == 3
+    code, text = run_cli("convert", "--rosbag", tmp_path / "missing.bag", tmp_path / "out.hdf")  # output checked first
+    assert code == 2 and "should end in .h5 or .hdf5" in text
 
 
 def test_info_on_non_mmtk_file(tmp_path):

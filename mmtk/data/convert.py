@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from mmtk.adapters.sensors.common import Frame
-from mmtk.data.format import H5Writer
+from mmtk.data.format import H5Writer, check_out_path
 from mmtk.data.resize import resize_frame_arrays
 from mmtk.errors import MmtkError
 
@@ -120,8 +120,7 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
 
     if depth_scale is not None and depth_scale <= 0:
         raise MmtkError(f"--depth-scale must be positive (units per metre), got {depth_scale}")
-    if Path(out_path).exists() and not force:
-        raise MmtkError(f"{out_path} already exists; pass --force (force=True) to overwrite it")
+    check_out_path(out_path, force)  # before reading any input
     source = open_rgbd_source(src, ConvertOptions(classes=classes, depth_scale=depth_scale))
     if log:
         log(f"layout: {source.layout} - {source.description}; {source.total} frames")
@@ -163,8 +162,7 @@ def convert_rosbag(bag: str | os.PathLike, out_path: str | os.PathLike, rgb_topi
     """
     from mmtk.adapters.sensors.rosbag import open_rosbag_source
 
-    if Path(out_path).exists() and not force:
-        raise MmtkError(f"{out_path} already exists; pass --force (force=True) to overwrite it")
+    check_out_path(out_path, force)  # before reading any input
     source = open_rosbag_source(bag, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale,
                                 cloud_topic=cloud_topic)
     if log:

@@ -71,6 +71,15 @@ def _check_image(name: str, array: np.ndarray, dtypes: Sequence[type], ndim: int
         raise MmtkError(f"{name} has dtype {array.dtype}, expected {names}")
 
 
+def check_out_path(path: str | os.PathLike, force: bool) -> None:
+    """An output file must end in .h5/.hdf5 and may replace an existing file only with ``force``."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise MmtkError(f"{path} already exists; pass --force (force=True) to overwrite it")
+    if path.suffix.lower() not in (".h5", ".hdf5"):
+        raise MmtkError(f"output {path} should end in .h5 or .hdf5")
+
+
 class H5Writer:
     """Write an mmtk HDF5 dataset atomically, one frame at a time (memory stays bounded).
 
@@ -131,10 +140,7 @@ class H5Writer:
             self._publish()
 
     def _check_out_path(self) -> None:
-        if self.out_path.exists() and not self.force:
-            raise MmtkError(f"{self.out_path} already exists; pass --force (force=True) to overwrite it")
-        if self.out_path.suffix.lower() not in (".h5", ".hdf5"):
-            raise MmtkError(f"output {self.out_path} should end in .h5 or .hdf5")
+        check_out_path(self.out_path, self.force)
 
     def _remove_tmp(self) -> None:
         if self._tmp_path is not None and self._tmp_path.exists():
