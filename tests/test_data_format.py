@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_helpers import MULTIMAE, REPO, SYNC, TUM, labeled_frame, run_cli
+from data_helpers import BAG1, MULTIMAE, REPO, SYNC, TUM, labeled_frame, run_cli
 from mmtk.data import FORMAT_VERSION, H5Writer, read_info
 from mmtk.errors import MmtkError
 
@@ -160,7 +160,8 @@ def test_existing_output_needs_force(tmp_path):
     assert code == 2 and "--force" in text and out.read_bytes() == b"old"
     code, text = run_cli("convert", "--rgbd", SYNC, out, "--no-progress", "--force")
     assert code == 0 and read_info(out)["splits"]["all"]["frames"] == 3
-    code, text = run_cli("convert", "--rosbag", tmp_path / "missing.bag", tmp_path / "out.hdf")  # output checked first
+    code, text = run_cli("convert", "--rosbag", BAG1, tmp_path / "out.hdf", "--rgb-topic", "/camera/rgb/image_color",
+                         "--depth-topic", "/camera/depth_registered/image_raw")  # refused before the bag is read
     assert code == 2 and "should end in .h5 or .hdf5" in text
 
 
