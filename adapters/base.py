@@ -22,14 +22,15 @@ class Modality:
 
     Class attributes a subclass sets:
       name:          registry key, also the key of the prepared tensor in `inputs`.
-      channels:      values per output pixel of the decoder (semseg: the class count).
+      channels:      channels of the prepared tensor, and the decoder's values per output pixel unless
+                     `out_channels` says otherwise (semseg: 1 label per pixel in, the class count out).
       stride:        the prepared tensor is at 1/stride of the image resolution (semseg: 4).
       is_input:      whether it can be encoded (False for target-only tasks such as norm_rgb).
       mask_source:   the input whose positions give the decoder's queries and whose token mask
                      decides which pixels the loss sees (default: itself; norm_rgb uses rgb).
       pos_mode:      interpolation of its positional grid at other image sizes.
-      stored_from:   HDF5 datasets of a split it is computed from, for modalities that are not stored
-                     as themselves (xyz: depth and intrinsics); see :meth:`load`.
+      stored_from:   HDF5 datasets of a split it is read or computed from, when those are not just
+                     `name` (xyz: depth and intrinsics; depth_pseudo: its own dataset); see :meth:`load`.
     """
 
     name: ClassVar[str]

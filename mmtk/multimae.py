@@ -353,9 +353,10 @@ class DenseModel(nn.Module):
 def compile_blocks(model: nn.Module) -> nn.Module:
     """`torch.compile` every transformer block in place and return the model.
 
-    Blocks see fixed shapes (the visible-token budget is exact), so they compile once and fuse norms,
-    activations and residuals around the matmuls; masking, gathers and losses stay eager, which avoids
-    the recompilations a whole-model compile suffers from data-dependent token counts.
+    With the default masking the visible-token budget is exact, so blocks see fixed shapes, compile once and
+    fuse norms, activations and residuals around the matmuls (another token count, e.g. from depth holes or
+    given masks, compiles once more). Masking, gathers and losses stay eager, which avoids the recompilations
+    a whole-model compile suffers from data-dependent token counts.
     """
     for module in model.modules():
         if isinstance(module, TimmBlock):

@@ -44,7 +44,7 @@ def open_mmtk_file(path: str | os.PathLike) -> h5py.File:
 class H5Dataset(Dataset):
     """Samples of one split of an mmtk HDF5 file, prepared as the model expects.
 
-    Each item is a dict of tensors (see notes/contract.md):
+    Each item is a dict of tensors:
     ``rgb`` [3, H, W] ImageNet-normalised; ``depth`` [1, H, W] robustly standardised, with ``depth_valid``
     (bool) and ``depth_m`` (metres, 0 = invalid); ``semseg`` [H/4, W/4] and ``semseg_full`` [H, W] int64,
     0-based classes with 255 = unlabeled. Only the requested modalities appear.
