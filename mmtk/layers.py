@@ -39,7 +39,8 @@ class SelfAttention(TimmAttention):
     """timm's multi-head self-attention (same parameters: fused qkv, proj) on :func:`attention`."""
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        batch, tokens, _ = x.shape
+        if is_causal:  # (in timm's signature; MultiMAE never masks causally)
+            raise NotImplementedError("causal attention is not supported")
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads).unbind(0)
         out = attention(q, k, v, attn_mask)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))

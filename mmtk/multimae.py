@@ -106,8 +106,10 @@ class EncoderFeatures:
         """
         tokens = self.tokens if tokens is None else tokens
         per_input = {name: tokens[:, s:e] for name, (s, e) in self.layout.spans.items()}
-        fallback = torch.stack(list(per_input.values())).mean(dim=0)
-        return torch.cat([per_input.get(name, fallback) for name in names], dim=-1)
+        if any(name not in per_input for name in names):
+            fallback = torch.stack(list(per_input.values())).mean(dim=0)
+            per_input = {name: per_input.get(name, fallback) for name in names}
+        return torch.cat([per_input[name] for name in names], dim=-1)
 
 
 @dataclass
