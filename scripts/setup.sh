@@ -17,6 +17,15 @@ if ! ldconfig -p 2>/dev/null | grep -q "libusb-1.0.so.0"; then
     fi
 fi
 
+# Debian's and Ubuntu's own python3 refuses pip installs (PEP 668): say how to get a Python that accepts them.
+if python3 -c 'import os, sys, sysconfig
+managed = os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))
+sys.exit(0 if managed and sys.prefix == sys.base_prefix else 1)'; then
+    echo "error: python3 here is the system's, which pip may not install into (PEP 668); create a virtual" \
+         "environment and rerun: python3 -m venv .venv && . .venv/bin/activate && bash scripts/setup.sh $*" >&2
+    exit 2
+fi
+
 extras=""
 if [ "${1:-}" = "--dev" ]; then extras="[dev,pseudo,onnx]"; fi
 python3 -m pip install -q --disable-pip-version-check -e ".${extras}"
