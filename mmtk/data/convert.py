@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-import numpy as np
 
 from mmtk.adapters.sensors.common import Frame
 from mmtk.data.format import H5Writer, check_out_path
@@ -23,7 +22,6 @@ class ConvertResult:
     """What a conversion wrote."""
 
     out_path: Path
-    layout: str
     frames: dict[str, int]
     depth_range_m: tuple[float, float]
     valid_fraction: float
@@ -58,35 +56,28 @@ def _check_sizes(frame: Frame) -> None:
 
 def write_frames(frames: Iterable[Frame], out_path: str | os.PathLike, *, source: str, total: int | None,
                  classes: list[str] | None = None, size: tuple[int, int] | None = None, force: bool = False,
-                 progress: bool = True, log: Log | None = None, label: str = "converting") -> ConvertResult:
+                 progress: bool = True, log: Log | None = None) -> ConvertResult:
     """Write ``frames`` to ``out_path`` atomically, resizing to ``size`` (H, W) if given.
 
     Shows a rich progress bar (frames/s) when ``progress`` is true. Returns a summary whose depth range
     lets the caller show the user the effect of the depth units.
     """
-    low, high, valid, pixels = np.inf, 0.0, 0, 0
     with H5Writer(out_path, source=source, force=force, classes=classes) as writer:
-        for frame in _with_progress(frames, total, progress, label):
+        for frame in _with_progress(frames, total, progress):
             _check_sizes(frame)
             frame = _resized(frame, size)
             writer.add_frame(frame.split, rgb=frame.rgb, depth=frame.depth, depth_raw=frame.depth_raw,
                              semseg=frame.semseg, intrinsics=frame.intrinsics, timestamp=frame.timestamp,
                              frame_id=frame.frame_id)
-            good = frame.depth[frame.depth > 0]
-            valid += good.size
-            pixels += frame.depth.size
-            if good.size:
-                low, high = min(low, float(good.min())), max(high, float(good.max()))
-        counts = writer.frame_counts
-    result = ConvertResult(Path(out_path), source, counts, (0.0 if valid == 0 else low, high), valid / max(pixels, 1))
+        result = ConvertResult(Path(out_path), writer.frame_counts, *writer.depth_summary())
     if log:
-        frames_text = ", ".join(f"{split} {n}" for split, n in counts.items())
+        frames_text = ", ".join(f"{split} {n}" for split, n in result.frames.items())
         log(f"wrote {out_path}: {frames_text} frames; depth {result.depth_range_m[0]:.3f}-"
             f"{result.depth_range_m[1]:.3f} m, {100 * result.valid_fraction:.1f} % valid")
     return result
 
 
-def _with_progress(frames: Iterable[Frame], total: int | None, enabled: bool, label: str) -> Iterator[Frame]:
+def _with_progress(frames: Iterable[Frame], total: int | None, enabled: bool) -> Iterator[Frame]:
     if not enabled:
         yield from frames
         return
@@ -96,7 +87,7 @@ def _with_progress(frames: Iterable[Frame], total: int | None, enabled: bool, la
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(label, total=total, rate="")
+        task = bar.add_task("converting", total=total, rate="")
         for frame in frames:
             yield frame
             bar.advance(task)

@@ -284,6 +284,15 @@ class H5Writer:
             stats.histogram = np.zeros(len(self.classes) + 1, dtype=np.int64)  # type: ignore[arg-type]
         self._stats[split] = stats
 
+    def depth_summary(self) -> tuple[tuple[float, float], float]:
+        """((min, max) metres over valid pixels, valid fraction) of ``depth`` over every frame written so far."""
+        stats = [s for s in self._stats.values() if "depth" in s.depth_total]
+        valid = sum(s.depth_valid["depth"] for s in stats)
+        total = sum(s.depth_total["depth"] for s in stats)
+        low = min((s.depth_min["depth"] for s in stats if "depth" in s.depth_min), default=0.0)
+        high = max((s.depth_max["depth"] for s in stats if "depth" in s.depth_max), default=0.0)
+        return (low, high), valid / max(total, 1)
+
     def _update_stats(self, split: str, frame: dict) -> None:
         stats = self._stats[split]
         for key in ("depth", "depth_raw"):
