@@ -331,7 +331,6 @@ def _write_batch(dataset: Any, first: int, values: np.ndarray) -> None:
 
 # ------------------------------------------------------------------ RGB-only datasets from folders
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 SPLIT_FOLDERS = {"train": "train", "val": "test", "test": "test"}
 
 
@@ -351,12 +350,14 @@ def list_images(root: Path) -> dict[str, list[tuple[Path, str]]]:
     ``train``. Below a split, images may sit flat or in class folders (ImageNet style): the class folder
     is kept in the frame id ("<class>/<file>"). Files are sorted for a reproducible order.
     """
+    from mmtk.adapters.sensors.common import IMAGE_SUFFIXES
+
     splits = {name: root / name for name in SPLIT_FOLDERS if (root / name).is_dir()}
     if not splits:
         splits = {"train": root}
     found: dict[str, list[tuple[Path, str]]] = {}
     for folder_name, folder in splits.items():
-        split = SPLIT_FOLDERS.get(folder_name, "train") if folder != root else "train"
+        split = SPLIT_FOLDERS[folder_name] if folder != root else "train"
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         found.setdefault(split, []).extend((p, p.relative_to(folder).as_posix()) for p in files)
     return {split: files for split, files in found.items() if files}
@@ -384,6 +385,7 @@ def convert_images(root: str | os.PathLike, out: str | os.PathLike, size: tuple[
     from PIL import Image, UnidentifiedImageError
     from rich.progress import Progress
 
+    from mmtk.adapters.sensors.common import IMAGE_SUFFIXES
     from mmtk.data import H5Writer
 
     root = Path(root)

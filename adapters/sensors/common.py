@@ -33,6 +33,7 @@ class Frame:
     frame_id: str | None = None
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".ppm", ".bmp", ".webp")  # what the readers decode
 COLOUR_MODES = ("1", "P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV")  # modes PIL converts to RGB
 
 

@@ -16,8 +16,8 @@ from typing import Callable, Iterator
 import h5py
 import numpy as np
 
-from mmtk.adapters.sensors.common import (Frame, nyuv2_intrinsics, nyuv2_meta, read_depth_units, read_image,
-                                          read_rgb, to_metres)
+from mmtk.adapters.sensors.common import (IMAGE_SUFFIXES, Frame, nyuv2_intrinsics, nyuv2_meta, read_depth_units,
+                                          read_image, read_rgb, to_metres)
 from mmtk.errors import MmtkError
 
 NYU_MAT_NAME = "nyu_depth_v2_labeled.mat"
@@ -26,7 +26,6 @@ MULTIMAE_DEPTH_SCALE = 6553.6  # uint16 units per metre: 10 m -> 65536
 BTS_DEPTH_SCALE = 1000.0
 TUM_DEPTH_SCALE = 5000.0
 TUM_MAX_DT_S = 0.02  # TUM's associate.py default
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".ppm", ".bmp")
 DEPTH_SUFFIXES = (".png", ".tif", ".tiff", ".npy", ".pgm")
 
 SUPPORTED_LAYOUTS = {
