@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 from mmtk.errors import MmtkError
 
 if TYPE_CHECKING:  # what editors and type checkers see
-    from mmtk.formats import LoadReport, export_official, load_weights
-    from mmtk.multimae import DenseModel, ModelConfig, MultiMAE, MultiMAEOutput, compile_blocks
-    from mmtk.registry import build_model, create_model, list_models, model_config
+    from mmtk.formats import LoadReport, export_official, load_weights  # noqa: F401
+    from mmtk.multimae import DenseModel, ModelConfig, MultiMAE, MultiMAEOutput, compile_blocks  # noqa: F401
+    from mmtk.registry import build_model, create_model, list_models, model_config  # noqa: F401
 
 __version__ = "0.1.0"
 
