@@ -21,8 +21,24 @@ MULTIMAE = SAMPLES / "nyuv2_multimae"
 SYNC = SAMPLES / "nyuv2_sync"
 TUM = SAMPLES / "tum_rgbd"
 BAG1 = SAMPLES / "rosbag_pcl_kinect" / "pcl_kinect_2frames.bag"
+KINECT = SAMPLES / "pcl_kinect"  # a real frame of PCL's Kinect grabber (its README: source and licence)
+KINECT_FRAME = "frame_20121214T142255.814212"
 RGB_TOPIC = "/camera/rgb/image_color"
 DEPTH_TOPIC = "/camera/depth_registered/image_raw"
+
+
+def kinect_intrinsics() -> np.ndarray:
+    """K of the Kinect frame (fx = fy = 525, cx = 320, cy = 240 px; the frame's intrinsics XML)."""
+    from mmtk.pointcloud import intrinsics_matrix
+
+    return intrinsics_matrix(525.0, 525.0, 320.0, 240.0)
+
+
+def kinect_frame() -> tuple[np.ndarray, np.ndarray]:
+    """The Kinect frame: rgb uint8 [480, 640, 3] and depth float32 metres (stored in millimetres, 0 = none)."""
+    rgb = np.array(Image.open(KINECT / f"{KINECT_FRAME}_rgb.png").convert("RGB"))
+    depth_m = np.array(Image.open(KINECT / f"{KINECT_FRAME}_depth.png")).astype(np.float32) / 1000.0
+    return rgb, depth_m
 
 
 def shared(path: str) -> Path:

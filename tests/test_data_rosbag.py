@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_helpers import BAG1, DEPTH_TOPIC, RGB_TOPIC, SAMPLES, run_cli, shared
+from data_helpers import BAG1, DEPTH_TOPIC, RGB_TOPIC, SAMPLES, kinect_intrinsics, run_cli, shared
 from mmtk.adapters.sensors.rosbag import decode_image
 from mmtk.errors import MmtkError
 
@@ -178,7 +178,7 @@ def test_decode_compressed_images():
 
 # ------------------------------------------------------------------ PointCloud2 as the depth source
 
-K_PCL = np.array([[525.0, 0, 320], [0, 525.0, 240], [0, 0, 1]], np.float32)  # samples/pcl_kinect intrinsics
+K_PCL = kinect_intrinsics().astype(np.float32)
 
 
 def sample_clouds():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,17 +11,15 @@ import torch
 import pytest
 from PIL import Image
 
+from data_helpers import KINECT, KINECT_FRAME, SHARED, kinect_intrinsics
 from mmtk.errors import MmtkError
 from mmtk.pointcloud import (
     PointCloud, cloud_to_depth, cloud_to_image_depth, cloud_to_xyz, depth_to_cloud, depth_to_xyz, intrinsics_matrix,
     parse_intrinsics, pointcloud2_to_cloud, project_points, read_bag_clouds, read_cloud, write_cloud,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO / "samples" / "pcl_kinect"
-FRAME = "frame_20121214T142255.814212"
-SHARED = REPO.parent / "shared" / "data"
-K = intrinsics_matrix(525.0, 525.0, 320.0, 240.0)
+SAMPLES, FRAME = KINECT, KINECT_FRAME
+K = kinect_intrinsics()
 needs_shared = pytest.mark.skipif(not (SHARED / "rosbag_pcl_kinect").is_dir(), reason="../shared/data not present")
 
 

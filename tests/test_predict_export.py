@@ -14,19 +14,17 @@ import torch
 from PIL import Image
 
 from cli_helpers import run_cli
+from data_helpers import KINECT, KINECT_FRAME, SHARED, kinect_frame, kinect_intrinsics
 import mmtk
 from mmtk.pointcloud import depth_to_xyz, intrinsics_matrix, read_cloud
 from mmtk.predict import build_inputs, load_predictor, predict_frame, read_bag_frames
 from mmtk.visualize import colorize_labels, label_palette
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO / "samples" / "pcl_kinect"
-FRAME = "frame_20121214T142255.814212"
-RGB_PNG = SAMPLES / f"{FRAME}_rgb.png"
-DEPTH_PNG = SAMPLES / f"{FRAME}_depth.png"
-SHARED = REPO.parent / "shared" / "data"
+FRAME = KINECT_FRAME
+RGB_PNG = KINECT / f"{FRAME}_rgb.png"
+DEPTH_PNG = KINECT / f"{FRAME}_depth.png"
 BAG = SHARED / "rosbag_pcl_kinect" / "pcl_kinect_3frames.bag"
-K = intrinsics_matrix(525.0, 525.0, 320.0, 240.0)
+K = kinect_intrinsics()
 TINY = dict(dim=64, depth=4, num_heads=2, image_size=(64, 96), num_classes=5)
 
 
@@ -56,12 +54,12 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def rgb() -> np.ndarray:
-    return np.array(Image.open(RGB_PNG).convert("RGB"))
+    return kinect_frame()[0]
 
 
 @pytest.fixture(scope="module")
 def depth_m() -> np.ndarray:
-    return np.array(Image.open(DEPTH_PNG)).astype(np.float32) / 1000.0
+    return kinect_frame()[1]
 
 
 def test_prepared_tensors_follow_the_data_contract(rgb, depth_m):
@@ -236,7 +234,7 @@ def test_export_pointcloud_from_images_and_h5(rgb, depth_m, tmp_path, capsys, mo
                                  "--intrinsics", "525,525,320,240"], capsys, monkeypatch)
     assert code == 0, err
     assert "271575 points written (35625 pixels without depth skipped)" in stdout
-    pcd = read_cloud(SAMPLES / f"{FRAME}.pcd").finite()
+    pcd = read_cloud(KINECT / f"{FRAME}.pcd").finite()
     cloud = read_cloud(out)
     np.testing.assert_allclose(cloud.points, pcd.points, rtol=0, atol=1e-6)  # same as PCL's own cloud
     assert np.array_equal(cloud.colors, pcd.colors)

@@ -15,12 +15,11 @@ transformers = pytest.importorskip("transformers")
 import torch  # noqa: E402
 
 from cli_helpers import run_cli
+from data_helpers import KINECT, KINECT_FRAME
 from helpers import needs_cuda
 import mmtk.pseudo_label as pl  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO / "samples" / "pcl_kinect"
-FRAME = "frame_20121214T142255.814212"
+SAMPLES, FRAME = KINECT, KINECT_FRAME
 CLASSES = ["floor", "wall", "laptop", "box", "carpet"]
 
 

@@ -7,21 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
+from data_helpers import kinect_frame, kinect_intrinsics
 from mmtk.adapters.xyz import prepare_xyz_from_depth
 from mmtk.data import H5Dataset, H5Writer
 from mmtk.data.transforms import CropWindow
-from mmtk.pointcloud import intrinsics_matrix
 
-FRAME = Path(__file__).resolve().parents[1] / "samples" / "pcl_kinect" / "frame_20121214T142255.814212"
-K = intrinsics_matrix(525.0, 525.0, 320.0, 240.0)  # from the frame's intrinsics XML
+K = kinect_intrinsics()
 
 
 @pytest.fixture(scope="module")
 def kinect_file(tmp_path_factory) -> Path:
-    rgb = np.asarray(Image.open(f"{FRAME}_rgb.png").convert("RGB"))
-    depth_m = np.asarray(Image.open(f"{FRAME}_depth.png"), dtype=np.float32) / 1000.0  # stored in millimetres
+    rgb, depth_m = kinect_frame()
     out = tmp_path_factory.mktemp("xyz") / "kinect.h5"
     with H5Writer(out, source="test: PCL Kinect frame") as writer:
         writer.add_frame("all", rgb=rgb, depth=depth_m, intrinsics=K.astype(np.float32))
@@ -30,7 +26,7 @@ def kinect_file(tmp_path_factory) -> Path:
 
 def test_full_frame_xyz_equals_back_projection(kinect_file):
     sample = H5Dataset(kinect_file, split="all", modalities=("rgb", "xyz"), image_size=None)[0]
-    depth_m = np.asarray(Image.open(f"{FRAME}_depth.png"), dtype=np.float32) / 1000.0
+    _, depth_m = kinect_frame()
     expected, valid = prepare_xyz_from_depth(depth_m, K)
     assert torch.equal(sample["xyz_valid"], valid)
     torch.testing.assert_close(sample["xyz"], expected, atol=1e-5, rtol=0)
@@ -43,7 +39,7 @@ def test_cropped_xyz_keeps_each_pixels_ray(kinect_file, flip):
     window = CropWindow(top=100, left=150, height=160, width=200, flip=flip)
     dataset.window = lambda: window  # a fixed crop, no resize
     sample = dataset[0]
-    depth_m = np.asarray(Image.open(f"{FRAME}_depth.png"), dtype=np.float32) / 1000.0
+    _, depth_m = kinect_frame()
     full, full_valid = prepare_xyz_from_depth(depth_m, K)
     crop, crop_valid = full[:, 100:260, 150:350], full_valid[:, 100:260, 150:350]
     xyz, valid = sample["xyz"], sample["xyz_valid"]
