@@ -8,7 +8,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pytest
 from PIL import Image
 
 from cli_helpers import invoke as run_cli  # noqa: F401  (the tests' way to run `mmtk ...`)
@@ -43,6 +42,8 @@ def kinect_frame() -> tuple[np.ndarray, np.ndarray]:
 
 def shared(path: str) -> Path:
     """A path inside ../shared/data, skipping the test when the folder is not there."""
+    import pytest  # (here: benchmarks/bench_convert.py imports this module without pytest installed)
+
     full = SHARED / path
     if not full.exists():
         pytest.skip(f"{full} not available")
