@@ -44,7 +44,7 @@ def build_png_folder(root: Path, frames: int) -> None:
 
 def build_h5(path: Path, frames: int, compression: str | None) -> None:
     rgb, depth_units, labels = real_frame()
-    from mmtk.adapters.sensors.common import nyuv2_meta
+    from mmtk.data.sources.base import nyuv2_meta
 
     with H5Writer(path, source="bench", classes=nyuv2_meta()["names40"], compression=compression) as writer:
         for _ in range(frames):

@@ -58,7 +58,7 @@ def convert(
 
 
 def _convert_images(images: Path, out: Path, size: Optional[tuple[int, int]], force: bool, progress: bool) -> None:
-    from mmtk.pseudo_label import convert_images
+    from mmtk.data.sources.images import convert_images
 
     result = convert_images(images, out, size, force=force, progress=progress)
     counts = ", ".join(f"{split}: {n}" for split, n in result.frames.items())
@@ -70,7 +70,7 @@ def _convert_images(images: Path, out: Path, size: Optional[tuple[int, int]], fo
 def _convert_rosbag(bag: Path, out: Optional[Path], rgb_topic: Optional[str], depth_topic: Optional[str],
                     cloud_topic: Optional[str], camera_info_topic: Optional[str], max_dt: float,
                     depth_scale: Optional[float], size: Optional[tuple[int, int]], force: bool, progress: bool) -> None:
-    from mmtk.adapters.sensors.rosbag import image_topics
+    from mmtk.data.sources.rosbag import image_topics
 
     if depth_topic is not None and cloud_topic is not None:
         raise MmtkError("--depth-topic and --cloud-topic both give depth; pass only one of them")

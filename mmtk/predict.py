@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """uint8 RGB [H, W, 3] from an image file (the converters' reader); an unreadable file is a clear MmtkError."""
-    from mmtk.adapters.sensors.common import read_rgb as read_colour
+    from mmtk.data.sources.base import read_rgb as read_colour
 
     return read_colour(Path(path))
 
@@ -33,7 +33,7 @@ def read_depth(path: str | os.PathLike, depth_scale: float | None = None) -> np.
     Integer images are divided by ``depth_scale`` (units per metre: 1000 for millimetres, the default; 5000 for
     TUM RGB-D). Float images and ``.npy`` arrays are taken as metres unless ``depth_scale`` is given.
     """
-    from mmtk.adapters.sensors.common import read_depth_units, to_metres
+    from mmtk.data.sources.base import read_depth_units, to_metres
 
     if depth_scale is not None and depth_scale <= 0:
         raise MmtkError(f"--depth-scale {depth_scale}: must be positive (units per metre, e.g. 1000 for mm)")
@@ -286,10 +286,10 @@ def read_bag_frames(path: str | os.PathLike, rgb_topic: str, depth_topic: str | 
                     max_gap_s: float = 0.05):
     """Frames of a ROS1/ROS2 bag for prediction: colour, with depth paired by time when a depth topic is given.
 
-    Reading, decoding and pairing are `mmtk convert --rosbag`'s (`mmtk.adapters.sensors.rosbag`); without a
+    Reading, decoding and pairing are `mmtk convert --rosbag`'s (`mmtk.data.sources.rosbag`); without a
     depth topic every colour message is a frame (depth None). Each frame has rgb, depth, intrinsics, timestamp.
     """
-    from mmtk.adapters.sensors.rosbag import open_rosbag_source, read_colour_frames
+    from mmtk.data.sources.rosbag import open_rosbag_source, read_colour_frames
 
     if depth_topic is None:
         yield from read_colour_frames(path, rgb_topic)

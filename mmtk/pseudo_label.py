@@ -29,14 +29,11 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from mmtk.errors import MmtkError
-
-if TYPE_CHECKING:
-    from PIL import Image
 
 DEPTH_FAMILIES = ("dpt", "depth_anything")
 SEMSEG_FAMILIES = ("mask2former", "segformer", "upernet")
@@ -327,89 +324,3 @@ def _write_batch(dataset: Any, first: int, values: np.ndarray) -> None:
     dataset[first: first + len(values)] = values.astype(dataset.dtype)
     dataset.attrs["frames_done"] = first + len(values)
     dataset.file.flush()
-
-
-# ------------------------------------------------------------------ RGB-only datasets from folders
-
-SPLIT_FOLDERS = {"train": "train", "val": "test", "test": "test"}
-
-
-@dataclass
-class ImagesResult:
-    """What ``convert_images`` wrote: frames per split, frame size (H, W), files skipped as unreadable."""
-
-    frames: dict[str, int]
-    size: tuple[int, int]
-    skipped: list[str]
-
-
-def list_images(root: Path) -> dict[str, list[tuple[Path, str]]]:
-    """Images under ``root`` per split, each with its frame id (path relative to the split folder).
-
-    ``root/{train,val,test}/...`` become the train/test splits (val -> test); otherwise everything is
-    ``train``. Below a split, images may sit flat or in class folders (ImageNet style): the class folder
-    is kept in the frame id ("<class>/<file>"). Files are sorted for a reproducible order.
-    """
-    from mmtk.adapters.sensors.common import IMAGE_SUFFIXES
-
-    splits = {name: root / name for name in SPLIT_FOLDERS if (root / name).is_dir()}
-    if not splits:
-        splits = {"train": root}
-    found: dict[str, list[tuple[Path, str]]] = {}
-    for folder_name, folder in splits.items():
-        split = SPLIT_FOLDERS[folder_name] if folder != root else "train"
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        found.setdefault(split, []).extend((p, p.relative_to(folder).as_posix()) for p in files)
-    return {split: files for split, files in found.items() if files}
-
-
-def fit_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """Resize so the image covers (H, W) keeping its aspect ratio, then centre-crop: uint8 [H, W, 3]."""
-    from PIL import Image
-
-    height, width = size
-    scale = max(height / image.height, width / image.width)
-    resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
-                           Image.BILINEAR)
-    left, top = (resized.width - width) // 2, (resized.height - height) // 2
-    return np.array(resized.crop((left, top, left + width, top + height)))
-
-
-def convert_images(root: str | os.PathLike, out: str | os.PathLike, size: tuple[int, int] | None = None,
-                   force: bool = False, progress: bool = True) -> ImagesResult:
-    """Write the RGB images under ``root`` to an mmtk HDF5 file (RGB only; see :func:`list_images`).
-
-    Every frame gets the size ``size`` (default: the first readable image's) by resize-to-cover and centre
-    crop. Unreadable files are skipped and listed; the output appears only once complete (H5Writer).
-    """
-    from PIL import Image, UnidentifiedImageError
-    from rich.progress import Progress
-
-    from mmtk.adapters.sensors.common import IMAGE_SUFFIXES
-    from mmtk.data import H5Writer
-
-    root = Path(root)
-    if not root.is_dir():
-        raise MmtkError(f"{root}: no such folder of images")
-    images = list_images(root)
-    total = sum(len(files) for files in images.values())
-    if total == 0:
-        raise MmtkError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
-    skipped: list[str] = []
-    frames: dict[str, int] = {}
-    with H5Writer(out, source=f"images from {root.resolve()}", force=force) as writer, \
-            Progress(disable=not progress) as bar:
-        task = bar.add_task("images", total=total)
-        for split, files in images.items():
-            for path, frame_id in files:
-                bar.advance(task)
-                try:
-                    with Image.open(path) as image:
-                        rgb_image = image.convert("RGB")
-                except (UnidentifiedImageError, OSError, ValueError):
-                    skipped.append(str(path))
-                    continue
-                size = size or (rgb_image.height, rgb_image.width)
-                writer.add_frame(split, rgb=fit_image(rgb_image, size), depth=None, frame_id=frame_id)
-                frames[split] = frames.get(split, 0) + 1
-    return ImagesResult(frames, tuple(size), skipped)

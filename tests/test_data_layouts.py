@@ -210,7 +210,7 @@ def test_resize_keeps_labels_as_labels(tmp_path):
 
 @pytest.mark.parametrize("mode", ["P", "LA", "RGBA", "CMYK", "1"])
 def test_colour_images_in_other_modes_are_read_as_rgb(tmp_path, mode):
-    from mmtk.adapters.sensors.common import read_rgb
+    from mmtk.data.sources.base import read_rgb
 
     rgb, _, _ = labeled_frame()
     image = Image.fromarray(rgb).quantize(256) if mode == "P" else Image.fromarray(rgb).convert(mode)

@@ -10,8 +10,8 @@ import pytest
 from scipy.io import savemat
 
 from data_helpers import labeled_frame, nyu_mat_frames, run_cli, shared, write_nyu_mat
-from mmtk.adapters.sensors.common import nyuv2_meta
-from mmtk.adapters.sensors.rgbd_folders import nyuv2_split_indices
+from mmtk.data.sources.base import nyuv2_meta
+from mmtk.data.sources.nyuv2 import nyuv2_split_indices
 from mmtk.data import read_info
 
 SCENES = ["kitchen_0004", "office_0003", "kitchen_0004"]

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from data_helpers import BAG1, DEPTH_TOPIC, RGB_TOPIC, SAMPLES, kinect_intrinsics, run_cli, shared
-from mmtk.adapters.sensors.rosbag import decode_image
+from mmtk.data.sources.rosbag import decode_image
 from mmtk.errors import MmtkError
 
 
@@ -327,7 +327,7 @@ def test_cloud_topic_gives_the_depth_image_values(tmp_path, kind):
 
 
 def test_transform_tree_walks_mounts_both_ways():
-    from mmtk.adapters.sensors.tf import TransformTree, rigid_matrix
+    from mmtk.data.sources.tf import TransformTree, rigid_matrix
 
     tree = TransformTree()
     for parent, child, t, q in TF_STATIC:
@@ -434,7 +434,7 @@ def test_shared_bags_cloud_topic_ros1_and_ros2(tmp_path):
 
 
 def test_colour_frames_without_depth_for_prediction():
-    from mmtk.adapters.sensors.rosbag import read_colour_frames
+    from mmtk.data.sources.rosbag import read_colour_frames
 
     bag = SAMPLES / "rosbag_pcl_kinect" / "pcl_kinect_2frames.bag"
     frames = list(read_colour_frames(bag, "/camera/rgb/image_color"))
@@ -445,7 +445,7 @@ def test_colour_frames_without_depth_for_prediction():
 
 
 def test_colour_frames_of_a_bag_without_camera_info(tmp_path):
-    from mmtk.adapters.sensors.rosbag import read_colour_frames
+    from mmtk.data.sources.rosbag import read_colour_frames
 
     bag = copy_ros1_bag_without(SAMPLES / "rosbag_pcl_kinect" / "pcl_kinect_2frames.bag", tmp_path / "b.bag",
                                 "/camera/rgb/camera_info")

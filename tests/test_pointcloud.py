@@ -15,8 +15,9 @@ from data_helpers import KINECT, KINECT_FRAME, SHARED, kinect_intrinsics
 from mmtk.errors import MmtkError
 from mmtk.pointcloud import (
     PointCloud, cloud_to_depth, cloud_to_image_depth, cloud_to_xyz, depth_to_cloud, depth_to_xyz, intrinsics_matrix,
-    parse_intrinsics, pointcloud2_to_cloud, project_points, read_bag_clouds, read_cloud, write_cloud,
+    parse_intrinsics, project_points, read_cloud, write_cloud,
 )
+from mmtk.data.sources.rosbag import pointcloud2_to_cloud, read_bag_clouds
 
 SAMPLES, FRAME = KINECT, KINECT_FRAME
 K = kinect_intrinsics()

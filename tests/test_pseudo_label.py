@@ -18,6 +18,7 @@ from cli_helpers import run_cli
 from data_helpers import KINECT, KINECT_FRAME
 from helpers import needs_cuda
 import mmtk.pseudo_label as pl  # noqa: E402
+from mmtk.data.sources.images import fit_image  # noqa: E402
 
 SAMPLES, FRAME = KINECT, KINECT_FRAME
 CLASSES = ["floor", "wall", "laptop", "box", "carpet"]
@@ -297,7 +298,7 @@ def test_convert_images_then_pseudo_label_from_rgb_alone(model_dirs, tmp_path, c
     with h5py.File(out) as f:
         assert f.attrs["mmtk_format"] >= 1 and set(f) == {"train", "test"}
         assert [s.decode() for s in f["train/frame_id"][:]] == ["box/b.jpg", "laptop/a.png"]
-        np.testing.assert_array_equal(f["test/rgb"][0], pl.fit_image(source.crop((320, 0, 640, 480)), (120, 160)))
+        np.testing.assert_array_equal(f["test/rgb"][0], fit_image(source.crop((320, 0, 640, 480)), (120, 160)))
         # 640x480 covers 160x120 exactly: a plain resize, compare with PIL's.
         np.testing.assert_array_equal(f["train/rgb"][1], np.array(source.resize((160, 120), Image.BILINEAR)))
     code, _, err = run_cli(["pseudo-label", str(out), "--depth-model", str(model_dirs["dpt"]),

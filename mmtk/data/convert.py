@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 
-from mmtk.adapters.sensors.common import Frame
+from mmtk.data.sources.base import Frame
 from mmtk.data.format import H5Writer, check_out_path
 from mmtk.data.resize import resize_frame_arrays
 from mmtk.errors import MmtkError
@@ -107,7 +107,8 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
         depth_scale: stored depth units per metre, overriding the layout's (e.g. 1000 for mm).
         size: optional (H, W) to resize to on the way in.
     """
-    from mmtk.adapters.sensors.rgbd_folders import ConvertOptions, open_rgbd_source
+    from mmtk.data.sources.base import ConvertOptions
+    from mmtk.data.sources.folders import open_rgbd_source
 
     if depth_scale is not None and depth_scale <= 0:
         raise MmtkError(f"--depth-scale must be positive (units per metre), got {depth_scale}")
@@ -151,7 +152,7 @@ def convert_rosbag(bag: str | os.PathLike, out_path: str | os.PathLike, rgb_topi
     Depth comes from ``depth_topic`` (Image/CompressedImage) or ``cloud_topic`` (PointCloud2, turned into
     depth aligned with the colour image; a cloud of another layout needs the colour camera's CameraInfo).
     """
-    from mmtk.adapters.sensors.rosbag import open_rosbag_source
+    from mmtk.data.sources.rosbag import open_rosbag_source
 
     check_out_path(out_path, force)  # before reading any input
     source = open_rosbag_source(bag, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale,

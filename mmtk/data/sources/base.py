@@ -1,13 +1,13 @@
-"""What every sensor/layout reader yields, and image decoding with clear errors."""
+"""What every data source yields (Frame, RgbdSource), time pairing, and image decoding with clear errors."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -31,6 +31,52 @@ class Frame:
     intrinsics: np.ndarray | None = None
     timestamp: float | None = None
     frame_id: str | None = None
+
+
+@dataclass
+class ConvertOptions:
+    """User choices that affect reading: label space and depth units."""
+
+    classes: int = 40
+    depth_scale: float | None = None  # stored units per metre; None = the layout's own
+
+
+@dataclass
+class RgbdSource:
+    """A detected source: what it is, how many frames, class names, notes for the user, a frame stream."""
+
+    layout: str
+    description: str
+    total: int
+    frames: Callable[[], Iterator[Frame]]
+    classes: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+
+def associate_by_time(a: list[float], b: list[float], max_dt: float) -> list[tuple[int, int]]:
+    """Greedy one-to-one matching of two timestamp lists, closest pairs first, |dt| <= max_dt.
+
+    Returns (index in a, index in b) pairs sorted by a's time.
+    """
+    b_sorted = np.argsort(b)
+    b_times = np.asarray(b, dtype=np.float64)[b_sorted]
+    candidates = []
+    for i, t in enumerate(a):
+        pos = int(np.searchsorted(b_times, t))
+        for j in (pos - 1, pos, pos + 1):
+            if 0 <= j < len(b_times) and abs(b_times[j] - t) <= max_dt:
+                candidates.append((abs(b_times[j] - t), i, int(b_sorted[j])))
+    used_a: set[int] = set()
+    used_b: set[int] = set()
+    pairs = []
+    for _, i, j in sorted(candidates):
+        if i not in used_a and j not in used_b:
+            used_a.add(i)
+            used_b.add(j)
+            pairs.append((i, j))
+    return sorted(pairs, key=lambda p: a[p[0]])
+
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".ppm", ".bmp", ".webp")  # what the readers decode

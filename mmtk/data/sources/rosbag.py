@@ -12,19 +12,19 @@ only the messages waiting for their partner.
 from __future__ import annotations
 
 import io
+import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image
 
-from mmtk.adapters.sensors.common import Frame, to_metres
-from mmtk.adapters.sensors.rgbd_folders import RgbdSource, associate_by_time
-from mmtk.adapters.sensors.tf import TransformTree, read_transforms
+from mmtk.data.sources.base import Frame, RgbdSource, associate_by_time, to_metres
+from mmtk.data.sources.tf import TransformTree, read_transforms
 from mmtk.errors import MmtkError
-from mmtk.pointcloud import PointCloud, cloud_to_image_depth, pointcloud2_to_cloud
+from mmtk.pointcloud import PointCloud, cloud_to_image_depth
 
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 CAMERA_INFO_TYPE = "sensor_msgs/msg/CameraInfo"
@@ -389,3 +389,90 @@ def _nearest_k(infos: list[tuple[float, np.ndarray, tuple[int, int]]], times: np
         raise MmtkError(f"CameraInfo is {info_size[1]}x{info_size[0]} but the colour image is {size[1]}x{size[0]}; "
                         f"pass the camera info topic of the colour camera (--camera-info-topic)")
     return k
+
+
+# sensor_msgs/PointField datatype codes -> numpy dtypes (little-endian; byte order is set per message).
+_POINTFIELD_DTYPES: dict[int, str] = {
+    1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 8: "f8",
+}
+
+
+# ------------------------------------------------------------------------------ ROS PointCloud2
+
+def pointcloud2_to_cloud(msg: Any) -> PointCloud:
+    """Decode a ``sensor_msgs/PointCloud2`` message (rosbags, rospy or rclpy object) with numpy.
+
+    Reads ``fields`` (name, offset, datatype, count), ``point_step``, ``row_step`` (row padding allowed),
+    ``is_bigendian``, ``height`` and ``width``. Needs float fields x, y, z; colour comes from a packed
+    ``rgb``/``rgba`` field (0x00RRGGBB in a 4-byte slot, whatever its declared type) or from separate
+    ``r``, ``g``, ``b`` fields. A cloud with height > 1 stays organized [H, W, 3].
+    """
+    height, width = int(msg.height), int(msg.width)
+    point_step, row_step = int(msg.point_step), int(msg.row_step)
+    byte_order = ">" if msg.is_bigendian else "<"
+    fields = {f.name: f for f in msg.fields}
+    missing = [name for name in ("x", "y", "z") if name not in fields]
+    if missing:
+        raise MmtkError(f"PointCloud2 has no field(s) {missing}; fields are {sorted(fields)}")
+    data = np.frombuffer(bytes(msg.data) if not isinstance(msg.data, np.ndarray) else msg.data, dtype=np.uint8)
+    if row_step < width * point_step or len(data) < height * row_step:
+        raise MmtkError(f"PointCloud2 data is {len(data)} bytes, too short for {height} rows of "
+                        f"row_step {row_step} with {width} points of {point_step} bytes")
+    rows = data[: height * row_step].reshape(height, row_step)[:, : width * point_step]
+    records = np.ascontiguousarray(rows).reshape(height * width, point_step)
+
+    def column(name: str, dtype: str | None = None) -> np.ndarray:
+        spec = fields[name]
+        code = dtype or _POINTFIELD_DTYPES.get(int(spec.datatype))
+        if code is None:
+            raise MmtkError(f"PointCloud2 field {name!r} has unknown datatype {spec.datatype}")
+        size = np.dtype(code).itemsize
+        raw = records[:, int(spec.offset): int(spec.offset) + size]
+        return np.ascontiguousarray(raw).view(byte_order + code)[:, 0]
+
+    points = np.stack([column(axis).astype(np.float32) for axis in ("x", "y", "z")], axis=-1)
+    colors = None
+    packed = "rgb" if "rgb" in fields else ("rgba" if "rgba" in fields else None)
+    if packed is not None:
+        value = column(packed, "u4")
+        colors = np.stack([(value >> 16) & 255, (value >> 8) & 255, value & 255], axis=-1).astype(np.uint8)
+    elif all(name in fields for name in ("r", "g", "b")):
+        colors = np.stack([column(c).astype(np.uint8) for c in ("r", "g", "b")], axis=-1)
+    if height > 1:
+        points = points.reshape(height, width, 3)
+        colors = None if colors is None else colors.reshape(height, width, 3)
+    frame_id = str(getattr(getattr(msg, "header", None), "frame_id", "") or "")
+    return PointCloud(points, colors, frame_id)
+
+
+@dataclass
+class BagCloud:
+    """One PointCloud2 message read from a bag: time stamp (s, header), topic and decoded cloud."""
+
+    timestamp: float
+    topic: str
+    cloud: PointCloud = field(repr=False)
+
+
+def read_bag_clouds(path: str | os.PathLike, topic: str | None = None) -> Iterator[BagCloud]:
+    """Yield the PointCloud2 messages of a ROS1 ``.bag`` or ROS2 bag folder (rosbags), in time order.
+
+    ``topic`` picks one topic; without it the bag must hold exactly one PointCloud2 topic.
+    """
+    path = Path(path)
+    reader = open_reader(path)
+    try:
+        clouds = [c for c in reader.connections if c.msgtype == "sensor_msgs/msg/PointCloud2"]
+        topics = sorted({c.topic for c in clouds})
+        if topic is not None:
+            clouds = [c for c in clouds if c.topic == topic]
+            if not clouds:
+                raise MmtkError(f"{path}: no PointCloud2 topic {topic!r}; PointCloud2 topics: {topics or 'none'}")
+        elif len(topics) != 1:
+            raise MmtkError(f"{path}: {len(topics)} PointCloud2 topics ({topics}); pick one with --cloud-topic")
+        for connection, _, raw in reader.messages(connections=clouds):
+            msg = reader.deserialize(raw, connection.msgtype)
+            stamp = msg.header.stamp
+            yield BagCloud(stamp.sec + stamp.nanosec * 1e-9, connection.topic, pointcloud2_to_cloud(msg))
+    finally:
+        reader.close()

@@ -1,4 +1,4 @@
-"""Readers for RGB-D datasets on disk: NYUv2 labeled .mat, MultiMAE, BTS sync, sparse-to-dense, TUM, generic.
+"""Folder layouts of RGB-D datasets: MultiMAE, BTS sync, sparse-to-dense, TUM, generic (and NYUv2 .mat, detected here).
 
 :func:`open_rgbd_source` detects the layout of a path and returns an :class:`RgbdSource` whose
 ``frames()`` generator streams :class:`Frame` objects in metres (one frame in memory at a time).
@@ -9,19 +9,17 @@ Files are paired by name or timestamp, never by sorted position; unpaired files 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import h5py
 import numpy as np
 
-from mmtk.adapters.sensors.common import (IMAGE_SUFFIXES, Frame, nyuv2_intrinsics, nyuv2_meta, read_depth_units,
-                                          read_image, read_rgb, to_metres)
+from mmtk.data.sources.base import (IMAGE_SUFFIXES, ConvertOptions, Frame, RgbdSource, associate_by_time,
+                                    nyuv2_intrinsics, nyuv2_meta, read_depth_units, read_image, read_rgb, to_metres)
+from mmtk.data.sources.nyuv2 import NYU_MAT_NAME, nyu_mat_path, open_nyu_mat
 from mmtk.errors import MmtkError
 
-NYU_MAT_NAME = "nyu_depth_v2_labeled.mat"
-NYU_LABELED_FRAMES = 1449
 MULTIMAE_DEPTH_SCALE = 6553.6  # uint16 units per metre: 10 m -> 65536
 BTS_DEPTH_SCALE = 1000.0
 TUM_DEPTH_SCALE = 5000.0
@@ -36,26 +34,6 @@ SUPPORTED_LAYOUTS = {
     "tum": "TUM RGB-D: rgb/ and depth/ with timestamp names (depth 5000/m), optional associations.txt",
     "paired": "generic: color/depth (+label) folders with matching names, or files named *color*/*depth*",
 }
-
-
-@dataclass
-class ConvertOptions:
-    """User choices that affect reading: label space and depth units."""
-
-    classes: int = 40
-    depth_scale: float | None = None  # stored units per metre; None = the layout's own
-
-
-@dataclass
-class RgbdSource:
-    """A detected source: what it is, how many frames, class names, notes for the user, a frame stream."""
-
-    layout: str
-    description: str
-    total: int
-    frames: Callable[[], Iterator[Frame]]
-    classes: list[str] | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def open_rgbd_source(src: str | Path, options: ConvertOptions | None = None) -> RgbdSource:
@@ -88,113 +66,6 @@ def _split_of(parts: tuple[str, ...]) -> str:
     if any(p in ("test", "val", "validation") for p in lowered):
         return "test"
     return "all"
-
-
-# ---------------------------------------------------------------------------------- NYUv2 .mat
-def _nyu_mat_path(src: Path) -> Path | None:
-    if src.is_file() and src.suffix == ".mat":
-        return src
-    candidate = src / NYU_MAT_NAME
-    return candidate if candidate.is_file() else None
-
-
-def _class_space(classes: int) -> tuple[np.ndarray | None, list[str]]:
-    """Map from raw 894 labels to the chosen space (None = keep 894) and the space's names."""
-    meta = nyuv2_meta()
-    if classes == 40:
-        return np.asarray(meta["map894_to_40"], np.uint16), list(meta["names40"])
-    if classes == 13:
-        return np.asarray(meta["map894_to_13"], np.uint16), list(meta["names13"])
-    if classes == 894:
-        return None, list(meta["names894"])
-    raise MmtkError(f"--classes {classes} is not supported; use 40, 13 or 894")
-
-
-def nyuv2_split_indices(n_frames: int, splits_mat: Path | None) -> dict[str, list[int]]:
-    """0-based frame indices per split: splits.mat if given, else the official split for 1449 frames, else all."""
-    if splits_mat is not None:
-        from scipy.io import loadmat
-
-        try:
-            mat = loadmat(splits_mat)
-            train = [int(i) - 1 for i in np.ravel(mat["trainNdxs"])]
-            test = [int(i) - 1 for i in np.ravel(mat["testNdxs"])]
-        except (KeyError, ValueError, OSError, TypeError) as err:
-            raise MmtkError(f"{splits_mat} is not a readable NYUv2 splits.mat ({err})") from None
-        bad = [i for i in train + test if not 0 <= i < n_frames]
-        if bad:
-            raise MmtkError(f"{splits_mat} lists frame {bad[0] + 1} but the .mat holds {n_frames} frames; "
-                            f"remove or fix splits.mat")
-        return {"train": sorted(train), "test": sorted(test)}
-    if n_frames == NYU_LABELED_FRAMES:
-        meta = nyuv2_meta()
-        return {"train": list(meta["train_indices"]), "test": list(meta["test_indices"])}
-    return {"all": list(range(n_frames))}
-
-
-def _mat_strings(handle: h5py.File, key: str) -> list[str] | None:
-    if key not in handle:
-        return None
-    refs = handle[key][()].ravel()
-    return ["".join(chr(int(c)) for c in np.ravel(handle[ref][()])) for ref in refs]
-
-
-def _open_nyu_mat(src: Path, options: ConvertOptions) -> RgbdSource:
-    mat_path = _nyu_mat_path(src)
-    assert mat_path is not None
-    mapping, names = _class_space(options.classes)
-    try:
-        handle = h5py.File(mat_path, "r")
-    except OSError as err:
-        raise MmtkError(f"{mat_path} is not a readable MATLAB v7.3 file ({str(err).split(';')[0]}); "
-                        f"it may be truncated: download it again") from None
-    with handle:
-        missing = [k for k in ("images", "depths") if k not in handle]
-        if missing:
-            raise MmtkError(f"{mat_path} lacks {', '.join(missing)}; is it nyu_depth_v2_labeled.mat?")
-        n_frames = int(handle["images"].shape[0])
-        has_labels = "labels" in handle
-        has_raw = "rawDepths" in handle
-        if options.classes == 894 and "names" in handle:
-            names = _mat_strings(handle, "names") or names
-    splits_mat = mat_path.parent / "splits.mat"
-    splits = nyuv2_split_indices(n_frames, splits_mat if splits_mat.is_file() else None)
-    notes = [f"splits: {', '.join(f'{k} {len(v)}' for k, v in splits.items())} frames "
-             f"({'from ' + str(splits_mat) if splits_mat.is_file() else 'official 795/654' if n_frames == NYU_LABELED_FRAMES else 'no split: not 1449 frames'})"]
-    if has_labels:
-        notes.append(f"labels: 894 raw classes -> {len(names)} classes")
-    scale = options.depth_scale if options.depth_scale is not None else 1.0
-
-    def frames() -> Iterator[Frame]:
-        intrinsics = nyuv2_intrinsics()
-        with h5py.File(mat_path, "r") as mat:
-            scenes = _mat_strings(mat, "scenes")
-            for split, indices in splits.items():
-                for i in indices:
-                    yield _nyu_frame(mat, i, split, scale, mapping, intrinsics, has_labels, has_raw,
-                                     scenes[i] if scenes else None)
-
-    return RgbdSource("nyuv2-mat", f"NYUv2 labeled release ({mat_path.name}, {n_frames} frames)",
-                      sum(len(v) for v in splits.values()), frames, names if has_labels else None, notes)
-
-
-def _nyu_frame(mat: h5py.File, i: int, split: str, scale: float, mapping: np.ndarray | None,
-               intrinsics: np.ndarray, has_labels: bool, has_raw: bool, scene: str | None) -> Frame:
-    try:
-        rgb = np.ascontiguousarray(mat["images"][i].transpose(2, 1, 0))  # MATLAB column-major: [3,W,H] -> [H,W,3]
-        depth = to_metres(np.ascontiguousarray(mat["depths"][i].T), scale)
-        depth_raw = to_metres(np.ascontiguousarray(mat["rawDepths"][i].T), scale) if has_raw else None
-        semseg = None
-        if has_labels:
-            labels = np.ascontiguousarray(mat["labels"][i].T).astype(np.int64)
-            if labels.max(initial=0) > 894 or labels.min(initial=0) < 0:
-                raise MmtkError(f"frame {i}: label {labels.max()} is beyond the 894-class map")
-            semseg = labels if mapping is None else mapping[labels]
-    except OSError as err:
-        raise MmtkError(f"frame {i} of the .mat cannot be read ({err}); the file may be truncated") from None
-    frame_id = f"{i:04d}" + (f" {scene}" if scene else "")
-    return Frame(split, rgb, depth, depth_raw, semseg, intrinsics if rgb.shape[:2] == (480, 640) else None,
-                 None, frame_id)
 
 
 # ---------------------------------------------------------------------------------- MultiMAE
@@ -358,30 +229,6 @@ def _is_tum(src: Path) -> bool:
     return src.is_dir() and bool(_timestamped(src / "rgb")) and bool(_timestamped(src / "depth"))
 
 
-def associate_by_time(a: list[float], b: list[float], max_dt: float) -> list[tuple[int, int]]:
-    """Greedy one-to-one matching of two timestamp lists, closest pairs first, |dt| <= max_dt.
-
-    Returns (index in a, index in b) pairs sorted by a's time.
-    """
-    b_sorted = np.argsort(b)
-    b_times = np.asarray(b, dtype=np.float64)[b_sorted]
-    candidates = []
-    for i, t in enumerate(a):
-        pos = int(np.searchsorted(b_times, t))
-        for j in (pos - 1, pos, pos + 1):
-            if 0 <= j < len(b_times) and abs(b_times[j] - t) <= max_dt:
-                candidates.append((abs(b_times[j] - t), i, int(b_sorted[j])))
-    used_a: set[int] = set()
-    used_b: set[int] = set()
-    pairs = []
-    for _, i, j in sorted(candidates):
-        if i not in used_a and j not in used_b:
-            used_a.add(i)
-            used_b.add(j)
-            pairs.append((i, j))
-    return sorted(pairs, key=lambda p: a[p[0]])
-
-
 def _read_associations(path: Path, src: Path) -> list[tuple[float, Path, Path]]:
     rows = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
@@ -524,7 +371,7 @@ def _label_names(src: Path, options: ConvertOptions) -> list[str]:
 
 
 _LAYOUTS: list[tuple[Callable[[Path], bool], Callable[[Path, ConvertOptions], RgbdSource]]] = [
-    (lambda p: _nyu_mat_path(p) is not None, _open_nyu_mat),
+    (lambda p: nyu_mat_path(p) is not None, open_nyu_mat),
     (_is_multimae, _open_multimae),
     (_is_bts, _open_bts),
     (_is_sparse_to_dense, _open_sparse_to_dense),

@@ -1,1 +1,0 @@
-"""Sensor readers: ROS-style messages and bags, RGB-D folders."""

@@ -1,0 +1,8 @@
+"""Data sources: where frames come from before `mmtk convert` writes them (one file per source family).
+
+- ``base``: :class:`Frame` (what every source yields), :class:`RgbdSource`, time pairing, image decoding.
+- ``nyuv2``: the NYUv2 labeled release (.mat).
+- ``folders``: RGB-D folder layouts (MultiMAE, BTS sync, sparse-to-dense, TUM, paired folders).
+- ``rosbag`` and ``tf``: ROS1/ROS2 bags (images, CameraInfo, PointCloud2) and their transform tree.
+- ``images``: folders of RGB images alone.
+"""
