@@ -1,20 +1,74 @@
 """The modality interface and its registry.
 
 A modality is one file: a subclass of :class:`Modality` decorated with :func:`register_modality`.
-It says how its prepared tensor becomes tokens (tokenizer), how many values each output pixel has
-(the generic decoder un-patchifies to that), where its training target comes from, and its
-per-pixel loss. The core model never names a modality; it looks them up here.
+It says what a frame of it stores in mmtk HDF5 files (:class:`StoredArray`) and how a stored crop becomes
+its prepared tensor (:meth:`Modality.load`), how the prepared tensor becomes tokens (tokenizer), how many
+values each output pixel has (the generic decoder un-patchifies to that), where its training target comes
+from, and its per-pixel loss. The core never names a modality; it looks them up here.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+import numpy as np
 from torch import Tensor, nn
 
 from mmtk.errors import MmtkError
 
 _REGISTRY: dict[str, type["Modality"]] = {}
+_ORIGINS: dict[str, str] = {}  # modality -> where it came from: "mmtk", "package:<entry point>", "file:<path>"
+_LOADING: list[str] = ["mmtk"]  # the origin of modalities registered right now
+ENTRY_POINT_GROUP = "mmtk.modalities"
+STORED_KINDS = ("image", "metric", "labels")
+
+
+@dataclass(frozen=True)
+class StoredArray:
+    """One per-frame array a modality keeps in mmtk HDF5 files (the dataset ``/<split>/<name>``).
+
+    kind:
+      "image":  integer samples [H, W] or [H, W, channels] (colour, infrared, ...); resized bilinearly.
+      "metric": float32 [H, W] in ``units``, 0 = invalid (NaN, inf and negatives are stored as 0); resized
+                validity-aware; the writer keeps valid fraction and range as attributes.
+      "labels": integer class ids [H, W], 0 = unlabeled, id k is ``classes[k-1]``; resized nearest; the
+                writer keeps a class histogram.
+    dtypes: accepted dtypes; the first is the one stored.
+    """
+
+    name: str
+    kind: str
+    dtypes: tuple[str, ...]
+    units: str
+    channels: int = 0  # 0: [H, W]; C: [H, W, C]
+
+    def __post_init__(self) -> None:
+        if self.kind not in STORED_KINDS:
+            raise ValueError(f"StoredArray {self.name}: kind must be one of {STORED_KINDS}, got {self.kind!r}")
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The stored dtype."""
+        return np.dtype(self.dtypes[0])
+
+    def check(self, array: Any, frame_id: object) -> np.ndarray:
+        """One frame's array in its stored dtype and layout, or a one-line MmtkError naming the problem."""
+        array = np.asarray(array)
+        shape = "[H, W]" if self.channels == 0 else f"[H, W, {self.channels}]"
+        if array.ndim != (2 if self.channels == 0 else 3) or (self.channels and array.shape[2] != self.channels):
+            raise MmtkError(f"frame {frame_id}: {self.name} has shape {list(array.shape)}, expected {shape}")
+        if array.dtype.name not in self.dtypes:
+            raise MmtkError(f"frame {frame_id}: {self.name} has dtype {array.dtype}, expected "
+                            f"{' or '.join(self.dtypes)}")
+        if self.kind == "metric":
+            array = np.nan_to_num(array.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+            array[array < 0] = 0.0
+        return array
 
 
 class Modality:
@@ -29,8 +83,11 @@ class Modality:
       mask_source:   the input whose positions give the decoder's queries and whose token mask
                      decides which pixels the loss sees (default: itself; norm_rgb uses rgb).
       pos_mode:      interpolation of its positional grid at other image sizes.
-      stored_from:   HDF5 datasets of a split it is read or computed from, when those are not just
-                     `name` (xyz: depth and intrinsics; depth_pseudo: its own dataset); see :meth:`load`.
+      ignore_index:  the target value that marks unlabelled pixels, for class-index targets.
+      stores:        the per-frame arrays it keeps in mmtk HDF5 files (dataset name, dtype, units, validity);
+                     empty for modalities computed from others (xyz) or target-only ones (norm_rgb).
+      stored_from:   HDF5 datasets of a split it is read or computed from (default: its own name);
+                     see :meth:`load`.
     """
 
     name: ClassVar[str]
@@ -39,7 +96,14 @@ class Modality:
     is_input: ClassVar[bool] = True
     mask_source: ClassVar[str | None] = None
     pos_mode: ClassVar[str] = "bicubic"
+    ignore_index: ClassVar[int | None] = None  # target value that marks "no label" (semseg: 255)
+    stores: ClassVar[tuple[StoredArray, ...]] = ()
     stored_from: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def reads(cls) -> tuple[str, ...]:
+        """The HDF5 datasets one frame of this modality is prepared from."""
+        return cls.stored_from or (cls.name,)
 
     def __init__(self, patch_size: int = 16, num_classes: int = 0) -> None:
         self.patch_size = patch_size
@@ -77,12 +141,21 @@ class Modality:
         """Per-pixel loss [B, h, w] of a prediction [B, C, h, w] against its target."""
         raise NotImplementedError
 
-    def load(self, read: Callable[[str], Any], window: Any, image_size: tuple[int, int]) -> dict[str, Tensor]:
-        """Prepared tensors of one frame for `mmtk.data.H5Dataset` (modalities with `stored_from`).
+    def check_stored(self, stored: StoredArray, array: Any, frame_id: object) -> np.ndarray:
+        """Validate one frame's array before it is written (``stored`` is one of :attr:`stores`).
 
-        `read(name)` returns the frame's stored array `name` cropped to `window` (a
+        Default: shape and dtype (:meth:`StoredArray.check`). Adapters add what they know of their values
+        (depth: plausible metres).
+        """
+        return stored.check(array, frame_id)
+
+    def load(self, read: Callable[[str], Any], window: Any, image_size: tuple[int, int]) -> dict[str, Tensor]:
+        """Prepared tensors of one frame for `mmtk.data.H5Dataset`: the one way a stored crop is prepared.
+
+        `read(name)` returns the frame's stored array `name` (one of :meth:`reads`) cropped to `window` (a
         `mmtk.data.transforms.CropWindow`: top, left, height, width, flip); per-frame matrices such as
-        "intrinsics" come whole. Return the modality's tensor plus an optional "<name>_valid" map.
+        "intrinsics" come whole. Return the modality's tensor (key `name`) plus optional extra entries such
+        as a "<name>_valid" map or full-resolution targets.
         """
         raise MmtkError(f"modality '{self.name}' cannot be loaded from an mmtk HDF5 file")
 
@@ -90,7 +163,72 @@ class Modality:
 def register_modality(cls: type[Modality]) -> type[Modality]:
     """Class decorator: make a modality available to `mmtk.create_model` by its `name`."""
     _REGISTRY[cls.name] = cls
+    _ORIGINS[cls.name] = _LOADING[-1]
     return cls
+
+
+def load_plugin(path: str | Path) -> list[str]:
+    """Register the modalities of an adapter file (``--plugin FILE.py``); returns their names.
+
+    Loading a plugin runs its code, as importing any Python module does: load only files you trust.
+    """
+    path = Path(path).expanduser().resolve()
+    origin = f"file:{path}"
+    if origin in _ORIGINS.values():
+        return [name for name, where in _ORIGINS.items() if where == origin]
+    if not path.is_file() or path.suffix != ".py":
+        raise MmtkError(f"plugin {path} is not a Python file; pass --plugin path/to/adapter.py")
+    module_name = f"mmtk_plugin_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # so that its classes pickle into DataLoader workers
+    before = set(_REGISTRY)
+    _LOADING.append(origin)
+    try:
+        spec.loader.exec_module(module)
+    except MmtkError:
+        raise
+    except Exception as err:  # a user's file: any error it raises is reported in one line
+        raise MmtkError(f"plugin {path} failed to load: {type(err).__name__}: {err}") from None
+    finally:
+        _LOADING.pop()
+    added = sorted(set(_REGISTRY) - before)
+    if not added:
+        raise MmtkError(f"plugin {path} registers no modality; decorate its Modality subclass with "
+                        f"@register_modality")
+    return added
+
+
+def load_entry_points() -> None:
+    """Register the modalities of installed packages (entry-point group ``mmtk.modalities``)."""
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        _LOADING.append(f"package:{point.value}")
+        try:
+            point.load()
+        except Exception as err:  # a broken third-party package must not break mmtk itself
+            print(f"warning: modality plugin {point.value} failed to load: {type(err).__name__}: {err}",
+                  file=sys.stderr)
+        finally:
+            _LOADING.pop()
+
+
+def modality_origins(names: Any) -> dict[str, str]:
+    """Where each named modality came from, for checkpoints: "mmtk", "package:<module>" or "file:<path>"."""
+    return {name: _ORIGINS.get(name, "mmtk") for name in names}
+
+
+def require_registered(origins: dict[str, str], what: str) -> None:
+    """Every modality of a checkpoint or recipe is registered; a missing one names its plugin."""
+    for name, origin in origins.items():
+        if name in _REGISTRY:
+            continue
+        if origin.startswith("file:"):
+            raise MmtkError(f"{what} uses modality {name!r} from the plugin {origin[5:]}; pass --plugin {origin[5:]}")
+        if origin.startswith("package:"):
+            raise MmtkError(f"{what} uses modality {name!r} from the package module {origin[8:]}; install that "
+                            f"package (it registers the entry point {ENTRY_POINT_GROUP})")
+        raise MmtkError(f"{what} uses modality {name!r}, which no loaded adapter registers; pass its --plugin")
 
 
 def get_modality(name: str) -> type[Modality]:
@@ -101,5 +239,16 @@ def get_modality(name: str) -> type[Modality]:
 
 
 def list_modalities() -> list[str]:
-    """Names of all registered modalities."""
-    return sorted(_REGISTRY)
+    """Names of all registered modalities, in registration order (mmtk's own first, then plugins)."""
+    return list(_REGISTRY)
+
+
+def stored_array(name: str) -> tuple[type[Modality], StoredArray]:
+    """The modality that stores the HDF5 dataset ``name``, and its :class:`StoredArray`."""
+    for cls in _REGISTRY.values():
+        for stored in cls.stores:
+            if stored.name == name:
+                return cls, stored
+    known = sorted(s.name for cls in _REGISTRY.values() for s in cls.stores)
+    raise MmtkError(f"no registered modality stores {name!r} (stored arrays: {', '.join(known)}); add an "
+                    f"adapter for it (a file with a @register_modality class, loaded with --plugin FILE.py)")

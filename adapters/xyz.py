@@ -27,7 +27,8 @@ class XYZ(Depth):
 
     name = "xyz"
     channels = 3
-    stored_from = ("depth", "intrinsics")  # mmtk HDF5: computed per crop from metric depth and K
+    stores = ()  # nothing of its own: computed per crop from metric depth and K
+    stored_from = ("depth", "intrinsics")
 
     def load(self, read, window, image_size: tuple[int, int]) -> dict[str, Tensor]:
         from mmtk.data.resize import resize_depth

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from mmtk.data import H5Dataset, H5Writer
-from mmtk.data.transforms import prepare_depth, prepare_rgb, prepare_semseg, random_resized_crop
+from mmtk.adapters.semseg import prepare_semseg
+from mmtk.data.transforms import prepare_depth, prepare_rgb, random_resized_crop
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "samples" / "nyuv2_multimae" / "train"
@@ -48,7 +49,7 @@ def build_h5(path: Path, frames: int, compression: str | None) -> None:
 
     with H5Writer(path, source="bench", classes=nyuv2_meta()["names40"], compression=compression) as writer:
         for _ in range(frames):
-            writer.add_frame("train", rgb=rgb, depth=depth_units / np.float32(SCALE), semseg=labels)
+            writer.add_frame("train", {"rgb": rgb, "depth": depth_units / np.float32(SCALE), "semseg": labels})
 
 
 class PngDataset(torch.utils.data.Dataset):

@@ -153,7 +153,7 @@ def predict_command(
                 yield f"{split}_{i % count:06d}", frame.rgb, frame.depth, frame.intrinsics
         else:
             for i, frame in enumerate(read_bag_frames(bag, rgb_topic, depth_topic)):
-                yield f"frame_{i:06d}", frame.rgb, frame.depth, frame.intrinsics
+                yield f"frame_{i:06d}", frame.arrays["rgb"], frame.arrays.get("depth"), frame.intrinsics
 
     count = 0
     for stem, image, sensor, k in frames():

@@ -16,9 +16,6 @@ from mmtk.engine import FitResult, fit, main_process_print, seed_everything
 from mmtk.errors import MmtkError
 from mmtk.adapters.semseg import IGNORE_INDEX
 
-STORED = ("rgb", "depth", "semseg")  # modalities an mmtk HDF5 file stores as datasets
-EXTRAS = ("depth_m", "semseg_full")  # prepared targets that are not model inputs
-
 
 def data_source(name: str) -> str:
     """The prepared tensor a task reads: its own, or its mask source's (norm_rgb is computed from rgb)."""
@@ -65,10 +62,8 @@ def data_info(path: str | Path, split: str = "train", sources: dict[str, str] | 
         if name not in part["datasets"]:
             raise MmtkError(f"data.sources maps {modality} to '{name}' but split '{split}' of {path} has only "
                             f"{', '.join(part['datasets'])}; fix data.sources or run `mmtk pseudo-label` first")
-    stored = [m for m in STORED if sources.get(m, m) in part["datasets"]]
-    derived = [name for name in list_modalities() if name not in STORED and get_modality(name).stored_from
-               and all(source in part["datasets"] for source in get_modality(name).stored_from)]
-    modalities = tuple(stored + derived)  # e.g. xyz, computed from depth + intrinsics by its adapter
+    modalities = tuple(name for name in list_modalities() if get_modality(name).is_input  # e.g. xyz from depth + K
+                       and all(sources.get(source, source) in part["datasets"] for source in get_modality(name).reads()))
     classes = list(info.get("classes") or [])
     return DataInfo(str(path), modalities, tuple(part["image_size"] or (0, 0)), len(classes), int(part["frames"]),
                     classes)
@@ -117,7 +112,8 @@ def needed_modalities(recipe: Recipe) -> tuple[str, ...]:
 def pretrain_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
     """The MultiMAE objective: the model masks, decodes every task and returns its losses."""
     valid = {key[: -len("_valid")]: value for key, value in batch.items() if key.endswith("_valid")}
-    inputs = {key: value for key, value in batch.items() if not key.endswith("_valid") and key not in EXTRAS}
+    registered = set(list_modalities())  # not the validity maps and full-resolution targets beside them
+    inputs = {key: value for key, value in batch.items() if key in registered}
     out = model(inputs, valid=valid)
     return out.loss, dict(out.losses)
 

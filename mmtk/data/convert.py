@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-
-from mmtk.data.sources.base import Frame
+from mmtk.adapters import stored_array
 from mmtk.data.format import H5Writer, check_out_path
-from mmtk.data.resize import resize_frame_arrays
+from mmtk.data.resize import resize_intrinsics, resize_stored
+from mmtk.data.sources.base import Frame
 from mmtk.errors import MmtkError
 
 Log = Callable[[str], None]
@@ -23,8 +23,7 @@ class ConvertResult:
 
     out_path: Path
     frames: dict[str, int]
-    depth_range_m: tuple[float, float]
-    valid_fraction: float
+    metrics: dict[str, dict[str, float]]  # per metric array (depth): valid_fraction, min_m, median_m, max_m, ...
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:
@@ -38,20 +37,13 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
 
 
 def _resized(frame: Frame, size: tuple[int, int] | None) -> Frame:
-    if size is None or frame.rgb.shape[:2] == size:
+    """The frame at ``size`` (H, W): each array resized as its kind needs, intrinsics scaled to match."""
+    first = next(iter(frame.arrays.values()))
+    if size is None or first.shape[:2] == size:
         return frame
-    out = resize_frame_arrays(size, frame.rgb, frame.depth, frame.depth_raw, frame.semseg, frame.intrinsics)
-    return Frame(frame.split, out["rgb"], out["depth"], out["depth_raw"], out["semseg"], out["intrinsics"],
-                 frame.timestamp, frame.frame_id)
-
-
-def _check_sizes(frame: Frame) -> None:
-    size = frame.rgb.shape[:2]
-    for key in ("depth", "depth_raw", "semseg"):
-        value = getattr(frame, key)
-        if value is not None and value.shape[:2] != size:
-            raise MmtkError(f"frame {frame.frame_id}: rgb is {size[0]}x{size[1]} but {key} is "
-                            f"{value.shape[0]}x{value.shape[1]}; RGB and depth must be registered at the same size")
+    arrays = {name: resize_stored(stored_array(name)[1].kind, value, size) for name, value in frame.arrays.items()}
+    k = None if frame.intrinsics is None else resize_intrinsics(frame.intrinsics, first.shape[:2], size)
+    return Frame(frame.split, arrays, k, frame.timestamp, frame.frame_id)
 
 
 def write_frames(frames: Iterable[Frame], out_path: str | os.PathLike, *, source: str, total: int | None,
@@ -59,21 +51,21 @@ def write_frames(frames: Iterable[Frame], out_path: str | os.PathLike, *, source
                  progress: bool = True, log: Log | None = None) -> ConvertResult:
     """Write ``frames`` to ``out_path`` atomically, resizing to ``size`` (H, W) if given.
 
-    Shows a rich progress bar (frames/s) when ``progress`` is true. Returns a summary whose depth range
-    lets the caller show the user the effect of the depth units.
+    The one conversion path: every source's frames are resized here once and validated and written once by
+    :class:`H5Writer`. Shows a rich progress bar (frames/s) when ``progress`` is true. Returns a summary
+    whose depth statistics let the caller show the user the effect of the depth units.
     """
     with H5Writer(out_path, source=source, force=force, classes=classes) as writer:
         for frame in _with_progress(frames, total, progress):
-            _check_sizes(frame)
             frame = _resized(frame, size)
-            writer.add_frame(frame.split, rgb=frame.rgb, depth=frame.depth, depth_raw=frame.depth_raw,
-                             semseg=frame.semseg, intrinsics=frame.intrinsics, timestamp=frame.timestamp,
+            writer.add_frame(frame.split, frame.arrays, intrinsics=frame.intrinsics, timestamp=frame.timestamp,
                              frame_id=frame.frame_id)
-        result = ConvertResult(Path(out_path), writer.frame_counts, *writer.depth_summary())
+        result = ConvertResult(Path(out_path), writer.frame_counts, writer.metric_summary())
     if log:
         frames_text = ", ".join(f"{split} {n}" for split, n in result.frames.items())
-        log(f"wrote {out_path}: {frames_text} frames; depth {result.depth_range_m[0]:.3f}-"
-            f"{result.depth_range_m[1]:.3f} m, {100 * result.valid_fraction:.1f} % valid")
+        log(f"wrote {out_path}: {frames_text} frames" + "".join(
+            f"; {name} {s['min_m']:.3f}-{s['max_m']:.3f} m (median {s['median_m']:.3f} m), "
+            f"{100 * s['valid_fraction']:.1f} % valid" for name, s in result.metrics.items()))
     return result
 
 

@@ -259,7 +259,7 @@ def read_colour_frames(bag: str | Path, rgb_topic: str, camera_info_topic: str |
         for conn, log_time, raw in reader.messages(connections=rgb_conns):
             msg = reader.deserialize(raw, conn.msgtype)
             stamp = _header_stamp(raw, bool(getattr(reader, "is2", False))) or log_time * 1e-9
-            yield Frame("all", decode_image(msg, conn.msgtype, "rgb", None), None, intrinsics=intrinsics,
+            yield Frame("all", {"rgb": decode_image(msg, conn.msgtype, "rgb", None)}, intrinsics=intrinsics,
                         timestamp=stamp)
     finally:
         reader.close()
@@ -364,7 +364,8 @@ def _paired_frames(bag: Path, rgb_topic: str, depth_topic: str, pairs: list[tupl
                 k = _nearest_k(infos, info_times, stamp, rgb.shape[:2])
                 if from_cloud:
                     depth = _cloud_depth(depth, rgb.shape[:2], k, depth_topic)
-                yield Frame("all", rgb, depth, intrinsics=k, timestamp=stamp, frame_id=f"{rgb_topic}#{rgb_index}")
+                yield Frame("all", {"rgb": rgb, "depth": depth}, intrinsics=k, timestamp=stamp,
+                            frame_id=f"{rgb_topic}#{rgb_index}")
     finally:
         reader.close()
 
