@@ -17,6 +17,18 @@ app = typer.Typer(
 )
 
 
+PLUGIN_HELP = "A Python file registering a modality adapter (repeatable); see README, Adapters."
+
+
+def load_plugins(paths: list | None) -> None:
+    """Register the modality adapters of ``--plugin`` files (every command that reads or builds modalities)."""
+    if paths:
+        from mmtk.adapters import load_plugin
+
+        for path in paths:
+            load_plugin(path)
+
+
 def _register_commands() -> None:
     # Each module adds its commands to `app`; imports stay inside so `mmtk --help` is fast.
     from mmtk.cli import model_cmds  # noqa: F401

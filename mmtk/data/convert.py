@@ -87,9 +87,42 @@ def _with_progress(frames: Iterable[Frame], total: int | None, enabled: bool) ->
             bar.update(task, rate=f"{speed:.1f} frames/s" if speed else "")
 
 
+def parse_named(values: list[str] | None, option: str) -> dict[str, str]:
+    """["ir=/camera/ir/image", ...] -> {"ir": "/camera/ir/image"}; each NAME must be a stored array of an adapter."""
+    named: dict[str, str] = {}
+    for text in values or []:
+        name, sep, value = text.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise MmtkError(f"{option} {text!r} is not NAME=VALUE (e.g. {option} ir=...)")
+        if name.strip() in named:
+            raise MmtkError(f"{option} names {name.strip()!r} twice")
+        stored_array(name.strip())  # an unknown name is refused before any input is read
+        named[name.strip()] = value.strip()
+    return named
+
+
+def _with_streams(frames: Iterable[Frame], src: Path, streams: dict[str, str]) -> Iterator[Frame]:
+    """Add each extra stream's image (files matching GLOB under ``src``, matched to a frame by file stem)."""
+    from mmtk.data.sources.base import read_image
+
+    files = {name: {path.stem: path for path in sorted(src.glob(pattern)) if path.is_file()}
+             for name, pattern in streams.items()}
+    for name, found in files.items():
+        if not found:
+            raise MmtkError(f"--stream {name}={streams[name]}: no file under {src} matches")
+    for frame in frames:
+        stem = Path(str(frame.frame_id)).stem
+        for name, found in files.items():
+            if stem not in found:
+                raise MmtkError(f"--stream {name}: no file named {stem}.* for frame {frame.frame_id} (matched by "
+                                f"file stem among {len(found)} files of {streams[name]})")
+            frame.arrays[name] = read_image(found[stem])
+        yield frame
+
+
 def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes: int = 40,
                  depth_scale: float | None = None, size: tuple[int, int] | None = None, force: bool = False,
-                 progress: bool = True, log: Log | None = None) -> ConvertResult:
+                 progress: bool = True, log: Log | None = None, streams: dict[str, str] | None = None) -> ConvertResult:
     """Convert an RGB-D dataset folder (layout auto-detected) into an mmtk HDF5 file.
 
     Args:
@@ -98,6 +131,7 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
         classes: NYUv2 label space, 40, 13 or 894.
         depth_scale: stored depth units per metre, overriding the layout's (e.g. 1000 for mm).
         size: optional (H, W) to resize to on the way in.
+        streams: extra stored arrays, name -> glob under ``src`` (matched to frames by file stem).
     """
     from mmtk.data.sources.base import ConvertOptions
     from mmtk.data.sources.folders import open_rgbd_source
@@ -113,7 +147,8 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
     provenance = f"mmtk convert --rgbd {Path(src).name}: {source.description}"
     if size:
         provenance += f", resized to {size[0]}x{size[1]}"
-    return write_frames(source.frames(), out_path, source=provenance, total=source.total, classes=source.classes,
+    frames = _with_streams(source.frames(), Path(src), streams) if streams else source.frames()
+    return write_frames(frames, out_path, source=provenance, total=source.total, classes=source.classes,
                         size=size, force=force, progress=progress, log=log)
 
 
@@ -138,17 +173,19 @@ def build_demo_file(out_path: str | os.PathLike, *, force: bool = False, size: t
 def convert_rosbag(bag: str | os.PathLike, out_path: str | os.PathLike, rgb_topic: str, depth_topic: str | None = None,
                    camera_info_topic: str | None = None, max_dt: float = 0.02, depth_scale: float | None = None,
                    size: tuple[int, int] | None = None, force: bool = False, progress: bool = True,
-                   log: Log | None = None, cloud_topic: str | None = None) -> ConvertResult:
+                   log: Log | None = None, cloud_topic: str | None = None,
+                   extra_topics: dict[str, str] | None = None) -> ConvertResult:
     """Convert a ROS1 .bag or ROS2 bag (sqlite3/mcap) to an mmtk HDF5 file (colour/depth paired by stamp).
 
     Depth comes from ``depth_topic`` (Image/CompressedImage) or ``cloud_topic`` (PointCloud2, turned into
     depth aligned with the colour image; a cloud of another layout needs the colour camera's CameraInfo).
+    ``extra_topics`` maps a stored array name (e.g. "ir") to a further image topic, paired by stamp like depth.
     """
     from mmtk.data.sources.rosbag import open_rosbag_source
 
     check_out_path(out_path, force)  # before reading any input
     source = open_rosbag_source(bag, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale,
-                                cloud_topic=cloud_topic)
+                                cloud_topic=cloud_topic, extra_topics=extra_topics)
     if log:
         log(f"layout: rosbag - {source.description}; {source.total} frames")
         for note in source.notes:
