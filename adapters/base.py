@@ -234,7 +234,8 @@ def require_registered(origins: dict[str, str], what: str) -> None:
 def get_modality(name: str) -> type[Modality]:
     """Look up a registered modality class by name."""
     if name not in _REGISTRY:
-        raise MmtkError(f"unknown modality '{name}'; registered: {', '.join(sorted(_REGISTRY))}")
+        raise MmtkError(f"unknown modality '{name}'; registered: {', '.join(_REGISTRY)} (a modality of your own: "
+                        f"pass its adapter file with --plugin FILE.py or list it under plugins: in the recipe)")
     return _REGISTRY[name]
 
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from mmtk.cli.main import app
+from mmtk.cli.main import PLUGIN_HELP, app, load_plugins
 from mmtk.errors import MmtkError
 
 SET_HELP = "Override a recipe value, e.g. --set optim.lr=2e-4 (repeatable)."
@@ -54,8 +54,10 @@ def pretrain(
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<recipe name>)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run folder."),
+    plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
     """Pretrain a MultiMAE (masked multi-modal autoencoder) as the recipe says."""
+    load_plugins(plugin)
     _train(recipe, "pretrain", data, out, set_, resume)
 
 
@@ -67,8 +69,10 @@ def finetune(
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<recipe name>)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run folder."),
+    plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
     """Finetune a dense head (semantic segmentation or depth) on top of a pretrained encoder."""
+    load_plugins(plugin)
     _train(recipe, "finetune", data, out, set_, resume, init=init)
 
 
@@ -107,8 +111,10 @@ def eval_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
     save_predictions: Optional[Path] = typer.Option(None, "--save-predictions",
                                                     help="Write input | prediction | ground truth PNGs here."),
+    plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
     """Evaluate a checkpoint: one row per input combination (what does each sensor buy?)."""
+    load_plugins(plugin)
     from rich.console import Console
     from rich.table import Table
 

@@ -94,6 +94,7 @@ class Recipe:
     """A full training recipe."""
 
     kind: Kind = "pretrain"
+    plugins: tuple[str, ...] = ()  # adapter files registering modalities (paths relative to the recipe file)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -190,6 +191,11 @@ def recipe_from_dict(values: dict[str, Any], source: str = "<recipe>") -> Recipe
     if not isinstance(values, dict):
         raise MmtkError(f"{source}: a recipe must be a YAML mapping, got {type(values).__name__}")
     recipe = _build(Recipe, values, "", source)
+    if recipe.plugins:
+        from mmtk.adapters import load_plugin
+
+        for plugin in recipe.plugins:
+            load_plugin(plugin)
     validate(recipe, source)
     return recipe
 
@@ -250,6 +256,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, data_path:
     if not isinstance(values, dict):
         raise MmtkError(f"{path}: a recipe must be a YAML mapping, got {type(values).__name__}")
     apply_overrides(values, overrides or [])
+    if isinstance(values.get("plugins"), list):  # relative to the recipe file, wherever mmtk runs from
+        values["plugins"] = [str((path.parent / str(p)).resolve()) for p in values["plugins"]]
     if data_path is not None:
         values.setdefault("data", {})
         if not isinstance(values["data"], dict):

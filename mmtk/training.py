@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmtk.adapters import get_modality, list_modalities
+from mmtk.adapters import get_modality, list_modalities, modality_origins
 from mmtk.config import Recipe
 from mmtk.engine import FitResult, fit, main_process_print, seed_everything
 from mmtk.errors import MmtkError
@@ -189,7 +189,8 @@ def run_training(recipe: Recipe, run_dir: str | Path, init: str | Path | None = 
     if pretrained is not None:
         main_process_print(f"init from {init}: {model.load_report.summary()}")
     compute_loss = pretrain_loss if recipe.kind == "pretrain" else finetune_loss_fn(recipe)
-    extra = {"model_name": recipe.model.name, "model_args": args,
+    used = [*args["inputs"], *args.get("outputs", []), *([args["task"]] if args.get("task") else [])]
+    extra = {"model_name": recipe.model.name, "model_args": args, "modalities": modality_origins(dict.fromkeys(used)),
              "data": {"path": str(info.path), "modalities": list(info.modalities),
                       "image_size": list(info.image_size), "num_classes": info.num_classes}}
     return fit(recipe, run_dir, model, train_set, compute_loss, resume=resume, extra_state=extra)

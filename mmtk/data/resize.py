@@ -61,7 +61,7 @@ def resize_stored(kind: str, array: np.ndarray, size: tuple[int, int]) -> np.nda
     "image": bilinear with antialias, rounded back to the integer dtype; "metric": validity-aware
     (:func:`resize_depth`, 0 = invalid); "labels": nearest.
     """
-    t = torch.from_numpy(np.ascontiguousarray(array))
+    t = torch.from_numpy(np.require(array, requirements=["C", "W"]))  # frames decoded from bags are read-only
     t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]
     if kind == "metric":
         out = resize_depth(t.float(), size)[0]
