@@ -1,22 +1,16 @@
-"""Modality adapters (one file per modality) and the plugins that add more.
+"""mmtk's modality adapters: one file per modality (rgb, depth, semseg, norm_rgb, xyz, ...).
 
-Importing this package registers every modality file in it (rgb, depth, semseg, norm_rgb, xyz, ...),
-then the modalities of installed packages that declare the entry-point group ``mmtk.modalities``. A loose
-adapter file is registered with :func:`load_plugin` (the CLI's ``--plugin FILE.py``, a recipe's ``plugins:``).
-A new modality is one new file with a `@register_modality` class; nothing in mmtk changes.
+Importing this package registers every modality file in it, then the modalities of installed packages that
+declare the entry-point group ``mmtk.modalities``; `mmtk.modality` imports it on the first registry lookup.
+A new modality is one new file with a `@register_modality` class (see `mmtk.modality`); nothing in mmtk changes.
 """
 
 import importlib
 import pkgutil
 
-from mmtk.adapters.base import (Modality, StoredArray, get_modality, list_modalities, load_entry_points, load_plugin,
-                                modality_origins, register_modality, require_registered, stored_array)
+from mmtk.modality import load_entry_points
 
 _FIRST = ("rgb", "depth", "semseg")  # registration order is the order modalities are listed in (rgb first)
 for _name in _FIRST + tuple(m.name for m in pkgutil.iter_modules(__path__) if not m.ispkg):
-    if _name != "base":
-        importlib.import_module(f"{__name__}.{_name}")
+    importlib.import_module(f"{__name__}.{_name}")
 load_entry_points()
-
-__all__ = ["Modality", "StoredArray", "get_modality", "list_modalities", "load_plugin", "modality_origins",
-           "register_modality", "require_registered", "stored_array"]

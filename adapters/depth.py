@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from mmtk.adapters.base import Modality, StoredArray, register_modality
+from mmtk.modality import Modality, StoredArray, register_modality
 from mmtk.data.transforms import prepare_depth
 from mmtk.errors import MmtkError
 
@@ -25,6 +25,7 @@ METRES = ("float32", "float64")
 class Depth(Modality):
     name = "depth"
     channels = 1
+    metric_family = "depth"
     stores = (StoredArray("depth", "metric", METRES, "m"), StoredArray("depth_raw", "metric", METRES, "m"))
 
     def check_stored(self, stored: StoredArray, array: Any, frame_id: object) -> np.ndarray:

@@ -7,7 +7,7 @@ attribute says which); with both in a recipe, a model pretrains on sensor and ps
 
 from __future__ import annotations
 
-from mmtk.adapters.base import StoredArray, register_modality
+from mmtk.modality import StoredArray, register_modality
 from mmtk.adapters.depth import METRES, Depth
 
 

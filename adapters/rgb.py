@@ -5,11 +5,12 @@ Stored as ``rgb`` uint8 [H, W, 3] (sRGB, channels R, G, B).
 
 from __future__ import annotations
 
+import numpy as np
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmtk.adapters.base import Modality, StoredArray, register_modality
-from mmtk.data.transforms import prepare_rgb
+from mmtk.modality import Modality, StoredArray, register_modality
+from mmtk.data.transforms import IMAGENET_MEAN, IMAGENET_STD, prepare_rgb
 
 
 @register_modality
@@ -20,6 +21,10 @@ class RGB(Modality):
 
     def load(self, read, window, image_size: tuple[int, int]) -> dict[str, Tensor]:
         return {self.name: prepare_rgb(read(self.name), image_size, window.flip)}
+
+    def picture(self, prepared: Tensor) -> np.ndarray:
+        rgb = (prepared * IMAGENET_STD + IMAGENET_MEAN).clamp(0, 1)  # [3, H, W]
+        return (rgb.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
 
     def pixel_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         return F.mse_loss(pred, target, reduction="none").mean(dim=1)  # [B, H, W]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmtk.adapters.base import Modality, StoredArray, register_modality
+from mmtk.modality import Modality, StoredArray, register_modality
 from mmtk.data.resize import resize_labels
 from mmtk.data.transforms import flip_width
 from mmtk.layers import PatchTokenizer
@@ -44,6 +44,7 @@ class Semseg(Modality):
     stride = 4
     pos_mode = "bilinear"
     ignore_index = IGNORE_INDEX
+    metric_family = "segmentation"
     stores = (StoredArray("semseg", "labels", ("uint8", "uint16", "int32", "int64", "uint32"),
                           "class id, 0 = unlabeled, k = classes[k-1]"),)
 

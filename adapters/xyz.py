@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmtk.adapters.base import register_modality
+from mmtk.modality import register_modality
 from mmtk.adapters.depth import Depth
 
 
@@ -27,6 +27,7 @@ class XYZ(Depth):
 
     name = "xyz"
     channels = 3
+    metric_family = None  # not a finetuning task (yet): no metric on camera-frame points
     stores = ()  # nothing of its own: computed per crop from metric depth and K
     stored_from = ("depth", "intrinsics")
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from mmtk.cli.main import PLUGIN_HELP, app, load_plugins
+from mmtk.cli.app import PLUGIN_HELP, app, load_plugins
 
 
 @app.command("pseudo-label")

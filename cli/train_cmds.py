@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from mmtk.cli.main import PLUGIN_HELP, app, load_plugins
+from mmtk.cli.app import PLUGIN_HELP, app, load_plugins
 from mmtk.errors import MmtkError
 
 SET_HELP = "Override a recipe value, e.g. --set optim.lr=2e-4 (repeatable)."
@@ -118,7 +118,9 @@ def eval_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from mmtk.evaluate import DEPTH_KEYS, SEG_KEYS, evaluate
+    from mmtk.evaluate import evaluate
+    from mmtk.metrics import FAMILIES
+    from mmtk.modality import get_modality
     from mmtk.formats import read_state_dict
 
     checkpoint = checkpoint or _newest_run_checkpoint()
@@ -130,7 +132,8 @@ def eval_cmd(
     rows, frames = evaluate(checkpoint, data, inputs, split=split, limit=limit, batch_size=batch_size,
                             device=device, save_predictions=save_predictions)
     console = Console() if sys.stdout.isatty() else Console(width=160)
-    for task, keys in (("semseg", SEG_KEYS), ("depth", DEPTH_KEYS)):
+    for task in dict.fromkeys(r.task for r in rows):
+        keys = FAMILIES[get_modality(task).metric_family]["keys"]
         task_rows = [r for r in rows if r.task == task]
         if not task_rows:
             continue

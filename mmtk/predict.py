@@ -129,7 +129,7 @@ def model_from_checkpoint(state: dict, path: str | os.PathLike) -> torch.nn.Modu
     """The model a loaded mmtk training checkpoint describes, with its weights (clear errors when it cannot)."""
     import mmtk
 
-    from mmtk.adapters import require_registered
+    from mmtk.modality import require_registered
 
     missing = [key for key in ("model_name", "model_args", "model") if key not in state]
     if missing:

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmtk.adapters import get_modality, list_modalities, modality_origins
+from mmtk.modality import get_modality, list_modalities, modality_origins
 from mmtk.config import Recipe
 from mmtk.engine import FitResult, fit, main_process_print, seed_everything
 from mmtk.errors import MmtkError
-from mmtk.adapters.semseg import IGNORE_INDEX
+from mmtk.metrics import FAMILIES
 
 
 def data_source(name: str) -> str:
@@ -118,13 +118,13 @@ def pretrain_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, d
     return out.loss, dict(out.losses)
 
 
-def semseg_loss(logits: Tensor, target: Tensor) -> Tensor:
-    """Cross-entropy at full resolution, unlabeled pixels (255) ignored; mean per image, then over images.
+def segmentation_loss(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
+    """Cross-entropy at full resolution, unlabeled pixels ignored; mean per image, then over images.
 
     logits: [B, C, H, W]; target: [B, H, W].
     """
-    pixel = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="none")  # [B, H, W]
-    labelled = (target != IGNORE_INDEX).flatten(1)
+    pixel = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")  # [B, H, W]
+    labelled = (target != ignore_index).flatten(1)
     return (pixel.flatten(1).sum(1) / labelled.sum(1).clamp(min=1)).mean()
 
 
@@ -145,14 +145,17 @@ def depth_loss(pred: Tensor, target: Tensor, valid: Tensor, kind: str = "berhu")
 def finetune_loss_fn(recipe: Recipe):
     """compute_loss(model, batch) for the recipe's finetuning task."""
     inputs, task = recipe.model.inputs, recipe.model.task
-    kind = recipe.train.loss or ("ce" if task == "semseg" else "berhu")
+    assert task is not None
+    adapter = get_modality(task)
+    family = adapter.metric_family
+    kind = recipe.train.loss or FAMILIES[family]["losses"][0]
 
     def compute(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         pred = model({name: batch[name] for name in inputs})
-        if task == "semseg":
-            loss = semseg_loss(pred, batch["semseg_full"])
+        if family == "segmentation":
+            loss = segmentation_loss(pred, batch[f"{task}_full"], adapter.ignore_index)
         else:
-            loss = depth_loss(pred, batch["depth_m"], batch["depth_valid"], kind)
+            loss = depth_loss(pred, batch[f"{task}_m"], batch[f"{task}_valid"], kind)
         return loss, {task: loss}
 
     return compute

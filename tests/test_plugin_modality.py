@@ -25,7 +25,7 @@ IR_ADAPTER = '''
 import numpy as np
 import torch
 
-from mmtk.adapters import Modality, StoredArray, register_modality
+from mmtk.modality import Modality, StoredArray, register_modality
 from mmtk.data.resize import resize_stored
 from mmtk.data.transforms import flip_width
 

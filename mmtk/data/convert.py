@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from mmtk.adapters import stored_array
+from mmtk.modality import stored_array
 from mmtk.data.format import H5Writer, check_out_path
 from mmtk.data.resize import resize_intrinsics, resize_stored
 from mmtk.data.sources.base import Frame

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mmtk.adapters import Modality, get_modality
+from mmtk.modality import Modality, get_modality
 from mmtk.data.format import FORMAT_VERSION
 from mmtk.data.transforms import CropWindow, full_window, random_resized_crop
 from mmtk.errors import MmtkError

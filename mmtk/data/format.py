@@ -11,7 +11,7 @@ Layout (documented in ``docs/dataset-format.md``)::
         timestamp     float64 [N]         seconds                        (optional)
         frame_id      str     [N]                                        (optional)
 
-What each array holds is declared by the adapter that stores it (:class:`mmtk.adapters.StoredArray`):
+What each array holds is declared by the adapter that stores it (:class:`mmtk.modality.StoredArray`):
 its dtype, units (the ``units`` attr) and kind. Every array is chunked one frame per chunk. Metric arrays
 (depth) carry summary statistics (``valid_fraction``, ``min_m``, ``max_m``, ``p01_m``, ``median_m``,
 ``p99_m``) and label arrays a ``histogram``, so that ``mmtk info`` never has to scan the file.
@@ -31,7 +31,7 @@ from typing import Mapping, Sequence
 import h5py
 import numpy as np
 
-from mmtk.adapters import StoredArray, stored_array
+from mmtk.modality import StoredArray, stored_array
 from mmtk.errors import MmtkError
 
 FORMAT_VERSION = 1
@@ -183,7 +183,7 @@ class H5Writer:
             split: "train", "test" or "all".
             arrays: stored array name -> array, e.g. ``{"rgb": uint8 [H, W, 3], "depth": float32 [H, W] m}``.
                 Each name must be stored by a registered modality adapter, which validates it
-                (:meth:`mmtk.adapters.Modality.check_stored`); all have the same H x W.
+                (:meth:`mmtk.modality.Modality.check_stored`); all have the same H x W.
             intrinsics: optional [3, 3] pixels, 0-based principal point.
             timestamp: optional seconds.
             frame_id: optional name of the frame (provenance).

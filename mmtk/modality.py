@@ -1,4 +1,4 @@
-"""The modality interface and its registry.
+"""The modality interface, its registry and the plugins that add modalities.
 
 A modality is one file: a subclass of :class:`Modality` decorated with :func:`register_modality`.
 It says what a frame of it stores in mmtk HDF5 files (:class:`StoredArray`) and how a stored crop becomes
@@ -9,6 +9,7 @@ from, and its per-pixel loss. The core never names a modality; it looks them up 
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from dataclasses import dataclass
@@ -84,6 +85,9 @@ class Modality:
                      decides which pixels the loss sees (default: itself; norm_rgb uses rgb).
       pos_mode:      interpolation of its positional grid at other image sizes.
       ignore_index:  the target value that marks unlabelled pixels, for class-index targets.
+      metric_family: how a finetuning head predicting it is trained and scored (mmtk.metrics.FAMILIES):
+                     "segmentation" (cross-entropy, mIoU; targets `<name>_full`) or "depth" (berHu/L1,
+                     delta/AbsRel/RMSE in metres; targets `<name>_m` with `<name>_valid`); None: not a task.
       stores:        the per-frame arrays it keeps in mmtk HDF5 files (dataset name, dtype, units, validity);
                      empty for modalities computed from others (xyz) or target-only ones (norm_rgb).
       stored_from:   HDF5 datasets of a split it is read or computed from (default: its own name);
@@ -97,6 +101,7 @@ class Modality:
     mask_source: ClassVar[str | None] = None
     pos_mode: ClassVar[str] = "bicubic"
     ignore_index: ClassVar[int | None] = None  # target value that marks "no label" (semseg: 255)
+    metric_family: ClassVar[str | None] = None  # "segmentation" | "depth": how it is finetuned and scored
     stores: ClassVar[tuple[StoredArray, ...]] = ()
     stored_from: ClassVar[tuple[str, ...]] = ()
 
@@ -140,6 +145,10 @@ class Modality:
     def pixel_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         """Per-pixel loss [B, h, w] of a prediction [B, C, h, w] against its target."""
         raise NotImplementedError
+
+    def picture(self, prepared: Tensor) -> np.ndarray | None:
+        """A uint8 RGB picture [H, W, 3] of one prepared tensor (for evaluation pictures), or None for none."""
+        return None
 
     def check_stored(self, stored: StoredArray, array: Any, frame_id: object) -> np.ndarray:
         """Validate one frame's array before it is written (``stored`` is one of :attr:`stores`).
@@ -220,6 +229,7 @@ def modality_origins(names: Any) -> dict[str, str]:
 
 def require_registered(origins: dict[str, str], what: str) -> None:
     """Every modality of a checkpoint or recipe is registered; a missing one names its plugin."""
+    _load_adapters()
     for name, origin in origins.items():
         if name in _REGISTRY:
             continue
@@ -231,8 +241,14 @@ def require_registered(origins: dict[str, str], what: str) -> None:
         raise MmtkError(f"{what} uses modality {name!r}, which no loaded adapter registers; pass its --plugin")
 
 
+def _load_adapters() -> None:
+    """Register mmtk's own adapters and installed plugins (once; imported by name so the core never imports one)."""
+    importlib.import_module("mmtk.adapters")
+
+
 def get_modality(name: str) -> type[Modality]:
     """Look up a registered modality class by name."""
+    _load_adapters()
     if name not in _REGISTRY:
         raise MmtkError(f"unknown modality '{name}'; registered: {', '.join(_REGISTRY)} (a modality of your own: "
                         f"pass its adapter file with --plugin FILE.py or list it under plugins: in the recipe)")
@@ -241,11 +257,13 @@ def get_modality(name: str) -> type[Modality]:
 
 def list_modalities() -> list[str]:
     """Names of all registered modalities, in registration order (mmtk's own first, then plugins)."""
+    _load_adapters()
     return list(_REGISTRY)
 
 
 def stored_array(name: str) -> tuple[type[Modality], StoredArray]:
     """The modality that stores the HDF5 dataset ``name``, and its :class:`StoredArray`."""
+    _load_adapters()
     for cls in _REGISTRY.values():
         for stored in cls.stores:
             if stored.name == name:
