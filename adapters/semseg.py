@@ -15,27 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmtk.modality import Modality, StoredArray, register_modality
 from mmtk.data.resize import resize_labels
 from mmtk.data.transforms import flip_width
-from mmtk.layers import PatchTokenizer
+from mmtk.modality import Modality, StoredArray, register_modality
 
 IGNORE_INDEX = 255
 CLASS_EMBED_DIM = 64
-
-
-class SemsegTokenizer(PatchTokenizer):
-    """Class embedding followed by patch tokens from the 1/4-resolution map."""
-
-    def __init__(self, num_classes: int, dim: int, patch_size: int, grid: tuple[int, int]) -> None:
-        super().__init__(CLASS_EMBED_DIM, dim, patch_size, grid, stride=4, pos_mode="bilinear")
-        self.class_emb = nn.Embedding(num_classes, CLASS_EMBED_DIM)
-
-    def forward(self, labels: Tensor) -> Tensor:
-        known = labels != IGNORE_INDEX  # labels: [B, h, w]
-        emb = self.class_emb(labels.clamp(0, self.class_emb.num_embeddings - 1))  # [B, h, w, 64]
-        emb = emb * known.unsqueeze(-1).to(emb.dtype)
-        return super().forward(emb.permute(0, 3, 1, 2))
 
 
 @register_modality
@@ -59,7 +44,10 @@ class Semseg(Modality):
     def tokenizer(self, dim: int, grid: tuple[int, int]) -> nn.Module:
         if self.num_classes < 1:
             raise ValueError("semseg needs num_classes >= 1")
-        return SemsegTokenizer(self.num_classes, dim, self.patch_size, grid)
+        from mmtk.layers import ClassMapTokenizer  # (timm) only when a model is built, not when data is read
+
+        return ClassMapTokenizer(self.num_classes, CLASS_EMBED_DIM, dim, self.patch_size, grid, IGNORE_INDEX,
+                                 stride=self.stride, pos_mode=self.pos_mode)
 
     def valid_pixels(self, inputs: dict[str, Tensor], valid: dict[str, Tensor]) -> Tensor | None:
         labels = inputs.get(self.name)
