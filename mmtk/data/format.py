@@ -39,8 +39,9 @@ FORMAT_VERSION = 1
 
 SPLIT_NAMES = ("train", "test", "all")
 META_UNITS = {"intrinsics": "px", "timestamp": "s"}
-# Chosen by measurement (benchmarks/bench_loader.py, see docs/dataset-format.md): uncompressed chunks
-# read fastest and let HDF5 read a crop window without touching the rest of the frame.
+# Chosen by measurement (benchmarks/bench_loader.py, see docs/dataset-format.md): uncompressed chunks read fastest,
+# let HDF5 read a crop window without touching the rest of the frame, and open in any HDF5 tool. (Blosc LZ4 would
+# halve depth at the same speed but makes files unreadable without the hdf5plugin filter.)
 COMPRESSION: str | None = None
 SAMPLES_PER_FRAME = 2000  # valid values kept per frame and metric array for the stored percentiles
 MAX_SAMPLES = 400_000
