@@ -6,7 +6,8 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from queue import Empty, Full
+from typing import Any, Callable, Iterable, Iterator
 
 from mmtk.modality import stored_array
 from mmtk.data.format import H5Writer, check_out_path
@@ -67,6 +68,63 @@ def write_frames(frames: Iterable[Frame], out_path: str | os.PathLike, *, source
             f"; {name} {s['min_m']:.3f}-{s['max_m']:.3f} m (median {s['median_m']:.3f} m), "
             f"{100 * s['valid_fraction']:.1f} % valid" for name, s in result.metrics.items()))
     return result
+
+
+def read_ahead(frames: Callable[[], Iterable[Frame]], depth: int = 8) -> Iterator[Frame]:
+    """The frames of ``frames()``, decoded in a second process while this one resizes, validates and writes them.
+
+    Decoding (JPEG/PNG, HDF5, bag messages) and writing take about the same time, so two cores convert about
+    twice as fast. At most ``depth`` decoded frames wait in between; an error in the reader is raised here.
+    Without fork (not Linux) the frames are read inline.
+    """
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        yield from frames()
+        return
+    context = multiprocessing.get_context("fork")  # the frame generator is a closure: it cannot be pickled
+    queue = context.Queue(maxsize=depth)
+    reader = context.Process(target=_produce, args=(frames, queue, os.getpid()), daemon=True)
+    reader.start()
+    try:
+        while True:
+            try:
+                item = queue.get(timeout=2.0)
+            except Empty:
+                if not reader.is_alive():
+                    raise MmtkError(f"the frame reader process stopped (exit code {reader.exitcode}) before the "
+                                    f"last frame; rerun, or check free memory") from None
+                continue
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        reader.terminate()
+        reader.join()
+
+
+def _produce(frames: Callable[[], Iterable[Frame]], queue: Any, parent: int) -> None:
+    """The reader process: put every frame (then None, or the error) on ``queue``; stop if the parent dies."""
+    def put(item: object) -> None:
+        while True:
+            try:
+                queue.put(item, timeout=1.0)
+                return
+            except Full:
+                if os.getppid() != parent:
+                    os._exit(1)
+
+    try:
+        for frame in frames():
+            put(frame)
+        put(None)
+    except BaseException as err:  # raised again in the parent, which owns the one-line error reporting
+        try:
+            put(err)
+        except Exception:  # an exception that does not pickle
+            put(RuntimeError(f"{type(err).__name__}: {err}"))
 
 
 def _with_progress(frames: Iterable[Frame], total: int | None, enabled: bool) -> Iterator[Frame]:
@@ -147,7 +205,8 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
     provenance = f"mmtk convert --rgbd {Path(src).name}: {source.description}"
     if size:
         provenance += f", resized to {size[0]}x{size[1]}"
-    frames = _with_streams(source.frames(), Path(src), streams) if streams else source.frames()
+    frames = read_ahead(source.frames)
+    frames = _with_streams(frames, Path(src), streams) if streams else frames
     return write_frames(frames, out_path, source=provenance, total=source.total, classes=source.classes,
                         size=size, force=force, progress=progress, log=log)
 
@@ -190,5 +249,5 @@ def convert_rosbag(bag: str | os.PathLike, out_path: str | os.PathLike, rgb_topi
         log(f"layout: rosbag - {source.description}; {source.total} frames")
         for note in source.notes:
             log(f"  {note}")
-    return write_frames(source.frames(), out_path, source=f"mmtk convert --rosbag {source.description}",
+    return write_frames(read_ahead(source.frames), out_path, source=f"mmtk convert --rosbag {source.description}",
                         total=source.total, size=size, force=force, progress=progress, log=log)

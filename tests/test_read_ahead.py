@@ -1,0 +1,42 @@
+"""convert's reader process (read_ahead): same frames in the same order, errors come back as one line."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from mmtk.data.convert import read_ahead
+from mmtk.data.sources.base import Frame
+from mmtk.errors import MmtkError
+
+
+def _frames(count: int, fail_at: int | None = None, die_at: int | None = None):
+    def frames():
+        for i in range(count):
+            if i == fail_at:
+                raise MmtkError(f"frame {i} is corrupt")
+            if i == die_at:
+                os._exit(9)  # the reader process dies without a word (killed, out of memory)
+            yield Frame("all", {"rgb": np.full((4, 5, 3), i, np.uint8)}, frame_id=str(i))
+    return frames
+
+
+def test_frames_arrive_whole_and_in_order():
+    got = list(read_ahead(_frames(20), depth=2))
+    assert [f.frame_id for f in got] == [str(i) for i in range(20)]
+    assert all((f.arrays["rgb"] == i).all() and f.arrays["rgb"].shape == (4, 5, 3) for i, f in enumerate(got))
+
+
+def test_an_error_in_the_reader_is_raised_in_the_writer():
+    got = []
+    with pytest.raises(MmtkError, match="frame 3 is corrupt"):
+        for frame in read_ahead(_frames(10, fail_at=3)):
+            got.append(frame.frame_id)
+    assert got == ["0", "1", "2"]
+
+
+def test_a_dead_reader_is_one_line():
+    with pytest.raises(MmtkError, match=r"frame reader process stopped \(exit code 9\)"):
+        list(read_ahead(_frames(10, die_at=2)))
