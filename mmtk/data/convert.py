@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Iterator
 from mmtk.modality import stored_array
 from mmtk.data.format import H5Writer, check_out_path
 from mmtk.data.resize import resize_intrinsics, resize_stored
-from mmtk.data.sources.base import Frame
+from mmtk.data.sources.base import Frame, RgbdSource
 from mmtk.errors import MmtkError
 
 Log = Callable[[str], None]
@@ -198,17 +198,26 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
         raise MmtkError(f"--depth-scale must be positive (units per metre), got {depth_scale}")
     check_out_path(out_path, force)  # before reading any input
     source = open_rgbd_source(src, ConvertOptions(classes=classes, depth_scale=depth_scale))
-    if log:
-        log(f"layout: {source.layout} - {source.description}; {source.total} frames")
-        for note in source.notes:
-            log(f"  {note}")
     provenance = f"mmtk convert --rgbd {Path(src).name}: {source.description}"
     if size:
         provenance += f", resized to {size[0]}x{size[1]}"
     frames = read_ahead(source.frames)
     frames = _with_streams(frames, Path(src), streams) if streams else frames
-    return write_frames(frames, out_path, source=provenance, total=source.total, classes=source.classes,
-                        size=size, force=force, progress=progress, log=log)
+    return _write_source(source, frames, out_path, provenance, size=size, force=force, progress=progress, log=log)
+
+
+def _write_source(source: RgbdSource, frames: Iterable[Frame], out_path: str | os.PathLike, provenance: str, *,
+                  size: tuple[int, int] | None, force: bool, progress: bool, log: Log | None) -> ConvertResult:
+    """What every `mmtk convert` source goes through: its notes, the one write path, its closing summary."""
+    if log:
+        log(f"layout: {source.layout} - {source.description}; {source.total} frames")
+        for note in source.notes:
+            log(f"  {note}")
+    result = write_frames(frames, out_path, source=provenance, total=source.total, classes=source.classes,
+                          size=size, force=force, progress=progress, log=log)
+    if log and source.summary is not None:
+        log(f"  {source.summary(sum(result.frames.values()))}")
+    return result
 
 
 def samples_dir() -> Path:
@@ -245,9 +254,5 @@ def convert_rosbag(bag: str | os.PathLike, out_path: str | os.PathLike, rgb_topi
     check_out_path(out_path, force)  # before reading any input
     source = open_rosbag_source(bag, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale,
                                 cloud_topic=cloud_topic, extra_topics=extra_topics)
-    if log:
-        log(f"layout: rosbag - {source.description}; {source.total} frames")
-        for note in source.notes:
-            log(f"  {note}")
-    return write_frames(read_ahead(source.frames), out_path, source=f"mmtk convert --rosbag {source.description}",
-                        total=source.total, size=size, force=force, progress=progress, log=log)
+    return _write_source(source, read_ahead(source.frames), out_path, f"mmtk convert --rosbag {source.description}",
+                         size=size, force=force, progress=progress, log=log)

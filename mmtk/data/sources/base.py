@@ -42,7 +42,8 @@ class ConvertOptions:
 
 @dataclass
 class RgbdSource:
-    """A detected source: what it is, how many frames, class names, notes for the user, a frame stream."""
+    """A detected source: what it is, how many frames (at most), class names, notes for the user, a frame stream,
+    and what to tell the user once ``n`` frames were written (sources that learn it while streaming)."""
 
     layout: str
     description: str
@@ -50,7 +51,7 @@ class RgbdSource:
     frames: Callable[[], Iterator[Frame]]
     classes: list[str] | None = None
     notes: list[str] = field(default_factory=list)
-
+    summary: Callable[[int], str] | None = None
 
 
 def associate_by_time(a: list[float], b: list[float], max_dt: float) -> list[tuple[int, int]]:

@@ -5,8 +5,8 @@ camera's frame with the bag's /tf_static and /tf when it is given in another fra
 aligned with the colour image (see :func:`mmtk.pointcloud.cloud_to_image_depth`).
 Colour and depth are paired by header time stamps with a slop ``max_dt`` (one-to-one, closest pairs
 first, like message_filters' approximate policy); unpaired messages are counted and reported.
-Reading is two passes: stamps only (a few bytes per message), then the paired images, so memory holds
-only the messages waiting for their partner.
+The bag is read in one pass (:class:`StreamPairer`): memory holds only the messages of the last 2 x max_dt, and
+only paired messages are decoded.
 """
 
 from __future__ import annotations
@@ -246,37 +246,22 @@ def open_rosbag_source(bag: str | Path, rgb_topic: str, depth_topic: str | None 
                 notes.append(f"intrinsics from {camera_info_topic} (pass --camera-info-topic to change)")
             else:
                 notes.append("no CameraInfo topic beside the colour topic: frames get no intrinsics")
-        info_conns = _camera_info_connections(reader, camera_info_topic, available)
-        is_ros2 = bool(getattr(reader, "is2", False))
-        role_of = {topic: role for role, topic in topics.items()}
-        stamps: dict[str, list[float]] = {role: [] for role in topics}
-        infos: list[tuple[float, np.ndarray, tuple[int, int]]] = []
-        for conn, log_time, raw in reader.messages(connections=[c for cs in conns.values() for c in cs] + info_conns):
-            stamp = _header_stamp(raw, is_ros2) or log_time * 1e-9
-            if conn in info_conns:
-                k, size = _camera_matrix(reader.deserialize(raw, conn.msgtype))
-                infos.append((stamp, k, size))
-            else:
-                stamps[role_of[conn.topic]].append(stamp)
+        _camera_info_connections(reader, camera_info_topic, available)  # its type is checked before any frame
+        counts = {role: sum(c.msgcount for c in role_conns) for role, role_conns in conns.items()}
     finally:
         reader.close()
-    partners = {role: dict(associate_by_time(stamps["rgb"], stamps[role], max_dt)) for role in topics if role != "rgb"}
-    kept = sorted(set.intersection(*(set(p) for p in partners.values())))  # colour frames with every partner
     label = {"rgb": "colour", "depth": "depth" if cloud_topic is None else "cloud"}
-    dropped = " and ".join(f"{len(stamps[role]) - len(kept)} {label.get(role, role)}" for role in topics)
-    notes.append(f"paired {len(kept)} frames within {max_dt * 1000:g} ms; dropped {dropped} messages without a "
-                 f"partner")
-    if not kept:
-        counts = ", ".join(f"{len(stamps[role])} {label.get(role, role)}" for role in topics)
-        others = "a " + label["depth"] if len(topics) == 2 else "a partner on every other topic"
-        raise MmtkError(f"no colour message has {others} message within --max-dt {max_dt} s ({counts} messages)")
 
     def frames() -> Iterator[Frame]:
-        yield from _paired_frames(bag, topics, partners, kept, stamps, infos, depth_scale,
+        yield from _stream_frames(bag, topics, max_dt, depth_scale, camera_info_topic, label,
                                   from_cloud=cloud_topic is not None, alignment=alignment)
 
+    def summary(written: int) -> str:  # each frame took one message of every stream
+        dropped = " and ".join(f"{counts[role] - written} {label.get(role, role)}" for role in topics)
+        return f"paired {written} frames within {max_dt * 1000:g} ms; dropped {dropped} messages without a partner"
+
     description = f"ROS bag {bag.name}: " + " + ".join(topics.values())
-    return RgbdSource("rosbag", description, len(kept), frames, None, notes)
+    return RgbdSource("rosbag", description, min(counts.values()), frames, None, notes, summary)
 
 
 def read_colour_frames(bag: str | Path, rgb_topic: str, camera_info_topic: str | None = None) -> Iterator[Frame]:
@@ -363,46 +348,114 @@ def _first_header(reader: Any, conn: Any) -> tuple[str, float]:
     return str(header.frame_id).lstrip("/"), header.stamp.sec + header.stamp.nanosec * 1e-9
 
 
-def _paired_frames(bag: Path, topics: dict[str, str], partners: dict[str, dict[int, int]], kept: list[int],
-                   stamps: dict[str, list[float]], infos: list[tuple[float, np.ndarray, tuple[int, int]]],
-                   depth_scale: float | None, from_cloud: bool = False,
-                   alignment: CloudAlignment | None = None) -> Iterator[Frame]:
-    """Decode the paired messages in bag order; a frame leaves as soon as its colour image has every partner."""
-    kept_set = set(kept)
-    colour_of = {role: {j: i for i, j in pairs.items() if i in kept_set} for role, pairs in partners.items()}
-    role_of = {topic: role for role, topic in topics.items()}
-    pending: dict[int, dict[str, Any]] = {}  # colour index -> decoded messages so far
-    counters = {role: 0 for role in topics}
-    info_times = np.asarray([t for t, _, _ in infos])
+MAX_FRAMES_BEFORE_INFO = 64  # frames held back while no CameraInfo has arrived yet (then written without K)
+
+
+class StreamPairer:
+    """Pairs colour messages with a message of every other stream as they arrive, in one pass over a bag.
+
+    Pairing is one-to-one by header stamp within ``max_dt``, closest pairs first (:func:`associate_by_time`, like
+    message_filters' approximate policy). A colour message is decided once every stream has reached 2 x max_dt past
+    it, so only the messages of that window wait in memory, whatever the bag's length. Payloads are opaque (raw
+    messages): only the paired ones are ever decoded.
+    """
+
+    def __init__(self, roles: list[str], max_dt: float) -> None:
+        self.roles, self.max_dt = roles, max_dt
+        self.pending: dict[str, list[tuple[float, Any]]] = {role: [] for role in roles}
+        self.latest = {role: -np.inf for role in roles}
+        self.seen = {role: 0 for role in roles}
+
+    def add(self, role: str, stamp: float, payload: Any) -> list[tuple[float, dict[str, Any]]]:
+        """Take one message; return the frames (colour stamp, role -> payload) this decides."""
+        self.pending[role].append((stamp, payload))
+        self.latest[role] = max(self.latest[role], stamp)
+        self.seen[role] += 1
+        return self._decide(min(self.latest.values()) - 2 * self.max_dt)
+
+    def finish(self) -> list[tuple[float, dict[str, Any]]]:
+        """The frames left once the bag has ended."""
+        return self._decide(np.inf)
+
+    def _decide(self, horizon: float) -> list[tuple[float, dict[str, Any]]]:
+        colour = sorted(self.pending["rgb"], key=lambda item: item[0])
+        ready = [item for item in colour if item[0] <= horizon]
+        if not ready:
+            return []
+        others = {role: sorted(self.pending[role], key=lambda item: item[0]) for role in self.roles if role != "rgb"}
+        stamps = [t for t, _ in colour]
+        partners = {role: dict(associate_by_time(stamps, [t for t, _ in items], self.max_dt))
+                    for role, items in others.items()}
+        decided, taken = [], {role: set() for role in others}
+        for index, (stamp, payload) in enumerate(colour[: len(ready)]):
+            if all(index in pairs for pairs in partners.values()):
+                parts = {"rgb": payload}
+                for role, pairs in partners.items():
+                    parts[role] = others[role][pairs[index]][1]
+                    taken[role].add(pairs[index])
+                decided.append((stamp, parts))
+        self.pending["rgb"] = colour[len(ready):]
+        oldest = self.pending["rgb"][0][0] if self.pending["rgb"] else horizon + 2 * self.max_dt
+        for role, items in others.items():  # a message older than any colour still waiting can pair no more
+            self.pending[role] = [item for k, item in enumerate(items)
+                                  if k not in taken[role] and item[0] >= oldest - self.max_dt]
+        return decided
+
+
+def _stream_frames(bag: Path, topics: dict[str, str], max_dt: float, depth_scale: float | None,
+                   camera_info_topic: str | None, label: dict[str, str], from_cloud: bool,
+                   alignment: CloudAlignment | None) -> Iterator[Frame]:
+    """Read the bag once: CameraInfo kept as it comes, every stream paired on the fly, paired messages decoded."""
     reader = open_reader(bag)
     try:
-        conns = [c for c in reader.connections if c.topic in role_of]
-        for conn, _, raw in reader.messages(connections=conns):
-            role = role_of[conn.topic]
-            index = counters[role]
-            counters[role] += 1
-            colour = index if role == "rgb" else colour_of[role].get(index)
-            if colour is None or colour not in kept_set:
-                continue
-            msg = reader.deserialize(raw, conn.msgtype)
-            if role == "depth" and from_cloud:  # aligned with the colour image once its partner (and size) is known
-                cloud = pointcloud2_to_cloud(msg)
-                value: Any = cloud if alignment is None else alignment.to_camera(cloud, stamps["depth"][index])
+        available = _topic_infos(reader)
+        role_of = {topic: role for role, topic in topics.items()}
+        info_conns = _camera_info_connections(reader, camera_info_topic, available)
+        conns = [c for c in reader.connections if c.topic in role_of] + info_conns
+        is_ros2 = bool(getattr(reader, "is2", False))
+        pairer = StreamPairer(list(topics), max_dt)
+        infos: list[tuple[float, np.ndarray, tuple[int, int]]] = []
+        waiting: list[tuple[float, dict]] = []  # frames decided before the first CameraInfo arrived
+        written = 0
+        for conn, log_time, raw in reader.messages(connections=conns):
+            stamp = _header_stamp(raw, is_ros2) or log_time * 1e-9
+            if conn in info_conns:
+                infos.append((stamp, *_camera_matrix(reader.deserialize(raw, conn.msgtype))))
             else:
-                value = decode_image(msg, conn.msgtype, role, depth_scale if role == "depth" else None)
-            parts = pending.setdefault(colour, {})
-            parts[role] = value
-            if len(parts) == len(topics):
-                del pending[colour]
-                stamp = stamps["rgb"][colour]
-                rgb = parts.pop("rgb")
-                k = _nearest_k(infos, info_times, stamp, rgb.shape[:2])
-                if from_cloud:
-                    parts["depth"] = _cloud_depth(parts["depth"], rgb.shape[:2], k, topics["depth"])
-                yield Frame("all", {"rgb": rgb, **parts}, intrinsics=k, timestamp=stamp,
-                            frame_id=f"{topics['rgb']}#{colour}")
+                role = role_of[conn.topic]
+                waiting += pairer.add(role, stamp, (conn, raw, stamp, pairer.seen[role]))
+            if infos or not info_conns or len(waiting) > MAX_FRAMES_BEFORE_INFO:
+                for frame_stamp, parts in waiting:
+                    written += 1
+                    yield _decoded_frame(reader, parts, frame_stamp, topics, infos, depth_scale, from_cloud, alignment)
+                waiting = []
+        for frame_stamp, parts in waiting + pairer.finish():
+            written += 1
+            yield _decoded_frame(reader, parts, frame_stamp, topics, infos, depth_scale, from_cloud, alignment)
     finally:
         reader.close()
+    if not written:
+        seen = ", ".join(f"{n} {label.get(role, role)}" for role, n in pairer.seen.items())
+        others = "a " + label["depth"] if len(topics) == 2 else "a partner on every other topic"
+        raise MmtkError(f"no colour message has {others} message within --max-dt {max_dt} s ({seen} messages)")
+
+
+def _decoded_frame(reader: Any, parts: dict[str, tuple[Any, bytes, float, int]], stamp: float, topics: dict[str, str],
+                   infos: list[tuple[float, np.ndarray, tuple[int, int]]], depth_scale: float | None,
+                   from_cloud: bool, alignment: CloudAlignment | None) -> Frame:
+    arrays: dict[str, Any] = {}
+    for role, (conn, raw, message_stamp, _) in parts.items():
+        msg = reader.deserialize(raw, conn.msgtype)
+        if role == "depth" and from_cloud:
+            cloud = pointcloud2_to_cloud(msg)
+            arrays[role] = cloud if alignment is None else alignment.to_camera(cloud, message_stamp)
+        else:
+            arrays[role] = decode_image(msg, conn.msgtype, role, depth_scale if role == "depth" else None)
+    size = arrays["rgb"].shape[:2]
+    k = _nearest_k(infos, np.asarray([t for t, _, _ in infos]), stamp, size)
+    if from_cloud:
+        arrays["depth"] = _cloud_depth(arrays["depth"], size, k, topics["depth"])
+    return Frame("all", arrays, intrinsics=k, timestamp=stamp, frame_id=f"{topics['rgb']}#{parts['rgb'][3]}")
 
 
 def _cloud_depth(cloud: PointCloud, size: tuple[int, int], k: np.ndarray | None, topic: str) -> np.ndarray:
