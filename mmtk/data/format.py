@@ -283,7 +283,8 @@ class H5Writer:
             else:
                 shape = value.shape
                 dataset = group.create_dataset(key, shape=(0, *shape), maxshape=(None, *shape),
-                                               dtype=value.dtype, chunks=(1, *shape), compression=self.compression)
+                                               dtype=value.dtype, chunks=(1, *shape), compression=self.compression,
+                                               fletcher32=True)  # checksums: flipped bytes fail to read
             dataset.attrs["units"] = stored_array(key)[1].units if key in kinds else META_UNITS.get(key, "")
             if kinds.get(key) == "labels":
                 dataset.attrs["classes"] = json.dumps(self.classes)
