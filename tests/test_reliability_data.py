@@ -280,3 +280,15 @@ def _yaml(factory, text: str):
     path = factory.getbasetemp() / "fuzz_recipe.yaml"
     path.write_text(text)
     return path
+
+
+def test_reliability_bad_value_in_a_dataloader_worker_is_still_one_line(mmtk_file):
+    import torch
+
+    from mmtk.data import H5Dataset
+
+    _edit(mmtk_file, "test/depth", lambda d: d.__setitem__((1, 1), np.nan))
+    loader = torch.utils.data.DataLoader(H5Dataset(mmtk_file, "test", image_size=(64, 64)), num_workers=1)
+    with pytest.raises(MmtkError) as err:
+        next(iter(loader))
+    assert str(err.value).startswith(f"{mmtk_file}:test frame 0: depth has 1 non-finite") and "\n" not in str(err.value)
