@@ -292,3 +292,12 @@ def test_reliability_bad_value_in_a_dataloader_worker_is_still_one_line(mmtk_fil
     with pytest.raises(MmtkError) as err:
         next(iter(loader))
     assert str(err.value).startswith(f"{mmtk_file}:test frame 0: depth has 1 non-finite") and "\n" not in str(err.value)
+
+
+def test_reliability_frames_without_labels_are_reported_when_labels_exist(tmp_path):
+    src = tmp_path / "frames"
+    _frames_folder(src, "0000")
+    shutil.copy(src / "rgb" / "0000.png", src / "rgb" / "0001.png")
+    shutil.copy(src / "depth" / "0000.png", src / "depth" / "0001.png")
+    code, text = convert(src, tmp_path / "out.h5")
+    assert code == 0 and "skipped 1 colour/depth pairs without a label: 0001.png" in text

@@ -443,8 +443,10 @@ def _open_paired(src: Path, options: ConvertOptions) -> RgbdSource:
             raise MmtkError(f"{src}: no label file shares its name with a colour/depth pair; name each label like "
                             f"its frame (e.g. 0001.png beside 0001.jpg and 0001 depth), or move the labels away")
     notes: list[str] = []
-    _report_unpaired(notes, "colour files without depth", [color[k].name for k in sorted(set(color) - set(keys))])
-    _report_unpaired(notes, "depth files without colour", [depth[k].name for k in sorted(set(depth) - set(keys))])
+    pairs = set(color) & set(depth)
+    _report_unpaired(notes, "colour files without depth", [color[k].name for k in sorted(set(color) - set(depth))])
+    _report_unpaired(notes, "depth files without colour", [depth[k].name for k in sorted(set(depth) - set(color))])
+    _report_unpaired(notes, "colour/depth pairs without a label", [color[k].name for k in sorted(pairs - set(keys))])
     if labels:
         _report_unpaired(notes, "label files without colour/depth", [labels[k].name for k in sorted(set(labels) - set(keys))])
     camera = find_intrinsics(src) or find_intrinsics(depth[keys[0]].parent)
