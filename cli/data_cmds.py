@@ -50,6 +50,10 @@ def convert(
     if sum(source is not None for source in (rgbd, rosbag, images)) != 1:
         raise MmtkError("give exactly one source: --rgbd FOLDER, --rosbag BAG or --images FOLDER")
     shape = parse_size(size)
+    rgbd_only = [flag for flag, value in (("--depth-format", depth_format), ("--depth-range", depth_range),
+                                          ("--layout", layout)) if value is not None]
+    if rgbd is None and rgbd_only:
+        raise MmtkError(f"{', '.join(rgbd_only)} only apply to --rgbd folders; remove them")
     if images is not None:
         if out is None:
             raise MmtkError("missing OUT.h5: mmtk convert --images FOLDER OUT.h5")

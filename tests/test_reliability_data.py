@@ -301,3 +301,21 @@ def test_reliability_frames_without_labels_are_reported_when_labels_exist(tmp_pa
     shutil.copy(src / "depth" / "0000.png", src / "depth" / "0001.png")
     code, text = convert(src, tmp_path / "out.h5")
     assert code == 0 and "skipped 1 colour/depth pairs without a label: 0001.png" in text
+
+
+def test_reliability_pretrain_on_labels_beyond_the_classes_stops_in_one_line(tmp_path):
+    from engine_helpers import RECIPES, TINY
+
+    data = tmp_path / "bad_labels.h5"
+    code, text = convert(MULTIMAE, data, "--size", "120x160")
+    assert code == 0, text
+    _edit(data, "train/semseg", lambda s: s.__setitem__(Ellipsis, 200))  # every crop sees it
+    args = [f"--set={s}" for s in TINY + ["optim.batch_size=2", "train.max_steps=1"]]
+    code, output = run_cli("pretrain", RECIPES / "tiny.yaml", "--data", data, "--out", tmp_path / "run", *args)
+    line = refusal(code, output)
+    assert line.startswith(f"{data}:train frame 0: semseg holds class id 200, beyond the file's 40 classes")
+
+
+def test_reliability_rgbd_flags_are_refused_for_other_sources(tmp_path):
+    line = refusal(*run_cli("convert", "--images", SYNC / "rgb", tmp_path / "x.h5", "--depth-format", "mm"))
+    assert "--depth-format only apply to --rgbd folders" in line and not (tmp_path / "x.h5").exists()
