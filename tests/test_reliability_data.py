@@ -80,15 +80,26 @@ def test_reliability_known_encodings_are_read_not_guessed(tmp_path):
     np.testing.assert_allclose(k, [[525, 0, 320], [0, 525, 240], [0, 0, 1]])
 
 
-def test_reliability_kinect_v2_tenths_of_mm_refused_then_read_with_the_flag(tmp_path):
+def test_reliability_kinect_v2_tenths_of_mm_read_by_size_and_range(tmp_path):
     src = shared("esanet_kinect2_sample")
-    line = refusal(*convert(src, tmp_path / "k2.h5"))
-    assert "median 24.48 m" in line and "outside the sensor range 0.2-12 m" in line and "0.1mm gives median 2.45 m" in line
-    assert convert(src, tmp_path / "k2.h5", "--depth-format", "0.1mm")[0] == 0
+    code, text = convert(src, tmp_path / "k2.h5")
+    assert code == 0 and "512x424 is Kinect v2's depth size and millimetres would give a median of 24.5 m" in text
     assert median_depth(tmp_path / "k2.h5") == pytest.approx(2.45, abs=0.01)  # ESANet's README
-    assert convert(src, tmp_path / "wide.h5", "--depth-range", "outdoor")[0] == 0  # mm, 17-35 m: outdoor range
+    assert convert(src, tmp_path / "mm.h5", "--depth-format", "mm", "--depth-range", "lidar")[0] == 0
+    assert median_depth(tmp_path / "mm.h5") == pytest.approx(24.48, abs=0.01)
+
+
+def test_reliability_depth_range_flag(tmp_path):
+    src = tmp_path / "frames"  # TUM's frame without a name saying so: millimetres give 7-47 m
+    src.mkdir()
+    shutil.copy(TUM / "TUM_color.png", src / "a_color.png")
+    shutil.copy(TUM / "TUM_depth.png", src / "a_depth.png")
+    assert "outside the sensor range 0.2-12 m" in refusal(*convert(src, tmp_path / "x.h5"))
+    assert convert(src, tmp_path / "out.h5", "--depth-range", "outdoor")[0] == 0
+    assert "outside the sensor range 1-5 m" in refusal(*convert(src, tmp_path / "x.h5", "--depth-range", "1-5"))
     assert "--depth-range '5-1'" in refusal(*convert(src, tmp_path / "x.h5", "--depth-range", "5-1"))
     assert "pass only one" in refusal(*convert(src, tmp_path / "x.h5", "--depth-format", "mm", "--depth-scale", "1"))
+    assert "--depth-format 'cm' is unknown" in refusal(*convert(src, tmp_path / "x.h5", "--depth-format", "cm"))
 
 
 def test_reliability_kinect_disparity_in_either_byte_order(tmp_path):

@@ -26,6 +26,8 @@ from mmtk.errors import MmtkError
 MULTIMAE_DEPTH = DepthEncoding("multimae", FORMAT_UNITS["multimae"])  # uint16: 10 m -> 65536
 BTS_DEPTH = DepthEncoding("mm", FORMAT_UNITS["mm"])
 TUM_DEPTH = DepthEncoding("tum", FORMAT_UNITS["tum"])
+KINECT_V2_DEPTH_SIZE = (424, 512)  # (H, W) of the Kinect v2 depth image
+KINECT_V2_MAX_M = 8.0  # its depth range ends here (0.5-4.5 m specified, 8 m in practice)
 SUN_MULTIPLE_OF_8 = 0.9  # fraction of valid values that are multiples of 8 in a bit-rotated SUN depth PNG
 TUM_MAX_DT_S = 0.02  # TUM's associate.py default
 DEPTH_SUFFIXES = (".png", ".tif", ".tiff", ".npy", ".pgm")
@@ -418,6 +420,11 @@ def _guess_encoding(raw: np.ndarray, path: Path, src: Path, camera_units: float 
     if raw.dtype == np.uint16 and fraction >= SUN_MULTIPLE_OF_8:
         return (DepthEncoding("sun"), f"{100 * fraction:.0f} % of the values are multiples of 8 = SUN RGB-D's "
                 f"bit-rotated millimetres")
+    if raw.dtype == np.uint16 and raw.shape == KINECT_V2_DEPTH_SIZE:
+        stats = depth_percentiles(decode_depth(raw, DepthEncoding("mm", FORMAT_UNITS["mm"]), path))
+        if stats is not None and stats[1] > KINECT_V2_MAX_M:
+            return (DepthEncoding("0.1mm", FORMAT_UNITS["0.1mm"]), f"512x424 is Kinect v2's depth size and millimetres "
+                    f"would give a median of {stats[1]:.1f} m, beyond its {KINECT_V2_MAX_M:g} m range: read as 0.1 mm")
     named = next((part for part in (*path.relative_to(src).parts, src.name) if _TUM_TOKEN.search(part)), None)
     if named is not None:
         return DepthEncoding("tum", FORMAT_UNITS["tum"]), f"name {named!r} says TUM RGB-D (5000 units/m)"
