@@ -330,3 +330,11 @@ def test_reliability_pretrain_on_labels_beyond_the_classes_stops_in_one_line(tmp
 def test_reliability_rgbd_flags_are_refused_for_other_sources(tmp_path):
     line = refusal(*run_cli("convert", "--images", SYNC / "rgb", tmp_path / "x.h5", "--depth-format", "mm"))
     assert "--depth-format only apply to --rgbd folders" in line and not (tmp_path / "x.h5").exists()
+
+
+def test_reliability_check_reports_declared_frames_the_file_does_not_hold(mmtk_file):
+    with h5py.File(mmtk_file, "r+") as f:
+        f["train/depth"].resize(2**40, axis=0)  # declared, never written: must not be read or allocated
+    code, text = run_cli("check", mmtk_file)
+    assert code == 1 and "2 frames checked, 1 bad" in text
+    assert f"{mmtk_file}:train frame 1: depth: declares {2**40} frames but the file holds 1" in text

@@ -23,6 +23,7 @@ from mmtk.data.dataset import open_mmtk_file
 from mmtk.errors import MmtkError
 
 META_ARRAYS = ("intrinsics", "timestamp", "frame_id")
+MAX_FRAME_BYTES = 1 << 30  # no real frame is this large; a declared one is a bomb, not data
 
 
 @dataclass
@@ -62,21 +63,41 @@ def check_file(path: str | os.PathLike, progress: Callable[[int], None] | None =
             if not isinstance(group, h5py.Group):
                 continue
             ids = _frame_ids(group)
-            counts = [group[name].shape[0] for name in group if isinstance(group[name], h5py.Dataset)]
-            report.frames[split] = max(counts, default=0)
+            report.frames[split] = 0
             for name, dataset in group.items():
                 if not isinstance(dataset, h5py.Dataset) or name == "frame_id":
                     continue
                 if dataset.ndim >= 3:  # images; timestamps are written in blocks without checksums
                     report.checksummed &= dataset.fletcher32
                 check = _value_check(name, dataset)
-                for index in range(dataset.shape[0]):
+                scanned = _frames_to_scan(split, name, dataset, report)
+                report.frames[split] = max(report.frames[split], scanned)
+                for index in range(scanned):
                     problem = _frame_problem(dataset, index, check)
                     if problem:
-                        report.bad.append(BadFrame(split, index, name, problem, ids[index] if ids else None))
+                        report.bad.append(BadFrame(split, index, name, problem,
+                                                   ids[index] if ids and index < len(ids) else None))
                     if progress:
                         progress(1)
     return report
+
+
+def _frames_to_scan(split: str, name: str, dataset: h5py.Dataset, report: CheckReport) -> int:
+    """How many frames of ``dataset`` to read: none when one frame would be absurdly large, and no more than
+    the file holds chunks for (a declared count beyond that is reported, not allocated)."""
+    frame_bytes = int(np.prod(dataset.shape[1:], dtype=np.float64)) * dataset.dtype.itemsize
+    if frame_bytes > MAX_FRAME_BYTES:
+        report.bad.append(BadFrame(split, 0, name, f"declares {frame_bytes / 2**30:.1f} GiB per frame "
+                                   f"{list(dataset.shape[1:])}; not read"))
+        return 0
+    frames = dataset.shape[0]
+    if dataset.chunks is not None and dataset.chunks[0] == 1:
+        held = dataset.id.get_num_chunks()
+        if held < frames:
+            report.bad.append(BadFrame(split, held, name, f"declares {frames} frames but the file holds {held}; "
+                                       f"the rest were never written"))
+            return held
+    return frames
 
 
 def _frame_ids(group: h5py.Group) -> list[str] | None:
