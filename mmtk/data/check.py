@@ -55,7 +55,7 @@ class CheckReport:
         return len({(b.split, b.index) for b in self.bad})
 
 
-def check_file(path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> CheckReport:
+def check_file(path: str | os.PathLike) -> CheckReport:
     """Read every frame of every array of every split of ``path`` and collect what is wrong."""
     report = CheckReport(Path(path))
     with open_mmtk_file(path) as handle:
@@ -77,8 +77,6 @@ def check_file(path: str | os.PathLike, progress: Callable[[int], None] | None =
                     if problem:
                         report.bad.append(BadFrame(split, index, name, problem,
                                                    ids[index] if ids and index < len(ids) else None))
-                    if progress:
-                        progress(1)
     return report
 
 
