@@ -30,6 +30,14 @@ def convert(
     max_dt: float = typer.Option(0.02, "--max-dt", help="Max colour/depth stamp difference for a pair, seconds."),
     classes: int = typer.Option(40, "--classes", help="NYUv2 label space: 40, 13 or 894."),
     depth_scale: Optional[float] = typer.Option(None, "--depth-scale", help="Stored depth units per metre (1000 = mm)."),
+    depth_format: Optional[str] = typer.Option(None, "--depth-format", help="--rgbd: depth encoding instead of the "
+                                               "layout's or a guess: m, mm, 0.1mm, tum, multimae, sun (bit-rotated "
+                                               "mm), kinect-disparity (raw 11-bit Kinect v1)."),
+    depth_range: Optional[str] = typer.Option(None, "--depth-range", help="--rgbd: plausible sensor range for depth "
+                                              "whose units were not given: indoor (0.2-12 m, default), outdoor "
+                                              "(0.5-120 m), lidar (0.3-250 m) or MIN-MAX metres."),
+    layout: Optional[str] = typer.Option(None, "--layout", help="--rgbd: use this layout instead of detecting one: "
+                                         "nyuv2-mat, multimae, bts-sync, sparse-to-dense, tum, paired."),
     size: Optional[str] = typer.Option(None, "--size", help="Resize on the way in, HxW pixels (e.g. 240x320); "
                                        "--images: default the first image's size, others resized to cover and "
                                        "centre-cropped."),
@@ -53,6 +61,10 @@ def convert(
     if stream and rgbd is None:
         raise MmtkError("--stream NAME=GLOB is for --rgbd; bags take --topic NAME=/topic")
     shape = parse_size(size)
+    rgbd_only = [flag for flag, value in (("--depth-format", depth_format), ("--depth-range", depth_range),
+                                          ("--layout", layout)) if value is not None]
+    if rgbd is None and rgbd_only:
+        raise MmtkError(f"{', '.join(rgbd_only)} only apply to --rgbd folders; remove them")
     if images is not None:
         if out is None:
             raise MmtkError("missing OUT.h5: mmtk convert --images FOLDER OUT.h5")
@@ -60,8 +72,9 @@ def convert(
     elif rgbd is not None:
         if out is None:
             raise MmtkError("missing OUT.h5: mmtk convert --rgbd SRC OUT.h5")
-        convert_rgbd(rgbd, out, classes=classes, depth_scale=depth_scale, size=shape, force=force,
-                     progress=progress, log=_log, streams=parse_named(stream, "--stream"))
+        convert_rgbd(rgbd, out, classes=classes, depth_scale=depth_scale, depth_format=depth_format,
+                     depth_range=depth_range, layout=layout, size=shape, force=force, progress=progress, log=_log,
+                     streams=parse_named(stream, "--stream"))
     else:
         assert rosbag is not None
         _convert_rosbag(rosbag, out, rgb_topic, depth_topic, cloud_topic, camera_info_topic, max_dt, depth_scale,
@@ -118,3 +131,21 @@ def info(
 
     summary = read_info(path)
     typer.echo(info_json(summary) if as_json else format_info(summary))
+
+
+@app.command("check")
+def check(
+    path: Path = typer.Argument(..., help="An mmtk .h5 file."),
+) -> None:
+    """Read every frame of an mmtk file and list each bad one (checksum, non-finite or > 1000 m depth,
+    class ids beyond the classes); exit 1 when any is bad."""
+    from mmtk.data.check import check_file
+
+    report = check_file(path)
+    for bad in report.bad:
+        typer.echo(bad.line(report.path))
+    total = sum(report.frames.values())
+    checksums = "" if report.checksummed else " (no checksums in this file: flipped image bytes go unnoticed)"
+    typer.echo(f"{report.path}: {total} frames checked, {report.bad_frames} bad{checksums}")
+    if report.bad:
+        raise typer.Exit(1)

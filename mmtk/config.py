@@ -277,7 +277,11 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
 def validate(recipe: Recipe, source: str) -> None:
     """Checks that need more than one field, or the file system; raise one-line MmtkErrors."""
     data, model, optim, train = recipe.data, recipe.model, recipe.optim, recipe.train
-    if data.path is not None and not Path(data.path).is_file():
+    try:
+        found = data.path is None or Path(data.path).is_file()
+    except OSError as err:  # e.g. a name too long for the file system
+        raise MmtkError(f"{source}: data.path: {err.strerror}: {data.path[:80]}") from None
+    if not found:
         raise MmtkError(f"{source}: data.path: file {data.path} not found; convert frames with `mmtk convert`")
     positive = {
         "optim.batch_size": optim.batch_size,
@@ -291,8 +295,8 @@ def validate(recipe: Recipe, source: str) -> None:
         "train.keep_checkpoints": train.keep_checkpoints,
     }
     for key, value in positive.items():
-        if value <= 0:
-            raise MmtkError(f"{source}: {key}: must be > 0, got {value}")
+        if not 0 < value < float("inf"):  # also refuses NaN
+            raise MmtkError(f"{source}: {key}: must be a finite number > 0, got {value}")
     if optim.warmup_epochs < 0 or optim.warmup_epochs > optim.epochs:
         raise MmtkError(f"{source}: optim.warmup_epochs: must be in [0, optim.epochs], got {optim.warmup_epochs}")
     if not 0 < optim.layer_decay <= 1:

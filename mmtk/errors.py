@@ -8,3 +8,11 @@ prints it without a traceback and exits with status 2.
 
 class MmtkError(Exception):
     """A problem with the user's input, explained in one line (what is wrong and how to fix it)."""
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        # torch's DataLoader re-raises a worker's error as MmtkError("Caught MmtkError in DataLoader worker
+        # process N.\nOriginal Traceback ...\nmmtk.errors.MmtkError: LINE"); keep the one line the user needs.
+        text = str(message)
+        if text.startswith("Caught MmtkError in DataLoader worker"):
+            message = text.rstrip().splitlines()[-1].removeprefix("mmtk.errors.MmtkError: ")
+        super().__init__(message, *args)

@@ -126,7 +126,7 @@ def test_mismatched_rgb_depth_sizes(tmp_path):
     src.mkdir()
     shutil.copy(TUM / "TUM_color.png", src / "a_color.png")
     Image.open(TUM / "TUM_depth.png").crop((0, 0, 320, 240)).save(src / "a_depth.png")
-    _assert_clean_error(tmp_path, ["--rgbd", src], "rgb is 480x640 but depth is 240x320")
+    _assert_clean_error(tmp_path, ["--rgbd", src, "--depth-format", "tum"], "rgb is 480x640 but depth is 240x320")
 
 
 def test_corrupt_image(tmp_path):

@@ -140,24 +140,34 @@ def test_malformed_folders_are_one_line_errors(tmp_path):
     assert "no label file shares its name with a colour/depth pair" in error(paired)
 
 
-def test_generic_pairs_guess_units_and_show_range(tmp_path):
-    out = tmp_path / "tum_guess.h5"
+def test_generic_pairs_read_tum_units_by_name_and_refuse_an_implausible_guess(tmp_path):
+    out = tmp_path / "tum_named.h5"
     text = convert(TUM, out)
-    assert "GUESSED units" in text and "millimetres" in text
-    assert "depth 7.6" in text or "depth 7." in text  # a wrong mm guess on 5000/m data shows a 7-47 m range
-    out2 = tmp_path / "tum_ok.h5"
-    text = convert(TUM, out2, "--depth-scale", "5000")
+    assert "name 'TUM_depth.png' says TUM RGB-D (5000 units/m)" in text
     raw = np.array(Image.open(TUM / "TUM_depth.png"))
-    with h5py.File(out2) as f:
+    with h5py.File(out) as f:
         np.testing.assert_allclose(f["all/depth"][0], raw / 5000.0, rtol=1e-6)
         assert f["all/depth"].attrs["valid_fraction"] == pytest.approx((raw > 0).mean())
+    anonymous = tmp_path / "frames"  # the same files without the name: millimetres would give 7-47 m
+    anonymous.mkdir()
+    shutil.copy(TUM / "TUM_color.png", anonymous / "a_color.png")
+    shutil.copy(TUM / "TUM_depth.png", anonymous / "a_depth.png")
+    code, text = run_cli("convert", "--rgbd", anonymous, tmp_path / "x.h5", "--no-progress")
+    assert code == 2 and not (tmp_path / "x.h5").exists()
+    line = text.split("error: ", 1)[1].strip()
+    assert "\n" not in line and "median 12.07 m" in line and "outside the sensor range 0.2-12 m" in line
+    assert "--depth-format" in line and "tum gives median 2.41 m" in line and "--depth-scale" in line
+    convert(anonymous, tmp_path / "ok.h5", "--depth-format", "tum")
+    convert(anonymous, tmp_path / "ok2.h5", "--depth-scale", "5000")
+    with h5py.File(tmp_path / "ok.h5") as f, h5py.File(tmp_path / "ok2.h5") as g:
+        np.testing.assert_array_equal(f["all/depth"][0], g["all/depth"][0])
 
 
 def test_generic_rgb_depth_label_folders_on_sagate_frame(tmp_path):
     src = shared("nyuv2_sagate_labeled")
     out = tmp_path / "sagate.h5"
     text = convert(src, out)
-    assert "float depth read as metres" in text
+    assert "float depth (float32) read as metres" in text
     _, _, labels = labeled_frame()
     with h5py.File(out) as f:
         np.testing.assert_array_equal(f["all/depth"][0], np.load(src / "Depth/0.npy"))

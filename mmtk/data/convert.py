@@ -179,7 +179,8 @@ def _with_streams(frames: Iterable[Frame], src: Path, streams: dict[str, str]) -
 
 
 def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes: int = 40,
-                 depth_scale: float | None = None, size: tuple[int, int] | None = None, force: bool = False,
+                 depth_scale: float | None = None, depth_format: str | None = None, depth_range: str | None = None,
+                 layout: str | None = None, size: tuple[int, int] | None = None, force: bool = False,
                  progress: bool = True, log: Log | None = None, streams: dict[str, str] | None = None) -> ConvertResult:
     """Convert an RGB-D dataset folder (layout auto-detected) into an mmtk HDF5 file.
 
@@ -188,16 +189,23 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
         out_path: the .h5 to create (never overwritten unless ``force``).
         classes: NYUv2 label space, 40, 13 or 894.
         depth_scale: stored depth units per metre, overriding the layout's (e.g. 1000 for mm).
+        depth_format: a named depth encoding (``mmtk.data.sources.base.DEPTH_FORMATS``), overriding the layout's.
+        depth_range: the sensor's plausible range, "indoor" (default, 0.2-12 m), "outdoor", "lidar" or
+            "MIN-MAX" metres; depth whose units were not given must fall inside it.
+        layout: a layout name to use instead of detecting one.
         size: optional (H, W) to resize to on the way in.
         streams: extra stored arrays, name -> glob under ``src`` (matched to frames by file stem).
     """
-    from mmtk.data.sources.base import ConvertOptions
+    from mmtk.data.sources.base import ConvertOptions, DepthEncoding, encoding_for, parse_depth_range
     from mmtk.data.sources.folders import open_rgbd_source
 
     if depth_scale is not None and depth_scale <= 0:
         raise MmtkError(f"--depth-scale must be positive (units per metre), got {depth_scale}")
+    options = ConvertOptions(classes=classes, depth_scale=depth_scale, depth_format=depth_format,
+                             depth_range=parse_depth_range(depth_range), layout=layout)
+    encoding_for(depth_format, depth_scale, DepthEncoding())  # refuses unknown or conflicting flags early
     check_out_path(out_path, force)  # before reading any input
-    source = open_rgbd_source(src, ConvertOptions(classes=classes, depth_scale=depth_scale))
+    source = open_rgbd_source(src, options)
     provenance = f"mmtk convert --rgbd {Path(src).name}: {source.description}"
     if size:
         provenance += f", resized to {size[0]}x{size[1]}"

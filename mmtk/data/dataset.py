@@ -88,6 +88,8 @@ class H5Dataset(Dataset):
                 import json
 
                 self.classes = json.loads(group[labelled[0]].attrs["classes"])
+                for adapter in self.adapters.values():  # lets label adapters refuse ids beyond the file's classes
+                    adapter.num_classes = adapter.num_classes or len(self.classes)
         self.image_size = tuple(image_size) if image_size is not None else self.file_size
         self._handle: h5py.File | None = None
         self._pid: int | None = None
@@ -153,8 +155,14 @@ class H5Dataset(Dataset):
             return stored[index] if stored.ndim < 3 or name == "intrinsics" else _read_window(stored, index, win)
 
         sample: dict[str, torch.Tensor] = {}
-        for adapter in self.adapters.values():
-            sample.update(adapter.load(read, win, self.image_size))
+        try:
+            for adapter in self.adapters.values():
+                sample.update(adapter.load(read, win, self.image_size))
+        except MmtkError as err:
+            raise MmtkError(f"{self.path}:{self.split} frame {index}: {err}") from None
+        except OSError as err:  # e.g. a chunk whose checksum no longer matches (flipped bytes)
+            raise MmtkError(f"{self.path}:{self.split} frame {index} cannot be read: damaged data or checksum "
+                            f"mismatch ({str(err).split(';')[0]}); re-create the file with `mmtk convert`") from None
         return sample
 
     def close(self) -> None:

@@ -12,7 +12,8 @@ Layout (documented in ``docs/dataset-format.md``)::
         frame_id      str     [N]                                        (optional)
 
 What each array holds is declared by the adapter that stores it (:class:`mmtk.modality.StoredArray`):
-its dtype, units (the ``units`` attr) and kind. Every array is chunked one frame per chunk. Metric arrays
+its dtype, units (the ``units`` attr) and kind. Every array is chunked one frame per chunk, with a fletcher32
+checksum per chunk (a flipped byte fails the read). Metric arrays
 (depth) carry summary statistics (``valid_fraction``, ``min_m``, ``max_m``, ``p01_m``, ``median_m``,
 ``p99_m``) and label arrays a ``histogram``, so that ``mmtk info`` never has to scan the file.
 """
@@ -284,7 +285,8 @@ class H5Writer:
             else:
                 shape = value.shape
                 dataset = group.create_dataset(key, shape=(0, *shape), maxshape=(None, *shape),
-                                               dtype=value.dtype, chunks=(1, *shape), compression=self.compression)
+                                               dtype=value.dtype, chunks=(1, *shape), compression=self.compression,
+                                               fletcher32=True)  # checksums: flipped bytes fail to read
             dataset.attrs["units"] = stored_array(key)[1].units if key in kinds else META_UNITS.get(key, "")
             if kinds.get(key) == "labels":
                 dataset.attrs["classes"] = json.dumps(self.classes)

@@ -15,14 +15,20 @@ from typing import Callable, Iterator
 import h5py
 import numpy as np
 
-from mmtk.data.sources.base import (IMAGE_SUFFIXES, ConvertOptions, Frame, RgbdSource, associate_by_time,
-                                    nyuv2_intrinsics, nyuv2_meta, read_depth_units, read_image, read_rgb, to_metres)
+from mmtk.adapters.depth import check_plausible_metres, depth_percentiles
+from mmtk.data.sources.base import (DEPTH_FORMATS, FORMAT_UNITS, IMAGE_SUFFIXES, ConvertOptions, DepthEncoding, Frame,
+                                    RgbdSource, associate_by_time, decode_depth, find_intrinsics,
+                                    looks_like_kinect_disparity, multiple_of_8_fraction, nyuv2_intrinsics, nyuv2_meta,
+                                    read_depth, read_depth_units, read_image, read_rgb)
 from mmtk.data.sources.nyuv2 import NYU_MAT_NAME, nyu_mat_path, open_nyu_mat
 from mmtk.errors import MmtkError
 
-MULTIMAE_DEPTH_SCALE = 6553.6  # uint16 units per metre: 10 m -> 65536
-BTS_DEPTH_SCALE = 1000.0
-TUM_DEPTH_SCALE = 5000.0
+MULTIMAE_DEPTH = DepthEncoding("multimae", FORMAT_UNITS["multimae"])  # uint16: 10 m -> 65536
+BTS_DEPTH = DepthEncoding("mm", FORMAT_UNITS["mm"])
+TUM_DEPTH = DepthEncoding("tum", FORMAT_UNITS["tum"])
+KINECT_V2_DEPTH_SIZE = (424, 512)  # (H, W) of the Kinect v2 depth image
+KINECT_V2_MAX_M = 8.0  # its depth range ends here (0.5-4.5 m specified, 8 m in practice)
+SUN_MULTIPLE_OF_8 = 0.9  # fraction of valid values that are multiples of 8 in a bit-rotated SUN depth PNG
 TUM_MAX_DT_S = 0.02  # TUM's associate.py default
 DEPTH_SUFFIXES = (".png", ".tif", ".tiff", ".npy", ".pgm")
 
@@ -37,20 +43,69 @@ SUPPORTED_LAYOUTS = {
 
 
 def open_rgbd_source(src: str | Path, options: ConvertOptions | None = None) -> RgbdSource:
-    """Detect the layout of ``src`` and prepare a frame stream; unknown layouts raise MmtkError."""
+    """Detect the layout of ``src`` (or take ``options.layout``) and prepare a frame stream.
+
+    Each layout's detector states its evidence, which the source's notes repeat. No layout, or more than
+    one, raises MmtkError (the latter listing the candidates, one per line, and ``--layout``).
+    """
     options = options or ConvertOptions()
     src = Path(src)
     if not src.exists():
         raise MmtkError(f"{src} does not exist")
-    for detect, build in _LAYOUTS:
-        if detect(src):
-            return build(src, options)
-    supported = "; ".join(f"{name} ({text})" for name, text in SUPPORTED_LAYOUTS.items())
-    raise MmtkError(f"cannot tell the layout of {src}; supported layouts: {supported}")
+    if options.layout is not None and options.layout not in _LAYOUTS:
+        raise MmtkError(f"--layout {options.layout!r} is unknown; use one of {', '.join(_LAYOUTS)}")
+    names = [options.layout] if options.layout else list(_LAYOUTS)
+    found = {name: evidence for name in names if (evidence := _LAYOUTS[name][0](src))}
+    if options.layout and not found:
+        raise MmtkError(f"--layout {options.layout}: {src} does not hold that layout "
+                        f"({SUPPORTED_LAYOUTS[options.layout]})")
+    if not found:
+        supported = "; ".join(f"{name} ({text})" for name, text in SUPPORTED_LAYOUTS.items())
+        raise MmtkError(f"cannot tell the layout of {src}; supported layouts: {supported}")
+    if len(found) > 1:
+        listing = "\n".join(f"  {name}: {evidence}" for name, evidence in found.items())
+        raise MmtkError(f"{src} matches {len(found)} layouts; pick one with --layout NAME:\n{listing}")
+    name, evidence = next(iter(found.items()))
+    source = _LAYOUTS[name][1](src, options)
+    source.notes.insert(0, f"layout evidence: {evidence}")
+    if name in ("bts-sync", "sparse-to-dense", "tum") and (labels := _child(src, _LABEL_DIRS)):
+        source.notes.append(f"NOT converted: labels in {labels.name}/ (the {name} layout has none; name the "
+                            f"frames alike and pass --layout paired to keep them)")
+    return source
 
 
-def _depth_scale(options: ConvertOptions, default: float) -> float:
-    return options.depth_scale if options.depth_scale is not None else default
+def _checked_frames(frames: Callable[[], Iterator[Frame]], options: ConvertOptions, guessed: bool,
+                    fix: str) -> Callable[[], Iterator[Frame]]:
+    """``frames`` with every frame's depth checked against the sensor range when the units were not given."""
+    if not guessed:
+        return frames
+
+    def checked() -> Iterator[Frame]:
+        for frame in frames():
+            check_plausible_metres("depth", frame.arrays["depth"], frame.frame_id, options.depth_range, fix)
+            yield frame
+
+    return checked
+
+
+def _units_given(options: ConvertOptions) -> bool:
+    return options.depth_scale is not None or options.depth_format is not None
+
+
+def _units_fix(raw: np.ndarray | None, encoding: DepthEncoding, how: str, options: ConvertOptions) -> str:
+    """The end of a refusal: what the units were taken as, which formats would be plausible, the flags."""
+    plausible = []
+    for name in DEPTH_FORMATS if raw is not None else ():
+        try:
+            depth = decode_depth(raw, DepthEncoding(name, FORMAT_UNITS.get(name)), "")
+            check_plausible_metres("depth", depth, "", options.depth_range)
+        except MmtkError:
+            continue
+        if name != encoding.format and (stats := depth_percentiles(depth)):
+            plausible.append(f"{name} gives median {stats[1]:.2f} m")
+    hint = f" ({'; '.join(plausible)})" if plausible else ""
+    return (f"depth read as {encoding.text} ({how}); pass --depth-format {'|'.join(DEPTH_FORMATS)}{hint} or "
+            f"--depth-scale UNITS_PER_METRE, or --depth-range outdoor|lidar|MIN-MAX for another sensor")
 
 
 def _report_unpaired(notes: list[str], what: str, names: list[str]) -> None:
@@ -69,8 +124,9 @@ def _split_of(parts: tuple[str, ...]) -> str:
 
 
 # ---------------------------------------------------------------------------------- MultiMAE
-def _is_multimae(src: Path) -> bool:
-    return src.is_dir() and any((src / split / "rgb" / "data").is_dir() for split in ("train", "test", "val"))
+def _is_multimae(src: Path) -> str | None:
+    splits = [s for s in ("train", "test", "val") if src.is_dir() and (src / s / "rgb" / "data").is_dir()]
+    return f"{', '.join(f'{s}/rgb/data/' for s in splits)} folders" if splits else None
 
 
 def _stems(folder: Path) -> dict[str, Path]:
@@ -80,7 +136,7 @@ def _stems(folder: Path) -> dict[str, Path]:
 
 
 def _open_multimae(src: Path, options: ConvertOptions) -> RgbdSource:
-    scale = _depth_scale(options, MULTIMAE_DEPTH_SCALE)
+    encoding = options.encoding(MULTIMAE_DEPTH)
     notes: list[str] = []
     plan: list[tuple[str, Path, Path, Path | None]] = []
     with_labels: set[bool] = set()
@@ -117,7 +173,7 @@ def _open_multimae(src: Path, options: ConvertOptions) -> RgbdSource:
     def frames() -> Iterator[Frame]:
         for split, rgb_path, depth_path, label_path in plan:
             rgb = read_rgb(rgb_path)
-            depth = to_metres(read_depth_units(depth_path), scale)
+            depth = read_depth(depth_path, encoding)
             semseg = None
             if label_path is not None:
                 semseg = read_image(label_path)
@@ -130,7 +186,9 @@ def _open_multimae(src: Path, options: ConvertOptions) -> RgbdSource:
             arrays = {"rgb": rgb, "depth": depth} | ({"semseg": semseg} if semseg is not None else {})
             yield Frame(split, arrays, frame_id=str(rgb_path.relative_to(src)))
 
-    return RgbdSource("multimae", f"MultiMAE prepared layout (depth {scale:g} units/m)", len(plan), frames,
+    frames = _checked_frames(frames, options, not _units_given(options),
+                             _units_fix(None, encoding, "the layout's units", options))
+    return RgbdSource("multimae", f"MultiMAE prepared layout (depth {encoding.text})", len(plan), frames,
                       classes, notes)
 
 
@@ -139,8 +197,9 @@ _BTS_RGB = re.compile(r"^rgb_(\d+)\.(jpg|jpeg|png)$", re.IGNORECASE)
 _BTS_DEPTH = re.compile(r"^sync_depth_(\d+)\.png$", re.IGNORECASE)
 
 
-def _is_bts(src: Path) -> bool:
-    return src.is_dir() and next(src.rglob("sync_depth_*.png"), None) is not None
+def _is_bts(src: Path) -> str | None:
+    first = next(src.rglob("sync_depth_*.png"), None) if src.is_dir() else None
+    return f"sync_depth_*.png files (e.g. {first.relative_to(src)})" if first else None
 
 
 def _bts_key(path: Path, src: Path, number: str) -> tuple[str, str]:
@@ -149,7 +208,7 @@ def _bts_key(path: Path, src: Path, number: str) -> tuple[str, str]:
 
 
 def _open_bts(src: Path, options: ConvertOptions) -> RgbdSource:
-    scale = _depth_scale(options, BTS_DEPTH_SCALE)
+    encoding = options.encoding(BTS_DEPTH)
     rgb, depth = {}, {}
     for path in sorted(src.rglob("*")):
         if (m := _BTS_RGB.match(path.name)):
@@ -167,30 +226,33 @@ def _open_bts(src: Path, options: ConvertOptions) -> RgbdSource:
     def frames() -> Iterator[Frame]:
         for key in common:
             image = read_rgb(rgb[key])
-            d = to_metres(read_depth_units(depth[key]), scale)
+            d = read_depth(depth[key], encoding)
             k = nyuv2_intrinsics() if image.shape[:2] == (480, 640) else None
             yield Frame(_split_of(rgb[key].relative_to(src).parts), {"rgb": image, "depth": d}, intrinsics=k,
                         frame_id=str(rgb[key].relative_to(src)))
 
-    return RgbdSource("bts-sync", f"BTS sync layout (depth {scale:g} units/m)", len(common), frames, None, notes)
+    frames = _checked_frames(frames, options, not _units_given(options),
+                             _units_fix(None, encoding, "the layout's units", options))
+    return RgbdSource("bts-sync", f"BTS sync layout (depth {encoding.text})", len(common), frames, None, notes)
 
 
 # ---------------------------------------------------------------------------------- sparse-to-dense
-def _is_sparse_to_dense(src: Path) -> bool:
+def _is_sparse_to_dense(src: Path) -> str | None:
     if not src.is_dir():
-        return False
+        return None
     first = next((p for p in sorted(src.rglob("*.h5"))), None)
     if first is None:
-        return False
+        return None
+    evidence = f"*.h5 files with rgb and depth datasets (e.g. {first.relative_to(src)})"
     try:
         with h5py.File(first, "r") as handle:
-            return "rgb" in handle and "depth" in handle and "mmtk_format" not in handle.attrs
+            return evidence if "rgb" in handle and "depth" in handle and "mmtk_format" not in handle.attrs else None
     except OSError:
-        return True  # looks like this layout; the corrupt file is reported while reading
+        return evidence  # looks like this layout; the corrupt file is reported while reading
 
 
 def _open_sparse_to_dense(src: Path, options: ConvertOptions) -> RgbdSource:
-    scale = options.depth_scale  # stored in metres already
+    encoding = options.encoding(DepthEncoding())  # stored in metres already
     files = sorted(src.rglob("*.h5"))
 
     def frames() -> Iterator[Frame]:
@@ -204,18 +266,21 @@ def _open_sparse_to_dense(src: Path, options: ConvertOptions) -> RgbdSource:
                 rgb = np.ascontiguousarray(np.transpose(rgb, (1, 2, 0)))
             if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
                 raise MmtkError(f"{path}: rgb is {rgb.dtype} {rgb.shape}, expected uint8 [3, H, W]")
-            depth = to_metres(depth_units, scale)
+            depth = decode_depth(depth_units, encoding, path)
             k = nyuv2_intrinsics() if rgb.shape[:2] == (480, 640) else None
             yield Frame(_split_of(path.relative_to(src).parts), {"rgb": rgb, "depth": depth}, intrinsics=k,
                         frame_id=str(path.relative_to(src)))
 
-    notes = ["depth stored in metres" + (f", divided by --depth-scale {scale:g}" if scale else ""),
-             "intrinsics: NYUv2 RGB camera for 480x640 frames, none otherwise"]
+    notes = [f"depth read as {encoding.text}", "intrinsics: NYUv2 RGB camera for 480x640 frames, none otherwise"]
+    frames = _checked_frames(frames, options, not _units_given(options),
+                             _units_fix(None, encoding, "the layout's units", options))
     return RgbdSource("sparse-to-dense", "sparse-to-dense .h5 files", len(files), frames, None, notes)
 
 
 # ---------------------------------------------------------------------------------- TUM
 _TIMESTAMP = re.compile(r"^\d+(\.\d+)?$")
+_UNIX_TIME = re.compile(r"^\d{9,}\.\d+$")  # what TUM names its frames: seconds since 1970 with a fraction
+_TUM_LISTS = ("associations.txt", "rgb.txt", "depth.txt")
 
 
 def _timestamped(folder: Path) -> dict[float, Path]:
@@ -226,8 +291,21 @@ def _timestamped(folder: Path) -> dict[float, Path]:
     return out
 
 
-def _is_tum(src: Path) -> bool:
-    return src.is_dir() and bool(_timestamped(src / "rgb")) and bool(_timestamped(src / "depth"))
+def _is_tum(src: Path) -> str | None:
+    """TUM: rgb/ and depth/ with numeric names, and either TUM's list files or Unix-time names (0000.png
+    is a frame number, not a time)."""
+    if not src.is_dir():
+        return None
+    rgb, depth = _timestamped(src / "rgb"), _timestamped(src / "depth")
+    if not rgb or not depth:
+        return None
+    lists = [name for name in _TUM_LISTS if (src / name).is_file()]
+    if lists:
+        return f"rgb/ and depth/ with numeric names and {', '.join(lists)}"
+    first = next(iter(rgb.values()))
+    if all(_UNIX_TIME.match(p.stem) for p in (*rgb.values(), *depth.values())):
+        return f"rgb/ and depth/ named by Unix time (e.g. rgb/{first.name})"
+    return None
 
 
 def _read_associations(path: Path, src: Path) -> list[tuple[float, Path, Path]]:
@@ -249,8 +327,11 @@ def _read_associations(path: Path, src: Path) -> list[tuple[float, Path, Path]]:
 
 
 def _open_tum(src: Path, options: ConvertOptions) -> RgbdSource:
-    scale = _depth_scale(options, TUM_DEPTH_SCALE)
+    encoding = options.encoding(TUM_DEPTH)
     notes: list[str] = []
+    intrinsics = find_intrinsics(src)
+    if intrinsics is not None:
+        notes.append(f"intrinsics from {intrinsics.path.name}")
     assoc = src / "associations.txt"
     if assoc.is_file():
         rows = _read_associations(assoc, src)
@@ -269,18 +350,23 @@ def _open_tum(src: Path, options: ConvertOptions) -> RgbdSource:
 
     def frames() -> Iterator[Frame]:
         for stamp, rgb_path, depth_path in rows:
-            arrays = {"rgb": read_rgb(rgb_path), "depth": to_metres(read_depth_units(depth_path), scale)}
-            yield Frame("all", arrays, timestamp=stamp, frame_id=str(rgb_path.relative_to(src)))
+            arrays = {"rgb": read_rgb(rgb_path), "depth": read_depth(depth_path, encoding)}
+            yield Frame("all", arrays, _frame_intrinsics(intrinsics, arrays["rgb"]), stamp,
+                        str(rgb_path.relative_to(src)))
 
-    return RgbdSource("tum", f"TUM RGB-D folder (depth {scale:g} units/m)", len(rows), frames, None, notes)
+    frames = _checked_frames(frames, options, not _units_given(options),
+                             _units_fix(None, encoding, "the layout's units", options))
+    return RgbdSource("tum", f"TUM RGB-D folder (depth {encoding.text})", len(rows), frames, None, notes)
 
 
 # ---------------------------------------------------------------------------------- generic paired
 _COLOR_DIRS = ("rgb", "color", "colour", "image", "images")
 _DEPTH_DIRS = ("depth",)
 _LABEL_DIRS = ("label", "labels", "semseg")
-_COLOR_TOKEN = re.compile(r"(color|colour|rgb|image)", re.IGNORECASE)
+_COLOR_TOKEN = re.compile(r"(color|colour|rgb|images?)", re.IGNORECASE)
 _DEPTH_TOKEN = re.compile(r"depth", re.IGNORECASE)
+_LABEL_TOKEN = re.compile(r"(labels?|semseg)", re.IGNORECASE)
+_TUM_TOKEN = re.compile(r"(?<![a-z])tum(?![a-z])", re.IGNORECASE)
 
 
 def _child(src: Path, names: tuple[str, ...]) -> Path | None:
@@ -290,38 +376,77 @@ def _child(src: Path, names: tuple[str, ...]) -> Path | None:
     return None
 
 
-def _paired_files(src: Path) -> tuple[dict[str, Path], dict[str, Path], dict[str, Path]]:
+def _paired_files(src: Path) -> tuple[dict[str, Path], dict[str, Path], dict[str, Path], str]:
+    """Colour, depth and label files by shared key, and how they were paired (the evidence)."""
     color_dir, depth_dir = _child(src, _COLOR_DIRS), _child(src, _DEPTH_DIRS)
     if color_dir and depth_dir:
         label_dir = _child(src, _LABEL_DIRS)
-        return _stems(color_dir), _stems(depth_dir), _stems(label_dir) if label_dir else {}
-    color, depth = {}, {}
+        folders = f"{color_dir.name}/, {depth_dir.name}/" + (f", {label_dir.name}/" if label_dir else "")
+        return (_stems(color_dir), _stems(depth_dir), _stems(label_dir) if label_dir else {},
+                f"folders {folders} with files of the same names")
+    color, depth, labels = {}, {}, {}
     for path in sorted(src.rglob("*")):
         if not path.is_file():
             continue
         rel = str(path.relative_to(src).with_suffix(""))
         if path.suffix.lower() in DEPTH_SUFFIXES and _DEPTH_TOKEN.search(path.name):
             depth[_DEPTH_TOKEN.sub("*", rel)] = path
+        elif path.suffix.lower() in IMAGE_SUFFIXES and _LABEL_TOKEN.search(path.name):
+            labels[_LABEL_TOKEN.sub("*", rel)] = path
         elif path.suffix.lower() in IMAGE_SUFFIXES and _COLOR_TOKEN.search(path.name):
             color[_COLOR_TOKEN.sub("*", rel)] = path
-    return color, depth, {}
+    return color, depth, labels, "files named *color*/*rgb*/*image* and *depth* alike otherwise"
 
 
-def _is_paired(src: Path) -> bool:
+def _is_paired(src: Path) -> str | None:
     if not src.is_dir():
-        return False
-    color, depth, _ = _paired_files(src)
-    return bool(set(color) & set(depth))
+        return None
+    color, depth, _, how = _paired_files(src)
+    common = sorted(set(color) & set(depth))
+    return f"{how} ({len(common)} pairs, e.g. {color[common[0]].relative_to(src)})" if common else None
 
 
-def _guess_scale(sample: np.ndarray) -> tuple[float | None, str]:
-    if np.issubdtype(sample.dtype, np.floating):
-        return None, "float depth read as metres"
-    return 1000.0, f"{sample.dtype} depth read as millimetres (1000 units/m)"
+def _guess_encoding(raw: np.ndarray, path: Path, src: Path, camera_units: float | None,
+                    camera_file: str) -> tuple[DepthEncoding, str]:
+    """The depth encoding of a folder without declared units, and the evidence for it."""
+    if camera_units is not None:
+        return DepthEncoding(None, camera_units), f"{camera_units:g} units/m, declared by {camera_file}"
+    if np.issubdtype(raw.dtype, np.floating):
+        return DepthEncoding(), f"float depth ({raw.dtype}) read as metres"
+    if path.suffix.lower() == ".pgm" and looks_like_kinect_disparity(raw):
+        return (DepthEncoding("kinect-disparity"), f"{path.name}: 16-bit PGM with 11-bit values and 2047 (no "
+                f"measurement) = raw Kinect v1 disparity, read with the NYU toolbox model")
+    fraction = multiple_of_8_fraction(raw)
+    if raw.dtype == np.uint16 and fraction >= SUN_MULTIPLE_OF_8:
+        return (DepthEncoding("sun"), f"{100 * fraction:.0f} % of the values are multiples of 8 = SUN RGB-D's "
+                f"bit-rotated millimetres")
+    if raw.dtype == np.uint16 and raw.shape == KINECT_V2_DEPTH_SIZE:
+        stats = depth_percentiles(decode_depth(raw, DepthEncoding("mm", FORMAT_UNITS["mm"]), path))
+        if stats is not None and stats[1] > KINECT_V2_MAX_M:
+            return (DepthEncoding("0.1mm", FORMAT_UNITS["0.1mm"]), f"512x424 is Kinect v2's depth size and millimetres "
+                    f"would give a median of {stats[1]:.1f} m, beyond its {KINECT_V2_MAX_M:g} m range: read as 0.1 mm")
+    named = next((part for part in (*path.relative_to(src).parts, src.name) if _TUM_TOKEN.search(part)), None)
+    if named is not None:
+        return DepthEncoding("tum", FORMAT_UNITS["tum"]), f"name {named!r} says TUM RGB-D (5000 units/m)"
+    return DepthEncoding("mm", FORMAT_UNITS["mm"]), f"{raw.dtype} depth read as millimetres (the common default)"
+
+
+def _frame_intrinsics(found, rgb: np.ndarray) -> np.ndarray | None:
+    """The intrinsics file's K for this frame, refused when the file names another image size."""
+    if found is None:
+        return None
+    if found.size is not None and found.size != rgb.shape[:2]:
+        raise MmtkError(f"{found.path} is for {found.size[0]}x{found.size[1]} images but the frames are "
+                        f"{rgb.shape[0]}x{rgb.shape[1]}; fix or remove the intrinsics file")
+    cx, cy = float(found.matrix[0, 2]), float(found.matrix[1, 2])
+    if not (0 < cx < rgb.shape[1] and 0 < cy < rgb.shape[0]):
+        raise MmtkError(f"{found.path}: principal point ({cx:g}, {cy:g}) px lies outside the {rgb.shape[0]}x"
+                        f"{rgb.shape[1]} frames; the file is for another image size: fix or remove it")
+    return found.matrix
 
 
 def _open_paired(src: Path, options: ConvertOptions) -> RgbdSource:
-    color, depth, labels = _paired_files(src)
+    color, depth, labels, _ = _paired_files(src)
     keys = sorted(set(color) & set(depth))
     if labels:
         keys = [k for k in keys if k in labels]
@@ -329,18 +454,33 @@ def _open_paired(src: Path, options: ConvertOptions) -> RgbdSource:
             raise MmtkError(f"{src}: no label file shares its name with a colour/depth pair; name each label like "
                             f"its frame (e.g. 0001.png beside 0001.jpg and 0001 depth), or move the labels away")
     notes: list[str] = []
-    _report_unpaired(notes, "colour files without depth", [color[k].name for k in sorted(set(color) - set(keys))])
-    _report_unpaired(notes, "depth files without colour", [depth[k].name for k in sorted(set(depth) - set(keys))])
+    pairs = set(color) & set(depth)
+    _report_unpaired(notes, "colour files without depth", [color[k].name for k in sorted(set(color) - set(depth))])
+    _report_unpaired(notes, "depth files without colour", [depth[k].name for k in sorted(set(depth) - set(color))])
+    _report_unpaired(notes, "colour/depth pairs without a label", [color[k].name for k in sorted(pairs - set(keys))])
     if labels:
         _report_unpaired(notes, "label files without colour/depth", [labels[k].name for k in sorted(set(labels) - set(keys))])
-    if options.depth_scale is not None:
-        scale: float | None = options.depth_scale
-        notes.append(f"depth scale {scale:g} units/m (from --depth-scale)")
-        guessed = False
+    camera = find_intrinsics(src) or find_intrinsics(depth[keys[0]].parent)
+    if camera is not None:
+        notes.append(f"intrinsics from {camera.path.name}")
+    guessed = not _units_given(options)
+    first = read_depth_units(depth[keys[0]])
+    if guessed:
+        encoding, evidence = _guess_encoding(first, depth[keys[0]], src,
+                                             camera.depth_units_per_metre if camera else None,
+                                             camera.path.name if camera else "")
+        notes.append(f"{'GUESSED ' if 'declared' not in evidence else ''}depth units: {evidence}; checked against {options.depth_range[0]:g}-"
+                     f"{options.depth_range[1]:g} m (pass --depth-format or --depth-scale if wrong)")
     else:
-        scale, text = _guess_scale(read_depth_units(depth[keys[0]]))
-        notes.append(f"GUESSED units: {text}; check the depth range below and pass --depth-scale if wrong")
-        guessed = True
+        encoding = options.encoding(DepthEncoding())
+        notes.append(f"depth read as {encoding.text} (given)")
+    if encoding.format == "kinect-disparity":
+        notes.append("raw Kinect depth is in the depth camera's frame, NOT registered to the colour image "
+                     "(registration needs the NYU toolbox's calibration)")
+    fix = _units_fix(first, encoding, "guessed" if guessed else "given", options)
+    if guessed:
+        check_plausible_metres("depth", decode_depth(first, encoding, depth[keys[0]]),
+                               color[keys[0]].relative_to(src), options.depth_range, fix)
     classes = None
     if labels:
         classes = _label_names(src, options)
@@ -348,15 +488,16 @@ def _open_paired(src: Path, options: ConvertOptions) -> RgbdSource:
 
     def frames() -> Iterator[Frame]:
         for key in keys:
-            arrays = {"rgb": read_rgb(color[key]), "depth": to_metres(read_depth_units(depth[key]), scale)}
+            arrays = {"rgb": read_rgb(color[key]), "depth": read_depth(depth[key], encoding)}
             if labels:
                 semseg = read_image(labels[key])
                 arrays["semseg"] = semseg[..., 0] if semseg.ndim == 3 else semseg
-            yield Frame("all", arrays, frame_id=str(color[key].relative_to(src)))
+            yield Frame("all", arrays, _frame_intrinsics(camera, arrays["rgb"]),
+                        frame_id=str(color[key].relative_to(src)))
 
     kind = "guessed" if guessed else "given"
-    return RgbdSource("paired", f"generic paired colour/depth folder (depth units {kind})", len(keys), frames,
-                      classes, notes)
+    return RgbdSource("paired", f"generic paired colour/depth folder (depth {encoding.text}, {kind})", len(keys),
+                      _checked_frames(frames, options, guessed, fix), classes, notes)
 
 
 def _label_names(src: Path, options: ConvertOptions) -> list[str]:
@@ -370,11 +511,12 @@ def _label_names(src: Path, options: ConvertOptions) -> list[str]:
     raise MmtkError(f"{src}: labels found but no classes.txt (one class name per line, class 1 first)")
 
 
-_LAYOUTS: list[tuple[Callable[[Path], bool], Callable[[Path, ConvertOptions], RgbdSource]]] = [
-    (lambda p: nyu_mat_path(p) is not None, open_nyu_mat),
-    (_is_multimae, _open_multimae),
-    (_is_bts, _open_bts),
-    (_is_sparse_to_dense, _open_sparse_to_dense),
-    (_is_tum, _open_tum),
-    (_is_paired, _open_paired),
-]
+_LAYOUTS: dict[str, tuple[Callable[[Path], str | None], Callable[[Path, ConvertOptions], RgbdSource]]] = {
+    "nyuv2-mat": (lambda p: f"{p.name if p.suffix == '.mat' else NYU_MAT_NAME} found" if nyu_mat_path(p) else None,
+                  open_nyu_mat),
+    "multimae": (_is_multimae, _open_multimae),
+    "bts-sync": (_is_bts, _open_bts),
+    "sparse-to-dense": (_is_sparse_to_dense, _open_sparse_to_dense),
+    "tum": (_is_tum, _open_tum),
+    "paired": (_is_paired, _open_paired),
+}

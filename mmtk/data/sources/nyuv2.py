@@ -8,7 +8,8 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from mmtk.data.sources.base import ConvertOptions, Frame, RgbdSource, nyuv2_intrinsics, nyuv2_meta, to_metres
+from mmtk.data.sources.base import (ConvertOptions, DepthEncoding, Frame, RgbdSource, decode_depth, nyuv2_intrinsics,
+                                    nyuv2_meta)
 from mmtk.errors import MmtkError
 
 NYU_MAT_NAME = "nyu_depth_v2_labeled.mat"
@@ -86,7 +87,8 @@ def open_nyu_mat(src: Path, options: ConvertOptions) -> RgbdSource:
              f"({'from ' + str(splits_mat) if splits_mat.is_file() else 'official 795/654' if n_frames == NYU_LABELED_FRAMES else 'no split: not 1449 frames'})"]
     if has_labels:
         notes.append(f"labels: 894 raw classes -> {len(names)} classes")
-    scale = options.depth_scale if options.depth_scale is not None else 1.0
+    encoding = options.encoding(DepthEncoding())  # the .mat holds metres
+    notes.append(f"depth read as {encoding.text}")
 
     def frames() -> Iterator[Frame]:
         intrinsics = nyuv2_intrinsics()
@@ -94,21 +96,21 @@ def open_nyu_mat(src: Path, options: ConvertOptions) -> RgbdSource:
             scenes = _mat_strings(mat, "scenes")
             for split, indices in splits.items():
                 for i in indices:
-                    yield _nyu_frame(mat, i, split, scale, mapping, intrinsics, has_labels, has_raw,
+                    yield _nyu_frame(mat, i, split, encoding, mapping, intrinsics, has_labels, has_raw,
                                      scenes[i] if scenes else None)
 
     return RgbdSource("nyuv2-mat", f"NYUv2 labeled release ({mat_path.name}, {n_frames} frames)",
                       sum(len(v) for v in splits.values()), frames, names if has_labels else None, notes)
 
 
-def _nyu_frame(mat: h5py.File, i: int, split: str, scale: float, mapping: np.ndarray | None,
+def _nyu_frame(mat: h5py.File, i: int, split: str, encoding: DepthEncoding, mapping: np.ndarray | None,
                intrinsics: np.ndarray, has_labels: bool, has_raw: bool, scene: str | None) -> Frame:
     try:
         rgb = np.ascontiguousarray(mat["images"][i].transpose(2, 1, 0))  # MATLAB column-major: [3,W,H] -> [H,W,3]
-        depth = to_metres(np.ascontiguousarray(mat["depths"][i].T), scale)
+        depth = decode_depth(np.ascontiguousarray(mat["depths"][i].T), encoding, f"frame {i}")
         arrays = {"rgb": rgb, "depth": depth}
         if has_raw:
-            arrays["depth_raw"] = to_metres(np.ascontiguousarray(mat["rawDepths"][i].T), scale)
+            arrays["depth_raw"] = decode_depth(np.ascontiguousarray(mat["rawDepths"][i].T), encoding, f"frame {i}")
         if has_labels:
             labels = np.ascontiguousarray(mat["labels"][i].T).astype(np.int64)
             if labels.max(initial=0) > 894 or labels.min(initial=0) < 0:

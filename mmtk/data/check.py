@@ -1,0 +1,146 @@
+"""`mmtk check`: scan every frame of an mmtk HDF5 file and report each bad one.
+
+A frame is bad when a chunk fails its checksum (files written since checksums were added: flipped bytes),
+or a value breaks what the loader refuses: non-finite, negative or > 1000 m depth, depth whose median is
+not plausible metres, class ids beyond the file's classes, non-finite intrinsics or timestamps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+
+from mmtk.adapters import stored_array
+from mmtk.adapters.depth import check_plausible_metres, check_stored_values
+from mmtk.adapters.semseg import check_label_ids
+from mmtk.data.dataset import open_mmtk_file
+from mmtk.errors import MmtkError
+
+META_ARRAYS = ("intrinsics", "timestamp", "frame_id")
+MAX_FRAME_BYTES = 1 << 30  # no real frame is this large; a declared one is a bomb, not data
+
+
+@dataclass
+class BadFrame:
+    """One problem in one frame."""
+
+    split: str
+    index: int
+    array: str
+    problem: str
+    frame_id: str | None = None
+
+    def line(self, path: Path) -> str:
+        name = f" ({self.frame_id})" if self.frame_id else ""
+        return f"{path}:{self.split} frame {self.index}{name}: {self.array}: {self.problem}"
+
+
+@dataclass
+class CheckReport:
+    """What a scan found: frames per split, the bad ones, and whether the file carries checksums."""
+
+    path: Path
+    frames: dict[str, int] = field(default_factory=dict)
+    bad: list[BadFrame] = field(default_factory=list)
+    checksummed: bool = True
+
+    @property
+    def bad_frames(self) -> int:
+        return len({(b.split, b.index) for b in self.bad})
+
+
+def check_file(path: str | os.PathLike) -> CheckReport:
+    """Read every frame of every array of every split of ``path`` and collect what is wrong."""
+    report = CheckReport(Path(path))
+    with open_mmtk_file(path) as handle:
+        for split, group in handle.items():
+            if not isinstance(group, h5py.Group):
+                continue
+            ids = _frame_ids(group)
+            report.frames[split] = 0
+            for name, dataset in group.items():
+                if not isinstance(dataset, h5py.Dataset) or name == "frame_id":
+                    continue
+                if dataset.ndim >= 3:  # images; timestamps are written in blocks without checksums
+                    report.checksummed &= dataset.fletcher32
+                check = _value_check(name, dataset)
+                scanned = _frames_to_scan(split, name, dataset, report)
+                report.frames[split] = max(report.frames[split], scanned)
+                for index in range(scanned):
+                    problem = _frame_problem(dataset, index, check)
+                    if problem:
+                        report.bad.append(BadFrame(split, index, name, problem,
+                                                   ids[index] if ids and index < len(ids) else None))
+    return report
+
+
+def _frames_to_scan(split: str, name: str, dataset: h5py.Dataset, report: CheckReport) -> int:
+    """How many frames of ``dataset`` to read: none when one frame would be absurdly large, and no more than
+    the file holds chunks for (a declared count beyond that is reported, not allocated)."""
+    frame_bytes = int(np.prod(dataset.shape[1:], dtype=np.float64)) * dataset.dtype.itemsize
+    if frame_bytes > MAX_FRAME_BYTES:
+        report.bad.append(BadFrame(split, 0, name, f"declares {frame_bytes / 2**30:.1f} GiB per frame "
+                                   f"{list(dataset.shape[1:])}; not read"))
+        return 0
+    frames = dataset.shape[0]
+    if dataset.chunks is not None and dataset.chunks[0] == 1:
+        held = dataset.id.get_num_chunks()
+        if held < frames:
+            report.bad.append(BadFrame(split, held, name, f"declares {frames} frames but the file holds {held}; "
+                                       f"the rest were never written"))
+            return held
+    return frames
+
+
+def _frame_ids(group: h5py.Group) -> list[str] | None:
+    if "frame_id" not in group:
+        return None
+    try:
+        return [v.decode() if isinstance(v, bytes) else str(v) for v in group["frame_id"][()]]
+    except OSError:
+        return None
+
+
+def _value_check(name: str, dataset: h5py.Dataset) -> Callable[[np.ndarray], None]:
+    """The value rule for one stored array, raising MmtkError on a bad frame."""
+    if name in META_ARRAYS:
+        def finite(value: np.ndarray) -> None:
+            if not np.all(np.isfinite(value)):
+                raise MmtkError("non-finite values")
+        return finite
+    try:
+        _, stored = stored_array(name)
+    except MmtkError:
+        return lambda value: None  # a plugin's array whose modality is not loaded: only readability is checked
+    if stored.kind == "metric":
+        def metric(value: np.ndarray) -> None:
+            check_stored_values(name, value)
+            check_plausible_metres(name, value, "", fix="re-create the file with the right --depth-scale")
+        return metric
+    if stored.kind == "labels":
+        classes = len(json.loads(dataset.attrs["classes"])) if "classes" in dataset.attrs else 0
+
+        def labels(value: np.ndarray) -> None:
+            if not classes:
+                raise MmtkError("labels without a classes attribute; re-create the file with `mmtk convert`")
+            check_label_ids(name, value, classes)
+        return labels
+    return lambda value: None  # images: any value of their dtype is valid; only checksums catch flips
+
+
+def _frame_problem(dataset: h5py.Dataset, index: int, check: Callable[[np.ndarray], None]) -> str | None:
+    try:
+        value = dataset[index]
+    except OSError as err:
+        return f"cannot be read: damaged data or checksum mismatch ({str(err).split(';')[0]})"
+    try:
+        check(np.asarray(value))
+    except MmtkError as err:
+        return str(err).removeprefix("frame : ")
+    return None
