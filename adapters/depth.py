@@ -11,15 +11,10 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from mmtk.modality import Modality, StoredArray, register_modality
 from mmtk.data.transforms import prepare_depth
-from mmtk.errors import MmtkError
+from mmtk.data.values import check_metric_values, check_plausible_metres
+from mmtk.modality import Modality, StoredArray, register_modality
 
-# A median beyond this is millimetres given as metres; below MIN it is metres read as millimetres (or worse).
-MAX_PLAUSIBLE_MEDIAN_M = 80.0
-MIN_PLAUSIBLE_MEDIAN_M = 0.05
-MAX_DEPTH_M = 1000.0  # beyond any depth sensor: corrupt values or wrong units
-UNITS_FIX = "pass --depth-scale (units per metre, e.g. 1 for metres, 1000 for millimetres) or --depth-format"
 METRES = ("float32", "float64")
 
 
@@ -42,7 +37,7 @@ class Depth(Modality):
         Stored values that mmtk never writes (non-finite, negative, beyond 1000 m) are refused: they mean
         a corrupt or hand-edited file."""
         stored = read(self.name)
-        check_stored_values(self.name, stored)
+        check_metric_values(self.name, stored)
         prepared = prepare_depth(stored, image_size, window.flip)
         return {self.name: prepared["depth"], f"{self.name}_valid": prepared["depth_valid"],
                 f"{self.name}_m": prepared["depth_m"]}
@@ -53,52 +48,3 @@ class Depth(Modality):
 
     def pixel_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         return (pred - target).abs().mean(dim=1)  # [B, H, W]
-
-
-def check_stored_values(name: str, depth: np.ndarray) -> None:
-    """Refuse values an mmtk file never holds: non-finite, negative, or beyond MAX_DEPTH_M metres."""
-    finite = np.isfinite(depth)
-    if not finite.all():
-        raise MmtkError(f"{name} has {int((~finite).sum())} non-finite values (NaN/inf); mmtk stores invalid "
-                        f"depth as 0: the file is corrupt, re-create it with `mmtk convert`")
-    low, high = float(depth.min(initial=0.0)), float(depth.max(initial=0.0))
-    if low < 0 or high > MAX_DEPTH_M:
-        raise MmtkError(f"{name} holds {low if low < 0 else high:.4g} m, outside 0-{MAX_DEPTH_M:g} m; the file is "
-                        f"corrupt or not in metres: re-create it with `mmtk convert`")
-
-
-def depth_percentiles(depth: np.ndarray) -> tuple[float, float, float] | None:
-    """(1st percentile, median, 99th percentile) of the valid (> 0) depth in metres, on a sample of
-    at most ~20000 pixels; None when no pixel is valid."""
-    valid = depth[depth > 0]
-    if valid.size == 0:
-        return None
-    p01, median, p99 = np.percentile(valid[:: max(1, valid.size // 20000)], [1, 50, 99])
-    return float(p01), float(median), float(p99)
-
-
-def check_plausible_metres(name: str, depth: np.ndarray, frame_id: object,
-                           plausible: tuple[float, float] | None = None, fix: str = UNITS_FIX) -> None:
-    """Refuse depth that cannot be metres, in one line ending with ``fix``.
-
-    Always: any value beyond 1000 m, a median beyond 80 m (millimetres given as metres) or below 0.05 m
-    (metres read as millimetres). With ``plausible`` (MIN, MAX metres, the sensor's range; used where units
-    were guessed): the 1st percentile, median and 99th percentile must lie inside it.
-    """
-    stats = depth_percentiles(depth)
-    if stats is None:
-        return
-    p01, median, p99 = stats
-    if median > MAX_PLAUSIBLE_MEDIAN_M:
-        raise MmtkError(f"frame {frame_id}: {name} median is {median:.0f} m, which looks like millimetres given as "
-                        f"metres; {fix}")
-    if median < MIN_PLAUSIBLE_MEDIAN_M:
-        raise MmtkError(f"frame {frame_id}: {name} median is {median:.4f} m, implausibly close for a depth sensor; "
-                        f"the depth units are probably wrong: {fix}")
-    high = float(depth.max(initial=0.0))
-    if high > MAX_DEPTH_M:
-        raise MmtkError(f"frame {frame_id}: {name} reaches {high:.4g} m, beyond any depth sensor (> {MAX_DEPTH_M:g} m);"
-                        f" the values are corrupt or not metres: {fix}")
-    if plausible is not None and not (plausible[0] <= p01 and p99 <= plausible[1]):
-        raise MmtkError(f"frame {frame_id}: {name} has median {median:.2f} m and 1st-99th percentiles "
-                        f"{p01:.2f}-{p99:.2f} m, outside the sensor range {plausible[0]:g}-{plausible[1]:g} m; {fix}")

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from mmtk.data.resize import resize_labels
 from mmtk.data.transforms import flip_width
+from mmtk.data.values import check_label_ids
 from mmtk.errors import MmtkError
 from mmtk.modality import Modality, StoredArray, register_modality
 
@@ -62,16 +63,6 @@ class Semseg(Modality):
     def pixel_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         # Cross-entropy in fp32 even under autocast: logits over many classes lose too much in bf16.
         return F.cross_entropy(pred.float(), target, ignore_index=IGNORE_INDEX, reduction="none")
-
-
-def check_label_ids(name: str, labels: np.ndarray, num_classes: int) -> None:
-    """Refuse stored ids outside 0..num_classes (0 = unlabeled); num_classes 0 means unknown (not checked)."""
-    if num_classes <= 0 or labels.size == 0:
-        return
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high > num_classes:
-        raise MmtkError(f"{name} holds class id {low if low < 0 else high}, beyond the file's {num_classes} "
-                        f"classes (ids 0..{num_classes}); the file is corrupt: re-create it with `mmtk convert`")
 
 
 def prepare_semseg(labels: np.ndarray, size: tuple[int, int], flip: bool, stride: int = 4) -> dict[str, Tensor]:

@@ -8,4 +8,4 @@ trap 'rm -rf "$tmp"' EXIT
 python3 -m pip install -q --disable-pip-version-check --no-deps --no-compile --no-build-isolation --target "$tmp/site" "$repo" \
     >/dev/null 2>&1 || python3 -m pip install -q --disable-pip-version-check --no-deps --no-compile --target "$tmp/site" "$repo"
 rm -rf "$repo/build"  # setuptools leaves its build folder in the source tree
-cd "$tmp" && PYTHONPATH="$tmp/site" lint-imports --config "$repo/pyproject.toml"
+cd "$tmp" && PYTHONPATH="$tmp/site" lint-imports "$repo/pyproject.toml"

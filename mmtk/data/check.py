@@ -16,9 +16,8 @@ from typing import Callable
 import h5py
 import numpy as np
 
-from mmtk.adapters import stored_array
-from mmtk.adapters.depth import check_plausible_metres, check_stored_values
-from mmtk.adapters.semseg import check_label_ids
+from mmtk.modality import stored_array
+from mmtk.data.values import check_label_ids, check_metric_values, check_plausible_metres
 from mmtk.data.dataset import open_mmtk_file
 from mmtk.errors import MmtkError
 
@@ -120,7 +119,7 @@ def _value_check(name: str, dataset: h5py.Dataset) -> Callable[[np.ndarray], Non
         return lambda value: None  # a plugin's array whose modality is not loaded: only readability is checked
     if stored.kind == "metric":
         def metric(value: np.ndarray) -> None:
-            check_stored_values(name, value)
+            check_metric_values(name, value)
             check_plausible_metres(name, value, "", fix="re-create the file with the right --depth-scale")
         return metric
     if stored.kind == "labels":

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import h5py
 import numpy as np
 
-from mmtk.adapters.depth import check_plausible_metres, depth_percentiles
+from mmtk.data.values import check_plausible_metres, depth_percentiles
 from mmtk.data.sources.base import (DEPTH_FORMATS, FORMAT_UNITS, IMAGE_SUFFIXES, ConvertOptions, DepthEncoding, Frame,
                                     RgbdSource, associate_by_time, decode_depth, find_intrinsics,
                                     looks_like_kinect_disparity, multiple_of_8_fraction, nyuv2_intrinsics, nyuv2_meta,
