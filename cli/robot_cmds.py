@@ -116,6 +116,7 @@ def predict_command(
 ) -> None:
     """Predict depth / semantics from RGB (and optional depth) with a pretrained or finetuned model."""
     from mmtk.errors import MmtkError
+    from mmtk.io import remove_dead_temps
     from mmtk.pointcloud import parse_intrinsics
     from mmtk.predict import load_predictor, predict_frame, read_bag_frames, read_depth, read_rgb, write_prediction
 
@@ -155,6 +156,7 @@ def predict_command(
             for i, frame in enumerate(read_bag_frames(bag, rgb_topic, depth_topic)):
                 yield f"frame_{i:06d}", frame.rgb, frame.depth, frame.intrinsics
 
+    remove_dead_temps(out)  # once: each picture's atomic write skips the sweep
     count = 0
     for stem, image, sensor, k in frames():
         prediction = predict_frame(predictor, image, sensor, wanted_t, size)

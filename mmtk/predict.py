@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mmtk.errors import MmtkError
+from mmtk.io import atomic_write
 from mmtk.visualize import colorize_depth, colorize_labels
 
 if TYPE_CHECKING:
@@ -222,26 +223,15 @@ def _token_mask_shape(predictor: Predictor, tensor: torch.Tensor, name: str) -> 
 # ---------------------------------------------------------------------------------------- output
 
 def save_image(path: Path, array: np.ndarray) -> None:
-    """Write a PNG atomically (temporary file beside it, then rename)."""
+    """Write a PNG atomically (:func:`mmtk.io.atomic_write`; the folder's litter is swept by the caller, once)."""
     from PIL import Image
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda handle: Image.fromarray(array).save(handle, format="PNG"), sweep=False)
 
 
 def save_array(path: Path, array: np.ndarray) -> None:
     """Write a .npy atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda handle: np.save(handle, array), sweep=False)
 
 
 def write_prediction(out_dir: Path, stem: str, rgb: np.ndarray, prediction: Prediction,
@@ -275,7 +265,7 @@ def write_prediction(out_dir: Path, stem: str, rgb: np.ndarray, prediction: Pred
         if intrinsics is None:
             raise MmtkError("--ply needs the camera intrinsics: pass --intrinsics fx,fy,cx,cy")
         colors = rgb if prediction.semseg is None else colorize_labels(prediction.semseg, prediction.num_classes + 1)
-        write_cloud(out_dir / f"{stem}.ply", depth_to_cloud(metric, intrinsics, colors))
+        write_cloud(out_dir / f"{stem}.ply", depth_to_cloud(metric, intrinsics, colors), sweep=False)
         written.append(out_dir / f"{stem}.ply")
     return written
 

@@ -13,6 +13,7 @@ from mmtk.data.sources.base import Frame
 from mmtk.data.format import H5Writer, check_out_path
 from mmtk.data.resize import resize_frame_arrays
 from mmtk.errors import MmtkError
+from mmtk.io import check_free_space
 
 Log = Callable[[str], None]
 
@@ -63,9 +64,11 @@ def write_frames(frames: Iterable[Frame], out_path: str | os.PathLike, *, source
     lets the caller show the user the effect of the depth units.
     """
     with H5Writer(out_path, source=source, force=force, classes=classes) as writer:
-        for frame in _with_progress(frames, total, progress):
+        for index, frame in enumerate(_with_progress(frames, total, progress)):
             _check_sizes(frame)
             frame = _resized(frame, size)
+            if index == 0 and total:  # a full disk is refused before the write, not midway
+                check_free_space(out_path, _stored_bytes(frame) * total, f"converting {total} frames")
             writer.add_frame(frame.split, rgb=frame.rgb, depth=frame.depth, depth_raw=frame.depth_raw,
                              semseg=frame.semseg, intrinsics=frame.intrinsics, timestamp=frame.timestamp,
                              frame_id=frame.frame_id)
@@ -75,6 +78,14 @@ def write_frames(frames: Iterable[Frame], out_path: str | os.PathLike, *, source
         log(f"wrote {out_path}: {frames_text} frames; depth {result.depth_range_m[0]:.3f}-"
             f"{result.depth_range_m[1]:.3f} m, {100 * result.valid_fraction:.1f} % valid")
     return result
+
+
+def _stored_bytes(frame: Frame) -> int:
+    """Bytes one frame takes in the HDF5 file (uint8 rgb, float32 depth, <= 16-bit labels), plus 1 % overhead."""
+    size = frame.rgb.nbytes
+    size += sum(4 * d.size for d in (frame.depth, frame.depth_raw) if d is not None)
+    size += 2 * frame.semseg.size if frame.semseg is not None else 0
+    return int(size * 1.01) + 256
 
 
 def _with_progress(frames: Iterable[Frame], total: int | None, enabled: bool) -> Iterator[Frame]:
