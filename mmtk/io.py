@@ -197,7 +197,7 @@ def disk_error(err: BaseException, path: str | os.PathLike | None) -> MmtkError 
     if code == errno.EROFS:
         return MmtkError(f"{where}the file system of {folder} is read-only; write to another folder")
     owner = _owner_text(folder) if folder is not None else ""
-    return MmtkError(f"{where}permission denied: this user (uid {os.getuid()}) may not write to "
+    return MmtkError(f"{where}permission denied: this user (uid {os.geteuid()}) may not write to "
                      f"{folder or 'that folder'}{owner}; change it with chmod/chown or use another folder")
 
 

@@ -91,8 +91,54 @@ def check_declared_sizes(handle: h5py.File, path: str | os.PathLike) -> None:
                     and declared > stored * MAX_COMPRESSION_RATIO + UNSTORED_SLACK_BYTES):
                 raise MmtkError(f"{where} declares {format_bytes(declared)} (shape {shape}) but the file stores "
                                 f"{format_bytes(stored)} of it; the file is truncated or forged; {fix}")
-            if name.startswith("semseg") and dataset.dtype not in (np.uint8, np.uint16):
-                raise MmtkError(f"{where} has dtype {dataset.dtype}; labels are uint8 or uint16; {fix}")
+            _check_layout(name.removesuffix(PARTIAL_SUFFIX), dataset, where, fix)
+            _check_summaries(dataset, where, fix)
+
+
+def _check_summaries(dataset: h5py.Dataset, where: str, fix: str) -> None:
+    """The writer's summary attrs, where present, have their documented types (``mmtk info`` shows them)."""
+    import json
+
+    attrs = dataset.attrs
+    for key in ("valid_fraction", "min_m", "max_m"):
+        if key in attrs and not (np.ndim(attrs[key]) == 0 and np.issubdtype(np.asarray(attrs[key]).dtype, np.number)):
+            raise MmtkError(f"{where}: attr {key} is {attrs[key]!r}, expected a number; {fix}")
+    if "histogram" in attrs:
+        histogram = np.asarray(attrs["histogram"])
+        if histogram.ndim != 1 or not np.issubdtype(histogram.dtype, np.integer):
+            raise MmtkError(f"{where}: attr histogram is not a list of pixel counts; {fix}")
+    if "classes" in attrs:
+        try:
+            classes = json.loads(attrs["classes"])
+        except (TypeError, ValueError):
+            classes = None
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise MmtkError(f"{where}: attr classes is not a JSON list of class names; {fix}")
+
+
+# (ndim, trailing axes, allowed dtype kinds or dtypes) of the datasets mmtk reads, by name prefix.
+_LAYOUTS: dict[str, tuple[int, tuple[int, ...], tuple]] = {
+    "rgb": (4, (3,), (np.uint8,)),
+    "depth": (3, (), ("f",)),
+    "semseg": (3, (), (np.uint8, np.uint16)),
+    "intrinsics": (3, (3, 3), ("f",)),
+    "timestamp": (1, (), ("f",)),
+}
+
+
+def _check_layout(name: str, dataset: h5py.Dataset, where: str, fix: str) -> None:
+    """A known dataset must have its documented number of axes and dtype (docs/dataset-format.md)."""
+    key = next((prefix for prefix in _LAYOUTS if name == prefix or name.startswith(prefix + "_")), None)
+    if key is None:
+        return
+    ndim, trailing, dtypes = _LAYOUTS[key]
+    shape, dtype = dataset.shape or (), dataset.dtype
+    if len(shape) != ndim or (trailing and tuple(shape[-len(trailing):]) != trailing):
+        expected = f"{ndim} axes" + (f" ending in {'x'.join(map(str, trailing))}" if trailing else "")
+        raise MmtkError(f"{where} has shape {shape}, expected {expected}; {fix}")
+    if not any(dtype == d if not isinstance(d, str) else dtype.kind == d for d in dtypes):
+        names = ", ".join(np.dtype(d).name if not isinstance(d, str) else "float" for d in dtypes)
+        raise MmtkError(f"{where} has dtype {dtype}, expected {names}; {fix}")
 
 
 def _members(group: h5py.Group, path: str | os.PathLike, prefix: str) -> list[tuple[str, object]]:
