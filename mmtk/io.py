@@ -125,9 +125,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object], 
         atomic_write(run / "step_00000100.pt", lambda handle: torch.save(state, handle))
     """
     path = Path(path)
-    with atomic_path(path, sweep=sweep) as tmp, open(tmp, "wb") as handle:
-        write(handle)
-        handle.flush()
+    with atomic_path(path, sweep=sweep) as tmp:
+        with open(os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW), "wb") as handle:
+            write(handle)
     return path
 
 
@@ -187,18 +187,20 @@ def disk_error(err: BaseException, path: str | os.PathLike | None) -> MmtkError 
         code = errno.ENOSPC  # torch.save reports a short write without its errno
     if code is None:
         return None
-    where = f"{path}: " if path is not None else ""
-    folder = _existing_parent(path) if path is not None else None
+    if path is None:  # e.g. a write through an open handle: the errno is all there is
+        return MmtkError(f"{os.strerror(code)} (errno {code}); free some space, or write to a folder you may write to")
+    folder = _existing_parent(path)
     if code in NO_SPACE:
-        free = f"{format_bytes(_free_bytes(path))} free" if path is not None else "no space left"
         what = "the disk quota is exhausted" if code == errno.EDQUOT else "no space left on the device"
-        return MmtkError(f"{where}{what} ({free} on the file system of {folder}); free some space or write to "
-                         f"another disk")
+        return MmtkError(f"{path}: {what} ({format_bytes(_free_bytes(path))} free on the file system of {folder}); "
+                         f"free some space or write to another disk")
     if code == errno.EROFS:
-        return MmtkError(f"{where}the file system of {folder} is read-only; write to another folder")
-    owner = _owner_text(folder) if folder is not None else ""
-    return MmtkError(f"{where}permission denied: this user (uid {os.geteuid()}) may not write to "
-                     f"{folder or 'that folder'}{owner}; change it with chmod/chown or use another folder")
+        return MmtkError(f"{path}: the file system of {folder} is read-only; write to another folder")
+    if path.is_file() and not os.access(path, os.R_OK):  # a file this user may not read (the CLI's last resort)
+        return MmtkError(f"{path}: permission denied: this user (uid {os.geteuid()}) may not read it"
+                         f"{_owner_text(path)}; change it with chmod/chown")
+    return MmtkError(f"{path}: permission denied: this user (uid {os.geteuid()}) may not write to "
+                     f"{folder}{_owner_text(folder)}; change it with chmod/chown or use another folder")
 
 
 def error_code(err: BaseException) -> int | None:
@@ -286,9 +288,9 @@ def _free_bytes(path: Path) -> int:
         return 0
 
 
-def _owner_text(folder: Path) -> str:
+def _owner_text(path: Path) -> str:
     try:
-        info = folder.stat()
+        info = path.stat()
     except OSError:
         return ""
     return f" (mode {info.st_mode & 0o7777:o}, owner uid {info.st_uid})"

@@ -507,19 +507,18 @@ def h5_specs(draw):
     if draw(st.integers(0, 4)):
         names = list(dict.fromkeys(["rgb", "depth", *names]))
     for name in names:
-        if draw(st.integers(0, 9)):
-            shape = {"intrinsics": (frames, 3, 3), "timestamp": (frames,)}.get(name) \
-                or (frames, height, width, *LAYOUT[name][0])
-            dtype = {"intrinsics": "f4", "timestamp": "f8"}.get(name) or draw(st.sampled_from([LAYOUT[name][1]] * 5 + ["f8"]))
+        if draw(st.integers(0, 9)):  # the documented layout
+            fixed = {"intrinsics": ((frames, 3, 3), "f4"), "timestamp": ((frames,), "f8")}.get(name)
+            shape = fixed[0] if fixed else (frames, height, width, *LAYOUT[name][0])
+            dtype = fixed[1] if fixed else draw(st.sampled_from([LAYOUT[name][1]] * 5 + ["f8"]))
         else:
             ndim = draw(st.integers(1, 4))
             shape = (frames, *[draw(st.sampled_from([1, 3, 8, 40000])) for _ in range(ndim - 1)])
             dtype = draw(DTYPES)
-        attrs = {} if draw(st.integers(0, 2)) else draw(st.dictionaries(st.sampled_from(["valid_fraction", "min_m", "max_m", "classes", "histogram",
-                                                      "units"]),
-                                     st.one_of(st.floats(allow_nan=True), st.text(max_size=8),
-                                               st.just('["wall", "floor"]'),
-                                               st.lists(st.integers(-5, 2**40), max_size=5)), max_size=4))
+        attrs = {} if draw(st.integers(0, 2)) else draw(st.dictionaries(
+            st.sampled_from(["valid_fraction", "min_m", "max_m", "classes", "histogram", "units"]),
+            st.one_of(st.floats(allow_nan=True), st.text(max_size=8), st.just('["wall", "floor"]'),
+                      st.lists(st.integers(-5, 2**40), max_size=5)), max_size=4))
         datasets[name] = (shape, dtype, attrs, draw(st.integers(0, 3)))
     root = draw(st.sampled_from([1] * 8 + [0, 99, "1", None]))
     return root, draw(st.sampled_from(["train"] * 4 + ["test"])), datasets
