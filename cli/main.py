@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 import typer
 
@@ -18,13 +20,29 @@ def _register_commands() -> None:
     from mmtk.cli import train_cmds  # noqa: F401
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # SIGTERM (kill, a job scheduler's time limit) unwinds like Ctrl-C, so open writes remove their
+    # temporary files; a SIGKILL cannot be caught: the next write into that folder removes them.
+    sys.exit(128 + signum)
+
+
 def main() -> None:
-    """Run the CLI; user errors become one line on stderr and exit status 2."""
+    """Run the CLI; user errors, full disks and missing permissions become one line on stderr and exit status 2."""
+    from mmtk.io import disk_error
+
     _register_commands()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         app()
     except MmtkError as err:
         typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except Exception as err:  # a disk or permission error no command translated itself
+        translated = disk_error(err, getattr(err, "filename", None))
+        if translated is None:
+            raise
+        typer.echo(f"error: {translated}", err=True)
         sys.exit(2)
 
 

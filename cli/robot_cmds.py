@@ -118,6 +118,7 @@ def predict_command(
     """Predict depth / semantics from RGB (and optional depth) with a pretrained or finetuned model."""
     load_plugins(plugin)
     from mmtk.errors import MmtkError
+    from mmtk.io import remove_dead_temps
     from mmtk.pointcloud import parse_intrinsics
     from mmtk.predict import load_predictor, predict_frame, read_bag_frames, read_depth, read_rgb, write_prediction
 
@@ -157,6 +158,7 @@ def predict_command(
             for i, frame in enumerate(read_bag_frames(bag, rgb_topic, depth_topic)):
                 yield f"frame_{i:06d}", frame.arrays["rgb"], frame.arrays.get("depth"), frame.intrinsics
 
+    remove_dead_temps(out)  # once: each picture's atomic write skips the sweep
     count = 0
     for stem, image, sensor, k in frames():
         prediction = predict_frame(predictor, image, sensor, wanted_t, size)

@@ -22,6 +22,9 @@ def _run_dir(recipe: Path, out: Optional[Path], resume: bool) -> Path:
     from mmtk.engine import newest_checkpoint
 
     run_dir = out or Path("runs") / recipe.stem
+    if resume and not run_dir.is_dir():  # before anything is created there
+        raise MmtkError(f"--resume: run folder {run_dir} does not exist, so it has no checkpoint; check --out or "
+                        f"start without --resume")
     if not resume and newest_checkpoint(run_dir) is not None:
         raise MmtkError(f"{run_dir} already holds checkpoints; add --resume to continue that run or "
                         f"--out NEW_FOLDER for a new one")
@@ -122,6 +125,7 @@ def eval_cmd(
     from mmtk.metrics import FAMILIES
     from mmtk.modality import get_modality
     from mmtk.formats import read_state_dict
+    from mmtk.io import atomic_write_text
 
     checkpoint = checkpoint or _newest_run_checkpoint()
     if data is None:  # the recorded training file (tensors only mapped, not read)
@@ -156,6 +160,4 @@ def eval_cmd(
                    "results": [{"inputs": list(r.inputs), "task": r.task, "frames": r.frames, "metrics": r.metrics,
                                 **({"per_class": r.per_class} if r.per_class else {}),
                                 **({"note": r.note} if r.note else {})} for r in rows]}
-        tmp = json_out.with_name(json_out.name + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2, allow_nan=True))
-        tmp.replace(json_out)
+        atomic_write_text(json_out, json.dumps(payload, indent=2, allow_nan=True))

@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from mmtk.errors import MmtkError
+from mmtk.io import atomic_write_text
 
 Kind = Literal["pretrain", "finetune"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -267,11 +268,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, data_path:
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
-    """Write the fully resolved recipe as YAML (atomically: temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-    tmp.replace(path)
+    """Write the fully resolved recipe as YAML (atomically, :func:`mmtk.io.atomic_write_text`)."""
+    atomic_write_text(path, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
 
 
 def validate(recipe: Recipe, source: str) -> None:

@@ -18,6 +18,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 from mmtk.config import Recipe, recipe_to_dict, save_recipe
 from mmtk.errors import MmtkError
 from mmtk.formats import read_state_dict
+from mmtk.io import atomic_write, atomic_write_text, discard, disk_errors, make_temp, publish
 from mmtk.multimae import compile_blocks
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -238,41 +240,29 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` atomically (temporary file in the same folder, fsync, rename).
+    """Write ``state`` to ``path`` atomically (:func:`mmtk.io.atomic_write`: private temporary file, fsync, rename).
 
     Keep ``state`` to tensors, plain containers, numbers and strings so it loads with
-    ``weights_only=True``.
+    ``weights_only=True``. A full disk or a read-only folder is one :class:`MmtkError` line.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every OS)
-        fd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    return path
+    return atomic_write(path, lambda handle: torch.save(state, handle))
 
 
 def link_last(path: Path) -> Path:
     """Point ``RUN/last.pt`` at checkpoint ``path`` (a hard link, swapped in atomically; a copy where links fail)."""
     last = path.parent.parent / "last.pt"
-    tmp = last.with_name(f".last.pt.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
+    tmp = make_temp(last)
     try:
-        os.link(path, tmp)
-    except OSError:
-        import shutil
-
-        shutil.copyfile(path, tmp)
-    os.replace(tmp, last)
+        with disk_errors(last):
+            os.unlink(tmp)  # os.link needs a free name: the unpredictable one just reserved
+            try:
+                os.link(path, tmp)
+            except OSError:
+                with open(path, "rb") as source, open(tmp, "xb") as copy:
+                    shutil.copyfileobj(source, copy)
+        publish(tmp, last)
+    finally:
+        discard(tmp)
     return last
 
 
@@ -351,14 +341,12 @@ class MetricsLog:
                 continue
             if record.get("step", 0) <= step:
                 kept.append(line)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as handle:
+        with disk_errors(self.path), open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for key, value in record.items():
@@ -482,10 +470,11 @@ class Checkpointer:
         self.last = newest_checkpoint(self.run_dir)
         if self.last is None:
             raise MmtkError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}; start without --resume")
-        if self.info.is_main:  # temporary files of writes a kill interrupted
-            for stale in [*self.last.parent.glob(".step_*.tmp"), *self.run_dir.glob(".last.pt.*.tmp")]:
-                stale.unlink(missing_ok=True)
         state = load_checkpoint(self.last)
+        if self.info.is_main:  # a kill between the checkpoint's publish and last.pt's update left it behind
+            last = self.run_dir / "last.pt"
+            if not (last.exists() and os.path.samefile(last, self.last)):
+                link_last(self.last)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -508,6 +497,8 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
     from its step, reproducing an uninterrupted run.
     """
     opt, cfg, run_dir = recipe.optim, recipe.train, Path(run_dir)
+    if resume and newest_checkpoint(run_dir) is None:  # before anything is created or written
+        raise MmtkError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
     info = setup_distributed(cfg.device)
     if cfg.precision == "fp16" and info.device.type != "cuda":
         raise MmtkError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from mmtk.engine import load_checkpoint, pick_device, to_device
 from mmtk.errors import MmtkError
 from mmtk.data.transforms import robust_mean_std
+from mmtk.io import atomic_write, disk_errors, remove_dead_temps
 from mmtk.metrics import FAMILIES, DepthMetrics, SegmentationMetrics
 from mmtk.modality import get_modality
 from mmtk.predict import model_from_checkpoint
@@ -181,7 +182,9 @@ class PredictionWriter:
 
     def __init__(self, folder: str | Path, num_classes: int, info: Any) -> None:
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        with disk_errors(self.folder):
+            self.folder.mkdir(parents=True, exist_ok=True)
+        remove_dead_temps(self.folder)  # once here; each picture's write skips the sweep
         self.palette = label_palette(num_classes + 1)  # row 0: unlabeled (black), row k + 1: class k
         names = list(info.class_names)
         self.names = names + [f"class {k}" for k in range(len(names), num_classes)]
@@ -208,9 +211,8 @@ class PredictionWriter:
             labels += [f"predicted {task}", f"ground truth {task}"]
             image = self._compose(panels, labels, legend)
             name = f"frame{first + b:05d}_{'+'.join(combo)}_{task}.png"
-            tmp = self.folder / f".{name}.tmp.png"
-            Image.fromarray(image).save(tmp)
-            tmp.replace(self.folder / name)
+            picture = Image.fromarray(image)
+            atomic_write(self.folder / name, lambda handle: picture.save(handle, format="PNG"), sweep=False)
 
     def _inputs(self, batch: dict[str, Tensor], b: int, combo: tuple[str, ...]) -> list[np.ndarray]:
         panels = []

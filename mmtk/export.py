@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from mmtk.errors import MmtkError
+from mmtk.io import atomic_path
 from mmtk.predict import Predictor, load_predictor
 
 
@@ -84,9 +85,7 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, inputs: t
         raise MmtkError(f"ONNX export needs {', '.join(missing)}; install them with `pip install mmtk[onnx]`")
     wrapper = _PositionalInputs(predictor.model, names).eval()
     example = example_inputs(names, size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.onnx")
-    try:
+    with atomic_path(out, suffix=".onnx") as tmp:
         with torch.inference_mode():
             expected = wrapper(*example).numpy()
         torch.onnx.export(wrapper, tuple(example), str(tmp), input_names=list(names),
@@ -97,9 +96,6 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, inputs: t
         if check:
             got = run_onnx(tmp, dict(zip(names, (t.numpy() for t in example))))
             diff = float(np.abs(got - expected).max())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return ExportResult(out, names, size, output_name(predictor), diff)
 
 

@@ -13,13 +13,13 @@ open3d is imported only inside the functions that read or write files, so ``impo
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mmtk.errors import MmtkError
+from mmtk.io import atomic_path
 
 CLOUD_SUFFIXES = (".ply", ".pcd")
 
@@ -300,11 +300,11 @@ def read_cloud(path: str | os.PathLike) -> PointCloud:
     return PointCloud(points, colors)
 
 
-def write_cloud(path: str | os.PathLike, cloud: PointCloud, binary: bool = True) -> int:
+def write_cloud(path: str | os.PathLike, cloud: PointCloud, binary: bool = True, sweep: bool = True) -> int:
     """Write the valid points of ``cloud`` to a ``.ply`` or ``.pcd`` file (open3d); returns the number written.
 
     Invalid (NaN) points are skipped, so the file is unorganized. The file appears under its name only
-    once complete (written beside it, then renamed).
+    once complete (:func:`mmtk.io.atomic_path`; ``sweep=False`` skips removing dead runs' temporary files).
     """
     import open3d as o3d
 
@@ -318,14 +318,7 @@ def write_cloud(path: str | os.PathLike, cloud: PointCloud, binary: bool = True)
     legacy = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(valid.points.astype(np.float64)))
     if valid.colors is not None:
         legacy.colors = o3d.utility.Vector3dVector(valid.colors.astype(np.float64) / 255.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        if not o3d.io.write_point_cloud(tmp_name, legacy, write_ascii=not binary):
+    with atomic_path(path, suffix=suffix, sweep=sweep) as tmp:
+        if not o3d.io.write_point_cloud(str(tmp), legacy, write_ascii=not binary):
             raise MmtkError(f"{path}: open3d could not write the point cloud (check the folder is writable)")
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
     return len(valid.points)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mmtk.errors import MmtkError
+from mmtk.io import atomic_write, format_bytes
 from mmtk.visualize import colorize_depth, colorize_labels
 
 if TYPE_CHECKING:
@@ -131,6 +132,7 @@ def model_from_checkpoint(state: dict, path: str | os.PathLike) -> torch.nn.Modu
 
     from mmtk.modality import require_registered
 
+    check_model_args(state, path)
     missing = [key for key in ("model_name", "model_args", "model") if key not in state]
     if missing:
         raise MmtkError(f"{path}: not an mmtk training checkpoint (no {', '.join(missing)}); give a checkpoint "
@@ -143,6 +145,74 @@ def model_from_checkpoint(state: dict, path: str | os.PathLike) -> torch.nn.Modu
         raise MmtkError(f"{path}: weights do not fit the model described in the checkpoint "
                         f"({str(err).splitlines()[0]})") from None
     return model
+
+
+# Plausible bounds of a checkpoint's model_args, checked before a model is built (a 17 KB file must not
+# make mmtk allocate 51 GB). Generous: MultiMAE-L is dim 1024, depth 24, 16 heads.
+MODEL_ARG_LIMITS = {"dim": 16384, "depth": 256, "num_heads": 512, "patch_size": 512, "num_global_tokens": 1024,
+                    "num_classes": 65535, "decoder_dim": 16384, "decoder_depth": 64, "decoder_heads": 512,
+                    "num_visible": 1 << 20, "convnext_dim": 1 << 17, "convnext_depth": 64, "preds_per_patch": 1 << 16,
+                    "dpt_dim": 16384, "mlp_ratio": 64, "image_size": 16384, "layer_dims": 16384, "hooks": 256}
+MAX_LIST_LENGTH = 64
+WEIGHTS_SLACK = 1.05  # parameters and buffers the checkpoint may lack (e.g. recomputed buffers)
+
+
+def check_model_args(state: dict, path: str | os.PathLike) -> None:
+    """Refuse, in one line and before allocating, ``model_args`` that are implausible or describe more weights
+    than the checkpoint holds or the machine's free memory can take.
+
+    The model is first built on PyTorch's ``meta`` device (shapes only, no memory) to count its bytes.
+    """
+    import torch
+
+    import mmtk
+
+    args, name, weights = state.get("model_args"), state.get("model_name"), state.get("model")
+    if args is None or name is None or weights is None:
+        return  # model_from_checkpoint names what is missing
+    if not isinstance(args, dict) or not isinstance(name, str) or not isinstance(weights, dict):
+        raise MmtkError(f"{path}: model_name, model_args or model has the wrong type; not an mmtk training "
+                        f"checkpoint")
+    for key, value in args.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if len(values) > MAX_LIST_LENGTH:
+            raise MmtkError(f"{path}: model_args.{key} has {len(values)} entries; at most {MAX_LIST_LENGTH} are "
+                            f"plausible, the checkpoint is corrupt or forged")
+        limit = MODEL_ARG_LIMITS.get(key)
+        if limit is None:
+            continue
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= limit for v in values):
+            raise MmtkError(f"{path}: model_args.{key} = {value!r} is outside the plausible 0..{limit}; the "
+                            f"checkpoint is corrupt or forged")
+    try:
+        with torch.device("meta"):
+            model = mmtk.create_model(name, verbose=False, **args)
+    except MmtkError as err:
+        raise MmtkError(f"{path}: model_args do not describe a model ({err})") from None
+    except Exception as err:  # arguments from a file: any failure to build is the file's fault
+        raise MmtkError(f"{path}: model_args do not describe a model ({type(err).__name__}: {err})") from None
+    tensors = [*model.parameters(), *model.buffers()]
+    count = sum(t.numel() for t in tensors)
+    needed = sum(t.numel() * t.element_size() for t in tensors)
+    held = sum(t.numel() for t in weights.values() if isinstance(t, torch.Tensor))
+    if count > held * WEIGHTS_SLACK + 2**18:
+        raise MmtkError(f"{path}: model_args describe a model of {count:,} values ({format_bytes(needed)}) but the "
+                        f"checkpoint holds {held:,}; the checkpoint is corrupt or forged")
+    free = available_memory()
+    if free is not None and needed > free:
+        raise MmtkError(f"{path}: the model needs {format_bytes(needed)} of memory but only {format_bytes(free)} "
+                        f"are available; free memory or use a machine with more")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 @dataclass
@@ -225,26 +295,15 @@ def _token_mask_shape(predictor: Predictor, tensor: torch.Tensor, name: str) -> 
 # ---------------------------------------------------------------------------------------- output
 
 def save_image(path: Path, array: np.ndarray) -> None:
-    """Write a PNG atomically (temporary file beside it, then rename)."""
+    """Write a PNG atomically (:func:`mmtk.io.atomic_write`; the folder's litter is swept by the caller, once)."""
     from PIL import Image
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda handle: Image.fromarray(array).save(handle, format="PNG"), sweep=False)
 
 
 def save_array(path: Path, array: np.ndarray) -> None:
     """Write a .npy atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda handle: np.save(handle, array), sweep=False)
 
 
 def write_prediction(out_dir: Path, stem: str, rgb: np.ndarray, prediction: Prediction,
@@ -278,7 +337,7 @@ def write_prediction(out_dir: Path, stem: str, rgb: np.ndarray, prediction: Pred
         if intrinsics is None:
             raise MmtkError("--ply needs the camera intrinsics: pass --intrinsics fx,fy,cx,cy")
         colors = rgb if prediction.semseg is None else colorize_labels(prediction.semseg, prediction.num_classes + 1)
-        write_cloud(out_dir / f"{stem}.ply", depth_to_cloud(metric, intrinsics, colors))
+        write_cloud(out_dir / f"{stem}.ply", depth_to_cloud(metric, intrinsics, colors), sweep=False)
         written.append(out_dir / f"{stem}.ply")
     return written
 

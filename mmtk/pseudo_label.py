@@ -251,6 +251,7 @@ def pseudo_label(path: str | os.PathLike, config: PseudoLabelConfig,
     import h5py
     import torch
 
+    from mmtk.data.dataset import check_declared_sizes
     from mmtk.engine import pick_device
 
     path = Path(path)
@@ -276,6 +277,7 @@ def pseudo_label(path: str | os.PathLike, config: PseudoLabelConfig,
         raise MmtkError(f"{path}: cannot open as a writable HDF5 file ({err})") from err
     done: dict[str, int] = {}
     with handle:
+        check_declared_sizes(handle, path)  # before any frame is read
         for split in _splits(handle, path):
             for loaded in models:
                 key = DEPTH_KEY if loaded.task == "depth" else SEMSEG_KEY

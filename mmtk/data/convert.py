@@ -9,11 +9,12 @@ from pathlib import Path
 from queue import Empty, Full
 from typing import Any, Callable, Iterable, Iterator
 
-from mmtk.modality import stored_array
 from mmtk.data.format import H5Writer, check_out_path
 from mmtk.data.resize import resize_intrinsics, resize_stored
 from mmtk.data.sources.base import Frame, RgbdSource
 from mmtk.errors import MmtkError
+from mmtk.io import check_free_space
+from mmtk.modality import stored_array
 
 Log = Callable[[str], None]
 
@@ -57,8 +58,10 @@ def write_frames(frames: Iterable[Frame], out_path: str | os.PathLike, *, source
     whose depth statistics let the caller show the user the effect of the depth units.
     """
     with H5Writer(out_path, source=source, force=force, classes=classes) as writer:
-        for frame in _with_progress(frames, total, progress):
+        for index, frame in enumerate(_with_progress(frames, total, progress)):
             frame = _resized(frame, size)
+            if index == 0 and total:  # a full disk is refused before the write, not midway
+                check_free_space(out_path, _stored_bytes(frame) * total, f"converting {total} frames")
             writer.add_frame(frame.split, frame.arrays, intrinsics=frame.intrinsics, timestamp=frame.timestamp,
                              frame_id=frame.frame_id)
         result = ConvertResult(Path(out_path), writer.frame_counts, writer.metric_summary())
@@ -125,6 +128,11 @@ def _produce(frames: Callable[[], Iterable[Frame]], queue: Any, parent: int) -> 
             put(err)
         except Exception:  # an exception that does not pickle
             put(RuntimeError(f"{type(err).__name__}: {err}"))
+
+
+def _stored_bytes(frame: Frame) -> int:
+    """Bytes one frame takes in the HDF5 file (its arrays as given; labels are stored in <= 16 bits), plus 1 %."""
+    return int(sum(array.nbytes for array in frame.arrays.values()) * 1.01) + 256
 
 
 def _with_progress(frames: Iterable[Frame], total: int | None, enabled: bool) -> Iterator[Frame]:

@@ -36,7 +36,125 @@ def open_mmtk_file(path: str | os.PathLike) -> h5py.File:
         handle.close()
         raise MmtkError(f"{path} has mmtk_format {int(version)}, newer than this mmtk ({FORMAT_VERSION}); "
                         f"upgrade mmtk")
+    try:
+        check_declared_sizes(handle, path)
+    except BaseException:
+        handle.close()
+        raise
     return handle
+
+
+MAX_IMAGE_SIDE = 16384  # px; also bounds every non-frame axis of a stored dataset
+MAX_FRAME_BYTES = 2**30  # one frame of one dataset (a 16384x16384 float32 depth map)
+MAX_COMPRESSION_RATIO = 2048  # gzip cannot exceed about 1032:1; declared bytes beyond this are not in the file
+UNSTORED_SLACK_BYTES = 2**20  # small datasets HDF5 has not allocated yet (e.g. an empty contiguous one)
+MAX_MEMBERS = 256  # groups and datasets per group: an mmtk file has a few splits of a few datasets
+
+
+def check_declared_sizes(handle: h5py.File, path: str | os.PathLike) -> None:
+    """Refuse, in one line and before anything is read, datasets whose declared size the file cannot back.
+
+    HDF5 lets a file of a few KB declare any shape (unwritten chunks read as the fill value), so
+    memory would follow the declaration. Every dataset of every split must: live inside the file (no
+    external, virtual or linked storage), have a frame (one index along axis 0) of at most
+    :data:`MAX_FRAME_BYTES` with axes up to :data:`MAX_IMAGE_SIDE`, and declare at most
+    :data:`MAX_COMPRESSION_RATIO` times the bytes it stores. Labels must be 8- or 16-bit unsigned.
+    Only metadata is read.
+    """
+    from mmtk.io import format_bytes
+    from mmtk.pseudo_label import PARTIAL_SUFFIX
+
+    fix = "re-create the file with `mmtk convert`"
+    for group_name, group in _members(handle, path, "/"):
+        if not isinstance(group, h5py.Group):
+            continue
+        for name, dataset in _members(group, path, f"/{group_name}/"):
+            where = f"{path}:/{group_name}/{name}"
+            if not isinstance(dataset, h5py.Dataset):
+                raise MmtkError(f"{where} is a {type(dataset).__name__}, not a dataset; {fix}")
+            if dataset.is_virtual or dataset.id.get_create_plist().get_external_count():
+                raise MmtkError(f"{where} keeps its data outside the file (virtual or external storage); "
+                                f"mmtk files hold their data inside; {fix}")
+            shape, itemsize = dataset.shape or (), dataset.dtype.itemsize
+            if any(side > MAX_IMAGE_SIDE for side in shape[1:]):
+                raise MmtkError(f"{where} declares shape {shape}: axes beyond {MAX_IMAGE_SIDE} px are implausible; "
+                                f"{fix}")
+            frame_bytes = int(np.prod(shape[1:], dtype=np.float64)) * itemsize
+            if frame_bytes > MAX_FRAME_BYTES:
+                raise MmtkError(f"{where} declares {format_bytes(frame_bytes)} per frame (shape {shape}), over "
+                                f"the {format_bytes(MAX_FRAME_BYTES)} limit; {fix}")
+            declared = float(np.prod(shape, dtype=np.float64)) * itemsize
+            stored = dataset.id.get_storage_size()
+            if (not name.endswith(PARTIAL_SUFFIX)
+                    and declared > stored * MAX_COMPRESSION_RATIO + UNSTORED_SLACK_BYTES):
+                raise MmtkError(f"{where} declares {format_bytes(declared)} (shape {shape}) but the file stores "
+                                f"{format_bytes(stored)} of it; the file is truncated or forged; {fix}")
+            _check_layout(name.removesuffix(PARTIAL_SUFFIX), dataset, where, fix)
+            _check_summaries(dataset, where, fix)
+
+
+def _check_summaries(dataset: h5py.Dataset, where: str, fix: str) -> None:
+    """The writer's summary attrs, where present, have their documented types (``mmtk info`` shows them)."""
+    import json
+
+    attrs = dataset.attrs
+    for key in ("valid_fraction", "min_m", "max_m"):
+        if key in attrs and not (np.ndim(attrs[key]) == 0 and np.issubdtype(np.asarray(attrs[key]).dtype, np.number)):
+            raise MmtkError(f"{where}: attr {key} is {attrs[key]!r}, expected a number; {fix}")
+    if "histogram" in attrs:
+        histogram = np.asarray(attrs["histogram"])
+        if histogram.ndim != 1 or not np.issubdtype(histogram.dtype, np.integer):
+            raise MmtkError(f"{where}: attr histogram is not a list of pixel counts; {fix}")
+    if "classes" in attrs:
+        try:
+            classes = json.loads(attrs["classes"])
+        except (TypeError, ValueError):
+            classes = None
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise MmtkError(f"{where}: attr classes is not a JSON list of class names; {fix}")
+
+
+# (ndim, trailing axes, allowed dtype kinds or dtypes) of the datasets mmtk reads, by name prefix.
+_LAYOUTS: dict[str, tuple[int, tuple[int, ...], tuple]] = {
+    "rgb": (4, (3,), (np.uint8,)),
+    "depth": (3, (), ("f",)),
+    "semseg": (3, (), (np.uint8, np.uint16)),
+    "intrinsics": (3, (3, 3), ("f",)),
+    "timestamp": (1, (), ("f",)),
+}
+
+
+def _check_layout(name: str, dataset: h5py.Dataset, where: str, fix: str) -> None:
+    """A known dataset must have its documented number of axes and dtype (docs/dataset-format.md)."""
+    key = next((prefix for prefix in _LAYOUTS if name == prefix or name.startswith(prefix + "_")), None)
+    if key is None:
+        return
+    ndim, trailing, dtypes = _LAYOUTS[key]
+    shape, dtype = dataset.shape or (), dataset.dtype
+    if len(shape) != ndim or (trailing and tuple(shape[-len(trailing):]) != trailing):
+        expected = f"{ndim} axes" + (f" ending in {'x'.join(map(str, trailing))}" if trailing else "")
+        raise MmtkError(f"{where} has shape {shape}, expected {expected}; {fix}")
+    if not any(dtype == d if not isinstance(d, str) else dtype.kind == d for d in dtypes):
+        names = ", ".join(np.dtype(d).name if not isinstance(d, str) else "float" for d in dtypes)
+        raise MmtkError(f"{where} has dtype {dtype}, expected {names}; {fix}")
+
+
+def _members(group: h5py.Group, path: str | os.PathLike, prefix: str) -> list[tuple[str, object]]:
+    """(name, object) of a group's members; links to other files and oversized groups are refused."""
+    if len(group) > MAX_MEMBERS:
+        raise MmtkError(f"{path}:{prefix} has {len(group)} members, over the {MAX_MEMBERS} an mmtk file can "
+                        f"have; re-create the file with `mmtk convert`")
+    members = []
+    for name in group:
+        if isinstance(group.get(name, getlink=True), h5py.ExternalLink):
+            raise MmtkError(f"{path}:{prefix}{name} links to another file; mmtk files hold their data inside; "
+                            f"re-create the file with `mmtk convert`")
+        try:
+            members.append((name, group[name]))
+        except (KeyError, OSError) as err:  # e.g. a soft link to nothing
+            raise MmtkError(f"{path}:{prefix}{name} cannot be opened ({err}); re-create the file with "
+                            f"`mmtk convert`") from None
+    return members
 
 
 class H5Dataset(Dataset):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -34,6 +33,7 @@ import numpy as np
 
 from mmtk.modality import StoredArray, stored_array
 from mmtk.errors import MmtkError
+from mmtk.io import check_writable, discard, disk_error, disk_errors, make_temp, publish
 
 FORMAT_VERSION = 1
 """Integer written to the root attr ``mmtk_format``; bumped on incompatible changes."""
@@ -84,6 +84,7 @@ def check_out_path(path: str | os.PathLike, force: bool) -> None:
         raise MmtkError(f"{path} already exists; pass --force (force=True) to overwrite it")
     if path.suffix.lower() not in (".h5", ".hdf5"):
         raise MmtkError(f"output {path} should end in .h5 or .hdf5")
+    check_writable(path)
 
 
 class H5Writer:
@@ -119,49 +120,63 @@ class H5Writer:
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> "H5Writer":
         self._check_out_path()
-        self.out_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=self.out_path.name + ".tmp-", dir=self.out_path.parent)
-        os.close(fd)
-        self._tmp_path = Path(tmp)
-        self._file = h5py.File(self._tmp_path, "w")
-        self._file.attrs["mmtk_format"] = FORMAT_VERSION
-        self._file.attrs["source"] = self.source
-        self._file.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self._tmp_path = make_temp(self.out_path)
+        try:
+            with disk_errors(self.out_path):
+                # No chunk cache: each frame (one chunk) is written in add_frame, so a full disk raises
+                # there instead of in a destructor, where HDF5 cannot report it and may crash the process.
+                self._file = h5py.File(self._tmp_path, "w", rdcc_nbytes=0)
+                self._file.attrs["mmtk_format"] = FORMAT_VERSION
+                self._file.attrs["source"] = self.source
+                self._file.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        except BaseException:
+            self._close()
+            self._remove_tmp()
+            raise
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         succeeded = exc_type is None
         try:
-            if succeeded:
-                self._finish()
+            with disk_errors(self.out_path):
+                if succeeded:
+                    self._finish()
+                self._close(raise_errors=succeeded)
         except BaseException:
             succeeded = False
             raise
         finally:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
             if not succeeded:
+                self._close()
                 self._remove_tmp()
         if succeeded:
             self._publish()
+        elif exc is not None and (translated := disk_error(exc, self.out_path)) is not None:
+            raise translated from exc
+
+    def _close(self, raise_errors: bool = False) -> None:
+        """Close the HDF5 file; a close that fails (e.g. a full disk) leaves nothing open behind."""
+        file, self._file = self._file, None
+        if file is None:
+            return
+        try:
+            file.close()
+        except Exception:
+            if raise_errors:
+                raise
 
     def _check_out_path(self) -> None:
         check_out_path(self.out_path, self.force)
 
     def _remove_tmp(self) -> None:
-        if self._tmp_path is not None and self._tmp_path.exists():
-            self._tmp_path.unlink()
+        discard(self._tmp_path)
 
     def _publish(self) -> None:
         assert self._tmp_path is not None
         try:
             self._check_out_path()
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self._tmp_path, 0o666 & ~umask)
-            os.replace(self._tmp_path, self.out_path)
+            publish(self._tmp_path, self.out_path)
         finally:
             self._remove_tmp()
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from mmtk.data.dataset import open_mmtk_file
 from mmtk.data.format import MetricStats
+from mmtk.errors import MmtkError
 
 STATS_SAMPLE_FRAMES = 32  # frames scanned when a file lacks the writer's stored statistics
 
@@ -40,7 +41,11 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
         }
         for split, group in handle.items():
             if isinstance(group, h5py.Group):
-                info["splits"][split] = _split_info(group, info)
+                try:
+                    info["splits"][split] = _split_info(group, info)
+                except (KeyError, ValueError, TypeError, IndexError, OSError) as err:  # summaries forged or damaged
+                    raise MmtkError(f"{path}:/{split} has malformed summary attributes ({type(err).__name__}: "
+                                    f"{err}); re-create the file with `mmtk convert`") from None
     return info
 
 

@@ -148,6 +148,7 @@ def associate_by_time(a: list[float], b: list[float], max_dt: float) -> list[tup
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".ppm", ".bmp", ".webp")  # what the readers decode
 COLOUR_MODES = ("1", "P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV")  # modes PIL converts to RGB
+MAX_IMAGE_PIXELS = 8192 * 8192  # far above any RGB-D camera, far below a decompression bomb (PIL warns at 89 Mpx)
 
 
 def read_image(path: Path, to_rgb: bool = False) -> np.ndarray:
@@ -157,10 +158,13 @@ def read_image(path: Path, to_rgb: bool = False) -> np.ndarray:
     palette indices (the class ids)."""
     try:
         with Image.open(path) as image:
+            check_image_size(image, path)
             array = np.array(image.convert("RGB") if to_rgb and image.mode in COLOUR_MODES else image)
             mode = image.mode
     except FileNotFoundError:
         raise MmtkError(f"{path} does not exist") from None
+    except Image.DecompressionBombError as err:
+        raise MmtkError(f"{path}: {err}; refused before decoding (a corrupt or hostile file)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise MmtkError(f"{path} is corrupt or truncated ({err}); re-export or remove it") from None
     if mode in ("I", "I;16B") and array.dtype != np.uint16:
@@ -168,6 +172,15 @@ def read_image(path: Path, to_rgb: bool = False) -> np.ndarray:
             raise MmtkError(f"{path}: 32-bit integer image with values beyond 16 bits; expected a uint16 depth")
         array = array.astype(np.uint16)
     return array
+
+
+def check_image_size(image: Image.Image, name: object) -> None:
+    """Refuse an image whose header declares more than :data:`MAX_IMAGE_PIXELS`, before it is decoded."""
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise MmtkError(f"{name}: the image header declares {width}x{height} px ({width * height / 1e6:.0f} Mpx), over "
+                        f"the {MAX_IMAGE_PIXELS / 1e6:.0f} Mpx limit; refused before decoding (a corrupt or hostile "
+                        f"file, or resize it first)")
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -183,8 +196,8 @@ def read_rgb(path: Path) -> np.ndarray:
 def read_depth_units(path: Path) -> np.ndarray:
     """Decode a depth file (16-bit PNG/TIFF, float TIFF, .npy) to its stored units (not yet metres)."""
     if path.suffix.lower() == ".npy":
-        try:
-            array = np.load(path, allow_pickle=False)
+        try:  # mapped first: a header declaring more than the file holds fails here, before allocating
+            array = np.array(np.load(path, allow_pickle=False, mmap_mode="r"))
         except (ValueError, OSError, EOFError) as err:
             raise MmtkError(f"{path} is corrupt or truncated ({err})") from None
     else:

@@ -90,7 +90,7 @@ def convert_images(root: str | os.PathLike, out: str | os.PathLike, size: tuple[
                 try:
                     with Image.open(path) as image:
                         rgb_image = image.convert("RGB")
-                except (UnidentifiedImageError, OSError, ValueError):
+                except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
                     skipped.append(str(path))
                     continue
                 size = size or (rgb_image.height, rgb_image.width)

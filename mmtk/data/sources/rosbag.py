@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from mmtk.data.sources.base import Frame, RgbdSource, associate_by_time, to_metres
+from mmtk.data.sources.base import Frame, RgbdSource, associate_by_time, check_image_size, to_metres
 from mmtk.data.sources.tf import TransformTree, read_transforms
 from mmtk.errors import MmtkError
 from mmtk.pointcloud import PointCloud, cloud_to_image_depth
@@ -31,6 +31,7 @@ CAMERA_INFO_TYPE = "sensor_msgs/msg/CameraInfo"
 CLOUD_TYPE = "sensor_msgs/msg/PointCloud2"
 COLOR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8")
 DEPTH_ENCODINGS = {"16UC1": 1000.0, "mono16": 1000.0, "32FC1": None}  # units per metre (None = metres)
+MAX_IMAGE_SIDE = 16384  # px
 
 
 @dataclass
@@ -89,12 +90,23 @@ def image_topics(bag: str | Path) -> list[TopicInfo]:
 def _header_stamp(raw: bytes, is_ros2: bool) -> float:
     """Header stamp in seconds from raw message bytes (Image/CompressedImage/CameraInfo/PointCloud2 start with a
     Header)."""
+    if len(raw) < 12:
+        raise MmtkError(f"a message of {len(raw)} bytes is shorter than its header; the bag is corrupt")
     if is_ros2:  # CDR: 4-byte encapsulation (byte 1: 1 = little endian), then int32 sec, uint32 nanosec
         order = "<" if raw[1] == 1 else ">"
         sec, nsec = struct.unpack_from(order + "iI", raw, 4)
     else:  # ROS1: uint32 seq, then uint32 sec, uint32 nsec
         sec, nsec = struct.unpack_from("<II", raw, 4)
     return sec + nsec * 1e-9
+
+
+def deserialize(reader: Any, raw: bytes, connection: Any) -> Any:
+    """One message of ``connection``; a corrupt one (e.g. declaring a 4 GB array in a few bytes) is one line."""
+    try:
+        return reader.deserialize(raw, connection.msgtype)
+    except Exception as err:  # rosbags raises SerdeError, struct.error, ValueError... for corrupt bytes
+        raise MmtkError(f"a {connection.msgtype} message on {connection.topic} cannot be decoded ({err}); "
+                        f"the bag is corrupt") from None
 
 
 def _connections(reader: Any, topic: str, available: list[TopicInfo], role: str) -> list[Any]:
@@ -110,26 +122,35 @@ def decode_image(msg: Any, msgtype: str, role: str, depth_scale: float | None) -
     its own samples (any other role, an extra stream: uint8/uint16/float32 [H, W] or uint8 [H, W, 3])."""
     if msgtype.endswith("CompressedImage"):
         return _decode_compressed(msg, role, depth_scale)
-    encoding = msg.encoding
+    encoding = str(msg.encoding)
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
-    data = np.asarray(msg.data, dtype=np.uint8)
-    if data.size < height * step:
-        raise MmtkError(f"{role} image is truncated ({data.size} bytes for {height} rows of {step})")
-    rows = data[: height * step].reshape(height, step)
     if role not in ("rgb", "depth"):
-        return _decode_samples(rows, encoding, width, bool(msg.is_bigendian), role)
-    if role == "rgb":
+        if encoding not in SAMPLE_ENCODINGS:
+            raise MmtkError(f"{role} topic encoding {encoding!r} is not supported; use one of "
+                            f"{', '.join(SAMPLE_ENCODINGS)}")
+        code, channels = SAMPLE_ENCODINGS[encoding]
+        row_bytes = width * channels * np.dtype(code).itemsize
+    elif role == "rgb":
         channels = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}.get(encoding)
         if channels is None:
             raise MmtkError(f"colour encoding {encoding!r} is not supported; use one of {', '.join(COLOR_ENCODINGS)}")
-        pixels = rows[:, : width * channels].reshape(height, width, channels)
+        row_bytes = width * channels
+    elif encoding not in DEPTH_ENCODINGS:
+        raise MmtkError(f"depth encoding {encoding!r} is not supported; use 16UC1 (mm) or 32FC1 (m)")
+    else:
+        row_bytes = width * (4 if encoding == "32FC1" else 2)
+    _check_image_fields(role, encoding, height, width, step, row_bytes, len(msg.data))
+    data = np.asarray(msg.data, dtype=np.uint8)
+    rows = data[: height * step].reshape(height, step)
+    if role not in ("rgb", "depth"):
+        return _decode_samples(rows, encoding, width, bool(msg.is_bigendian))
+    if role == "rgb":
+        pixels = rows[:, :row_bytes].reshape(height, width, channels)
         if encoding == "mono8":
             return np.repeat(pixels, 3, axis=2)
         if encoding.startswith("bgr"):
             return np.ascontiguousarray(pixels[:, :, 2::-1])
         return np.ascontiguousarray(pixels[:, :, :3])
-    if encoding not in DEPTH_ENCODINGS:
-        raise MmtkError(f"depth encoding {encoding!r} is not supported; use 16UC1 (mm) or 32FC1 (m)")
     dtype = np.dtype(np.uint16 if encoding != "32FC1" else np.float32).newbyteorder(">" if msg.is_bigendian else "<")
     values = rows[:, : width * dtype.itemsize].copy().view(dtype).reshape(height, width).astype(dtype.newbyteorder("="))
     scale = depth_scale if depth_scale is not None else DEPTH_ENCODINGS[encoding]
@@ -140,11 +161,8 @@ SAMPLE_ENCODINGS = {"mono8": ("u1", 1), "8UC1": ("u1", 1), "mono16": ("u2", 1), 
                     "32FC1": ("f4", 1), "rgb8": ("u1", 3), "bgr8": ("u1", 3)}
 
 
-def _decode_samples(rows: np.ndarray, encoding: str, width: int, big_endian: bool, role: str) -> np.ndarray:
+def _decode_samples(rows: np.ndarray, encoding: str, width: int, big_endian: bool) -> np.ndarray:
     """An extra stream's image as stored samples: [H, W] for one channel, [H, W, 3] RGB for colour."""
-    if encoding not in SAMPLE_ENCODINGS:
-        raise MmtkError(f"{role} topic encoding {encoding!r} is not supported; use one of "
-                        f"{', '.join(SAMPLE_ENCODINGS)}")
     code, channels = SAMPLE_ENCODINGS[encoding]
     dtype = np.dtype(code).newbyteorder(">" if big_endian else "<")
     values = rows[:, : width * channels * dtype.itemsize].copy().view(dtype).astype(dtype.newbyteorder("="))
@@ -154,6 +172,21 @@ def _decode_samples(rows: np.ndarray, encoding: str, width: int, big_endian: boo
     return np.ascontiguousarray(values[:, :, 0] if channels == 1 else values)
 
 
+def _check_image_fields(role: str, encoding: str, height: int, width: int, step: int, row_bytes: int,
+                        length: int) -> None:
+    """An Image message's declared size must be plausible and match its data, before anything is allocated."""
+    what = f"{role} image ({encoding}, {height}x{width} px, step {step} B)"
+    if not (1 <= height <= MAX_IMAGE_SIDE and 1 <= width <= MAX_IMAGE_SIDE):
+        raise MmtkError(f"{what}: height and width must be 1..{MAX_IMAGE_SIDE} px; the bag is corrupt")
+    if step < row_bytes:
+        raise MmtkError(f"{what}: step is shorter than a row of {width} px ({row_bytes} B); the bag is corrupt")
+    if length < height * step:
+        raise MmtkError(f"{what} is truncated ({length} bytes for {height} rows of {step})")
+    if length != height * step:
+        raise MmtkError(f"{what}: data has {length} bytes, expected height x step = {height * step}; the bag is "
+                        f"corrupt")
+
+
 def _decode_compressed(msg: Any, role: str, depth_scale: float | None) -> np.ndarray:
     fmt = str(msg.format)
     payload = bytes(np.asarray(msg.data, dtype=np.uint8))
@@ -161,6 +194,8 @@ def _decode_compressed(msg: Any, role: str, depth_scale: float | None) -> np.nda
         if role != "depth":
             raise MmtkError(f"compressedDepth ({fmt!r}) given as the colour topic")
         # image_transport's compressedDepth: 12-byte header (int32 format, float32 quant A, B), then PNG
+        if len(payload) < 12:
+            raise MmtkError(f"compressedDepth image of {len(payload)} bytes is shorter than its 12-byte header")
         _, quant_a, quant_b = struct.unpack_from("<iff", payload, 0)
         values = _decode_bytes(payload[12:], fmt)
         if "32FC1" in fmt:  # stored as quantised inverse depth
@@ -188,8 +223,9 @@ def _decode_compressed(msg: Any, role: str, depth_scale: float | None) -> np.nda
 def _decode_bytes(payload: bytes, fmt: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(payload)) as image:
+            check_image_size(image, f"compressed image ({fmt!r})")
             array = np.array(image)
-    except (OSError, ValueError, SyntaxError) as err:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise MmtkError(f"cannot decode a compressed image ({fmt!r}): {err}") from None
     if array.dtype == np.int32:
         array = array.astype(np.uint16)
@@ -275,11 +311,11 @@ def read_colour_frames(bag: str | Path, rgb_topic: str, camera_info_topic: str |
         rgb_conns = _connections(reader, rgb_topic, available, "colour")
         _check_type(rgb_conns[0], "colour", IMAGE_TYPES, "Image or CompressedImage")
         info_conns = _camera_info_connections(reader, camera_info_topic, available)
-        infos = [_camera_matrix(reader.deserialize(raw, conn.msgtype))[0]
+        infos = [_camera_matrix(deserialize(reader, raw, conn))[0]
                  for conn, _, raw in reader.messages(connections=info_conns)] if info_conns else []
         intrinsics = infos[0] if infos else None  # a camera's intrinsics do not change within a bag
         for conn, log_time, raw in reader.messages(connections=rgb_conns):
-            msg = reader.deserialize(raw, conn.msgtype)
+            msg = deserialize(reader, raw, conn)
             stamp = _header_stamp(raw, bool(getattr(reader, "is2", False))) or log_time * 1e-9
             yield Frame("all", {"rgb": decode_image(msg, conn.msgtype, "rgb", None)}, intrinsics=intrinsics,
                         timestamp=stamp)
@@ -344,7 +380,7 @@ def _first_header(reader: Any, conn: Any) -> tuple[str, float]:
     first = next(iter(reader.messages(connections=[conn])), None)
     if first is None:
         return "", 0.0
-    header = reader.deserialize(first[2], conn.msgtype).header
+    header = deserialize(reader, first[2], conn).header
     return str(header.frame_id).lstrip("/"), header.stamp.sec + header.stamp.nanosec * 1e-9
 
 
@@ -420,7 +456,7 @@ def _stream_frames(bag: Path, topics: dict[str, str], max_dt: float, depth_scale
         for conn, log_time, raw in reader.messages(connections=conns):
             stamp = _header_stamp(raw, is_ros2) or log_time * 1e-9
             if conn in info_conns:
-                infos.append((stamp, *_camera_matrix(reader.deserialize(raw, conn.msgtype))))
+                infos.append((stamp, *_camera_matrix(deserialize(reader, raw, conn))))
             else:
                 role = role_of[conn.topic]
                 waiting += pairer.add(role, stamp, (conn, raw, stamp, pairer.seen[role]))
@@ -445,7 +481,7 @@ def _decoded_frame(reader: Any, parts: dict[str, tuple[Any, bytes, float, int]],
                    from_cloud: bool, alignment: CloudAlignment | None) -> Frame:
     arrays: dict[str, Any] = {}
     for role, (conn, raw, message_stamp, _) in parts.items():
-        msg = reader.deserialize(raw, conn.msgtype)
+        msg = deserialize(reader, raw, conn)
         if role == "depth" and from_cloud:
             cloud = pointcloud2_to_cloud(msg)
             arrays[role] = cloud if alignment is None else alignment.to_camera(cloud, message_stamp)
@@ -560,7 +596,7 @@ def read_bag_clouds(path: str | os.PathLike, topic: str | None = None) -> Iterat
         elif len(topics) != 1:
             raise MmtkError(f"{path}: {len(topics)} PointCloud2 topics ({topics}); pick one with --cloud-topic")
         for connection, _, raw in reader.messages(connections=clouds):
-            msg = reader.deserialize(raw, connection.msgtype)
+            msg = deserialize(reader, raw, connection)
             stamp = msg.header.stamp
             yield BagCloud(stamp.sec + stamp.nanosec * 1e-9, connection.topic, pointcloud2_to_cloud(msg))
     finally:
