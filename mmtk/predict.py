@@ -132,12 +132,12 @@ def model_from_checkpoint(state: dict, path: str | os.PathLike) -> torch.nn.Modu
 
     from mmtk.modality import require_registered
 
+    require_registered(dict(state.get("modalities", {})), f"checkpoint {path}")  # a plugin's modality: name the file
     check_model_args(state, path)
     missing = [key for key in ("model_name", "model_args", "model") if key not in state]
     if missing:
         raise MmtkError(f"{path}: not an mmtk training checkpoint (no {', '.join(missing)}); give a checkpoint "
                         "written by `mmtk pretrain` or `mmtk finetune`")
-    require_registered(dict(state.get("modalities", {})), f"checkpoint {path}")
     model = mmtk.create_model(state["model_name"], verbose=False, **state["model_args"])
     try:
         model.load_state_dict(state["model"])

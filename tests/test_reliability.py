@@ -118,8 +118,8 @@ from mmtk.errors import MmtkError
 try:
     with H5Writer(sys.argv[1], source="test", force=True) as writer:
         for i in range(1000):
-            writer.add_frame("train", rgb=np.full((240, 320, 3), i % 250, np.uint8),
-                             depth=np.full((240, 320), 1.0 + i, np.float32))
+            writer.add_frame("train", {"rgb": np.full((240, 320, 3), i % 250, np.uint8),
+                                       "depth": np.full((240, 320), 1.0 + i % 500, np.float32)})
 except MmtkError as err:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(2)
@@ -217,7 +217,7 @@ if sys.argv[2] == "cli-handler":
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
 with H5Writer(sys.argv[1], source="test") as writer:
     for i in range(10000):
-        writer.add_frame("train", rgb=np.zeros((32, 32, 3), np.uint8), depth=np.ones((32, 32), np.float32))
+        writer.add_frame("train", {"rgb": np.zeros((32, 32, 3), np.uint8), "depth": np.ones((32, 32), np.float32)})
         print("frame", flush=True)
         time.sleep(0.01)
 """
@@ -241,7 +241,7 @@ def test_reliability_dead_writer_litter_is_removed_and_reported(tmp_path, capfd,
     assert len(litter) == 1 and litter[0].startswith(f".out.h5.tmp-{pid}-"), litter  # its owner, by name
     assert not out.exists()
     with H5Writer(tmp_path / "other.h5", source="next run") as writer:  # the next write into that folder
-        writer.add_frame("train", rgb=np.zeros((8, 8, 3), np.uint8), depth=np.ones((8, 8), np.float32))
+        writer.add_frame("train", {"rgb": np.zeros((8, 8, 3), np.uint8), "depth": np.ones((8, 8), np.float32)})
     report = [line for line in capfd.readouterr().err.splitlines() if "left by runs that died" in line]
     assert len(report) == 1 and litter[0] in report[0] and "removed 1 temporary file" in report[0]
     assert _temps(tmp_path) == []
