@@ -129,7 +129,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
             raise MmtkError(f"{checkpoint}: the pretrained model predicts neither depth nor semseg; nothing to evaluate")
     info = data_info(data, split)
     wanted = tuple(dict.fromkeys(available + tasks))
-    require_modalities(wanted, info, f"evaluating {checkpoint}")
+    require_modalities(wanted, info, f"evaluating {checkpoint}",
+                       fix="pass --data with a file that has it (e.g. the file the run trained on)")
     dataset = open_dataset(data, split, wanted, tuple(args["image_size"]), augment=False)
     frames = len(dataset) if limit is None else min(limit, len(dataset))
     if frames == 0:
