@@ -45,8 +45,8 @@ def open_rgbd_source(src: str | Path, options: ConvertOptions | None = None) -> 
     for detect, build in _LAYOUTS:
         if detect(src):
             return build(src, options)
-    supported = "; ".join(f"{name} ({text})" for name, text in SUPPORTED_LAYOUTS.items())
-    raise MmtkError(f"cannot tell the layout of {src}; supported layouts: {supported}")
+    supported = "".join(f"\n  {name}: {text}" for name, text in SUPPORTED_LAYOUTS.items())
+    raise MmtkError(f"cannot tell the layout of {src}; the supported layouts, one per line:{supported}")
 
 
 def _depth_scale(options: ConvertOptions, default: float) -> float:
