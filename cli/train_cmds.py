@@ -180,25 +180,35 @@ def eval_cmd(
         task_rows = [r for r in rows if r.task == task]
         if not task_rows:
             continue
-        title = "semantic segmentation" if task == "semseg" else "depth (metres, valid pixels)"
+        relative = any(row.relative_depth for row in task_rows)
+        title = "semantic segmentation" if task == "semseg" else \
+            "relative depth (valid pixels)" if relative else "depth (metres, valid pixels)"
         table = Table(title=f"{title}: {frames} frames of split '{split}' of {data}")
         table.add_column("inputs")
         for key in keys:
-            table.add_column(HEADERS[key], justify="right")
+            header = HEADERS[key]
+            table.add_column(header.replace(" m", " m*") if relative and header.endswith(" m") else header,
+                             justify="right")
         table.add_column("pixels", justify="right")
         for row in task_rows:
             cells = [_fmt(row.metrics[k], k) for k in keys] if row.metrics else ["-"] * len(keys)
             table.add_row(",".join(row.inputs), *cells, str(row.metrics.get("pixels", "-")))
         console.print(table)
+        if relative:
+            console.print("  * a pretrained model predicts relative depth: each frame's prediction is scaled and "
+                          "shifted to its ground truth's robust mean and spread before comparing, so these metres "
+                          "measure shape, not scale", soft_wrap=True)
         for row in task_rows:
             if row.note:
-                console.print(f"  {','.join(row.inputs)} -> {task}: {row.note}")
+                console.print(f"  {','.join(row.inputs)} -> {task}: {row.note}", soft_wrap=True)
     console.print(f"{frames} frames evaluated (split '{split}'{', --limit ' + str(limit) if limit else ', full split'})")
     if json_out:
         payload = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "frames": frames,
                    "results": [{"inputs": list(r.inputs), "task": r.task, "frames": r.frames, "metrics": r.metrics,
                                 **({"per_class": r.per_class} if r.per_class else {}),
-                                **({"note": r.note} if r.note else {})} for r in rows]}
+                                **({"note": r.note} if r.note else {}),
+                                **({"depth": "relative, rescaled per frame to the ground truth"}
+                                   if r.relative_depth else {})} for r in rows]}
         tmp = json_out.with_name(json_out.name + ".tmp")
         tmp.write_text(json.dumps(payload, indent=2, allow_nan=True))
         tmp.replace(json_out)

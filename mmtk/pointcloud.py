@@ -13,7 +13,6 @@ open3d is imported only inside the functions that read or write files, so ``impo
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,8 +318,8 @@ def write_cloud(path: str | os.PathLike, cloud: PointCloud, binary: bool = True)
     if valid.colors is not None:
         legacy.colors = o3d.utility.Vector3dVector(valid.colors.astype(np.float64) / 255.0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
+    # open3d creates the file itself, so it gets the user's umask (mkstemp's would be 0600)
+    tmp_name = str(path.with_name(f".{path.stem}.{os.getpid()}.tmp{suffix}"))
     try:
         if not o3d.io.write_point_cloud(tmp_name, legacy, write_ascii=not binary):
             raise MmtkError(f"{path}: open3d could not write the point cloud (check the folder is writable)")
