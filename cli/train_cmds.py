@@ -56,8 +56,9 @@ def _train(recipe_arg: str, kind: str, data: Optional[Path], out: Optional[Path]
         result = run_training(recipe, run_dir, init=init, resume=resume)
     except TrainingInterrupted as stopped:
         if main:
-            typer.echo(f"stopped at step {stopped.step} of {stopped.stop} (checkpoint {stopped.checkpoint}); "
-                       f"resume with: {_resume_command(kind, recipe_arg, data, run_dir, overrides)}", err=True)
+            typer.echo(f"checkpoint written: {stopped.checkpoint} (step {stopped.step} of {stopped.stop})", err=True)
+            typer.echo(f"stopped at step {stopped.step}; resume with: "
+                       f"{_resume_command(kind, recipe_arg, data, run_dir, overrides)}", err=True)
         raise typer.Exit(130)
     except KeyboardInterrupt:  # the second Ctrl-C: stopped at once, mid-step
         if main:

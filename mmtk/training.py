@@ -197,7 +197,10 @@ def init_summary(model: nn.Module) -> str:
     missing_encoder = [name for name in report.missing if name.startswith("encoder.")]
     new_other = [name for name in report.missing if not name.startswith("encoder.")]
     decoders = [name for name in report.unused if name.startswith("decoders.")]
-    other = [name for name in report.unused if not name.startswith("decoders.")]
+    inputs = model.config.inputs
+    tokenizers = [name for name in report.unused
+                  if name.startswith("encoder.tokenizers.") and name.split(".")[2] not in inputs]
+    other = [name for name in report.unused if name not in decoders and name not in tokenizers]
     loaded = len(encoder) - len(missing_encoder)
     parts = [f"format {report.format}",
              f"encoder: all {loaded} loaded" if not missing_encoder else
@@ -205,6 +208,10 @@ def init_summary(model: nn.Module) -> str:
              f"({_shown(missing_encoder)})"]
     if decoders:
         parts.append(f"pretraining decoders: {len(decoders)} not used (expected when finetuning)")
+    if tokenizers:
+        unused_inputs = ", ".join(dict.fromkeys(name.split(".")[2] for name in tokenizers))
+        parts.append(f"tokenizers of {unused_inputs}: {len(tokenizers)} not used (this model's inputs are "
+                     f"{', '.join(inputs)})")
     if new_other:
         heads = [name for name in new_other if name.startswith("head.")]
         parts.append(f"head: {len(heads)} new" if len(heads) == len(new_other) else
