@@ -475,7 +475,7 @@ def _ignore_sigint(worker_id: int) -> None:
 GB = 1e9
 WORKER_BYTES = 300e6  # a forked loader worker's own memory (torch, h5py, decoded frames), besides its batches
 OPTIMIZER_BYTES_PER_PARAM = 16  # fp32 weight, gradient and AdamW's two moments
-BACKWARD_MARGIN = 1.5  # activations kept for backward, times this: gradients of activations exist meanwhile
+BACKWARD_MARGIN = 1.25  # activations kept for backward, times this: gradients of activations exist meanwhile
 
 
 @dataclass

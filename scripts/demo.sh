@@ -14,4 +14,5 @@ mmtk convert --rgbd "$samples/nyuv2_multimae" "$work/nyuv2_sample.h5" --force --
 mmtk info "$work/nyuv2_sample.h5"
 mmtk pretrain tiny --data "$work/nyuv2_sample.h5" --out "$work/pretrain"
 mmtk finetune tiny_finetune_semseg --init "$work/pretrain" --data "$work/nyuv2_sample.h5" --out "$work/finetune"
-mmtk eval --run "$work/finetune" --inputs rgb --inputs depth --inputs rgb,depth --json "$work/eval.json"
+mmtk eval --run "$work/finetune" --data "$work/nyuv2_sample.h5" --inputs rgb --inputs depth --inputs rgb,depth \
+    --json "$work/eval.json"
