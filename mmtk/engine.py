@@ -817,6 +817,8 @@ def progress_text(step: int, stop: int, micro: int, accum: int, images_per_s: fl
     as far as ``width`` allows, a bar, the loss, the lr and each task's loss (None: everything)."""
     where = f"step {step}/{stop}" + (f" micro {micro}/{accum}" if 0 < micro < accum else "")
     line = f"{where} {images_per_s:.1f} img/s {format_eta(eta_s)}"
+    if width is not None and len(line) > width and where != f"step {step}/{stop}":  # very narrow: no micro-step
+        return progress_text(step, stop, 0, accum, images_per_s, eta_s, losses, lr, width)
     optional = []
     if "loss" in losses:
         optional.append(f"loss {losses['loss']:.4f}")
@@ -825,7 +827,7 @@ def progress_text(step: int, stop: int, micro: int, accum: int, images_per_s: fl
     optional += [f"{name} {value:.4f}" for name, value in losses.items() if name != "loss"]
     if width is None:
         return " ".join([line, *optional])
-    bar = 20 if width - len(line) > 40 else 0
+    bar = 20 if len(line) + 1 + 20 + len(optional[0] if optional else "") + 1 <= width else 0  # room for the loss too
     if bar:
         done = round(bar * step / max(stop, 1))
         line = f"{where} {'━' * done}{'╺' if done < bar else ''}{' ' * max(bar - done - 1, 0)} " \
