@@ -200,6 +200,22 @@ def test_ctrl_c_saves_a_resumable_checkpoint(sample_h5, tmp_path):
     assert load_checkpoint(checkpoint_paths(out)[-1])["step"] == step + 1
 
 
+def test_second_ctrl_c_stops_at_once(capsys):
+    from mmtk.engine import DistInfo, StopRequest
+
+    before = signal.getsignal(signal.SIGINT)
+    info = DistInfo(0, 1, 0, None)
+    with StopRequest() as request:
+        assert not request.agreed(info)
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs in this (main) thread right away
+        assert request.agreed(info)
+        assert "finishing this step and writing a checkpoint (Ctrl-C again stops at once)" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 # ---------------------------------------------------------------------------------------------
 # Progress that fits
 
