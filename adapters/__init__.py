@@ -1,16 +1,16 @@
-"""Modality adapters (one file per modality) and sensor readers.
+"""mmtk's modality adapters: one file per modality (rgb, depth, semseg, norm_rgb, xyz, ...).
 
-Importing this package registers every modality file in it (rgb, depth, semseg, norm_rgb, xyz, ...):
-a new modality is one new file with a `@register_modality` class; nothing else changes.
+Importing this package registers every modality file in it, then the modalities of installed packages that
+declare the entry-point group ``mmtk.modalities``; `mmtk.modality` imports it on the first registry lookup.
+A new modality is one new file with a `@register_modality` class (see `mmtk.modality`); nothing in mmtk changes.
 """
 
 import importlib
 import pkgutil
 
-from mmtk.adapters.base import Modality, get_modality, list_modalities, register_modality
+from mmtk.modality import load_entry_points
 
-for _module in pkgutil.iter_modules(__path__):
-    if not _module.ispkg and _module.name != "base":
-        importlib.import_module(f"{__name__}.{_module.name}")
-
-__all__ = ["Modality", "get_modality", "list_modalities", "register_modality"]
+_FIRST = ("rgb", "depth", "semseg")  # registration order is the order modalities are listed in (rgb first)
+for _name in _FIRST + tuple(m.name for m in pkgutil.iter_modules(__path__) if not m.ispkg):
+    importlib.import_module(f"{__name__}.{_name}")
+load_entry_points()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from mmtk.adapters.base import Modality, register_modality
+from mmtk.modality import Modality, register_modality
 
 PATCH_VAR_EPS = 1e-6
 

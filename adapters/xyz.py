@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmtk.adapters.base import register_modality
+from mmtk.modality import register_modality
 from mmtk.adapters.depth import Depth
 
 
@@ -27,7 +27,9 @@ class XYZ(Depth):
 
     name = "xyz"
     channels = 3
-    stored_from = ("depth", "intrinsics")  # mmtk HDF5: computed per crop from metric depth and K
+    metric_family = None  # not a finetuning task (yet): no metric on camera-frame points
+    stores = ()  # nothing of its own: computed per crop from metric depth and K
+    stored_from = ("depth", "intrinsics")
 
     def load(self, read, window, image_size: tuple[int, int]) -> dict[str, Tensor]:
         from mmtk.data.resize import resize_depth

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from mmtk.cli.main import app
+from mmtk.cli.app import PLUGIN_HELP, app, load_plugins
 from mmtk.errors import MmtkError
 
 
@@ -33,14 +33,25 @@ def convert(
     size: Optional[str] = typer.Option(None, "--size", help="Resize on the way in, HxW pixels (e.g. 240x320); "
                                        "--images: default the first image's size, others resized to cover and "
                                        "centre-cropped."),
+    topic: Optional[list[str]] = typer.Option(None, "--topic", help="--rosbag: a further image topic stored as "
+                                              "modality NAME, paired by time like depth: NAME=/topic (repeatable)."),
+    stream: Optional[list[str]] = typer.Option(None, "--stream", help="--rgbd: a further image stream stored as "
+                                               "modality NAME, matched to colour by file stem: NAME=GLOB "
+                                               "(e.g. ir='ir/*.png'; repeatable)."),
+    plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Convert RGB-D data, ROS bags or RGB image folders into one mmtk HDF5 file (metres, labels, intrinsics)."""
-    from mmtk.data.convert import convert_rgbd, parse_size
+    from mmtk.data.convert import convert_rgbd, parse_named, parse_size
 
+    load_plugins(plugin)
     if sum(source is not None for source in (rgbd, rosbag, images)) != 1:
         raise MmtkError("give exactly one source: --rgbd FOLDER, --rosbag BAG or --images FOLDER")
+    if topic and rosbag is None:
+        raise MmtkError("--topic NAME=/topic is for --rosbag; folders take --stream NAME=GLOB")
+    if stream and rgbd is None:
+        raise MmtkError("--stream NAME=GLOB is for --rgbd; bags take --topic NAME=/topic")
     shape = parse_size(size)
     if images is not None:
         if out is None:
@@ -50,11 +61,11 @@ def convert(
         if out is None:
             raise MmtkError("missing OUT.h5: mmtk convert --rgbd SRC OUT.h5")
         convert_rgbd(rgbd, out, classes=classes, depth_scale=depth_scale, size=shape, force=force,
-                     progress=progress, log=_log)
+                     progress=progress, log=_log, streams=parse_named(stream, "--stream"))
     else:
         assert rosbag is not None
         _convert_rosbag(rosbag, out, rgb_topic, depth_topic, cloud_topic, camera_info_topic, max_dt, depth_scale,
-                        shape, force, progress)
+                        shape, force, progress, parse_named(topic, "--topic"))
 
 
 def _convert_images(images: Path, out: Path, size: Optional[tuple[int, int]], force: bool, progress: bool) -> None:
@@ -69,7 +80,8 @@ def _convert_images(images: Path, out: Path, size: Optional[tuple[int, int]], fo
 
 def _convert_rosbag(bag: Path, out: Optional[Path], rgb_topic: Optional[str], depth_topic: Optional[str],
                     cloud_topic: Optional[str], camera_info_topic: Optional[str], max_dt: float,
-                    depth_scale: Optional[float], size: Optional[tuple[int, int]], force: bool, progress: bool) -> None:
+                    depth_scale: Optional[float], size: Optional[tuple[int, int]], force: bool, progress: bool,
+                    extra_topics: dict[str, str]) -> None:
     from mmtk.data.sources.rosbag import image_topics
 
     if depth_topic is not None and cloud_topic is not None:
@@ -93,7 +105,7 @@ def _convert_rosbag(bag: Path, out: Optional[Path], rgb_topic: Optional[str], de
     from mmtk.data import convert_rosbag
 
     convert_rosbag(bag, out, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale, size=size,
-                   force=force, progress=progress, log=_log, cloud_topic=cloud_topic)
+                   force=force, progress=progress, log=_log, cloud_topic=cloud_topic, extra_topics=extra_topics)
 
 
 @app.command("info")

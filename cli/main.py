@@ -6,15 +6,8 @@ import sys
 
 import typer
 
+from mmtk.cli.app import app
 from mmtk.errors import MmtkError
-
-app = typer.Typer(
-    name="mmtk",
-    help="Multi-modal masked autoencoders (MultiMAE) for RGB-D robotics data.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
 
 
 def _register_commands() -> None:

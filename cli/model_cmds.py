@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from mmtk.cli.main import app
+from mmtk.cli.app import app
 
 
 @app.command("models")

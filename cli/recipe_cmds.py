@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mmtk.cli.main import app
+from mmtk.cli.app import app
 
 recipes_app = typer.Typer(help="The shipped training recipes: list them, or print one to start your own.",
                           no_args_is_help=False)

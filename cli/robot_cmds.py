@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from mmtk.cli.main import app
+from mmtk.cli.app import PLUGIN_HELP, app, load_plugins
 
 
 @app.command("pseudo-label")
@@ -114,8 +114,10 @@ def predict_command(
     intrinsics: Optional[str] = typer.Option(None, help="fx,fy,cx,cy in pixels, for --ply."),
     image_size: Optional[str] = typer.Option(None, help="HxW the model runs at (default: its training size)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
     """Predict depth / semantics from RGB (and optional depth) with a pretrained or finetuned model."""
+    load_plugins(plugin)
     from mmtk.errors import MmtkError
     from mmtk.pointcloud import parse_intrinsics
     from mmtk.predict import load_predictor, predict_frame, read_bag_frames, read_depth, read_rgb, write_prediction
@@ -156,7 +158,7 @@ def predict_command(
                 yield f"{split}_{i % count:06d}", frame.rgb, frame.depth, frame.intrinsics
         else:
             for i, frame in enumerate(read_bag_frames(bag, rgb_topic, depth_topic)):
-                yield f"frame_{i:06d}", frame.rgb, frame.depth, frame.intrinsics
+                yield f"frame_{i:06d}", frame.arrays["rgb"], frame.arrays.get("depth"), frame.intrinsics
 
     count = 0
     for stem, image, sensor, k in frames():
@@ -174,8 +176,10 @@ def export_command(
     inputs: Optional[str] = typer.Option(None, help="Comma-separated inputs the graph takes (default: the model's)."),
     image_size: Optional[str] = typer.Option(None, help="HxW of the graph (default: the training size)."),
     opset: int = typer.Option(18, help="ONNX opset."),
+    plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
     """Export a finetuned model to ONNX (fixed inputs and size), checked against ONNX Runtime."""
+    load_plugins(plugin)
     from mmtk.export import export_onnx
 
     names = tuple(n.strip() for n in inputs.split(",")) if inputs else None

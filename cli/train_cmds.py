@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from mmtk.cli.main import app
+from mmtk.cli.app import PLUGIN_HELP, app, load_plugins
 from mmtk.errors import MmtkError
 
 SET_HELP = "Override a recipe value, e.g. --set optim.lr=2e-4 (repeatable)."
@@ -84,8 +84,10 @@ def pretrain(
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<recipe name>)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run folder."),
+    plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
     """Pretrain a MultiMAE (masked multi-modal autoencoder) as the recipe says. Ctrl-C saves and stops."""
+    load_plugins(plugin)
     _train(recipe, "pretrain", data, out, set_, resume)
 
 
@@ -98,9 +100,11 @@ def finetune(
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<recipe name>)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run folder."),
+    plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
     """Finetune a dense head (semantic segmentation or depth) on top of a pretrained encoder. Ctrl-C saves and
     stops."""
+    load_plugins(plugin)
     _train(recipe, "finetune", data, out, set_, resume, init=init)
 
 
@@ -165,19 +169,24 @@ def eval_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
     save_predictions: Optional[Path] = typer.Option(None, "--save-predictions",
                                                     help="Write input | prediction | ground truth PNGs here."),
+    plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
     """Evaluate a checkpoint: one row per input combination (what does each sensor buy?)."""
+    load_plugins(plugin)
     from rich.console import Console
     from rich.table import Table
 
-    from mmtk.evaluate import DEPTH_KEYS, SEG_KEYS, evaluate
+    from mmtk.evaluate import evaluate
+    from mmtk.metrics import FAMILIES
+    from mmtk.modality import get_modality
 
     checkpoint = _eval_checkpoint(run, checkpoint)
     data = data or _training_file(checkpoint)
     rows, frames = evaluate(checkpoint, data, inputs, split=split, limit=limit, batch_size=batch_size,
                             device=device, save_predictions=save_predictions)
     console = Console() if sys.stdout.isatty() else Console(width=160)
-    for task, keys in (("semseg", SEG_KEYS), ("depth", DEPTH_KEYS)):
+    for task in dict.fromkeys(r.task for r in rows):
+        keys = FAMILIES[get_modality(task).metric_family]["keys"]
         task_rows = [r for r in rows if r.task == task]
         if not task_rows:
             continue

@@ -52,7 +52,7 @@ class ModelConfig:
     num_visible: int = 98
     alphas: float = 1.0
     head: Literal["convnext", "dpt"] | None = None  # finetuning head
-    task: Literal["semseg", "depth"] | None = None  # finetuning task
+    task: str | None = None  # finetuning task: a modality with a metric family (semseg, depth, ...)
     main_inputs: tuple[str, ...] | None = None  # modalities whose tokens feed the convnext head
     overrides: dict[str, Any] = field(default_factory=dict)  # any other create_model argument
 
@@ -97,6 +97,7 @@ class Recipe:
     """A full training recipe."""
 
     kind: Kind = "pretrain"
+    plugins: tuple[str, ...] = ()  # adapter files registering modalities (paths relative to the recipe file)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -193,6 +194,11 @@ def recipe_from_dict(values: dict[str, Any], source: str = "<recipe>") -> Recipe
     if not isinstance(values, dict):
         raise MmtkError(f"{source}: a recipe must be a YAML mapping, got {type(values).__name__}")
     recipe = _build(Recipe, values, "", source)
+    if recipe.plugins:
+        from mmtk.modality import load_plugin
+
+        for plugin in recipe.plugins:
+            load_plugin(plugin)
     validate(recipe, source)
     return recipe
 
@@ -287,6 +293,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, data_path:
     if not isinstance(values, dict):
         raise MmtkError(f"{source}: a recipe must be a YAML mapping, got {type(values).__name__}")
     apply_overrides(values, overrides or [])
+    if isinstance(values.get("plugins"), list):  # relative to the recipe file, wherever mmtk runs from
+        values["plugins"] = [str((path.parent / str(p)).resolve()) for p in values["plugins"]]
     if data_path is not None:
         values.setdefault("data", {})
         if not isinstance(values["data"], dict):
@@ -360,9 +368,15 @@ def validate(recipe: Recipe, source: str) -> None:
     if recipe.kind == "finetune":
         if model.head is None or model.task is None:
             raise MmtkError(f"{source}: a finetune recipe needs model.head (convnext|dpt) and model.task (semseg|depth)")
-        if model.task == "semseg" and train.loss not in (None, "ce"):
-            raise MmtkError(f"{source}: train.loss: semseg finetuning uses 'ce', got {train.loss!r}")
-        if model.task == "depth" and train.loss not in (None, "berhu", "l1"):
-            raise MmtkError(f"{source}: train.loss: depth finetuning uses 'berhu' or 'l1', got {train.loss!r}")
+        from mmtk.metrics import FAMILIES
+        from mmtk.modality import get_modality
+
+        family = get_modality(model.task).metric_family
+        if family is None:
+            raise MmtkError(f"{source}: model.task: {model.task} is not a finetuning task (its adapter has no "
+                            f"metric_family); use semseg or depth")
+        if train.loss not in (None, *FAMILIES[family]["losses"]):
+            raise MmtkError(f"{source}: train.loss: {model.task} finetuning uses "
+                            f"{' or '.join(repr(x) for x in FAMILIES[family]['losses'])}, got {train.loss!r}")
     elif not model.outputs:
         raise MmtkError(f"{source}: model.outputs: pretraining needs at least one output task")

@@ -1,8 +1,8 @@
 """Evaluation of a checkpoint on a split, one row per input combination ("what does each sensor buy me?").
 
 A finetuned checkpoint is run with only the given inputs. A pretrained MultiMAE checkpoint is
-evaluated on cross-modal prediction: depth and semantic segmentation are predicted from the given
-inputs with every token of the predicted modality hidden. The pretrained model predicts
+evaluated on cross-modal prediction: every output with a metric family (depth, semantic segmentation, a
+plugin's) is predicted from the given inputs with every token of the predicted modality hidden. The pretrained model predicts
 standardised depth; it is mapped back to metres with each frame's own robust statistics (the
 inverse of the standardisation in the data contract), so its depth numbers measure relative depth.
 """
@@ -21,15 +21,12 @@ from torch.utils.data import DataLoader, Subset
 
 from mmtk.engine import load_checkpoint, pick_device, to_device
 from mmtk.errors import MmtkError
-from mmtk.metrics import DepthMetrics, SegmentationMetrics
+from mmtk.data.transforms import robust_mean_std
+from mmtk.metrics import FAMILIES, DepthMetrics, SegmentationMetrics
+from mmtk.modality import get_modality
 from mmtk.predict import class_legend, depth_bar, model_from_checkpoint
-from mmtk.adapters.semseg import IGNORE_INDEX
-from mmtk.data.transforms import IMAGENET_MEAN, IMAGENET_STD, robust_mean_std
 from mmtk.training import data_info, open_dataset, require_modalities
 from mmtk.visualize import colorize_depth, label_palette
-
-SEG_KEYS = ("miou", "pixel_acc", "mean_acc")
-DEPTH_KEYS = ("delta1", "delta2", "delta3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10")
 
 
 @dataclass
@@ -79,12 +76,11 @@ def robust_stats(depth_m: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _predict(model: nn.Module, kind: str, batch: dict[str, Tensor], combo: tuple[str, ...],
-             tasks: tuple[str, ...]) -> dict[str, Tensor | None]:
-    """Predictions at full resolution per task: semseg logits [B, C, H, W], depth metres [B, 1, H, W]."""
+             tasks: tuple[str, ...], full_size: tuple[int, int]) -> dict[str, Tensor | None]:
+    """Predictions at full resolution per task: class logits [B, C, H, W] or depth metres [B, 1, H, W]."""
     if kind == "finetune":
         return {tasks[0]: model({name: batch[name] for name in combo})}
     preds: dict[str, Tensor | None] = {}
-    full_size = batch["rgb"].shape[-2:] if "rgb" in batch else batch["depth_m"].shape[-2:]
     for task in tasks:
         given = tuple(name for name in combo if name != task)  # the predicted modality is fully hidden
         if not given:
@@ -96,8 +92,8 @@ def _predict(model: nn.Module, kind: str, batch: dict[str, Tensor], combo: tuple
                  for name in given}
         out = model(inputs, masks=masks)
         pred = out.preds[task]
-        if task == "depth":
-            mean, std = robust_stats(batch["depth_m"], batch["depth_valid"])
+        if get_modality(task).metric_family == "depth":  # standardised -> metres with the frame's statistics
+            mean, std = robust_stats(batch[f"{task}_m"], batch[f"{task}_valid"])
             preds[task] = pred.float() * std + mean
         else:
             preds[task] = F.interpolate(pred.float(), size=full_size, mode="bilinear", align_corners=False)
@@ -125,9 +121,10 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
     if kind == "finetune":
         tasks: tuple[str, ...] = (args["task"],)
     else:
-        tasks = tuple(t for t in ("semseg", "depth") if t in args.get("outputs", []))
+        tasks = tuple(t for t in args.get("outputs", []) if get_modality(t).metric_family is not None)
         if not tasks:
-            raise MmtkError(f"{checkpoint}: the pretrained model predicts neither depth nor semseg; nothing to evaluate")
+            raise MmtkError(f"{checkpoint}: the pretrained model predicts no output with a metric (such as depth or "
+                            f"semseg); nothing to evaluate")
     info = data_info(data, split)
     wanted = tuple(dict.fromkeys(available + tasks))
     require_modalities(wanted, info, f"evaluating {checkpoint}",
@@ -138,23 +135,22 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
         raise MmtkError(f"split '{split}' of {data} has no frames; pick another with --split")
     loader = DataLoader(Subset(dataset, range(frames)), batch_size=batch_size, shuffle=False)
     num_classes = int(args.get("num_classes", info.num_classes))
-    metrics = {(combo, task): SegmentationMetrics(num_classes) if task == "semseg" else DepthMetrics()
-               for combo in combos for task in tasks}
+    metrics = {(combo, task): _new_metric(task, num_classes) for combo in combos for task in tasks}
     skipped: set[tuple[tuple[str, ...], str]] = set()
     saver = PredictionWriter(save_predictions, num_classes, info, kind != "finetune") if save_predictions else None
     seen = 0
     for batch in loader:
         batch = to_device(batch, torch_device)
         for combo in combos:
-            for task, pred in _predict(model, kind, batch, combo, tasks).items():
+            for task, pred in _predict(model, kind, batch, combo, tasks, tuple(args["image_size"])).items():
                 if pred is None:
                     skipped.add((combo, task))
                     continue
                 pred = pred.cpu()
-                if task == "semseg":
-                    metrics[combo, task].update(pred, batch["semseg_full"].cpu())
+                if get_modality(task).metric_family == "segmentation":
+                    metrics[combo, task].update(pred, batch[f"{task}_full"].cpu())
                 else:
-                    metrics[combo, task].update(pred, batch["depth_m"].cpu(), batch["depth_valid"].cpu())
+                    metrics[combo, task].update(pred, batch[f"{task}_m"].cpu(), batch[f"{task}_valid"].cpu())
                 if saver:
                     saver.write(batch, pred, combo, task, seen)
         seen += next(iter(batch.values())).shape[0]
@@ -164,13 +160,21 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
             rows.append(EvalRow(combo, task, frames, {}, note=f"no input left once {task} is hidden"))
             continue
         result = metric.compute()
-        keys = SEG_KEYS if task == "semseg" else DEPTH_KEYS
+        keys = FAMILIES[get_modality(task).metric_family]["keys"]
         row = EvalRow(combo, task, frames, {k: float(result[k]) for k in keys} | {"pixels": int(result["pixels"])},
-                      note=_pretrained_note(kind, combo, task), relative_depth=kind != "finetune" and task == "depth")
-        if task == "semseg":
+                      note=_pretrained_note(kind, combo, task),
+                      relative_depth=kind != "finetune" and isinstance(metric, DepthMetrics))
+        if isinstance(metric, SegmentationMetrics):
             row.per_class = {k: [float(x) for x in result[k]] for k in ("iou", "intersection", "union")}
         rows.append(row)
     return rows, frames
+
+
+def _new_metric(task: str, num_classes: int) -> SegmentationMetrics | DepthMetrics:
+    adapter = get_modality(task)
+    if adapter.metric_family == "segmentation":
+        return SegmentationMetrics(num_classes, adapter.ignore_index)
+    return DepthMetrics()
 
 
 def _pretrained_note(kind: str, combo: tuple[str, ...], task: str) -> str:
@@ -200,15 +204,15 @@ class PredictionWriter:
 
         for b in range(pred.shape[0]):
             panels, labels = self._inputs(batch, b, combo), list(combo)
-            if task == "semseg":
-                target = batch["semseg_full"][b].cpu().numpy()
+            if get_modality(task).metric_family == "segmentation":
+                target = batch[f"{task}_full"][b].cpu().numpy()
                 guess = pred[b].argmax(0).numpy()
                 guess_img, target_img = self._seg(guess), self._seg(target)
                 present = np.unique(np.concatenate([guess.ravel(), target.ravel()]))
-                legend = ("classes", [int(c) for c in present if c != IGNORE_INDEX])
+                legend = ("classes", [int(c) for c in present if c != get_modality(task).ignore_index])
             else:
-                target = batch["depth_m"][b, 0].cpu().numpy()
-                valid = batch["depth_valid"][b, 0].cpu().numpy().astype(bool) & (target > 0)
+                target = batch[f"{task}_m"][b, 0].cpu().numpy()
+                valid = batch[f"{task}_valid"][b, 0].cpu().numpy().astype(bool) & (target > 0)
                 lo, hi = (float(target[valid].min()), float(target[valid].max())) if valid.any() else (0.0, 10.0)
                 guess_img = colorize_depth(pred[b, 0].numpy(), value_range=(lo, hi))
                 target_img = colorize_depth(np.where(valid, target, 0), value_range=(lo, hi))
@@ -225,19 +229,21 @@ class PredictionWriter:
     def _inputs(self, batch: dict[str, Tensor], b: int, combo: tuple[str, ...]) -> list[np.ndarray]:
         panels = []
         for name in combo:
-            if name == "rgb":
-                rgb = (batch["rgb"][b].cpu() * IMAGENET_STD + IMAGENET_MEAN).clamp(0, 1)
-                panels.append((rgb.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
-            elif name == "depth" and "depth_m" in batch:
-                d = batch["depth_m"][b, 0].cpu().numpy()
+            family = get_modality(name).metric_family
+            if family == "depth" and f"{name}_m" in batch:
+                d = batch[f"{name}_m"][b, 0].cpu().numpy()
                 panels.append(colorize_depth(d, value_range=(float(d[d > 0].min()), float(d.max())) if (d > 0).any() else None))
-            elif name == "semseg":
-                labels = batch["semseg_full"][b].cpu().numpy() if "semseg_full" in batch else batch["semseg"][b].cpu().numpy()
-                panels.append(self._seg(labels))
+            elif family == "segmentation":
+                panels.append(self._seg(batch[f"{name}_full"][b].cpu().numpy()))
+            else:
+                picture = get_modality(name)().picture(batch[name][b].cpu())
+                if picture is not None:
+                    panels.append(picture)
         return panels
 
     def _seg(self, labels: np.ndarray) -> np.ndarray:
-        return self.palette[np.where(labels == IGNORE_INDEX, 0, np.clip(labels, 0, len(self.palette) - 2) + 1)]
+        known = (labels >= 0) & (labels < len(self.palette) - 1)  # the ignore index (255) is beyond the classes
+        return self.palette[np.where(known, labels + 1, 0)]
 
     def _compose(self, panels: list[np.ndarray], labels: list[str], legend: tuple) -> np.ndarray:
         from PIL import Image, ImageDraw

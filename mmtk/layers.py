@@ -132,3 +132,22 @@ class CrossAttention(nn.Module):
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]
         out = attention(q, k, v, attn_mask)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class ClassMapTokenizer(PatchTokenizer):
+    """Tokens of a class-index map (semantic segmentation): a class embedding, then patches of the embedded map.
+
+    labels [B, h, w] (``ignore_index`` = unlabelled, embedded as zeros) -> tokens [B, gh*gw, dim].
+    """
+
+    def __init__(self, num_classes: int, embed_dim: int, dim: int, patch_size: int, grid: tuple[int, int],
+                 ignore_index: int, stride: int = 1, pos_mode: str = "bicubic") -> None:
+        super().__init__(embed_dim, dim, patch_size, grid, stride=stride, pos_mode=pos_mode)
+        self.class_emb = nn.Embedding(num_classes, embed_dim)
+        self.ignore_index = ignore_index
+
+    def forward(self, labels: Tensor) -> Tensor:
+        known = labels != self.ignore_index  # labels: [B, h, w]
+        emb = self.class_emb(labels.clamp(0, self.class_emb.num_embeddings - 1))  # [B, h, w, embed_dim]
+        emb = emb * known.unsqueeze(-1).to(emb.dtype)
+        return super().forward(emb.permute(0, 3, 1, 2))

@@ -15,8 +15,14 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.regression import MeanAbsolutePercentageError, MeanSquaredError
 
-from mmtk.adapters.semseg import IGNORE_INDEX
 
+# Metric families (Modality.metric_family): the finetuning losses each accepts (first = default) and the
+# metrics each reports.
+FAMILIES = {
+    "segmentation": {"losses": ("ce",), "keys": ("miou", "pixel_acc", "mean_acc")},
+    "depth": {"losses": ("berhu", "l1"), "keys": ("delta1", "delta2", "delta3", "abs_rel", "sq_rel", "rmse", "rmse_log",
+                                                   "log10")},
+}
 
 
 class SegmentationMetrics(Metric):
@@ -29,7 +35,7 @@ class SegmentationMetrics(Metric):
 
     full_state_update = False
 
-    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+    def __init__(self, num_classes: int, ignore_index: int) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.confusion = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index, validate_args=False)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from mmtk.adapters import Modality, get_modality
+from mmtk.modality import Modality, get_modality
 from mmtk.decoder import MaskedDecoder, TokenLayout, VisibleTokens
 from mmtk.errors import MmtkError
 from mmtk.heads import ConvNeXtHead, DPTHead

@@ -131,10 +131,13 @@ def model_from_checkpoint(state: dict, path: str | os.PathLike) -> torch.nn.Modu
     """The model a loaded mmtk training checkpoint describes, with its weights (clear errors when it cannot)."""
     import mmtk
 
+    from mmtk.modality import require_registered
+
     missing = [key for key in ("model_name", "model_args", "model") if key not in state]
     if missing:
         raise MmtkError(f"{path}: not an mmtk training checkpoint (no {', '.join(missing)}); give a checkpoint "
                         "written by `mmtk pretrain` or `mmtk finetune`")
+    require_registered(dict(state.get("modalities", {})), f"checkpoint {path}")
     model = mmtk.create_model(state["model_name"], verbose=False, **state["model_args"])
     try:
         model.load_state_dict(state["model"])

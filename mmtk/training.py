@@ -10,14 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmtk.adapters import get_modality, list_modalities
+from mmtk.modality import get_modality, list_modalities, modality_origins
 from mmtk.config import Recipe
 from mmtk.engine import FitResult, fit, main_process_print, seed_everything
 from mmtk.errors import MmtkError
-from mmtk.adapters.semseg import IGNORE_INDEX
-
-STORED = ("rgb", "depth", "semseg")  # modalities an mmtk HDF5 file stores as datasets
-EXTRAS = ("depth_m", "semseg_full")  # prepared targets that are not model inputs
+from mmtk.metrics import FAMILIES
 
 
 def data_source(name: str) -> str:
@@ -67,10 +64,8 @@ def data_info(path: str | Path, split: str = "train", sources: dict[str, str] | 
         if name not in part["datasets"]:
             raise MmtkError(f"data.sources maps {modality} to '{name}' but split '{split}' of {path} has only "
                             f"{', '.join(part['datasets'])}; fix data.sources or run `mmtk pseudo-label` first")
-    stored = [m for m in STORED if sources.get(m, m) in part["datasets"]]
-    derived = [name for name in list_modalities() if name not in STORED and get_modality(name).stored_from
-               and all(source in part["datasets"] for source in get_modality(name).stored_from)]
-    modalities = tuple(stored + derived)  # e.g. xyz, computed from depth + intrinsics by its adapter
+    modalities = tuple(name for name in list_modalities() if get_modality(name).is_input  # e.g. xyz from depth + K
+                       and all(sources.get(source, source) in part["datasets"] for source in get_modality(name).reads()))
     classes = list(info.get("classes") or [])
     return DataInfo(str(path), modalities, tuple(part["image_size"] or (0, 0)), len(classes), int(part["frames"]),
                     classes)
@@ -120,18 +115,19 @@ def needed_modalities(recipe: Recipe) -> tuple[str, ...]:
 def pretrain_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
     """The MultiMAE objective: the model masks, decodes every task and returns its losses."""
     valid = {key[: -len("_valid")]: value for key, value in batch.items() if key.endswith("_valid")}
-    inputs = {key: value for key, value in batch.items() if not key.endswith("_valid") and key not in EXTRAS}
+    registered = set(list_modalities())  # not the validity maps and full-resolution targets beside them
+    inputs = {key: value for key, value in batch.items() if key in registered}
     out = model(inputs, valid=valid)
     return out.loss, dict(out.losses)
 
 
-def semseg_loss(logits: Tensor, target: Tensor) -> Tensor:
-    """Cross-entropy at full resolution, unlabeled pixels (255) ignored; mean per image, then over images.
+def segmentation_loss(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
+    """Cross-entropy at full resolution, unlabeled pixels ignored; mean per image, then over images.
 
     logits: [B, C, H, W]; target: [B, H, W].
     """
-    pixel = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="none")  # [B, H, W]
-    labelled = (target != IGNORE_INDEX).flatten(1)
+    pixel = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")  # [B, H, W]
+    labelled = (target != ignore_index).flatten(1)
     return (pixel.flatten(1).sum(1) / labelled.sum(1).clamp(min=1)).mean()
 
 
@@ -152,14 +148,17 @@ def depth_loss(pred: Tensor, target: Tensor, valid: Tensor, kind: str = "berhu")
 def finetune_loss_fn(recipe: Recipe):
     """compute_loss(model, batch) for the recipe's finetuning task."""
     inputs, task = recipe.model.inputs, recipe.model.task
-    kind = recipe.train.loss or ("ce" if task == "semseg" else "berhu")
+    assert task is not None
+    adapter = get_modality(task)
+    family = adapter.metric_family
+    kind = recipe.train.loss or FAMILIES[family]["losses"][0]
 
     def compute(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         pred = model({name: batch[name] for name in inputs})
-        if task == "semseg":
-            loss = semseg_loss(pred, batch["semseg_full"])
+        if family == "segmentation":
+            loss = segmentation_loss(pred, batch[f"{task}_full"], adapter.ignore_index)
         else:
-            loss = depth_loss(pred, batch["depth_m"], batch["depth_valid"], kind)
+            loss = depth_loss(pred, batch[f"{task}_m"], batch[f"{task}_valid"], kind)
         return loss, {task: loss}
 
     return compute
@@ -238,7 +237,8 @@ def run_training(recipe: Recipe, run_dir: str | Path, init: str | Path | None = 
     if pretrained is not None:
         main_process_print(f"init from {init}: {init_summary(model)}")
     compute_loss = pretrain_loss if recipe.kind == "pretrain" else finetune_loss_fn(recipe)
-    extra = {"model_name": recipe.model.name, "model_args": args,
+    used = [*args["inputs"], *args.get("outputs", []), *([args["task"]] if args.get("task") else [])]
+    extra = {"model_name": recipe.model.name, "model_args": args, "modalities": modality_origins(dict.fromkeys(used)),
              "data": {"path": str(Path(info.path).resolve()), "modalities": list(info.modalities),
                       "image_size": list(info.image_size), "num_classes": info.num_classes,
                       "class_names": list(info.class_names)}}

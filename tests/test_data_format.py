@@ -29,7 +29,7 @@ def test_writer_layout_attrs_and_stats(tmp_path):
     out = tmp_path / "w.h5"
     with H5Writer(out, source="unit test", classes=NAMES) as writer:
         for i in range(2):
-            writer.add_frame("train", rgb=rgb, depth=depth, semseg=labels, intrinsics=np.eye(3),
+            writer.add_frame("train", {"rgb": rgb, "depth": depth, "semseg": labels}, intrinsics=np.eye(3),
                              timestamp=10.0 + i, frame_id=f"f{i}")
         assert not out.exists()  # nothing under the final name until the end
     with h5py.File(out) as f:
@@ -50,16 +50,16 @@ def test_writer_is_atomic_and_refuses_overwrite(tmp_path):
     out = tmp_path / "w.h5"
     with pytest.raises(RuntimeError):
         with H5Writer(out, source="x") as writer:
-            writer.add_frame("all", rgb=rgb, depth=depth)
+            writer.add_frame("all", {"rgb": rgb, "depth": depth})
             raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
     out.write_bytes(b"keep me")
     with pytest.raises(MmtkError, match="already exists"):
         with H5Writer(out, source="x") as writer:
-            writer.add_frame("all", rgb=rgb, depth=depth)
+            writer.add_frame("all", {"rgb": rgb, "depth": depth})
     assert out.read_bytes() == b"keep me"
     with H5Writer(out, source="x", force=True) as writer:
-        writer.add_frame("all", rgb=rgb, depth=depth)
+        writer.add_frame("all", {"rgb": rgb, "depth": depth})
     assert read_info(out)["splits"]["all"]["frames"] == 1
 
 
@@ -76,15 +76,15 @@ def test_writer_rejects_bad_frames(tmp_path, case, message):
     with pytest.raises(MmtkError, match=message):
         with H5Writer(out, source="x", classes=NAMES) as writer:
             if case == "mm_as_m":
-                writer.add_frame("all", rgb=rgb, depth=depth * 1000)
+                writer.add_frame("all", {"rgb": rgb, "depth": depth * 1000})
             elif case == "label_beyond":
-                writer.add_frame("all", rgb=rgb, depth=depth, semseg=labels + 1)
+                writer.add_frame("all", {"rgb": rgb, "depth": depth, "semseg": labels + 1})
             elif case == "size_mismatch":
-                writer.add_frame("all", rgb=rgb, depth=depth)
-                writer.add_frame("all", rgb=rgb[:240], depth=depth[:240])
+                writer.add_frame("all", {"rgb": rgb, "depth": depth})
+                writer.add_frame("all", {"rgb": rgb[:240], "depth": depth[:240]})
             elif case == "missing_modality":
-                writer.add_frame("all", rgb=rgb, depth=depth, semseg=labels)
-                writer.add_frame("all", rgb=rgb, depth=depth)
+                writer.add_frame("all", {"rgb": rgb, "depth": depth, "semseg": labels})
+                writer.add_frame("all", {"rgb": rgb, "depth": depth})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -93,10 +93,11 @@ def test_info_text_and_json(tmp_path):
     assert run_cli("convert", "--rgbd", MULTIMAE, out, "--no-progress")[0] == 0
     code, text = run_cli("info", out)
     assert code == 0
-    assert "[train] 1 frames, 480x640 px" in text and "depth range 1.79" in text and "wall 40.8 %" in text
+    assert "[train] 1 frames, 480x640 px" in text and "depth: median " in text and "range 1.79" in text and "wall 40.8 %" in text
     code, text = run_cli("info", out, "--json")
     data = json.loads(text)
-    assert data["splits"]["test"]["datasets"]["depth"] == {"shape": [1, 480, 640], "dtype": "float32", "units": "m"}
+    assert data["splits"]["test"]["datasets"]["depth"] == {"shape": [1, 480, 640], "dtype": "float32", "units": "m",
+                                                         "bytes_per_frame": 480 * 640 * 4}
     assert data["classes"][0] == "wall"
 
 

@@ -438,8 +438,8 @@ def test_colour_frames_without_depth_for_prediction():
 
     bag = SAMPLES / "rosbag_pcl_kinect" / "pcl_kinect_2frames.bag"
     frames = list(read_colour_frames(bag, "/camera/rgb/image_color"))
-    assert len(frames) == 2 and all(f.depth is None for f in frames)
-    assert frames[0].rgb.shape == (480, 640, 3) and frames[0].rgb.dtype == np.uint8
+    assert len(frames) == 2 and all(list(f.arrays) == ["rgb"] for f in frames)
+    assert frames[0].arrays["rgb"].shape == (480, 640, 3) and frames[0].arrays["rgb"].dtype == np.uint8
     np.testing.assert_allclose(frames[0].intrinsics, [[525, 0, 320], [0, 525, 240], [0, 0, 1]])
     assert frames[0].timestamp < frames[1].timestamp
 
@@ -450,4 +450,4 @@ def test_colour_frames_of_a_bag_without_camera_info(tmp_path):
     bag = copy_ros1_bag_without(SAMPLES / "rosbag_pcl_kinect" / "pcl_kinect_2frames.bag", tmp_path / "b.bag",
                                 "/camera/rgb/camera_info")
     frames = list(read_colour_frames(bag, "/camera/rgb/image_color"))
-    assert len(frames) == 2 and all(f.intrinsics is None and f.rgb.shape == (480, 640, 3) for f in frames)
+    assert len(frames) == 2 and all(f.intrinsics is None and f.arrays["rgb"].shape == (480, 640, 3) for f in frames)

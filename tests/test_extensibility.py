@@ -8,7 +8,7 @@ from torch import Tensor
 
 import mmtk
 from helpers import TINY, random_batch
-from mmtk.adapters import Modality, register_modality
+from mmtk.modality import Modality, register_modality
 
 
 @register_modality
@@ -35,4 +35,4 @@ def test_registered_modality_trains_a_step():
     out.loss.backward()
     optimizer.step()
     assert not torch.equal(before, model.encoder.tokenizers["test_normals"].proj.weight)
-    assert "test_normals" in mmtk.adapters.list_modalities()
+    assert "test_normals" in mmtk.modality.list_modalities()

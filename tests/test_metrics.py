@@ -9,7 +9,7 @@ from mmtk.metrics import DepthMetrics, SegmentationMetrics
 
 
 def test_segmentation_pooled_over_batches_with_ignored_labels():
-    metric = SegmentationMetrics(num_classes=3)
+    metric = SegmentationMetrics(num_classes=3, ignore_index=255)
     # Frame 1: 2x3, one ignored pixel.
     target1 = torch.tensor([[[0, 0, 1], [1, 255, 2]]])
     pred1 = torch.tensor([[[0, 1, 1], [1, 0, 2]]])  # the ignored pixel's prediction must not count
@@ -34,7 +34,7 @@ def test_segmentation_pooled_over_batches_with_ignored_labels():
 
 
 def test_segmentation_pooling_differs_from_per_batch_mean_and_skips_absent_classes():
-    metric = SegmentationMetrics(num_classes=4)
+    metric = SegmentationMetrics(num_classes=4, ignore_index=255)
     metric.update(torch.tensor([[0, 0, 0, 1]]), torch.tensor([[0, 0, 0, 0]]))  # IoU0 3/4, class 1 FP only
     metric.update(torch.tensor([[1]]), torch.tensor([[1]]))
     out = metric.compute()
@@ -45,7 +45,7 @@ def test_segmentation_pooling_differs_from_per_batch_mean_and_skips_absent_class
 
 
 def test_segmentation_accepts_logits():
-    metric = SegmentationMetrics(num_classes=2)
+    metric = SegmentationMetrics(num_classes=2, ignore_index=255)
     logits = torch.tensor([[[[2.0, -1.0]], [[0.0, 3.0]]]])  # [B=1, C=2, H=1, W=2] -> argmax [0, 1]
     metric.update(logits, torch.tensor([[[0, 0]]]))
     assert metric.compute()["pixel_acc"].item() == pytest.approx(0.5)

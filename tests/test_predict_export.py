@@ -134,7 +134,7 @@ def test_predict_cli_h5_split(checkpoints, rgb, depth_m, tmp_path, capsys, monke
 
     with H5Writer(path, source="pcl_kinect_grabber (subsampled)") as writer:
         for i in range(2):
-            writer.add_frame("test", rgb=small_rgb[i], depth=small_depth[i],
+            writer.add_frame("test", {"rgb": small_rgb[i], "depth": small_depth[i]},
                              intrinsics=intrinsics_matrix(131.25, 131.25, 80, 60))
     out = tmp_path / "out"
     code, stdout, err = run_cli(["predict", "--checkpoint", str(checkpoints["pretrain"]), "--h5", str(path),
@@ -153,8 +153,8 @@ def test_predict_cli_rosbag(checkpoints, tmp_path, capsys, monkeypatch):
     frames = list(read_bag_frames(BAG, "/camera/rgb/image_color", "/camera/depth_registered/image_raw"))
     tiffs = sorted((SHARED / "pcl_kinect_grabber" / "tiff").glob("*_depth.tiff"))
     for frame, tiff in zip(frames, tiffs, strict=True):
-        np.testing.assert_allclose(frame.depth, np.array(Image.open(tiff)) / 1000.0, rtol=0, atol=1e-6)
-        assert np.array_equal(frame.rgb, np.array(Image.open(str(tiff).replace("_depth", "_rgb"))))
+        np.testing.assert_allclose(frame.arrays["depth"], np.array(Image.open(tiff)) / 1000.0, rtol=0, atol=1e-6)
+        assert np.array_equal(frame.arrays["rgb"], np.array(Image.open(str(tiff).replace("_depth", "_rgb"))))
         np.testing.assert_array_equal(frame.intrinsics, K)
     out = tmp_path / "out"
     code, stdout, err = run_cli(["predict", "--checkpoint", str(checkpoints["depth"]), "--bag", str(BAG),
@@ -251,7 +251,7 @@ def test_export_pointcloud_from_images_and_h5(rgb, depth_m, tmp_path, capsys, mo
     from mmtk.data import H5Writer
 
     with H5Writer(path, source="pcl_kinect_grabber (subsampled)") as writer:
-        writer.add_frame("test", rgb=np.ascontiguousarray(rgb[::4, ::4]), depth=depth_m[::4, ::4])
+        writer.add_frame("test", {"rgb": np.ascontiguousarray(rgb[::4, ::4]), "depth": depth_m[::4, ::4]})
     with h5py.File(path, "r+") as f:  # as `mmtk pseudo-label` adds them
         g = f["test"]
         g["semseg_pseudo"] = labels[None]

@@ -50,7 +50,7 @@ def write_h5(path: Path) -> None:
     rgb, depth = real_frames()
     with H5Writer(path, source="pcl_kinect_grabber (crops)") as writer:
         for i in range(4):
-            writer.add_frame("train" if i < 3 else "test", rgb=rgb[i], depth=depth[i])
+            writer.add_frame("train" if i < 3 else "test", {"rgb": rgb[i], "depth": depth[i]})
 
 
 def _labels() -> dict:

@@ -20,7 +20,7 @@ def kinect_file(tmp_path_factory) -> Path:
     rgb, depth_m = kinect_frame()
     out = tmp_path_factory.mktemp("xyz") / "kinect.h5"
     with H5Writer(out, source="test: PCL Kinect frame") as writer:
-        writer.add_frame("all", rgb=rgb, depth=depth_m, intrinsics=K.astype(np.float32))
+        writer.add_frame("all", {"rgb": rgb, "depth": depth_m}, intrinsics=K.astype(np.float32))
     return out
 
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-
-from mmtk.data.sources.base import Frame
+from mmtk.modality import stored_array
 from mmtk.data.format import H5Writer, check_out_path
-from mmtk.data.resize import resize_frame_arrays
+from mmtk.data.resize import resize_intrinsics, resize_stored
+from mmtk.data.sources.base import Frame
 from mmtk.errors import MmtkError
 
 Log = Callable[[str], None]
@@ -23,8 +23,7 @@ class ConvertResult:
 
     out_path: Path
     frames: dict[str, int]
-    depth_range_m: tuple[float, float]
-    valid_fraction: float
+    metrics: dict[str, dict[str, float]]  # per metric array (depth): valid_fraction, min_m, median_m, max_m, ...
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:
@@ -38,20 +37,13 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
 
 
 def _resized(frame: Frame, size: tuple[int, int] | None) -> Frame:
-    if size is None or frame.rgb.shape[:2] == size:
+    """The frame at ``size`` (H, W): each array resized as its kind needs, intrinsics scaled to match."""
+    first = next(iter(frame.arrays.values()))
+    if size is None or first.shape[:2] == size:
         return frame
-    out = resize_frame_arrays(size, frame.rgb, frame.depth, frame.depth_raw, frame.semseg, frame.intrinsics)
-    return Frame(frame.split, out["rgb"], out["depth"], out["depth_raw"], out["semseg"], out["intrinsics"],
-                 frame.timestamp, frame.frame_id)
-
-
-def _check_sizes(frame: Frame) -> None:
-    size = frame.rgb.shape[:2]
-    for key in ("depth", "depth_raw", "semseg"):
-        value = getattr(frame, key)
-        if value is not None and value.shape[:2] != size:
-            raise MmtkError(f"frame {frame.frame_id}: rgb is {size[0]}x{size[1]} but {key} is "
-                            f"{value.shape[0]}x{value.shape[1]}; RGB and depth must be registered at the same size")
+    arrays = {name: resize_stored(stored_array(name)[1].kind, value, size) for name, value in frame.arrays.items()}
+    k = None if frame.intrinsics is None else resize_intrinsics(frame.intrinsics, first.shape[:2], size)
+    return Frame(frame.split, arrays, k, frame.timestamp, frame.frame_id)
 
 
 def write_frames(frames: Iterable[Frame], out_path: str | os.PathLike, *, source: str, total: int | None,
@@ -59,21 +51,21 @@ def write_frames(frames: Iterable[Frame], out_path: str | os.PathLike, *, source
                  progress: bool = True, log: Log | None = None) -> ConvertResult:
     """Write ``frames`` to ``out_path`` atomically, resizing to ``size`` (H, W) if given.
 
-    Shows a rich progress bar (frames/s) when ``progress`` is true. Returns a summary whose depth range
-    lets the caller show the user the effect of the depth units.
+    The one conversion path: every source's frames are resized here once and validated and written once by
+    :class:`H5Writer`. Shows a rich progress bar (frames/s) when ``progress`` is true. Returns a summary
+    whose depth statistics let the caller show the user the effect of the depth units.
     """
     with H5Writer(out_path, source=source, force=force, classes=classes) as writer:
         for frame in _with_progress(frames, total, progress):
-            _check_sizes(frame)
             frame = _resized(frame, size)
-            writer.add_frame(frame.split, rgb=frame.rgb, depth=frame.depth, depth_raw=frame.depth_raw,
-                             semseg=frame.semseg, intrinsics=frame.intrinsics, timestamp=frame.timestamp,
+            writer.add_frame(frame.split, frame.arrays, intrinsics=frame.intrinsics, timestamp=frame.timestamp,
                              frame_id=frame.frame_id)
-        result = ConvertResult(Path(out_path), writer.frame_counts, *writer.depth_summary())
+        result = ConvertResult(Path(out_path), writer.frame_counts, writer.metric_summary())
     if log:
         frames_text = ", ".join(f"{split} {n}" for split, n in result.frames.items())
-        log(f"wrote {out_path}: {frames_text} frames; depth {result.depth_range_m[0]:.3f}-"
-            f"{result.depth_range_m[1]:.3f} m, {100 * result.valid_fraction:.1f} % valid")
+        log(f"wrote {out_path}: {frames_text} frames" + "".join(
+            f"; {name} {s['min_m']:.3f}-{s['max_m']:.3f} m (median {s['median_m']:.3f} m), "
+            f"{100 * s['valid_fraction']:.1f} % valid" for name, s in result.metrics.items()))
     return result
 
 
@@ -95,9 +87,42 @@ def _with_progress(frames: Iterable[Frame], total: int | None, enabled: bool) ->
             bar.update(task, rate=f"{speed:.1f} frames/s" if speed else "")
 
 
+def parse_named(values: list[str] | None, option: str) -> dict[str, str]:
+    """["ir=/camera/ir/image", ...] -> {"ir": "/camera/ir/image"}; each NAME must be a stored array of an adapter."""
+    named: dict[str, str] = {}
+    for text in values or []:
+        name, sep, value = text.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise MmtkError(f"{option} {text!r} is not NAME=VALUE (e.g. {option} ir=...)")
+        if name.strip() in named:
+            raise MmtkError(f"{option} names {name.strip()!r} twice")
+        stored_array(name.strip())  # an unknown name is refused before any input is read
+        named[name.strip()] = value.strip()
+    return named
+
+
+def _with_streams(frames: Iterable[Frame], src: Path, streams: dict[str, str]) -> Iterator[Frame]:
+    """Add each extra stream's image (files matching GLOB under ``src``, matched to a frame by file stem)."""
+    from mmtk.data.sources.base import read_image
+
+    files = {name: {path.stem: path for path in sorted(src.glob(pattern)) if path.is_file()}
+             for name, pattern in streams.items()}
+    for name, found in files.items():
+        if not found:
+            raise MmtkError(f"--stream {name}={streams[name]}: no file under {src} matches")
+    for frame in frames:
+        stem = Path(str(frame.frame_id)).stem
+        for name, found in files.items():
+            if stem not in found:
+                raise MmtkError(f"--stream {name}: no file named {stem}.* for frame {frame.frame_id} (matched by "
+                                f"file stem among {len(found)} files of {streams[name]})")
+            frame.arrays[name] = read_image(found[stem])
+        yield frame
+
+
 def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes: int = 40,
                  depth_scale: float | None = None, size: tuple[int, int] | None = None, force: bool = False,
-                 progress: bool = True, log: Log | None = None) -> ConvertResult:
+                 progress: bool = True, log: Log | None = None, streams: dict[str, str] | None = None) -> ConvertResult:
     """Convert an RGB-D dataset folder (layout auto-detected) into an mmtk HDF5 file.
 
     Args:
@@ -106,6 +131,7 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
         classes: NYUv2 label space, 40, 13 or 894.
         depth_scale: stored depth units per metre, overriding the layout's (e.g. 1000 for mm).
         size: optional (H, W) to resize to on the way in.
+        streams: extra stored arrays, name -> glob under ``src`` (matched to frames by file stem).
     """
     from mmtk.data.sources.base import ConvertOptions
     from mmtk.data.sources.folders import open_rgbd_source
@@ -121,7 +147,8 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
     provenance = f"mmtk convert --rgbd {Path(src).name}: {source.description}"
     if size:
         provenance += f", resized to {size[0]}x{size[1]}"
-    return write_frames(source.frames(), out_path, source=provenance, total=source.total, classes=source.classes,
+    frames = _with_streams(source.frames(), Path(src), streams) if streams else source.frames()
+    return write_frames(frames, out_path, source=provenance, total=source.total, classes=source.classes,
                         size=size, force=force, progress=progress, log=log)
 
 
@@ -146,17 +173,19 @@ def build_demo_file(out_path: str | os.PathLike, *, force: bool = False, size: t
 def convert_rosbag(bag: str | os.PathLike, out_path: str | os.PathLike, rgb_topic: str, depth_topic: str | None = None,
                    camera_info_topic: str | None = None, max_dt: float = 0.02, depth_scale: float | None = None,
                    size: tuple[int, int] | None = None, force: bool = False, progress: bool = True,
-                   log: Log | None = None, cloud_topic: str | None = None) -> ConvertResult:
+                   log: Log | None = None, cloud_topic: str | None = None,
+                   extra_topics: dict[str, str] | None = None) -> ConvertResult:
     """Convert a ROS1 .bag or ROS2 bag (sqlite3/mcap) to an mmtk HDF5 file (colour/depth paired by stamp).
 
     Depth comes from ``depth_topic`` (Image/CompressedImage) or ``cloud_topic`` (PointCloud2, turned into
     depth aligned with the colour image; a cloud of another layout needs the colour camera's CameraInfo).
+    ``extra_topics`` maps a stored array name (e.g. "ir") to a further image topic, paired by stamp like depth.
     """
     from mmtk.data.sources.rosbag import open_rosbag_source
 
     check_out_path(out_path, force)  # before reading any input
     source = open_rosbag_source(bag, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale,
-                                cloud_topic=cloud_topic)
+                                cloud_topic=cloud_topic, extra_topics=extra_topics)
     if log:
         log(f"layout: rosbag - {source.description}; {source.total} frames")
         for note in source.notes:

@@ -11,12 +11,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mmtk.adapters import Modality, get_modality
+from mmtk.modality import Modality, get_modality
 from mmtk.data.format import FORMAT_VERSION
-from mmtk.data.transforms import CropWindow, full_window, prepare_depth, prepare_rgb, prepare_semseg, random_resized_crop
+from mmtk.data.transforms import CropWindow, full_window, random_resized_crop
 from mmtk.errors import MmtkError
-
-KNOWN_MODALITIES = ("rgb", "depth", "semseg")
 
 
 def open_mmtk_file(path: str | os.PathLike) -> h5py.File:
@@ -44,7 +42,7 @@ def open_mmtk_file(path: str | os.PathLike) -> h5py.File:
 class H5Dataset(Dataset):
     """Samples of one split of an mmtk HDF5 file, prepared as the model expects.
 
-    Each item is a dict of tensors:
+    Each item is a dict of tensors, each modality prepared by its adapter (:meth:`Modality.load`), e.g.
     ``rgb`` [3, H, W] ImageNet-normalised; ``depth`` [1, H, W] robustly standardised, with ``depth_valid``
     (bool) and ``depth_m`` (metres, 0 = invalid); ``semseg`` [H/4, W/4] and ``semseg_full`` [H, W] int64,
     0-based classes with 255 = unlabeled. Only the requested modalities appear.
@@ -52,7 +50,7 @@ class H5Dataset(Dataset):
     Args:
         path: the .h5 file.
         split: group name ("train", "test", "all").
-        modalities: any of "rgb", "depth", "semseg".
+        modalities: registered modality names ("rgb", "depth", "semseg", "xyz", a plugin's ...).
         image_size: output (H, W); None keeps the file's size.
         augment: random resized crop + horizontal flip, identical for every modality.
         crop_scale: area fraction range of the random crop.
@@ -76,14 +74,8 @@ class H5Dataset(Dataset):
         self.dataset_map = {m: m for m in self.modalities}
         self.dataset_map.update(dataset_map or {})
         if not self.modalities:
-            raise MmtkError("no modality requested; choose from rgb, depth, semseg or a registered one")
-        # Modalities computed from stored datasets (e.g. xyz from depth + intrinsics), by their adapter.
-        self.derived: dict[str, Modality] = {m: get_modality(m)() for m in self.modalities
-                                             if m not in KNOWN_MODALITIES}
-        for name, modality in self.derived.items():
-            if not modality.stored_from:
-                raise MmtkError(f"modality '{name}' is not stored in mmtk HDF5 files and cannot be derived from "
-                                f"them; use {', '.join(KNOWN_MODALITIES)}")
+            raise MmtkError("no modality requested; name at least one registered modality (e.g. rgb)")
+        self.adapters: dict[str, Modality] = {m: get_modality(m)() for m in self.modalities}
         with open_mmtk_file(self.path) as handle:
             self._check(handle)
             group = handle[split]
@@ -91,10 +83,11 @@ class H5Dataset(Dataset):
             self.length = int(first.shape[0])
             self.file_size = tuple(int(v) for v in first.shape[1:3])
             self.classes: list[str] | None = None
-            if "semseg" in self.modalities:
+            labelled = [name for _, name in self._stored_names() if "classes" in group[name].attrs]
+            if labelled:
                 import json
 
-                self.classes = json.loads(group[self.dataset_map["semseg"]].attrs.get("classes", "[]"))
+                self.classes = json.loads(group[labelled[0]].attrs["classes"])
         self.image_size = tuple(image_size) if image_size is not None else self.file_size
         self._handle: h5py.File | None = None
         self._pid: int | None = None
@@ -119,10 +112,8 @@ class H5Dataset(Dataset):
 
     def _stored_names(self) -> list[tuple[str, str]]:
         """(modality, stored dataset name) for everything this dataset reads."""
-        pairs = [(m, self.dataset_map[m]) for m in self.modalities if m not in self.derived]
-        for m, modality in self.derived.items():
-            pairs += [(m, self.dataset_map.get(source, source)) for source in modality.stored_from]
-        return pairs
+        return [(m, self.dataset_map.get(source, source)) for m, adapter in self.adapters.items()
+                for source in adapter.reads()]
 
     def __len__(self) -> int:
         return self.length
@@ -155,21 +146,15 @@ class H5Dataset(Dataset):
             raise IndexError(index)
         datasets = self._datasets()
         win = self.window()
+
+        def read(name: str) -> np.ndarray:
+            """The frame's stored array `name`: per-frame matrices whole, images cropped to the window."""
+            stored = datasets[self.dataset_map.get(name, name)]
+            return stored[index] if stored.ndim < 3 or name == "intrinsics" else _read_window(stored, index, win)
+
         sample: dict[str, torch.Tensor] = {}
-        for modality in self.modalities:
-            if modality in self.derived:
-                def read(name: str) -> np.ndarray:
-                    stored = datasets[self.dataset_map.get(name, name)]
-                    return stored[index] if name == "intrinsics" else _read_window(stored, index, win)
-                sample.update(self.derived[modality].load(read, win, self.image_size))
-                continue
-            crop = _read_window(datasets[self.dataset_map[modality]], index, win)
-            if modality == "rgb":
-                sample["rgb"] = prepare_rgb(crop, self.image_size, win.flip)
-            elif modality == "depth":
-                sample.update(prepare_depth(crop, self.image_size, win.flip))
-            else:
-                sample.update(prepare_semseg(crop, self.image_size, win.flip))
+        for adapter in self.adapters.values():
+            sample.update(adapter.load(read, win, self.image_size))
         return sample
 
     def close(self) -> None:

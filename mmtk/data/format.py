@@ -3,18 +3,18 @@
 Layout (documented in ``docs/dataset-format.md``)::
 
     /                 attrs: mmtk_format (int), source (str), created (ISO 8601 str)
-    /<split>/         one group per split: "train", "test", or "all"
-        rgb           uint8   [N, H, W, 3]
-        depth         float32 [N, H, W]   metres, 0 = invalid
-        depth_raw     float32 [N, H, W]   metres, 0 = invalid            (optional)
-        semseg        uint8|uint16 [N, H, W], 0 = unlabeled, attr classes (JSON list)   (optional)
+    /<split>/         one group per split: "train", "test", or "all"; attr image_size (H, W)
+        <array>       [N, H, W] or [N, H, W, C], one dataset per stored array of a modality adapter
+                      (rgb uint8 [N, H, W, 3]; depth, depth_raw float32 metres, 0 = invalid; semseg
+                      uint8|uint16, 0 = unlabeled, attr classes (JSON list); a plugin's arrays)
         intrinsics    float32 [N, 3, 3]   pixels, 0-based principal point (optional)
         timestamp     float64 [N]         seconds                        (optional)
         frame_id      str     [N]                                        (optional)
 
-Every array is chunked one frame per chunk. Datasets with a physical unit carry a ``units`` attr;
-depth datasets also carry summary statistics (``valid_fraction``, ``min_m``, ``max_m``) and semseg a
-``histogram`` so that ``mmtk info`` never has to scan the file.
+What each array holds is declared by the adapter that stores it (:class:`mmtk.modality.StoredArray`):
+its dtype, units (the ``units`` attr) and kind. Every array is chunked one frame per chunk. Metric arrays
+(depth) carry summary statistics (``valid_fraction``, ``min_m``, ``max_m``, ``p01_m``, ``median_m``,
+``p99_m``) and label arrays a ``histogram``, so that ``mmtk info`` never has to scan the file.
 """
 
 from __future__ import annotations
@@ -26,49 +26,54 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import h5py
 import numpy as np
 
+from mmtk.modality import StoredArray, stored_array
 from mmtk.errors import MmtkError
 
 FORMAT_VERSION = 1
 """Integer written to the root attr ``mmtk_format``; bumped on incompatible changes."""
 
 SPLIT_NAMES = ("train", "test", "all")
-IMAGE_DATASETS = ("rgb", "depth", "depth_raw", "semseg")
-UNITS = {
-    "rgb": "uint8 sRGB, channels R,G,B",
-    "depth": "m",
-    "depth_raw": "m",
-    "semseg": "class id, 0 = unlabeled, k = classes[k-1]",
-    "intrinsics": "px",
-    "timestamp": "s",
-}
-# Chosen by measurement (benchmarks/bench_loader.py, see docs/dataset-format.md): uncompressed chunks
-# read fastest and let HDF5 read a crop window without touching the rest of the frame.
+META_UNITS = {"intrinsics": "px", "timestamp": "s"}
+# Chosen by measurement (benchmarks/bench_loader.py, see docs/dataset-format.md): uncompressed chunks read fastest,
+# let HDF5 read a crop window without touching the rest of the frame, and open in any HDF5 tool. (Blosc LZ4 would
+# halve depth at the same speed but makes files unreadable without the hdf5plugin filter.)
 COMPRESSION: str | None = None
-MAX_PLAUSIBLE_MEDIAN_DEPTH_M = 80.0
+SAMPLES_PER_FRAME = 2000  # valid values kept per frame and metric array for the stored percentiles
+MAX_SAMPLES = 400_000
 
 
 @dataclass
-class _SplitStats:
-    """Running statistics of one split, stored as attrs at close."""
+class MetricStats:
+    """Running statistics of one metric array in one split, stored as attrs at close."""
 
-    depth_valid: dict[str, int] = field(default_factory=dict)
-    depth_total: dict[str, int] = field(default_factory=dict)
-    depth_min: dict[str, float] = field(default_factory=dict)
-    depth_max: dict[str, float] = field(default_factory=dict)
-    histogram: np.ndarray | None = None
+    valid: int = 0
+    total: int = 0
+    low: float = np.inf
+    high: float = 0.0
+    samples: list[np.ndarray] = field(default_factory=list)
+    kept: int = 0
 
+    def update(self, values: np.ndarray) -> None:
+        valid = values[values > 0]
+        self.valid += valid.size
+        self.total += values.size
+        if valid.size:
+            self.low, self.high = min(self.low, float(valid.min())), max(self.high, float(valid.max()))
+            if self.kept < MAX_SAMPLES:
+                sample = valid[:: max(1, valid.size // SAMPLES_PER_FRAME)]
+                self.samples.append(sample)
+                self.kept += sample.size
 
-def _check_image(name: str, array: np.ndarray, dtypes: Sequence[type], ndim: int) -> None:
-    if array.ndim != ndim:
-        raise MmtkError(f"{name} has shape {array.shape}, expected {ndim} dimensions; check the input images")
-    if array.dtype.type not in dtypes:
-        names = ", ".join(np.dtype(d).name for d in dtypes)
-        raise MmtkError(f"{name} has dtype {array.dtype}, expected {names}")
+    def attrs(self) -> dict[str, float]:
+        values = np.concatenate(self.samples) if self.samples else np.zeros(1, np.float32)
+        p01, median, p99 = (float(v) for v in np.percentile(values, [1, 50, 99]))
+        return {"valid_fraction": self.valid / max(self.total, 1), "min_m": self.low if self.valid else 0.0,
+                "max_m": self.high, "p01_m": p01, "median_m": median, "p99_m": p99}
 
 
 def check_out_path(path: str | os.PathLike, force: bool) -> None:
@@ -92,7 +97,7 @@ class H5Writer:
 
         with H5Writer("out.h5", source="my camera") as w:
             w.set_classes(["wall", "floor"])
-            w.add_frame("train", rgb=rgb, depth=depth_m, semseg=labels)
+            w.add_frame("train", {"rgb": rgb, "depth": depth_m, "semseg": labels}, frame_id="0001")
     """
 
     def __init__(self, out_path: str | os.PathLike, source: str, force: bool = False,
@@ -106,7 +111,9 @@ class H5Writer:
         self._tmp_path: Path | None = None
         self._counts: dict[str, int] = {}
         self._keys: dict[str, tuple[str, ...]] = {}
-        self._stats: dict[str, _SplitStats] = {}
+        self._kinds: dict[str, dict[str, str]] = {}  # split -> stored array -> kind
+        self._metric: dict[str, dict[str, MetricStats]] = {}
+        self._histograms: dict[str, dict[str, np.ndarray]] = {}
 
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> "H5Writer":
@@ -159,8 +166,8 @@ class H5Writer:
 
     # -- public API ------------------------------------------------------------------------
     def set_classes(self, names: Sequence[str]) -> None:
-        """Set the class names: label k (k >= 1) is ``names[k-1]``; 0 is unlabeled."""
-        if self._counts and any("semseg" in keys for keys in self._keys.values()):
+        """Set the class names of label arrays: label k (k >= 1) is ``names[k-1]``; 0 is unlabeled."""
+        if any(kind == "labels" for kinds in self._kinds.values() for kind in kinds.values()):
             raise MmtkError("set the class names before the first frame with labels")
         self.classes = list(names)
 
@@ -169,17 +176,15 @@ class H5Writer:
         """Frames written so far, per split."""
         return dict(self._counts)
 
-    def add_frame(self, split: str, rgb: np.ndarray, depth: np.ndarray, depth_raw: np.ndarray | None = None,
-                  semseg: np.ndarray | None = None, intrinsics: np.ndarray | None = None,
+    def add_frame(self, split: str, arrays: Mapping[str, np.ndarray], intrinsics: np.ndarray | None = None,
                   timestamp: float | None = None, frame_id: str | None = None) -> None:
         """Append one frame to ``split``.
 
         Args:
             split: "train", "test" or "all".
-            rgb: uint8 [H, W, 3].
-            depth: float32 [H, W] metres, 0 = invalid (NaN/inf are turned into 0).
-            depth_raw: optional float32 [H, W] metres (unfilled sensor depth), same convention.
-            semseg: optional uint8/uint16 [H, W], 0 = unlabeled, values <= len(classes).
+            arrays: stored array name -> array, e.g. ``{"rgb": uint8 [H, W, 3], "depth": float32 [H, W] m}``.
+                Each name must be stored by a registered modality adapter, which validates it
+                (:meth:`mmtk.modality.Modality.check_stored`); all have the same H x W.
             intrinsics: optional [3, 3] pixels, 0-based principal point.
             timestamp: optional seconds.
             frame_id: optional name of the frame (provenance).
@@ -189,78 +194,86 @@ class H5Writer:
             raise RuntimeError("H5Writer.add_frame called outside its `with` block")
         if split not in SPLIT_NAMES:
             raise MmtkError(f"unknown split {split!r}; use one of {', '.join(SPLIT_NAMES)}")
-        frame = self._validated(rgb=rgb, depth=depth, depth_raw=depth_raw, semseg=semseg,
-                                intrinsics=intrinsics, timestamp=timestamp, frame_id=frame_id)
+        name = frame_id if frame_id is not None else f"#{self._counts.get(split, 0)} of {split}"
+        frame, kinds = self._validated(arrays, intrinsics, timestamp, frame_id, name)
         keys = tuple(sorted(frame))
         if split not in self._counts:
-            self._create_split(split, frame)
+            self._create_split(split, frame, kinds)
         elif keys != self._keys[split]:
             missing = sorted(set(self._keys[split]) ^ set(keys))
-            name = frame_id or f"#{self._counts[split]}"
             raise MmtkError(f"frame {name} in split {split!r} differs from the split's first frame in "
                             f"{', '.join(missing)}; every frame of a split needs the same modalities")
         group = self._file[split]
         index = self._counts[split]
-        expected = group["rgb"].shape[1:3]
-        for key in keys:
-            value = frame[key]
-            if key in IMAGE_DATASETS and value.shape[:2] != expected:
-                raise MmtkError(f"frame {frame_id or index}: {key} is {value.shape[0]}x{value.shape[1]} but the "
+        expected = tuple(group.attrs["image_size"])
+        for key in kinds:
+            if frame[key].shape[:2] != expected:
+                raise MmtkError(f"frame {name}: {key} is {frame[key].shape[0]}x{frame[key].shape[1]} but the "
                                 f"split's images are {expected[0]}x{expected[1]}; convert with --size HxW")
         for key in keys:
             dataset = group[key]
             dataset.resize(index + 1, axis=0)
             dataset[index] = frame[key]
-        self._update_stats(split, frame)
+        self._update_stats(split, frame, kinds)
         self._counts[split] = index + 1
 
-    # -- internals -------------------------------------------------------------------------
-    def _validated(self, **fields: object) -> dict[str, np.ndarray | float | str]:
-        frame: dict[str, np.ndarray | float | str] = {}
-        rgb = np.asarray(fields["rgb"])
-        _check_image("rgb", rgb, (np.uint8,), 3)
-        if rgb.shape[2] != 3:
-            raise MmtkError(f"rgb has {rgb.shape[2]} channels, expected 3")
-        frame["rgb"] = rgb
-        for key in ("depth", "depth_raw"):
-            if fields[key] is None:
-                continue
-            depth = np.asarray(fields[key])
-            _check_image(key, depth, (np.float32, np.float64), 2)
-            depth = np.nan_to_num(depth.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-            depth[depth < 0] = 0.0
-            _check_plausible_metres(key, depth, fields["frame_id"])
-            frame[key] = depth
-        if fields["semseg"] is not None:
-            frame["semseg"] = self._validated_labels(np.asarray(fields["semseg"]), fields["frame_id"])
-        if fields["intrinsics"] is not None:
-            k = np.asarray(fields["intrinsics"], dtype=np.float32)
-            if k.shape != (3, 3):
-                raise MmtkError(f"intrinsics have shape {k.shape}, expected 3x3")
-            frame["intrinsics"] = k
-        if fields["timestamp"] is not None:
-            frame["timestamp"] = float(fields["timestamp"])  # type: ignore[arg-type]
-        if fields["frame_id"] is not None:
-            frame["frame_id"] = str(fields["frame_id"])
-        return frame
+    def metric_summary(self) -> dict[str, dict[str, float]]:
+        """Per metric array (depth, ...) over every split written so far: valid fraction, min, median, max (m)."""
+        merged: dict[str, MetricStats] = {}
+        for stats in self._metric.values():
+            for key, part in stats.items():
+                total = merged.setdefault(key, MetricStats())
+                total.valid, total.total = total.valid + part.valid, total.total + part.total
+                total.low, total.high = min(total.low, part.low), max(total.high, part.high)
+                total.samples += part.samples
+        return {key: stats.attrs() for key, stats in merged.items()}
 
-    def _validated_labels(self, labels: np.ndarray, frame_id: object) -> np.ndarray:
-        _check_image("semseg", labels, (np.uint8, np.uint16, np.int32, np.int64, np.uint32), 2)
+    # -- internals -------------------------------------------------------------------------
+    def _validated(self, arrays: Mapping[str, np.ndarray], intrinsics: object, timestamp: object,
+                   frame_id: object, name: str) -> tuple[dict[str, np.ndarray | float | str], dict[str, str]]:
+        """The frame's fields as stored, each array checked by its adapter; and each array's kind."""
+        if not arrays:
+            raise MmtkError(f"frame {name} has no image arrays")
+        frame: dict[str, np.ndarray | float | str] = {}
+        kinds: dict[str, str] = {}
+        for key, value in arrays.items():
+            if key in ("intrinsics", "timestamp", "frame_id"):
+                raise MmtkError(f"frame {name}: {key!r} is frame metadata, not an array; pass it as {key}=")
+            owner, stored = stored_array(key)
+            array = owner().check_stored(stored, value, name)
+            if stored.kind == "labels":  # stored in the smallest dtype the class count needs
+                frame[key] = self._validated_labels(stored, array, name)
+            else:
+                frame[key] = array.astype(stored.dtype, copy=False)
+            kinds[key] = stored.kind
+        first, (height, width) = next(iter(frame)), next(iter(frame.values())).shape[:2]  # type: ignore[union-attr]
+        for key, value in frame.items():
+            if value.shape[:2] != (height, width):  # type: ignore[union-attr]
+                raise MmtkError(f"frame {name}: {first} is {height}x{width} but {key} is {value.shape[0]}x"  # type: ignore[union-attr]
+                                f"{value.shape[1]}; the images of a frame must be registered at the same size")
+        if intrinsics is not None:
+            k = np.asarray(intrinsics, dtype=np.float32)
+            if k.shape != (3, 3):
+                raise MmtkError(f"frame {name}: intrinsics have shape {k.shape}, expected 3x3")
+            frame["intrinsics"] = k
+        if timestamp is not None:
+            frame["timestamp"] = float(timestamp)  # type: ignore[arg-type]
+        if frame_id is not None:
+            frame["frame_id"] = str(frame_id)
+        return frame, kinds
+
+    def _validated_labels(self, stored: StoredArray, labels: np.ndarray, name: str) -> np.ndarray:
         if self.classes is None:
-            raise MmtkError("semseg given but no class names; call set_classes(names) first")
+            raise MmtkError(f"{stored.name} given but no class names; call set_classes(names) first")
         top = int(labels.max(initial=0))
         if labels.min(initial=0) < 0 or top > len(self.classes):
-            raise MmtkError(f"frame {frame_id}: label {top} is beyond the {len(self.classes)}-class map "
+            raise MmtkError(f"frame {name}: label {top} is beyond the {len(self.classes)}-class map "
                             f"(labels must be 0..{len(self.classes)}); pick the matching --classes")
-        return labels.astype(self._label_dtype())
+        return labels.astype(np.uint8 if len(self.classes) < 256 else np.uint16)
 
-    def _label_dtype(self) -> type:
-        return np.uint8 if self.classes is not None and len(self.classes) < 256 else np.uint16
-
-    def _create_split(self, split: str, frame: dict) -> None:
+    def _create_split(self, split: str, frame: dict, kinds: dict[str, str]) -> None:
         assert self._file is not None
         group = self._file.create_group(split)
-        height, width = frame["rgb"].shape[:2]
         for key, value in frame.items():
             if key == "frame_id":
                 dataset = group.create_dataset(key, shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(),
@@ -272,62 +285,30 @@ class H5Writer:
                 shape = value.shape
                 dataset = group.create_dataset(key, shape=(0, *shape), maxshape=(None, *shape),
                                                dtype=value.dtype, chunks=(1, *shape), compression=self.compression)
-            if key in UNITS:
-                dataset.attrs["units"] = UNITS[key]
-        if "semseg" in frame:
-            group["semseg"].attrs["classes"] = json.dumps(self.classes)
-        group.attrs["image_size"] = (height, width)
+            dataset.attrs["units"] = stored_array(key)[1].units if key in kinds else META_UNITS.get(key, "")
+            if kinds.get(key) == "labels":
+                dataset.attrs["classes"] = json.dumps(self.classes)
+        group.attrs["image_size"] = next(frame[key].shape[:2] for key in kinds)
         self._counts[split] = 0
         self._keys[split] = tuple(sorted(frame))
-        stats = _SplitStats()
-        if "semseg" in frame:
-            stats.histogram = np.zeros(len(self.classes) + 1, dtype=np.int64)  # type: ignore[arg-type]
-        self._stats[split] = stats
+        self._kinds[split] = dict(kinds)
+        self._metric[split] = {key: MetricStats() for key, kind in kinds.items() if kind == "metric"}
+        self._histograms[split] = {key: np.zeros(len(self.classes) + 1, dtype=np.int64)  # type: ignore[arg-type]
+                                   for key, kind in kinds.items() if kind == "labels"}
 
-    def depth_summary(self) -> tuple[tuple[float, float], float]:
-        """((min, max) metres over valid pixels, valid fraction) of ``depth`` over every frame written so far."""
-        stats = [s for s in self._stats.values() if "depth" in s.depth_total]
-        valid = sum(s.depth_valid["depth"] for s in stats)
-        total = sum(s.depth_total["depth"] for s in stats)
-        low = min((s.depth_min["depth"] for s in stats if "depth" in s.depth_min), default=0.0)
-        high = max((s.depth_max["depth"] for s in stats if "depth" in s.depth_max), default=0.0)
-        return (low, high), valid / max(total, 1)
-
-    def _update_stats(self, split: str, frame: dict) -> None:
-        stats = self._stats[split]
-        for key in ("depth", "depth_raw"):
-            if key not in frame:
-                continue
-            depth = frame[key]
-            valid = depth[depth > 0]
-            stats.depth_valid[key] = stats.depth_valid.get(key, 0) + valid.size
-            stats.depth_total[key] = stats.depth_total.get(key, 0) + depth.size
-            if valid.size:
-                stats.depth_min[key] = min(stats.depth_min.get(key, np.inf), float(valid.min()))
-                stats.depth_max[key] = max(stats.depth_max.get(key, 0.0), float(valid.max()))
-        if stats.histogram is not None:
-            stats.histogram += np.bincount(frame["semseg"].ravel(), minlength=stats.histogram.size)
+    def _update_stats(self, split: str, frame: dict, kinds: dict[str, str]) -> None:
+        for key, stats in self._metric[split].items():
+            stats.update(frame[key])
+        for key, histogram in self._histograms[split].items():
+            histogram += np.bincount(frame[key].ravel(), minlength=histogram.size)
 
     def _finish(self) -> None:
         assert self._file is not None
         if not self._counts:
-            raise MmtkError(f"no frames were written for {self.out_path}; the source holds no usable RGB-D pairs")
-        for split, stats in self._stats.items():
+            raise MmtkError(f"no frames were written for {self.out_path}; the source holds no usable frames")
+        for split in self._counts:
             group = self._file[split]
-            for key, total in stats.depth_total.items():
-                group[key].attrs["valid_fraction"] = stats.depth_valid[key] / max(total, 1)
-                group[key].attrs["min_m"] = stats.depth_min.get(key, 0.0)
-                group[key].attrs["max_m"] = stats.depth_max.get(key, 0.0)
-            if stats.histogram is not None:
-                group["semseg"].attrs["histogram"] = stats.histogram
-
-
-def _check_plausible_metres(key: str, depth: np.ndarray, frame_id: object) -> None:
-    valid = depth[depth > 0]
-    if valid.size == 0:
-        return
-    median = float(np.median(valid[:: max(1, valid.size // 20000)]))
-    if median > MAX_PLAUSIBLE_MEDIAN_DEPTH_M:
-        raise MmtkError(f"frame {frame_id}: {key} median is {median:.0f} m, which looks like millimetres given as "
-                        f"metres; pass --depth-scale 1000 (units per metre)")
-
+            for key, stats in self._metric[split].items():
+                group[key].attrs.update(stats.attrs())
+            for key, histogram in self._histograms[split].items():
+                group[key].attrs["histogram"] = histogram

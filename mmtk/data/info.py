@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 
 from mmtk.data.dataset import open_mmtk_file
+from mmtk.data.format import MetricStats
 
 STATS_SAMPLE_FRAMES = 32  # frames scanned when a file lacks the writer's stored statistics
 
@@ -21,8 +22,8 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
 
         {"path", "format", "source", "created",
          "splits": {split: {"frames", "image_size": [H, W],
-                            "datasets": {name: {"shape", "dtype", "units"}},
-                            "depth": {name: {"min_m", "max_m", "valid_fraction"}},
+                            "datasets": {name: {"shape", "dtype", "units", "bytes_per_frame"}},
+                            "depth": {name: {"min_m", "p01_m", "median_m", "p99_m", "max_m", "valid_fraction"}},
                             "class_histogram": {name: pixels} | None,
                             "intrinsics": [[3x3] of the first frame] | None}},
          "classes": [names] | None, "units": {dataset: unit}}
@@ -48,25 +49,28 @@ def _split_info(group: h5py.Group, info: dict[str, Any]) -> dict[str, Any]:
     for name, dataset in group.items():
         units = dataset.attrs.get("units")
         datasets[name] = {"shape": list(dataset.shape), "dtype": str(dataset.dtype),
-                          "units": None if units is None else str(units)}
+                          "units": None if units is None else str(units),
+                          "bytes_per_frame": int(np.prod(dataset.shape[1:], dtype=np.int64)) * dataset.dtype.itemsize}
         if units is not None:
             info["units"][name] = str(units)
-    frames = int(group["rgb"].shape[0]) if "rgb" in group else 0
+    images = [d for name, d in group.items() if d.ndim >= 3 and name != "intrinsics"]  # per-frame images
+    frames = int(images[0].shape[0]) if images else 0
+    labels = next((d for d in images if "classes" in d.attrs and not d.name.endswith("_pseudo")), None)
     split: dict[str, Any] = {
         "frames": frames,
-        "image_size": [int(v) for v in group["rgb"].shape[1:3]] if "rgb" in group else None,
+        "image_size": [int(v) for v in images[0].shape[1:3]] if images else None,
         "datasets": datasets,
-        "depth": {name: _depth_stats(group[name]) for name in ("depth", "depth_raw", "depth_pseudo")
-                  if name in group},
+        "depth": {d.name.rsplit("/", 1)[1]: _depth_stats(d) for d in images
+                  if str(d.attrs.get("units", "")) == "m" or "valid_fraction" in d.attrs},
         "class_histogram": None,
         "intrinsics": group["intrinsics"][0].tolist() if "intrinsics" in group and frames else None,
     }
-    if "semseg" in group:
-        classes = json.loads(group["semseg"].attrs.get("classes", "[]"))
+    if labels is not None:
+        classes = json.loads(labels.attrs.get("classes", "[]"))
         info["classes"] = classes
-        histogram = group["semseg"].attrs.get("histogram")
+        histogram = labels.attrs.get("histogram")
         if histogram is None:
-            histogram = _scan_histogram(group["semseg"], len(classes))
+            histogram = _scan_histogram(labels, len(classes))
         names = ["unlabeled", *classes]
         split["class_histogram"] = {names[k] if k < len(names) else str(k): int(v)
                                     for k, v in enumerate(histogram) if v}
@@ -78,20 +82,13 @@ def _sample_indices(count: int) -> np.ndarray:
 
 
 def _depth_stats(dataset: h5py.Dataset) -> dict[str, float | bool]:
-    if "valid_fraction" in dataset.attrs:
-        return {"min_m": float(dataset.attrs["min_m"]), "max_m": float(dataset.attrs["max_m"]),
-                "valid_fraction": float(dataset.attrs["valid_fraction"]), "sampled": False}
-    valid_count = total = 0
-    low, high = np.inf, 0.0
+    keys = ("valid_fraction", "min_m", "p01_m", "median_m", "p99_m", "max_m")
+    if all(key in dataset.attrs for key in keys):
+        return {**{key: float(dataset.attrs[key]) for key in keys}, "sampled": False}
+    stats = MetricStats()  # files of older writers (no percentiles) or of other tools: sample frames
     for index in _sample_indices(dataset.shape[0]) if dataset.shape[0] else []:
-        frame = dataset[index]
-        valid = frame[frame > 0]
-        valid_count += valid.size
-        total += frame.size
-        if valid.size:
-            low, high = min(low, float(valid.min())), max(high, float(valid.max()))
-    return {"min_m": 0.0 if valid_count == 0 else low, "max_m": high,
-            "valid_fraction": valid_count / max(total, 1), "sampled": True}
+        stats.update(dataset[index])
+    return {**stats.attrs(), "sampled": True}
 
 
 def _scan_histogram(dataset: h5py.Dataset, num_classes: int) -> np.ndarray:
@@ -114,10 +111,12 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(f"[{split}] {data['frames']} frames, {size_text}")
         for name, ds in data["datasets"].items():
             unit = f", units: {ds['units']}" if ds["units"] else ""
-            lines.append(f"  {name:<11} {ds['dtype']:<8} {tuple(ds['shape'])}{unit}")
+            per_frame = f", {ds['bytes_per_frame'] / 1e6:.2f} MB/frame" if len(ds["shape"]) >= 3 else ""
+            lines.append(f"  {name:<11} {ds['dtype']:<8} {tuple(ds['shape'])}{unit}{per_frame}")
         for name, stats in data["depth"].items():
             note = f" (from {STATS_SAMPLE_FRAMES} sampled frames)" if stats["sampled"] else ""
-            lines.append(f"  {name} range {stats['min_m']:.3f}-{stats['max_m']:.3f} m, "
+            lines.append(f"  {name}: median {stats['median_m']:.3f} m, 1-99 % {stats['p01_m']:.3f}-"
+                         f"{stats['p99_m']:.3f} m, range {stats['min_m']:.3f}-{stats['max_m']:.3f} m, "
                          f"valid {100 * stats['valid_fraction']:.1f} % of pixels{note}")
         if data["intrinsics"] is not None:
             k = data["intrinsics"]

@@ -55,28 +55,34 @@ def resize_depth(depth: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tens
     return out, keep
 
 
-def resize_frame_arrays(size: tuple[int, int], rgb: np.ndarray, depth: np.ndarray | None = None,
-                        depth_raw: np.ndarray | None = None, semseg: np.ndarray | None = None,
-                        intrinsics: np.ndarray | None = None) -> dict[str, np.ndarray | None]:
-    """Resize one frame given as numpy arrays (rgb [H,W,3] uint8, depth [H,W] m, semseg [H,W]) to size=(h, w).
+def resize_stored(kind: str, array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize one stored array [H, W] or [H, W, C] to size=(h, w) the way its kind needs (see StoredArray).
 
-    Intrinsics are scaled so that pixel centres map exactly (0-based convention).
+    "image": bilinear with antialias, rounded back to the integer dtype; "metric": validity-aware
+    (:func:`resize_depth`, 0 = invalid); "labels": nearest.
     """
-    height, width = rgb.shape[:2]
-    out: dict[str, np.ndarray | None] = {}
-    rgb_t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
-    out["rgb"] = resize_rgb(rgb_t, size)[0].permute(1, 2, 0).contiguous().numpy()
-    for key, value in (("depth", depth), ("depth_raw", depth_raw)):
-        out[key] = None if value is None else resize_depth(torch.from_numpy(value)[None, None], size)[0][0, 0].numpy()
-    out["semseg"] = None if semseg is None else resize_labels(torch.from_numpy(semseg)[None, None], size)[0, 0].numpy()
-    if intrinsics is not None:
-        sx, sy = size[1] / width, size[0] / height
-        k = np.array(intrinsics, dtype=np.float64)
-        k[0, 0] *= sx
-        k[1, 1] *= sy
-        k[0, 2] = (k[0, 2] + 0.5) * sx - 0.5
-        k[1, 2] = (k[1, 2] + 0.5) * sy - 0.5
-        out["intrinsics"] = k.astype(np.float32)
+    t = torch.from_numpy(np.require(array, requirements=["C", "W"]))  # frames decoded from bags are read-only
+    t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]
+    if kind == "metric":
+        out = resize_depth(t.float(), size)[0]
+    elif kind == "labels":
+        out = resize_labels(t, size)
+    elif array.dtype == np.uint8:
+        out = resize_rgb(t, size)
     else:
-        out["intrinsics"] = None
-    return out
+        info = np.iinfo(array.dtype) if np.issubdtype(array.dtype, np.integer) else None
+        out = F.interpolate(t.double(), size=size, mode="bilinear", antialias=True, align_corners=False)
+        out = out.round().clamp(info.min, info.max) if info is not None else out
+    out = out[0, 0] if array.ndim == 2 else out[0].permute(1, 2, 0)
+    return out.contiguous().numpy().astype(array.dtype, copy=False)
+
+
+def resize_intrinsics(intrinsics: np.ndarray, from_size: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """Scale K [3, 3] from an image of from_size=(H, W) to size=(h, w) so that pixel centres map exactly."""
+    sx, sy = size[1] / from_size[1], size[0] / from_size[0]
+    k = np.array(intrinsics, dtype=np.float64)
+    k[0, 0] *= sx
+    k[1, 1] *= sy
+    k[0, 2] = (k[0, 2] + 0.5) * sx - 0.5
+    k[1, 2] = (k[1, 2] + 0.5) * sy - 0.5
+    return k.astype(np.float32)

@@ -11,12 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mmtk.adapters.semseg import IGNORE_INDEX
-from mmtk.data.resize import resize_depth, resize_labels, resize_rgb
+from mmtk.data.resize import resize_depth, resize_rgb
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-SEMSEG_STRIDE = 4
 
 
 @dataclass(frozen=True)
@@ -73,7 +71,7 @@ def random_resized_crop(height: int, width: int, scale: tuple[float, float] = (0
     return CropWindow((height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w, flip)
 
 
-def _flip(x: torch.Tensor, flip: bool) -> torch.Tensor:
+def flip_width(x: torch.Tensor, flip: bool) -> torch.Tensor:
     return x.flip(-1) if flip else x
 
 
@@ -81,7 +79,7 @@ def prepare_rgb(rgb: np.ndarray, size: tuple[int, int], flip: bool) -> torch.Ten
     """uint8 [h, w, 3] crop -> float32 [3, H, W], ImageNet-normalised."""
     rgb = np.require(rgb, requirements=["C", "W"])  # frames decoded from bags are read-only buffers
     x = torch.from_numpy(rgb).permute(2, 0, 1)[None]  # [1, 3, h, w] uint8
-    x = _flip(resize_rgb(x, size), flip)[0]
+    x = flip_width(resize_rgb(x, size), flip)[0]
     return (x.to(torch.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
 
 
@@ -128,21 +126,5 @@ def prepare_depth(depth: np.ndarray, size: tuple[int, int], flip: bool) -> dict[
     """Metric depth crop [h, w] (0 = invalid) -> depth (standardised), depth_valid, depth_m, each [1, H, W]."""
     d = torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32))[None, None]
     d, valid = resize_depth(d, size)
-    d, valid = _flip(d[0], flip), _flip(valid[0], flip)  # [1, H, W]
+    d, valid = flip_width(d[0], flip), flip_width(valid[0], flip)  # [1, H, W]
     return {"depth": standardize_depth(d, valid), "depth_valid": valid, "depth_m": d}
-
-
-def prepare_semseg(labels: np.ndarray, size: tuple[int, int], flip: bool) -> dict[str, torch.Tensor]:
-    """Stored labels [h, w] (0 = unlabeled, k = class k-1) -> semseg [H/4, W/4] and semseg_full [H, W], int64.
-
-    Output classes are 0-based; 255 marks unlabeled pixels.
-    """
-    lab = torch.from_numpy(np.ascontiguousarray(labels))[None, None]
-    full = _flip(resize_labels(lab, size), flip)
-    small = resize_labels(full, (size[0] // SEMSEG_STRIDE, size[1] // SEMSEG_STRIDE))
-
-    def shift(x: torch.Tensor) -> torch.Tensor:
-        x = x[0, 0].to(torch.int64) - 1
-        return torch.where(x < 0, torch.full_like(x, IGNORE_INDEX), x)
-
-    return {"semseg": shift(small), "semseg_full": shift(full)}

@@ -17,17 +17,16 @@ from mmtk.errors import MmtkError
 
 @dataclass
 class Frame:
-    """One RGB-D frame as read from a source, already in mmtk units.
+    """One frame as a source yields it, already in mmtk units.
 
-    rgb uint8 [H, W, 3]; depth float32 [H, W] metres (0 = invalid); optional depth_raw (metres),
-    semseg [H, W] (0 = unlabeled), intrinsics [3, 3] (pixels, 0-based), timestamp (s), frame_id.
+    ``arrays`` maps stored array names to images of one size: "rgb" uint8 [H, W, 3], "depth" float32 [H, W]
+    metres (0 = invalid), optional "depth_raw" (metres), "semseg" [H, W] (0 = unlabeled), and any further
+    stream a source was asked for ("ir": ...). Each name is stored by a modality adapter, which validates it
+    when the frame is written. Plus intrinsics [3, 3] (pixels, 0-based), timestamp (s) and frame_id.
     """
 
     split: str
-    rgb: np.ndarray
-    depth: np.ndarray
-    depth_raw: np.ndarray | None = None
-    semseg: np.ndarray | None = None
+    arrays: dict[str, np.ndarray]
     intrinsics: np.ndarray | None = None
     timestamp: float | None = None
     frame_id: str | None = None

@@ -127,7 +127,8 @@ def _open_multimae(src: Path, options: ConvertOptions) -> RgbdSource:
                     if semseg.max(initial=0) >= label_map.size:
                         raise MmtkError(f"{label_path}: label {semseg.max()} is beyond the 40-class map")
                     semseg = label_map[semseg]
-            yield Frame(split, rgb, depth, semseg=semseg, frame_id=str(rgb_path.relative_to(src)))
+            arrays = {"rgb": rgb, "depth": depth} | ({"semseg": semseg} if semseg is not None else {})
+            yield Frame(split, arrays, frame_id=str(rgb_path.relative_to(src)))
 
     return RgbdSource("multimae", f"MultiMAE prepared layout (depth {scale:g} units/m)", len(plan), frames,
                       classes, notes)
@@ -168,7 +169,7 @@ def _open_bts(src: Path, options: ConvertOptions) -> RgbdSource:
             image = read_rgb(rgb[key])
             d = to_metres(read_depth_units(depth[key]), scale)
             k = nyuv2_intrinsics() if image.shape[:2] == (480, 640) else None
-            yield Frame(_split_of(rgb[key].relative_to(src).parts), image, d, intrinsics=k,
+            yield Frame(_split_of(rgb[key].relative_to(src).parts), {"rgb": image, "depth": d}, intrinsics=k,
                         frame_id=str(rgb[key].relative_to(src)))
 
     return RgbdSource("bts-sync", f"BTS sync layout (depth {scale:g} units/m)", len(common), frames, None, notes)
@@ -205,7 +206,7 @@ def _open_sparse_to_dense(src: Path, options: ConvertOptions) -> RgbdSource:
                 raise MmtkError(f"{path}: rgb is {rgb.dtype} {rgb.shape}, expected uint8 [3, H, W]")
             depth = to_metres(depth_units, scale)
             k = nyuv2_intrinsics() if rgb.shape[:2] == (480, 640) else None
-            yield Frame(_split_of(path.relative_to(src).parts), rgb, depth, intrinsics=k,
+            yield Frame(_split_of(path.relative_to(src).parts), {"rgb": rgb, "depth": depth}, intrinsics=k,
                         frame_id=str(path.relative_to(src)))
 
     notes = ["depth stored in metres" + (f", divided by --depth-scale {scale:g}" if scale else ""),
@@ -268,8 +269,8 @@ def _open_tum(src: Path, options: ConvertOptions) -> RgbdSource:
 
     def frames() -> Iterator[Frame]:
         for stamp, rgb_path, depth_path in rows:
-            yield Frame("all", read_rgb(rgb_path), to_metres(read_depth_units(depth_path), scale),
-                        timestamp=stamp, frame_id=str(rgb_path.relative_to(src)))
+            arrays = {"rgb": read_rgb(rgb_path), "depth": to_metres(read_depth_units(depth_path), scale)}
+            yield Frame("all", arrays, timestamp=stamp, frame_id=str(rgb_path.relative_to(src)))
 
     return RgbdSource("tum", f"TUM RGB-D folder (depth {scale:g} units/m)", len(rows), frames, None, notes)
 
@@ -347,12 +348,11 @@ def _open_paired(src: Path, options: ConvertOptions) -> RgbdSource:
 
     def frames() -> Iterator[Frame]:
         for key in keys:
-            semseg = None
+            arrays = {"rgb": read_rgb(color[key]), "depth": to_metres(read_depth_units(depth[key]), scale)}
             if labels:
                 semseg = read_image(labels[key])
-                semseg = semseg[..., 0] if semseg.ndim == 3 else semseg
-            yield Frame("all", read_rgb(color[key]), to_metres(read_depth_units(depth[key]), scale),
-                        semseg=semseg, frame_id=str(color[key].relative_to(src)))
+                arrays["semseg"] = semseg[..., 0] if semseg.ndim == 3 else semseg
+            yield Frame("all", arrays, frame_id=str(color[key].relative_to(src)))
 
     kind = "guessed" if guessed else "given"
     return RgbdSource("paired", f"generic paired colour/depth folder (depth units {kind})", len(keys), frames,

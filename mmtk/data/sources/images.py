@@ -94,6 +94,6 @@ def convert_images(root: str | os.PathLike, out: str | os.PathLike, size: tuple[
                     skipped.append(str(path))
                     continue
                 size = size or (rgb_image.height, rgb_image.width)
-                writer.add_frame(split, rgb=fit_image(rgb_image, size), depth=None, frame_id=frame_id)
+                writer.add_frame(split, {"rgb": fit_image(rgb_image, size)}, frame_id=frame_id)
                 frames[split] = frames.get(split, 0) + 1
     return ImagesResult(frames, tuple(size), skipped)

@@ -106,15 +106,15 @@ def _nyu_frame(mat: h5py.File, i: int, split: str, scale: float, mapping: np.nda
     try:
         rgb = np.ascontiguousarray(mat["images"][i].transpose(2, 1, 0))  # MATLAB column-major: [3,W,H] -> [H,W,3]
         depth = to_metres(np.ascontiguousarray(mat["depths"][i].T), scale)
-        depth_raw = to_metres(np.ascontiguousarray(mat["rawDepths"][i].T), scale) if has_raw else None
-        semseg = None
+        arrays = {"rgb": rgb, "depth": depth}
+        if has_raw:
+            arrays["depth_raw"] = to_metres(np.ascontiguousarray(mat["rawDepths"][i].T), scale)
         if has_labels:
             labels = np.ascontiguousarray(mat["labels"][i].T).astype(np.int64)
             if labels.max(initial=0) > 894 or labels.min(initial=0) < 0:
                 raise MmtkError(f"frame {i}: label {labels.max()} is beyond the 894-class map")
-            semseg = labels if mapping is None else mapping[labels]
+            arrays["semseg"] = labels if mapping is None else mapping[labels]
     except OSError as err:
         raise MmtkError(f"frame {i} of the .mat cannot be read ({err}); the file may be truncated") from None
     frame_id = f"{i:04d}" + (f" {scene}" if scene else "")
-    return Frame(split, rgb, depth, depth_raw, semseg, intrinsics if rgb.shape[:2] == (480, 640) else None,
-                 None, frame_id)
+    return Frame(split, arrays, intrinsics if rgb.shape[:2] == (480, 640) else None, None, frame_id)

@@ -68,13 +68,17 @@ def list_topics(bag: str | Path) -> list[TopicInfo]:
     """All topics of a bag with message type and count."""
     reader = open_reader(Path(bag))
     try:
-        counts: dict[str, TopicInfo] = {}
-        for conn in reader.connections:
-            info = counts.setdefault(conn.topic, TopicInfo(conn.topic, conn.msgtype, 0))
-            info.count += conn.msgcount
-        return sorted(counts.values(), key=lambda t: t.topic)
+        return _topic_infos(reader)
     finally:
         reader.close()
+
+
+def _topic_infos(reader: Any) -> list[TopicInfo]:
+    counts: dict[str, TopicInfo] = {}
+    for conn in reader.connections:
+        info = counts.setdefault(conn.topic, TopicInfo(conn.topic, conn.msgtype, 0))
+        info.count += conn.msgcount
+    return sorted(counts.values(), key=lambda t: t.topic)
 
 
 def image_topics(bag: str | Path) -> list[TopicInfo]:
@@ -102,7 +106,8 @@ def _connections(reader: Any, topic: str, available: list[TopicInfo], role: str)
 
 
 def decode_image(msg: Any, msgtype: str, role: str, depth_scale: float | None) -> np.ndarray:
-    """Decode an Image/CompressedImage to uint8 RGB [H, W, 3] (role 'rgb') or metres [H, W] (role 'depth')."""
+    """Decode an Image/CompressedImage to uint8 RGB [H, W, 3] (role 'rgb'), metres [H, W] (role 'depth'), or
+    its own samples (any other role, an extra stream: uint8/uint16/float32 [H, W] or uint8 [H, W, 3])."""
     if msgtype.endswith("CompressedImage"):
         return _decode_compressed(msg, role, depth_scale)
     encoding = msg.encoding
@@ -111,6 +116,8 @@ def decode_image(msg: Any, msgtype: str, role: str, depth_scale: float | None) -
     if data.size < height * step:
         raise MmtkError(f"{role} image is truncated ({data.size} bytes for {height} rows of {step})")
     rows = data[: height * step].reshape(height, step)
+    if role not in ("rgb", "depth"):
+        return _decode_samples(rows, encoding, width, bool(msg.is_bigendian), role)
     if role == "rgb":
         channels = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}.get(encoding)
         if channels is None:
@@ -129,6 +136,24 @@ def decode_image(msg: Any, msgtype: str, role: str, depth_scale: float | None) -
     return to_metres(values, scale)
 
 
+SAMPLE_ENCODINGS = {"mono8": ("u1", 1), "8UC1": ("u1", 1), "mono16": ("u2", 1), "16UC1": ("u2", 1),
+                    "32FC1": ("f4", 1), "rgb8": ("u1", 3), "bgr8": ("u1", 3)}
+
+
+def _decode_samples(rows: np.ndarray, encoding: str, width: int, big_endian: bool, role: str) -> np.ndarray:
+    """An extra stream's image as stored samples: [H, W] for one channel, [H, W, 3] RGB for colour."""
+    if encoding not in SAMPLE_ENCODINGS:
+        raise MmtkError(f"{role} topic encoding {encoding!r} is not supported; use one of "
+                        f"{', '.join(SAMPLE_ENCODINGS)}")
+    code, channels = SAMPLE_ENCODINGS[encoding]
+    dtype = np.dtype(code).newbyteorder(">" if big_endian else "<")
+    values = rows[:, : width * channels * dtype.itemsize].copy().view(dtype).astype(dtype.newbyteorder("="))
+    values = values.reshape(rows.shape[0], width, channels)
+    if encoding == "bgr8":
+        values = values[:, :, ::-1]
+    return np.ascontiguousarray(values[:, :, 0] if channels == 1 else values)
+
+
 def _decode_compressed(msg: Any, role: str, depth_scale: float | None) -> np.ndarray:
     fmt = str(msg.format)
     payload = bytes(np.asarray(msg.data, dtype=np.uint8))
@@ -145,6 +170,8 @@ def _decode_compressed(msg: Any, role: str, depth_scale: float | None) -> np.nda
             return to_metres(depth, depth_scale)
         return to_metres(values, depth_scale if depth_scale is not None else 1000.0)
     array = _decode_bytes(payload, fmt)
+    if role not in ("rgb", "depth"):
+        return array
     if role == "rgb":
         if array.ndim == 2:
             array = np.repeat(array[:, :, None], 3, axis=2)
@@ -176,34 +203,42 @@ def _camera_matrix(msg: Any) -> tuple[np.ndarray, tuple[int, int]]:
 
 def open_rosbag_source(bag: str | Path, rgb_topic: str, depth_topic: str | None = None,
                        camera_info_topic: str | None = None, max_dt: float = 0.02, depth_scale: float | None = None,
-                       cloud_topic: str | None = None) -> RgbdSource:
-    """Plan the conversion of a bag: pair colour and depth by stamp and read camera intrinsics.
+                       cloud_topic: str | None = None, extra_topics: dict[str, str] | None = None) -> RgbdSource:
+    """Plan the conversion of a bag: pair colour with depth (and any extra image topics) by stamp, read intrinsics.
 
     Depth comes from exactly one of ``depth_topic`` (Image/CompressedImage) and ``cloud_topic`` (PointCloud2,
     metres). A cloud in another frame than the colour image (a lidar, the depth camera) is moved into the colour
     camera's frame with the bag's /tf_static and /tf, then projected with the colour camera's intrinsics (the
     CameraInfo topic); a cloud in the colour frame and organized at the colour image's size is read as is.
+    ``extra_topics`` maps a stored array name to an Image/CompressedImage topic (``--topic ir=/camera/ir/image``):
+    it is paired with colour like depth and stored as decoded (e.g. uint16 for mono16), by that name's adapter.
     """
     if (depth_topic is None) == (cloud_topic is None):
         raise MmtkError("give exactly one depth source: --depth-topic (depth images) or --cloud-topic (PointCloud2)")
     if cloud_topic is not None and depth_scale is not None:
         raise MmtkError("--depth-scale applies to depth images; PointCloud2 points are already in metres")
+    extra_topics = dict(extra_topics or {})
+    for name in extra_topics:
+        if name in ("rgb", "depth"):
+            raise MmtkError(f"--topic {name}=... : {name} has its own option (--rgb-topic, --depth-topic)")
     bag = Path(bag)
-    available = list_topics(bag)
-    reader = open_reader(bag)
-    notes: list[str] = []
-    alignment: CloudAlignment | None = None
     depth_source = depth_topic if depth_topic is not None else cloud_topic
     assert depth_source is not None
+    topics = {"rgb": rgb_topic, "depth": depth_source, **extra_topics}  # role -> topic
+    reader = open_reader(bag)
+    available = _topic_infos(reader)
+    notes: list[str] = []
+    alignment: CloudAlignment | None = None
     try:
-        rgb_conns = _connections(reader, rgb_topic, available, "colour")
-        depth_conns = _connections(reader, depth_source, available, "depth" if cloud_topic is None else "cloud")
-        _check_type(rgb_conns[0], "colour", IMAGE_TYPES, "Image or CompressedImage")
-        if cloud_topic is None:
-            _check_type(depth_conns[0], "depth", IMAGE_TYPES, "Image or CompressedImage")
-        else:
-            _check_type(depth_conns[0], "cloud", (CLOUD_TYPE,), "PointCloud2")
-            alignment, note = _cloud_alignment(reader, rgb_conns[0], depth_conns[0], max_dt)
+        conns = {role: _connections(reader, topic, available, "colour" if role == "rgb" else role)
+                 for role, topic in topics.items()}
+        for role, role_conns in conns.items():
+            if role == "depth" and cloud_topic is not None:
+                _check_type(role_conns[0], "cloud", (CLOUD_TYPE,), "PointCloud2")
+            else:
+                _check_type(role_conns[0], "colour" if role == "rgb" else role, IMAGE_TYPES, "Image or CompressedImage")
+        if cloud_topic is not None:
+            alignment, note = _cloud_alignment(reader, conns["rgb"][0], conns["depth"][0], max_dt)
             notes.extend(note)
         if camera_info_topic is None:
             camera_info_topic = _camera_info_beside(rgb_topic, available)
@@ -213,33 +248,35 @@ def open_rosbag_source(bag: str | Path, rgb_topic: str, depth_topic: str | None 
                 notes.append("no CameraInfo topic beside the colour topic: frames get no intrinsics")
         info_conns = _camera_info_connections(reader, camera_info_topic, available)
         is_ros2 = bool(getattr(reader, "is2", False))
-        stamps: dict[str, list[float]] = {"rgb": [], "depth": []}
+        role_of = {topic: role for role, topic in topics.items()}
+        stamps: dict[str, list[float]] = {role: [] for role in topics}
         infos: list[tuple[float, np.ndarray, tuple[int, int]]] = []
-        for conn, log_time, raw in reader.messages(connections=rgb_conns + depth_conns + info_conns):
+        for conn, log_time, raw in reader.messages(connections=[c for cs in conns.values() for c in cs] + info_conns):
             stamp = _header_stamp(raw, is_ros2) or log_time * 1e-9
             if conn in info_conns:
                 k, size = _camera_matrix(reader.deserialize(raw, conn.msgtype))
                 infos.append((stamp, k, size))
             else:
-                stamps["rgb" if conn in rgb_conns else "depth"].append(stamp)
+                stamps[role_of[conn.topic]].append(stamp)
     finally:
         reader.close()
-    pairs = associate_by_time(stamps["rgb"], stamps["depth"], max_dt)
-    kind = "depth" if cloud_topic is None else "cloud"
-    dropped_rgb = len(stamps["rgb"]) - len(pairs)
-    dropped_depth = len(stamps["depth"]) - len(pairs)
-    notes.append(f"paired {len(pairs)} frames within {max_dt * 1000:g} ms; dropped {dropped_rgb} colour and "
-                 f"{dropped_depth} {kind} messages without a partner")
-    if not pairs:
-        raise MmtkError(f"no colour message has a {kind} message within --max-dt {max_dt} s "
-                        f"({len(stamps['rgb'])} colour, {len(stamps['depth'])} {kind} messages)")
+    partners = {role: dict(associate_by_time(stamps["rgb"], stamps[role], max_dt)) for role in topics if role != "rgb"}
+    kept = sorted(set.intersection(*(set(p) for p in partners.values())))  # colour frames with every partner
+    label = {"rgb": "colour", "depth": "depth" if cloud_topic is None else "cloud"}
+    dropped = " and ".join(f"{len(stamps[role]) - len(kept)} {label.get(role, role)}" for role in topics)
+    notes.append(f"paired {len(kept)} frames within {max_dt * 1000:g} ms; dropped {dropped} messages without a "
+                 f"partner")
+    if not kept:
+        counts = ", ".join(f"{len(stamps[role])} {label.get(role, role)}" for role in topics)
+        others = "a " + label["depth"] if len(topics) == 2 else "a partner on every other topic"
+        raise MmtkError(f"no colour message has {others} message within --max-dt {max_dt} s ({counts} messages)")
 
     def frames() -> Iterator[Frame]:
-        yield from _paired_frames(bag, rgb_topic, depth_source, pairs, stamps, infos, depth_scale,
+        yield from _paired_frames(bag, topics, partners, kept, stamps, infos, depth_scale,
                                   from_cloud=cloud_topic is not None, alignment=alignment)
 
-    description = f"ROS bag {bag.name}: {rgb_topic} + {depth_source}"
-    return RgbdSource("rosbag", description, len(pairs), frames, None, notes)
+    description = f"ROS bag {bag.name}: " + " + ".join(topics.values())
+    return RgbdSource("rosbag", description, len(kept), frames, None, notes)
 
 
 def read_colour_frames(bag: str | Path, rgb_topic: str, camera_info_topic: str | None = None) -> Iterator[Frame]:
@@ -259,7 +296,7 @@ def read_colour_frames(bag: str | Path, rgb_topic: str, camera_info_topic: str |
         for conn, log_time, raw in reader.messages(connections=rgb_conns):
             msg = reader.deserialize(raw, conn.msgtype)
             stamp = _header_stamp(raw, bool(getattr(reader, "is2", False))) or log_time * 1e-9
-            yield Frame("all", decode_image(msg, conn.msgtype, "rgb", None), None, intrinsics=intrinsics,
+            yield Frame("all", {"rgb": decode_image(msg, conn.msgtype, "rgb", None)}, intrinsics=intrinsics,
                         timestamp=stamp)
     finally:
         reader.close()
@@ -326,45 +363,44 @@ def _first_header(reader: Any, conn: Any) -> tuple[str, float]:
     return str(header.frame_id).lstrip("/"), header.stamp.sec + header.stamp.nanosec * 1e-9
 
 
-def _paired_frames(bag: Path, rgb_topic: str, depth_topic: str, pairs: list[tuple[int, int]],
+def _paired_frames(bag: Path, topics: dict[str, str], partners: dict[str, dict[int, int]], kept: list[int],
                    stamps: dict[str, list[float]], infos: list[tuple[float, np.ndarray, tuple[int, int]]],
                    depth_scale: float | None, from_cloud: bool = False,
                    alignment: CloudAlignment | None = None) -> Iterator[Frame]:
-    rgb_partner = dict(pairs)
-    depth_partner = {j: i for i, j in pairs}
-    pending_rgb: dict[int, np.ndarray] = {}
-    pending_depth: dict[int, Any] = {}  # depth images [H, W] metres, or PointCloud when from_cloud
-    counters = {"rgb": 0, "depth": 0}
+    """Decode the paired messages in bag order; a frame leaves as soon as its colour image has every partner."""
+    kept_set = set(kept)
+    colour_of = {role: {j: i for i, j in pairs.items() if i in kept_set} for role, pairs in partners.items()}
+    role_of = {topic: role for role, topic in topics.items()}
+    pending: dict[int, dict[str, Any]] = {}  # colour index -> decoded messages so far
+    counters = {role: 0 for role in topics}
     info_times = np.asarray([t for t, _, _ in infos])
     reader = open_reader(bag)
     try:
-        conns = [c for c in reader.connections if c.topic in (rgb_topic, depth_topic)]
+        conns = [c for c in reader.connections if c.topic in role_of]
         for conn, _, raw in reader.messages(connections=conns):
-            role = "rgb" if conn.topic == rgb_topic else "depth"
+            role = role_of[conn.topic]
             index = counters[role]
             counters[role] += 1
-            partners = rgb_partner if role == "rgb" else depth_partner
-            if index not in partners:
+            colour = index if role == "rgb" else colour_of[role].get(index)
+            if colour is None or colour not in kept_set:
                 continue
             msg = reader.deserialize(raw, conn.msgtype)
-            if role == "rgb":
-                pending_rgb[index] = decode_image(msg, conn.msgtype, role, depth_scale)
-            elif from_cloud:  # aligned with the colour image once its partner (and size) is known
+            if role == "depth" and from_cloud:  # aligned with the colour image once its partner (and size) is known
                 cloud = pointcloud2_to_cloud(msg)
-                if alignment is not None:
-                    cloud = alignment.to_camera(cloud, stamps["depth"][index])
-                pending_depth[index] = cloud
+                value: Any = cloud if alignment is None else alignment.to_camera(cloud, stamps["depth"][index])
             else:
-                pending_depth[index] = decode_image(msg, conn.msgtype, role, depth_scale)
-            rgb_index = index if role == "rgb" else partners[index]
-            depth_index = partners[index] if role == "rgb" else index
-            if rgb_index in pending_rgb and depth_index in pending_depth:
-                rgb, depth = pending_rgb.pop(rgb_index), pending_depth.pop(depth_index)
-                stamp = stamps["rgb"][rgb_index]
+                value = decode_image(msg, conn.msgtype, role, depth_scale if role == "depth" else None)
+            parts = pending.setdefault(colour, {})
+            parts[role] = value
+            if len(parts) == len(topics):
+                del pending[colour]
+                stamp = stamps["rgb"][colour]
+                rgb = parts.pop("rgb")
                 k = _nearest_k(infos, info_times, stamp, rgb.shape[:2])
                 if from_cloud:
-                    depth = _cloud_depth(depth, rgb.shape[:2], k, depth_topic)
-                yield Frame("all", rgb, depth, intrinsics=k, timestamp=stamp, frame_id=f"{rgb_topic}#{rgb_index}")
+                    parts["depth"] = _cloud_depth(parts["depth"], rgb.shape[:2], k, topics["depth"])
+                yield Frame("all", {"rgb": rgb, **parts}, intrinsics=k, timestamp=stamp,
+                            frame_id=f"{topics['rgb']}#{colour}")
     finally:
         reader.close()
 
