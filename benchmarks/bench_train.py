@@ -43,7 +43,7 @@ def build(recipe_name: str, precision: str, batch: int | None):
     overrides = [f"train.precision={precision}", "data.path=null"]
     if batch:
         overrides.append(f"optim.batch_size={batch}")
-    recipe = load_recipe(REPO / "recipes" / f"{recipe_name}.yaml", overrides)
+    recipe = load_recipe(recipe_name, overrides)
     size = tuple(recipe.data.image_size or (224, 224))
     info = DataInfo("synthetic", ("rgb", "depth", "semseg"), size, 40, 0)
     torch.manual_seed(0)

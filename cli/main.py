@@ -16,6 +16,7 @@ def _register_commands() -> None:
     # Each module adds its commands to `app`; imports stay inside so `mmtk --help` is fast.
     from mmtk.cli import model_cmds  # noqa: F401
     from mmtk.cli import data_cmds  # noqa: F401
+    from mmtk.cli import recipe_cmds  # noqa: F401
     from mmtk.cli import robot_cmds  # noqa: F401
     from mmtk.cli import train_cmds  # noqa: F401
 

@@ -97,7 +97,8 @@ def _parse_size(text: Optional[str], option: str) -> Optional[tuple[int, int]]:
 
 @app.command("predict")
 def predict_command(
-    checkpoint: Path = typer.Option(..., help="mmtk checkpoint (pretrained MultiMAE or finetuned model)."),
+    checkpoint: Path = typer.Option(..., help="mmtk checkpoint (pretrained MultiMAE or finetuned model), or a run "
+                                    "folder (its newest checkpoint)."),
     out: Path = typer.Option(..., help="Output folder for PNGs (colour maps), .npy depth and optional .ply."),
     rgb: Optional[Path] = typer.Option(None, help="One RGB image ..."),
     depth: Optional[Path] = typer.Option(None, help="... with an optional aligned depth image (PNG/TIFF/.npy)."),
@@ -129,7 +130,9 @@ def predict_command(
         raise MmtkError("--depth goes with --rgb (HDF5 files and bags bring their own depth)")
     size = _parse_size(image_size, "--image-size")
     k_override = parse_intrinsics(intrinsics) if intrinsics is not None else None
-    predictor = load_predictor(checkpoint, device)
+    from mmtk.runs import resolve_checkpoint
+
+    predictor = load_predictor(resolve_checkpoint(checkpoint), device)
     wanted = [name.strip() for name in outputs.split(",") if name.strip()]
     if predictor.finetuned:  # a finetuned model has one task; keep what was asked of it
         wanted = [name for name in wanted if name in predictor.available_outputs] or wanted

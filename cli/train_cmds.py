@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -17,11 +18,11 @@ from mmtk.errors import MmtkError
 SET_HELP = "Override a recipe value, e.g. --set optim.lr=2e-4 (repeatable)."
 
 
-def _run_dir(recipe: Path, out: Optional[Path], resume: bool) -> Path:
+def _run_dir(recipe: str, out: Optional[Path], resume: bool) -> Path:
     """--out, else runs/<recipe name>; refuses to mix a new run into a folder that has checkpoints."""
     from mmtk.engine import newest_checkpoint
 
-    run_dir = out or Path("runs") / recipe.stem
+    run_dir = out or Path("runs") / Path(recipe).stem
     if resume and not run_dir.is_dir():  # before anything is created there
         raise MmtkError(f"--resume: run folder {run_dir} does not exist, so it has no checkpoint; check --out or "
                         f"start without --resume")
@@ -31,60 +32,115 @@ def _run_dir(recipe: Path, out: Optional[Path], resume: bool) -> Path:
     return run_dir
 
 
-def _train(recipe_path: Path, kind: str, data: Optional[Path], out: Optional[Path], overrides: list[str],
+def _resume_command(kind: str, recipe: str, data: Optional[Path], run_dir: Path, overrides: list[str]) -> str:
+    """The command line that continues this run."""
+    words = ["mmtk", kind, recipe, *(["--data", str(data)] if data else []), "--out", str(run_dir)]
+    words += [f"--set={text}" for text in overrides] + ["--resume"]
+    return " ".join(shlex.quote(word) for word in words)
+
+
+def _train(recipe_arg: str, kind: str, data: Optional[Path], out: Optional[Path], overrides: list[str],
            resume: bool, init: Optional[Path] = None) -> None:
     from mmtk.config import load_recipe
-    from mmtk.engine import cleanup_distributed
+    from mmtk.engine import TrainingInterrupted, cleanup_distributed
+    from mmtk.runs import record_run, resolve_checkpoint, run_checkpoint
     from mmtk.training import run_training
 
-    recipe = load_recipe(recipe_path, overrides, data_path=str(data) if data else None)
+    recipe = load_recipe(recipe_arg, overrides, data_path=str(data) if data else None)
     if recipe.kind != kind:
-        raise MmtkError(f"{recipe_path} is a {recipe.kind} recipe; run it with `mmtk {recipe.kind}`")
-    run_dir = _run_dir(recipe_path, out, resume)
+        raise MmtkError(f"{recipe_arg} is a {recipe.kind} recipe; run it with `mmtk {recipe.kind}`")
+    if init is not None:
+        init = resolve_checkpoint(init, "--init")
+    run_dir = _run_dir(recipe_arg, out, resume)
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main:
+        record_run(run_dir)
     try:
         result = run_training(recipe, run_dir, init=init, resume=resume)
+    except TrainingInterrupted as stopped:
+        if main:
+            typer.echo(f"checkpoint written: {stopped.checkpoint} (step {stopped.step} of {stopped.stop})", err=True)
+            typer.echo(f"stopped at step {stopped.step}; resume with: "
+                       f"{_resume_command(kind, recipe_arg, data, run_dir, overrides)}", err=True)
+        raise typer.Exit(130)
+    except KeyboardInterrupt:  # the second Ctrl-C: stopped at once, mid-step
+        if main:
+            newest = run_checkpoint(run_dir)
+            typer.echo("stopped at once; " + (f"the newest checkpoint is {newest}; resume with: "
+                       f"{_resume_command(kind, recipe_arg, data, run_dir, overrides)}" if newest else
+                       "no checkpoint was written yet"), err=True)
+        raise typer.Exit(130)
     finally:
         cleanup_distributed()
-    if int(os.environ.get("RANK", "0")) == 0:
+    if main:
         typer.echo(f"{kind} done: {result.steps} steps; run folder {result.run_dir}; "
                    f"last checkpoint {result.last_checkpoint}")
 
 
+RECIPE_HELP = "A shipped recipe's name (`mmtk recipes` lists them) or your own YAML file"
+
+
 @app.command()
 def pretrain(
-    recipe: Path = typer.Argument(..., help="Recipe YAML, e.g. recipes/tiny.yaml."),
+    recipe: str = typer.Argument(..., help=f"{RECIPE_HELP}, e.g. tiny or my.yaml."),
     data: Optional[Path] = typer.Option(None, "--data", help="HDF5 file from `mmtk convert` (overrides data.path)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<recipe name>)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run folder."),
     plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
-    """Pretrain a MultiMAE (masked multi-modal autoencoder) as the recipe says."""
+    """Pretrain a MultiMAE (masked multi-modal autoencoder) as the recipe says. Ctrl-C saves and stops."""
     load_plugins(plugin)
     _train(recipe, "pretrain", data, out, set_, resume)
 
 
 @app.command()
 def finetune(
-    recipe: Path = typer.Argument(..., help="Finetuning recipe YAML, e.g. recipes/tiny_finetune_semseg.yaml."),
-    init: Optional[Path] = typer.Option(None, "--init", help="mmtk, official MultiMAE or timm ViT checkpoint."),
+    recipe: str = typer.Argument(..., help=f"{RECIPE_HELP}, e.g. tiny_finetune_semseg or my.yaml."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Pretrained weights: a run folder of `mmtk pretrain` "
+                                        "(its newest checkpoint), a checkpoint file, official MultiMAE or timm ViT."),
     data: Optional[Path] = typer.Option(None, "--data", help="HDF5 file from `mmtk convert` (overrides data.path)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<recipe name>)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run folder."),
     plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
-    """Finetune a dense head (semantic segmentation or depth) on top of a pretrained encoder."""
+    """Finetune a dense head (semantic segmentation or depth) on top of a pretrained encoder. Ctrl-C saves and
+    stops."""
     load_plugins(plugin)
     _train(recipe, "finetune", data, out, set_, resume, init=init)
 
 
-def _newest_run_checkpoint() -> Path:
-    found = sorted(Path("runs").glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise MmtkError("no --checkpoint given and no run under runs/; pass --checkpoint RUN/last.pt")
-    typer.echo(f"checkpoint: {found[-1]} (the newest run under runs/)")
-    return found[-1]
+def _eval_checkpoint(run: Optional[Path], checkpoint: Optional[Path]) -> Path:
+    """The checkpoint eval means: --run's or --checkpoint's, else the newest run trained from this folder."""
+    from mmtk.runs import newest_run_checkpoint, resolve_checkpoint
+
+    if run is not None and checkpoint is not None:
+        raise MmtkError("give --run RUN_FOLDER or --checkpoint FILE, not both")
+    if run is not None:
+        if not run.is_dir():
+            raise MmtkError(f"--run {run}: not a folder; pass the run folder `mmtk pretrain`/`finetune --out` wrote")
+        return resolve_checkpoint(run, "--run")
+    if checkpoint is not None:
+        return resolve_checkpoint(checkpoint)
+    found, how = newest_run_checkpoint()
+    typer.echo(f"checkpoint: {found} ({how}; --run RUN_FOLDER picks another)")
+    return found
+
+
+def _training_file(checkpoint: Path) -> Path:
+    """The data file a run trained on, as its checkpoint records it."""
+    from mmtk.formats import read_state_dict
+
+    recorded = read_state_dict(checkpoint, mmap=True).get("data", {}).get("path", "")  # tensors only mapped
+    data = Path(recorded)
+    if not recorded or not data.is_file():
+        relative = " (a relative path, from the folder the run was started in)" if recorded and not data.is_absolute() \
+            else ""
+        raise MmtkError(f"no --data given and the training file {recorded or '(none recorded)'}{relative} that "
+                        f"{checkpoint} records is not there; pass --data FILE.h5")
+    typer.echo(f"data: {data} (the file the run trained on)")
+    return data
 
 
 def _fmt(value: float, key: str) -> str:
@@ -102,8 +158,10 @@ HEADERS = {"miou": "mIoU %", "pixel_acc": "pixel acc %", "mean_acc": "mean acc %
 
 @app.command("eval")
 def eval_cmd(
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint of `mmtk pretrain`/`finetune` "
-                                              "(default: the newest runs/*/last.pt)."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run folder of `mmtk pretrain`/`finetune` (its newest "
+                                       "checkpoint; default: the newest run trained from this folder)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint file, or a run folder "
+                                              "(its newest checkpoint)."),
     data: Optional[Path] = typer.Option(None, "--data", help="HDF5 file (default: the one the run trained on)."),
     inputs: list[str] = typer.Option([], "--inputs", help="Input combination, e.g. rgb,depth; repeat for more rows "
                                      "(default: each input alone and all together)."),
@@ -124,15 +182,10 @@ def eval_cmd(
     from mmtk.evaluate import evaluate
     from mmtk.metrics import FAMILIES
     from mmtk.modality import get_modality
-    from mmtk.formats import read_state_dict
     from mmtk.io import atomic_write_text
 
-    checkpoint = checkpoint or _newest_run_checkpoint()
-    if data is None:  # the recorded training file (tensors only mapped, not read)
-        data = Path(read_state_dict(checkpoint, mmap=True).get("data", {}).get("path", ""))
-        if not data.is_file():
-            raise MmtkError(f"no --data given and the training file {data} of {checkpoint} is gone; pass --data FILE.h5")
-        typer.echo(f"data: {data} (the file the run trained on)")
+    checkpoint = _eval_checkpoint(run, checkpoint)
+    data = data or _training_file(checkpoint)
     rows, frames = evaluate(checkpoint, data, inputs, split=split, limit=limit, batch_size=batch_size,
                             device=device, save_predictions=save_predictions)
     console = Console() if sys.stdout.isatty() else Console(width=160)
@@ -141,23 +194,33 @@ def eval_cmd(
         task_rows = [r for r in rows if r.task == task]
         if not task_rows:
             continue
-        title = "semantic segmentation" if task == "semseg" else "depth (metres, valid pixels)"
+        relative = any(row.relative_depth for row in task_rows)
+        title = "semantic segmentation" if task == "semseg" else \
+            "relative depth (valid pixels)" if relative else "depth (metres, valid pixels)"
         table = Table(title=f"{title}: {frames} frames of split '{split}' of {data}")
         table.add_column("inputs")
         for key in keys:
-            table.add_column(HEADERS[key], justify="right")
+            header = HEADERS[key]
+            table.add_column(header.replace(" m", " m*") if relative and header.endswith(" m") else header,
+                             justify="right")
         table.add_column("pixels", justify="right")
         for row in task_rows:
             cells = [_fmt(row.metrics[k], k) for k in keys] if row.metrics else ["-"] * len(keys)
             table.add_row(",".join(row.inputs), *cells, str(row.metrics.get("pixels", "-")))
         console.print(table)
+        if relative:
+            console.print("  * a pretrained model predicts relative depth: each frame's prediction is scaled and "
+                          "shifted to its ground truth's robust mean and spread before comparing, so these metres "
+                          "measure shape, not scale", soft_wrap=True)
         for row in task_rows:
             if row.note:
-                console.print(f"  {','.join(row.inputs)} -> {task}: {row.note}")
+                console.print(f"  {','.join(row.inputs)} -> {task}: {row.note}", soft_wrap=True)
     console.print(f"{frames} frames evaluated (split '{split}'{', --limit ' + str(limit) if limit else ', full split'})")
     if json_out:
         payload = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "frames": frames,
                    "results": [{"inputs": list(r.inputs), "task": r.task, "frames": r.frames, "metrics": r.metrics,
                                 **({"per_class": r.per_class} if r.per_class else {}),
-                                **({"note": r.note} if r.note else {})} for r in rows]}
+                                **({"note": r.note} if r.note else {}),
+                                **({"depth": "relative, rescaled per frame to the ground truth"}
+                                   if r.relative_depth else {})} for r in rows]}
         atomic_write_text(json_out, json.dumps(payload, indent=2, allow_nan=True))

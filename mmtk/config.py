@@ -9,6 +9,8 @@ one line naming the key and the file.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 class DataConfig:
     """Where the frames come from and how they are augmented."""
 
-    path: str | None = None  # HDF5 file written by `mmtk convert`; relative to the working directory
+    path: str | None = None  # HDF5 file written by `mmtk convert`; relative to the working directory (stored absolute)
     train_split: str = "train"
     eval_split: str = "test"
     image_size: tuple[int, int] | None = None  # (H, W); None = the file's frame size
@@ -37,7 +39,7 @@ class DataConfig:
     hflip: bool = True
     repeat: int = 1  # an epoch visits every frame this many times (differently augmented); for tiny files
     sources: dict[str, str] = field(default_factory=dict)  # modality -> stored dataset, e.g. {depth: depth_pseudo}
-    num_workers: int = 0
+    num_workers: int | Literal["auto"] = "auto"  # loader worker processes; auto: from the machine (loader_workers)
     pin_memory: bool = True  # only has an effect on CUDA
 
 
@@ -70,7 +72,8 @@ class OptimConfig:
     epochs: float = 1600
     warmup_epochs: float = 40
     accum_steps: int = 1  # micro-batches per optimizer step (at least)
-    micro_batch: int | None = None  # most samples per process per micro-step; more accumulation steps if needed
+    # most samples per process per micro-step (more accumulation steps if needed); auto: the largest that fits
+    micro_batch: int | Literal["auto"] | None = None
     clip_grad: float | None = None  # max global gradient norm; None = no clipping
 
 
@@ -243,28 +246,80 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return values
 
 
+def shipped_recipes() -> dict[str, str]:
+    """Name -> one-line description (the file's first comment line) of every recipe shipped in mmtk/recipes/."""
+    folder = importlib.resources.files("mmtk") / "recipes"
+    found = {}
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            first = (entry.read_text().splitlines() or [""])[0]
+            found[entry.name[: -len(".yaml")]] = first.lstrip("#").strip()
+    return found
+
+
+def shipped_recipe_text(name: str) -> str:
+    """The YAML text of the shipped recipe ``name`` (e.g. "tiny"); an unknown name lists the shipped ones."""
+    names = shipped_recipes()
+    if name not in names:
+        raise MmtkError(f"no shipped recipe named '{name}'; shipped: {', '.join(names)} (`mmtk recipes` lists them)")
+    return (importlib.resources.files("mmtk") / "recipes" / f"{name}.yaml").read_text()
+
+
+def read_recipe_source(recipe: str | Path) -> tuple[str, str]:
+    """(label for messages, YAML text) of a recipe given as a file path or as a shipped recipe's name."""
+    path = Path(recipe)
+    if path.is_file():
+        return str(path), path.read_text()
+    names = shipped_recipes()
+    if str(recipe) in names:
+        return f"recipe {recipe}", shipped_recipe_text(str(recipe))
+    if path.stem in names:  # e.g. recipes/tiny.yaml of an older checkout: say what to type, do not guess
+        raise MmtkError(f"recipe file {path} not found; shipped recipes are given by name: {path.stem} "
+                        f"(`mmtk recipes` lists them)")
+    raise MmtkError(f"recipe {recipe} is neither a file nor a shipped recipe; shipped: {', '.join(names)} "
+                    f"(`mmtk recipes`; `mmtk recipes show tiny > my.yaml` starts your own)")
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None, data_path: str | None = None) -> Recipe:
-    """Read a recipe YAML file, apply ``--set`` overrides and ``--data``, validate and return it."""
-    path = Path(path)
-    if not path.is_file():
-        raise MmtkError(f"recipe file {path} not found; pass a YAML file such as recipes/tiny.yaml")
+    """Read a recipe (a YAML file, or a shipped recipe's name such as ``"tiny"``), apply ``--set`` overrides
+    and ``--data``, validate and return it. ``data.path`` comes back absolute, so a run finds its data from
+    any folder."""
+    source, text = read_recipe_source(path)
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise MmtkError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+        raise MmtkError(f"{source}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(values, dict):
-        raise MmtkError(f"{path}: a recipe must be a YAML mapping, got {type(values).__name__}")
+        raise MmtkError(f"{source}: a recipe must be a YAML mapping, got {type(values).__name__}")
     apply_overrides(values, overrides or [])
     if isinstance(values.get("plugins"), list):  # relative to the recipe file, wherever mmtk runs from
         values["plugins"] = [str((path.parent / str(p)).resolve()) for p in values["plugins"]]
     if data_path is not None:
         values.setdefault("data", {})
         if not isinstance(values["data"], dict):
-            raise MmtkError(f"{path}: 'data' must be a mapping")
+            raise MmtkError(f"{source}: 'data' must be a mapping")
         values["data"]["path"] = str(data_path)
-    return recipe_from_dict(values, str(path))
+    recipe = recipe_from_dict(values, source)
+    if recipe.data.path is not None:
+        recipe.data.path = str(Path(recipe.data.path).resolve())
+    return recipe
+
+
+def loader_workers(setting: int | str, device_type: str, processes: int = 1) -> int:
+    """Loader worker processes per training process: the recipe's number, or for ``auto`` what the machine has.
+
+    On a GPU the cores are free to load: one core per process stays with the training loop, the others load
+    (at most 8). On a CPU the training threads need the cores; workers only pay off beyond 4 cores per process.
+    """
+    if setting != "auto":
+        return int(setting)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = max(1, cores // max(1, processes))
+    if device_type == "cuda":
+        return min(8, per_process - 1)
+    return min(4, per_process // 4) if per_process > 4 else 0
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
@@ -304,8 +359,10 @@ def validate(recipe: Recipe, source: str) -> None:
     if optim.batch_size % optim.accum_steps:
         raise MmtkError(f"{source}: optim.batch_size {optim.batch_size} is not divisible by "
                         f"optim.accum_steps {optim.accum_steps}")
-    if optim.micro_batch is not None and optim.micro_batch <= 0:
+    if isinstance(optim.micro_batch, int) and optim.micro_batch <= 0:
         raise MmtkError(f"{source}: optim.micro_batch: must be > 0, got {optim.micro_batch}")
+    if isinstance(data.num_workers, int) and data.num_workers < 0:
+        raise MmtkError(f"{source}: data.num_workers: must be >= 0 or auto, got {data.num_workers}")
     if train.max_steps is not None and train.max_steps <= 0:
         raise MmtkError(f"{source}: train.max_steps: must be > 0, got {train.max_steps}")
     if not model.inputs:

@@ -19,7 +19,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,9 +32,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
-from mmtk.config import Recipe, recipe_to_dict, save_recipe
+from mmtk.config import Recipe, loader_workers, recipe_to_dict, save_recipe
 from mmtk.errors import MmtkError
 from mmtk.formats import read_state_dict
 from mmtk.io import atomic_write, atomic_write_text, discard, disk_errors, make_temp, publish
@@ -408,17 +410,20 @@ class Batches:
         return iter(self.loader)
 
 
-def make_batches(recipe: Recipe, train_set: Dataset, info: DistInfo) -> Batches:
-    """Split the global batch over processes and accumulation steps; seed sampling and augmentation."""
+def make_batches(recipe: Recipe, train_set: Dataset, info: DistInfo, micro_batch: int | None = None,
+                 workers: int | None = None) -> Batches:
+    """Split the global batch over processes and accumulation steps; seed sampling and augmentation.
+
+    ``micro_batch`` and ``workers`` are the resolved values of ``optim.micro_batch`` and ``data.num_workers``
+    (:func:`plan_memory` resolves ``auto``); by default the recipe's numbers.
+    """
     opt, seed = recipe.optim, recipe.train.seed
-    accum = opt.accum_steps
-    if opt.micro_batch is not None:  # e.g. the paper's 2048 on one GPU: 8 micro-steps of 256
-        accum = max(accum, math.ceil(opt.batch_size / (info.world_size * opt.micro_batch)))
-    per_step = info.world_size * accum
-    if opt.batch_size % per_step:
-        raise MmtkError(f"optim.batch_size {opt.batch_size} must be divisible by processes x accumulation steps "
-                        f"= {info.world_size} x {accum}; change optim.batch_size or optim.micro_batch")
-    micro = opt.batch_size // per_step
+    if micro_batch is None and isinstance(opt.micro_batch, int):
+        micro_batch = opt.micro_batch
+    if workers is None:
+        workers = loader_workers(recipe.data.num_workers, info.device.type, info.world_size)
+    accum = accum_steps_for(recipe, info.world_size, micro_batch)
+    micro = opt.batch_size // (info.world_size * accum)
     repeat = recipe.data.repeat
     if len(train_set) * repeat < opt.batch_size:  # e.g. 795 NYUv2 frames and the paper's batch of 2048
         repeat = math.ceil(opt.batch_size / len(train_set))
@@ -429,10 +434,173 @@ def make_batches(recipe: Recipe, train_set: Dataset, info: DistInfo) -> Batches:
         train_set = ConcatDataset([train_set] * repeat)
     sampler = RunSampler(train_set, info.world_size, info.rank, seed, samples_per_step=micro * accum)
     # Its own generator: creating an iterator must not draw from the global RNG (the masks' RNG).
-    loader = DataLoader(SeededDataset(train_set, seed), batch_size=micro, sampler=sampler,
-                        num_workers=recipe.data.num_workers, generator=torch.Generator().manual_seed(seed),
+    loader = DataLoader(SeededDataset(train_set, seed), batch_size=micro, sampler=sampler, num_workers=workers,
+                        generator=torch.Generator().manual_seed(seed), worker_init_fn=_ignore_sigint,
                         pin_memory=recipe.data.pin_memory and info.device.type == "cuda")
     return Batches(loader, sampler, micro, accum, sampler.steps_per_epoch)
+
+
+def accum_steps_for(recipe: Recipe, world_size: int, micro_batch: int | None) -> int:
+    """Micro-steps per optimizer step: optim.accum_steps, or more so that no micro-batch exceeds ``micro_batch``."""
+    opt = recipe.optim
+    accum = opt.accum_steps
+    if micro_batch is not None:  # e.g. the paper's 2048 on one GPU: 8 micro-steps of 256
+        accum = max(accum, math.ceil(opt.batch_size / (world_size * micro_batch)))
+    if opt.batch_size % (world_size * accum):
+        raise MmtkError(f"optim.batch_size {opt.batch_size} must be divisible by processes x accumulation steps "
+                        f"= {world_size} x {accum}; change optim.batch_size or optim.micro_batch")
+    return accum
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    # Ctrl-C reaches the loader workers too; the main process decides when to stop (Ctrl-C is a save point).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: will a micro-step fit on the device?
+
+GB = 1e9
+WORKER_BYTES = 300e6  # a forked loader worker's own memory (torch, h5py, decoded frames), besides its batches
+OPTIMIZER_BYTES_PER_PARAM = 16  # fp32 weight, gradient and AdamW's two moments
+BACKWARD_MARGIN = 1.25  # activations kept for backward, times this: gradients of activations exist meanwhile
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes a training process needs, by part; ``total(micro, workers)`` adds them up."""
+
+    model: int  # weights, gradients and optimizer moments
+    per_image: int  # activations kept for backward per image of a micro-batch (with the margin)
+    fixed: int  # per micro-step, whatever its size (e.g. weights cast for autocast)
+    sample: int  # bytes of one prepared training sample (loader batches in flight)
+
+    def total(self, micro: int, workers: int) -> int:
+        return self.model + self.fixed + micro * self.per_image + self.loader(micro, workers)
+
+    def loader(self, micro: int, workers: int) -> int:
+        return int(workers * (WORKER_BYTES + 2 * micro * self.sample))  # 2: DataLoader's prefetch factor
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for this process on ``device``: free GPU memory, or the system's available memory (within
+    the container's cgroup limit, when there is one)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    available = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    if available is None:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError, ValueError):  # cgroup v2: a container's limit hides behind MemAvailable
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = min(available, int(limit) - used)
+    return int(available)
+
+
+def _saved_bytes(model: nn.Module, compute_loss: LossFn, batch: dict[str, torch.Tensor], device: torch.device,
+                 precision: str) -> int:
+    """Bytes of the tensors one forward pass keeps for backward (each storage once, parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        with contextlib.suppress(RuntimeError, NotImplementedError):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in params:
+                kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), _autocast(device, precision):
+        loss, _ = compute_loss(model, batch)
+    del loss
+    return sum(kept.values())
+
+
+def estimate_memory(model: nn.Module, compute_loss: LossFn, train_set: Dataset, recipe: Recipe,
+                    device: torch.device) -> MemoryEstimate:
+    """Measure what a micro-step needs: forward passes at 1 and 2 images give the activations per image.
+
+    Runs on ``device`` with the recipe's precision; the global RNGs and the model's mode are left as they were.
+    """
+    dataset = SeededDataset(train_set, recipe.train.seed)
+    samples = [dataset[(0, i % len(train_set))] for i in range(2)]  # type: ignore[arg-type]
+    sample_bytes = sum(v.numel() * v.element_size() for v in samples[0].values() if torch.is_tensor(v))
+    was_training = model.training
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        model.eval()  # no running statistics change; the saved activations are those of training
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            one, two = (_saved_bytes(model, compute_loss, to_device(default_collate(samples[:n]), device), device,
+                                     recipe.train.precision) for n in (1, 2))
+    finally:
+        model.train(was_training)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    per_image = max(two - one, 1)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return MemoryEstimate(model=OPTIMIZER_BYTES_PER_PARAM * params, per_image=int(BACKWARD_MARGIN * per_image),
+                          fixed=max(one - per_image, 0), sample=sample_bytes)
+
+
+def _micro_choices(recipe: Recipe, world_size: int) -> list[int]:
+    """Micro-batch sizes the global batch can be split into on this many processes, largest first."""
+    per_process = recipe.optim.batch_size // world_size
+    return [per_process // accum for accum in range(recipe.optim.accum_steps, per_process + 1)
+            if per_process % accum == 0]
+
+
+def plan_memory(model: nn.Module, compute_loss: LossFn, train_set: Dataset, recipe: Recipe,
+                info: DistInfo) -> tuple[int | None, int]:
+    """(micro-batch, loader workers) for this run, checked against the device's memory before training starts.
+
+    ``optim.micro_batch: auto`` takes the largest micro-batch that fits; a fixed one that does not fit stops
+    with one line naming the estimate, what is available and the ``--set`` values that fit.
+    """
+    opt = recipe.optim
+    workers = loader_workers(recipe.data.num_workers, info.device.type, info.world_size)
+    setting = opt.micro_batch if isinstance(opt.micro_batch, int) else None
+    micro = opt.batch_size // (info.world_size * accum_steps_for(recipe, info.world_size, setting))
+    estimate = estimate_memory(model, compute_loss, train_set, recipe, info.device)
+    on_device = sum(p.numel() * p.element_size() for p in model.parameters()) if info.device.type == "cuda" else 0
+    # 90 %: room for the allocator's fragmentation and for what the estimate leaves out
+    budget = int(0.9 * (available_memory(info.device) + on_device))
+    fitting = [m for m in _micro_choices(recipe, info.world_size) if estimate.total(m, workers) <= budget]
+    if opt.micro_batch == "auto":
+        if not fitting:
+            raise MmtkError(_does_not_fit(estimate, 1, workers, budget, info, recipe))
+        if info.is_main:
+            main_process_print(f"optim.micro_batch auto: {fitting[0]} images per micro-step (about "
+                               f"{estimate.total(fitting[0], workers) / GB:.1f} GB of {budget / GB:.1f} GB usable "
+                               f"on {info.device.type})")
+        return fitting[0], workers
+    if estimate.total(micro, workers) > budget:
+        raise MmtkError(_does_not_fit(estimate, micro, workers, budget, info, recipe))
+    return setting, workers
+
+
+def _does_not_fit(estimate: MemoryEstimate, micro: int, workers: int, budget: int, info: DistInfo,
+                  recipe: Recipe) -> str:
+    """The one line that says how much a micro-step needs, what there is, and which settings fit."""
+    need = (f"a micro-step of {micro} images needs about {estimate.total(micro, workers) / GB:.1f} GB "
+            f"(model and optimizer {estimate.model / GB:.1f} GB, activations {micro * estimate.per_image / GB:.1f} GB, "
+            f"{workers} loader workers {estimate.loader(micro, workers) / GB:.1f} GB) but {budget / GB:.1f} GB is "
+            f"usable on {info.device.type}")
+    for try_workers in dict.fromkeys((workers, min(workers, 2), 0)):
+        fitting = [m for m in _micro_choices(recipe, info.world_size) if estimate.total(m, try_workers) <= budget]
+        if fitting:
+            sets = f"--set optim.micro_batch={fitting[0]}"
+            if try_workers != workers:
+                sets += f" --set data.num_workers={try_workers}"
+            return f"{need}; use {sets} (or --set optim.micro_batch=auto), which needs about " \
+                   f"{estimate.total(fitting[0], try_workers) / GB:.1f} GB"
+    return f"{need}; even 1 image per micro-step does not fit: use a smaller model (model.name) or image size " \
+           f"(data.image_size), or a machine with more memory"
 
 
 class Checkpointer:
@@ -505,19 +673,22 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+    model.to(info.device)
+    micro_batch, workers = plan_memory(model, compute_loss, train_set, recipe, info)  # before anything is written
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
-    data = make_batches(recipe, train_set, info)
+    data = make_batches(recipe, train_set, info, micro_batch, workers)
     total_steps = max(1, math.ceil(opt.epochs * data.steps_per_epoch))
     stop = min(total_steps, cfg.max_steps or total_steps)
-    model.to(info.device)
     optimizer, scheduler = build_optimizer(model, recipe, total_steps, round(opt.warmup_epochs * data.steps_per_epoch))
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
     ckpt = Checkpointer(recipe, run_dir, info, model, optimizer, scheduler, scaler, data.steps_per_epoch, extra_state)
     metrics = MetricsLog(run_dir, info.is_main)
     seed_everything(cfg.seed + info.rank)  # different masks per process, same init (weights are broadcast)
     step = ckpt.restore() if resume else 0
+    if resume and info.is_main:
+        main_process_print(f"resumed from step {step} of {stop} ({ckpt.last})")
     metrics.truncate_after(step)
     if cfg.compile:
         compile_blocks(model)  # the transformer blocks; masking and gathers stay eager
@@ -526,12 +697,12 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
         ids = [info.device.index] if info.device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
-    progress, last_losses = _progress(info.is_main), {}
-    task = progress.add_task("train", total=stop, completed=step)
+    progress, last_losses = ProgressLine(info.is_main, stop, data.accum_steps, data.micro * info.world_size), {}
     tick, tick_step = time.perf_counter(), step
     train_model.train()
     batches = data.from_step(step)
-    with progress:
+    with progress, StopRequest() as stop_request:
+        progress.start(step)
         while step < stop:
             sums: dict[str, torch.Tensor] = {}
             for micro_step in range(data.accum_steps):
@@ -543,6 +714,7 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
                     scaler.scale(loss / data.accum_steps).backward()
                 for name, value in {"loss": loss, **losses}.items():
                     sums[name] = sums.get(name, 0) + value.detach().float() / data.accum_steps
+                progress.micro_step(step, micro_step + 1)
             values = _mean_over_ranks(torch.stack(list(sums.values())), info).tolist()
             step_losses = dict(zip(sums, values))
             if not all(math.isfinite(v) for v in values):
@@ -559,38 +731,184 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
             lr = optimizer.param_groups[-1]["lr"]  # top group: no layer decay
             scheduler.step()
             step, last_losses = step + 1, step_losses
+            progress.step_done(step, step_losses, lr)
             if step % cfg.log_every == 0 or step == stop:
                 now = time.perf_counter()
                 images_per_s = (step - tick_step) * opt.batch_size / max(now - tick, 1e-9)
                 tick, tick_step = now, step
                 metrics.write({"step": step, "epoch": round(step / data.steps_per_epoch, 4), **step_losses,
                                "lr": lr, "images_per_s": round(images_per_s, 2)})
-                _report(progress, task, step, stop, f"{_fmt_losses(step_losses)} lr {lr:.2e} "
-                                                    f"{images_per_s:.1f} img/s", info.is_main)
-            progress.update(task, completed=step)
-            if step % cfg.ckpt_every == 0 or step == stop:
+                progress.log(step)
+            stopping = stop_request.agreed(info) and step < stop
+            if step % cfg.ckpt_every == 0 or step == stop or stopping:
                 ckpt.save(step)
+            if stopping:
+                metrics.close()
+                raise TrainingInterrupted(step, stop, ckpt.last)
     metrics.close()
     return FitResult(run_dir, step, ckpt.last, last_losses)
 
 
-def _report(progress, task, step: int, stop: int, text: str, is_main: bool) -> None:
-    progress.update(task, description=text)
-    if is_main and not progress.console.is_terminal:  # logs (CI, nohup): one plain line per record
-        progress.console.print(f"step {step}/{stop} {text}")
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run at a save point: ``step`` finished and written to ``checkpoint``."""
+
+    def __init__(self, step: int, stop: int, checkpoint: Path | None) -> None:
+        super().__init__(f"stopped at step {step} of {stop}; checkpoint {checkpoint}")
+        self.step, self.stop, self.checkpoint = step, stop, checkpoint
+
+
+class StopRequest:
+    """Ctrl-C as a save point: the first SIGINT asks the loop to stop after the current optimizer step (which
+    then writes a checkpoint); a second one raises KeyboardInterrupt at once. Only in the main thread."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: Any = None
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        main_process_print("Ctrl-C: finishing this step and writing a checkpoint (Ctrl-C again stops at once)")
+
+    def agreed(self, info: DistInfo) -> bool:
+        """Whether any process was asked to stop (all processes must save the same step together)."""
+        if info.world_size == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=info.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def _fmt_losses(losses: dict[str, float]) -> str:
     return " ".join(f"{name} {value:.4f}" for name, value in losses.items())
 
 
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def format_eta(seconds: float) -> str:
+    """``eta 1:02:03`` (hours:minutes:seconds); ``eta --`` while unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "eta --"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"eta {hours}:{minutes:02d}:{secs:02d}"
 
-    console = Console() if sys.stdout.isatty() else Console(width=200)  # logs: one line per record
-    return Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(), TimeRemainingColumn(),
-                    TextColumn("{task.description}"), disable=not enabled, transient=False, console=console)
+
+def progress_text(step: int, stop: int, micro: int, accum: int, images_per_s: float, eta_s: float,
+                  losses: dict[str, float], lr: float | None, width: int | None) -> str:
+    """The progress line: step (and micro-step inside a long step), images/s and a labelled ETA always; then,
+    as far as ``width`` allows, a bar, the loss, the lr and each task's loss (None: everything)."""
+    where = f"step {step}/{stop}" + (f" micro {micro}/{accum}" if 0 < micro < accum else "")
+    line = f"{where} {images_per_s:.1f} img/s {format_eta(eta_s)}"
+    if width is not None and len(line) > width and where != f"step {step}/{stop}":  # very narrow: no micro-step
+        return progress_text(step, stop, 0, accum, images_per_s, eta_s, losses, lr, width)
+    optional = []
+    if "loss" in losses:
+        optional.append(f"loss {losses['loss']:.4f}")
+    if lr is not None:
+        optional.append(f"lr {lr:.2e}")
+    optional += [f"{name} {value:.4f}" for name, value in losses.items() if name != "loss"]
+    if width is None:
+        return " ".join([line, *optional])
+    bar = 20 if len(line) + 1 + 20 + len(optional[0] if optional else "") + 1 <= width else 0  # room for the loss too
+    if bar:
+        done = round(bar * step / max(stop, 1))
+        line = f"{where} {'━' * done}{'╺' if done < bar else ''}{' ' * max(bar - done - 1, 0)} " \
+               f"{images_per_s:.1f} img/s {format_eta(eta_s)}"
+    for part in optional:
+        if len(line) + 1 + len(part) > width:
+            break  # losses drop first, in order: the task losses, then lr, then the total loss
+        line += " " + part
+    return line
+
+
+class ProgressLine:
+    """Training progress: on a terminal one line redrawn in place, fitted to its width; otherwise (logs, CI)
+    plain lines, one per logged step, plus one at least every minute inside long optimizer steps.
+
+    The rate counts micro-steps (images seen), so a long optimizer step still moves the line.
+    """
+
+    PLAIN_EVERY_S = 60.0
+
+    def __init__(self, enabled: bool, stop: int, accum: int, images_per_micro: int) -> None:
+        from rich.console import Console
+
+        self.enabled, self.stop, self.accum, self.images_per_micro = enabled, stop, accum, images_per_micro
+        self.console = Console()
+        self.live = None
+        if enabled and self.console.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(console=self.console, refresh_per_second=4, transient=False)
+        self.losses: dict[str, float] = {}
+        self.lr: float | None = None
+        self.step, self.micro = 0, 0
+        self.start_images, self.start_time, self.last_plain = 0, time.perf_counter(), time.perf_counter()
+
+    def __enter__(self) -> ProgressLine:
+        if self.live is not None:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live is not None:
+            self.live.__exit__(*exc)
+
+    def start(self, step: int) -> None:
+        self.step, self.start_images, self.start_time = step, self._images(step, 0), time.perf_counter()
+        self._show()
+
+    def micro_step(self, step: int, micro: int) -> None:
+        self.step, self.micro = step, micro
+        if self.live is not None:
+            self._show()
+        elif self.enabled and micro < self.accum and time.perf_counter() - self.last_plain >= self.PLAIN_EVERY_S:
+            self._print()  # a long optimizer step is never silent in a log
+
+    def step_done(self, step: int, losses: dict[str, float], lr: float) -> None:
+        self.step, self.micro, self.losses, self.lr = step, 0, losses, lr
+        if self.live is not None:
+            self._show()
+
+    def log(self, step: int) -> None:
+        """A logged step: a plain line when not on a terminal."""
+        if self.enabled and self.live is None:
+            self._print()
+
+    def _images(self, step: int, micro: int) -> int:
+        return (step * self.accum + micro) * self.images_per_micro
+
+    def _rate_eta(self) -> tuple[float, float]:
+        seen = self._images(self.step, self.micro) - self.start_images
+        elapsed = time.perf_counter() - self.start_time
+        rate = seen / elapsed if seen and elapsed > 0 else 0.0
+        left = self._images(self.stop, 0) - self._images(self.step, self.micro)
+        return rate, left / rate if rate > 0 else float("nan")
+
+    def _show(self) -> None:
+        if self.live is None:
+            return
+        from rich.text import Text
+
+        rate, eta = self._rate_eta()
+        text = progress_text(self.step, self.stop, self.micro, self.accum, rate, eta, self.losses, self.lr,
+                             self.console.width - 1)
+        self.live.update(Text(text, no_wrap=True, overflow="crop"))
+
+    def _print(self) -> None:
+        rate, eta = self._rate_eta()
+        print(progress_text(self.step, self.stop, self.micro, self.accum, rate, eta, self.losses, self.lr, None),
+              flush=True)
+        self.last_plain = time.perf_counter()
 
 
 def main_process_print(message: str) -> None:

@@ -25,7 +25,7 @@ from mmtk.data.transforms import robust_mean_std
 from mmtk.io import atomic_write, disk_errors, remove_dead_temps
 from mmtk.metrics import FAMILIES, DepthMetrics, SegmentationMetrics
 from mmtk.modality import get_modality
-from mmtk.predict import model_from_checkpoint
+from mmtk.predict import class_legend, depth_bar, model_from_checkpoint
 from mmtk.training import data_info, open_dataset, require_modalities
 from mmtk.visualize import colorize_depth, label_palette
 
@@ -40,6 +40,7 @@ class EvalRow:
     metrics: dict[str, float]
     per_class: dict[str, list[float]] = field(default_factory=dict)  # semseg: iou, intersection, union
     note: str = ""
+    relative_depth: bool = False  # a pretrained model's depth: rescaled per frame to the ground truth, not metric
 
 
 def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -127,7 +128,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
                             f"semseg); nothing to evaluate")
     info = data_info(data, split)
     wanted = tuple(dict.fromkeys(available + tasks))
-    require_modalities(wanted, info, f"evaluating {checkpoint}")
+    require_modalities(wanted, info, f"evaluating {checkpoint}",
+                       fix="pass --data with a file that has it (e.g. the file the run trained on)")
     dataset = open_dataset(data, split, wanted, tuple(args["image_size"]), augment=False)
     frames = len(dataset) if limit is None else min(limit, len(dataset))
     if frames == 0:
@@ -136,7 +138,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
     num_classes = int(args.get("num_classes", info.num_classes))
     metrics = {(combo, task): _new_metric(task, num_classes) for combo in combos for task in tasks}
     skipped: set[tuple[tuple[str, ...], str]] = set()
-    saver = PredictionWriter(save_predictions, num_classes, info) if save_predictions else None
+    saver = PredictionWriter(save_predictions, num_classes, info, kind != "finetune") if save_predictions else None
     seen = 0
     for batch in loader:
         batch = to_device(batch, torch_device)
@@ -160,7 +162,9 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
             continue
         result = metric.compute()
         keys = FAMILIES[get_modality(task).metric_family]["keys"]
-        row = EvalRow(combo, task, frames, {k: float(result[k]) for k in keys} | {"pixels": int(result["pixels"])})
+        row = EvalRow(combo, task, frames, {k: float(result[k]) for k in keys} | {"pixels": int(result["pixels"])},
+                      note=_pretrained_note(kind, combo, task),
+                      relative_depth=kind != "finetune" and isinstance(metric, DepthMetrics))
         if isinstance(metric, SegmentationMetrics):
             row.per_class = {k: [float(x) for x in result[k]] for k in ("iou", "intersection", "union")}
         rows.append(row)
@@ -174,13 +178,22 @@ def _new_metric(task: str, num_classes: int) -> SegmentationMetrics | DepthMetri
     return DepthMetrics()
 
 
+def _pretrained_note(kind: str, combo: tuple[str, ...], task: str) -> str:
+    """Why a pretrained model's row equals another: the predicted modality is hidden, so it is no input."""
+    if kind == "finetune" or task not in combo:
+        return ""
+    given = ",".join(name for name in combo if name != task)
+    return f"{task} is hidden when it is the target, so this row predicts from {given} alone (the same as row {given})"
+
+
 # ---------------------------------------------------------------------------------------------
 # Pictures
 
 class PredictionWriter:
     """Writes input | prediction | ground truth side by side as PNG, with a legend strip."""
 
-    def __init__(self, folder: str | Path, num_classes: int, info: Any) -> None:
+    def __init__(self, folder: str | Path, num_classes: int, info: Any, relative_depth: bool = False) -> None:
+        self.relative_depth = relative_depth  # a pretrained model's depth, rescaled per frame to the ground truth
         self.folder = Path(folder)
         with disk_errors(self.folder):
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -206,7 +219,8 @@ class PredictionWriter:
                 lo, hi = (float(target[valid].min()), float(target[valid].max())) if valid.any() else (0.0, 10.0)
                 guess_img = colorize_depth(pred[b, 0].numpy(), value_range=(lo, hi))
                 target_img = colorize_depth(np.where(valid, target, 0), value_range=(lo, hi))
-                legend = ("depth", lo, hi)
+                legend = ("depth", lo, hi, "depth, metres" + (" (prediction: relative depth rescaled to the ground "
+                                                              "truth)" if self.relative_depth else ""))
             panels += [guess_img, target_img]
             labels += [f"predicted {task}", f"ground truth {task}"]
             image = self._compose(panels, labels, legend)
@@ -240,27 +254,17 @@ class PredictionWriter:
         panels = [np.repeat(np.repeat(p, scale, axis=0), scale, axis=1) for p in panels]
         h = max(p.shape[0] for p in panels)
         width = max(sum(p.shape[1] for p in panels) + 4 * (len(panels) - 1), 440)
-        columns = width // 110
-        rows = 1 + (len(legend[1]) - 1) // columns if legend[0] == "classes" and legend[1] else 2
         title = 14
-        canvas = Image.new("RGB", (width, h + title + 16 * rows + 4), "white")
+        canvas = Image.new("RGB", (width, h + title + 2), "white")
         draw = ImageDraw.Draw(canvas)
         x = 0
         for panel, label in zip(panels, labels):
             canvas.paste(Image.fromarray(np.ascontiguousarray(panel)), (x, title))
             draw.text((x + 2, 1), label, fill="black")
             x += panel.shape[1] + 4
-        y = h + title + 2
         if legend[0] == "classes":
-            for i, k in enumerate(legend[1]):
-                cx, cy = 4 + (i % columns) * 110, y + (i // columns) * 16
-                draw.rectangle([cx, cy, cx + 10, cy + 10], fill=tuple(int(v) for v in self.palette[k + 1]))
-                draw.text((cx + 14, cy), self.names[k][:15] if k < len(self.names) else str(k), fill="black")
+            strip = class_legend(width, self.palette, legend[1], self.names)
         else:
-            _, lo, hi = legend
-            bar = colorize_depth(np.tile(np.linspace(lo, hi, 200), (10, 1)), np.ones((10, 200), bool), (lo, hi))
-            canvas.paste(Image.fromarray(bar), (60, y))
-            draw.text((4, y), f"{lo:.2f} m", fill="black")
-            draw.text((264, y), f"{hi:.2f} m", fill="black")
-            draw.text((4, y + 14), "depth (black: no measurement)", fill="black")
-        return np.asarray(canvas)
+            _, lo, hi, caption = legend
+            strip = depth_bar(width, lo, hi, "m", caption)
+        return np.concatenate([np.asarray(canvas), strip])

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mmtk.errors import MmtkError
+
 
 def sample_shares(batch: int, alphas: Tensor, sample_subsets: bool = False) -> Tensor:
     """Dirichlet(alphas) shares [B, M], optionally over a uniformly drawn non-empty subset.
@@ -85,6 +87,12 @@ def sample_masks(
         sample_subsets: first pick a non-empty subset of modalities uniformly per sample.
     """
     names = list(eligible)
+    tokens = sum(mask.shape[1] for mask in eligible.values())
+    if not 0 < budget < tokens:  # e.g. a model configured for 224 px (98 visible) fed 64 px frames (48 tokens)
+        raise MmtkError(f"visible budget {budget} for inputs with {tokens} tokens ({', '.join(names)}): it must be 1 "
+                        f"to {tokens - 1}, else nothing is {'seen' if budget <= 0 else 'hidden and every loss is 0'}; "
+                        f"lower num_visible (model.num_visible in a recipe) or build the model for the frames' "
+                        f"size (image_size)")
     batch = next(iter(eligible.values())).shape[0]
     device = next(iter(eligible.values())).device
     alpha = torch.tensor([float(alphas[name]) for name in names])

@@ -70,9 +70,16 @@ class ModelConfig:
         self.image_size = _pair(self.image_size)
         for name in ("inputs", "outputs", "fp32_decoders", "main_inputs", "hooks", "layer_dims"):
             setattr(self, name, tuple(getattr(self, name)))
+        height, width = self.image_size
+        if height < self.patch_size or width < self.patch_size:
+            raise MmtkError(f"image size {height}x{width} px is smaller than one {self.patch_size} px patch; use at "
+                            f"least {self.patch_size}x{self.patch_size} (data.image_size)")
         if self.image_size[0] % self.patch_size or self.image_size[1] % self.patch_size:
             raise MmtkError(f"image size {self.image_size} px is not divisible by the patch size "
                             f"{self.patch_size} px; pick a multiple of {self.patch_size}")
+        if self.head is None and self.outputs and self.num_visible <= 0:  # a budget >= the tokens: masking.py
+            raise MmtkError(f"num_visible {self.num_visible}: the encoder would see no token; give a visible budget "
+                            f"of at least 1 (the paper: 98 of 3 x 196 tokens, a sixth)")
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from mmtk.errors import MmtkError
 from mmtk.io import atomic_write, format_bytes
-from mmtk.visualize import colorize_depth, colorize_labels
+from mmtk.visualize import colorize_depth, colorize_labels, label_palette
 
 if TYPE_CHECKING:
     import torch
@@ -102,6 +102,7 @@ class Predictor:
     model_name: str
     model_args: dict
     device: str
+    class_names: tuple[str, ...] = ()  # of the training file, when the checkpoint records them
 
     @property
     def config(self):  # mmtk.ModelConfig
@@ -123,7 +124,8 @@ def load_predictor(path: str | os.PathLike, device: str = "cpu") -> Predictor:
     state = read_state_dict(path)
     model = model_from_checkpoint(state, path)
     model.eval().to(device)
-    return Predictor(model, state["model_name"], dict(state["model_args"]), device)
+    names = tuple(state.get("data", {}).get("class_names") or ())
+    return Predictor(model, state["model_name"], dict(state["model_args"]), device, names)
 
 
 def model_from_checkpoint(state: dict, path: str | os.PathLike) -> torch.nn.Module:
@@ -220,9 +222,14 @@ class Prediction:
     """Predictions for one frame at the frame's resolution."""
 
     depth: np.ndarray | None = None  # float32 [H, W]
-    depth_units: str = ""  # "m" (finetuned depth model) or "standardised" (pretrained MultiMAE)
+    # "m": metres (a finetuned depth model, or a pretrained MultiMAE's relative depth given the scale of the
+    # frame's sensor depth); "relative": a pretrained MultiMAE's standardised depth (0 = the frame's robust mean
+    # depth, 1 = its robust spread) when the frame gives no scale
+    depth_units: str = ""
+    depth_note: str = ""  # how metres were obtained, when not predicted as such
     semseg: np.ndarray | None = None  # uint16 [H, W], class k stored as k + 1 (0 = unlabeled)
     num_classes: int = 0
+    class_names: tuple[str, ...] = ()
 
 
 def build_inputs(predictor: Predictor, rgb: np.ndarray, depth_m: np.ndarray | None,
@@ -262,7 +269,7 @@ def predict_frame(predictor: Predictor, rgb: np.ndarray, depth_m: np.ndarray | N
     inputs = {k: v.to(predictor.device) for k, v in inputs.items()}
     valid = {k: v.to(predictor.device) for k, v in valid.items()}
     frame_size = rgb.shape[:2]
-    result = Prediction(num_classes=predictor.config.num_classes)
+    result = Prediction(num_classes=predictor.config.num_classes, class_names=predictor.class_names)
     with torch.inference_mode():
         if predictor.finetuned:
             raw = {predictor.config.task: predictor.model(inputs)}
@@ -276,9 +283,16 @@ def predict_frame(predictor: Predictor, rgb: np.ndarray, depth_m: np.ndarray | N
     if "depth" in outputs:
         depth = F.interpolate(raw["depth"].float(), size=frame_size, mode="bilinear", align_corners=False)
         result.depth = depth[0, 0].cpu().numpy().astype(np.float32)
-        result.depth_units = "m" if predictor.finetuned else "standardised"
+        result.depth_units = "m" if predictor.finetuned else "relative"
         if predictor.finetuned:
             result.depth = np.clip(result.depth, 0, None)
+        elif depth_m is not None and (np.asarray(depth_m) > 0).any():  # the sensor gives the frame's scale
+            from mmtk.data.transforms import robust_mean_std
+
+            mean, std = robust_mean_std(np.asarray(depth_m, dtype=np.float32)[np.asarray(depth_m) > 0])
+            result.depth = np.clip(result.depth * std + mean, 0, None).astype(np.float32)
+            result.depth_units = "m"
+            result.depth_note = "relative depth scaled to the sensor depth's robust mean and spread"
     if "semseg" in outputs:
         logits = F.interpolate(raw["semseg"].float(), size=frame_size, mode="bilinear", align_corners=False)
         result.semseg = (logits[0].argmax(0).cpu().numpy() + 1).astype(np.uint16)
@@ -311,35 +325,84 @@ def write_prediction(out_dir: Path, stem: str, rgb: np.ndarray, prediction: Pred
                      ply: bool = False) -> list[Path]:
     """Write one frame's predictions; returns the files written.
 
-    ``<stem>_depth.png`` (colour map) and ``<stem>_depth.npy`` (float32 values, metres or standardised);
-    ``<stem>_semseg.png`` (colour map) and ``<stem>_semseg_labels.png`` (16-bit labels, class k as k + 1);
-    ``<stem>.ply`` when asked: metric depth (predicted, else the sensor's) back-projected with the intrinsics,
-    coloured by the predicted classes when there are any, else by the RGB.
+    ``<stem>_depth.png`` (colour map with a colour bar below it) and ``<stem>_depth.npy`` (float32 metres), or
+    ``<stem>_depth_relative.npy`` when the depth has no scale (see :class:`Prediction`);
+    ``<stem>_semseg.png`` (colour map with a legend of the classes below it) and ``<stem>_semseg_labels.png``
+    (16-bit labels, class k as k + 1); ``<stem>.ply`` when asked: metric depth (a finetuned model's, else the
+    sensor's) back-projected with the intrinsics, coloured by the predicted classes when there are any, else by
+    the RGB. Files get the user's umask.
     """
     from mmtk.pointcloud import depth_to_cloud, write_cloud
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     if prediction.depth is not None:
-        valid = prediction.depth > 0 if prediction.depth_units == "m" else np.isfinite(prediction.depth)
-        save_image(out_dir / f"{stem}_depth.png", colorize_depth(prediction.depth, valid))
-        save_array(out_dir / f"{stem}_depth.npy", prediction.depth)
-        written += [out_dir / f"{stem}_depth.png", out_dir / f"{stem}_depth.npy"]
+        metric = prediction.depth_units == "m"
+        valid = prediction.depth > 0 if metric else np.isfinite(prediction.depth)
+        lo, hi = (np.percentile(prediction.depth[valid], [2, 98]) if valid.any() else (0.0, 1.0))
+        picture = colorize_depth(prediction.depth, valid, (float(lo), float(hi)))
+        caption = ("depth, metres" + (f" ({prediction.depth_note})" if prediction.depth_note else "") if metric
+                   else "relative depth (no scale: 0 = frame's mean depth, 1 = its spread)")
+        bar = depth_bar(picture.shape[1], float(lo), float(hi), "m" if metric else "", caption)
+        save_image(out_dir / f"{stem}_depth.png", np.concatenate([picture, bar]))
+        array_name = f"{stem}_depth.npy" if metric else f"{stem}_depth_relative.npy"
+        save_array(out_dir / array_name, prediction.depth)
+        written += [out_dir / f"{stem}_depth.png", out_dir / array_name]
     if prediction.semseg is not None:
-        save_image(out_dir / f"{stem}_semseg.png", colorize_labels(prediction.semseg, prediction.num_classes + 1))
+        palette = label_palette(max(prediction.num_classes + 1, int(prediction.semseg.max()) + 1))
+        present = [int(k) - 1 for k in np.unique(prediction.semseg) if k > 0]
+        legend = class_legend(prediction.semseg.shape[1], palette, present, prediction.class_names)
+        save_image(out_dir / f"{stem}_semseg.png", np.concatenate([palette[prediction.semseg], legend]))
         save_image(out_dir / f"{stem}_semseg_labels.png", prediction.semseg.astype(np.uint16))
         written += [out_dir / f"{stem}_semseg.png", out_dir / f"{stem}_semseg_labels.png"]
     if ply:
-        metric = prediction.depth if prediction.depth_units == "m" else sensor_depth
+        metric = prediction.depth if prediction.depth_units == "m" and not prediction.depth_note else sensor_depth
         if metric is None:
             raise MmtkError("--ply needs metric depth: a finetuned depth model, or --depth with the sensor depth "
-                            "(a pretrained MultiMAE predicts standardised depth only)")
+                            "(a pretrained MultiMAE predicts relative depth only)")
         if intrinsics is None:
             raise MmtkError("--ply needs the camera intrinsics: pass --intrinsics fx,fy,cx,cy")
         colors = rgb if prediction.semseg is None else colorize_labels(prediction.semseg, prediction.num_classes + 1)
         write_cloud(out_dir / f"{stem}.ply", depth_to_cloud(metric, intrinsics, colors), sweep=False)
         written.append(out_dir / f"{stem}.ply")
     return written
+
+
+LEGEND_ROW = 16  # pixels per line of legend text
+
+
+def depth_bar(width: int, lo: float, hi: float, unit: str, caption: str) -> np.ndarray:
+    """uint8 [32, width, 3]: the depth colour bar from ``lo`` to ``hi`` (labelled with ``unit``) and a caption."""
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("RGB", (width, 2 * LEGEND_ROW), "white")
+    draw = ImageDraw.Draw(strip)
+    low_text, high_text = f"{lo:.2f} {unit}".strip(), f"{hi:.2f} {unit}".strip()
+    left, right = 6 * len(low_text) + 8, width - 6 * len(high_text) - 8
+    ramp = np.tile(np.linspace(lo, hi, max(right - left, 2)), (10, 1))
+    strip.paste(Image.fromarray(colorize_depth(ramp, np.ones(ramp.shape, bool), (lo, hi))), (left, 2))
+    draw.text((2, 1), low_text, fill="black")
+    draw.text((right + 4, 1), high_text, fill="black")
+    draw.text((2, LEGEND_ROW + 1), caption + "; black: no value", fill="black")
+    return np.asarray(strip)
+
+
+def class_legend(width: int, palette: np.ndarray, classes: list[int], names: tuple[str, ...] | list[str] = ()
+                 ) -> np.ndarray:
+    """uint8 [rows x 16, width, 3]: a swatch and a name for each class in ``classes`` (0-based; palette row k + 1)."""
+    from PIL import Image, ImageDraw
+
+    columns = max(1, width // 110)
+    rows = max(1, -(-len(classes) // columns))
+    strip = Image.new("RGB", (width, rows * LEGEND_ROW + 2), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, k in enumerate(classes):
+        x, y = 4 + (i % columns) * 110, 2 + (i // columns) * LEGEND_ROW
+        draw.rectangle([x, y, x + 10, y + 10], fill=tuple(int(v) for v in palette[k + 1]))
+        draw.text((x + 14, y), (names[k] if k < len(names) else f"class {k}")[:15], fill="black")
+    if not classes:
+        draw.text((4, 2), "no class predicted", fill="black")
+    return np.asarray(strip)
 
 
 # ----------------------------------------------------------------------------------- ROS images

@@ -48,14 +48,16 @@ def open_dataset(path: str | Path, split: str, modalities: tuple[str, ...], imag
                      crop_scale=crop_scale, hflip=hflip, dataset_map=sources)
 
 
-def data_info(path: str | Path, split: str = "train", sources: dict[str, str] | None = None) -> DataInfo:
-    """Modalities, frame size, class count and class names of one split of a data file."""
+def data_info(path: str | Path, split: str = "train", sources: dict[str, str] | None = None,
+              split_fix: str = "choose one with --split NAME") -> DataInfo:
+    """Modalities, frame size, class count and class names of one split of a data file.
+
+    ``split_fix`` is what the error for a missing split tells the user to do (the command's own option)."""
     from mmtk.data import read_info
 
     info = read_info(path)
     if split not in info["splits"]:
-        raise MmtkError(f"{path} has no split '{split}'; it has {', '.join(info['splits'])} "
-                        f"(set data.train_split / --split)")
+        raise MmtkError(f"{path} has no split '{split}'; it has {', '.join(info['splits'])}: {split_fix}")
     part = info["splits"][split]
     sources = sources or {}
     for modality, name in sources.items():
@@ -69,13 +71,14 @@ def data_info(path: str | Path, split: str = "train", sources: dict[str, str] | 
                     classes)
 
 
-def require_modalities(wanted: tuple[str, ...], info: DataInfo, what: str) -> None:
-    """A recipe asking for a modality the file lacks is a one-line error."""
+def require_modalities(wanted: tuple[str, ...], info: DataInfo, what: str,
+                       fix: str = "drop it from the recipe (e.g. --set model.inputs=...) or convert a file with it"
+                       ) -> None:
+    """Asking for a modality the file lacks is a one-line error; ``fix`` says what this command can do."""
     for name in wanted:
         source = data_source(name)
         if source not in info.modalities:
-            raise MmtkError(f"{what} needs '{name}' but {info.path} has only {', '.join(info.modalities)}; "
-                            f"drop it from the recipe (e.g. --set model.inputs=...) or convert a file with it")
+            raise MmtkError(f"{what} needs '{name}' but {info.path} has only {', '.join(info.modalities)}; {fix}")
 
 
 def model_args(recipe: Recipe, info: DataInfo) -> dict[str, Any]:
@@ -168,13 +171,55 @@ def finetune_loss_fn(recipe: Recipe):
 def _prepare(recipe: Recipe) -> tuple[DataInfo, Any]:
     if recipe.data.path is None:
         raise MmtkError("no data file: pass --data FILE.h5 (written by `mmtk convert`) or set data.path in the recipe")
-    info = data_info(recipe.data.path, recipe.data.train_split, recipe.data.sources)
+    info = data_info(recipe.data.path, recipe.data.train_split, recipe.data.sources,
+                     split_fix="choose one with --set data.train_split=NAME")
     require_modalities(needed_modalities(recipe), info, f"the recipe ({recipe.kind})")
     image_size = tuple(recipe.data.image_size or info.image_size)
     train_set = open_dataset(recipe.data.path, recipe.data.train_split, needed_modalities(recipe), image_size,
                              augment=True, crop_scale=recipe.data.crop_scale, hflip=recipe.data.hflip,
                              sources=recipe.data.sources)
     return info, train_set
+
+
+def _shown(names: list[str], count: int = 4) -> str:
+    return ", ".join(names[:count]) + (" ..." if len(names) > count else "")
+
+
+def init_summary(model: nn.Module) -> str:
+    """The load report of ``--init`` grouped by part: encoder loaded, pretraining decoders unused, head new.
+
+    Finetuning a pretrained MultiMAE always leaves its decoders unused and its head new; only what differs
+    from that (encoder keys missing, other keys unused) is named.
+    """
+    report = model.load_report
+    encoder = [name for name in model.state_dict() if name.startswith("encoder.")]
+    missing_encoder = [name for name in report.missing if name.startswith("encoder.")]
+    new_other = [name for name in report.missing if not name.startswith("encoder.")]
+    decoders = [name for name in report.unused if name.startswith("decoders.")]
+    inputs = model.config.inputs
+    tokenizers = [name for name in report.unused
+                  if name.startswith("encoder.tokenizers.") and name.split(".")[2] not in inputs]
+    other = [name for name in report.unused if name not in decoders and name not in tokenizers]
+    loaded = len(encoder) - len(missing_encoder)
+    parts = [f"format {report.format}",
+             f"encoder: all {loaded} loaded" if not missing_encoder else
+             f"encoder: {loaded} of {len(encoder)} loaded, {len(missing_encoder)} left as initialised "
+             f"({_shown(missing_encoder)})"]
+    if decoders:
+        parts.append(f"pretraining decoders: {len(decoders)} not used (expected when finetuning)")
+    if tokenizers:
+        unused_inputs = ", ".join(dict.fromkeys(name.split(".")[2] for name in tokenizers))
+        parts.append(f"tokenizers of {unused_inputs}: {len(tokenizers)} not used (this model's inputs are "
+                     f"{', '.join(inputs)})")
+    if new_other:
+        heads = [name for name in new_other if name.startswith("head.")]
+        parts.append(f"head: {len(heads)} new" if len(heads) == len(new_other) else
+                     f"{len(new_other)} new: {_shown(new_other)}")
+    if other:
+        parts.append(f"{len(other)} other keys not used: {_shown(other)}")
+    if report.resized:
+        parts.append(f"resized {', '.join(report.resized)}")
+    return "; ".join(parts)
 
 
 def run_training(recipe: Recipe, run_dir: str | Path, init: str | Path | None = None,
@@ -190,10 +235,11 @@ def run_training(recipe: Recipe, run_dir: str | Path, init: str | Path | None = 
     pretrained = None if resume else init
     model = mmtk.create_model(recipe.model.name, pretrained=pretrained, verbose=False, **args)
     if pretrained is not None:
-        main_process_print(f"init from {init}: {model.load_report.summary()}")
+        main_process_print(f"init from {init}: {init_summary(model)}")
     compute_loss = pretrain_loss if recipe.kind == "pretrain" else finetune_loss_fn(recipe)
     used = [*args["inputs"], *args.get("outputs", []), *([args["task"]] if args.get("task") else [])]
     extra = {"model_name": recipe.model.name, "model_args": args, "modalities": modality_origins(dict.fromkeys(used)),
-             "data": {"path": str(info.path), "modalities": list(info.modalities),
-                      "image_size": list(info.image_size), "num_classes": info.num_classes}}
+             "data": {"path": str(Path(info.path).resolve()), "modalities": list(info.modalities),
+                      "image_size": list(info.image_size), "num_classes": info.num_classes,
+                      "class_names": list(info.class_names)}}
     return fit(recipe, run_dir, model, train_set, compute_loss, resume=resume, extra_state=extra)

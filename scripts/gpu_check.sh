@@ -3,7 +3,7 @@
 #   1. the GPU tests (parity on CUDA, bf16 autocast, deterministic resume in bf16 and fp16, bf16 pseudo-labels)
 #   2. the pretraining step of MultiMAE-base (images/s and MFU against the measured GEMM rate), eager
 #   3. optimizer steps of the recipes, and the data loader feeding them
-#   4. `mmtk pretrain recipes/base.yaml` end to end on the sample frame (loader, bf16, checkpoint, TensorBoard)
+#   4. `mmtk pretrain base` end to end on the sample frame (loader, bf16, checkpoint, TensorBoard)
 #   5. the demo (convert -> pretrain -> finetune -> eval) on the GPU
 #   6. the pretraining step with compiled blocks
 # Usage: bash scripts/gpu_check.sh [LOG_DIR]   (mmtk installed; default LOG_DIR: gpu_logs/)
@@ -33,7 +33,7 @@ step bench_model 120 python3 benchmarks/bench_model.py --device cuda --batch 128
 step bench_train 150 python3 benchmarks/bench_train.py --recipes base tiny --base-batch 256 --steps 20 \
     --loader-recipe base --workers 6 12 15
 python3 -m mmtk convert --rgbd samples/nyuv2_multimae "$work/sample.h5" --no-progress >/dev/null 2>&1
-step pretrain_base 150 python3 -m mmtk pretrain recipes/base.yaml --data "$work/sample.h5" --out "$work/base" \
+step pretrain_base 150 python3 -m mmtk pretrain base --data "$work/sample.h5" --out "$work/base" \
     --set optim.batch_size=256 --set data.repeat=2560 --set train.max_steps=40 --set train.log_every=10 \
     --set data.num_workers=12
 { ls -R "$work/base"; cat "$work/base/metrics.jsonl"; } >>"$logs/pretrain_base.log" 2>&1

@@ -114,7 +114,13 @@ def _assert_clean_error(tmp_path, args, expect):
 def test_unknown_layout_lists_supported(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "notes.txt").write_text("hello")
-    _assert_clean_error(tmp_path, ["--rgbd", tmp_path / "src"], "supported layouts: nyuv2-mat")
+    _assert_clean_error(tmp_path, ["--rgbd", tmp_path / "src"], "the supported layouts, one per line:")
+    _, text = run_cli("convert", "--rgbd", tmp_path / "src", tmp_path / "out.h5", "--no-progress")
+    from mmtk.data.sources.folders import SUPPORTED_LAYOUTS
+
+    lines = text.splitlines()
+    assert all(any(line.startswith(f"  {name}: ") for line in lines) for name in SUPPORTED_LAYOUTS), text
+    assert max(map(len, lines)) < 200, text  # no 900-character line
 
 
 def test_millimetres_given_as_metres(tmp_path):

@@ -80,10 +80,15 @@ def test_prepared_tensors_follow_the_data_contract(rgb, depth_m):
 def test_pretrained_prediction_masks_every_target_token(checkpoints, rgb, depth_m):
     predictor = load_predictor(checkpoints["pretrain"])
     from_rgb = predict_frame(predictor, rgb, None, ("depth",))
-    # Depth is requested, so the given sensor depth is entirely hidden: the prediction must not change.
+    # Depth is requested, so the given sensor depth is entirely hidden: the prediction must not change; the
+    # sensor only gives it the frame's scale (its robust mean and spread), so it comes back in metres.
     with_depth = predict_frame(predictor, rgb, depth_m, ("depth",))
-    np.testing.assert_allclose(with_depth.depth, from_rgb.depth, rtol=0, atol=1e-5)
-    assert from_rgb.depth.shape == (480, 640) and from_rgb.depth_units == "standardised"
+    from mmtk.data.transforms import robust_mean_std
+
+    mean, std = robust_mean_std(depth_m[depth_m > 0])
+    np.testing.assert_allclose(with_depth.depth, np.clip(from_rgb.depth * std + mean, 0, None), rtol=0, atol=1e-4)
+    assert from_rgb.depth.shape == (480, 640) and from_rgb.depth_units == "relative"
+    assert with_depth.depth_units == "m" and "sensor depth" in with_depth.depth_note
     # Semantics alone is requested: now the depth tokens are visible and change the prediction.
     seg_rgb = predict_frame(predictor, rgb, None, ("semseg",)).semseg
     seg_rgbd = predict_frame(predictor, rgb, depth_m, ("semseg",)).semseg
@@ -99,7 +104,8 @@ def test_predict_cli_single_image_writes_colour_maps(checkpoints, rgb, depth_m, 
     labels = np.array(Image.open(out / f"{FRAME}_rgb_semseg_labels.png"))
     colours = np.array(Image.open(out / f"{FRAME}_rgb_semseg.png"))
     assert labels.shape == (480, 640) and 1 <= labels.min() and labels.max() <= 5
-    assert np.array_equal(colours, label_palette(6)[labels])
+    assert np.array_equal(colours[:480], label_palette(6)[labels])  # the colour map, then a legend strip below
+    assert colours.shape[0] > 480 and (colours[480:] == 255).mean() > 0.5
     # The labels are the argmax of the model's logits at its training size, upsampled to the frame.
     predictor = load_predictor(checkpoints["semseg"])
     direct = predict_frame(predictor, rgb, depth_m, ("semseg",))

@@ -81,7 +81,7 @@ def check_out_path(path: str | os.PathLike, force: bool) -> None:
     """An output file must end in .h5/.hdf5 and may replace an existing file only with ``force``."""
     path = Path(path)
     if path.exists() and not force:
-        raise MmtkError(f"{path} already exists; pass --force (force=True) to overwrite it")
+        raise MmtkError(f"{path} already exists; add --force to overwrite it")
     if path.suffix.lower() not in (".h5", ".hdf5"):
         raise MmtkError(f"output {path} should end in .h5 or .hdf5")
     check_writable(path)

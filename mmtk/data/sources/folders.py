@@ -60,8 +60,8 @@ def open_rgbd_source(src: str | Path, options: ConvertOptions | None = None) -> 
         raise MmtkError(f"--layout {options.layout}: {src} does not hold that layout "
                         f"({SUPPORTED_LAYOUTS[options.layout]})")
     if not found:
-        supported = "; ".join(f"{name} ({text})" for name, text in SUPPORTED_LAYOUTS.items())
-        raise MmtkError(f"cannot tell the layout of {src}; supported layouts: {supported}")
+        supported = "".join(f"\n  {name}: {text}" for name, text in SUPPORTED_LAYOUTS.items())
+        raise MmtkError(f"cannot tell the layout of {src}; the supported layouts, one per line:{supported}")
     if len(found) > 1:
         listing = "\n".join(f"  {name}: {evidence}" for name, evidence in found.items())
         raise MmtkError(f"{src} matches {len(found)} layouts; pick one with --layout NAME:\n{listing}")

@@ -1,0 +1,311 @@
+"""A newcomer's first hour (issue 11): recipes by name from any folder, runs found by eval, the memory check,
+Ctrl-C as a save point, a progress line that fits 80 columns, messages that name the fix for that command."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine_helpers import CLI, ONE_THREAD_ENV, REPO, TINY, TINY_SEMSEG, run_cli, sample_h5, sync_h5  # noqa: F401
+from mmtk.errors import MmtkError
+
+FAST = TINY + ["optim.batch_size=4", "optim.epochs=1", "optim.warmup_epochs=0", "train.max_steps=2"]
+
+
+def sets(values: list[str]) -> list[str]:
+    return [f"--set={value}" for value in values]
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch) -> Path:
+    """A fresh work folder of the user's own (not the repository) as the current folder."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes travel with the package
+
+
+def test_recipes_listed_shown_and_started_from(work, sample_h5):
+    from mmtk.config import shipped_recipes
+
+    code, output = run_cli("recipes")
+    assert code == 0, output
+    for name, description in shipped_recipes().items():
+        assert any(line.startswith(name + " ") and description in line for line in output.splitlines())
+    assert {"tiny", "base", "tiny_finetune_semseg"} <= set(shipped_recipes())
+    code, text = run_cli("recipes", "show", "tiny")
+    assert code == 0 and "kind: pretrain" in text
+    (work / "my.yaml").write_text(text)  # `mmtk recipes show tiny > my.yaml`
+    code, output = run_cli("pretrain", "my.yaml", "--data", sample_h5, "--out", "mine", *sets(FAST))
+    assert code == 0, output
+    assert (work / "mine" / "last.pt").is_file()
+    code, output = run_cli("pretrain", "recipes/tiny.yaml", "--data", sample_h5)
+    assert code == 2 and "shipped recipes are given by name: tiny" in output
+
+
+def test_wheel_install_runs_a_shipped_recipe_by_name_from_any_folder(tmp_path, sample_h5):
+    """Build the wheel, install it in a throwaway venv and train with `mmtk pretrain tiny` outside the repo."""
+    pip = Path(sys.executable).with_name("pip")
+    built = subprocess.run([str(pip), "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(REPO)],
+                           capture_output=True, text=True, timeout=300)
+    if built.returncode != 0 and "Could not find a version" in built.stderr:
+        pytest.skip("no package index reachable to fetch the build backend")
+    assert built.returncode == 0, built.stderr
+    wheel = next((tmp_path / "dist").glob("mmtk-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    subprocess.run([str(pip), "--python", str(venv / "bin" / "python"), "install", "--no-deps", "--no-index", "-q",
+                    str(wheel)], check=True, capture_output=True, timeout=300)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    env = {**ONE_THREAD_ENV, "XDG_STATE_HOME": str(tmp_path / "state")}
+    env.pop("PYTHONPATH", None)
+
+    def mmtk(*args: str) -> str:
+        done = subprocess.run([str(venv / "bin" / "mmtk"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import mmtk; print(mmtk.__file__)"], cwd=cwd,
+                           env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(where).is_relative_to(venv), where  # the installed package, not the repository
+    assert "tiny " in mmtk("recipes")
+    output = mmtk("pretrain", "tiny", "--data", str(sample_h5), *sets(FAST))
+    assert "pretrain done: 2 steps" in output
+    assert (cwd / "runs" / "tiny" / "last.pt").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs are found
+
+
+def test_eval_finds_the_run_made_with_out(work, sample_h5, tmp_path):
+    import shutil
+
+    shutil.copy(sample_h5, work / "out.h5")
+    elsewhere = tmp_path / "somewhere" / "run1"
+    code, output = run_cli("pretrain", "tiny", "--data", "out.h5", "--out", elsewhere, *sets(FAST))  # relative --data
+    assert code == 0, output
+    code, output = run_cli("eval", "--inputs", "rgb,depth")
+    assert code == 0, output
+    assert f"checkpoint: {elsewhere / 'last.pt'} (the newest run trained from this folder" in output
+    assert f"data: {work / 'out.h5'} (the file the run trained on)" in output
+    assert "1 frames evaluated" in output
+    os.chdir(tmp_path)  # another folder: the run folder records absolute paths
+    for option in ("--run", "--checkpoint"):
+        code, output = run_cli("eval", option, elsewhere, "--inputs", "rgb")
+        assert code == 0 and "1 frames evaluated" in output, output
+    code, output = run_cli("eval", "--inputs", "rgb")  # nothing was trained from this folder
+    assert code == 2 and "no run was trained from this folder" in output and "--run RUN_FOLDER" in output
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine is told the truth
+
+
+def _tiny_run_parts(sample_h5, overrides: list[str]):
+    import mmtk
+    from mmtk.config import load_recipe
+    from mmtk.engine import setup_distributed
+    from mmtk.training import _prepare, model_args, pretrain_loss
+
+    recipe = load_recipe("tiny", TINY + overrides, data_path=str(sample_h5))
+    info, train_set = _prepare(recipe)
+    model = mmtk.create_model(recipe.model.name, verbose=False, **model_args(recipe, info))
+    return recipe, model, train_set, pretrain_loss, setup_distributed("cpu")
+
+
+def test_memory_check_refuses_a_micro_batch_that_does_not_fit(sample_h5, monkeypatch, tmp_path):
+    from mmtk import engine
+
+    recipe, model, train_set, loss, info = _tiny_run_parts(sample_h5, ["optim.batch_size=8", "optim.micro_batch=8"])
+    estimate = engine.estimate_memory(model, loss, train_set, recipe, info.device)
+    assert estimate.model == 16 * sum(p.numel() for p in model.parameters()) and estimate.per_image > 0
+    # The machine has room for 4 images per micro-step, not 8.
+    available = (estimate.total(4, 0) + estimate.total(8, 0)) / 2 / 0.9
+    monkeypatch.setattr(engine, "available_memory", lambda device: int(available))
+    with pytest.raises(MmtkError) as refused:
+        engine.plan_memory(model, loss, train_set, recipe, info)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert f"a micro-step of 8 images needs about {estimate.total(8, 0) / 1e9:.1f} GB" in message
+    assert f"but {int(0.9 * int(available)) / 1e9:.1f} GB is usable on cpu" in message
+    assert "use --set optim.micro_batch=4 (or --set optim.micro_batch=auto)" in message
+    recipe.optim.micro_batch = "auto"  # picks the largest that fits
+    assert engine.plan_memory(model, loss, train_set, recipe, info) == (4, 0)
+
+    # Through the CLI: one line, and nothing written.
+    monkeypatch.setattr(engine, "available_memory", lambda device: 10**6)
+    code, output = run_cli("pretrain", "tiny", "--data", sample_h5, "--out", tmp_path / "run", *sets(FAST))
+    assert code == 2 and "even 1 image per micro-step does not fit" in output
+    assert [line for line in output.splitlines() if line.startswith("error:")] == [output.strip().splitlines()[-1]]
+    assert not (tmp_path / "run").exists()
+
+
+def test_loader_workers_default_from_the_machine(monkeypatch):
+    from mmtk.config import DataConfig, loader_workers
+
+    assert DataConfig().num_workers == "auto"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert loader_workers("auto", "cuda") == 8 and loader_workers("auto", "cuda", processes=8) == 1
+    assert loader_workers("auto", "cpu") == 4 and loader_workers(3, "cpu") == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert loader_workers("auto", "cpu") == 0 and loader_workers("auto", "cuda") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C is a save point
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(sample_h5, tmp_path):
+    from mmtk.engine import checkpoint_paths, load_checkpoint, read_metrics
+
+    out = tmp_path / "run"
+    command = CLI + ["pretrain", "tiny", "--data", str(sample_h5), "--out", str(out),
+                     *sets(TINY + ["optim.batch_size=4", "optim.epochs=500"])]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD_ENV)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None and not read_metrics(out):
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before Ctrl-C"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err
+    stopped = [line for line in err.splitlines() if line.startswith("stopped at step ")]
+    assert stopped, err
+    step = int(stopped[0].split()[3].rstrip(";"))
+    assert step >= 1 and "; resume with: mmtk pretrain tiny " in stopped[0] and stopped[0].endswith("--resume")
+    assert load_checkpoint(checkpoint_paths(out)[-1])["step"] == step
+    resume = shlex.split(stopped[0].split("resume with: ", 1)[1])
+    assert resume[:2] == ["mmtk", "pretrain"]
+    resumed = subprocess.run(CLI + resume[1:] + [f"--set=train.max_steps={step + 1}"], capture_output=True,
+                             text=True, timeout=300, env=ONE_THREAD_ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from step {step} of" in resumed.stderr
+    assert load_checkpoint(checkpoint_paths(out)[-1])["step"] == step + 1
+
+
+def test_second_ctrl_c_stops_at_once(capsys):
+    from mmtk.engine import DistInfo, StopRequest
+
+    before = signal.getsignal(signal.SIGINT)
+    info = DistInfo(0, 1, 0, None)
+    with StopRequest() as request:
+        assert not request.agreed(info)
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs in this (main) thread right away
+        assert request.agreed(info)
+        assert "finishing this step and writing a checkpoint (Ctrl-C again stops at once)" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress that fits
+
+
+def test_progress_line_at_80_columns_keeps_step_rate_and_eta():
+    from mmtk.engine import format_eta, progress_text
+
+    losses = {"loss": 12.3102, "rgb": 3.0925, "norm_rgb": 3.1, "depth": 2.9, "semseg": 3.2}
+    line = progress_text(1234, 1600, 0, 8, 95.3, 3723, losses, 1.56e-4, 79)
+    assert len(line) <= 79
+    assert line.startswith("step 1234/1600 ") and "95.3 img/s" in line and "eta 1:02:03" in line
+    assert "semseg" not in line  # task losses drop first
+    narrow = progress_text(3, 1600, 5, 8, 2.5, 7 * 3600, losses, 1.56e-4, 50)
+    assert narrow == "step 3/1600 micro 5/8 2.5 img/s eta 7:00:00" and "loss" not in narrow
+    wide = progress_text(1234, 1600, 0, 8, 95.3, 3723, losses, 1.56e-4, 200)
+    assert all(f"{name} {value:.4f}" in wide for name, value in losses.items()) and "lr 1.56e-04" in wide
+    assert format_eta(float("nan")) == "eta --"
+
+
+def test_plain_progress_lines_when_not_a_terminal(sample_h5, tmp_path):
+    code, output = run_cli("pretrain", "tiny", "--data", sample_h5, "--out", tmp_path / "run",
+                           *sets(FAST + ["optim.epochs=5", "train.max_steps=3"]))
+    assert code == 0, output
+    lines = [line for line in output.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert all(" img/s eta " in line and "loss " in line for line in lines)
+    assert "\r" not in output and "\x1b[" not in output
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages that name the real problem and a fix that exists for that command
+
+
+def test_messages_name_the_fix_of_that_command(work, sample_h5, sync_h5):
+    code, output = run_cli("convert", "--rgbd", REPO / "samples" / "nyuv2_multimae", sample_h5, "--no-progress")
+    assert code == 2 and "already exists; add --force" in output and "force=True" not in output
+
+    code, output = run_cli("pretrain", "tiny", "--data", sample_h5, *sets(FAST + ["data.train_split=nope"]))
+    assert code == 2 and "--set data.train_split=NAME" in output and "--split" not in output
+
+    code, output = run_cli("pretrain", "tiny", "--data", sample_h5, "--out", "pre", *sets(FAST))
+    assert code == 0, output
+    code, output = run_cli("eval", "--run", "pre", "--data", sync_h5, "--split", "all")  # no semseg in that file
+    assert code == 2 and "pass --data with a file that has it" in output and "--set" not in output
+
+    (work / "empty").mkdir()
+    code, output = run_cli("eval", "--checkpoint", "empty")
+    assert code == 2 and "this folder holds no checkpoint" in output and "does not exist" not in output
+
+    code, output = run_cli("finetune", "tiny_finetune_semseg", "--init", sample_h5, "--data", sample_h5)
+    assert code == 2 and "is an HDF5 data file" in output and "corrupt" not in output
+
+    code, output = run_cli("finetune", "tiny_finetune_semseg", "--init", "pre", "--data", sample_h5, "--out", "ft",
+                           *sets(TINY_SEMSEG + ["optim.batch_size=4", "train.max_steps=1"]))
+    assert code == 0, output
+    report = next(line for line in output.splitlines() if line.startswith("init from "))
+    parts = report.split(": ", 1)[1].split("; ")
+    assert parts[1].startswith("encoder: all ") and parts[1].endswith(" loaded")
+    assert parts[2].startswith("pretraining decoders: ") and parts[2].endswith(" not used (expected when finetuning)")
+    assert parts[3] == "tokenizers of semseg: 4 not used (this model's inputs are rgb, depth)"
+    assert parts[4].startswith("head: ") and parts[4].endswith(" new")
+
+
+# ---------------------------------------------------------------------------------------------
+# Degenerate settings refused
+
+
+def test_degenerate_budgets_and_sizes_are_refused():
+    import mmtk
+    from helpers import random_batch
+
+    model = mmtk.create_model("multimae-tiny", verbose=False)  # 98 visible tokens, sized for 224 px
+    with pytest.raises(MmtkError, match=r"visible budget 98 for inputs with 48 tokens .* must be 1 to 47"):
+        model(random_batch(1, (64, 64), num_classes=40))
+    with pytest.raises(MmtkError, match="num_visible 0: the encoder would see no token"):
+        mmtk.create_model("multimae-tiny", image_size=64, num_visible=0, verbose=False)
+    with pytest.raises(MmtkError, match="image size 8x8 px is smaller than one 16 px patch"):
+        mmtk.create_model("multimae-tiny", image_size=8, verbose=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output files
+
+
+def test_point_cloud_files_get_the_users_umask(tmp_path):
+    from mmtk.pointcloud import PointCloud, write_cloud
+
+    previous = os.umask(0o022)
+    try:
+        write_cloud(tmp_path / "c.ply", PointCloud(np.random.default_rng(0).random((10, 3)).astype(np.float32)))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "c.ply").stat().st_mode) == 0o644
