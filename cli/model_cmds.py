@@ -44,7 +44,7 @@ def weights(
     from mmtk.formats import mmtk_to_official, read_state_dict, to_mmtk_names, unwrap
 
     container = read_state_dict(checkpoint)
-    state, unknown, fmt = to_mmtk_names(unwrap(container))
+    state, unknown, fmt, _ = to_mmtk_names(unwrap(container))
     count = sum(t.numel() for t in state.values())
     typer.echo(f"{checkpoint}: format {fmt}, {len(state)} tensors, {count / 1e6:.2f} million values")
     if unknown:
