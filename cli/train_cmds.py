@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -112,7 +111,7 @@ def eval_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from mmtk.evaluate import DEPTH_KEYS, SEG_KEYS, evaluate
+    from mmtk.evaluate import DEPTH_KEYS, SEG_KEYS, evaluate, results_json
     from mmtk.formats import read_state_dict
 
     checkpoint = checkpoint or _newest_run_checkpoint()
@@ -143,10 +142,6 @@ def eval_cmd(
                 console.print(f"  {','.join(row.inputs)} -> {task}: {row.note}")
     console.print(f"{frames} frames evaluated (split '{split}'{', --limit ' + str(limit) if limit else ', full split'})")
     if json_out:
-        payload = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "frames": frames,
-                   "results": [{"inputs": list(r.inputs), "task": r.task, "frames": r.frames, "metrics": r.metrics,
-                                **({"per_class": r.per_class} if r.per_class else {}),
-                                **({"note": r.note} if r.note else {})} for r in rows]}
         tmp = json_out.with_name(json_out.name + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2, allow_nan=True))
+        tmp.write_text(results_json(checkpoint, data, split, frames, rows))  # strict JSON: NaN becomes null
         tmp.replace(json_out)

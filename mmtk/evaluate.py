@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from mmtk.engine import load_checkpoint, pick_device, to_device
+from mmtk.engine import pick_device, to_device
 from mmtk.errors import MmtkError
 from mmtk.metrics import DepthMetrics, SegmentationMetrics
 from mmtk.predict import model_from_checkpoint
 from mmtk.adapters.semseg import IGNORE_INDEX
+from mmtk.data.info import strict_json
 from mmtk.data.transforms import IMAGENET_MEAN, IMAGENET_STD, robust_mean_std
 from mmtk.training import data_info, open_dataset, require_modalities
 from mmtk.visualize import colorize_depth, label_palette
@@ -44,10 +45,10 @@ class EvalRow:
     note: str = ""
 
 
-def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model an mmtk training run saved, with its weights; returns (model, checkpoint)."""
-    state = load_checkpoint(path)
-    return model_from_checkpoint(state, path).to(device).eval(), state
+def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild the model a weights file describes (an mmtk run's checkpoint, an official MultiMAE file, a model
+    folder, ...), with its weights, in eval mode."""
+    return model_from_checkpoint(path).to(device).eval()
 
 
 def parse_input_sets(values: list[str] | None, available: tuple[str, ...]) -> list[tuple[str, ...]]:
@@ -117,25 +118,29 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
     if batch_size <= 0:
         raise MmtkError(f"--batch-size must be > 0, got {batch_size}")
     torch_device = pick_device(device)
-    model, state = load_trained_model(checkpoint, torch_device)
-    kind, args = state.get("kind", "pretrain"), state["model_args"]
-    available = tuple(args["inputs"])
+    model = load_trained_model(checkpoint, torch_device)
+    config = model.config
+    kind = "pretrain" if config.head is None else "finetune"
+    available = tuple(config.inputs)
     combos = parse_input_sets(input_sets, available)
     if kind == "finetune":
-        tasks: tuple[str, ...] = (args["task"],)
+        tasks: tuple[str, ...] = (config.task,)
     else:
-        tasks = tuple(t for t in ("semseg", "depth") if t in args.get("outputs", []))
+        tasks = tuple(t for t in ("semseg", "depth") if t in config.outputs)
         if not tasks:
             raise MmtkError(f"{checkpoint}: the pretrained model predicts neither depth nor semseg; nothing to evaluate")
     info = data_info(data, split)
     wanted = tuple(dict.fromkeys(available + tasks))
     require_modalities(wanted, info, f"evaluating {checkpoint}")
-    dataset = open_dataset(data, split, wanted, tuple(args["image_size"]), augment=False)
+    if "semseg" in wanted and info.num_classes and info.num_classes != config.num_classes:
+        raise MmtkError(f"{checkpoint} knows {config.num_classes} semantic classes but {data} is labelled with "
+                        f"{info.num_classes}; evaluate on data labelled in the model's classes")
+    dataset = open_dataset(data, split, wanted, tuple(config.image_size), augment=False)
     frames = len(dataset) if limit is None else min(limit, len(dataset))
     if frames == 0:
         raise MmtkError(f"split '{split}' of {data} has no frames; pick another with --split")
     loader = DataLoader(Subset(dataset, range(frames)), batch_size=batch_size, shuffle=False)
-    num_classes = int(args.get("num_classes", info.num_classes))
+    num_classes = config.num_classes
     metrics = {(combo, task): SegmentationMetrics(num_classes) if task == "semseg" else DepthMetrics()
                for combo in combos for task in tasks}
     skipped: set[tuple[tuple[str, ...], str]] = set()
@@ -168,6 +173,16 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
             row.per_class = {k: [float(x) for x in result[k]] for k in ("iou", "intersection", "union")}
         rows.append(row)
     return rows, frames
+
+
+def results_json(checkpoint: str | Path, data: str | Path, split: str, frames: int, rows: list[EvalRow]) -> str:
+    """The results of :func:`evaluate` as strict JSON: a metric that does not exist (a class absent from the
+    split, no valid depth pixel) is null, never NaN."""
+    payload = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "frames": frames,
+               "results": [{"inputs": list(r.inputs), "task": r.task, "frames": r.frames, "metrics": r.metrics,
+                            **({"per_class": r.per_class} if r.per_class else {}),
+                            **({"note": r.note} if r.note else {})} for r in rows]}
+    return strict_json(payload)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def read_h5_frame(path: str | os.PathLike, split: str, index: int, depth_key: st
 
 @dataclass
 class Predictor:
-    """A model rebuilt from an mmtk training checkpoint, ready for inference."""
+    """A model rebuilt from a weights file, ready for inference."""
 
     model: torch.nn.Module
     model_name: str
@@ -116,29 +116,25 @@ class Predictor:
 
 
 def load_predictor(path: str | os.PathLike, device: str = "cpu") -> Predictor:
-    """Rebuild the model of an mmtk training checkpoint (``model_name``, ``model_args``, ``model``)."""
-    from mmtk.formats import read_state_dict
+    """Rebuild the model a weights file describes (mmtk checkpoint, official MultiMAE, folder, ...) for inference."""
+    from dataclasses import asdict
 
-    state = read_state_dict(path)
-    model = model_from_checkpoint(state, path)
+    model = model_from_checkpoint(path)
     model.eval().to(device)
-    return Predictor(model, state["model_name"], dict(state["model_args"]), device)
+    return Predictor(model, model.model_name, asdict(model.config), device)
 
 
-def model_from_checkpoint(state: dict, path: str | os.PathLike) -> torch.nn.Module:
-    """The model a loaded mmtk training checkpoint describes, with its weights (clear errors when it cannot)."""
+def model_from_checkpoint(source: str | os.PathLike | dict) -> torch.nn.Module:
+    """The model a weights file describes, with its weights: whatever ``create_model(pretrained=...)`` reads.
+
+    What the file does not record and had to be assumed (attention heads of an official or timm file) is
+    printed in one line.
+    """
     import mmtk
 
-    missing = [key for key in ("model_name", "model_args", "model") if key not in state]
-    if missing:
-        raise MmtkError(f"{path}: not an mmtk training checkpoint (no {', '.join(missing)}); give a checkpoint "
-                        "written by `mmtk pretrain` or `mmtk finetune`")
-    model = mmtk.create_model(state["model_name"], verbose=False, **state["model_args"])
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise MmtkError(f"{path}: weights do not fit the model described in the checkpoint "
-                        f"({str(err).splitlines()[0]})") from None
+    model = mmtk.create_model(pretrained=source, verbose=False)
+    if model.load_report.notes:
+        print(f"{source if not isinstance(source, dict) else 'checkpoint'}: {'; '.join(model.load_report.notes)}")
     return model
 
 
