@@ -135,7 +135,8 @@ def _mmtk_name_to_official(name: str, task: str | None) -> str | None:
         if match:
             return match.expand(template)
     if name.startswith("head.") and task is None:
-        raise MmtkError("the official layout names a finetuning head by its task; give it (semseg or depth; `mmtk weights --task`)")
+        raise MmtkError("the official layout names a finetuning head by its task; give it (semseg or depth; "
+                       "`mmtk weights --set task=...`)")
     prefix = f"output_adapters.{task}"
     head_rules = [
         (r"^head\.reassemble\.(\d)\.(.+)$", lambda m: f"{prefix}.act_{int(m[1]) + 1}_postprocess.{m[2]}"),
@@ -245,7 +246,10 @@ def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu", 
     try:
         if is_safetensors(path):
             return _read_safetensors(path, map_location)
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        if mmap:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        with open(path, "rb") as handle:  # a handle, so torch.load cannot pick a reader by the file's name
+            return torch.load(handle, map_location=map_location, weights_only=True)
     except Exception as err:  # corrupt, truncated, or pickled code objects
         raise MmtkError(f"cannot read checkpoint '{path}' ({type(err).__name__}): it is corrupt, truncated "
                         "or not a plain-weights PyTorch or safetensors file") from None
@@ -333,6 +337,27 @@ def _hub_snapshot(path: Path) -> Path | None:
     if len(revisions) != 1:
         raise MmtkError(f"{path}: {len(revisions)} snapshots and no refs/main; give the snapshot folder itself")
     return revisions[0]
+
+
+def write_model_folder(state: dict[str, Tensor], folder: str | Path, model_name: str, model_args: dict[str, Any]
+                       ) -> Path:
+    """A Hugging Face-style model folder: config.json (the model description) + model.safetensors (mmtk names).
+
+    The safetensors metadata repeats the description, so the weights file alone still says what model it is.
+    Files are written beside their final names and renamed when complete.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise MmtkError(f"{folder} is a file; --to takes a folder (created if missing)")
+    folder.mkdir(parents=True, exist_ok=True)
+    architecture = "DenseModel" if model_args.get("head") else "MultiMAE"
+    config = {"model_type": CONFIG_TYPE, "architectures": [architecture], "model_name": model_name,
+              "model_args": model_args}
+    write_safetensors(state, folder / "model.safetensors", model_name, model_args)
+    tmp = folder / f".config.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, folder / "config.json")
+    return folder
 
 
 @dataclass

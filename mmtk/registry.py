@@ -110,7 +110,7 @@ def config_from_weights(weights: Weights, name: str | None = None, **overrides: 
     if changed:
         notes.append("applied on purpose: " + ", ".join(changed))
     values = {**file, **overrides}
-    if values.get("head") == "dpt" and "hooks" not in values:
+    if values.get("head") == "dpt" and file.get("head") != "dpt" and "hooks" not in overrides:  # a new DPT head
         values["hooks"] = default_hooks(values["depth"])
     return ModelConfig(**values), notes
 
@@ -120,14 +120,40 @@ def _show(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
+def _model_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors of the model `config` describes (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        return {name: tuple(t.shape) for name, t in build_model(config).state_dict().items()}
+
+
 def _check_complete(weights: Weights, config: ModelConfig) -> None:
     """The file holds every tensor of the model it describes (else that model would be partly random)."""
-    with torch.device("meta"):  # shapes only: no memory, no init cost
-        own = build_model(config).state_dict()
-    lacking = [k for k in own if k not in weights.state or tuple(weights.state[k].shape) != tuple(own[k].shape)]
+    lacking = [k for k, shape in _model_tensors(config).items()
+               if k not in weights.state or tuple(weights.state[k].shape) != shape]
     if lacking:
         raise MmtkError(f"{weights.source} lacks {len(lacking)} tensor(s) of the model it describes "
                         f"({', '.join(lacking[:4])}{' ...' if len(lacking) > 4 else ''}): the file is incomplete")
+
+
+def describe_weights(source: str | Path | dict | Weights, **overrides: Any) -> tuple[Weights, ModelConfig, list[str]]:
+    """A weights file, the model it describes and the notes on what was assumed, without building the model.
+
+    `overrides` may only state what the file cannot (attention heads, training settings): an override that
+    would change a tensor is refused, since a conversion makes no new parameters.
+    """
+    weights = read_weights(source)
+    own, _ = config_from_weights(weights)
+    _check_complete(weights, own)
+    config, notes = config_from_weights(weights, **overrides)
+    if _model_tensors(config) != _model_tensors(own):
+        raise MmtkError(f"{', '.join(f'{k}={v}' for k, v in overrides.items())} changes the tensors of the model "
+                        f"{weights.source} holds; a conversion only records what the file cannot say (e.g. num_heads)")
+    return weights, config, notes
+
+
+def model_tensors(weights: Weights, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The file's tensors the model uses, in mmtk names and in the model's order (unused names dropped)."""
+    return {name: weights.state[name] for name in _model_tensors(config)}
 
 
 def _fresh_summary(missing: list[str], names: list[str]) -> str:
