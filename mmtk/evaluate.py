@@ -122,7 +122,6 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
     config = model.config
     kind = "pretrain" if config.head is None else "finetune"
     available = tuple(config.inputs)
-    combos = parse_input_sets(input_sets, available)
     if kind == "finetune":
         tasks: tuple[str, ...] = (config.task,)
     else:
@@ -130,11 +129,16 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
         if not tasks:
             raise MmtkError(f"{checkpoint}: the pretrained model predicts neither depth nor semseg; nothing to evaluate")
     info = data_info(data, split)
+    skipped_semseg = ""
+    if "semseg" in available + tasks and info.num_classes and info.num_classes != config.num_classes:
+        why = f"{checkpoint} knows {config.num_classes} semantic classes but {data} is labelled with {info.num_classes}"
+        available, tasks = tuple(n for n in available if n != "semseg"), tuple(t for t in tasks if t != "semseg")
+        if kind == "finetune" or not tasks or not available:
+            raise MmtkError(f"{why}; evaluate on data labelled in the model's classes")
+        skipped_semseg = f"not evaluated: {why}"  # a pretrained model's depth is still evaluated
+    combos = parse_input_sets(input_sets, available)
     wanted = tuple(dict.fromkeys(available + tasks))
     require_modalities(wanted, info, f"evaluating {checkpoint}")
-    if "semseg" in wanted and info.num_classes and info.num_classes != config.num_classes:
-        raise MmtkError(f"{checkpoint} knows {config.num_classes} semantic classes but {data} is labelled with "
-                        f"{info.num_classes}; evaluate on data labelled in the model's classes")
     dataset = open_dataset(data, split, wanted, tuple(config.image_size), augment=False)
     frames = len(dataset) if limit is None else min(limit, len(dataset))
     if frames == 0:
@@ -161,7 +165,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
                 if saver:
                     saver.write(batch, pred, combo, task, seen)
         seen += next(iter(batch.values())).shape[0]
-    rows = []
+    rows = [EvalRow(combo, "semseg", frames, {}, note=skipped_semseg) for combo in combos] if skipped_semseg else []
     for (combo, task), metric in metrics.items():
         if (combo, task) in skipped:
             rows.append(EvalRow(combo, task, frames, {}, note=f"no input left once {task} is hidden"))

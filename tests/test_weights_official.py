@@ -112,3 +112,17 @@ def test_eval_refuses_data_labelled_in_other_classes(official, sample_h5, tmp_pa
 def test_data_info_json_is_strict(sample_h5):
     code, output = run_cli("info", sample_h5, "--json")
     assert code == 0 and strict_loads(output)["splits"]
+
+
+def test_official_pretraining_checkpoint_evaluates_depth_when_the_classes_differ(sample_h5, tmp_path):
+    """The official pretrained model knows 133 COCO classes; on NYUv2's 40 its depth is evaluated, semseg is not."""
+    torch.manual_seed(0)
+    source = mmtk.create_model("multimae-tiny", **HEADS, depth=2, decoder_dim=64, decoder_depth=1, num_classes=133,
+                               image_size=SIZE)
+    torch.save({"model": mmtk.export_official(source)}, tmp_path / "multivit.pth")
+    code, output = run_cli("eval", "--checkpoint", tmp_path / "multivit.pth", "--data", sample_h5, "--inputs", "rgb",
+                           "--json", tmp_path / "eval.json")
+    assert code == 0, output
+    rows = {row["task"]: row for row in strict_loads((tmp_path / "eval.json").read_text())["results"]}
+    assert rows["semseg"]["metrics"] == {} and "knows 133 semantic classes" in rows["semseg"]["note"]
+    assert rows["depth"]["metrics"]["pixels"] > 0 and rows["depth"]["metrics"]["rmse"] > 0
