@@ -16,7 +16,7 @@ import torch
 import mmtk
 from engine_helpers import run_cli, sample_h5  # noqa: F401
 from mmtk.formats import is_safetensors, read_state_dict
-from test_weights_official import reference_metrics, strict_loads
+from weights_helpers import reference_metrics, strict_loads
 
 PARITY = Path(__file__).parent / "parity"
 CASES = torch.load(PARITY / "cases.pt", weights_only=True)

@@ -4,7 +4,6 @@ the same frames; every --json output parses with a strict parser."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +12,8 @@ import torch
 
 import mmtk
 from engine_helpers import run_cli, sample_h5  # noqa: F401
-from mmtk.metrics import DepthMetrics, SegmentationMetrics
-from mmtk.training import open_dataset
+from weights_helpers import SIZE, reference_metrics, strict_loads
 
-SIZE = (64, 64)
 HEADS = dict(dim=128, num_heads=2)  # 64 values per head, as in the released models, so heads need not be given
 MODELS = {
     "semseg": dict(head="convnext", task="semseg", inputs=("rgb", "depth"), main_inputs=("rgb",), num_classes=40,
@@ -24,13 +21,6 @@ MODELS = {
     "depth": dict(head="dpt", task="depth", inputs=("rgb",), depth=4, hooks=(0, 1, 2, 3), layer_dims=(16, 32, 64, 64),
                   dpt_dim=32),
 }
-
-
-def strict_loads(text: str):
-    def refuse(constant: str):
-        raise ValueError(f"not JSON: {constant}")
-
-    return json.loads(text, parse_constant=refuse)
 
 
 @pytest.fixture(scope="module")
@@ -52,20 +42,6 @@ def official(tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module]]:
         assert report.format == "official" and report.missing == [] and report.unused == []
         files[kind] = path, usual.eval()
     return files
-
-
-def reference_metrics(model: torch.nn.Module, data: Path, inputs: tuple[str, ...], task: str) -> dict[str, float]:
-    dataset = open_dataset(data, "test", ("rgb", "depth", "semseg"), SIZE, augment=False)
-    metric = SegmentationMetrics(40) if task == "semseg" else DepthMetrics()
-    with torch.no_grad():
-        for i in range(len(dataset)):
-            frame = {k: v[None] for k, v in dataset[i].items()}
-            pred = model({name: frame[name] for name in inputs})
-            if task == "semseg":
-                metric.update(pred, frame["semseg_full"])
-            else:
-                metric.update(pred, frame["depth_m"], frame["depth_valid"])
-    return {k: float(v) for k, v in metric.compute().items() if v.ndim == 0}
 
 
 @pytest.mark.parametrize("kind, inputs", [("semseg", "rgb,depth"), ("depth", "rgb")])
