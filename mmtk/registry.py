@@ -106,7 +106,6 @@ def config_from_weights(weights: Weights, name: str | None = None, **overrides: 
         notes.append(f"decoder_heads={DECODER_HEADS} assumed (the official decoders')")
     changed = [f"{key} {_show(file[key])} -> {_show(value)}" for key, value in overrides.items()
                if key in file and _plain(file[key]) != _plain(value)]
-    changed += [f"{key}={_show(value)}" for key, value in overrides.items() if key not in file]
     if changed:
         notes.append("applied on purpose: " + ", ".join(changed))
     values = {**file, **overrides}
