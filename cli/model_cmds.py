@@ -64,7 +64,7 @@ def weights(
     count = sum(t.numel() for t in state.values())
     name = found.model_name or size_name(config) or "custom"
     typer.echo(f"{checkpoint}: format {found.format}, {len(state)} tensors, {count / 1e6:.2f} million values")
-    typer.echo(f"  model: {name}, width {config.dim}, {config.depth} blocks, {config.num_heads} heads, patch "
+    typer.echo(f"  model: {name}, width {config.dim}, {config.depth} blocks, {config.num_heads} attention heads, patch "
                f"{config.patch_size} px, image {config.image_size[0]}x{config.image_size[1]} px, inputs "
                f"{','.join(config.inputs)}, " + (f"{config.head} head -> {config.task}" if config.head else
                                                  f"outputs {','.join(config.outputs) or 'none (encoder only)'}")

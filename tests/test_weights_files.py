@@ -153,6 +153,6 @@ def test_every_command_takes_a_folder(sample_h5, tmp_path):
 
     (labels,) = sorted((tmp_path / "pred").glob("*_semseg_labels.png"))
     assert np.array_equal(np.array(Image.open(labels)), reference.semseg)
-    assert "4 heads" in convert(tmp_path / "semseg")
+    assert "4 attention heads" in convert(tmp_path / "semseg")
     ft = mmtk.create_model(pretrained=tmp_path / "semseg", head="dpt", task="depth", inputs=("rgb",), verbose=False)
     assert ft.config.num_heads == 4  # finetune --init DIR goes through create_model(pretrained=DIR)
