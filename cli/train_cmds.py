@@ -112,11 +112,14 @@ def eval_cmd(
     from rich.table import Table
 
     from mmtk.evaluate import DEPTH_KEYS, SEG_KEYS, evaluate, results_json
-    from mmtk.formats import read_state_dict
+    from mmtk.formats import locate_weights, read_state_dict
 
     checkpoint = checkpoint or _newest_run_checkpoint()
     if data is None:  # the recorded training file (tensors only mapped, not read)
-        data = Path(read_state_dict(checkpoint, mmap=True).get("data", {}).get("path", ""))
+        recorded = read_state_dict(locate_weights(checkpoint)[0], mmap=True).get("data", {}).get("path")
+        if not recorded:  # official, timm or folder weights: no training file
+            raise MmtkError(f"{checkpoint} records no data file (it is not from an mmtk run); pass --data FILE.h5")
+        data = Path(recorded)
         if not data.is_file():
             raise MmtkError(f"no --data given and the training file {data} of {checkpoint} is gone; pass --data FILE.h5")
         typer.echo(f"data: {data} (the file the run trained on)")

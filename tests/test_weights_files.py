@@ -139,6 +139,8 @@ def test_every_command_takes_a_folder(sample_h5, tmp_path):
     (row,) = strict_loads((tmp_path / "eval.json").read_text())["results"]
     expected = reference_metrics(build("depth_ft"), sample_h5, ("rgb",), "depth")
     assert row["metrics"]["rmse"] == pytest.approx(expected["rmse"], rel=1e-6)
+    code, output = run_cli("eval", "--checkpoint", tmp_path / "depth")  # no --data: a folder names no training file
+    assert code == 2 and "records no data file (it is not from an mmtk run); pass --data FILE.h5" in output
 
     convert(PARITY / "semseg_ft_weights.pt", "--to", tmp_path / "semseg", "--set", "num_heads=4")
     code, output = run_cli("predict", "--checkpoint", tmp_path / "semseg", "--h5", sample_h5, "--split", "test",
