@@ -131,8 +131,9 @@ def _check_complete(weights: Weights, config: ModelConfig) -> None:
     lacking = [k for k, shape in _model_tensors(config).items()
                if k not in weights.state or tuple(weights.state[k].shape) != shape]
     if lacking:
-        raise MmtkError(f"{weights.source} lacks {len(lacking)} tensor(s) of the model it describes "
-                        f"({', '.join(lacking[:4])}{' ...' if len(lacking) > 4 else ''}): the file is incomplete")
+        raise MmtkError(f"{weights.source} lacks {len(lacking)} tensor(s) of the model it describes, or holds them "
+                        f"in other shapes ({', '.join(lacking[:4])}{' ...' if len(lacking) > 4 else ''}): the file is "
+                        "incomplete or inconsistent")
 
 
 def describe_weights(source: str | Path | dict | Weights, **overrides: Any) -> tuple[Weights, ModelConfig, list[str]]:

@@ -128,8 +128,17 @@ def test_incomplete_file_is_refused(tmp_path):
     del state["encoder.1.mlp.fc2.bias"]
     path = tmp_path / "partial.pth"
     torch.save({"model": state}, path)
-    with pytest.raises(mmtk.MmtkError, match=r"lacks 1 tensor\(s\) of the model it describes \(encoder.blocks.1.mlp"):
+    with pytest.raises(mmtk.MmtkError, match=r"lacks 1 tensor\(s\) of the model it describes, or holds them in other "
+                                             r"shapes \(encoder.blocks.1.mlp"):
         mmtk.create_model(pretrained=path)
+    # recorded arguments that contradict the tensors (a hand-edited checkpoint): refused, not half loaded
+    model = mmtk.create_model("multimae-tiny", dim=64, depth=1, num_heads=1, image_size=32, inputs=("rgb", "semseg"),
+                              outputs=("rgb",), num_classes=7, decoder_depth=0)
+    torch.save({"model_name": "multimae-tiny", "model_args": dict(dim=64, depth=1, num_heads=1, image_size=32,
+                inputs=["rgb", "semseg"], outputs=["rgb"], num_classes=40, decoder_depth=0), "model": model.state_dict()},
+               tmp_path / "edited.pt")
+    with pytest.raises(mmtk.MmtkError, match=r"holds them in other shapes \(encoder.tokenizers.semseg.class_emb.weight\)"):
+        mmtk.create_model(pretrained=tmp_path / "edited.pt")
 
 
 def test_bare_mmtk_state_dict_describes_its_model(tmp_path):
