@@ -33,25 +33,55 @@ def models() -> None:
 
 @app.command("weights")
 def weights(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint file: mmtk, official MultiMAE or timm ViT."),
+    checkpoint: Path = typer.Argument(..., help="Weights: an mmtk checkpoint, an official MultiMAE checkpoint, timm/DeiT/"
+                                      "MAE ViT weights (PyTorch or safetensors, any file name), a model folder or a "
+                                      "huggingface_hub cache folder."),
+    to: Optional[Path] = typer.Option(None, "--to", help="Write a model folder: config.json (the model) + "
+                                      "model.safetensors (mmtk names), which every command accepts."),
     to_official: Optional[Path] = typer.Option(None, "--to-official", help="Write the weights in the official "
-                                               "MultiMAE layout ({'model': state_dict}) to this file."),
-    task: Optional[str] = typer.Option(None, "--task", help="Task of a finetuning head (semseg, depth) for the "
-                                       "official names; read from an mmtk training checkpoint."),
+                                               "MultiMAE layout ({'model': state_dict}; safetensors when the name ends "
+                                               "in .safetensors)."),
+    set_: list[str] = typer.Option([], "--set", help="Record what the file cannot say, e.g. --set num_heads=4 "
+                                   "(any model option that changes no tensor; repeatable)."),
 ) -> None:
-    """Say what a checkpoint holds (format, tensors, parameters) and convert it to the official layout."""
-    from mmtk.engine import save_checkpoint
-    from mmtk.formats import mmtk_to_official, read_state_dict, to_mmtk_names, unwrap
+    """Say what model a weights file holds, and convert it (model folder, official layout)."""
+    from dataclasses import asdict
 
-    container = read_state_dict(checkpoint)
-    state, unknown, fmt = to_mmtk_names(unwrap(container))
+    from mmtk.config import parse_override
+    from mmtk.engine import save_checkpoint
+    from mmtk.errors import MmtkError
+    from mmtk.formats import mmtk_to_official, write_model_folder, write_safetensors
+    from mmtk.registry import describe_weights, model_tensors, size_name
+
+    overrides = {}
+    for text in set_:
+        keys, value = parse_override(text)
+        if len(keys) != 1:
+            raise MmtkError(f"--set {text!r}: a model option, e.g. --set num_heads=4")
+        overrides[keys[0]] = value
+    found, config, notes = describe_weights(checkpoint, **overrides)
+    state = model_tensors(found, config)
     count = sum(t.numel() for t in state.values())
-    typer.echo(f"{checkpoint}: format {fmt}, {len(state)} tensors, {count / 1e6:.2f} million values")
-    if unknown:
-        typer.echo(f"  {len(unknown)} tensors have no mmtk meaning: {', '.join(unknown[:10])}")
-    if to_official is None:
-        return
-    model_args = container.get("model_args") if isinstance(container.get("model_args"), dict) else {}
-    official = mmtk_to_official(state, task or model_args.get("task"))  # mmtk training checkpoints store it
-    save_checkpoint({"model": official}, to_official)
-    typer.echo(f"wrote {to_official} ({len(official)} tensors in the official MultiMAE layout)")
+    name = found.model_name or size_name(config) or "custom"
+    typer.echo(f"{checkpoint}: format {found.format}, {len(state)} tensors, {count / 1e6:.2f} million values")
+    typer.echo(f"  model: {name}, width {config.dim}, {config.depth} blocks, {config.num_heads} attention heads, patch "
+               f"{config.patch_size} px, image {config.image_size[0]}x{config.image_size[1]} px, inputs "
+               f"{','.join(config.inputs)}, " + (f"{config.head} head -> {config.task}" if config.head else
+                                                 f"outputs {','.join(config.outputs) or 'none (encoder only)'}")
+               + (f", {config.num_classes} classes" if "semseg" in (*config.inputs, *config.outputs, config.task)
+                  else ""))
+    for note in found.notes + notes:
+        typer.echo(f"  {note}")
+    if found.unused:
+        typer.echo(f"  {len(found.unused)} tensors not part of the model: {', '.join(found.unused[:10])}"
+                   f"{' ...' if len(found.unused) > 10 else ''}")
+    if to is not None:
+        write_model_folder(state, to, name, asdict(config))
+        typer.echo(f"wrote {to}/config.json and {to}/model.safetensors ({len(state)} tensors, mmtk names)")
+    if to_official is not None:
+        official = mmtk_to_official(state, config.task)
+        if to_official.suffix == ".safetensors":
+            write_safetensors(official, to_official)
+        else:
+            save_checkpoint({"model": official}, to_official)
+        typer.echo(f"wrote {to_official} ({len(official)} tensors in the official MultiMAE layout)")

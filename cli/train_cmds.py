@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shlex
@@ -130,11 +129,13 @@ def _eval_checkpoint(run: Optional[Path], checkpoint: Optional[Path]) -> Path:
 
 def _training_file(checkpoint: Path) -> Path:
     """The data file a run trained on, as its checkpoint records it."""
-    from mmtk.formats import read_state_dict
+    from mmtk.formats import locate_weights, read_state_dict
 
-    recorded = read_state_dict(checkpoint, mmap=True).get("data", {}).get("path", "")  # tensors only mapped
+    recorded = read_state_dict(locate_weights(checkpoint)[0], mmap=True).get("data", {}).get("path", "")
+    if not recorded:  # official, timm or folder weights: no training file
+        raise MmtkError(f"{checkpoint} records no data file (it is not from an mmtk run); pass --data FILE.h5")
     data = Path(recorded)
-    if not recorded or not data.is_file():
+    if not data.is_file():
         relative = " (a relative path, from the folder the run was started in)" if recorded and not data.is_absolute() \
             else ""
         raise MmtkError(f"no --data given and the training file {recorded or '(none recorded)'}{relative} that "
@@ -179,10 +180,10 @@ def eval_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from mmtk.evaluate import evaluate
+    from mmtk.evaluate import evaluate, results_json
+    from mmtk.io import atomic_write_text
     from mmtk.metrics import FAMILIES
     from mmtk.modality import get_modality
-    from mmtk.io import atomic_write_text
 
     checkpoint = _eval_checkpoint(run, checkpoint)
     data = data or _training_file(checkpoint)
@@ -217,10 +218,4 @@ def eval_cmd(
                 console.print(f"  {','.join(row.inputs)} -> {task}: {row.note}", soft_wrap=True)
     console.print(f"{frames} frames evaluated (split '{split}'{', --limit ' + str(limit) if limit else ', full split'})")
     if json_out:
-        payload = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "frames": frames,
-                   "results": [{"inputs": list(r.inputs), "task": r.task, "frames": r.frames, "metrics": r.metrics,
-                                **({"per_class": r.per_class} if r.per_class else {}),
-                                **({"note": r.note} if r.note else {}),
-                                **({"depth": "relative, rescaled per frame to the ground truth"}
-                                   if r.relative_depth else {})} for r in rows]}
-        atomic_write_text(json_out, json.dumps(payload, indent=2, allow_nan=True))
+        atomic_write_text(json_out, results_json(checkpoint, data, split, frames, rows))  # strict JSON: NaN is null

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from mmtk.engine import load_checkpoint, pick_device, to_device
+from mmtk.engine import pick_device, to_device
 from mmtk.errors import MmtkError
+from mmtk.data.info import strict_json
 from mmtk.data.transforms import robust_mean_std
 from mmtk.io import atomic_write, disk_errors, remove_dead_temps
 from mmtk.metrics import FAMILIES, DepthMetrics, SegmentationMetrics
@@ -43,10 +44,10 @@ class EvalRow:
     relative_depth: bool = False  # a pretrained model's depth: rescaled per frame to the ground truth, not metric
 
 
-def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model an mmtk training run saved, with its weights; returns (model, checkpoint)."""
-    state = load_checkpoint(path)
-    return model_from_checkpoint(state, path).to(device).eval(), state
+def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild the model a weights file describes (an mmtk run's checkpoint, an official MultiMAE file, a model
+    folder, ...), with its weights, in eval mode."""
+    return model_from_checkpoint(path).to(device).eval()
 
 
 def parse_input_sets(values: list[str] | None, available: tuple[str, ...]) -> list[tuple[str, ...]]:
@@ -115,27 +116,37 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
     if batch_size <= 0:
         raise MmtkError(f"--batch-size must be > 0, got {batch_size}")
     torch_device = pick_device(device)
-    model, state = load_trained_model(checkpoint, torch_device)
-    kind, args = state.get("kind", "pretrain"), state["model_args"]
-    available = tuple(args["inputs"])
-    combos = parse_input_sets(input_sets, available)
+    model = load_trained_model(checkpoint, torch_device)
+    config = model.config
+    kind = "pretrain" if config.head is None else "finetune"
+    available = tuple(config.inputs)
     if kind == "finetune":
-        tasks: tuple[str, ...] = (args["task"],)
+        tasks: tuple[str, ...] = (config.task,)
     else:
-        tasks = tuple(t for t in args.get("outputs", []) if get_modality(t).metric_family is not None)
+        tasks = tuple(t for t in config.outputs if get_modality(t).metric_family is not None)
         if not tasks:
             raise MmtkError(f"{checkpoint}: the pretrained model predicts no output with a metric (such as depth or "
                             f"semseg); nothing to evaluate")
     info = data_info(data, split)
+    labelled = [n for n in dict.fromkeys(available + tasks) if get_modality(n).metric_family == "segmentation"]
+    skipped_labels = ""
+    if labelled and info.num_classes and info.num_classes != config.num_classes:
+        why = f"{checkpoint} knows {config.num_classes} semantic classes but {data} is labelled with {info.num_classes}"
+        available = tuple(n for n in available if n not in labelled)
+        skipped_tasks, tasks = [t for t in tasks if t in labelled], tuple(t for t in tasks if t not in labelled)
+        if kind == "finetune" or not tasks or not available:
+            raise MmtkError(f"{why}; evaluate on data labelled in the model's classes")
+        skipped_labels = f"not evaluated: {why}"  # a pretrained model's depth is still evaluated
+    combos = parse_input_sets(input_sets, available)
     wanted = tuple(dict.fromkeys(available + tasks))
     require_modalities(wanted, info, f"evaluating {checkpoint}",
                        fix="pass --data with a file that has it (e.g. the file the run trained on)")
-    dataset = open_dataset(data, split, wanted, tuple(args["image_size"]), augment=False)
+    dataset = open_dataset(data, split, wanted, tuple(config.image_size), augment=False)
     frames = len(dataset) if limit is None else min(limit, len(dataset))
     if frames == 0:
         raise MmtkError(f"split '{split}' of {data} has no frames; pick another with --split")
     loader = DataLoader(Subset(dataset, range(frames)), batch_size=batch_size, shuffle=False)
-    num_classes = int(args.get("num_classes", info.num_classes))
+    num_classes = config.num_classes
     metrics = {(combo, task): _new_metric(task, num_classes) for combo in combos for task in tasks}
     skipped: set[tuple[tuple[str, ...], str]] = set()
     saver = PredictionWriter(save_predictions, num_classes, info, kind != "finetune") if save_predictions else None
@@ -143,7 +154,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
     for batch in loader:
         batch = to_device(batch, torch_device)
         for combo in combos:
-            for task, pred in _predict(model, kind, batch, combo, tasks, tuple(args["image_size"])).items():
+            for task, pred in _predict(model, kind, batch, combo, tasks, tuple(config.image_size)).items():
                 if pred is None:
                     skipped.add((combo, task))
                     continue
@@ -155,7 +166,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
                 if saver:
                     saver.write(batch, pred, combo, task, seen)
         seen += next(iter(batch.values())).shape[0]
-    rows = []
+    rows = [EvalRow(combo, task, frames, {}, note=skipped_labels) for combo in combos
+            for task in (skipped_tasks if skipped_labels else [])]
     for (combo, task), metric in metrics.items():
         if (combo, task) in skipped:
             rows.append(EvalRow(combo, task, frames, {}, note=f"no input left once {task} is hidden"))
@@ -184,6 +196,18 @@ def _pretrained_note(kind: str, combo: tuple[str, ...], task: str) -> str:
         return ""
     given = ",".join(name for name in combo if name != task)
     return f"{task} is hidden when it is the target, so this row predicts from {given} alone (the same as row {given})"
+
+
+def results_json(checkpoint: str | Path, data: str | Path, split: str, frames: int, rows: list[EvalRow]) -> str:
+    """The results of :func:`evaluate` as strict JSON: a metric that does not exist (a class absent from the
+    split, no valid depth pixel) is null, never NaN."""
+    payload = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "frames": frames,
+               "results": [{"inputs": list(r.inputs), "task": r.task, "frames": r.frames, "metrics": r.metrics,
+                            **({"per_class": r.per_class} if r.per_class else {}),
+                            **({"note": r.note} if r.note else {}),
+                            **({"depth": "relative, rescaled per frame to the ground truth"}
+                               if r.relative_depth else {})} for r in rows]}
+    return strict_json(payload)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,15 +1,22 @@
-"""Checkpoint formats: mmtk, the official MultiMAE layout, and timm/MAE ViT weights.
+"""Checkpoint formats: mmtk, the official MultiMAE layout, and timm/MAE ViT weights; files and folders.
 
 In the spirit of timm's `checkpoint_filter_fn`: a foreign state dict is renamed into mmtk's
 parameter names, positional embeddings are resized to the model's grid, and every key that could
-not be used is reported. Loading never executes code from the file (`weights_only=True`).
+not be used is reported. :func:`read_weights` also reads what model a file describes (recorded in
+mmtk checkpoints and folders, else inferred from the tensors' names and shapes). Files are
+PyTorch (`weights_only=True`) or safetensors, told apart by their bytes; folders are Hugging Face-style
+(config.json + model.safetensors), huggingface_hub cache entries included. Loading never executes code.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +58,7 @@ class LoadReport:
     unused: list[str] = field(default_factory=list)  # in the file, not used (name or shape unknown)
     missing: list[str] = field(default_factory=list)  # in the model, not in the file (left as initialised)
     resized: list[str] = field(default_factory=list)  # positional embeddings resized to the model's grid
+    notes: list[str] = field(default_factory=list)  # how the file was read and what the model takes from it
 
     def summary(self) -> str:
         parts = [f"format {self.format}"]
@@ -60,7 +68,7 @@ class LoadReport:
             parts.append(f"{len(self.missing)} missing: {', '.join(self.missing[:8])}{' ...' if len(self.missing) > 8 else ''}")
         if self.resized:
             parts.append(f"resized {', '.join(self.resized)}")
-        return "; ".join(parts)
+        return "; ".join(parts + self.notes)
 
 
 def _official_name_to_mmtk(name: str) -> str | None:
@@ -127,7 +135,8 @@ def _mmtk_name_to_official(name: str, task: str | None) -> str | None:
         if match:
             return match.expand(template)
     if name.startswith("head.") and task is None:
-        raise MmtkError("the official layout names a finetuning head by its task; give it (semseg or depth; `mmtk weights --task`)")
+        raise MmtkError("the official layout names a finetuning head by its task; give it (semseg or depth; "
+                       "`mmtk weights --set task=...`)")
     prefix = f"output_adapters.{task}"
     head_rules = [
         (r"^head\.reassemble\.(\d)\.(.+)$", lambda m: f"{prefix}.act_{int(m[1]) + 1}_postprocess.{m[2]}"),
@@ -155,42 +164,340 @@ def _official_alias_of(official: str) -> str | None:
     return None
 
 
-def timm_to_mmtk(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
-    """Rename timm/MAE ViT weights (encoder only) into mmtk names; the class token becomes the global token."""
-    renamed, unknown = {}, []
+# timm ViT parameters that act after the last block (final norm, pooling norm, classifiers) or belong to
+# MAE's pretraining decoder: not part of the encoder mmtk rebuilds, reported as unused.
+_TIMM_AFTER_BLOCKS = ("norm.", "fc_norm.", "head.", "head_dist.", "pre_logits.", "attn_pool.", "decoder_",
+                      "mask_token")
+# Prefix tokens in the order timm puts them before the patch tokens (VisionTransformer, DeiT distilled).
+_TIMM_PREFIX_TOKENS = ("cls_token", "dist_token", "reg_token")
+
+
+def timm_to_mmtk(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str], list[str]]:
+    """Rename timm/MAE ViT weights (encoder only) into mmtk names: (renamed, unused names, notes).
+
+    timm's prefix tokens (class token, DeiT's distillation token, register tokens) become mmtk's global
+    tokens, each with its own positional embedding added when the file has one (``pos_embed`` then holds
+    one row per prefix token before the patch grid), so mmtk's encoder computes what timm's blocks compute.
+    A class-token-free ViT has no global token. Parameters that change the blocks' function and have no
+    mmtk counterpart (layer scale, a norm before the blocks, q/k norms) are refused.
+    """
+    if "pos_embed" not in state:
+        raise MmtkError("timm ViT without an absolute positional embedding (pos_embed): mmtk's encoder adds one "
+                        "per patch and cannot reproduce this model")
+    renamed, unused, notes = {}, [], []
+    prefix = [name for name in _TIMM_PREFIX_TOKENS if name in state]
+    tokens = torch.cat([state[name] for name in prefix], dim=1) if prefix else state["pos_embed"][:, :0]
+    pos = state["pos_embed"]
+    count = tokens.shape[1]
+    if count and _is_square(pos.shape[1] - count):  # rows for the prefix tokens, then the patch grid
+        tokens, pos = tokens + pos[:, :count], pos[:, count:]
+        if "dist_token" in state:
+            notes.append("DeiT distillation token kept as a second global token (with its position)")
+    elif not _is_square(pos.shape[1]):
+        raise MmtkError(f"timm pos_embed has {pos.shape[1]} positions for {count} prefix token(s): not a square "
+                        "patch grid; mmtk cannot place these positions")
+    if not count:
+        notes.append("class-token-free ViT: no global token")
+    renamed["encoder.global_tokens"] = tokens
+    renamed["encoder.tokenizers.rgb.pos_emb"] = _timm_pos_embed_to_map(pos)
     for name, tensor in state.items():
-        if name == "cls_token":
-            renamed["encoder.global_tokens"] = tensor
-        elif name == "pos_embed":
-            renamed["encoder.tokenizers.rgb.pos_emb"] = _timm_pos_embed_to_map(tensor)
-        elif name.startswith("patch_embed.proj."):
+        if name in prefix or name == "pos_embed":
+            continue
+        if name.startswith("patch_embed.proj."):
             renamed["encoder.tokenizers.rgb.proj." + name.split(".")[-1]] = tensor
-        elif name.startswith("blocks."):
+        elif re.match(r"^blocks\.\d+\.(norm[12]|attn\.(qkv|proj)|mlp\.fc[12])\.(weight|bias)$", name):
             renamed["encoder." + name] = tensor
+        elif name.startswith(_TIMM_AFTER_BLOCKS):
+            unused.append(name)
         else:
-            unknown.append(name)  # final norm, classifier head, ...
-    return renamed, unknown
+            raise MmtkError(f"timm parameter '{name}' has no counterpart in mmtk's encoder (it would compute "
+                            "another function); only plain ViT blocks load (no layer scale, pre-norm or q/k norm)")
+    return renamed, unused, notes
+
+
+def _is_square(n: int) -> bool:
+    return n > 0 and math.isqrt(n) ** 2 == n
 
 
 def _timm_pos_embed_to_map(pos: Tensor) -> Tensor:
-    """[1, 1 + h*w, D] (class position first) -> [1, D, h, w]."""
-    tokens = pos[:, 1:] if int(pos.shape[1] ** 0.5) ** 2 != pos.shape[1] else pos
-    side = int(tokens.shape[1] ** 0.5)
-    return tokens.reshape(1, side, side, -1).permute(0, 3, 1, 2).contiguous()
+    """[1, h*w, D] patch positions (square grid) -> [1, D, h, w]."""
+    side = math.isqrt(pos.shape[1])
+    return pos.reshape(1, side, side, -1).permute(0, 3, 1, 2).contiguous()
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether the file's bytes are a safetensors file (8-byte header length, then a JSON header)."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
 
 
 def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
-    """Read a checkpoint file safely (`weights_only=True`), with a clear error when it is not one.
+    """Read a checkpoint file safely (`weights_only=True`, or safetensors), with a clear error when it is not one.
 
-    ``mmap`` maps the tensors instead of reading them: cheap when only the plain values are wanted."""
+    The format is told by the bytes, not the name: a safetensors file is read with the `safetensors` library
+    under any name; the model description mmtk stores in its metadata comes back as ``model_name`` and
+    ``model_args`` beside ``model``. ``mmap`` maps PyTorch tensors instead of reading them."""
     path = Path(path)
     if not path.is_file():
         raise MmtkError(f"checkpoint '{path}' does not exist; check the path")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        if is_safetensors(path):
+            return _read_safetensors(path, map_location)
+        if mmap:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        with open(path, "rb") as handle:  # a handle, so torch.load cannot pick a reader by the file's name
+            return torch.load(handle, map_location=map_location, weights_only=True)
     except Exception as err:  # corrupt, truncated, or pickled code objects
         raise MmtkError(f"cannot read checkpoint '{path}' ({type(err).__name__}): it is corrupt, truncated "
-                        "or not a plain-weights PyTorch file") from None
+                        "or not a plain-weights PyTorch or safetensors file") from None
+
+
+def _read_safetensors(path: Path, map_location: str | torch.device) -> dict:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    container: dict[str, Any] = {"model": load_file(str(path), device=str(map_location))}
+    if "mmtk_model_args" in metadata:
+        container["model_args"] = json.loads(metadata["mmtk_model_args"])
+        container["model_name"] = metadata.get("mmtk_model_name")
+    return container
+
+
+def write_safetensors(state: dict[str, Tensor], path: str | Path, model_name: str | None = None,
+                      model_args: dict[str, Any] | None = None) -> Path:
+    """Write tensors as safetensors (atomically), with the model description in the metadata when given."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt"}
+    if model_args is not None:
+        metadata["mmtk_model_args"] = json.dumps(model_args)
+        metadata["mmtk_model_name"] = model_name or ""
+    # safetensors stores each tensor once: aliases (the official DPT names) are written as copies.
+    seen: set[int] = set()
+    tensors = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu().contiguous()
+        key = tensor.untyped_storage().data_ptr()
+        tensors[name] = tensor.clone() if key in seen and tensor.numel() else tensor
+        seen.add(key)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and folders: which file holds the weights, and what model they describe
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")  # in a model folder, first found wins
+CONFIG_TYPE = "mmtk-multimae"  # config.json "model_type" of folders mmtk writes
+
+
+def locate_weights(path: str | Path) -> tuple[Path, Path | None]:
+    """(weights file, config.json or None) of a file, a model folder or a huggingface_hub cache folder.
+
+    A cache folder is ``models--ORG--NAME`` (its ``refs/main`` snapshot, else its only one) or one of its
+    ``snapshots/REV`` folders; nothing is downloaded.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path, None
+    if not path.is_dir():
+        raise MmtkError(f"checkpoint '{path}' does not exist; check the path")
+    folder = _hub_snapshot(path) or path
+    config = folder / "config.json"
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name, config if config.is_file() else None
+    if (folder / "model.safetensors.index.json").is_file():
+        raise MmtkError(f"{folder} holds sharded safetensors; mmtk reads one model.safetensors per folder")
+    raise MmtkError(f"folder {path} holds no {' or '.join(WEIGHT_FILES)}; give a weights file or a folder "
+                    "written by `mmtk weights CKPT --to DIR`")
+
+
+def _hub_snapshot(path: Path) -> Path | None:
+    """The snapshot folder of a huggingface_hub cache entry (models--org--name), or None."""
+    snapshots = path / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    ref = path / "refs" / "main"
+    if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
+        return snapshots / ref.read_text().strip()
+    revisions = sorted(p for p in snapshots.iterdir() if p.is_dir())
+    if len(revisions) != 1:
+        raise MmtkError(f"{path}: {len(revisions)} snapshots and no refs/main; give the snapshot folder itself")
+    return revisions[0]
+
+
+def write_model_folder(state: dict[str, Tensor], folder: str | Path, model_name: str, model_args: dict[str, Any]
+                       ) -> Path:
+    """A Hugging Face-style model folder: config.json (the model description) + model.safetensors (mmtk names).
+
+    The safetensors metadata repeats the description, so the weights file alone still says what model it is.
+    Files are written beside their final names and renamed when complete.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise MmtkError(f"{folder} is a file; --to takes a folder (created if missing)")
+    folder.mkdir(parents=True, exist_ok=True)
+    architecture = "DenseModel" if model_args.get("head") else "MultiMAE"
+    config = {"model_type": CONFIG_TYPE, "architectures": [architecture], "model_name": model_name,
+              "model_args": model_args}
+    write_safetensors(state, folder / "model.safetensors", model_name, model_args)
+    tmp = folder / f".config.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, folder / "config.json")
+    return folder
+
+
+@dataclass
+class Weights:
+    """A weights file understood: its tensors in mmtk names and the model they determine."""
+
+    source: str
+    format: str  # "mmtk", "official" (MultiMAE) or "timm" (ViT, DeiT, MAE)
+    state: dict[str, Tensor]  # mmtk names
+    unused: list[str]  # file names with no mmtk meaning (classifier, final norm, MAE decoder, ...)
+    config: dict[str, Any]  # ModelConfig fields the file determines
+    recorded: frozenset[str]  # the fields the file states (the others are read from tensor shapes)
+    model_name: str | None = None  # the mmtk size name the file records
+    notes: list[str] = field(default_factory=list)
+    container: dict[str, Any] = field(default_factory=dict)  # the rest of a training checkpoint (kind, data, ...)
+
+
+def read_weights(source: str | Path | dict | Weights) -> Weights:
+    """Read any supported weights file, folder or loaded checkpoint dict, and infer the model it describes."""
+    if isinstance(source, Weights):
+        return source
+    config_json: dict[str, Any] = {}
+    if isinstance(source, dict):
+        name, container = "<state dict>", source
+    else:
+        path, config_path = locate_weights(source)
+        name, container = str(source), read_state_dict(path)
+        if config_path is not None:
+            config_json = _read_config_json(config_path)
+    raw = unwrap(container)
+    state, unused, fmt, notes = to_mmtk_names(raw)
+    recorded: dict[str, Any] = {}
+    if isinstance(container.get("model_args"), dict):
+        recorded = dict(container["model_args"])
+    if config_json.get("model_type") == CONFIG_TYPE:
+        recorded = dict(config_json.get("model_args", {}))
+    recorded = {k: v for k, v in recorded.items() if k in _config_fields()}
+    model_name = config_json.get("model_name") or container.get("model_name")
+    config = {**infer_config(state, official_task(raw) if fmt == "official" else None, name), **recorded}
+    extra = {k: v for k, v in container.items() if k not in ("model", "state_dict", "model_state")}
+    return Weights(name, fmt, state, unused, config, frozenset(recorded), model_name, notes, extra)
+
+
+def _read_config_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise MmtkError(f"{path} is not valid JSON ({err}); rewrite it with `mmtk weights CKPT --to DIR`") from None
+
+
+def _config_fields() -> set[str]:
+    from mmtk.multimae import ModelConfig
+
+    return {f.name for f in fields(ModelConfig)}
+
+
+def official_task(state: dict[str, Tensor]) -> str | None:
+    """The task of an official finetuning head (its output adapter's name), or None for pretraining files."""
+    for name in state:
+        match = re.match(r"^output_adapters\.(\w+)\.(proj_dec|final_layer|scratch|act_\d_postprocess|head)\.", name)
+        if match:
+            return match[1]
+    return None
+
+
+def default_hooks(depth: int) -> tuple[int, ...]:
+    """DPT's hooked blocks spread evenly over the encoder: (2, 5, 8, 11) of 12 blocks, (5, 11, 17, 23) of 24."""
+    step = max(depth // 4, 1)
+    return tuple(min(step * (k + 1) - 1, depth - 1) for k in range(4))
+
+
+def _indices(state: dict[str, Tensor], pattern: str) -> list[str]:
+    """Distinct first groups of `pattern` over the names, in file order."""
+    found = (re.match(pattern, name) for name in state)
+    return list(dict.fromkeys(m[1] for m in found if m))
+
+
+def infer_config(state: dict[str, Tensor], task: str | None = None, source: str = "checkpoint") -> dict[str, Any]:
+    """The ModelConfig fields a state dict (mmtk names) determines, read from its names and shapes.
+
+    Width, depth, MLP ratio, patch size, global tokens, image size (the stored positional grid), inputs,
+    class count, decoders (outputs, width, depth), the finetuning head, its task and its sizes. Attention
+    heads are not in the shapes (the registry sets them); DPT hooks follow :func:`default_hooks`.
+    """
+    from mmtk.adapters import get_modality
+
+    blocks = _indices(state, r"^encoder\.blocks\.(\d+)\.")
+    inputs = _indices(state, r"^encoder\.tokenizers\.(\w+)\.")
+    if not blocks or not inputs or "encoder.blocks.0.attn.qkv.weight" not in state:
+        raise MmtkError(f"{source} holds no complete ViT encoder (blocks and a patch tokenizer); it is not a "
+                        "model checkpoint mmtk can build")
+    dim = state["encoder.blocks.0.attn.qkv.weight"].shape[1]
+    kernel = state[f"encoder.tokenizers.{inputs[0]}.proj.weight"].shape[-1]
+    patch = kernel * get_modality(inputs[0]).stride
+    grid = state[f"encoder.tokenizers.{inputs[0]}.pos_emb"].shape[-2:]
+    global_tokens = state.get("encoder.global_tokens")
+    config: dict[str, Any] = dict(
+        dim=dim, depth=max(int(i) for i in blocks) + 1, patch_size=patch,
+        mlp_ratio=state["encoder.blocks.0.mlp.fc1.weight"].shape[0] / dim,
+        num_global_tokens=0 if global_tokens is None else global_tokens.shape[1],
+        image_size=(grid[0] * patch, grid[1] * patch), inputs=tuple(inputs))
+    if "encoder.tokenizers.semseg.class_emb.weight" in state:
+        config["num_classes"] = state["encoder.tokenizers.semseg.class_emb.weight"].shape[0]
+    outputs = _indices(state, r"^decoders\.(\w+)\.")
+    config["outputs"] = tuple(outputs)
+    if outputs:
+        first = outputs[0]
+        config["decoder_dim"] = state[f"decoders.{first}.proj_context.weight"].shape[0]
+        config["decoder_depth"] = len(_indices(state, rf"^decoders\.{first}\.blocks\.(\d+)\."))
+        if "semseg" in outputs and "num_classes" not in config:
+            per_token = (patch // get_modality("semseg").stride) ** 2
+            config["num_classes"] = state["decoders.semseg.out_proj.weight"].shape[0] // per_token
+    config.update(_infer_head(state, dim, config, task, source))
+    return config
+
+
+def _infer_head(state: dict[str, Tensor], dim: int, config: dict[str, Any], task: str | None,
+                source: str) -> dict[str, Any]:
+    if "head.proj_dec.weight" in state:
+        embed, in_dim = state["head.proj_dec.weight"].shape
+        depth = len(_indices(state, r"^head\.blocks\.(\d+)\."))
+        class_dim = state["head.final_layer.weight"].shape[1]
+        out = state["head.final_layer.weight"].shape[0]
+        head: dict[str, Any] = dict(head="convnext", task=task or "semseg", convnext_dim=embed,
+                                    convnext_depth=depth, preds_per_patch=embed // class_dim)
+    elif "head.reassemble.0.0.weight" in state:
+        in_dim = state["head.reassemble.0.0.weight"].shape[1]
+        out = state["head.output.4.weight"].shape[0]
+        head = dict(head="dpt", task=task or ("depth" if out == 1 else None), dpt_dim=state["head.project.0.weight"].shape[0],
+                    layer_dims=tuple(state[f"head.reassemble.{i}.0.weight"].shape[0] for i in range(4)),
+                    hooks=default_hooks(config["depth"]))
+        if head["task"] is None:
+            raise MmtkError(f"{source}: a DPT head with {out} output channels; say its task (task=...)")
+    else:
+        return {"head": None}
+    head["main_inputs"] = config["inputs"][: max(in_dim // dim, 1)]
+    head["outputs"] = ()
+    if head["task"] == "semseg":
+        head["num_classes"] = out
+    return head
 
 
 def detect_format(state: dict[str, Tensor]) -> str:
@@ -213,23 +520,30 @@ def unwrap(checkpoint: dict) -> dict[str, Tensor]:
     return checkpoint
 
 
-def to_mmtk_names(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str], str]:
-    """(state dict in mmtk names, names that could not be mapped, detected format)."""
+def to_mmtk_names(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str], str, list[str]]:
+    """(state dict in mmtk names, names that could not be mapped, detected format, notes on the conversion)."""
     fmt = detect_format(state)
+    notes: list[str] = []
     if fmt == "official":
         renamed, unknown = official_to_mmtk(state)
     elif fmt == "timm":
-        renamed, unknown = timm_to_mmtk(state)
+        renamed, unknown, notes = timm_to_mmtk(state)
     else:
         renamed, unknown = dict(state), []
-    return renamed, unknown, fmt
+    return renamed, unknown, fmt, notes
 
 
-def load_weights(model: nn.Module, source: str | Path | dict) -> LoadReport:
-    """Load weights of any supported format into `model`; report unused, missing and resized keys."""
-    checkpoint = read_state_dict(source) if not isinstance(source, dict) else source
-    state, unknown, fmt = to_mmtk_names(unwrap(checkpoint))
-    report = LoadReport(fmt, unused=list(unknown))
+def load_weights(model: nn.Module, source: str | Path | dict | Weights) -> LoadReport:
+    """Load weights of any supported format into `model`; report unused, missing and resized keys.
+
+    The model is taken as it is; :func:`mmtk.create_model` with ``pretrained=`` builds the model the file describes.
+    """
+    if isinstance(source, Weights):
+        state, unknown, fmt, notes = source.state, source.unused, source.format, source.notes
+    else:
+        container = read_state_dict(locate_weights(source)[0]) if not isinstance(source, dict) else source
+        state, unknown, fmt, notes = to_mmtk_names(unwrap(container))
+    report = LoadReport(fmt, unused=list(unknown), notes=list(notes))
     own = model.state_dict()
     usable = {}
     for name, tensor in state.items():

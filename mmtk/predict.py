@@ -96,7 +96,7 @@ def read_h5_frame(path: str | os.PathLike, split: str, index: int, depth_key: st
 
 @dataclass
 class Predictor:
-    """A model rebuilt from an mmtk training checkpoint, ready for inference."""
+    """A model rebuilt from a weights file, ready for inference."""
 
     model: torch.nn.Module
     model_name: str
@@ -118,34 +118,35 @@ class Predictor:
 
 
 def load_predictor(path: str | os.PathLike, device: str = "cpu") -> Predictor:
-    """Rebuild the model of an mmtk training checkpoint (``model_name``, ``model_args``, ``model``)."""
-    from mmtk.formats import read_state_dict
+    """Rebuild the model a weights file describes (mmtk checkpoint, official MultiMAE, folder, ...) for inference."""
+    from dataclasses import asdict
 
-    state = read_state_dict(path)
-    model = model_from_checkpoint(state, path)
+    model = model_from_checkpoint(path)
     model.eval().to(device)
-    names = tuple(state.get("data", {}).get("class_names") or ())
-    return Predictor(model, state["model_name"], dict(state["model_args"]), device, names)
+    return Predictor(model, model.model_name, asdict(model.config), device, model.class_names)
 
 
-def model_from_checkpoint(state: dict, path: str | os.PathLike) -> torch.nn.Module:
-    """The model a loaded mmtk training checkpoint describes, with its weights (clear errors when it cannot)."""
+def model_from_checkpoint(source: str | os.PathLike | dict) -> torch.nn.Module:
+    """The model a weights file describes, with its weights: whatever ``create_model(pretrained=...)`` reads.
+
+    What the file does not record and had to be assumed (attention heads of an official or timm file) is
+    printed in one line.
+    """
     import mmtk
 
+    from mmtk.formats import read_weights
     from mmtk.modality import require_registered
 
-    require_registered(dict(state.get("modalities", {})), f"checkpoint {path}")  # a plugin's modality: name the file
-    check_model_args(state, path)
-    missing = [key for key in ("model_name", "model_args", "model") if key not in state]
-    if missing:
-        raise MmtkError(f"{path}: not an mmtk training checkpoint (no {', '.join(missing)}); give a checkpoint "
-                        "written by `mmtk pretrain` or `mmtk finetune`")
-    model = mmtk.create_model(state["model_name"], verbose=False, **state["model_args"])
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise MmtkError(f"{path}: weights do not fit the model described in the checkpoint "
-                        f"({str(err).splitlines()[0]})") from None
+    weights = read_weights(source)
+    recorded = weights.container
+    require_registered(dict(recorded.get("modalities", {})), f"checkpoint {weights.source}")  # name the plugin file
+    if isinstance(recorded.get("model_args"), dict):  # recorded arguments are checked before memory follows them
+        check_model_args({"model_name": weights.model_name or "multimae-base", "model_args": recorded["model_args"],
+                          "model": weights.state}, weights.source)
+    model = mmtk.create_model(pretrained=weights, verbose=False)
+    model.class_names = tuple(recorded.get("data", {}).get("class_names") or ())
+    if model.load_report.notes:
+        print(f"{weights.source}: {'; '.join(model.load_report.notes)}")
     return model
 
 

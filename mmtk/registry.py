@@ -1,4 +1,4 @@
-"""Named model sizes and `create_model`, the one way to build a model."""
+"""Named model sizes and `create_model`, the one way to build a model (from a name, a weights file, or both)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from mmtk.errors import MmtkError
-from mmtk.formats import load_weights
+from mmtk.formats import Weights, default_hooks, load_weights, read_weights
 from mmtk.multimae import DenseModel, ModelConfig, MultiMAE
 
 # ViT sizes (DeiT/ViT naming); MultiMAE-B is "multimae-base".
@@ -19,6 +20,10 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
     "multimae-base": dict(dim=768, depth=12, num_heads=12),
     "multimae-large": dict(dim=1024, depth=24, num_heads=16),
 }
+# What a weights file fixes and no argument can change: the encoder's trunk.
+TRUNK = ("dim", "depth", "mlp_ratio", "patch_size", "num_global_tokens")
+HEAD_DIM = 64  # width per attention head of every released ViT and MultiMAE (heads are not in the shapes)
+DECODER_HEADS = 8  # the official MultiMAE decoders'
 
 
 def list_models() -> list[str]:
@@ -26,15 +31,35 @@ def list_models() -> list[str]:
     return list(MODEL_SIZES)
 
 
-def model_config(name: str, **overrides: Any) -> ModelConfig:
-    """The config of a named model with `overrides` applied (any :class:`ModelConfig` field)."""
+def _sizes(name: str) -> dict[str, Any]:
     if name not in MODEL_SIZES:
         raise MmtkError(f"unknown model '{name}'; choose one of {', '.join(MODEL_SIZES)}")
+    return MODEL_SIZES[name]
+
+
+def _check_options(options: dict[str, Any]) -> None:
     known = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(overrides) - known)
+    unknown = sorted(set(options) - known)
     if unknown:
         raise MmtkError(f"unknown model option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(known))}")
-    return ModelConfig(**{**MODEL_SIZES[name], **overrides})
+
+
+def model_config(name: str, **overrides: Any) -> ModelConfig:
+    """The config of a named model with `overrides` applied (any :class:`ModelConfig` field)."""
+    _check_options(overrides)
+    values = {**_sizes(name), **overrides}
+    if values.get("head") == "dpt" and "hooks" not in values:
+        values["hooks"] = default_hooks(values.get("depth", ModelConfig.depth))
+    return ModelConfig(**values)
+
+
+def size_name(config: ModelConfig | dict[str, Any]) -> str | None:
+    """The named size with this width, depth (and heads, when given), or None."""
+    values = config if isinstance(config, dict) else vars(config)
+    for name, sizes in MODEL_SIZES.items():
+        if all(values.get(key, value) == value for key, value in sizes.items()):
+            return name
+    return None
 
 
 def build_model(config: ModelConfig) -> nn.Module:
@@ -42,25 +67,145 @@ def build_model(config: ModelConfig) -> nn.Module:
     return MultiMAE(config) if config.head is None else DenseModel(config)
 
 
-def create_model(name: str, pretrained: str | Path | None = None, verbose: bool = True, **overrides: Any) -> nn.Module:
-    """Build a model by name, optionally loading weights of any supported checkpoint format.
+def _plain(value: Any) -> Any:
+    return tuple(_plain(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def config_from_weights(weights: Weights, name: str | None = None, **overrides: Any) -> tuple[ModelConfig, list[str]]:
+    """The config of the model a weights file describes, with `overrides` applied; (config, notes).
+
+    The file fixes the encoder's trunk (width, blocks, MLP ratio, patch size, global tokens, and heads when it
+    records them): a name or an argument that contradicts it is refused. Everything else the file determines
+    (inputs, outputs, class count, head and task, image size) can be changed on purpose; the parameters that
+    change then start fresh and :func:`create_model` names them.
+    """
+    _check_options(overrides)
+    file = dict(weights.config)
+    source = weights.source
+    if name is not None:
+        sizes = _sizes(name)
+        for key in ("dim", "depth"):
+            if key not in overrides and sizes[key] != file[key]:
+                match = size_name({"dim": file["dim"], "depth": file["depth"]})
+                raise MmtkError(f"{source} holds a {file['dim']}-wide encoder of {file['depth']} blocks"
+                                f"{f' ({match})' if match else ''}, not {name} ({sizes['dim']} wide, {sizes['depth']} "
+                                f"blocks); use {repr(match) if match else 'no model name'} or leave the name out")
+    fixed = set(TRUNK) | ({"num_heads"} & weights.recorded)
+    for key in sorted(fixed & set(overrides)):
+        if _plain(overrides[key]) != _plain(file.get(key)):
+            raise MmtkError(f"{key}={overrides[key]!r} contradicts {source}, which holds {key}={file[key]!r}; its "
+                            f"weights only fit that: drop the argument")
+    notes = []
+    if "num_heads" not in file and "num_heads" not in overrides:
+        named = [n for n in (name, weights.model_name) if n in MODEL_SIZES and MODEL_SIZES[n]["dim"] == file["dim"]]
+        file["num_heads"] = MODEL_SIZES[named[0]]["num_heads"] if named else max(file["dim"] // HEAD_DIM, 1)
+        notes.append(f"num_heads={file['num_heads']} assumed (width {file['dim']} / {HEAD_DIM}; the file does not "
+                     "record heads: if it was trained with others, pass num_heads=N, or record them once with "
+                     "`mmtk weights FILE --to DIR --set num_heads=N`)")
+    if file.get("outputs") and "decoder_heads" not in file and "decoder_heads" not in overrides:
+        file["decoder_heads"] = DECODER_HEADS
+        notes.append(f"decoder_heads={DECODER_HEADS} assumed (the official decoders')")
+    changed = [f"{key} {_show(file[key])} -> {_show(value)}" for key, value in overrides.items()
+               if key in file and _plain(file[key]) != _plain(value)]
+    if changed:
+        notes.append("applied on purpose: " + ", ".join(changed))
+    values = {**file, **overrides}
+    if values.get("head") == "dpt" and file.get("head") != "dpt" and "hooks" not in overrides:  # a new DPT head
+        values["hooks"] = default_hooks(values["depth"])
+    return ModelConfig(**values), notes
+
+
+def _show(value: Any) -> str:
+    value = _plain(value)
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _model_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors of the model `config` describes (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        return {name: tuple(t.shape) for name, t in build_model(config).state_dict().items()}
+
+
+def _check_complete(weights: Weights, config: ModelConfig) -> None:
+    """The file holds every tensor of the model it describes (else that model would be partly random)."""
+    lacking = [k for k, shape in _model_tensors(config).items()
+               if k not in weights.state or tuple(weights.state[k].shape) != shape]
+    if lacking:
+        raise MmtkError(f"{weights.source} lacks {len(lacking)} tensor(s) of the model it describes, or holds them "
+                        f"in other shapes ({', '.join(lacking[:4])}{' ...' if len(lacking) > 4 else ''}): the file is "
+                        "incomplete or inconsistent")
+
+
+def describe_weights(source: str | Path | dict | Weights, **overrides: Any) -> tuple[Weights, ModelConfig, list[str]]:
+    """A weights file, the model it describes and the notes on what was assumed, without building the model.
+
+    `overrides` may only state what the file cannot (attention heads, training settings): an override that
+    would change a tensor is refused, since a conversion makes no new parameters.
+    """
+    weights = read_weights(source)
+    own, _ = config_from_weights(weights)
+    _check_complete(weights, own)
+    config, notes = config_from_weights(weights, **overrides)
+    if _model_tensors(config) != _model_tensors(own):
+        raise MmtkError(f"{', '.join(f'{k}={v}' for k, v in overrides.items())} changes the tensors of the model "
+                        f"{weights.source} holds; a conversion only records what the file cannot say (e.g. num_heads)")
+    return weights, config, notes
+
+
+def model_tensors(weights: Weights, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The file's tensors the model uses, in mmtk names and in the model's order (unused names dropped)."""
+    return {name: weights.state[name] for name in _model_tensors(config)}
+
+
+def _fresh_summary(missing: list[str], names: list[str]) -> str:
+    """Missing parameters as the largest modules missing whole (head, encoder.tokenizers.depth, ...)."""
+    absent = set(missing)
+    groups: list[str] = []
+    for name in missing:
+        parts = name.split(".")
+        for n in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:n])
+            if all(other in absent for other in names if other == prefix or other.startswith(prefix + ".")):
+                break
+        if prefix not in groups:
+            groups.append(prefix)
+    return ", ".join(groups)
+
+
+def create_model(name: str | None = None, pretrained: str | Path | dict | Weights | None = None, verbose: bool = True,
+                 **overrides: Any) -> nn.Module:
+    """Build a model by name, or as a weights file describes it, and load the file's weights.
 
     Example::
 
-        model = mmtk.create_model("multimae-base", pretrained="multimae-b.pth")
+        model = mmtk.create_model("multimae-base")                      # random weights
+        model = mmtk.create_model(pretrained="multimae-b_98_rgb+-depth-semseg_1600e_multivit.pth")
         model = mmtk.create_model("multimae-base", head="convnext", task="semseg", num_classes=40,
-                                  inputs=("rgb", "depth"), pretrained="run/checkpoint.pt")
+                                  inputs=("rgb", "depth"), pretrained="run/checkpoint.pt")  # a new head
 
     Args:
-        name: one of :func:`list_models`.
-        pretrained: an mmtk checkpoint, an official MultiMAE checkpoint or timm/MAE ViT weights.
-        verbose: print which keys of the checkpoint were not used or are missing.
+        name: one of :func:`list_models`; optional with ``pretrained`` (the file says the size).
+        pretrained: an mmtk checkpoint, an official MultiMAE checkpoint, timm/MAE/DeiT ViT weights (PyTorch or
+            safetensors, any file name), a model folder (config.json + model.safetensors) or a huggingface_hub
+            cache folder. The file determines the model; see :func:`config_from_weights` for arguments.
+        verbose: print what was loaded, assumed, and which parameters start fresh.
         overrides: any :class:`mmtk.multimae.ModelConfig` field.
     """
-    model = build_model(model_config(name, **overrides))
-    if pretrained is not None:
-        report = load_weights(model, pretrained)
-        model.load_report = report
-        if verbose:
-            print(f"loaded {pretrained}: {report.summary()}")
+    if pretrained is None:
+        if name is None:
+            raise MmtkError(f"give a model name ({', '.join(MODEL_SIZES)}) or pretrained=WEIGHTS")
+        return build_model(model_config(name, **overrides))
+    weights = read_weights(pretrained)
+    own, _ = config_from_weights(weights, None)
+    _check_complete(weights, own)
+    config, notes = config_from_weights(weights, name, **overrides)
+    model = build_model(config)
+    report = load_weights(model, weights)
+    report.notes += notes
+    if report.missing:
+        report.notes.append(f"start fresh (changed by the arguments): {_fresh_summary(report.missing, list(model.state_dict()))}")
+    model.load_report = report
+    model.model_name = name or weights.model_name or size_name(config) or "custom"
+    if verbose:
+        print(f"loaded {weights.source}: {report.summary()}")
     return model

@@ -69,10 +69,15 @@ def run_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str | Path, option: str = "--checkpoint") -> Path:
-    """The checkpoint file ``path`` means: a file as it is, a run folder's newest checkpoint.
+    """The checkpoint ``path`` means: a file as it is, a run folder's newest checkpoint, a model folder (written by
+    `mmtk weights --to`, or a huggingface_hub cache entry) as it is.
 
     A missing path, a folder without checkpoints and an HDF5 data file are one-line errors."""
+    from mmtk.formats import WEIGHT_FILES
+
     path = Path(path)
+    if path.is_dir() and ((path / "snapshots").is_dir() or any((path / name).is_file() for name in WEIGHT_FILES)):
+        return path  # a model folder: the weights loader reads it
     if path.is_dir():
         found = run_checkpoint(path)
         if found is None:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from mmtk.modality import get_modality, list_modalities, modality_origins
 from mmtk.config import Recipe
-from mmtk.engine import FitResult, fit, main_process_print, seed_everything
+from mmtk.engine import FitResult, fit, main_process_print, newest_checkpoint, seed_everything
 from mmtk.errors import MmtkError
 from mmtk.metrics import FAMILIES
 
@@ -232,9 +232,11 @@ def run_training(recipe: Recipe, run_dir: str | Path, init: str | Path | None = 
     seed_everything(recipe.train.seed)  # identical initial weights on every process
     if recipe.kind == "finetune" and init is None and not resume:
         main_process_print("warning: finetuning without --init starts from random weights")
-    pretrained = None if resume else init
+    # A resumed run rebuilds the model its checkpoint describes: an --init file may have fixed more than the
+    # recipe says (e.g. a ViT without class token); the engine then restores the weights and optimizer.
+    pretrained = newest_checkpoint(run_dir) if resume else init
     model = mmtk.create_model(recipe.model.name, pretrained=pretrained, verbose=False, **args)
-    if pretrained is not None:
+    if init is not None and not resume:
         main_process_print(f"init from {init}: {init_summary(model)}")
     compute_loss = pretrain_loss if recipe.kind == "pretrain" else finetune_loss_fn(recipe)
     used = [*args["inputs"], *args.get("outputs", []), *([args["task"]] if args.get("task") else [])]

@@ -55,7 +55,7 @@ def test_timm_vit_weights_load_into_the_encoder():
     assert any(name.startswith("head") for name in report.unused)  # classifier reported, not silently dropped
     assert torch.equal(model.encoder.blocks[3].mlp.fc1.weight, vit.blocks[3].mlp.fc1.weight)
     assert torch.equal(model.encoder.tokenizers["rgb"].proj.weight, vit.patch_embed.proj.weight)
-    assert torch.equal(model.encoder.global_tokens, vit.cls_token)
+    assert torch.equal(model.encoder.global_tokens, vit.cls_token + vit.pos_embed[:, :1])  # with its position
     assert not any(name.startswith("encoder.blocks") for name in report.missing)
 
 

@@ -181,12 +181,12 @@ def test_predict_bad_input_is_one_line(args, message, checkpoints, tmp_path, cap
     assert not out.exists() or not any(p.suffix == ".ply" for p in out.iterdir())
 
 
-def test_predict_rejects_a_file_that_is_not_an_mmtk_checkpoint(tmp_path, capsys, monkeypatch):
+def test_predict_rejects_a_file_that_holds_no_model(tmp_path, capsys, monkeypatch):
     path = tmp_path / "weights.pt"
     torch.save({"encoder.blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, path)
     code, _, err = run_cli(["predict", "--checkpoint", str(path), "--rgb", str(RGB_PNG), "--out", str(tmp_path / "o")],
                            capsys, monkeypatch)
-    assert code == 2 and "not an mmtk training checkpoint" in err
+    assert code == 2 and "not a model checkpoint mmtk can build" in err
 
 
 needs_onnx = pytest.mark.skipif(any(importlib.util.find_spec(n) is None for n in ("onnx", "onnxscript", "onnxruntime")),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -140,4 +141,19 @@ def format_info(info: dict[str, Any]) -> str:
 
 def info_json(info: dict[str, Any]) -> str:
     """:func:`read_info`'s result as indented JSON."""
-    return json.dumps(info, indent=2)
+    return strict_json(info)
+
+
+def strict_json(value: Any) -> str:
+    """Indented JSON that strict parsers accept: NaN and infinities (a metric or statistic that does not exist)
+    are written as null."""
+    def finite(item: Any) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: finite(v) for key, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [finite(v) for v in item]
+        return item
+
+    return json.dumps(finite(value), indent=2, allow_nan=False)

@@ -1,0 +1,36 @@
+"""Helpers of the tests/test_weights_*.py files: a strict JSON parser and metrics computed outside `mmtk eval`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mmtk.metrics import DepthMetrics, SegmentationMetrics
+from mmtk.training import open_dataset
+
+SIZE = (64, 64)  # the image size of the test models (their positional grid x 16)
+
+
+def strict_loads(text: str):
+    """json.loads that refuses NaN and infinities, as strict parsers do."""
+    def refuse(constant: str):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def reference_metrics(model: torch.nn.Module, data: Path, inputs: tuple[str, ...], task: str) -> dict[str, float]:
+    """The metrics of `model` run on the test split of `data` prepared at SIZE, frame by frame."""
+    dataset = open_dataset(data, "test", ("rgb", "depth", "semseg"), SIZE, augment=False)
+    metric = SegmentationMetrics(40) if task == "semseg" else DepthMetrics()
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            frame = {k: v[None] for k, v in dataset[i].items()}
+            pred = model({name: frame[name] for name in inputs})
+            if task == "semseg":
+                metric.update(pred, frame["semseg_full"])
+            else:
+                metric.update(pred, frame["depth_m"], frame["depth_valid"])
+    return {k: float(v) for k, v in metric.compute().items() if v.ndim == 0}
