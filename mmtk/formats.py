@@ -442,7 +442,7 @@ def infer_config(state: dict[str, Tensor], task: str | None = None, source: str 
     class count, decoders (outputs, width, depth), the finetuning head, its task and its sizes. Attention
     heads are not in the shapes (the registry sets them); DPT hooks follow :func:`default_hooks`.
     """
-    from mmtk.adapters import get_modality
+    from mmtk.modality import get_modality
 
     blocks = _indices(state, r"^encoder\.blocks\.(\d+)\.")
     inputs = _indices(state, r"^encoder\.tokenizers\.(\w+)\.")

@@ -33,13 +33,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mmtk.data.format import PARTIAL_SUFFIX
 from mmtk.errors import MmtkError
 
 DEPTH_FAMILIES = ("dpt", "depth_anything")
 SEMSEG_FAMILIES = ("mask2former", "segformer", "upernet")
 DEPTH_KEY = "depth_pseudo"
 SEMSEG_KEY = "semseg_pseudo"
-PARTIAL_SUFFIX = ".partial"
 INVERSE_CLIP_FRACTION = 0.01  # inverse depth is clipped at this fraction of the frame max before inverting
 
 

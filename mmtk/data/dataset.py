@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mmtk.modality import Modality, get_modality
-from mmtk.data.format import FORMAT_VERSION
+from mmtk.data.format import FORMAT_VERSION, PARTIAL_SUFFIX
 from mmtk.data.transforms import CropWindow, full_window, random_resized_crop
 from mmtk.errors import MmtkError
 
@@ -62,7 +62,6 @@ def check_declared_sizes(handle: h5py.File, path: str | os.PathLike) -> None:
     Only metadata is read.
     """
     from mmtk.io import format_bytes
-    from mmtk.pseudo_label import PARTIAL_SUFFIX
 
     fix = "re-create the file with `mmtk convert`"
     for group_name, group in _members(handle, path, "/"):

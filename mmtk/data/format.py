@@ -39,6 +39,7 @@ FORMAT_VERSION = 1
 """Integer written to the root attr ``mmtk_format``; bumped on incompatible changes."""
 
 SPLIT_NAMES = ("train", "test", "all")
+PARTIAL_SUFFIX = ".partial"  # a dataset `mmtk pseudo-label` is still writing (resumable), renamed when complete
 META_UNITS = {"intrinsics": "px", "timestamp": "s"}
 # Chosen by measurement (benchmarks/bench_loader.py, see docs/dataset-format.md): uncompressed chunks read fastest,
 # let HDF5 read a crop window without touching the rest of the frame, and open in any HDF5 tool. (Blosc LZ4 would
