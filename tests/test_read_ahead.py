@@ -40,3 +40,24 @@ def test_an_error_in_the_reader_is_raised_in_the_writer():
 def test_a_dead_reader_is_one_line():
     with pytest.raises(MmtkError, match=r"frame reader process stopped \(exit code 9\)"):
         list(read_ahead(_frames(10, die_at=2)))
+
+
+def test_a_writer_that_stops_early_does_not_wait_for_the_reader():
+    """The writer fails (full disk) with the reader's queue full: it must come back at once, whatever signal
+    handlers the process has (the CLI's SIGTERM handler raises, which once hung the reader's exit)."""
+    import signal
+    import time
+
+    def raising(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, raising)
+    try:
+        frames = read_ahead(lambda: (Frame("all", {"rgb": np.zeros((480, 640, 3), np.uint8)}) for _ in range(50)))
+        start = time.monotonic()
+        next(frames)
+        time.sleep(0.5)  # the reader fills the queue and blocks
+        frames.close()  # as when write_frames raises
+        assert time.monotonic() - start < 10
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty, Full
@@ -103,13 +104,16 @@ def read_ahead(frames: Callable[[], Iterable[Frame]], depth: int = 8) -> Iterato
             if isinstance(item, BaseException):
                 raise item
             yield item
-    finally:
-        reader.terminate()
+    finally:  # SIGKILL: the reader holds nothing to clean up, and must not run the parent's signal handlers
+        reader.kill()
         reader.join()
 
 
 def _produce(frames: Callable[[], Iterable[Frame]], queue: Any, parent: int) -> None:
     """The reader process: put every frame (then None, or the error) on ``queue``; stop if the parent dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's handlers unwind the parent, not this copy
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops this process
+
     def put(item: object) -> None:
         while True:
             try:
