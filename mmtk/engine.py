@@ -34,7 +34,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 from mmtk.config import Recipe, recipe_to_dict, save_recipe
 from mmtk.errors import MmtkError
 from mmtk.formats import read_state_dict
-from mmtk.multimae import compile_blocks
+from mmtk.multimae import compile_blocks, compile_step
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 CHECKPOINT_FORMAT = "mmtk-checkpoint"
@@ -528,8 +528,10 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
     seed_everything(cfg.seed + info.rank)  # different masks per process, same init (weights are broadcast)
     step = ckpt.restore() if resume else 0
     metrics.truncate_after(step)
-    if cfg.compile:
+    if cfg.compile == "blocks":
         compile_blocks(model)  # the transformer blocks; masking and gathers stay eager
+    elif cfg.compile == "step":
+        compute_loss = compile_step(compute_loss)  # forward, masking, losses and (AOTAutograd) backward: one graph
     train_model = model
     if info.world_size > 1:
         ids = [info.device.index] if info.device.type == "cuda" else None

@@ -13,7 +13,9 @@ inputs are given and adds a dense head (ConvNeXt or DPT) for finetuning.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,9 @@ from mmtk.errors import MmtkError
 from mmtk.heads import ConvNeXtHead, DPTHead
 from mmtk.layers import Block, TimmBlock, layer_norm
 from mmtk.masking import sample_masks
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass
@@ -212,8 +217,11 @@ class MultiMAE(nn.Module):
         """
         valid = valid or {}
         tokens, layout = self.encoder.tokenize(inputs)
-        masks = self.sample_masks(tokens, inputs, valid) if masks is None else self.check_masks(masks, tokens)
-        encoded, visible = self.forward_encoder(tokens, layout, masks)
+        if masks is None:  # sampled: every sample has the same visible count, known before the masks exist
+            masks, num_visible = self.sample_masks(tokens, inputs, valid), self.visible_budget(layout)
+        else:  # given: counts may differ per sample and are read from the masks
+            masks, num_visible = self.check_masks(masks, tokens), None
+        encoded, visible = self.forward_encoder(tokens, layout, masks, num_visible)
         preds = self.forward_decoder(encoded, visible)
         losses = self.forward_loss(preds, inputs, masks, valid, layout.grid)
         weights = self.config.loss_weights
@@ -223,6 +231,10 @@ class MultiMAE(nn.Module):
     def forward_features(self, inputs: dict[str, Tensor], return_all_blocks: bool = False) -> EncoderFeatures:
         """Finetuning mode: encode every token of the given inputs."""
         return self.encoder.forward_features(inputs, return_all_blocks)
+
+    def visible_budget(self, layout: TokenLayout) -> int:
+        """Encoder slots per sample for sampled masks: the budget, or every token when there are fewer."""
+        return min(self.config.num_visible, layout.num_tokens)
 
     def sample_masks(self, tokens: dict[str, Tensor], inputs: dict[str, Tensor],
                      valid: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -253,19 +265,28 @@ class MultiMAE(nn.Module):
             checked[name] = mask
         return checked
 
-    def forward_encoder(self, tokens: dict[str, Tensor], layout: TokenLayout, masks: dict[str, Tensor]
-                        ) -> tuple[Tensor, VisibleTokens]:
-        """Encode the visible tokens: [B, Nv + G, D], padded when samples differ in count."""
+    def forward_encoder(self, tokens: dict[str, Tensor], layout: TokenLayout, masks: dict[str, Tensor],
+                        num_visible: int | None = None) -> tuple[Tensor, VisibleTokens]:
+        """Encode the visible tokens: [B, Nv + G, D], padded when samples differ in count.
+
+        `num_visible` is Nv when the caller knows it (sampled masks): shapes then follow from the
+        config alone and nothing is read back from the device, so the step compiles as one graph.
+        Samples can only fall short of it when depth holes make tokens ineligible
+        (`min_valid_fraction`); a key mask then hides their padding slots. Without it (given masks),
+        Nv is the largest count in the batch, read from the masks.
+        """
         x = torch.cat(list(tokens.values()), dim=1)  # [B, N, D]
         hidden = torch.cat([masks[name] for name in tokens], dim=1)  # [B, N]
         ids_shuffle = torch.argsort(hidden.to(torch.uint8), dim=1, stable=True)  # visible first, in order
         ids_restore = torch.argsort(ids_shuffle, dim=1)
-        num_visible = (~hidden).sum(dim=1)  # [B]
-        nv = int(num_visible.max())
+        counts = (~hidden).sum(dim=1)  # [B]
+        if num_visible is None:
+            nv = int(counts.max())  # host syncs: given masks only
+            padded = int(counts.min()) != nv
+        else:
+            nv, padded = num_visible, self.config.min_valid_fraction > 0
         ids_keep = ids_shuffle[:, :nv]
-        key_mask = None
-        if int(num_visible.min()) != nv:
-            key_mask = torch.arange(nv, device=x.device)[None, :] < num_visible[:, None]
+        key_mask = torch.arange(nv, device=x.device)[None, :] < counts[:, None] if padded else None
         x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, Nv, D]
         encoded, _ = self.encoder(x, key_mask)
         return encoded, VisibleTokens(layout, ids_keep, ids_restore, key_mask)
@@ -305,8 +326,8 @@ def hidden_pixels(mask: Tensor | None, grid: tuple[int, int], pred: Tensor) -> T
     batch, height, width = pred.shape[0], pred.shape[-2], pred.shape[-1]
     if mask is None:
         return torch.ones(batch, height, width, dtype=torch.bool, device=pred.device)
-    mask = mask.reshape(batch, *grid)
-    return mask.repeat_interleave(height // grid[0], dim=1).repeat_interleave(width // grid[1], dim=2)
+    (gh, gw), ph, pw = grid, height // grid[0], width // grid[1]
+    return mask.reshape(batch, gh, 1, gw, 1).expand(batch, gh, ph, gw, pw).reshape(batch, height, width)
 
 
 def masked_mean(pixel_loss: Tensor, weight: Tensor) -> Tensor:
@@ -364,6 +385,18 @@ def compile_blocks(model: nn.Module) -> nn.Module:
         if isinstance(module, TimmBlock):
             module.compile()
     return model
+
+
+def compile_step(loss_fn: Callable[P, R], backend: str = "inductor", mode: str | None = None) -> Callable[P, R]:
+    """`torch.compile` a whole pretraining step's forward, e.g. `compile_step(mmtk.training.pretrain_loss)`.
+
+    Tokenizers, masking, encoder, every decoder and the losses become one graph (`fullgraph=True`: a graph
+    break is an error, not a silent split), and `loss.backward()` runs the backward graph AOTAutograd
+    compiled with it. Sampled masks have the exact visible budget, so every shape follows from the config and
+    nothing in the step reads a value back from the device; given masks of unequal counts read their largest
+    count and cannot run here (use the eager model for them). `mode="reduce-overhead"` adds CUDA graphs.
+    """
+    return torch.compile(loss_fn, fullgraph=True, dynamic=False, backend=backend, mode=mode)
 
 
 def init_weights(model: nn.Module) -> None:
