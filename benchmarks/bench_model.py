@@ -54,23 +54,22 @@ def make_batch(batch: int, size: int, device: torch.device) -> dict[str, torch.T
 
 
 def model_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The step's forward: masks, encoder, decoders, losses (what ``step`` mode compiles)."""
+    """The step's forward: masks, encoder, decoders, losses (all in the model's forward)."""
     return model(batch).loss
 
 
 def make_step(model: torch.nn.Module, mode: str, bf16: bool) -> Callable[[dict[str, torch.Tensor]], None]:
-    """forward + backward of ``model`` in ``mode`` (blocks: compiled in place)."""
+    """forward + backward of ``model`` in ``mode`` (compiled in place)."""
     if mode == "blocks":
         mmtk.compile_blocks(model)
-    forward = model_loss
-    if mode.startswith("step"):
-        forward = compile_step(model_loss, mode="reduce-overhead" if mode == "step-cudagraphs" else None)
+    elif mode.startswith("step"):
+        compile_step(model, mode="reduce-overhead" if mode == "step-cudagraphs" else None)
 
     def step(batch: dict[str, torch.Tensor]) -> None:
         if mode == "step-cudagraphs":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused
         with torch.autocast(batch["rgb"].device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = forward(model, batch)
+            loss = model_loss(model, batch)
         loss.backward()
 
     return step

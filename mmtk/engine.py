@@ -531,7 +531,7 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
     if cfg.compile == "blocks":
         compile_blocks(model)  # the transformer blocks; masking and gathers stay eager
     elif cfg.compile == "step":
-        compute_loss = compile_step(compute_loss)  # forward, masking, losses and (AOTAutograd) backward: one graph
+        compile_step(model)  # the whole forward (masking, decoders, losses) and its backward: one graph
     train_model = model
     if info.world_size > 1:
         ids = [info.device.index] if info.device.type == "cuda" else None

@@ -13,9 +13,7 @@ inputs are given and adds a dense head (ConvNeXt or DPT) for finetuning.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ParamSpec, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +26,6 @@ from mmtk.errors import MmtkError
 from mmtk.heads import ConvNeXtHead, DPTHead
 from mmtk.layers import Block, TimmBlock, layer_norm
 from mmtk.masking import sample_masks
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 @dataclass
@@ -387,16 +382,19 @@ def compile_blocks(model: nn.Module) -> nn.Module:
     return model
 
 
-def compile_step(loss_fn: Callable[P, R], backend: str = "inductor", mode: str | None = None) -> Callable[P, R]:
-    """`torch.compile` a whole pretraining step's forward, e.g. `compile_step(mmtk.training.pretrain_loss)`.
+def compile_step(model: nn.Module, backend: str = "inductor", mode: str | None = None) -> nn.Module:
+    """`torch.compile` the model's whole forward in place and return the model (`train.compile: step`).
 
-    Tokenizers, masking, encoder, every decoder and the losses become one graph (`fullgraph=True`: a graph
-    break is an error, not a silent split), and `loss.backward()` runs the backward graph AOTAutograd
-    compiled with it. Sampled masks have the exact visible budget, so every shape follows from the config and
-    nothing in the step reads a value back from the device; given masks of unequal counts read their largest
-    count and cannot run here (use the eager model for them). `mode="reduce-overhead"` adds CUDA graphs.
+    For `MultiMAE` that is the whole pretraining step: tokenizers, masking, encoder, every decoder and the
+    losses become one graph (`fullgraph=True`: a graph break is an error, not a silent split), and
+    `loss.backward()` runs the backward graph AOTAutograd compiled with it. Sampled masks have the exact
+    visible budget, so every shape follows from the config and nothing in the step reads a value back from
+    the device. Given masks of unequal counts read their largest count and cannot run compiled (use an
+    uncompiled model for them). In place (`nn.Module.compile`), so parameter names and checkpoints are those
+    of the eager model, and DDP can wrap it. `mode="reduce-overhead"` adds CUDA graphs.
     """
-    return torch.compile(loss_fn, fullgraph=True, dynamic=False, backend=backend, mode=mode)
+    model.compile(fullgraph=True, dynamic=False, backend=backend, mode=mode)
+    return model
 
 
 def init_weights(model: nn.Module) -> None:
