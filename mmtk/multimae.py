@@ -211,11 +211,25 @@ class MultiMAE(nn.Module):
                 invalid pixels never enter a loss and can be kept hidden (`min_valid_fraction`).
         """
         valid = valid or {}
+        if masks is None:
+            return self.forward_sampled(inputs, valid)
         tokens, layout = self.encoder.tokenize(inputs)
-        if masks is None:  # sampled: every sample has the same visible count, known before the masks exist
-            masks, num_visible = self.sample_masks(tokens, inputs, valid), self.visible_budget(layout)
-        else:  # given: counts may differ per sample and are read from the masks
-            masks, num_visible = self.check_masks(masks, tokens), None
+        masks = self.check_masks(masks, tokens)
+        return self.forward_masked(inputs, valid, tokens, layout, masks, num_visible=None)
+
+    def forward_sampled(self, inputs: dict[str, Tensor], valid: dict[str, Tensor]) -> MultiMAEOutput:
+        """The pretraining step's forward with sampled masks (what `compile_step` compiles).
+
+        Every sample gets the same visible count, known from the config before the masks exist, so
+        every shape is static and nothing is read back from the device.
+        """
+        tokens, layout = self.encoder.tokenize(inputs)
+        masks = self.sample_masks(tokens, inputs, valid)
+        return self.forward_masked(inputs, valid, tokens, layout, masks, self.visible_budget(layout))
+
+    def forward_masked(self, inputs: dict[str, Tensor], valid: dict[str, Tensor], tokens: dict[str, Tensor],
+                       layout: TokenLayout, masks: dict[str, Tensor], num_visible: int | None) -> MultiMAEOutput:
+        """Encode the visible tokens, decode every task, compute the losses (see `forward_encoder`)."""
         encoded, visible = self.forward_encoder(tokens, layout, masks, num_visible)
         preds = self.forward_decoder(encoded, visible)
         losses = self.forward_loss(preds, inputs, masks, valid, layout.grid)
@@ -383,17 +397,21 @@ def compile_blocks(model: nn.Module) -> nn.Module:
 
 
 def compile_step(model: nn.Module, backend: str = "inductor", mode: str | None = None) -> nn.Module:
-    """`torch.compile` the model's whole forward in place and return the model (`train.compile: step`).
+    """`torch.compile` the pretraining step's forward in place and return the model (`train.compile: step`).
 
-    For `MultiMAE` that is the whole pretraining step: tokenizers, masking, encoder, every decoder and the
-    losses become one graph (`fullgraph=True`: a graph break is an error, not a silent split), and
-    `loss.backward()` runs the backward graph AOTAutograd compiled with it. Sampled masks have the exact
-    visible budget, so every shape follows from the config and nothing in the step reads a value back from
-    the device. Given masks of unequal counts read their largest count and cannot run compiled (use an
-    uncompiled model for them). In place (`nn.Module.compile`), so parameter names and checkpoints are those
-    of the eager model, and DDP can wrap it. `mode="reduce-overhead"` adds CUDA graphs.
+    For `MultiMAE`, `forward_sampled` (the forward with sampled masks) is compiled: tokenizers, masking,
+    encoder, every decoder and the losses become one graph (`fullgraph=True`: a graph break is an error, not
+    a silent split), and `loss.backward()` runs the backward graph AOTAutograd compiled with it. Sampled masks
+    have the exact visible budget, so every shape follows from the config and nothing in the step reads a
+    value back from the device. Given masks (`model(inputs, masks=...)`), whose counts may differ per sample,
+    take the eager padded path. Other models compile their whole forward. In place, so parameter names and
+    checkpoints are those of the eager model, and DDP can wrap it. `mode="reduce-overhead"` adds CUDA graphs.
     """
-    model.compile(fullgraph=True, dynamic=False, backend=backend, mode=mode)
+    options = dict(fullgraph=True, dynamic=False, backend=backend, mode=mode)
+    if isinstance(model, MultiMAE):
+        model.forward_sampled = torch.compile(model.forward_sampled, **options)
+    else:
+        model.compile(**options)
     return model
 
 

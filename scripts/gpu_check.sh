@@ -4,7 +4,7 @@
 #                  deterministic resume in bf16 and fp16, bf16 pseudo-labels
 #   bench_model    MultiMAE-base pretraining step, eager / blocks-compiled / step-compiled x fp32 / bf16 x batch
 #                  128 / 256: images/s and MFU against the GEMM rate measured in the same run (one table)
-#   bench_train    optimizer steps of the recipes, and the data loader feeding them
+#   bench_train    base.yaml's optimizer step (bf16, compiled step), and whether the data loader keeps up with it
 #   pretrain_base  `mmtk pretrain recipes/base.yaml` end to end on the sample frame (loader, bf16, checkpoint)
 #   cudagraphs     the compiled step with CUDA graphs (mode="reduce-overhead"), batch 128
 #   demo           convert -> pretrain -> finetune -> eval on the GPU
@@ -49,8 +49,8 @@ step tests 120 python3 -m pytest -q -rs -k cuda tests/test_compiled_step.py test
 # compiling), so the table still prints inside the cap; every row is also printed as soon as it is measured
 step bench_model 430 python3 benchmarks/bench_model.py --device cuda --batch 128 256 --modes eager blocks step \
     --precisions bf16 fp32 --steps 10 --budget 330
-step bench_train 150 python3 benchmarks/bench_train.py --recipes base tiny --base-batch 256 --steps 20 \
-    --loader-recipe base --workers 6 12 15
+step bench_train 240 python3 benchmarks/bench_train.py --recipes base --precisions bf16 --base-batch 256 --steps 20 \
+    --loader-recipe base --workers 6 12 15 --compile step
 if [[ $wanted == *" pretrain_base "* ]]; then
     python3 -m mmtk convert --rgbd samples/nyuv2_multimae "$work/sample.h5" --no-progress >/dev/null 2>&1
 fi

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from engine_helpers import RECIPES, TINY, sample_h5  # noqa: F401
+from engine_helpers import RECIPES, TINY, one_thread, sample_h5  # noqa: F401
 from helpers import needs_cuda, random_batch, tiny_model
 from mmtk.config import load_recipe
 from mmtk.engine import read_metrics
@@ -40,7 +40,7 @@ def test_compile_switch_reads_old_and_new_recipe_values(tmp_path, value, mode):
     assert recipe.train.compile == mode
 
 
-def test_compiled_step_is_one_graph_and_equals_eager_over_20_steps(sample_h5, tmp_path, monkeypatch):
+def test_compiled_step_is_one_graph_and_equals_eager_over_20_steps(sample_h5, tmp_path, monkeypatch, one_thread):
     """20 optimizer steps of the engine on the real sample frame: compiled and eager losses agree to 1e-5
     relative at every step, and the step compiled once, as one graph, with no graph break."""
     run_training(_recipe(sample_h5, "none"), tmp_path / "eager")
@@ -66,7 +66,7 @@ def test_compiled_step_is_one_graph_and_equals_eager_over_20_steps(sample_h5, tm
                                rtol=1e-5, atol=0)
 
 
-def test_depth_hole_masking_compiles_without_breaks():
+def test_depth_hole_masking_compiles_without_breaks(one_thread):
     """With `min_valid_fraction` (samples may fall short of the budget) and subset sampling the shapes stay
     static: the key mask is a tensor, not a branch on a count read from the device."""
     torch._dynamo.reset()
@@ -83,6 +83,24 @@ def test_depth_hole_masking_compiles_without_breaks():
         torch.manual_seed(3)
         expected, _ = pretrain_loss(model, batch)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+
+
+def test_given_masks_take_the_eager_padded_path_of_a_compiled_model(one_thread):
+    """Masks with a different visible count per sample cannot have static shapes; a compiled model runs them
+    eagerly (nothing is compiled for them) and gives the uncompiled model's result."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = compile_step(tiny_model(), backend="aot_eager")
+    batch = random_batch(batch=2)
+    masks = {name: torch.ones(2, 16, dtype=torch.bool) for name in ("rgb", "depth", "semseg")}
+    masks["rgb"][0, :3] = False  # sample 0 sees 3 tokens, sample 1 sees 7
+    masks["depth"][1, 4:11] = False
+    out = model(batch, masks=masks)
+    assert counters["stats"]["unique_graphs"] == 0
+    with torch.compiler.set_stance("force_eager"):
+        expected = model(batch, masks=masks)
+    assert torch.equal(out.loss, expected.loss) and torch.isfinite(out.loss)
 
 
 def _cuda_run(model: torch.nn.Module, precision: str):
