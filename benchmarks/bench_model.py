@@ -2,6 +2,7 @@
 
     python benchmarks/bench_model.py [--batch 8 ...] [--modes eager blocks step ...] [--precisions fp32 bf16]
                                      [--steps 5] [--size 224] [--device cpu|cuda] [--budget SECONDS] [--profile]
+                                     [--backend inductor|aot_eager]
 
 Modes: ``eager``; ``blocks`` (each transformer block compiled, `train.compile: blocks`); ``step`` (the whole
 forward, masking and losses included, compiled as one graph with its AOTAutograd backward, `train.compile:
@@ -58,12 +59,13 @@ def model_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     return model(batch).loss
 
 
-def make_step(model: torch.nn.Module, mode: str, bf16: bool) -> Callable[[dict[str, torch.Tensor]], None]:
+def make_step(model: torch.nn.Module, mode: str, bf16: bool, backend: str = "inductor"
+              ) -> Callable[[dict[str, torch.Tensor]], None]:
     """forward + backward of ``model`` in ``mode`` (compiled in place)."""
     if mode == "blocks":
         mmtk.compile_blocks(model)
     elif mode.startswith("step"):
-        compile_step(model, mode="reduce-overhead" if mode == "step-cudagraphs" else None)
+        compile_step(model, backend, mode="reduce-overhead" if mode == "step-cudagraphs" else None)
 
     def step(batch: dict[str, torch.Tensor]) -> None:
         if mode == "step-cudagraphs":
@@ -99,7 +101,7 @@ def measure(row: Row, args: argparse.Namespace, device: torch.device) -> None:
     torch.manual_seed(0)
     model = mmtk.create_model("multimae-base", image_size=args.size, num_visible=98).to(device)
     batch = make_batch(row.batch, args.size, device)
-    step = make_step(model, row.mode, bf16)
+    step = make_step(model, row.mode, bf16, args.backend)
     n = 8192 if device.type == "cuda" else 2048
     dtype = torch.bfloat16 if bf16 else torch.float32
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
@@ -160,6 +162,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--backend", default="inductor", help="step modes' torch.compile backend (aot_eager: "
+                                                                  "check the capture without code generation)")
     parser.add_argument("--budget", type=float, default=None, help="seconds; rows that would start later are skipped")
     parser.add_argument("--profile", action="store_true", help="then print where a bf16 step's time goes "
                                                                "(first mode, first batch size)")

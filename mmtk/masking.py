@@ -51,10 +51,14 @@ def apportion(shares: Tensor, budget: int, capacity: Tensor) -> Tensor:
     capacity = capacity.long()
     total = torch.clamp(capacity.sum(dim=1), max=budget)  # [B]
     counts = torch.zeros_like(capacity)
-    # M + 1 rounds always suffice (each round fills a modality or places every token); no early exit,
-    # which would read `remaining` back to the host. A round with nothing remaining adds zeros.
+    # M + 1 rounds always suffice (each round fills a modality or places every token); a round with nothing
+    # remaining adds zeros. Stopping early reads `remaining` back to the host: free in eager CPU code, a sync
+    # on a GPU and a graph break in a compiled step, so only there.
+    may_stop = total.device.type == "cpu" and not torch.compiler.is_compiling()
     for _ in range(shares.shape[1] + 1):
         remaining = total - counts.sum(dim=1)
+        if may_stop and not bool((remaining > 0).any()):
+            break
         room = capacity - counts
         weights = shares * (room > 0)
         no_share = weights.sum(dim=1, keepdim=True) <= 0

@@ -2,22 +2,24 @@
 # The checks that need a CUDA GPU, in order of importance, each with a time cap and its own log:
 #   tests          the GPU tests: compiled step (no host sync, inductor = eager), parity on CUDA, bf16 autocast,
 #                  deterministic resume in bf16 and fp16, bf16 pseudo-labels
-#   bench_model    MultiMAE-base pretraining step, eager / blocks-compiled / step-compiled x fp32 / bf16 x batch
-#                  128 / 256: images/s and MFU against the GEMM rate measured in the same run (one table)
+#   bench_model_128, bench_model_256
+#                  MultiMAE-base pretraining step at batch 128 and 256, eager / step-compiled / blocks-compiled x
+#                  bf16 / fp32: images/s and MFU against the GEMM rate measured in the same run (one table each)
 #   bench_train    base.yaml's optimizer step (bf16, compiled step), and whether the data loader keeps up with it
 #   pretrain_base  `mmtk pretrain recipes/base.yaml` end to end on the sample frame (loader, bf16, checkpoint)
 #   cudagraphs     the compiled step with CUDA graphs (mode="reduce-overhead"), batch 128
 #   demo           convert -> pretrain -> finetune -> eval on the GPU
 # Usage: bash scripts/gpu_check.sh [LOG_DIR [STEP ...]]   (mmtk installed; default LOG_DIR gpu_logs/)
-# Without STEPs: tests and bench_model, the two that fit one call of under 10 minutes; then e.g.
-#   bash scripts/gpu_check.sh gpu_logs bench_train pretrain_base cudagraphs demo
+# Without STEPs: tests, bench_model_128 and bench_model_256, as much as fits one call of under 10 minutes; then
+# what the summary says was skipped or cut, and the rest, in a second call, e.g.
+#   bash scripts/gpu_check.sh gpu_logs2 bench_model_256 bench_train pretrain_base cudagraphs demo
 # The whole call stops after GPU_CHECK_BUDGET seconds (default 560): each step's cap is cut to what is left and
 # steps that would get under 30 s are skipped, so the call always ends with its summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 logs=$(realpath -m "${1:-gpu_logs}")
 shift $(( $# > 0 ? 1 : 0 ))
-wanted=" ${*:-tests bench_model} "
+wanted=" ${*:-tests bench_model_128 bench_model_256} "
 budget=${GPU_CHECK_BUDGET:-560}
 mkdir -p "$logs"
 export PYTHONUNBUFFERED=1
@@ -43,12 +45,16 @@ step() {  # step NAME SECONDS COMMAND...: run with a time cap, log to LOG_DIR/NA
   python3 -c "import torch, timm; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__version__)"
 } | tee "$logs/summary.txt"
 
-step tests 120 python3 -m pytest -q -rs -k cuda tests/test_compiled_step.py tests/test_model.py tests/test_parity.py \
+step tests 180 python3 -m pytest -q -rs -k cuda tests/test_compiled_step.py tests/test_model.py tests/test_parity.py \
     tests/test_engine_resume.py tests/test_pseudo_label.py
-# --budget: rows that would start after it are skipped (a step-compiled row takes about 1-2 minutes, most of it
-# compiling), so the table still prints inside the cap; every row is also printed as soon as it is measured
-step bench_model 430 python3 benchmarks/bench_model.py --device cuda --batch 128 256 --modes eager blocks step \
-    --precisions bf16 fp32 --steps 10 --budget 330
+# One table per batch size (bench_model_128, bench_model_256); --budget: rows that would start after it are
+# skipped (a step-compiled row takes a minute or two, most of it compiling), so each table prints inside its cap,
+# and every row is also printed as soon as it is measured
+for batch in 128 256; do
+    rows=$((budget - SECONDS - 70)); ((rows > 260)) && rows=260  # leave the last row 70 s inside the cap
+    step "bench_model_$batch" 330 python3 benchmarks/bench_model.py --device cuda --batch "$batch" \
+        --modes eager step blocks --precisions bf16 fp32 --steps 10 --budget "$rows"
+done
 step bench_train 240 python3 benchmarks/bench_train.py --recipes base --precisions bf16 --base-batch 256 --steps 20 \
     --loader-recipe base --workers 6 12 15 --compile step
 if [[ $wanted == *" pretrain_base "* ]]; then
