@@ -2,7 +2,7 @@
 
     python benchmarks/bench_model.py [--batch 8 ...] [--modes eager blocks step ...] [--precisions fp32 bf16]
                                      [--steps 5] [--size 224] [--device cpu|cuda] [--budget SECONDS] [--profile]
-                                     [--backend inductor|aot_eager]
+                                     [--backend inductor|aot_eager] [--fp32-decoders [TASK ...]]
 
 Modes: ``eager``; ``blocks`` (each transformer block compiled, `train.compile: blocks`); ``step`` (the whole
 forward, masking and losses included, compiled as one graph with its AOTAutograd backward, `train.compile:
@@ -99,7 +99,8 @@ def measure(row: Row, args: argparse.Namespace, device: torch.device) -> None:
     +-20 % from minute to minute)."""
     bf16 = row.precision == "bf16"
     torch.manual_seed(0)
-    model = mmtk.create_model("multimae-base", image_size=args.size, num_visible=98).to(device)
+    model = mmtk.create_model("multimae-base", image_size=args.size, num_visible=98,
+                              fp32_decoders=args.fp32_decoders).to(device)
     batch = make_batch(row.batch, args.size, device)
     step = make_step(model, row.mode, bf16, args.backend)
     n = 8192 if device.type == "cuda" else 2048
@@ -120,7 +121,8 @@ def measure(row: Row, args: argparse.Namespace, device: torch.device) -> None:
 
 def flops_per_image(args: argparse.Namespace, device: torch.device) -> float:
     torch.manual_seed(0)
-    model = mmtk.create_model("multimae-base", image_size=args.size, num_visible=98).to(device)
+    model = mmtk.create_model("multimae-base", image_size=args.size, num_visible=98,
+                              fp32_decoders=args.fp32_decoders).to(device)
     batch = make_batch(2, args.size, device)
     with FlopCounterMode(display=False) as counter:
         model_loss(model, batch).backward()
@@ -162,6 +164,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--fp32-decoders", nargs="*", default=["semseg"],
+                        help="decoders kept in fp32 under bf16 autocast (the model's default: semseg; none: all bf16)")
     parser.add_argument("--backend", default="inductor", help="step modes' torch.compile backend (aot_eager: "
                                                                   "check the capture without code generation)")
     parser.add_argument("--budget", type=float, default=None, help="seconds; rows that would start later are skipped")
@@ -175,7 +179,8 @@ def main() -> None:
         parser.error("step-cudagraphs needs --device cuda")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     flops = flops_per_image(args, device)
-    print(f"{where}, torch {torch.__version__}, {args.size}x{args.size} px, 98 visible tokens; "
+    print(f"{where}, torch {torch.__version__}, {args.size}x{args.size} px, 98 visible tokens, fp32 decoders "
+          f"{args.fp32_decoders or 'none'}; "
           f"FLOPs per image (forward+backward): {flops / 1e9:.1f} GFLOP", flush=True)
     header = ("| mode | precision | batch | images/s | MFU | GEMM rate (same run) | first step (compile) |\n"
               "| --- | --- | --- | --- | --- | --- | --- |")
@@ -201,7 +206,8 @@ def main() -> None:
     print("\n".join(format_row(row, flops) for row in rows))
     if args.profile:
         torch.manual_seed(0)
-        model = mmtk.create_model("multimae-base", image_size=args.size, num_visible=98).to(device)
+        model = mmtk.create_model("multimae-base", image_size=args.size, num_visible=98,
+                              fp32_decoders=args.fp32_decoders).to(device)
         batch = make_batch(args.batch[0], args.size, device)
         step = make_step(model, args.modes[0], bf16=True)
         step(batch)

@@ -8,11 +8,12 @@
 #   bench_train    base.yaml's optimizer step (bf16, compiled step), and whether the data loader keeps up with it
 #   pretrain_base  `mmtk pretrain recipes/base.yaml` end to end on the sample frame (loader, bf16, checkpoint)
 #   cudagraphs     the compiled step with CUDA graphs (mode="reduce-overhead"), batch 128
+#   bf16_decoder   the compiled bf16 step with the semseg decoder in bf16 too (the default keeps it in fp32)
 #   demo           convert -> pretrain -> finetune -> eval on the GPU
 # Usage: bash scripts/gpu_check.sh [LOG_DIR [STEP ...]]   (mmtk installed; default LOG_DIR gpu_logs/)
 # Without STEPs: tests, bench_model_128 and bench_model_256, as much as fits one call of under 10 minutes; then
 # what the summary says was skipped or cut, and the rest, in a second call, e.g.
-#   bash scripts/gpu_check.sh gpu_logs2 bench_model_256 bench_train pretrain_base cudagraphs demo
+#   bash scripts/gpu_check.sh gpu_logs2 bench_model_256 bench_train pretrain_base cudagraphs bf16_decoder demo
 # The whole call stops after GPU_CHECK_BUDGET seconds (default 560): each step's cap is cut to what is left and
 # steps that would get under 30 s are skipped, so the call always ends with its summary.
 set -uo pipefail
@@ -66,5 +67,7 @@ step pretrain_base 150 python3 -m mmtk pretrain recipes/base.yaml --data "$work/
 [[ -d $work/base ]] && { ls -R "$work/base"; cat "$work/base/metrics.jsonl"; } >>"$logs/pretrain_base.log" 2>&1
 step cudagraphs 200 python3 benchmarks/bench_model.py --device cuda --batch 128 --modes step-cudagraphs \
     --precisions bf16 fp32 --steps 10 --budget 150
+step bf16_decoder 150 python3 benchmarks/bench_model.py --device cuda --batch 128 --modes step --precisions bf16 \
+    --steps 10 --fp32-decoders
 step demo 150 bash scripts/demo.sh "$work/demo"
 rm -rf "$work"
