@@ -103,10 +103,14 @@ def test_given_masks_take_the_eager_padded_path_of_a_compiled_model(one_thread):
     assert torch.equal(out.loss, expected.loss) and torch.isfinite(out.loss)
 
 
-def _cuda_run(model: torch.nn.Module, precision: str):
-    """One forward + backward of `model` on a fixed batch with fixed mask draws: (loss, gradients)."""
-    batch = {k: v.cuda() for k, v in random_batch(batch=4).items()}
+def _cuda_batch() -> dict[str, torch.Tensor]:
+    batch = {k: v.cuda() for k, v in random_batch(batch=4).items()}  # (copies that synchronise: made beforehand)
     batch["depth_valid"] = torch.ones(4, 1, 64, 64, dtype=torch.bool, device="cuda")
+    return batch
+
+
+def _cuda_run(model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: str):
+    """One forward + backward of `model` on `batch` with fixed mask draws: (loss, gradients)."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(1)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -122,11 +126,11 @@ def test_cuda_compiled_step_never_waits_for_the_gpu(precision):
     `.item()`, `.cpu()`, `int(tensor)`, boolean indexing or synchronous copy in the step raises."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = compile_step(tiny_model().cuda())
-    _cuda_run(model, precision)  # compiles (and may synchronise while doing so)
+    model, batch = compile_step(tiny_model().cuda()), _cuda_batch()
+    _cuda_run(model, batch, precision)  # compiles (and may synchronise while doing so)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss, _ = _cuda_run(model, precision)
+        loss, _ = _cuda_run(model, batch, precision)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)
@@ -138,11 +142,11 @@ def test_cuda_inductor_step_equals_eager(precision, rtol):
     """Inductor (with eager's random numbers, so both draw the same masks) against the eager step."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = compile_step(tiny_model().cuda())
+    model, batch = compile_step(tiny_model().cuda()), _cuda_batch()
     with torch._inductor.config.patch(fallback_random=True):
-        loss, grads = _cuda_run(model, precision)
+        loss, grads = _cuda_run(model, batch, precision)
     with torch.compiler.set_stance("force_eager"):
-        expected, expected_grads = _cuda_run(model, precision)
+        expected, expected_grads = _cuda_run(model, batch, precision)
     torch.testing.assert_close(loss, expected, rtol=rtol, atol=0)
     if precision == "fp32":
         for grad, want in zip(grads, expected_grads):
