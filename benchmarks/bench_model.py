@@ -196,7 +196,8 @@ def main() -> None:
                     try:
                         measure(row, args, device)
                     except Exception as err:  # one row's failure (OOM, a backend error) must not end the table
-                        row.error = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+                        first_line = str(err).splitlines()[0][:200] if str(err) else ""
+                        row.error = f"failed: {type(err).__name__}: {first_line}"
                     torch._dynamo.reset()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()

@@ -11,7 +11,8 @@ from mmtk.errors import MmtkError
 
 if TYPE_CHECKING:  # what editors and type checkers see
     from mmtk.formats import LoadReport, export_official, load_weights  # noqa: F401
-    from mmtk.multimae import DenseModel, ModelConfig, MultiMAE, MultiMAEOutput, compile_blocks, compile_step  # noqa: F401
+    from mmtk.multimae import (DenseModel, ModelConfig, MultiMAE, MultiMAEOutput, compile_blocks,  # noqa: F401
+                               compile_step)
     from mmtk.registry import build_model, create_model, list_models, model_config  # noqa: F401
 
 __version__ = "0.1.0"
