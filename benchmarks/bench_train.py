@@ -2,7 +2,7 @@
 
     python benchmarks/bench_train.py [--recipes tiny base] [--precisions fp32 bf16] [--steps 5]
                                      [--base-batch 8] [--data FILE.h5] [--loader-recipe tiny|base]
-                                     [--workers 0 1]
+                                     [--workers 0 1] [--compile none|blocks|step]
 
 For each recipe and precision: images/s of a full optimizer step (forward, backward, AdamW) of the
 recipe's model on synthetic tensors of the recipe's image size, and the AdamW step alone (default,
@@ -10,7 +10,8 @@ foreach and fused implementations). Then, for --loader-recipe (its
 precision, its image size), the same steps fed by the real HDF5 loader (random resized crop + flip
 from the sample frames) against the same steps on synthetic tensors already in memory, and the
 loader alone, per worker count: if the real-data step is no slower than the synthetic one, the
-loader keeps up. No GPU needed; on a GPU the same script measures the GPU.
+loader keeps up. ``--compile`` is the recipes' ``train.compile`` (the first step, which compiles, is not timed).
+No GPU needed; on a GPU the same script measures the GPU.
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ def synthetic_batch(batch: int, size: tuple[int, int], num_classes: int) -> dict
             "semseg": torch.randint(0, num_classes, (batch, h // 4, w // 4))}
 
 
-def build(recipe_name: str, precision: str, batch: int | None):
+def build(recipe_name: str, precision: str, batch: int | None, compile_mode: str = "none"):
     import mmtk
 
-    overrides = [f"train.precision={precision}", "data.path=null"]
+    overrides = [f"train.precision={precision}", "data.path=null", f"train.compile={compile_mode}"]
     if batch:
         overrides.append(f"optim.batch_size={batch}")
     recipe = load_recipe(recipe_name, overrides)
@@ -48,6 +49,10 @@ def build(recipe_name: str, precision: str, batch: int | None):
     info = DataInfo("synthetic", ("rgb", "depth", "semseg"), size, 40, 0)
     torch.manual_seed(0)
     model = mmtk.create_model(recipe.model.name, verbose=False, **model_args(recipe, info))
+    if recipe.train.compile == "blocks":  # as the engine does
+        mmtk.compile_blocks(model)
+    elif recipe.train.compile == "step":
+        mmtk.compile_step(model)
     return recipe, model, size
 
 
@@ -118,12 +123,13 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="HDF5 file (default: the shipped NYUv2 sample)")
     parser.add_argument("--loader-recipe", choices=["tiny", "base"], default="tiny",
                         help="the recipe whose steps the real loader feeds (tiny: fp32, base: bf16, --base-batch)")
+    parser.add_argument("--compile", choices=["none", "blocks", "step"], default="none", help="train.compile")
     args = parser.parse_args()
     device = pick_device("auto")
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, compile {args.compile}")
     for name in args.recipes:
         for precision in args.precisions:
-            recipe, model, size = build(name, precision, args.base_batch if name == "base" else None)
+            recipe, model, size = build(name, precision, args.base_batch if name == "base" else None, args.compile)
             batch = recipe.optim.batch_size
             seconds = time_steps(recipe, model, forever(synthetic_batch(batch, size, 40)), device, args.steps)
             print(f"{name:5s} {precision}: {model.config.dim}-wide x {model.config.depth} blocks, "
@@ -138,7 +144,8 @@ def main() -> None:
         data = Path(tempfile.mkdtemp()) / "sample.h5"
         convert_rgbd(REPO / "samples" / "nyuv2_multimae", data, progress=False)
     name = args.loader_recipe
-    recipe, model, size = build(name, "fp32" if name == "tiny" else "bf16", args.base_batch if name == "base" else None)
+    recipe, model, size = build(name, "fp32" if name == "tiny" else "bf16", args.base_batch if name == "base" else None,
+                                args.compile)
     synthetic = time_steps(recipe, model, forever(synthetic_batch(recipe.optim.batch_size, size, 40)), device,
                            args.steps)
     print(f"{name} {recipe.train.precision} step on synthetic tensors: {synthetic:.3f} s")

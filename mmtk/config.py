@@ -83,7 +83,10 @@ class TrainConfig:
 
     seed: int = 0
     precision: Precision = "bf16"  # autocast dtype; fp16 adds a gradient scaler (CUDA only)
-    compile: bool = False  # torch.compile the transformer blocks (mmtk.compile_blocks)
+    # torch.compile: none | blocks (each transformer block, mmtk.compile_blocks) | step (the whole forward of the
+    # step, masking and losses included, and its backward as one graph: mmtk.compile_step); true/false of older
+    # recipes mean blocks/none
+    compile: Literal["none", "blocks", "step", True, False] = "none"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False  # torch.use_deterministic_algorithms; needed for bit-exact resume on GPU
     loss: Literal["ce", "berhu", "l1"] | None = None  # finetuning loss; None = ce for semseg, berhu for depth
@@ -91,6 +94,10 @@ class TrainConfig:
     ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # newest step checkpoints kept on disk
     max_steps: int | None = None  # stop after this many steps; the lr schedule still spans all epochs
+
+    def __post_init__(self) -> None:
+        if isinstance(self.compile, bool):  # recipes written when the switch was a bool
+            self.compile = "blocks" if self.compile else "none"
 
 
 @dataclass
@@ -133,7 +140,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 continue
         raise fail(" or ".join(_type_name(a) for a in args))
     if origin is Literal:
-        if value in args:
+        if any(value == a and type(value) is type(a) for a in args):  # 1 is not True
             return value
         raise fail("one of " + ", ".join(repr(a) for a in args))
     if dataclasses.is_dataclass(tp):

@@ -38,7 +38,7 @@ from mmtk.config import Recipe, loader_workers, recipe_to_dict, save_recipe
 from mmtk.errors import MmtkError
 from mmtk.formats import read_state_dict
 from mmtk.io import atomic_write, atomic_write_text, discard, disk_errors, make_temp, publish
-from mmtk.multimae import compile_blocks
+from mmtk.multimae import compile_blocks, compile_step
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 CHECKPOINT_FORMAT = "mmtk-checkpoint"
@@ -690,8 +690,10 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
     if resume and info.is_main:
         main_process_print(f"resumed from step {step} of {stop} ({ckpt.last})")
     metrics.truncate_after(step)
-    if cfg.compile:
+    if cfg.compile == "blocks":
         compile_blocks(model)  # the transformer blocks; masking and gathers stay eager
+    elif cfg.compile == "step":
+        compile_step(model)  # the whole forward (masking, decoders, losses) and its backward: one graph
     train_model = model
     if info.world_size > 1:
         ids = [info.device.index] if info.device.type == "cuda" else None

@@ -5,6 +5,9 @@ modalities (MultiMAE, Sec. 3.2). The split is exact: the per-modality counts add
 (largest-remainder rounding), never exceed what a modality has, and what one modality cannot take
 goes to the others. Within a modality the visible patches are uniform at random among the eligible
 ones (e.g. patches that are not depth holes).
+
+Everything runs on the tokens' device with fixed shapes and no read-back to the host, so a compiled
+training step can include the masking (`train.compile: step`) and never waits for the GPU.
 """
 
 from __future__ import annotations
@@ -16,17 +19,18 @@ from mmtk.errors import MmtkError
 
 
 def sample_shares(batch: int, alphas: Tensor, sample_subsets: bool = False) -> Tensor:
-    """Dirichlet(alphas) shares [B, M], optionally over a uniformly drawn non-empty subset.
+    """Dirichlet(alphas) shares [B, M] on the device of `alphas`, optionally over a uniformly drawn
+    non-empty subset.
 
     With `sample_subsets`, each sample first picks one of the 2^M - 1 non-empty subsets of
     modalities uniformly; modalities outside it get share 0.
     """
-    num = alphas.numel()
+    num, device = alphas.numel(), alphas.device
     gammas = torch._standard_gamma(alphas.expand(batch, num).contiguous())  # Dirichlet = normalised Gammas
     gammas = gammas.clamp_min(torch.finfo(gammas.dtype).tiny)  # tiny alphas can underflow to 0
     if sample_subsets:
-        subset_id = torch.randint(1, 2**num, (batch, 1))
-        chosen = (subset_id >> torch.arange(num)) & 1  # bit m of the subset id: modality m chosen
+        subset_id = torch.randint(1, 2**num, (batch, 1), device=device)
+        chosen = (subset_id >> torch.arange(num, device=device)) & 1  # bit m of the subset id: modality m chosen
         gammas = gammas * chosen
     return gammas / gammas.sum(dim=1, keepdim=True)
 
@@ -49,9 +53,13 @@ def apportion(shares: Tensor, budget: int, capacity: Tensor) -> Tensor:
     capacity = capacity.long()
     total = torch.clamp(capacity.sum(dim=1), max=budget)  # [B]
     counts = torch.zeros_like(capacity)
+    # M + 1 rounds always suffice (each round fills a modality or places every token); a round with nothing
+    # remaining adds zeros. Stopping early reads `remaining` back to the host: free in eager CPU code, a sync
+    # on a GPU and a graph break in a compiled step, so only there.
+    may_stop = total.device.type == "cpu" and not torch.compiler.is_compiling()
     for _ in range(shares.shape[1] + 1):
         remaining = total - counts.sum(dim=1)
-        if not bool((remaining > 0).any()):
+        if may_stop and not bool((remaining > 0).any()):
             break
         room = capacity - counts
         weights = shares * (room > 0)
@@ -95,8 +103,9 @@ def sample_masks(
                         f"size (image_size)")
     batch = next(iter(eligible.values())).shape[0]
     device = next(iter(eligible.values())).device
-    alpha = torch.tensor([float(alphas[name]) for name in names])
-    shares = sample_shares(batch, alpha, sample_subsets)  # [B, M] on CPU (tiny)
-    capacity = torch.stack([eligible[name].sum(dim=1).cpu() for name in names], dim=1)
-    counts = apportion(shares, budget, capacity).to(device)  # [B, M]
+    # Filled on the device (a tensor from a list would be a host-to-device copy every step).
+    alpha = torch.stack([torch.full((), float(alphas[name]), device=device) for name in names])  # [M]
+    shares = sample_shares(batch, alpha, sample_subsets)  # [B, M]
+    capacity = torch.stack([eligible[name].sum(dim=1) for name in names], dim=1)  # [B, M]
+    counts = apportion(shares, budget, capacity)  # [B, M]
     return {name: choose_visible(counts[:, i], eligible[name]) for i, name in enumerate(names)}

@@ -218,9 +218,26 @@ class MultiMAE(nn.Module):
                 invalid pixels never enter a loss and can be kept hidden (`min_valid_fraction`).
         """
         valid = valid or {}
+        if masks is None:
+            return self.forward_sampled(inputs, valid)
         tokens, layout = self.encoder.tokenize(inputs)
-        masks = self.sample_masks(tokens, inputs, valid) if masks is None else self.check_masks(masks, tokens)
-        encoded, visible = self.forward_encoder(tokens, layout, masks)
+        masks = self.check_masks(masks, tokens)
+        return self.forward_masked(inputs, valid, tokens, layout, masks, num_visible=None)
+
+    def forward_sampled(self, inputs: dict[str, Tensor], valid: dict[str, Tensor]) -> MultiMAEOutput:
+        """The pretraining step's forward with sampled masks (what `compile_step` compiles).
+
+        Every sample gets the same visible count, known from the config before the masks exist, so
+        every shape is static and nothing is read back from the device.
+        """
+        tokens, layout = self.encoder.tokenize(inputs)
+        masks = self.sample_masks(tokens, inputs, valid)
+        return self.forward_masked(inputs, valid, tokens, layout, masks, self.visible_budget(layout))
+
+    def forward_masked(self, inputs: dict[str, Tensor], valid: dict[str, Tensor], tokens: dict[str, Tensor],
+                       layout: TokenLayout, masks: dict[str, Tensor], num_visible: int | None) -> MultiMAEOutput:
+        """Encode the visible tokens, decode every task, compute the losses (see `forward_encoder`)."""
+        encoded, visible = self.forward_encoder(tokens, layout, masks, num_visible)
         preds = self.forward_decoder(encoded, visible)
         losses = self.forward_loss(preds, inputs, masks, valid, layout.grid)
         weights = self.config.loss_weights
@@ -230,6 +247,10 @@ class MultiMAE(nn.Module):
     def forward_features(self, inputs: dict[str, Tensor], return_all_blocks: bool = False) -> EncoderFeatures:
         """Finetuning mode: encode every token of the given inputs."""
         return self.encoder.forward_features(inputs, return_all_blocks)
+
+    def visible_budget(self, layout: TokenLayout) -> int:
+        """Encoder slots per sample for sampled masks: the budget, or every token when there are fewer."""
+        return min(self.config.num_visible, layout.num_tokens)
 
     def sample_masks(self, tokens: dict[str, Tensor], inputs: dict[str, Tensor],
                      valid: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -260,19 +281,28 @@ class MultiMAE(nn.Module):
             checked[name] = mask
         return checked
 
-    def forward_encoder(self, tokens: dict[str, Tensor], layout: TokenLayout, masks: dict[str, Tensor]
-                        ) -> tuple[Tensor, VisibleTokens]:
-        """Encode the visible tokens: [B, Nv + G, D], padded when samples differ in count."""
+    def forward_encoder(self, tokens: dict[str, Tensor], layout: TokenLayout, masks: dict[str, Tensor],
+                        num_visible: int | None = None) -> tuple[Tensor, VisibleTokens]:
+        """Encode the visible tokens: [B, Nv + G, D], padded when samples differ in count.
+
+        `num_visible` is Nv when the caller knows it (sampled masks): shapes then follow from the
+        config alone and nothing is read back from the device, so the step compiles as one graph.
+        Samples can only fall short of it when depth holes make tokens ineligible
+        (`min_valid_fraction`); a key mask then hides their padding slots. Without it (given masks),
+        Nv is the largest count in the batch, read from the masks.
+        """
         x = torch.cat(list(tokens.values()), dim=1)  # [B, N, D]
         hidden = torch.cat([masks[name] for name in tokens], dim=1)  # [B, N]
         ids_shuffle = torch.argsort(hidden.to(torch.uint8), dim=1, stable=True)  # visible first, in order
         ids_restore = torch.argsort(ids_shuffle, dim=1)
-        num_visible = (~hidden).sum(dim=1)  # [B]
-        nv = int(num_visible.max())
+        counts = (~hidden).sum(dim=1)  # [B]
+        if num_visible is None:
+            nv = int(counts.max())  # host syncs: given masks only
+            padded = int(counts.min()) != nv
+        else:
+            nv, padded = num_visible, self.config.min_valid_fraction > 0
         ids_keep = ids_shuffle[:, :nv]
-        key_mask = None
-        if int(num_visible.min()) != nv:
-            key_mask = torch.arange(nv, device=x.device)[None, :] < num_visible[:, None]
+        key_mask = torch.arange(nv, device=x.device)[None, :] < counts[:, None] if padded else None
         x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, Nv, D]
         encoded, _ = self.encoder(x, key_mask)
         return encoded, VisibleTokens(layout, ids_keep, ids_restore, key_mask)
@@ -312,8 +342,8 @@ def hidden_pixels(mask: Tensor | None, grid: tuple[int, int], pred: Tensor) -> T
     batch, height, width = pred.shape[0], pred.shape[-2], pred.shape[-1]
     if mask is None:
         return torch.ones(batch, height, width, dtype=torch.bool, device=pred.device)
-    mask = mask.reshape(batch, *grid)
-    return mask.repeat_interleave(height // grid[0], dim=1).repeat_interleave(width // grid[1], dim=2)
+    (gh, gw), ph, pw = grid, height // grid[0], width // grid[1]
+    return mask.reshape(batch, gh, 1, gw, 1).expand(batch, gh, ph, gw, pw).reshape(batch, height, width)
 
 
 def masked_mean(pixel_loss: Tensor, weight: Tensor) -> Tensor:
@@ -370,6 +400,25 @@ def compile_blocks(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, TimmBlock):
             module.compile()
+    return model
+
+
+def compile_step(model: nn.Module, backend: str = "inductor", mode: str | None = None) -> nn.Module:
+    """`torch.compile` the pretraining step's forward in place and return the model (`train.compile: step`).
+
+    For `MultiMAE`, `forward_sampled` (the forward with sampled masks) is compiled: tokenizers, masking,
+    encoder, every decoder and the losses become one graph (`fullgraph=True`: a graph break is an error, not
+    a silent split), and `loss.backward()` runs the backward graph AOTAutograd compiled with it. Sampled masks
+    have the exact visible budget, so every shape follows from the config and nothing in the step reads a
+    value back from the device. Given masks (`model(inputs, masks=...)`), whose counts may differ per sample,
+    take the eager padded path. Other models compile their whole forward. In place, so parameter names and
+    checkpoints are those of the eager model, and DDP can wrap it. `mode="reduce-overhead"` adds CUDA graphs.
+    """
+    options = dict(fullgraph=True, dynamic=False, backend=backend, mode=mode)
+    if isinstance(model, MultiMAE):
+        model.forward_sampled = torch.compile(model.forward_sampled, **options)
+    else:
+        model.compile(**options)
     return model
 
 

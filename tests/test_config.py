@@ -31,7 +31,7 @@ def test_defaults_and_types(tmp_path):
     ("optim:\n  batch_size: eight\n", ["optim.batch_size", "expected an integer", "r.yaml"]),
     ("optim:\n  batch_size: 8.5\n", ["optim.batch_size", "expected an integer"]),
     ("train:\n  precision: fp8\n", ["train.precision", "'bf16'"]),
-    ("train:\n  compile: 1\n", ["train.compile", "true or false"]),
+    ("train:\n  compile: 1\n", ["train.compile", "'none', 'blocks', 'step'"]),
     ("optim:\n  betas: [0.9]\n", ["optim.betas", "2 values"]),
     ("data:\n  path: /no/such/file.h5\n", ["data.path", "/no/such/file.h5", "not found"]),
     ("optim:\n  warmup_epochs: 50\n  epochs: 10\n", ["optim.warmup_epochs"]),
