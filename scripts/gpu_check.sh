@@ -6,7 +6,7 @@
 #                  MultiMAE-base pretraining step at batch 128 and 256, eager / step-compiled / blocks-compiled x
 #                  bf16 / fp32: images/s and MFU against the GEMM rate measured in the same run (one table each)
 #   bench_train    base.yaml's optimizer step (bf16, compiled step), and whether the data loader keeps up with it
-#   pretrain_base  `mmtk pretrain recipes/base.yaml` end to end on the sample frame (loader, bf16, checkpoint)
+#   pretrain_base  `mmtk pretrain base` end to end on the sample frame (loader, bf16, checkpoint)
 #   cudagraphs     the compiled step with CUDA graphs (mode="reduce-overhead"), batch 128
 #   bf16_decoder   the compiled bf16 step with the semseg decoder in bf16 too (the default keeps it in fp32)
 #   demo           convert -> pretrain -> finetune -> eval on the GPU
