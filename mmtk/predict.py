@@ -141,8 +141,9 @@ def model_from_checkpoint(source: str | os.PathLike | dict) -> torch.nn.Module:
     recorded = weights.container
     require_registered(dict(recorded.get("modalities", {})), f"checkpoint {weights.source}")  # name the plugin file
     if isinstance(recorded.get("model_args"), dict):  # recorded arguments are checked before memory follows them
-        check_model_args({"model_name": weights.model_name or "multimae-base", "model_args": recorded["model_args"],
-                          "model": weights.state}, weights.source)
+        known = weights.model_name in mmtk.list_models()  # a folder's "custom" model: its args give every field
+        check_model_args({"model_name": weights.model_name if known else "multimae-base",
+                          "model_args": recorded["model_args"], "model": weights.state}, weights.source)
     model = mmtk.create_model(pretrained=weights, verbose=False)
     model.class_names = tuple(recorded.get("data", {}).get("class_names") or ())
     if model.load_report.notes:

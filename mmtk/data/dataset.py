@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mmtk.modality import Modality, get_modality
+from mmtk.modality import Modality, get_modality, stored_array
 from mmtk.data.format import FORMAT_VERSION, PARTIAL_SUFFIX
 from mmtk.data.transforms import CropWindow, full_window, random_resized_crop
 from mmtk.errors import MmtkError
@@ -113,22 +113,32 @@ def _check_summaries(dataset: h5py.Dataset, where: str, fix: str) -> None:
             raise MmtkError(f"{where}: attr classes is not a JSON list of class names; {fix}")
 
 
-# (ndim, trailing axes, allowed dtype kinds or dtypes) of the datasets mmtk reads, by name prefix.
-_LAYOUTS: dict[str, tuple[int, tuple[int, ...], tuple]] = {
-    "rgb": (4, (3,), (np.uint8,)),
-    "depth": (3, (), ("f",)),
-    "semseg": (3, (), (np.uint8, np.uint16)),
+# (ndim, trailing axes, allowed dtype kinds or dtypes) of the per-frame metadata every mmtk file may hold.
+_META_LAYOUTS: dict[str, tuple[int, tuple[int, ...], tuple]] = {
     "intrinsics": (3, (3, 3), ("f",)),
     "timestamp": (1, (), ("f",)),
 }
+_KIND_DTYPES = {"metric": ("f",), "labels": (np.uint8, np.uint16)}  # as the writer stores them
+
+
+def _layout(name: str) -> tuple[int, tuple[int, ...], tuple] | None:
+    """The documented layout of a dataset: metadata's, or what the adapter storing it declares (None: unknown)."""
+    if name in _META_LAYOUTS:
+        return _META_LAYOUTS[name]
+    try:
+        _, stored = stored_array(name)
+    except MmtkError:
+        return None  # an array of a plugin that is not loaded, or another tool's: not checked
+    trailing = (stored.channels,) if stored.channels else ()
+    return 3 + len(trailing), trailing, _KIND_DTYPES.get(stored.kind, tuple(np.dtype(d) for d in stored.dtypes))
 
 
 def _check_layout(name: str, dataset: h5py.Dataset, where: str, fix: str) -> None:
     """A known dataset must have its documented number of axes and dtype (docs/dataset-format.md)."""
-    key = next((prefix for prefix in _LAYOUTS if name == prefix or name.startswith(prefix + "_")), None)
-    if key is None:
+    layout = _layout(name)
+    if layout is None:
         return
-    ndim, trailing, dtypes = _LAYOUTS[key]
+    ndim, trailing, dtypes = layout
     shape, dtype = dataset.shape or (), dataset.dtype
     if len(shape) != ndim or (trailing and tuple(shape[-len(trailing):]) != trailing):
         expected = f"{ndim} axes" + (f" ending in {'x'.join(map(str, trailing))}" if trailing else "")
