@@ -219,7 +219,7 @@ def init_summary(model: nn.Module) -> str:
         parts.append(f"{len(other)} other keys not used: {_shown(other)}")
     if report.resized:
         parts.append(f"resized {', '.join(report.resized)}")
-    return "; ".join(parts)
+    return "; ".join(parts + list(report.notes))  # what the file made mmtk decide (e.g. no class token)
 
 
 def run_training(recipe: Recipe, run_dir: str | Path, init: str | Path | None = None,

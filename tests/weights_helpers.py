@@ -24,7 +24,7 @@ def strict_loads(text: str):
 def reference_metrics(model: torch.nn.Module, data: Path, inputs: tuple[str, ...], task: str) -> dict[str, float]:
     """The metrics of `model` run on the test split of `data` prepared at SIZE, frame by frame."""
     dataset = open_dataset(data, "test", ("rgb", "depth", "semseg"), SIZE, augment=False)
-    metric = SegmentationMetrics(40) if task == "semseg" else DepthMetrics()
+    metric = SegmentationMetrics(40, ignore_index=255) if task == "semseg" else DepthMetrics()
     with torch.no_grad():
         for i in range(len(dataset)):
             frame = {k: v[None] for k, v in dataset[i].items()}
