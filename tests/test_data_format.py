@@ -187,3 +187,15 @@ def test_real_entry_point_prints_one_line_and_exits_2(tmp_path):
                            str(tmp_path / "o.h5")], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'} does not exist"]
+
+
+def test_depth_statistics_keep_samples_not_frames():
+    """The writer's percentile samples are copies: a view would keep every frame's valid depth alive (memory grew
+    by 2 MB a frame before)."""
+    from mmtk.data.format import SAMPLES_PER_FRAME, MetricStats
+
+    stats = MetricStats()
+    for _ in range(3):
+        stats.update(np.random.default_rng(0).uniform(0.5, 5.0, (480, 640)).astype(np.float32))
+    assert all(sample.base is None for sample in stats.samples)
+    assert sum(sample.size for sample in stats.samples) <= 3 * (SAMPLES_PER_FRAME + 1)

@@ -221,7 +221,7 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
     provenance = f"mmtk convert --rgbd {Path(src).name}: {source.description}"
     if size:
         provenance += f", resized to {size[0]}x{size[1]}"
-    frames = read_ahead(source.frames)
+    frames = read_ahead(source.frames) if source.decode_apart else source.frames()
     frames = _with_streams(frames, Path(src), streams) if streams else frames
     return _write_source(source, frames, out_path, provenance, size=size, force=force, progress=progress, log=log)
 
@@ -274,5 +274,6 @@ def convert_rosbag(bag: str | os.PathLike, out_path: str | os.PathLike, rgb_topi
     check_out_path(out_path, force)  # before reading any input
     source = open_rosbag_source(bag, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale,
                                 cloud_topic=cloud_topic, extra_topics=extra_topics)
-    return _write_source(source, read_ahead(source.frames), out_path, f"mmtk convert --rosbag {source.description}",
+    frames = read_ahead(source.frames) if source.decode_apart else source.frames()
+    return _write_source(source, frames, out_path, f"mmtk convert --rosbag {source.description}",
                          size=size, force=force, progress=progress, log=log)

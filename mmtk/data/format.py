@@ -67,7 +67,7 @@ class MetricStats:
         if valid.size:
             self.low, self.high = min(self.low, float(valid.min())), max(self.high, float(valid.max()))
             if self.kept < MAX_SAMPLES:
-                sample = valid[:: max(1, valid.size // SAMPLES_PER_FRAME)]
+                sample = valid[:: max(1, valid.size // SAMPLES_PER_FRAME)].copy()  # not a view keeping the frame
                 self.samples.append(sample)
                 self.kept += sample.size
 

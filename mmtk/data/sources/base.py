@@ -119,6 +119,8 @@ class RgbdSource:
     classes: list[str] | None = None
     notes: list[str] = field(default_factory=list)
     summary: Callable[[int], str] | None = None
+    decode_apart: bool = True  # decode in a second process (convert.read_ahead); False where moving a frame
+    # between processes costs more than decoding it (NYUv2's .mat: 4 MB a frame, read without decoding)
 
 
 def associate_by_time(a: list[float], b: list[float], max_dt: float) -> list[tuple[int, int]]:

@@ -100,7 +100,8 @@ def open_nyu_mat(src: Path, options: ConvertOptions) -> RgbdSource:
                                      scenes[i] if scenes else None)
 
     return RgbdSource("nyuv2-mat", f"NYUv2 labeled release ({mat_path.name}, {n_frames} frames)",
-                      sum(len(v) for v in splits.values()), frames, names if has_labels else None, notes)
+                      sum(len(v) for v in splits.values()), frames, names if has_labels else None, notes,
+                      decode_apart=False)
 
 
 def _nyu_frame(mat: h5py.File, i: int, split: str, encoding: DepthEncoding, mapping: np.ndarray | None,
