@@ -85,6 +85,7 @@ class Modality:
                      decides which pixels the loss sees (default: itself; norm_rgb uses rgb).
       pos_mode:      interpolation of its positional grid at other image sizes.
       ignore_index:  the target value that marks unlabelled pixels, for class-index targets.
+      fp32_decoder:  its decoder runs in fp32 under autocast unless ModelConfig.fp32_decoders says otherwise.
       metric_family: how a finetuning head predicting it is trained and scored (mmtk.metrics.FAMILIES):
                      "segmentation" (cross-entropy, mIoU; targets `<name>_full`) or "depth" (berHu/L1,
                      delta/AbsRel/RMSE in metres; targets `<name>_m` with `<name>_valid`); None: not a task.
@@ -102,6 +103,7 @@ class Modality:
     pos_mode: ClassVar[str] = "bicubic"
     ignore_index: ClassVar[int | None] = None  # target value that marks "no label" (semseg: 255)
     metric_family: ClassVar[str | None] = None  # "segmentation" | "depth": how it is finetuned and scored
+    fp32_decoder: ClassVar[bool] = False  # its decoder runs in fp32 under autocast (ModelConfig.fp32_decoders)
     stores: ClassVar[tuple[StoredArray, ...]] = ()
     stored_from: ClassVar[tuple[str, ...]] = ()
 

@@ -54,7 +54,7 @@ class ModelConfig:
     sample_subsets: bool = False  # first draw a non-empty subset of input modalities uniformly
     min_valid_fraction: float = 0.0  # tokens with fewer valid pixels (depth holes) are never visible
     loss_weights: dict[str, float] = field(default_factory=dict)  # per task, default 1
-    fp32_decoders: tuple[str, ...] = ("semseg",)  # decoders that run outside autocast
+    fp32_decoders: tuple[str, ...] | None = None  # decoders run outside autocast; None: those whose adapter asks
     # Finetuning head (None: pretraining model with masked decoders)
     head: str | None = None  # "convnext" | "dpt"
     task: str | None = None  # what the head predicts: "semseg" | "depth" | any modality name
@@ -68,8 +68,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.image_size = _pair(self.image_size)
-        for name in ("inputs", "outputs", "fp32_decoders", "main_inputs", "hooks", "layer_dims"):
+        for name in ("inputs", "outputs", "main_inputs", "hooks", "layer_dims"):
             setattr(self, name, tuple(getattr(self, name)))
+        if self.fp32_decoders is None:  # the adapters' choice (semseg: logits over many classes lose too much)
+            self.fp32_decoders = tuple(name for name in self.outputs if get_modality(name).fp32_decoder)
+        self.fp32_decoders = tuple(self.fp32_decoders)
         height, width = self.image_size
         if height < self.patch_size or width < self.patch_size:
             raise MmtkError(f"image size {height}x{width} px is smaller than one {self.patch_size} px patch; use at "
