@@ -337,3 +337,21 @@ def test_reliability_check_reports_declared_frames_the_file_does_not_hold(mmtk_f
         f["train/depth"].resize(2**40, axis=0)  # declared, never written: must not be read or allocated
     code, text = run_cli("check", mmtk_file)  # refused when the file is opened, from its metadata alone
     assert code == 2 and "/train/depth declares 1228800.0 TiB" in text and "the file stores 1.2 MiB" in text
+
+
+def test_reliability_input_hdf5_declaring_absurd_sizes_is_refused_before_reading(tmp_path):
+    """NYUv2's .mat and sparse-to-dense .h5 inputs are HDF5 too: a few KB may declare any shape."""
+    mat = tmp_path / "nyu" / "nyu_depth_v2_labeled.mat"
+    mat.parent.mkdir()
+    with h5py.File(mat, "w") as f:
+        f.create_dataset("images", shape=(1449, 3, 640, 480), dtype=np.uint8, chunks=(1, 3, 640, 480))
+        f.create_dataset("depths", shape=(1449, 640, 480), dtype=np.float32, chunks=(1, 640, 480))
+    line = refusal(*convert(mat.parent, tmp_path / "a.h5"))
+    assert "nyu_depth_v2_labeled.mat:images declares" in line and "download the file again" in line
+    folder = tmp_path / "s2d" / "train"
+    folder.mkdir(parents=True)
+    with h5py.File(folder / "00001.h5", "w") as f:
+        f.create_dataset("rgb", shape=(3, 16384, 16384), dtype=np.uint8, chunks=(1, 128, 128))
+        f.create_dataset("depth", shape=(16384, 16384), dtype=np.float32, chunks=(128, 128))
+    line = refusal(*convert(folder.parent, tmp_path / "b.h5", "--layout", "sparse-to-dense"))
+    assert "00001.h5:rgb declares" in line and "re-export the file" in line

@@ -61,8 +61,6 @@ def check_declared_sizes(handle: h5py.File, path: str | os.PathLike) -> None:
     :data:`MAX_COMPRESSION_RATIO` times the bytes it stores. Labels must be 8- or 16-bit unsigned.
     Only metadata is read.
     """
-    from mmtk.io import format_bytes
-
     fix = "re-create the file with `mmtk convert`"
     for group_name, group in _members(handle, path, "/"):
         if not isinstance(group, h5py.Group):
@@ -71,25 +69,33 @@ def check_declared_sizes(handle: h5py.File, path: str | os.PathLike) -> None:
             where = f"{path}:/{group_name}/{name}"
             if not isinstance(dataset, h5py.Dataset):
                 raise MmtkError(f"{where} is a {type(dataset).__name__}, not a dataset; {fix}")
-            if dataset.is_virtual or dataset.id.get_create_plist().get_external_count():
-                raise MmtkError(f"{where} keeps its data outside the file (virtual or external storage); "
-                                f"mmtk files hold their data inside; {fix}")
-            shape, itemsize = dataset.shape or (), dataset.dtype.itemsize
-            if any(side > MAX_IMAGE_SIDE for side in shape[1:]):
-                raise MmtkError(f"{where} declares shape {shape}: axes beyond {MAX_IMAGE_SIDE} px are implausible; "
-                                f"{fix}")
-            frame_bytes = int(np.prod(shape[1:], dtype=np.float64)) * itemsize
-            if frame_bytes > MAX_FRAME_BYTES:
-                raise MmtkError(f"{where} declares {format_bytes(frame_bytes)} per frame (shape {shape}), over "
-                                f"the {format_bytes(MAX_FRAME_BYTES)} limit; {fix}")
-            declared = float(np.prod(shape, dtype=np.float64)) * itemsize
-            stored = dataset.id.get_storage_size()
-            if (not name.endswith(PARTIAL_SUFFIX)
-                    and declared > stored * MAX_COMPRESSION_RATIO + UNSTORED_SLACK_BYTES):
-                raise MmtkError(f"{where} declares {format_bytes(declared)} (shape {shape}) but the file stores "
-                                f"{format_bytes(stored)} of it; the file is truncated or forged; {fix}")
+            check_dataset_size(dataset, where, fix, backed=not name.endswith(PARTIAL_SUFFIX))
             _check_layout(name.removesuffix(PARTIAL_SUFFIX), dataset, where, fix)
             _check_summaries(dataset, where, fix)
+
+
+def check_dataset_size(dataset: h5py.Dataset, where: str, fix: str, backed: bool = True) -> None:
+    """One HDF5 dataset (an mmtk file's or an input's, e.g. NYUv2's .mat) can be read frame by frame: its data
+    lives in the file, a frame (one index along axis 0) is at most :data:`MAX_FRAME_BYTES` with axes up to
+    :data:`MAX_IMAGE_SIDE`, and, when ``backed``, it declares at most :data:`MAX_COMPRESSION_RATIO` times the
+    bytes it stores. Only metadata is read."""
+    from mmtk.io import format_bytes
+
+    if dataset.is_virtual or dataset.id.get_create_plist().get_external_count():
+        raise MmtkError(f"{where} keeps its data outside the file (virtual or external storage); "
+                        f"mmtk reads data held inside; {fix}")
+    shape, itemsize = dataset.shape or (), dataset.dtype.itemsize
+    if any(side > MAX_IMAGE_SIDE for side in shape[1:]):
+        raise MmtkError(f"{where} declares shape {shape}: axes beyond {MAX_IMAGE_SIDE} px are implausible; {fix}")
+    frame_bytes = int(np.prod(shape[1:], dtype=np.float64)) * itemsize
+    if frame_bytes > MAX_FRAME_BYTES:
+        raise MmtkError(f"{where} declares {format_bytes(frame_bytes)} per frame (shape {shape}), over "
+                        f"the {format_bytes(MAX_FRAME_BYTES)} limit; {fix}")
+    declared = float(np.prod(shape, dtype=np.float64)) * itemsize
+    stored = dataset.id.get_storage_size()
+    if backed and declared > stored * MAX_COMPRESSION_RATIO + UNSTORED_SLACK_BYTES:
+        raise MmtkError(f"{where} declares {format_bytes(declared)} (shape {shape}) but the file stores "
+                        f"{format_bytes(stored)} of it; the file is truncated or forged; {fix}")
 
 
 def _check_summaries(dataset: h5py.Dataset, where: str, fix: str) -> None:

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from mmtk.data.values import check_plausible_metres, depth_percentiles
+from mmtk.data.dataset import check_dataset_size
 from mmtk.data.sources.base import (DEPTH_FORMATS, FORMAT_UNITS, IMAGE_SUFFIXES, ConvertOptions, DepthEncoding, Frame,
                                     RgbdSource, associate_by_time, decode_depth, find_intrinsics,
                                     looks_like_kinect_disparity, multiple_of_8_fraction, nyuv2_intrinsics, nyuv2_meta,
@@ -259,6 +260,8 @@ def _open_sparse_to_dense(src: Path, options: ConvertOptions) -> RgbdSource:
         for path in files:
             try:
                 with h5py.File(path, "r") as handle:
+                    for key in ("rgb", "depth"):  # declared sizes, before memory follows them
+                        check_dataset_size(handle[key], f"{path}:{key}", "re-export the file")
                     rgb, depth_units = handle["rgb"][()], handle["depth"][()]
             except (OSError, KeyError) as err:
                 raise MmtkError(f"{path} is corrupt, truncated or lacks rgb/depth ({err})") from None

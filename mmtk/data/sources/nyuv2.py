@@ -10,6 +10,7 @@ import numpy as np
 
 from mmtk.data.sources.base import (ConvertOptions, DepthEncoding, Frame, RgbdSource, decode_depth, nyuv2_intrinsics,
                                     nyuv2_meta)
+from mmtk.data.dataset import check_dataset_size
 from mmtk.errors import MmtkError
 
 NYU_MAT_NAME = "nyu_depth_v2_labeled.mat"
@@ -76,6 +77,9 @@ def open_nyu_mat(src: Path, options: ConvertOptions) -> RgbdSource:
         missing = [k for k in ("images", "depths") if k not in handle]
         if missing:
             raise MmtkError(f"{mat_path} lacks {', '.join(missing)}; is it nyu_depth_v2_labeled.mat?")
+        for key in ("images", "depths", "rawDepths", "labels"):  # declared sizes, before memory follows them
+            if key in handle and isinstance(handle[key], h5py.Dataset):
+                check_dataset_size(handle[key], f"{mat_path}:{key}", "download the file again")
         n_frames = int(handle["images"].shape[0])
         has_labels = "labels" in handle
         has_raw = "rawDepths" in handle
