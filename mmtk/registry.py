@@ -97,14 +97,18 @@ def config_from_weights(weights: Weights, name: str | None = None, **overrides: 
                             f"weights only fit that: drop the argument")
     notes = []
     if "num_heads" not in file and "num_heads" not in overrides:
-        named = [n for n in (name, weights.model_name) if n in MODEL_SIZES and MODEL_SIZES[n]["dim"] == file["dim"]]
-        file["num_heads"] = MODEL_SIZES[named[0]]["num_heads"] if named else max(file["dim"] // HEAD_DIM, 1)
-        notes.append(f"num_heads={file['num_heads']} assumed (width {file['dim']} / {HEAD_DIM}; the file does not "
-                     "record heads: if it was trained with others, pass num_heads=N, or record them once with "
-                     "`mmtk weights FILE --to DIR --set num_heads=N`)")
+        if weights.model_name in MODEL_SIZES and MODEL_SIZES[weights.model_name]["dim"] == file["dim"]:
+            file["num_heads"] = MODEL_SIZES[weights.model_name]["num_heads"]  # the size the file records says it
+        else:
+            named = [n for n in (name,) if n in MODEL_SIZES and MODEL_SIZES[n]["dim"] == file["dim"]]
+            file["num_heads"] = MODEL_SIZES[named[0]]["num_heads"] if named else max(file["dim"] // HEAD_DIM, 1)
+            notes.append(f"num_heads={file['num_heads']} assumed (width {file['dim']} / {HEAD_DIM}; the file does "
+                         "not record heads: if it was trained with others, pass num_heads=N, or record them once "
+                         "with `mmtk weights FILE --to DIR --set num_heads=N`)")
     if file.get("outputs") and "decoder_heads" not in file and "decoder_heads" not in overrides:
         file["decoder_heads"] = DECODER_HEADS
-        notes.append(f"decoder_heads={DECODER_HEADS} assumed (the official decoders')")
+        if weights.format != "mmtk":  # an mmtk file without it was trained with the default
+            notes.append(f"decoder_heads={DECODER_HEADS} assumed (the official decoders')")
     changed = [f"{key} {_show(file[key])} -> {_show(value)}" for key, value in overrides.items()
                if key in file and _plain(file[key]) != _plain(value)]
     if changed:
