@@ -301,8 +301,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, data_path:
     if not isinstance(values, dict):
         raise MmtkError(f"{source}: a recipe must be a YAML mapping, got {type(values).__name__}")
     apply_overrides(values, overrides or [])
-    if isinstance(values.get("plugins"), list):  # relative to the recipe file, wherever mmtk runs from
-        values["plugins"] = [str((path.parent / str(p)).resolve()) for p in values["plugins"]]
+    if isinstance(values.get("plugins"), list):  # relative to the recipe file (a shipped one's: to this folder)
+        base = Path(path).parent if Path(path).is_file() else Path.cwd()
+        values["plugins"] = [str((base / str(p)).resolve()) for p in values["plugins"]]
     if data_path is not None:
         values.setdefault("data", {})
         if not isinstance(values["data"], dict):

@@ -139,3 +139,17 @@ def test_ir_pretrains_finetunes_and_evaluates_through_the_cli(ir_setup):
     done = subprocess.run([*CLI, "eval", "--checkpoint", str(folder / "ft" / "last.pt"), "--data", str(data),
                            "--split", "all"], capture_output=True, text=True, env=ONE_THREAD_ENV)
     assert done.returncode == 2 and f"modality 'ir' from the plugin {plugin}; pass --plugin {plugin}" in done.stderr
+
+
+def test_recipe_plugins_are_relative_to_the_recipe_file(tmp_path, monkeypatch):
+    from mmtk.config import load_recipe
+    from mmtk.modality import list_modalities
+
+    folder = tmp_path / "robot"
+    folder.mkdir()
+    (folder / "thermal_adapter.py").write_text(IR_ADAPTER.replace('"ir"', '"thermal"').replace("Infrared", "Thermal"))
+    (folder / "my.yaml").write_text("kind: pretrain\nplugins: [thermal_adapter.py]\nmodel: {inputs: [rgb, thermal]}\n")
+    monkeypatch.chdir(tmp_path)  # not the recipe's folder
+    recipe = load_recipe(str(folder / "my.yaml"))
+    assert recipe.plugins == (str((folder / "thermal_adapter.py").resolve()),)
+    assert "thermal" in list_modalities() and recipe.model.inputs == ("rgb", "thermal")
