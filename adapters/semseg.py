@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from mmtk.data.resize import resize_labels
 from mmtk.data.transforms import flip_width
 from mmtk.data.values import check_label_ids
-from mmtk.errors import MmtkError
 from mmtk.modality import Modality, StoredArray, register_modality
 
 IGNORE_INDEX = 255

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mmtk.data.values import check_metric_values
 from mmtk.modality import register_modality
 from mmtk.adapters.depth import Depth
 
@@ -34,7 +35,9 @@ class XYZ(Depth):
     def load(self, read, window, image_size: tuple[int, int]) -> dict[str, Tensor]:
         from mmtk.data.resize import resize_depth
 
-        depth = torch.from_numpy(np.ascontiguousarray(read("depth"), dtype=np.float32))[None, None]
+        stored = read("depth")
+        check_metric_values("depth", stored)  # as Depth.load refuses corrupt values
+        depth = torch.from_numpy(np.ascontiguousarray(stored, dtype=np.float32))[None, None]
         depth, _ = resize_depth(depth, image_size)  # valid-aware resize of the crop, metres
         intrinsics = crop_intrinsics(np.asarray(read("intrinsics"), dtype=np.float64), window, image_size)
         xyz, valid = prepare_xyz_from_depth(depth[0, 0].numpy(), intrinsics)

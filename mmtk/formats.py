@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from mmtk.errors import MmtkError
+from mmtk.io import atomic_path, atomic_write_text
 from mmtk.layers import resize_pos_embed
 
 # (official regex, mmtk template), applied in order; the first match wins.
@@ -287,12 +287,8 @@ def write_safetensors(state: dict[str, Tensor], path: str | Path, model_name: st
         key = tensor.untyped_storage().data_ptr()
         tensors[name] = tensor.clone() if key in seen and tensor.numel() else tensor
         seen.add(key)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -354,9 +350,7 @@ def write_model_folder(state: dict[str, Tensor], folder: str | Path, model_name:
     config = {"model_type": CONFIG_TYPE, "architectures": [architecture], "model_name": model_name,
               "model_args": model_args}
     write_safetensors(state, folder / "model.safetensors", model_name, model_args)
-    tmp = folder / f".config.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, folder / "config.json")
+    atomic_write_text(folder / "config.json", json.dumps(config, indent=2))
     return folder
 
 

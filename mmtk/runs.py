@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from mmtk.errors import MmtkError
+from mmtk.io import atomic_write_text
 
 INDEX_ENTRIES = 200  # newest records kept
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -48,11 +49,9 @@ def record_run(run_dir: str | Path, cwd: str | Path | None = None) -> None:
     records = [r for r in _read_index() if r["run"] != run and Path(r["run"]).is_dir()]
     records = (records + [{"run": run, "cwd": where, "time": time.time()}])[-INDEX_ENTRIES:]
     path = index_path()
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, MmtkError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        tmp.replace(path)
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def run_checkpoint(run_dir: str | Path) -> Path | None:

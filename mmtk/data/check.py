@@ -120,7 +120,8 @@ def _value_check(name: str, dataset: h5py.Dataset) -> Callable[[np.ndarray], Non
     if stored.kind == "metric":
         def metric(value: np.ndarray) -> None:
             check_metric_values(name, value)
-            check_plausible_metres(name, value, "", fix="re-create the file with the right --depth-scale")
+            if stored.units == "m":  # (depth_pseudo may be relative)
+                check_plausible_metres(name, value, "", fix="re-create the file with the right --depth-scale")
         return metric
     if stored.kind == "labels":
         classes = len(json.loads(dataset.attrs["classes"])) if "classes" in dataset.attrs else 0

@@ -71,6 +71,13 @@ class MetricStats:
                 self.samples.append(sample)
                 self.kept += sample.size
 
+    def merge(self, other: "MetricStats") -> None:
+        """Add another split's statistics to these."""
+        self.valid, self.total = self.valid + other.valid, self.total + other.total
+        self.low, self.high = min(self.low, other.low), max(self.high, other.high)
+        self.samples += other.samples
+        self.kept += other.kept
+
     def attrs(self) -> dict[str, float]:
         values = np.concatenate(self.samples) if self.samples else np.zeros(1, np.float32)
         p01, median, p99 = (float(v) for v in np.percentile(values, [1, 50, 99]))
@@ -239,10 +246,7 @@ class H5Writer:
         merged: dict[str, MetricStats] = {}
         for stats in self._metric.values():
             for key, part in stats.items():
-                total = merged.setdefault(key, MetricStats())
-                total.valid, total.total = total.valid + part.valid, total.total + part.total
-                total.low, total.high = min(total.low, part.low), max(total.high, part.high)
-                total.samples += part.samples
+                merged.setdefault(key, MetricStats()).merge(part)
         return {key: stats.attrs() for key, stats in merged.items()}
 
     # -- internals -------------------------------------------------------------------------
