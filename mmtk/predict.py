@@ -202,21 +202,12 @@ def check_model_args(state: dict, path: str | os.PathLike) -> None:
     if count > held * WEIGHTS_SLACK + 2**18:
         raise MmtkError(f"{path}: model_args describe a model of {count:,} values ({format_bytes(needed)}) but the "
                         f"checkpoint holds {held:,}; the checkpoint is corrupt or forged")
-    free = available_memory()
+    from mmtk.engine import available_memory  # one answer to 'how much memory is free' (cgroup limits too)
+
+    free = available_memory(torch.device("cpu"))
     if free is not None and needed > free:
         raise MmtkError(f"{path}: the model needs {format_bytes(needed)} of memory but only {format_bytes(free)} "
                         f"are available; free memory or use a machine with more")
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux MemAvailable), or None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 @dataclass
