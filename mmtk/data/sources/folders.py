@@ -21,6 +21,7 @@ from mmtk.data.sources.base import (DEPTH_FORMATS, FORMAT_UNITS, IMAGE_SUFFIXES,
                                     RgbdSource, associate_by_time, decode_depth, find_intrinsics,
                                     looks_like_kinect_disparity, multiple_of_8_fraction, nyuv2_intrinsics, nyuv2_meta,
                                     read_depth, read_depth_units, read_image, read_rgb)
+from mmtk.data.sources.kinect_nyu import NyuRegistration
 from mmtk.data.sources.nyuv2 import NYU_MAT_NAME, nyu_mat_path, open_nyu_mat
 from mmtk.errors import MmtkError
 
@@ -477,9 +478,7 @@ def _open_paired(src: Path, options: ConvertOptions) -> RgbdSource:
     else:
         encoding = options.encoding(DepthEncoding())
         notes.append(f"depth read as {encoding.text} (given)")
-    if encoding.format == "kinect-disparity":
-        notes.append("raw Kinect depth is in the depth camera's frame, NOT registered to the colour image "
-                     "(registration needs the NYU toolbox's calibration)")
+    register = _kinect_registration(src, camera, notes) if encoding.format == "kinect-disparity" else None
     fix = _units_fix(first, encoding, "guessed" if guessed else "given", options)
     if guessed:
         check_plausible_metres("depth", decode_depth(first, encoding, depth[keys[0]]),
@@ -495,12 +494,27 @@ def _open_paired(src: Path, options: ConvertOptions) -> RgbdSource:
             if labels:
                 semseg = read_image(labels[key])
                 arrays["semseg"] = semseg[..., 0] if semseg.ndim == 3 else semseg
-            yield Frame("all", arrays, _frame_intrinsics(camera, arrays["rgb"]),
-                        frame_id=str(color[key].relative_to(src)))
+            intrinsics = _frame_intrinsics(camera, arrays["rgb"])
+            if register is not None:
+                arrays = register(arrays, color[key].relative_to(src))
+                intrinsics = register.calibration.rgb_matrix.astype(np.float32)
+            yield Frame("all", arrays, intrinsics, frame_id=str(color[key].relative_to(src)))
 
     kind = "guessed" if guessed else "given"
     return RgbdSource("paired", f"generic paired colour/depth folder (depth {encoding.text}, {kind})", len(keys),
                       _checked_frames(frames, options, guessed, fix), classes, notes)
+
+
+def _kinect_registration(src: Path, camera, notes: list[str]) -> NyuRegistration:
+    """The registration of raw Kinect v1 frames (NYU Depth v2 calibration), refused beside another camera file."""
+    if camera is not None:
+        raise MmtkError(f"{src}: raw Kinect disparity is registered to the colour image with the NYU Depth v2 "
+                        f"calibration, which brings its own intrinsics, but {camera.path.name} gives others; "
+                        f"move {camera.path.name} away, or convert the depth to millimetres first")
+    notes.append("raw Kinect depth registered to the colour image with the NYU Depth v2 toolbox calibration "
+                 "(camera_params.m): colour undistorted, each depth pixel projected into it (nearest wins, "
+                 "pixels no depth reaches = 0, invalid); intrinsics: the NYUv2 RGB camera")
+    return NyuRegistration()
 
 
 def _label_names(src: Path, options: ConvertOptions) -> list[str]:
