@@ -202,3 +202,43 @@ def edge_alignment(rgb: np.ndarray, depth: np.ndarray) -> float:
     magnitude = np.hypot(ndimage.sobel(grey, 0), ndimage.sobel(grey, 1))
     distance = ndimage.distance_transform_edt(magnitude <= np.percentile(magnitude, 90))
     return float((distance[jumps] <= 2).mean())
+
+
+# ---------------------------------------------------------------------------- the raw dump layout
+def raw_dump(folder, colour_time: float, depth_times: tuple[float, ...]) -> None:
+    """A scene folder as the NYUv2 raw release has it, made of the real frame: r-TIME-N.ppm, d-TIME-N.pgm,
+    an accelerometer a-TIME-N.dump and INDEX.txt."""
+    src = shared(RAW)
+    folder.mkdir(parents=True)
+    shutil.copy(src / "NYU_color.ppm", folder / f"r-{colour_time:.6f}-2857868057.ppm")
+    for number, t in enumerate(depth_times):
+        shutil.copy(src / "NYU_depth.pgm", folder / f"d-{t:.6f}-{2858826299 + number}.pgm")
+    (folder / f"a-{colour_time:.6f}-2857868000.dump").write_bytes(b"\0" * 16)
+    (folder / "INDEX.txt").write_text("\n".join(p.name for p in sorted(folder.iterdir())))
+
+
+def test_raw_dumps_pair_each_depth_frame_with_the_nearest_colour_frame_and_register_it(tmp_path, registered):
+    _, _, rgb_out, depth_out = registered
+    scene = tmp_path / "basement_0001a"
+    raw_dump(scene, 1294439283.377657, (1294439283.392217, 1294439283.512217))  # 15 ms and 135 ms away
+    code, text = run_cli("convert", "--rgbd", scene, tmp_path / "one.h5", "--no-progress")
+    assert code == 0 and "layout: nyuv2-raw" in text and "registered to the colour image" in text, text
+    assert "skipped 1 depth frames in basement_0001a/ without a colour frame within 33 ms" in text
+    with h5py.File(tmp_path / "one.h5") as f:
+        np.testing.assert_array_equal(f["all/depth"][0], depth_out)
+        np.testing.assert_array_equal(f["all/rgb"][0], rgb_out)
+        np.testing.assert_allclose(f["all/intrinsics"][0], nyuv2_intrinsics())
+        assert f["all/timestamp"][0] == pytest.approx(1294439283.392217, abs=1e-6)  # the depth frame's time
+        assert f["all/frame_id"][0].decode() == "d-1294439283.392217-2858826299.pgm"
+
+    raw_dump(tmp_path / "scenes" / "bedroom_0001", 10.0, (10.01,))
+    raw_dump(tmp_path / "scenes" / "kitchen_0002", 20.0, (19.99,))
+    code, text = run_cli("convert", "--rgbd", tmp_path / "scenes", tmp_path / "two.h5", "--no-progress")
+    assert code == 0 and "2 raw Kinect dump(s)" in text, text
+    with h5py.File(tmp_path / "two.h5") as f:
+        assert [i.decode() for i in f["all/frame_id"][()]] == ["bedroom_0001/d-10.010000-2858826299.pgm",
+                                                              "kitchen_0002/d-19.990000-2858826299.pgm"]
+
+    code, text = run_cli("convert", "--rgbd", scene, tmp_path / "mm.h5", "--no-progress", "--depth-format", "mm")
+    line = text.split("error: ", 1)[1].strip()
+    assert code == 2 and "\n" not in line and "raw Kinect disparity" in line and not (tmp_path / "mm.h5").exists()
