@@ -143,8 +143,10 @@ class NyuRegistration:
         Nearest point wins where several land on one pixel; pixels none reaches are 0 (invalid)."""
         valid = depth > 0
         points = self._depth_rays[valid] * depth[valid, None].astype(np.float64)  # [N, 3] depth camera frame
-        cloud = PointCloud(points).transformed(self.calibration.depth_to_rgb, "rgb")
-        return project_points(cloud, self.calibration.rgb_matrix, self.calibration.size).depth
+        motion = self.calibration.depth_to_rgb
+        in_rgb = points @ motion[:3, :3].T + motion[:3, 3]  # [N, 3] colour camera frame
+        return project_points(PointCloud(in_rgb, frame_id="rgb"), self.calibration.rgb_matrix,
+                              self.calibration.size).depth
 
     def __call__(self, arrays: dict[str, np.ndarray], where: object) -> dict[str, np.ndarray]:
         """A raw frame's arrays -> registered ones: "rgb" (uint8, distorted) undistorted, "depth" (metres, depth
