@@ -22,6 +22,7 @@ from mmtk.data.sources.base import (DEPTH_FORMATS, FORMAT_UNITS, IMAGE_SUFFIXES,
                                     RgbdSource, associate_by_time, decode_depth, find_intrinsics,
                                     looks_like_kinect_disparity, multiple_of_8_fraction, nyuv2_intrinsics, nyuv2_meta,
                                     read_depth, read_depth_units, read_image, read_rgb)
+from mmtk.data.sources.base import IntrinsicsFile
 from mmtk.data.sources.kinect_nyu import NyuRegistration
 from mmtk.data.sources.nyuv2 import NYU_MAT_NAME, nyu_mat_path, open_nyu_mat
 from mmtk.errors import MmtkError
@@ -423,13 +424,13 @@ def _open_nyu_raw(src: Path, options: ConvertOptions) -> RgbdSource:
                         f"{encoding.text}; drop --depth-format/--depth-scale, or rename the files for --layout paired")
     notes = ["pairs: each depth frame with the nearest colour frame in time (the NYU toolbox's "
              "get_synched_frames.m); accelerometer a-*.dump files are not converted"]
-    rows = [(scene, row) for scene in _nyu_raw_scenes(src) for row in _nyu_raw_pairs(scene, notes)]
+    rows = [row for scene in _nyu_raw_scenes(src) for row in _nyu_raw_pairs(scene, notes)]
     if not rows:
         raise MmtkError(f"{src}: no depth frame has a colour frame within {NYU_RAW_MAX_DT_S * 1000:.0f} ms")
     register = _kinect_registration(src, None, notes)
 
     def frames() -> Iterator[Frame]:
-        for scene, (stamp, colour, depth) in rows:
+        for stamp, colour, depth in rows:
             arrays = register({"rgb": read_rgb(colour), "depth": read_depth(depth, encoding)}, depth.relative_to(src))
             yield Frame("all", arrays, register.calibration.rgb_matrix.astype(np.float32), stamp,
                         str(depth.relative_to(src)))
@@ -581,7 +582,7 @@ def _open_paired(src: Path, options: ConvertOptions) -> RgbdSource:
                       _checked_frames(frames, options, guessed, fix), classes, notes)
 
 
-def _kinect_registration(src: Path, camera, notes: list[str]) -> NyuRegistration:
+def _kinect_registration(src: Path, camera: IntrinsicsFile | None, notes: list[str]) -> NyuRegistration:
     """The registration of raw Kinect v1 frames (NYU Depth v2 calibration), refused beside another camera file."""
     if camera is not None:
         raise MmtkError(f"{src}: raw Kinect disparity is registered to the colour image with the NYU Depth v2 "
