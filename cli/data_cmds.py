@@ -37,7 +37,7 @@ def convert(
                                               "whose units were not given: indoor (0.2-12 m, default), outdoor "
                                               "(0.5-120 m), lidar (0.3-250 m) or MIN-MAX metres."),
     layout: Optional[str] = typer.Option(None, "--layout", help="--rgbd: use this layout instead of detecting one: "
-                                         "nyuv2-mat, multimae, bts-sync, sparse-to-dense, tum, paired."),
+                                         "nyuv2-mat, multimae, bts-sync, sparse-to-dense, tum, nyuv2-raw, paired."),
     size: Optional[str] = typer.Option(None, "--size", help="Resize on the way in, HxW pixels (e.g. 240x320); "
                                        "--images: default the first image's size, others resized to cover and "
                                        "centre-cropped."),

@@ -1,4 +1,5 @@
-"""Folder layouts of RGB-D datasets: MultiMAE, BTS sync, sparse-to-dense, TUM, generic (and NYUv2 .mat, detected here).
+"""Folder layouts of RGB-D datasets: MultiMAE, BTS sync, sparse-to-dense, TUM, NYUv2 raw Kinect dumps, generic
+(and NYUv2 .mat, detected here).
 
 :func:`open_rgbd_source` detects the layout of a path and returns an :class:`RgbdSource` whose
 ``frames()`` generator streams :class:`Frame` objects in metres (one frame in memory at a time).
@@ -21,6 +22,8 @@ from mmtk.data.sources.base import (DEPTH_FORMATS, FORMAT_UNITS, IMAGE_SUFFIXES,
                                     RgbdSource, associate_by_time, decode_depth, find_intrinsics,
                                     looks_like_kinect_disparity, multiple_of_8_fraction, nyuv2_intrinsics, nyuv2_meta,
                                     read_depth, read_depth_units, read_image, read_rgb)
+from mmtk.data.sources.base import IntrinsicsFile
+from mmtk.data.sources.kinect_nyu import NyuRegistration
 from mmtk.data.sources.nyuv2 import NYU_MAT_NAME, nyu_mat_path, open_nyu_mat
 from mmtk.errors import MmtkError
 
@@ -39,6 +42,7 @@ SUPPORTED_LAYOUTS = {
     "bts-sync": "BTS/sync: rgb_XXXXX.jpg + sync_depth_XXXXX.png (uint16 mm)",
     "sparse-to-dense": "sparse-to-dense: *.h5 files with rgb [3,H,W] and depth [H,W] in metres",
     "tum": "TUM RGB-D: rgb/ and depth/ with timestamp names (depth 5000/m), optional associations.txt",
+    "nyuv2-raw": "NYUv2 raw Kinect dumps: r-TIME-N.ppm + d-TIME-N.pgm (disparity), one scene or scene folders",
     "paired": "generic: color/depth (+label) folders with matching names, or files named *color*/*depth*",
 }
 
@@ -362,6 +366,80 @@ def _open_tum(src: Path, options: ConvertOptions) -> RgbdSource:
     return RgbdSource("tum", f"TUM RGB-D folder (depth {encoding.text})", len(rows), frames, None, notes)
 
 
+# ---------------------------------------------------------------------------------- NYUv2 raw Kinect dumps
+_NYU_RAW_NAME = re.compile(r"^([rd])-(\d+(?:\.\d+)?)-\d+\.(ppm|pgm)$")  # r-1294439283.377657-2857868057.ppm
+NYU_RAW_DEPTH = DepthEncoding("kinect-disparity")
+NYU_RAW_MAX_DT_S = 1 / 30  # one Kinect frame period: a farther colour frame shows another moment
+
+
+def _nyu_raw_files(folder: Path) -> tuple[dict[float, Path], dict[float, Path]]:
+    """Colour (r-*.ppm) and depth (d-*.pgm) files of one raw scene dump by their time (s, from the name)."""
+    found: dict[str, dict[float, Path]] = {"r": {}, "d": {}}
+    for path in sorted(folder.iterdir()):
+        match = _NYU_RAW_NAME.match(path.name)
+        if match and path.is_file() and (match[1], match[3]) in (("r", "ppm"), ("d", "pgm")):
+            found[match[1]][float(match[2])] = path
+    return found["r"], found["d"]
+
+
+def _nyu_raw_scenes(src: Path) -> list[Path]:
+    """``src`` itself when it is one scene dump, else its sub-folders that are."""
+    if not src.is_dir():
+        return []
+    if all(_nyu_raw_files(src)):
+        return [src]
+    return [sub for sub in sorted(src.iterdir()) if sub.is_dir() and all(_nyu_raw_files(sub))]
+
+
+def _is_nyu_raw(src: Path) -> str | None:
+    scenes = _nyu_raw_scenes(src)
+    if not scenes:
+        return None
+    example = next(iter(_nyu_raw_files(scenes[0])[1].values()))
+    return f"{len(scenes)} raw Kinect dump(s) of r-*.ppm and d-*.pgm files (e.g. {example.relative_to(src)})"
+
+
+def _nyu_raw_pairs(scene: Path, notes: list[str]) -> list[tuple[float, Path, Path]]:
+    """(depth time, colour, depth) per depth frame with the nearest colour frame in time, as the NYU toolbox's
+    get_synched_frames.m pairs them (a colour frame may serve two depth frames), within one frame period."""
+    colour, depth = _nyu_raw_files(scene)
+    colour_t = np.array(sorted(colour))
+    rows, far = [], []
+    for t, path in sorted(depth.items()):
+        after = int(np.searchsorted(colour_t, t))
+        nearest = min((colour_t[i] for i in (after - 1, after) if 0 <= i < len(colour_t)), key=lambda c: abs(c - t))
+        if abs(nearest - t) <= NYU_RAW_MAX_DT_S:
+            rows.append((t, colour[nearest], path))
+        else:
+            far.append(path.name)
+    _report_unpaired(notes, f"depth frames in {scene.name}/ without a colour frame within "
+                            f"{NYU_RAW_MAX_DT_S * 1000:.0f} ms", far)
+    return rows
+
+
+def _open_nyu_raw(src: Path, options: ConvertOptions) -> RgbdSource:
+    encoding = options.encoding(NYU_RAW_DEPTH)
+    if encoding.format != NYU_RAW_DEPTH.format:
+        raise MmtkError(f"{src}: NYUv2 raw dumps hold raw Kinect disparity, but the depth was given as "
+                        f"{encoding.text}; drop --depth-format/--depth-scale, or rename the files for --layout paired")
+    notes = ["pairs: each depth frame with the nearest colour frame in time (the NYU toolbox's "
+             "get_synched_frames.m); accelerometer a-*.dump files are not converted"]
+    rows = [row for scene in _nyu_raw_scenes(src) for row in _nyu_raw_pairs(scene, notes)]
+    if not rows:
+        raise MmtkError(f"{src}: no depth frame has a colour frame within {NYU_RAW_MAX_DT_S * 1000:.0f} ms")
+    register = _kinect_registration(src, None, notes)
+
+    def frames() -> Iterator[Frame]:
+        for stamp, colour, depth in rows:
+            arrays = register({"rgb": read_rgb(colour), "depth": read_depth(depth, encoding)}, depth.relative_to(src))
+            yield Frame("all", arrays, register.calibration.rgb_matrix.astype(np.float32), stamp,
+                        str(depth.relative_to(src)))
+
+    frames = _checked_frames(frames, options, not _units_given(options),
+                             _units_fix(None, encoding, "the layout's units", options))
+    return RgbdSource("nyuv2-raw", f"NYUv2 raw Kinect dumps (depth {encoding.text})", len(rows), frames, None, notes)
+
+
 # ---------------------------------------------------------------------------------- generic paired
 _COLOR_DIRS = ("rgb", "color", "colour", "image", "images")
 _DEPTH_DIRS = ("depth",)
@@ -477,9 +555,7 @@ def _open_paired(src: Path, options: ConvertOptions) -> RgbdSource:
     else:
         encoding = options.encoding(DepthEncoding())
         notes.append(f"depth read as {encoding.text} (given)")
-    if encoding.format == "kinect-disparity":
-        notes.append("raw Kinect depth is in the depth camera's frame, NOT registered to the colour image "
-                     "(registration needs the NYU toolbox's calibration)")
+    register = _kinect_registration(src, camera, notes) if encoding.format == "kinect-disparity" else None
     fix = _units_fix(first, encoding, "guessed" if guessed else "given", options)
     if guessed:
         check_plausible_metres("depth", decode_depth(first, encoding, depth[keys[0]]),
@@ -495,12 +571,27 @@ def _open_paired(src: Path, options: ConvertOptions) -> RgbdSource:
             if labels:
                 semseg = read_image(labels[key])
                 arrays["semseg"] = semseg[..., 0] if semseg.ndim == 3 else semseg
-            yield Frame("all", arrays, _frame_intrinsics(camera, arrays["rgb"]),
-                        frame_id=str(color[key].relative_to(src)))
+            intrinsics = _frame_intrinsics(camera, arrays["rgb"])
+            if register is not None:
+                arrays = register(arrays, color[key].relative_to(src))
+                intrinsics = register.calibration.rgb_matrix.astype(np.float32)
+            yield Frame("all", arrays, intrinsics, frame_id=str(color[key].relative_to(src)))
 
     kind = "guessed" if guessed else "given"
     return RgbdSource("paired", f"generic paired colour/depth folder (depth {encoding.text}, {kind})", len(keys),
                       _checked_frames(frames, options, guessed, fix), classes, notes)
+
+
+def _kinect_registration(src: Path, camera: IntrinsicsFile | None, notes: list[str]) -> NyuRegistration:
+    """The registration of raw Kinect v1 frames (NYU Depth v2 calibration), refused beside another camera file."""
+    if camera is not None:
+        raise MmtkError(f"{src}: raw Kinect disparity is registered to the colour image with the NYU Depth v2 "
+                        f"calibration, which brings its own intrinsics, but {camera.path.name} gives others; "
+                        f"move {camera.path.name} away, or convert the depth to millimetres first")
+    notes.append("raw Kinect depth registered to the colour image with the NYU Depth v2 toolbox calibration "
+                 "(camera_params.m): colour undistorted, each depth pixel projected into it (nearest wins, "
+                 "pixels no depth reaches = 0, invalid); intrinsics: the NYUv2 RGB camera")
+    return NyuRegistration()
 
 
 def _label_names(src: Path, options: ConvertOptions) -> list[str]:
@@ -521,5 +612,6 @@ _LAYOUTS: dict[str, tuple[Callable[[Path], str | None], Callable[[Path, ConvertO
     "bts-sync": (_is_bts, _open_bts),
     "sparse-to-dense": (_is_sparse_to_dense, _open_sparse_to_dense),
     "tum": (_is_tum, _open_tum),
+    "nyuv2-raw": (_is_nyu_raw, _open_nyu_raw),
     "paired": (_is_paired, _open_paired),
 }
