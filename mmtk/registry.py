@@ -130,10 +130,65 @@ def _model_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         return {name: tuple(t.shape) for name, t in build_model(config).state_dict().items()}
 
 
-def _check_complete(weights: Weights, config: ModelConfig) -> None:
+# Plausible bounds of what a weights file says its model is, checked before anything is built from it (a
+# 17 KB file must not make mmtk allocate 51 GB). Generous: MultiMAE-L is dim 1024, depth 24, 16 heads.
+MODEL_ARG_LIMITS = {"dim": 16384, "depth": 256, "num_heads": 512, "patch_size": 512, "num_global_tokens": 1024,
+                    "num_classes": 65535, "decoder_dim": 16384, "decoder_depth": 64, "decoder_heads": 512,
+                    "num_visible": 1 << 20, "convnext_dim": 1 << 17, "convnext_depth": 64, "preds_per_patch": 1 << 16,
+                    "dpt_dim": 16384, "mlp_ratio": 64, "image_size": 16384, "layer_dims": 16384, "hooks": 256}
+MAX_LIST_LENGTH = 64
+WEIGHTS_SLACK = 1.05  # parameters and buffers a file may lack (e.g. recomputed buffers)
+
+
+def _check_plausible(weights: Weights) -> None:
+    """Every size the file records (model_args) or implies (tensor names) is within MODEL_ARG_LIMITS."""
+    for key, value in weights.config.items():
+        where = f"model_args.{key}" if key in weights.recorded else f"{key} (read from its tensors)"
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if len(values) > MAX_LIST_LENGTH:
+            raise MmtkError(f"{weights.source}: {where} has {len(values)} entries; at most {MAX_LIST_LENGTH} are "
+                            f"plausible, the checkpoint is corrupt or forged")
+        limit = MODEL_ARG_LIMITS.get(key)
+        if limit is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= limit
+                                         for v in values):
+            raise MmtkError(f"{weights.source}: {where} = {value!r} is outside the plausible 0..{limit}; the "
+                            f"checkpoint is corrupt or forged")
+
+
+def _file_model(weights: Weights) -> tuple[ModelConfig, dict[str, tuple[int, ...]]]:
+    """The model a weights file describes and its tensor shapes, refused in one line, before any allocation,
+    when the file's sizes are implausible, do not build, describe more values than the file holds, lack a
+    tensor, or need more memory than is available. Built once, on the meta device."""
+    from mmtk.io import available_ram, format_bytes
+
+    _check_plausible(weights)
+    what = "model_args" if weights.recorded else "tensors"
+    try:
+        config, _ = config_from_weights(weights)
+        with torch.device("meta"):
+            model = build_model(config)
+    except Exception as err:  # sizes from a file: any failure to build is the file's fault
+        detail = str(err) if isinstance(err, MmtkError) else f"{type(err).__name__}: {err}"
+        raise MmtkError(f"{weights.source}: its {what} do not describe a model ({detail})") from None
+    tensors = [*model.parameters(), *model.buffers()]
+    count = sum(t.numel() for t in tensors)
+    needed = sum(t.numel() * t.element_size() for t in tensors)
+    held = sum(t.numel() for t in weights.state.values() if isinstance(t, torch.Tensor))
+    if count > held * WEIGHTS_SLACK + 2**18:
+        raise MmtkError(f"{weights.source}: {what} describe a model of {count:,} values ({format_bytes(needed)}) but "
+                        f"the file holds {held:,}; the checkpoint is corrupt or forged")
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    _check_complete(weights, shapes)
+    free = available_ram()
+    if needed > free:
+        raise MmtkError(f"{weights.source}: the model needs {format_bytes(needed)} of memory but only "
+                        f"{format_bytes(free)} are available; free memory or use a machine with more")
+    return config, shapes
+
+
+def _check_complete(weights: Weights, shapes: dict[str, tuple[int, ...]]) -> None:
     """The file holds every tensor of the model it describes (else that model would be partly random)."""
-    lacking = [k for k, shape in _model_tensors(config).items()
-               if k not in weights.state or tuple(weights.state[k].shape) != shape]
+    lacking = [k for k, shape in shapes.items() if k not in weights.state or tuple(weights.state[k].shape) != shape]
     if lacking:
         raise MmtkError(f"{weights.source} lacks {len(lacking)} tensor(s) of the model it describes, or holds them "
                         f"in other shapes ({', '.join(lacking[:4])}{' ...' if len(lacking) > 4 else ''}): the file is "
@@ -147,8 +202,7 @@ def describe_weights(source: str | Path | dict | Weights, **overrides: Any) -> t
     would change a tensor is refused, since a conversion makes no new parameters.
     """
     weights = read_weights(source)
-    own, _ = config_from_weights(weights)
-    _check_complete(weights, own)
+    own, _ = _file_model(weights)
     config, notes = config_from_weights(weights, **overrides)
     if _model_tensors(config) != _model_tensors(own):
         raise MmtkError(f"{', '.join(f'{k}={v}' for k, v in overrides.items())} changes the tensors of the model "
@@ -200,8 +254,7 @@ def create_model(name: str | None = None, pretrained: str | Path | dict | Weight
             raise MmtkError(f"give a model name ({', '.join(MODEL_SIZES)}) or pretrained=WEIGHTS")
         return build_model(model_config(name, **overrides))
     weights = read_weights(pretrained)
-    own, _ = config_from_weights(weights, None)
-    _check_complete(weights, own)
+    _file_model(weights)
     config, notes = config_from_weights(weights, name, **overrides)
     model = build_model(config)
     report = load_weights(model, weights)
