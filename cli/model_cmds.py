@@ -51,7 +51,7 @@ def weights(
     from mmtk.engine import save_checkpoint
     from mmtk.errors import MmtkError
     from mmtk.formats import mmtk_to_official, write_model_folder, write_safetensors
-    from mmtk.registry import describe_weights, model_tensors, size_name
+    from mmtk.registry import describe_weights, size_name
 
     overrides = {}
     for text in set_:
@@ -59,8 +59,7 @@ def weights(
         if len(keys) != 1:
             raise MmtkError(f"--set {text!r}: a model option, e.g. --set num_heads=4")
         overrides[keys[0]] = value
-    found, config, notes = describe_weights(checkpoint, **overrides)
-    state = model_tensors(found, config)
+    found, config, state, notes = describe_weights(checkpoint, **overrides)
     count = sum(t.numel() for t in state.values())
     name = found.model_name or size_name(config) or "custom"
     typer.echo(f"{checkpoint}: format {found.format}, {len(state)} tensors, {count / 1e6:.2f} million values")

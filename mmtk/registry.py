@@ -195,24 +195,22 @@ def _check_complete(weights: Weights, shapes: dict[str, tuple[int, ...]]) -> Non
                         "incomplete or inconsistent")
 
 
-def describe_weights(source: str | Path | dict | Weights, **overrides: Any) -> tuple[Weights, ModelConfig, list[str]]:
-    """A weights file, the model it describes and the notes on what was assumed, without building the model.
+def describe_weights(source: str | Path | dict | Weights, **overrides: Any
+                     ) -> tuple[Weights, ModelConfig, dict[str, torch.Tensor], list[str]]:
+    """A weights file, the model it describes, the file's tensors that model uses (mmtk names, the model's
+    order) and the notes on what was assumed, without building the model (shapes only, on the meta device:
+    once, and once more only when `overrides` change the config).
 
     `overrides` may only state what the file cannot (attention heads, training settings): an override that
     would change a tensor is refused, since a conversion makes no new parameters.
     """
     weights = read_weights(source)
-    own, _ = _file_model(weights)
+    own, shapes = _file_model(weights)
     config, notes = config_from_weights(weights, **overrides)
-    if _model_tensors(config) != _model_tensors(own):
+    if config != own and _model_tensors(config) != shapes:
         raise MmtkError(f"{', '.join(f'{k}={v}' for k, v in overrides.items())} changes the tensors of the model "
                         f"{weights.source} holds; a conversion only records what the file cannot say (e.g. num_heads)")
-    return weights, config, notes
-
-
-def model_tensors(weights: Weights, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The file's tensors the model uses, in mmtk names and in the model's order (unused names dropped)."""
-    return {name: weights.state[name] for name in _model_tensors(config)}
+    return weights, config, {name: weights.state[name] for name in shapes}, notes
 
 
 def _fresh_summary(missing: list[str], names: list[str]) -> str:

@@ -86,3 +86,22 @@ def test_finetune_init_and_weights_refuse_forged_model_args_in_one_line(tmp_path
     code, output = invoke("weights", _checkpoint(tmp_path / "big.pt", dim=8192, depth=48, num_heads=16))
     assert code == 2 and "model_args describe a model of" in _one_error_line(output)
     assert _max_rss_bytes() - before < 200 * 2**20
+
+
+def test_describe_weights_builds_the_meta_model_once(tmp_path, monkeypatch):
+    import mmtk.registry as registry
+
+    path = _checkpoint(tmp_path / "tiny.pt")
+    builds = []
+    build = registry.build_model
+    monkeypatch.setattr(registry, "build_model", lambda config: builds.append(config) or build(config))
+    weights, config, tensors, notes = registry.describe_weights(path)
+    assert len(builds) == 1 and builds[0] == config
+    assert list(tensors) == list(mmtk.create_model("multimae-tiny", verbose=False, **ARGS).state_dict())
+    builds.clear()
+    code, output = invoke("weights", path, "--to", tmp_path / "folder")
+    assert code == 0 and len(builds) == 1, output
+    builds.clear()  # an override that changes no tensor costs one more build (of the changed config), not three
+    assert registry.describe_weights(path, num_visible=10)[1].num_visible == 10 and len(builds) == 2
+    with pytest.raises(mmtk.MmtkError, match="changes the tensors of the model"):
+        registry.describe_weights(path, decoder_dim=16)
