@@ -15,7 +15,7 @@ import numpy as np
 
 from mmtk.errors import MmtkError
 from mmtk.io import atomic_write
-from mmtk.visualize import colorize_depth, colorize_labels, label_palette
+from mmtk.visualize import colorize_depth, label_palette
 
 if TYPE_CHECKING:
     import torch
@@ -278,11 +278,13 @@ def write_prediction(out_dir: Path, stem: str, rgb: np.ndarray, prediction: Pred
         array_name = f"{stem}_depth.npy" if metric else f"{stem}_depth_relative.npy"
         save_array(out_dir / array_name, prediction.depth)
         written += [out_dir / f"{stem}_depth.png", out_dir / array_name]
+    label_colours = None  # uint8 [H, W, 3], the picture's colours, which the point cloud reuses
     if prediction.semseg is not None:
         palette = label_palette(max(prediction.num_classes + 1, int(prediction.semseg.max()) + 1))
+        label_colours = palette[prediction.semseg]
         present = [int(k) - 1 for k in np.unique(prediction.semseg) if k > 0]
         legend = class_legend(prediction.semseg.shape[1], palette, present, prediction.class_names)
-        save_image(out_dir / f"{stem}_semseg.png", np.concatenate([palette[prediction.semseg], legend]))
+        save_image(out_dir / f"{stem}_semseg.png", np.concatenate([label_colours, legend]))
         save_image(out_dir / f"{stem}_semseg_labels.png", prediction.semseg.astype(np.uint16))
         written += [out_dir / f"{stem}_semseg.png", out_dir / f"{stem}_semseg_labels.png"]
     if ply:
@@ -292,7 +294,7 @@ def write_prediction(out_dir: Path, stem: str, rgb: np.ndarray, prediction: Pred
                             "(a pretrained MultiMAE predicts relative depth only)")
         if intrinsics is None:
             raise MmtkError("--ply needs the camera intrinsics: pass --intrinsics fx,fy,cx,cy")
-        colors = rgb if prediction.semseg is None else colorize_labels(prediction.semseg, prediction.num_classes + 1)
+        colors = rgb if label_colours is None else label_colours
         write_cloud(out_dir / f"{stem}.ply", depth_to_cloud(metric, intrinsics, colors), sweep=False)
         written.append(out_dir / f"{stem}.ply")
     return written
