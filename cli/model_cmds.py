@@ -19,11 +19,13 @@ def models() -> None:
 
     import mmtk
 
-    table = Table(title="mmtk models (pretraining: rgb, depth, semseg in; rgb, norm_rgb, depth, semseg out; 40 classes)")
+    configs = {name: mmtk.model_config(name) for name in mmtk.list_models()}
+    modalities = dict.fromkeys((config.inputs, config.outputs) for config in configs.values())  # as they declare
+    pretraining = "; ".join(f"{', '.join(inputs)} in; {', '.join(outputs)} out" for inputs, outputs in modalities)
+    table = Table(title=f"mmtk models (pretraining: {pretraining}; 40 classes)")
     for column in ("name", "width", "blocks", "heads", "parameters (millions)"):
         table.add_column(column, justify="left" if column == "name" else "right")
-    for name in mmtk.list_models():
-        config = mmtk.model_config(name)
+    for name, config in configs.items():
         with torch.device("meta"):  # shapes only: no memory, no init
             model = mmtk.build_model(config)
         count = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -13,13 +13,20 @@ from mmtk.errors import MmtkError
 from mmtk.formats import Weights, default_hooks, load_weights, read_weights
 from mmtk.multimae import DenseModel, ModelConfig, MultiMAE
 
-# ViT sizes (DeiT/ViT naming); MultiMAE-B is "multimae-base".
-MODEL_SIZES: dict[str, dict[str, Any]] = {
-    "multimae-tiny": dict(dim=192, depth=12, num_heads=3),
-    "multimae-small": dict(dim=384, depth=12, num_heads=6),
-    "multimae-base": dict(dim=768, depth=12, num_heads=12),
-    "multimae-large": dict(dim=1024, depth=24, num_heads=16),
+# The modalities of MultiMAE (Bachmann et al., ECCV 2022; official cfg multimae-b_98_rgb+-depth-semseg_1600e):
+# in_domains rgb-depth-semseg, out_domains the same plus extra_norm_pix_loss (norm_rgb); the finetuning heads
+# read the RGB tokens (decoder_main_tasks rgb).
+PAPER_MODALITIES: dict[str, tuple[str, ...]] = dict(
+    inputs=("rgb", "depth", "semseg"), outputs=("rgb", "norm_rgb", "depth", "semseg"), main_inputs=("rgb",))
+# The named models: a ViT size (DeiT/ViT naming) and the modalities it is pretrained on. MultiMAE-B is
+# "multimae-base"; the model code itself names no modality.
+NAMED_MODELS: dict[str, dict[str, Any]] = {
+    "multimae-tiny": dict(dim=192, depth=12, num_heads=3, **PAPER_MODALITIES),
+    "multimae-small": dict(dim=384, depth=12, num_heads=6, **PAPER_MODALITIES),
+    "multimae-base": dict(dim=768, depth=12, num_heads=12, **PAPER_MODALITIES),
+    "multimae-large": dict(dim=1024, depth=24, num_heads=16, **PAPER_MODALITIES),
 }
+SIZE_KEYS = ("dim", "depth", "num_heads")  # what tells the sizes apart
 # What a weights file fixes and no argument can change: the encoder's trunk.
 TRUNK = ("dim", "depth", "mlp_ratio", "patch_size", "num_global_tokens")
 HEAD_DIM = 64  # width per attention head of every released ViT and MultiMAE (heads are not in the shapes)
@@ -28,13 +35,14 @@ DECODER_HEADS = 8  # the official MultiMAE decoders'
 
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model`."""
-    return list(MODEL_SIZES)
+    return list(NAMED_MODELS)
 
 
-def _sizes(name: str) -> dict[str, Any]:
-    if name not in MODEL_SIZES:
-        raise MmtkError(f"unknown model '{name}'; choose one of {', '.join(MODEL_SIZES)}")
-    return MODEL_SIZES[name]
+def named_model(name: str) -> dict[str, Any]:
+    """The :class:`ModelConfig` fields a named model declares: its size and its modalities."""
+    if name not in NAMED_MODELS:
+        raise MmtkError(f"unknown model '{name}'; choose one of {', '.join(NAMED_MODELS)}")
+    return NAMED_MODELS[name]
 
 
 def _check_options(options: dict[str, Any]) -> None:
@@ -47,7 +55,7 @@ def _check_options(options: dict[str, Any]) -> None:
 def model_config(name: str, **overrides: Any) -> ModelConfig:
     """The config of a named model with `overrides` applied (any :class:`ModelConfig` field)."""
     _check_options(overrides)
-    values = {**_sizes(name), **overrides}
+    values = {**named_model(name), **overrides}
     if values.get("head") == "dpt" and "hooks" not in values:
         values["hooks"] = default_hooks(values.get("depth", ModelConfig.depth))
     return ModelConfig(**values)
@@ -56,8 +64,8 @@ def model_config(name: str, **overrides: Any) -> ModelConfig:
 def size_name(config: ModelConfig | dict[str, Any]) -> str | None:
     """The named size with this width, depth (and heads, when given), or None."""
     values = config if isinstance(config, dict) else vars(config)
-    for name, sizes in MODEL_SIZES.items():
-        if all(values.get(key, value) == value for key, value in sizes.items()):
+    for name, declared in NAMED_MODELS.items():
+        if all(values.get(key, declared[key]) == declared[key] for key in SIZE_KEYS):
             return name
     return None
 
@@ -83,7 +91,7 @@ def config_from_weights(weights: Weights, name: str | None = None, **overrides: 
     file = dict(weights.config)
     source = weights.source
     if name is not None:
-        sizes = _sizes(name)
+        sizes = named_model(name)
         for key in ("dim", "depth"):
             if key not in overrides and sizes[key] != file[key]:
                 match = size_name({"dim": file["dim"], "depth": file["depth"]})
@@ -97,11 +105,11 @@ def config_from_weights(weights: Weights, name: str | None = None, **overrides: 
                             f"weights only fit that: drop the argument")
     notes = []
     if "num_heads" not in file and "num_heads" not in overrides:
-        if weights.model_name in MODEL_SIZES and MODEL_SIZES[weights.model_name]["dim"] == file["dim"]:
-            file["num_heads"] = MODEL_SIZES[weights.model_name]["num_heads"]  # the size the file records says it
+        if weights.model_name in NAMED_MODELS and NAMED_MODELS[weights.model_name]["dim"] == file["dim"]:
+            file["num_heads"] = NAMED_MODELS[weights.model_name]["num_heads"]  # the size the file records says it
         else:
-            named = [n for n in (name,) if n in MODEL_SIZES and MODEL_SIZES[n]["dim"] == file["dim"]]
-            file["num_heads"] = MODEL_SIZES[named[0]]["num_heads"] if named else max(file["dim"] // HEAD_DIM, 1)
+            named = [n for n in (name,) if n in NAMED_MODELS and NAMED_MODELS[n]["dim"] == file["dim"]]
+            file["num_heads"] = NAMED_MODELS[named[0]]["num_heads"] if named else max(file["dim"] // HEAD_DIM, 1)
             notes.append(f"num_heads={file['num_heads']} assumed (width {file['dim']} / {HEAD_DIM}; the file does "
                          "not record heads: if it was trained with others, pass num_heads=N, or record them once "
                          "with `mmtk weights FILE --to DIR --set num_heads=N`)")
@@ -249,7 +257,7 @@ def create_model(name: str | None = None, pretrained: str | Path | dict | Weight
     """
     if pretrained is None:
         if name is None:
-            raise MmtkError(f"give a model name ({', '.join(MODEL_SIZES)}) or pretrained=WEIGHTS")
+            raise MmtkError(f"give a model name ({', '.join(NAMED_MODELS)}) or pretrained=WEIGHTS")
         return build_model(model_config(name, **overrides))
     weights = read_weights(pretrained)
     _file_model(weights)

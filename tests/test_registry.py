@@ -13,6 +13,7 @@ import torch
 import mmtk
 from cli_helpers import invoke
 from engine_helpers import sample_h5  # noqa: F401  (fixture)
+from mmtk.config import shipped_recipes
 from mmtk.engine import save_checkpoint
 
 ARGS = dict(dim=64, depth=2, num_heads=2, decoder_dim=32, decoder_depth=1, image_size=[64, 64],
@@ -105,3 +106,51 @@ def test_describe_weights_builds_the_meta_model_once(tmp_path, monkeypatch):
     assert registry.describe_weights(path, num_visible=10)[1].num_visible == 10 and len(builds) == 2
     with pytest.raises(mmtk.MmtkError, match="changes the tensors of the model"):
         registry.describe_weights(path, decoder_dim=16)
+
+
+# ------------------------------------------------------------------ the named models declare the modalities
+
+PAPER_INPUTS = ("rgb", "depth", "semseg")  # what ModelConfig and the recipe defaulted to before the registry
+PAPER_OUTPUTS = ("rgb", "norm_rgb", "depth", "semseg")
+
+
+def test_named_models_declare_their_modalities_and_the_core_names_none():
+    from mmtk.modality import list_modalities
+    from mmtk.multimae import ModelConfig
+
+    for name in mmtk.list_models():
+        config = mmtk.model_config(name)
+        assert (config.inputs, config.outputs, config.main_inputs) == (PAPER_INPUTS, PAPER_OUTPUTS, ("rgb",))
+    with pytest.raises(mmtk.MmtkError, match="needs at least one input modality"):
+        ModelConfig()
+    assert ModelConfig(inputs=("depth", "rgb")).main_inputs == ("depth",)  # the head reads the first input's tokens
+    core = Path(mmtk.__file__).parent
+    for module in ("config.py", "multimae.py"):
+        text = (core / module).read_text()
+        assert not [m for m in list_modalities() if f'"{m}"' in text or f"'{m}'" in text], module
+
+
+@pytest.mark.parametrize("recipe", sorted(shipped_recipes()))
+def test_shipped_recipes_resolve_the_modalities_they_leave_out_as_before(recipe):
+    """A recipe without model.inputs/outputs gets the paper's (now the named model's), as the old defaults gave."""
+    import yaml
+
+    from mmtk.config import load_recipe, shipped_recipe_text
+
+    written = yaml.safe_load(shipped_recipe_text(recipe))["model"]
+    model = load_recipe(recipe, ["data.path=null"]).model
+    assert model.inputs == tuple(written.get("inputs", PAPER_INPUTS))
+    assert model.outputs == tuple(written.get("outputs", PAPER_OUTPUTS))
+
+
+def test_recipe_modalities_come_from_its_named_model(tmp_path):
+    from mmtk.config import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("kind: pretrain\nmodel:\n  name: multimae-tiny\n  outputs: [depth]\n")
+    model = load_recipe(path).model
+    assert (model.inputs, model.outputs) == (PAPER_INPUTS, ("depth",))
+    path.write_text("kind: pretrain\nmodel:\n  name: multimae-huge\n")
+    with pytest.raises(mmtk.MmtkError, match=r"r.yaml: model.name: unknown model 'multimae-huge'; choose one of "
+                                             r"multimae-tiny, "):
+        load_recipe(path)
