@@ -242,6 +242,14 @@ def test_onnx_export_matches_pytorch_on_a_real_frame(kind, checkpoints, rgb, dep
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
 
 
+def test_export_inputs_follow_the_adapters():
+    from mmtk.export import example_inputs
+
+    assert [t.shape[1] for t in example_inputs(("rgb", "depth", "xyz"), (32, 48))] == [3, 1, 3]
+    with pytest.raises(mmtk.MmtkError, match="dense full-resolution inputs .*not 'semseg'"):
+        example_inputs(("rgb", "semseg"), (32, 48))
+
+
 def test_export_refuses_pretraining_checkpoints_and_leaves_no_file(checkpoints, tmp_path, capsys, monkeypatch):
     out = tmp_path / "model.onnx"
     code, _, err = run_cli(["export", str(checkpoints["pretrain"]), "--onnx", str(out)], capsys, monkeypatch)
