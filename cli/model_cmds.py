@@ -19,11 +19,13 @@ def models() -> None:
 
     import mmtk
 
-    table = Table(title="mmtk models (pretraining: rgb, depth, semseg in; rgb, norm_rgb, depth, semseg out; 40 classes)")
+    configs = {name: mmtk.model_config(name) for name in mmtk.list_models()}
+    modalities = dict.fromkeys((config.inputs, config.outputs) for config in configs.values())  # as they declare
+    pretraining = "; ".join(f"{', '.join(inputs)} in; {', '.join(outputs)} out" for inputs, outputs in modalities)
+    table = Table(title=f"mmtk models (pretraining: {pretraining}; 40 classes)")
     for column in ("name", "width", "blocks", "heads", "parameters (millions)"):
         table.add_column(column, justify="left" if column == "name" else "right")
-    for name in mmtk.list_models():
-        config = mmtk.model_config(name)
+    for name, config in configs.items():
         with torch.device("meta"):  # shapes only: no memory, no init
             model = mmtk.build_model(config)
         count = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -51,7 +53,7 @@ def weights(
     from mmtk.engine import save_checkpoint
     from mmtk.errors import MmtkError
     from mmtk.formats import mmtk_to_official, write_model_folder, write_safetensors
-    from mmtk.registry import describe_weights, model_tensors, size_name
+    from mmtk.registry import describe_weights, size_name
 
     overrides = {}
     for text in set_:
@@ -59,8 +61,7 @@ def weights(
         if len(keys) != 1:
             raise MmtkError(f"--set {text!r}: a model option, e.g. --set num_heads=4")
         overrides[keys[0]] = value
-    found, config, notes = describe_weights(checkpoint, **overrides)
-    state = model_tensors(found, config)
+    found, config, state, notes = describe_weights(checkpoint, **overrides)
     count = sum(t.numel() for t in state.values())
     name = found.model_name or size_name(config) or "custom"
     typer.echo(f"{checkpoint}: format {found.format}, {len(state)} tensors, {count / 1e6:.2f} million values")

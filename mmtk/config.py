@@ -47,9 +47,9 @@ class DataConfig:
 class ModelConfig:
     """Which model to build (arguments of :func:`mmtk.create_model`)."""
 
-    name: str = "multimae-base"
-    inputs: tuple[str, ...] = ("rgb", "depth", "semseg")
-    outputs: tuple[str, ...] = ("rgb", "norm_rgb", "depth", "semseg")  # pretraining targets
+    name: str = "multimae-base"  # a named model of mmtk.registry: its size and, unless given here, its modalities
+    inputs: tuple[str, ...] | None = None  # None: the named model's
+    outputs: tuple[str, ...] | None = None  # pretraining targets; None: the named model's
     num_visible: int = 98
     alphas: float = 1.0
     head: Literal["convnext", "dpt"] | None = None  # finetuning head
@@ -202,6 +202,7 @@ def recipe_from_dict(values: dict[str, Any], source: str = "<recipe>") -> Recipe
     if not isinstance(values, dict):
         raise MmtkError(f"{source}: a recipe must be a YAML mapping, got {type(values).__name__}")
     recipe = _build(Recipe, values, "", source)
+    _resolve_model(recipe.model, source)
     if recipe.plugins:
         from mmtk.modality import load_plugin
 
@@ -209,6 +210,20 @@ def recipe_from_dict(values: dict[str, Any], source: str = "<recipe>") -> Recipe
             load_plugin(plugin)
     validate(recipe, source)
     return recipe
+
+
+def _resolve_model(model: ModelConfig, source: str) -> None:
+    """Fill the modalities a recipe leaves out with those its named model declares (in place)."""
+    from mmtk.registry import named_model
+
+    try:
+        declared = named_model(model.name)
+    except MmtkError as err:
+        raise MmtkError(f"{source}: model.name: {err}") from None
+    if model.inputs is None:
+        model.inputs = declared["inputs"]
+    if model.outputs is None:
+        model.outputs = declared["outputs"]
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 from mmtk.config import Recipe, loader_workers, recipe_to_dict, save_recipe
 from mmtk.errors import MmtkError
 from mmtk.formats import read_state_dict
-from mmtk.io import atomic_write, atomic_write_text, discard, disk_errors, make_temp, publish
+from mmtk.io import atomic_write, atomic_write_text, available_ram, discard, disk_errors, make_temp, publish
 from mmtk.multimae import compile_blocks, compile_step
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -484,22 +484,10 @@ class MemoryEstimate:
 
 def available_memory(device: torch.device) -> int:
     """Bytes free for this process on ``device``: free GPU memory, or the system's available memory (within
-    the container's cgroup limit, when there is one)."""
+    the container's cgroup limit, when there is one: :func:`mmtk.io.available_ram`)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    available = None
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-    if available is None:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    with contextlib.suppress(OSError, ValueError):  # cgroup v2: a container's limit hides behind MemAvailable
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-            available = min(available, int(limit) - used)
-    return int(available)
+    return available_ram()
 
 
 def _saved_bytes(model: nn.Module, compute_loss: LossFn, batch: dict[str, torch.Tensor], device: torch.device,

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from mmtk.errors import MmtkError
 from mmtk.io import atomic_path
+from mmtk.modality import get_modality
 from mmtk.predict import Predictor, load_predictor
 
 
@@ -47,18 +48,24 @@ class ExportResult:
 
 
 def output_name(predictor: Predictor) -> str:
-    return "depth_m" if predictor.config.task == "depth" else f"{predictor.config.task}_logits"
+    """``<task>_m`` for a depth-family task (metres), else ``<task>_logits``."""
+    task = predictor.config.task
+    return f"{task}_m" if get_modality(task).metric_family == "depth" else f"{task}_logits"
 
 
 def example_inputs(inputs: tuple[str, ...], image_size: tuple[int, int], seed: int = 0) -> list[Tensor]:
-    """Random prepared tensors [1, C, H, W] for each input (normal values, like normalised data)."""
+    """Random prepared tensors [1, C, H, W] for each input (normal values, like normalised data).
+
+    Only dense full-resolution inputs export (stride 1: rgb, depth, xyz, ...); a class map is not a float image.
+    """
     generator = torch.Generator().manual_seed(seed)
-    channels = {"rgb": 3, "depth": 1}
     tensors = []
     for name in inputs:
-        if name not in channels:
-            raise MmtkError(f"export supports rgb and depth inputs, not {name!r}")
-        tensors.append(torch.randn(1, channels[name], *image_size, generator=generator))
+        modality = get_modality(name)
+        if modality.stride != 1 or modality.ignore_index is not None:
+            raise MmtkError(f"export takes dense full-resolution inputs (e.g. rgb, depth), not {name!r}; "
+                            f"leave it out with --inputs")
+        tensors.append(torch.randn(1, modality.channels, *image_size, generator=generator))
     return tensors
 
 

@@ -24,6 +24,12 @@ from mmtk.errors import MmtkError
 from mmtk.io import atomic_path, atomic_write_text
 from mmtk.layers import resize_pos_embed
 
+# The modalities foreign layouts imply, in one place (mmtk's own files record theirs): a timm/MAE ViT's patch
+# embedding reads RGB; the official MultiMAE files hold the class map whose tokenizer embeds classes, and a
+# head file that does not name its task is the paper's ConvNeXt semantic segmentation or, with one output
+# channel, its DPT depth.
+FOREIGN_MODALITIES = {"vit_image": "rgb", "class_map": "semseg", "convnext_task": "semseg", "dpt_task": "depth"}
+
 # (official regex, mmtk template), applied in order; the first match wins.
 _OFFICIAL_TO_MMTK = [
     (r"^global_tokens$", r"encoder.global_tokens"),
@@ -199,12 +205,13 @@ def timm_to_mmtk(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]
     if not count:
         notes.append("class-token-free ViT: no global token")
     renamed["encoder.global_tokens"] = tokens
-    renamed["encoder.tokenizers.rgb.pos_emb"] = _timm_pos_embed_to_map(pos)
+    image = FOREIGN_MODALITIES["vit_image"]
+    renamed[f"encoder.tokenizers.{image}.pos_emb"] = _timm_pos_embed_to_map(pos)
     for name, tensor in state.items():
         if name in prefix or name == "pos_embed":
             continue
         if name.startswith("patch_embed.proj."):
-            renamed["encoder.tokenizers.rgb.proj." + name.split(".")[-1]] = tensor
+            renamed[f"encoder.tokenizers.{image}.proj." + name.split(".")[-1]] = tensor
         elif re.match(r"^blocks\.\d+\.(norm[12]|attn\.(qkv|proj)|mlp\.fc[12])\.(weight|bias)$", name):
             renamed["encoder." + name] = tensor
         elif name.startswith(_TIMM_AFTER_BLOCKS):
@@ -453,34 +460,38 @@ def infer_config(state: dict[str, Tensor], task: str | None = None, source: str 
         mlp_ratio=state["encoder.blocks.0.mlp.fc1.weight"].shape[0] / dim,
         num_global_tokens=0 if global_tokens is None else global_tokens.shape[1],
         image_size=(grid[0] * patch, grid[1] * patch), inputs=tuple(inputs))
-    if "encoder.tokenizers.semseg.class_emb.weight" in state:
-        config["num_classes"] = state["encoder.tokenizers.semseg.class_emb.weight"].shape[0]
+    classes = FOREIGN_MODALITIES["class_map"]
+    if f"encoder.tokenizers.{classes}.class_emb.weight" in state:
+        config["num_classes"] = state[f"encoder.tokenizers.{classes}.class_emb.weight"].shape[0]
     outputs = _indices(state, r"^decoders\.(\w+)\.")
     config["outputs"] = tuple(outputs)
     if outputs:
         first = outputs[0]
         config["decoder_dim"] = state[f"decoders.{first}.proj_context.weight"].shape[0]
         config["decoder_depth"] = len(_indices(state, rf"^decoders\.{first}\.blocks\.(\d+)\."))
-        if "semseg" in outputs and "num_classes" not in config:
-            per_token = (patch // get_modality("semseg").stride) ** 2
-            config["num_classes"] = state["decoders.semseg.out_proj.weight"].shape[0] // per_token
+        if classes in outputs and "num_classes" not in config:
+            per_token = (patch // get_modality(classes).stride) ** 2
+            config["num_classes"] = state[f"decoders.{classes}.out_proj.weight"].shape[0] // per_token
     config.update(_infer_head(state, dim, config, task, source))
     return config
 
 
 def _infer_head(state: dict[str, Tensor], dim: int, config: dict[str, Any], task: str | None,
                 source: str) -> dict[str, Any]:
+    from mmtk.modality import get_modality
+
     if "head.proj_dec.weight" in state:
         embed, in_dim = state["head.proj_dec.weight"].shape
         depth = len(_indices(state, r"^head\.blocks\.(\d+)\."))
         class_dim = state["head.final_layer.weight"].shape[1]
         out = state["head.final_layer.weight"].shape[0]
-        head: dict[str, Any] = dict(head="convnext", task=task or "semseg", convnext_dim=embed,
-                                    convnext_depth=depth, preds_per_patch=embed // class_dim)
+        head: dict[str, Any] = dict(head="convnext", task=task or FOREIGN_MODALITIES["convnext_task"],
+                                    convnext_dim=embed, convnext_depth=depth, preds_per_patch=embed // class_dim)
     elif "head.reassemble.0.0.weight" in state:
         in_dim = state["head.reassemble.0.0.weight"].shape[1]
         out = state["head.output.4.weight"].shape[0]
-        head = dict(head="dpt", task=task or ("depth" if out == 1 else None), dpt_dim=state["head.project.0.weight"].shape[0],
+        head = dict(head="dpt", task=task or (FOREIGN_MODALITIES["dpt_task"] if out == 1 else None),
+                    dpt_dim=state["head.project.0.weight"].shape[0],
                     layer_dims=tuple(state[f"head.reassemble.{i}.0.weight"].shape[0] for i in range(4)),
                     hooks=default_hooks(config["depth"]))
         if head["task"] is None:
@@ -489,7 +500,7 @@ def _infer_head(state: dict[str, Tensor], dim: int, config: dict[str, Any], task
         return {"head": None}
     head["main_inputs"] = config["inputs"][: max(in_dim // dim, 1)]
     head["outputs"] = ()
-    if head["task"] == "semseg":
+    if get_modality(head["task"]).metric_family == "segmentation":  # one output channel per class
         head["num_classes"] = out
     return head
 

@@ -241,6 +241,24 @@ def check_free_space(path: str | os.PathLike, needed: int, what: str) -> None:
                         f"another disk")
 
 
+def available_ram() -> int:
+    """Bytes of system memory available to this process: MemAvailable, within the container's cgroup v2 limit
+    (a container's limit hides behind MemAvailable)."""
+    available = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    if available is None:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = min(available, int(limit) - used)
+    return int(available)
+
+
 def format_bytes(count: float) -> str:
     """``1536`` -> ``"1.5 KiB"``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

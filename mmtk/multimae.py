@@ -41,10 +41,10 @@ class ModelConfig:
     image_size: tuple[int, int] = (224, 224)  # sets the stored positional grid; other sizes interpolate
     num_global_tokens: int = 1
     drop_path_rate: float = 0.0
-    # Modalities
-    inputs: tuple[str, ...] = ("rgb", "depth", "semseg")
-    outputs: tuple[str, ...] = ("rgb", "norm_rgb", "depth", "semseg")
-    num_classes: int = 40  # semantic classes (semseg input and output)
+    # Modalities: names registered in mmtk.modality (the named models of mmtk.registry declare theirs)
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()  # pretraining targets; none: the encoder alone
+    num_classes: int = 40  # classes of class-map modalities (input and output)
     # Pretraining decoders and objective
     decoder_dim: int = 256
     decoder_depth: int = 2
@@ -57,8 +57,8 @@ class ModelConfig:
     fp32_decoders: tuple[str, ...] | None = None  # decoders run outside autocast; None: those whose adapter asks
     # Finetuning head (None: pretraining model with masked decoders)
     head: str | None = None  # "convnext" | "dpt"
-    task: str | None = None  # what the head predicts: "semseg" | "depth" | any modality name
-    main_inputs: tuple[str, ...] = ("rgb",)  # tokens the head reads
+    task: str | None = None  # what the head predicts: a modality with a metric family
+    main_inputs: tuple[str, ...] = ()  # tokens the head reads; none given: the first input's
     convnext_dim: int = 6144  # ConvNeXt: values per token before un-patchifying
     convnext_depth: int = 4  # ConvNeXt blocks
     preds_per_patch: int = 16  # ConvNeXt: k*k pixels predicted per token
@@ -70,6 +70,10 @@ class ModelConfig:
         self.image_size = _pair(self.image_size)
         for name in ("inputs", "outputs", "main_inputs", "hooks", "layer_dims"):
             setattr(self, name, tuple(getattr(self, name)))
+        if not self.inputs:
+            raise MmtkError("a model needs at least one input modality: give inputs=(...), or a named model "
+                            "(mmtk.list_models()), which declares its own")
+        self.main_inputs = self.main_inputs or self.inputs[:1]
         if self.fp32_decoders is None:  # the adapters' choice (semseg: logits over many classes lose too much)
             self.fp32_decoders = tuple(name for name in self.outputs if get_modality(name).fp32_decoder)
         self.fp32_decoders = tuple(self.fp32_decoders)
@@ -217,7 +221,7 @@ class MultiMAE(nn.Module):
             masks: optional token masks per input modality, [B, N_m] (True or 1 = hidden). When
                 given they replace sampling, for any batch size; samples may differ in how many
                 tokens are visible.
-            valid: optional [B, 1, H, W] bool maps of valid pixels (e.g. ``{"depth": ...}``);
+            valid: optional [B, 1, H, W] bool maps of valid pixels by modality (e.g. depth's);
                 invalid pixels never enter a loss and can be kept hidden (`min_valid_fraction`).
         """
         valid = valid or {}

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mmtk.errors import MmtkError
-from mmtk.io import atomic_write, format_bytes
-from mmtk.visualize import colorize_depth, colorize_labels, label_palette
+from mmtk.io import atomic_write
+from mmtk.visualize import colorize_depth, label_palette
 
 if TYPE_CHECKING:
     import torch
@@ -140,74 +140,11 @@ def model_from_checkpoint(source: str | os.PathLike | dict) -> torch.nn.Module:
     weights = read_weights(source)
     recorded = weights.container
     require_registered(dict(recorded.get("modalities", {})), f"checkpoint {weights.source}")  # name the plugin file
-    if isinstance(recorded.get("model_args"), dict):  # recorded arguments are checked before memory follows them
-        known = weights.model_name in mmtk.list_models()  # a folder's "custom" model: its args give every field
-        check_model_args({"model_name": weights.model_name if known else "multimae-base",
-                          "model_args": recorded["model_args"], "model": weights.state}, weights.source)
-    model = mmtk.create_model(pretrained=weights, verbose=False)
+    model = mmtk.create_model(pretrained=weights, verbose=False)  # checks the file's sizes before building
     model.class_names = tuple(recorded.get("data", {}).get("class_names") or ())
     if model.load_report.notes:
         print(f"{weights.source}: {'; '.join(model.load_report.notes)}")
     return model
-
-
-# Plausible bounds of a checkpoint's model_args, checked before a model is built (a 17 KB file must not
-# make mmtk allocate 51 GB). Generous: MultiMAE-L is dim 1024, depth 24, 16 heads.
-MODEL_ARG_LIMITS = {"dim": 16384, "depth": 256, "num_heads": 512, "patch_size": 512, "num_global_tokens": 1024,
-                    "num_classes": 65535, "decoder_dim": 16384, "decoder_depth": 64, "decoder_heads": 512,
-                    "num_visible": 1 << 20, "convnext_dim": 1 << 17, "convnext_depth": 64, "preds_per_patch": 1 << 16,
-                    "dpt_dim": 16384, "mlp_ratio": 64, "image_size": 16384, "layer_dims": 16384, "hooks": 256}
-MAX_LIST_LENGTH = 64
-WEIGHTS_SLACK = 1.05  # parameters and buffers the checkpoint may lack (e.g. recomputed buffers)
-
-
-def check_model_args(state: dict, path: str | os.PathLike) -> None:
-    """Refuse, in one line and before allocating, ``model_args`` that are implausible or describe more weights
-    than the checkpoint holds or the machine's free memory can take.
-
-    The model is first built on PyTorch's ``meta`` device (shapes only, no memory) to count its bytes.
-    """
-    import torch
-
-    import mmtk
-
-    args, name, weights = state.get("model_args"), state.get("model_name"), state.get("model")
-    if args is None or name is None or weights is None:
-        return  # model_from_checkpoint names what is missing
-    if not isinstance(args, dict) or not isinstance(name, str) or not isinstance(weights, dict):
-        raise MmtkError(f"{path}: model_name, model_args or model has the wrong type; not an mmtk training "
-                        f"checkpoint")
-    for key, value in args.items():
-        values = value if isinstance(value, (list, tuple)) else [value]
-        if len(values) > MAX_LIST_LENGTH:
-            raise MmtkError(f"{path}: model_args.{key} has {len(values)} entries; at most {MAX_LIST_LENGTH} are "
-                            f"plausible, the checkpoint is corrupt or forged")
-        limit = MODEL_ARG_LIMITS.get(key)
-        if limit is None:
-            continue
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= limit for v in values):
-            raise MmtkError(f"{path}: model_args.{key} = {value!r} is outside the plausible 0..{limit}; the "
-                            f"checkpoint is corrupt or forged")
-    try:
-        with torch.device("meta"):
-            model = mmtk.create_model(name, verbose=False, **args)
-    except MmtkError as err:
-        raise MmtkError(f"{path}: model_args do not describe a model ({err})") from None
-    except Exception as err:  # arguments from a file: any failure to build is the file's fault
-        raise MmtkError(f"{path}: model_args do not describe a model ({type(err).__name__}: {err})") from None
-    tensors = [*model.parameters(), *model.buffers()]
-    count = sum(t.numel() for t in tensors)
-    needed = sum(t.numel() * t.element_size() for t in tensors)
-    held = sum(t.numel() for t in weights.values() if isinstance(t, torch.Tensor))
-    if count > held * WEIGHTS_SLACK + 2**18:
-        raise MmtkError(f"{path}: model_args describe a model of {count:,} values ({format_bytes(needed)}) but the "
-                        f"checkpoint holds {held:,}; the checkpoint is corrupt or forged")
-    from mmtk.engine import available_memory  # one answer to 'how much memory is free' (cgroup limits too)
-
-    free = available_memory(torch.device("cpu"))
-    if free is not None and needed > free:
-        raise MmtkError(f"{path}: the model needs {format_bytes(needed)} of memory but only {format_bytes(free)} "
-                        f"are available; free memory or use a machine with more")
 
 
 @dataclass
@@ -341,11 +278,13 @@ def write_prediction(out_dir: Path, stem: str, rgb: np.ndarray, prediction: Pred
         array_name = f"{stem}_depth.npy" if metric else f"{stem}_depth_relative.npy"
         save_array(out_dir / array_name, prediction.depth)
         written += [out_dir / f"{stem}_depth.png", out_dir / array_name]
+    label_colours = None  # uint8 [H, W, 3], the picture's colours, which the point cloud reuses
     if prediction.semseg is not None:
         palette = label_palette(max(prediction.num_classes + 1, int(prediction.semseg.max()) + 1))
+        label_colours = palette[prediction.semseg]
         present = [int(k) - 1 for k in np.unique(prediction.semseg) if k > 0]
         legend = class_legend(prediction.semseg.shape[1], palette, present, prediction.class_names)
-        save_image(out_dir / f"{stem}_semseg.png", np.concatenate([palette[prediction.semseg], legend]))
+        save_image(out_dir / f"{stem}_semseg.png", np.concatenate([label_colours, legend]))
         save_image(out_dir / f"{stem}_semseg_labels.png", prediction.semseg.astype(np.uint16))
         written += [out_dir / f"{stem}_semseg.png", out_dir / f"{stem}_semseg_labels.png"]
     if ply:
@@ -355,7 +294,7 @@ def write_prediction(out_dir: Path, stem: str, rgb: np.ndarray, prediction: Pred
                             "(a pretrained MultiMAE predicts relative depth only)")
         if intrinsics is None:
             raise MmtkError("--ply needs the camera intrinsics: pass --intrinsics fx,fy,cx,cy")
-        colors = rgb if prediction.semseg is None else colorize_labels(prediction.semseg, prediction.num_classes + 1)
+        colors = rgb if label_colours is None else label_colours
         write_cloud(out_dir / f"{stem}.ply", depth_to_cloud(metric, intrinsics, colors), sweep=False)
         written.append(out_dir / f"{stem}.ply")
     return written

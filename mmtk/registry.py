@@ -13,13 +13,20 @@ from mmtk.errors import MmtkError
 from mmtk.formats import Weights, default_hooks, load_weights, read_weights
 from mmtk.multimae import DenseModel, ModelConfig, MultiMAE
 
-# ViT sizes (DeiT/ViT naming); MultiMAE-B is "multimae-base".
-MODEL_SIZES: dict[str, dict[str, Any]] = {
-    "multimae-tiny": dict(dim=192, depth=12, num_heads=3),
-    "multimae-small": dict(dim=384, depth=12, num_heads=6),
-    "multimae-base": dict(dim=768, depth=12, num_heads=12),
-    "multimae-large": dict(dim=1024, depth=24, num_heads=16),
+# The modalities of MultiMAE (Bachmann et al., ECCV 2022; official cfg multimae-b_98_rgb+-depth-semseg_1600e):
+# in_domains rgb-depth-semseg, out_domains the same plus extra_norm_pix_loss (norm_rgb); the finetuning heads
+# read the RGB tokens (decoder_main_tasks rgb).
+PAPER_MODALITIES: dict[str, tuple[str, ...]] = dict(
+    inputs=("rgb", "depth", "semseg"), outputs=("rgb", "norm_rgb", "depth", "semseg"), main_inputs=("rgb",))
+# The named models: a ViT size (DeiT/ViT naming) and the modalities it is pretrained on. MultiMAE-B is
+# "multimae-base"; the model code itself names no modality.
+NAMED_MODELS: dict[str, dict[str, Any]] = {
+    "multimae-tiny": dict(dim=192, depth=12, num_heads=3, **PAPER_MODALITIES),
+    "multimae-small": dict(dim=384, depth=12, num_heads=6, **PAPER_MODALITIES),
+    "multimae-base": dict(dim=768, depth=12, num_heads=12, **PAPER_MODALITIES),
+    "multimae-large": dict(dim=1024, depth=24, num_heads=16, **PAPER_MODALITIES),
 }
+SIZE_KEYS = ("dim", "depth", "num_heads")  # what tells the sizes apart
 # What a weights file fixes and no argument can change: the encoder's trunk.
 TRUNK = ("dim", "depth", "mlp_ratio", "patch_size", "num_global_tokens")
 HEAD_DIM = 64  # width per attention head of every released ViT and MultiMAE (heads are not in the shapes)
@@ -28,13 +35,14 @@ DECODER_HEADS = 8  # the official MultiMAE decoders'
 
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model`."""
-    return list(MODEL_SIZES)
+    return list(NAMED_MODELS)
 
 
-def _sizes(name: str) -> dict[str, Any]:
-    if name not in MODEL_SIZES:
-        raise MmtkError(f"unknown model '{name}'; choose one of {', '.join(MODEL_SIZES)}")
-    return MODEL_SIZES[name]
+def named_model(name: str) -> dict[str, Any]:
+    """The :class:`ModelConfig` fields a named model declares: its size and its modalities."""
+    if name not in NAMED_MODELS:
+        raise MmtkError(f"unknown model '{name}'; choose one of {', '.join(NAMED_MODELS)}")
+    return NAMED_MODELS[name]
 
 
 def _check_options(options: dict[str, Any]) -> None:
@@ -47,7 +55,7 @@ def _check_options(options: dict[str, Any]) -> None:
 def model_config(name: str, **overrides: Any) -> ModelConfig:
     """The config of a named model with `overrides` applied (any :class:`ModelConfig` field)."""
     _check_options(overrides)
-    values = {**_sizes(name), **overrides}
+    values = {**named_model(name), **overrides}
     if values.get("head") == "dpt" and "hooks" not in values:
         values["hooks"] = default_hooks(values.get("depth", ModelConfig.depth))
     return ModelConfig(**values)
@@ -56,8 +64,8 @@ def model_config(name: str, **overrides: Any) -> ModelConfig:
 def size_name(config: ModelConfig | dict[str, Any]) -> str | None:
     """The named size with this width, depth (and heads, when given), or None."""
     values = config if isinstance(config, dict) else vars(config)
-    for name, sizes in MODEL_SIZES.items():
-        if all(values.get(key, value) == value for key, value in sizes.items()):
+    for name, declared in NAMED_MODELS.items():
+        if all(values.get(key, declared[key]) == declared[key] for key in SIZE_KEYS):
             return name
     return None
 
@@ -83,7 +91,7 @@ def config_from_weights(weights: Weights, name: str | None = None, **overrides: 
     file = dict(weights.config)
     source = weights.source
     if name is not None:
-        sizes = _sizes(name)
+        sizes = named_model(name)
         for key in ("dim", "depth"):
             if key not in overrides and sizes[key] != file[key]:
                 match = size_name({"dim": file["dim"], "depth": file["depth"]})
@@ -97,11 +105,11 @@ def config_from_weights(weights: Weights, name: str | None = None, **overrides: 
                             f"weights only fit that: drop the argument")
     notes = []
     if "num_heads" not in file and "num_heads" not in overrides:
-        if weights.model_name in MODEL_SIZES and MODEL_SIZES[weights.model_name]["dim"] == file["dim"]:
-            file["num_heads"] = MODEL_SIZES[weights.model_name]["num_heads"]  # the size the file records says it
+        if weights.model_name in NAMED_MODELS and NAMED_MODELS[weights.model_name]["dim"] == file["dim"]:
+            file["num_heads"] = NAMED_MODELS[weights.model_name]["num_heads"]  # the size the file records says it
         else:
-            named = [n for n in (name,) if n in MODEL_SIZES and MODEL_SIZES[n]["dim"] == file["dim"]]
-            file["num_heads"] = MODEL_SIZES[named[0]]["num_heads"] if named else max(file["dim"] // HEAD_DIM, 1)
+            named = [n for n in (name,) if n in NAMED_MODELS and NAMED_MODELS[n]["dim"] == file["dim"]]
+            file["num_heads"] = NAMED_MODELS[named[0]]["num_heads"] if named else max(file["dim"] // HEAD_DIM, 1)
             notes.append(f"num_heads={file['num_heads']} assumed (width {file['dim']} / {HEAD_DIM}; the file does "
                          "not record heads: if it was trained with others, pass num_heads=N, or record them once "
                          "with `mmtk weights FILE --to DIR --set num_heads=N`)")
@@ -130,35 +138,87 @@ def _model_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         return {name: tuple(t.shape) for name, t in build_model(config).state_dict().items()}
 
 
-def _check_complete(weights: Weights, config: ModelConfig) -> None:
+# Plausible bounds of what a weights file says its model is, checked before anything is built from it (a
+# 17 KB file must not make mmtk allocate 51 GB). Generous: MultiMAE-L is dim 1024, depth 24, 16 heads.
+MODEL_ARG_LIMITS = {"dim": 16384, "depth": 256, "num_heads": 512, "patch_size": 512, "num_global_tokens": 1024,
+                    "num_classes": 65535, "decoder_dim": 16384, "decoder_depth": 64, "decoder_heads": 512,
+                    "num_visible": 1 << 20, "convnext_dim": 1 << 17, "convnext_depth": 64, "preds_per_patch": 1 << 16,
+                    "dpt_dim": 16384, "mlp_ratio": 64, "image_size": 16384, "layer_dims": 16384, "hooks": 256}
+MAX_LIST_LENGTH = 64
+WEIGHTS_SLACK = 1.05  # parameters and buffers a file may lack (e.g. recomputed buffers)
+
+
+def _check_plausible(weights: Weights) -> None:
+    """Every size the file records (model_args) or implies (tensor names) is within MODEL_ARG_LIMITS."""
+    for key, value in weights.config.items():
+        where = f"model_args.{key}" if key in weights.recorded else f"{key} (read from its tensors)"
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if len(values) > MAX_LIST_LENGTH:
+            raise MmtkError(f"{weights.source}: {where} has {len(values)} entries; at most {MAX_LIST_LENGTH} are "
+                            f"plausible, the checkpoint is corrupt or forged")
+        limit = MODEL_ARG_LIMITS.get(key)
+        if limit is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= limit
+                                         for v in values):
+            raise MmtkError(f"{weights.source}: {where} = {value!r} is outside the plausible 0..{limit}; the "
+                            f"checkpoint is corrupt or forged")
+
+
+def _file_model(weights: Weights) -> tuple[ModelConfig, dict[str, tuple[int, ...]]]:
+    """The model a weights file describes and its tensor shapes, refused in one line, before any allocation,
+    when the file's sizes are implausible, do not build, describe more values than the file holds, lack a
+    tensor, or need more memory than is available. Built once, on the meta device."""
+    from mmtk.io import available_ram, format_bytes
+
+    _check_plausible(weights)
+    what = "model_args" if weights.recorded else "tensors"
+    try:
+        config, _ = config_from_weights(weights)
+        with torch.device("meta"):
+            model = build_model(config)
+    except Exception as err:  # sizes from a file: any failure to build is the file's fault
+        detail = str(err) if isinstance(err, MmtkError) else f"{type(err).__name__}: {err}"
+        raise MmtkError(f"{weights.source}: its {what} do not describe a model ({detail})") from None
+    tensors = [*model.parameters(), *model.buffers()]
+    count = sum(t.numel() for t in tensors)
+    needed = sum(t.numel() * t.element_size() for t in tensors)
+    held = sum(t.numel() for t in weights.state.values() if isinstance(t, torch.Tensor))
+    if count > held * WEIGHTS_SLACK + 2**18:
+        raise MmtkError(f"{weights.source}: {what} describe a model of {count:,} values ({format_bytes(needed)}) but "
+                        f"the file holds {held:,}; the checkpoint is corrupt or forged")
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    _check_complete(weights, shapes)
+    free = available_ram()
+    if needed > free:
+        raise MmtkError(f"{weights.source}: the model needs {format_bytes(needed)} of memory but only "
+                        f"{format_bytes(free)} are available; free memory or use a machine with more")
+    return config, shapes
+
+
+def _check_complete(weights: Weights, shapes: dict[str, tuple[int, ...]]) -> None:
     """The file holds every tensor of the model it describes (else that model would be partly random)."""
-    lacking = [k for k, shape in _model_tensors(config).items()
-               if k not in weights.state or tuple(weights.state[k].shape) != shape]
+    lacking = [k for k, shape in shapes.items() if k not in weights.state or tuple(weights.state[k].shape) != shape]
     if lacking:
         raise MmtkError(f"{weights.source} lacks {len(lacking)} tensor(s) of the model it describes, or holds them "
                         f"in other shapes ({', '.join(lacking[:4])}{' ...' if len(lacking) > 4 else ''}): the file is "
                         "incomplete or inconsistent")
 
 
-def describe_weights(source: str | Path | dict | Weights, **overrides: Any) -> tuple[Weights, ModelConfig, list[str]]:
-    """A weights file, the model it describes and the notes on what was assumed, without building the model.
+def describe_weights(source: str | Path | dict | Weights, **overrides: Any
+                     ) -> tuple[Weights, ModelConfig, dict[str, torch.Tensor], list[str]]:
+    """A weights file, the model it describes, the file's tensors that model uses (mmtk names, the model's
+    order) and the notes on what was assumed, without building the model (shapes only, on the meta device:
+    once, and once more only when `overrides` change the config).
 
     `overrides` may only state what the file cannot (attention heads, training settings): an override that
     would change a tensor is refused, since a conversion makes no new parameters.
     """
     weights = read_weights(source)
-    own, _ = config_from_weights(weights)
-    _check_complete(weights, own)
+    own, shapes = _file_model(weights)
     config, notes = config_from_weights(weights, **overrides)
-    if _model_tensors(config) != _model_tensors(own):
+    if config != own and _model_tensors(config) != shapes:
         raise MmtkError(f"{', '.join(f'{k}={v}' for k, v in overrides.items())} changes the tensors of the model "
                         f"{weights.source} holds; a conversion only records what the file cannot say (e.g. num_heads)")
-    return weights, config, notes
-
-
-def model_tensors(weights: Weights, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The file's tensors the model uses, in mmtk names and in the model's order (unused names dropped)."""
-    return {name: weights.state[name] for name in _model_tensors(config)}
+    return weights, config, {name: weights.state[name] for name in shapes}, notes
 
 
 def _fresh_summary(missing: list[str], names: list[str]) -> str:
@@ -197,11 +257,10 @@ def create_model(name: str | None = None, pretrained: str | Path | dict | Weight
     """
     if pretrained is None:
         if name is None:
-            raise MmtkError(f"give a model name ({', '.join(MODEL_SIZES)}) or pretrained=WEIGHTS")
+            raise MmtkError(f"give a model name ({', '.join(NAMED_MODELS)}) or pretrained=WEIGHTS")
         return build_model(model_config(name, **overrides))
     weights = read_weights(pretrained)
-    own, _ = config_from_weights(weights, None)
-    _check_complete(weights, own)
+    _file_model(weights)
     config, notes = config_from_weights(weights, name, **overrides)
     model = build_model(config)
     report = load_weights(model, weights)

@@ -148,6 +148,28 @@ def test_predict_cli_h5_split(checkpoints, rgb, depth_m, tmp_path, capsys, monke
         assert np.array_equal(cloud.colors, label_palette(6)[labels[small_depth[i] > 0]])
 
 
+def test_ply_reuses_the_label_colours_of_the_picture(rgb, depth_m, tmp_path, monkeypatch):
+    import mmtk.predict as predict
+    import mmtk.visualize as visualize
+
+    labels = np.zeros(depth_m.shape, np.uint16)
+    labels[:, 200:] = 3
+    labels[300:, :] = 7  # classes 2 and 6 (stored + 1), 0 = unlabelled
+    calls = []
+    palette = predict.label_palette
+    for module in (predict, visualize):  # colorize_labels would look the palette up again
+        monkeypatch.setattr(module, "label_palette", lambda n: calls.append(n) or palette(n))
+    prediction = predict.Prediction(semseg=labels, num_classes=8)
+    written = predict.write_prediction(tmp_path, "f", rgb, prediction, sensor_depth=depth_m, intrinsics=K, ply=True)
+    assert [p.name for p in written] == ["f_semseg.png", "f_semseg_labels.png", "f.ply"]
+    assert calls == [9]  # one palette, one lookup: the picture's colours are the cloud's
+    picture = np.array(Image.open(tmp_path / "f_semseg.png"))[: labels.shape[0]]
+    cloud = read_cloud(tmp_path / "f.ply")
+    valid = depth_m > 0
+    assert len(cloud.points) == int(valid.sum())
+    assert np.array_equal(cloud.colors, picture[valid]) and np.array_equal(cloud.colors, palette(9)[labels[valid]])
+
+
 @pytest.mark.skipif(not BAG.is_file(), reason="../shared/data not present")
 def test_predict_cli_rosbag(checkpoints, tmp_path, capsys, monkeypatch):
     frames = list(read_bag_frames(BAG, "/camera/rgb/image_color", "/camera/depth_registered/image_raw"))
@@ -218,6 +240,14 @@ def test_onnx_export_matches_pytorch_on_a_real_frame(kind, checkpoints, rgb, dep
     got = session.run(None, {name: tensor.numpy() for name, tensor in inputs.items()})[0]
     assert got.shape == expected.shape == ((1, 5, 64, 96) if kind == "semseg" else (1, 1, 64, 96))
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+
+
+def test_export_inputs_follow_the_adapters():
+    from mmtk.export import example_inputs
+
+    assert [t.shape[1] for t in example_inputs(("rgb", "depth", "xyz"), (32, 48))] == [3, 1, 3]
+    with pytest.raises(mmtk.MmtkError, match="dense full-resolution inputs .*not 'semseg'"):
+        example_inputs(("rgb", "semseg"), (32, 48))
 
 
 def test_export_refuses_pretraining_checkpoints_and_leaves_no_file(checkpoints, tmp_path, capsys, monkeypatch):

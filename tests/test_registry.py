@@ -1,0 +1,156 @@
+"""`create_model(pretrained=...)` is the one place a weights file's sizes are checked: every path that builds a
+model from a file (library, `finetune --init`, `mmtk weights`, eval and predict) refuses a forged file in one
+line before it allocates anything."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmtk
+from cli_helpers import invoke
+from engine_helpers import sample_h5  # noqa: F401  (fixture)
+from mmtk.config import shipped_recipes
+from mmtk.engine import save_checkpoint
+
+ARGS = dict(dim=64, depth=2, num_heads=2, decoder_dim=32, decoder_depth=1, image_size=[64, 64],
+            inputs=["rgb", "depth"], outputs=["rgb", "depth"])
+
+
+def _checkpoint(path: Path, state: dict | None = None, **model_args) -> Path:
+    """A real tiny pretraining checkpoint whose recorded model_args are ARGS changed by `model_args`."""
+    if state is None:
+        state = mmtk.create_model("multimae-tiny", verbose=False, **ARGS).state_dict()
+    save_checkpoint({"model_name": "multimae-tiny", "model_args": {**ARGS, **model_args}, "model": state,
+                     "kind": "pretrain"}, path)
+    return path
+
+
+def _max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _one_error_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in output, output[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("forged, expected", [
+    (dict(dim=8192, depth=48, num_heads=16), "model_args describe a model of"),  # ~40 GB of weights in a 1 MB file
+    (dict(depth=10**9), r"model_args.depth = 1000000000 is outside the plausible 0..256"),
+    (dict(dim="wide"), r"model_args.dim = 'wide' is outside the plausible"),
+    (dict(image_size=[64, 60]), "model_args do not describe a model .*not divisible by the patch size"),
+])
+def test_create_model_refuses_forged_model_args_before_allocating(tmp_path, forged, expected):
+    path = _checkpoint(tmp_path / "forged.pt", **forged)
+    assert path.stat().st_size < 2 * 2**20
+    before = _max_rss_bytes()
+    with pytest.raises(mmtk.MmtkError, match=expected) as err:
+        mmtk.create_model(pretrained=path, verbose=False)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    assert _max_rss_bytes() - before < 200 * 2**20
+    if "model of" in expected:
+        assert "corrupt or forged" in str(err.value) and "GiB" in str(err.value)
+
+
+def test_create_model_refuses_implausible_sizes_read_from_tensor_names(tmp_path):
+    state = mmtk.create_model("multimae-tiny", verbose=False, **ARGS).state_dict()
+    state["encoder.blocks.99999.norm1.weight"] = torch.ones(64)  # would make a 100000-block encoder
+    path = tmp_path / "forged.pth"
+    torch.save({"model": state}, path)  # no model_args: the sizes come from the tensors
+    with pytest.raises(mmtk.MmtkError, match=r"depth \(read from its tensors\) = 100000 is outside the plausible"):
+        mmtk.create_model(pretrained=path, verbose=False)
+
+
+def test_create_model_refuses_a_model_larger_than_free_memory(tmp_path, monkeypatch):
+    import mmtk.io
+
+    path = _checkpoint(tmp_path / "honest.pt")
+    assert mmtk.create_model(pretrained=path, verbose=False).config.dim == 64  # the check passes real files
+    monkeypatch.setattr(mmtk.io, "available_ram", lambda: 1000)
+    with pytest.raises(mmtk.MmtkError, match=r"the model needs \d+\.\d KiB of memory but only 1000 B are available"):
+        mmtk.create_model(pretrained=path, verbose=False)
+
+
+def test_finetune_init_and_weights_refuse_forged_model_args_in_one_line(tmp_path, sample_h5):
+    forged = _checkpoint(tmp_path / "forged.pt", depth=10**9)
+    before = _max_rss_bytes()
+    code, output = invoke("finetune", "tiny_finetune_semseg", "--init", forged, "--data", sample_h5,
+                          "--out", tmp_path / "run")
+    assert code == 2
+    line = _one_error_line(output)
+    assert str(forged) in line and "model_args.depth = 1000000000 is outside the plausible" in line
+    code, output = invoke("weights", _checkpoint(tmp_path / "big.pt", dim=8192, depth=48, num_heads=16))
+    assert code == 2 and "model_args describe a model of" in _one_error_line(output)
+    assert _max_rss_bytes() - before < 200 * 2**20
+
+
+def test_describe_weights_builds_the_meta_model_once(tmp_path, monkeypatch):
+    import mmtk.registry as registry
+
+    path = _checkpoint(tmp_path / "tiny.pt")
+    builds = []
+    build = registry.build_model
+    monkeypatch.setattr(registry, "build_model", lambda config: builds.append(config) or build(config))
+    weights, config, tensors, notes = registry.describe_weights(path)
+    assert len(builds) == 1 and builds[0] == config
+    assert list(tensors) == list(mmtk.create_model("multimae-tiny", verbose=False, **ARGS).state_dict())
+    builds.clear()
+    code, output = invoke("weights", path, "--to", tmp_path / "folder")
+    assert code == 0 and len(builds) == 1, output
+    builds.clear()  # an override that changes no tensor costs one more build (of the changed config), not three
+    assert registry.describe_weights(path, num_visible=10)[1].num_visible == 10 and len(builds) == 2
+    with pytest.raises(mmtk.MmtkError, match="changes the tensors of the model"):
+        registry.describe_weights(path, decoder_dim=16)
+
+
+# ------------------------------------------------------------------ the named models declare the modalities
+
+PAPER_INPUTS = ("rgb", "depth", "semseg")  # what ModelConfig and the recipe defaulted to before the registry
+PAPER_OUTPUTS = ("rgb", "norm_rgb", "depth", "semseg")
+
+
+def test_named_models_declare_their_modalities_and_the_core_names_none():
+    from mmtk.modality import list_modalities
+    from mmtk.multimae import ModelConfig
+
+    for name in mmtk.list_models():
+        config = mmtk.model_config(name)
+        assert (config.inputs, config.outputs, config.main_inputs) == (PAPER_INPUTS, PAPER_OUTPUTS, ("rgb",))
+    with pytest.raises(mmtk.MmtkError, match="needs at least one input modality"):
+        ModelConfig()
+    assert ModelConfig(inputs=("depth", "rgb")).main_inputs == ("depth",)  # the head reads the first input's tokens
+    core = Path(mmtk.__file__).parent
+    for module in ("config.py", "multimae.py"):
+        text = (core / module).read_text()
+        assert not [m for m in list_modalities() if f'"{m}"' in text or f"'{m}'" in text], module
+
+
+@pytest.mark.parametrize("recipe", sorted(shipped_recipes()))
+def test_shipped_recipes_resolve_the_modalities_they_leave_out_as_before(recipe):
+    """A recipe without model.inputs/outputs gets the paper's (now the named model's), as the old defaults gave."""
+    import yaml
+
+    from mmtk.config import load_recipe, shipped_recipe_text
+
+    written = yaml.safe_load(shipped_recipe_text(recipe))["model"]
+    model = load_recipe(recipe, ["data.path=null"]).model
+    assert model.inputs == tuple(written.get("inputs", PAPER_INPUTS))
+    assert model.outputs == tuple(written.get("outputs", PAPER_OUTPUTS))
+
+
+def test_recipe_modalities_come_from_its_named_model(tmp_path):
+    from mmtk.config import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("kind: pretrain\nmodel:\n  name: multimae-tiny\n  outputs: [depth]\n")
+    model = load_recipe(path).model
+    assert (model.inputs, model.outputs) == (PAPER_INPUTS, ("depth",))
+    path.write_text("kind: pretrain\nmodel:\n  name: multimae-huge\n")
+    with pytest.raises(mmtk.MmtkError, match=r"r.yaml: model.name: unknown model 'multimae-huge'; choose one of "
+                                             r"multimae-tiny, "):
+        load_recipe(path)
