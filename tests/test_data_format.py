@@ -45,6 +45,32 @@ def test_writer_layout_attrs_and_stats(tmp_path):
     assert info["units"]["depth"] == "m"
 
 
+def test_writer_metadata_written_in_blocks_matches_every_frame(tmp_path, monkeypatch):
+    # Timestamps, frame ids and intrinsics are buffered and written META_BLOCK frames at a time (3 here, so the
+    # 7 + 5 frames of two interleaved splits cross block ends and end on partial blocks written at close).
+    import mmtk.data.format as fmt
+
+    monkeypatch.setattr(fmt, "META_BLOCK", 3)
+    out = tmp_path / "w.h5"
+    counts = {"train": 7, "test": 5}
+    with H5Writer(out, source="unit test") as writer:
+        for i in range(max(counts.values())):
+            for split, count in counts.items():
+                if i < count:
+                    writer.add_frame(split, {"rgb": np.full((8, 8, 3), i, np.uint8),
+                                             "depth": np.full((8, 8), 1.0 + i, np.float32)},
+                                     intrinsics=np.diag([500.0 + i, 500.0, 1.0]), timestamp=100.0 + i / 30,
+                                     frame_id=f"{split}/{i:04d}.png")
+    with h5py.File(out) as f:
+        for split, count in counts.items():
+            group = f[split]
+            assert {len(group[key]) for key in ("rgb", "depth", "intrinsics", "timestamp", "frame_id")} == {count}
+            np.testing.assert_array_equal(group["timestamp"][:], [100.0 + i / 30 for i in range(count)])
+            assert [v.decode() for v in group["frame_id"][:]] == [f"{split}/{i:04d}.png" for i in range(count)]
+            np.testing.assert_array_equal(group["intrinsics"][:, 0, 0], 500.0 + np.arange(count))
+            np.testing.assert_array_equal(group["rgb"][:, 0, 0, 0], np.arange(count))  # frame i beside metadata i
+
+
 def test_writer_is_atomic_and_refuses_overwrite(tmp_path):
     rgb, depth, labels = frame()
     out = tmp_path / "w.h5"
