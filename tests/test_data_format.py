@@ -15,8 +15,17 @@ from PIL import Image
 from data_helpers import BAG1, MULTIMAE, REPO, SYNC, TUM, labeled_frame, run_cli
 from mmtk.data import FORMAT_VERSION, H5Writer, read_info
 from mmtk.errors import MmtkError
+from mmtk.modality import Modality, StoredArray, register_modality
 
 NAMES = ["wall", "floor", "cabinet"]
+
+
+@register_modality
+class Material(Modality):
+    """Per-pixel material ids: a label array whose name says nothing of labels."""
+
+    name = "test_material"
+    stores = (StoredArray("test_material", "labels", ("uint8",), "class id, 0 = unlabeled, k = classes[k-1]"),)
 
 
 def frame():
@@ -135,6 +144,22 @@ def _assert_clean_error(tmp_path, args, expect):
     assert len(error_lines) == 1 and expect in error_lines[0], text
     assert "Traceback" not in text
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("out.h5")]
+
+
+def test_info_takes_labels_by_their_adapters_kind_and_skips_predicted_ones(tmp_path):
+    rgb, depth, labels = frame()
+    out = tmp_path / "w.h5"
+    with H5Writer(out, source="unit test", classes=NAMES) as writer:
+        writer.add_frame("train", {"rgb": rgb, "depth": depth, "test_material": labels})
+    info = read_info(out)
+    assert info["classes"] == NAMES
+    assert info["splits"]["train"]["class_histogram"]["cabinet"] == int((labels == 3).sum())
+    with h5py.File(out, "r+") as f:  # as `mmtk pseudo-label` adds labels: a network's classes and its "model"
+        f["train/semseg_pseudo"] = labels[None]
+        f["train/semseg_pseudo"].attrs.update({"classes": json.dumps(["floor", "box"]), "model": "/models/seg"})
+        f["train/test_material"].attrs["model"] = "/models/material"  # the adapter's labels, but predicted
+    info = read_info(out)
+    assert info["classes"] is None and info["splits"]["train"]["class_histogram"] is None
 
 
 def test_unknown_layout_lists_supported(tmp_path):
