@@ -162,6 +162,19 @@ def test_info_takes_labels_by_their_adapters_kind_and_skips_predicted_ones(tmp_p
     assert info["classes"] is None and info["splits"]["train"]["class_histogram"] is None
 
 
+def test_check_refuses_an_absurd_frame_size_when_opening_the_file(tmp_path):
+    # `mmtk check` has no per-frame size rule of its own: check_declared_sizes, run by open_mmtk_file, refuses
+    # every dataset of every split whose frame declares over 1 GiB (here 16384x16384 float64: 2 GiB) first.
+    path = tmp_path / "bomb.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["mmtk_format"] = FORMAT_VERSION
+        f.create_dataset("all/rgb", shape=(1, 8, 8, 3), dtype=np.uint8, data=np.zeros((1, 8, 8, 3), np.uint8))
+        f.create_dataset("all/depth", shape=(1, 16384, 16384), dtype=np.float64, chunks=(1, 1024, 1024))
+    code, text = run_cli("check", path)
+    assert code == 2 and text.count("\n") == 1, text
+    assert "/all/depth declares 2.0 GiB per frame" in text and "over the 1.0 GiB limit" in text
+
+
 def test_unknown_layout_lists_supported(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "notes.txt").write_text("hello")
