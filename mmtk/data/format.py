@@ -105,7 +105,9 @@ class H5Writer:
     Use it as a context manager. Frames go to a temporary file beside ``out_path``, which is
     renamed to ``out_path`` only when the ``with`` block ends without an exception; on error the
     temporary file is deleted, so a partial file never sits under the final name. An existing
-    ``out_path`` is refused unless ``force=True``.
+    ``out_path`` is refused unless ``force=True``. Image arrays are written in :meth:`add_frame`; per-frame
+    metadata (intrinsics, timestamp, frame_id) :data:`META_BLOCK` frames at a time and at the end, so the
+    temporary file's metadata lags its images until then (it is never published before).
 
     Example::
 
