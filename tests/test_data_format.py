@@ -15,8 +15,17 @@ from PIL import Image
 from data_helpers import BAG1, MULTIMAE, REPO, SYNC, TUM, labeled_frame, run_cli
 from mmtk.data import FORMAT_VERSION, H5Writer, read_info
 from mmtk.errors import MmtkError
+from mmtk.modality import Modality, StoredArray, register_modality
 
 NAMES = ["wall", "floor", "cabinet"]
+
+
+@register_modality
+class Material(Modality):
+    """Per-pixel material ids: a label array whose name says nothing of labels."""
+
+    name = "test_material"
+    stores = (StoredArray("test_material", "labels", ("uint8",), "class id, 0 = unlabeled, k = classes[k-1]"),)
 
 
 def frame():
@@ -43,6 +52,32 @@ def test_writer_layout_attrs_and_stats(tmp_path):
     assert split["depth"]["depth"]["min_m"] == pytest.approx(float(depth.min()))
     assert split["class_histogram"]["cabinet"] == 2 * int((labels == 3).sum())
     assert info["units"]["depth"] == "m"
+
+
+def test_writer_metadata_written_in_blocks_matches_every_frame(tmp_path, monkeypatch):
+    # Timestamps, frame ids and intrinsics are buffered and written META_BLOCK frames at a time (3 here, so the
+    # 7 + 5 frames of two interleaved splits cross block ends and end on partial blocks written at close).
+    import mmtk.data.format as fmt
+
+    monkeypatch.setattr(fmt, "META_BLOCK", 3)
+    out = tmp_path / "w.h5"
+    counts = {"train": 7, "test": 5}
+    with H5Writer(out, source="unit test") as writer:
+        for i in range(max(counts.values())):
+            for split, count in counts.items():
+                if i < count:
+                    writer.add_frame(split, {"rgb": np.full((8, 8, 3), i, np.uint8),
+                                             "depth": np.full((8, 8), 1.0 + i, np.float32)},
+                                     intrinsics=np.diag([500.0 + i, 500.0, 1.0]), timestamp=100.0 + i / 30,
+                                     frame_id=f"{split}/{i:04d}.png")
+    with h5py.File(out) as f:
+        for split, count in counts.items():
+            group = f[split]
+            assert {len(group[key]) for key in ("rgb", "depth", "intrinsics", "timestamp", "frame_id")} == {count}
+            np.testing.assert_array_equal(group["timestamp"][:], [100.0 + i / 30 for i in range(count)])
+            assert [v.decode() for v in group["frame_id"][:]] == [f"{split}/{i:04d}.png" for i in range(count)]
+            np.testing.assert_array_equal(group["intrinsics"][:, 0, 0], 500.0 + np.arange(count))
+            np.testing.assert_array_equal(group["rgb"][:, 0, 0, 0], np.arange(count))  # frame i beside metadata i
 
 
 def test_writer_is_atomic_and_refuses_overwrite(tmp_path):
@@ -109,6 +144,35 @@ def _assert_clean_error(tmp_path, args, expect):
     assert len(error_lines) == 1 and expect in error_lines[0], text
     assert "Traceback" not in text
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("out.h5")]
+
+
+def test_info_takes_labels_by_their_adapters_kind_and_skips_predicted_ones(tmp_path):
+    rgb, depth, labels = frame()
+    out = tmp_path / "w.h5"
+    with H5Writer(out, source="unit test", classes=NAMES) as writer:
+        writer.add_frame("train", {"rgb": rgb, "depth": depth, "test_material": labels})
+    info = read_info(out)
+    assert info["classes"] == NAMES
+    assert info["splits"]["train"]["class_histogram"]["cabinet"] == int((labels == 3).sum())
+    with h5py.File(out, "r+") as f:  # as `mmtk pseudo-label` adds labels: a network's classes and its "model"
+        f["train/semseg_pseudo"] = labels[None]
+        f["train/semseg_pseudo"].attrs.update({"classes": json.dumps(["floor", "box"]), "model": "/models/seg"})
+        f["train/test_material"].attrs["model"] = "/models/material"  # the adapter's labels, but predicted
+    info = read_info(out)
+    assert info["classes"] is None and info["splits"]["train"]["class_histogram"] is None
+
+
+def test_check_refuses_an_absurd_frame_size_when_opening_the_file(tmp_path):
+    # `mmtk check` has no per-frame size rule of its own: check_declared_sizes, run by open_mmtk_file, refuses
+    # every dataset of every split whose frame declares over 1 GiB (here 16384x16384 float64: 2 GiB) first.
+    path = tmp_path / "bomb.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["mmtk_format"] = FORMAT_VERSION
+        f.create_dataset("all/rgb", shape=(1, 8, 8, 3), dtype=np.uint8, data=np.zeros((1, 8, 8, 3), np.uint8))
+        f.create_dataset("all/depth", shape=(1, 16384, 16384), dtype=np.float64, chunks=(1, 1024, 1024))
+    code, text = run_cli("check", path)
+    assert code == 2 and text.count("\n") == 1, text
+    assert "/all/depth declares 2.0 GiB per frame" in text and "over the 1.0 GiB limit" in text
 
 
 def test_unknown_layout_lists_supported(tmp_path):

@@ -233,3 +233,29 @@ def test_colour_images_in_other_modes_are_read_as_rgb(tmp_path, mode):
     np.testing.assert_array_equal(got, expected)
     if mode == "P":  # palette indices are not colours
         assert np.abs(got.astype(int) - rgb).mean() < 10
+
+
+def test_guessed_units_compute_each_reading_of_a_frame_s_percentiles_once(monkeypatch):
+    # A folder whose units are guessed reads its first frame by every depth format (for the guess, the
+    # refusal's hint and the range check): the percentiles of each reading are computed once, passed along.
+    import hashlib
+
+    import mmtk.data.sources.folders as folders
+    import mmtk.data.values as values
+    from mmtk.data.sources.base import ConvertOptions
+
+    computed: list[str] = []
+    original = values.depth_percentiles
+
+    def counted(depth):
+        computed.append(hashlib.sha256(np.ascontiguousarray(depth).tobytes()).hexdigest())
+        return original(depth)
+
+    monkeypatch.setattr(values, "depth_percentiles", counted)
+    monkeypatch.setattr(folders, "depth_percentiles", counted)
+    source = folders.open_rgbd_source(shared("esanet_kinect2_sample"), ConvertOptions())  # Kinect v2: guessed
+    assert any("read as 0.1 mm" in note for note in source.notes)
+    assert len(computed) == len(set(computed)) >= 3  # mm (the guess), 0.1 mm (the check), the other formats
+    computed.clear()
+    frames = list(source.frames())
+    assert len(frames) == 1 and len(computed) == 1  # each frame checked against the sensor range once

@@ -22,7 +22,6 @@ from mmtk.data.dataset import open_mmtk_file
 from mmtk.errors import MmtkError
 
 META_ARRAYS = ("intrinsics", "timestamp", "frame_id")
-MAX_FRAME_BYTES = 1 << 30  # no real frame is this large; a declared one is a bomb, not data
 
 
 @dataclass
@@ -80,13 +79,9 @@ def check_file(path: str | os.PathLike) -> CheckReport:
 
 
 def _frames_to_scan(split: str, name: str, dataset: h5py.Dataset, report: CheckReport) -> int:
-    """How many frames of ``dataset`` to read: none when one frame would be absurdly large, and no more than
-    the file holds chunks for (a declared count beyond that is reported, not allocated)."""
-    frame_bytes = int(np.prod(dataset.shape[1:], dtype=np.float64)) * dataset.dtype.itemsize
-    if frame_bytes > MAX_FRAME_BYTES:
-        report.bad.append(BadFrame(split, 0, name, f"declares {frame_bytes / 2**30:.1f} GiB per frame "
-                                   f"{list(dataset.shape[1:])}; not read"))
-        return 0
+    """How many frames of ``dataset`` to read: no more than the file holds chunks for (a declared count beyond
+    that is reported, not allocated). Absurd frame sizes never get here: opening the file refuses them
+    (:func:`mmtk.data.dataset.check_declared_sizes`)."""
     frames = dataset.shape[0]
     if dataset.chunks is not None and dataset.chunks[0] == 1:
         held = dataset.id.get_num_chunks()

@@ -41,6 +41,10 @@ FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "test", "all")
 PARTIAL_SUFFIX = ".partial"  # a dataset `mmtk pseudo-label` is still writing (resumable), renamed when complete
 META_UNITS = {"intrinsics": "px", "timestamp": "s"}
+# Per-frame metadata (intrinsics, timestamp, frame_id) is buffered and written this many frames at a time: a write of
+# a few bytes costs as much HDF5 work (resize, selection, chunk lookup) as a frame of pixels, about 0.5 ms each
+# (benchmarks/bench_convert.py). 1024 is the chunk length of timestamp and frame_id, so a block fills whole chunks.
+META_BLOCK = 1024
 # Chosen by measurement (benchmarks/bench_loader.py, see docs/dataset-format.md): uncompressed chunks read fastest,
 # let HDF5 read a crop window without touching the rest of the frame, and open in any HDF5 tool. (Blosc LZ4 would
 # halve depth at the same speed but makes files unreadable without the hdf5plugin filter.)
@@ -101,7 +105,9 @@ class H5Writer:
     Use it as a context manager. Frames go to a temporary file beside ``out_path``, which is
     renamed to ``out_path`` only when the ``with`` block ends without an exception; on error the
     temporary file is deleted, so a partial file never sits under the final name. An existing
-    ``out_path`` is refused unless ``force=True``.
+    ``out_path`` is refused unless ``force=True``. Image arrays are written in :meth:`add_frame`; per-frame
+    metadata (intrinsics, timestamp, frame_id) :data:`META_BLOCK` frames at a time and at the end, so the
+    temporary file's metadata lags its images until then (it is never published before).
 
     Example::
 
@@ -124,6 +130,9 @@ class H5Writer:
         self._kinds: dict[str, dict[str, str]] = {}  # split -> stored array -> kind
         self._metric: dict[str, dict[str, MetricStats]] = {}
         self._histograms: dict[str, dict[str, np.ndarray]] = {}
+        self._datasets: dict[str, dict[str, h5py.Dataset]] = {}  # split -> field -> its dataset
+        self._image_size: dict[str, tuple[int, int]] = {}
+        self._pending: dict[str, dict[str, list]] = {}  # split -> metadata field -> values not yet written
 
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> "H5Writer":
@@ -227,19 +236,23 @@ class H5Writer:
             missing = sorted(set(self._keys[split]) ^ set(keys))
             raise MmtkError(f"frame {name} in split {split!r} differs from the split's first frame in "
                             f"{', '.join(missing)}; every frame of a split needs the same modalities")
-        group = self._file[split]
         index = self._counts[split]
-        expected = tuple(group.attrs["image_size"])
+        expected = self._image_size[split]
         for key in kinds:
             if frame[key].shape[:2] != expected:
                 raise MmtkError(f"frame {name}: {key} is {frame[key].shape[0]}x{frame[key].shape[1]} but the "
                                 f"split's images are {expected[0]}x{expected[1]}; convert with --size HxW")
-        for key in keys:
-            dataset = group[key]
+        for key in kinds:
+            dataset = self._datasets[split][key]
             dataset.resize(index + 1, axis=0)
             dataset[index] = frame[key]
+        pending = self._pending[split]
+        for key, values in pending.items():
+            values.append(frame[key])
         self._update_stats(split, frame, kinds)
         self._counts[split] = index + 1
+        if len(next(iter(pending.values()), ())) >= META_BLOCK:
+            self._write_pending(split)
 
     def metric_summary(self) -> dict[str, dict[str, float]]:
         """Per metric array (depth, ...) over every split written so far: valid fraction, min, median, max (m)."""
@@ -295,6 +308,7 @@ class H5Writer:
     def _create_split(self, split: str, frame: dict, kinds: dict[str, str]) -> None:
         assert self._file is not None
         group = self._file.create_group(split)
+        self._datasets[split] = {}
         for key, value in frame.items():
             if key == "frame_id":
                 dataset = group.create_dataset(key, shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(),
@@ -310,7 +324,10 @@ class H5Writer:
             dataset.attrs["units"] = stored_array(key)[1].units if key in kinds else META_UNITS.get(key, "")
             if kinds.get(key) == "labels":
                 dataset.attrs["classes"] = json.dumps(self.classes)
-        group.attrs["image_size"] = next(frame[key].shape[:2] for key in kinds)
+            self._datasets[split][key] = dataset
+        self._image_size[split] = next(frame[key].shape[:2] for key in kinds)
+        group.attrs["image_size"] = self._image_size[split]
+        self._pending[split] = {key: [] for key in frame if key not in kinds}
         self._counts[split] = 0
         self._keys[split] = tuple(sorted(frame))
         self._kinds[split] = dict(kinds)
@@ -324,11 +341,22 @@ class H5Writer:
         for key, histogram in self._histograms[split].items():
             histogram += np.bincount(frame[key].ravel(), minlength=histogram.size)
 
+    def _write_pending(self, split: str) -> None:
+        """Append the buffered metadata of ``split`` to its datasets, which then hold every frame written."""
+        for key, values in self._pending[split].items():
+            if values:
+                dataset = self._datasets[split][key]
+                start = dataset.shape[0]
+                dataset.resize(start + len(values), axis=0)
+                dataset[start:] = np.array(values, dtype=dataset.dtype)
+                values.clear()
+
     def _finish(self) -> None:
         assert self._file is not None
         if not self._counts:
             raise MmtkError(f"no frames were written for {self.out_path}; the source holds no usable frames")
         for split in self._counts:
+            self._write_pending(split)
             group = self._file[split]
             for key, stats in self._metric[split].items():
                 group[key].attrs.update(stats.attrs())

@@ -13,8 +13,10 @@ import numpy as np
 from mmtk.data.dataset import open_mmtk_file
 from mmtk.data.format import MetricStats
 from mmtk.errors import MmtkError
+from mmtk.modality import stored_array
 
 STATS_SAMPLE_FRAMES = 32  # frames scanned when a file lacks the writer's stored statistics
+PREDICTED_ATTR = "model"  # the network that predicted an array (`mmtk pseudo-label` sets it on what it adds)
 
 
 def read_info(path: str | os.PathLike) -> dict[str, Any]:
@@ -61,7 +63,7 @@ def _split_info(group: h5py.Group, info: dict[str, Any]) -> dict[str, Any]:
             info["units"][name] = str(units)
     images = [d for name, d in group.items() if d.ndim >= 3 and name != "intrinsics"]  # per-frame images
     frames = int(images[0].shape[0]) if images else 0
-    labels = next((d for d in images if "classes" in d.attrs and not d.name.endswith("_pseudo")), None)
+    labels = next((d for d in images if _is_labels(d.name.rsplit("/", 1)[1]) and PREDICTED_ATTR not in d.attrs), None)
     split: dict[str, Any] = {
         "frames": frames,
         "image_size": [int(v) for v in images[0].shape[1:3]] if images else None,
@@ -81,6 +83,14 @@ def _split_info(group: h5py.Group, info: dict[str, Any]) -> dict[str, Any]:
         split["class_histogram"] = {names[k] if k < len(names) else str(k): int(v)
                                     for k, v in enumerate(histogram) if v}
     return split
+
+
+def _is_labels(name: str) -> bool:
+    """Whether the adapter that stores ``name`` declares it class ids (an array no loaded adapter stores is not)."""
+    try:
+        return stored_array(name)[1].kind == "labels"
+    except MmtkError:
+        return False
 
 
 def _sample_indices(count: int) -> np.ndarray:

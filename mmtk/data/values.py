@@ -15,6 +15,7 @@ MAX_PLAUSIBLE_MEDIAN_M = 80.0
 MIN_PLAUSIBLE_MEDIAN_M = 0.05
 MAX_DEPTH_M = 1000.0  # beyond any depth sensor: corrupt values or wrong units
 UNITS_FIX = "pass --depth-scale (units per metre, e.g. 1 for metres, 1000 for millimetres) or --depth-format"
+Percentiles = tuple[float, float, float]  # 1st percentile, median, 99th percentile of the valid depth, metres
 
 
 def check_metric_values(name: str, depth: np.ndarray) -> None:
@@ -29,7 +30,7 @@ def check_metric_values(name: str, depth: np.ndarray) -> None:
                         f"corrupt or not in metres: re-create it with `mmtk convert`")
 
 
-def depth_percentiles(depth: np.ndarray) -> tuple[float, float, float] | None:
+def depth_percentiles(depth: np.ndarray) -> Percentiles | None:
     """(1st percentile, median, 99th percentile) of the valid (> 0) depth in metres, on a sample of
     at most ~20000 pixels; None when no pixel is valid."""
     valid = depth[depth > 0]
@@ -40,14 +41,17 @@ def depth_percentiles(depth: np.ndarray) -> tuple[float, float, float] | None:
 
 
 def check_plausible_metres(name: str, depth: np.ndarray, frame_id: object,
-                           plausible: tuple[float, float] | None = None, fix: str = UNITS_FIX) -> None:
+                           plausible: tuple[float, float] | None = None, fix: str = UNITS_FIX,
+                           stats: Percentiles | None = None) -> None:
     """Refuse depth that cannot be metres, in one line ending with ``fix``.
 
     Always: any value beyond 1000 m, a median beyond 80 m (millimetres given as metres) or below 0.05 m
     (metres read as millimetres). With ``plausible`` (MIN, MAX metres, the sensor's range; used where units
-    were guessed): the 1st percentile, median and 99th percentile must lie inside it.
+    were guessed): the 1st percentile, median and 99th percentile must lie inside it. ``stats``: the
+    :func:`depth_percentiles` of ``depth`` when the caller has them already (None: computed here), so that a
+    frame's are computed once.
     """
-    stats = depth_percentiles(depth)
+    stats = stats if stats is not None else depth_percentiles(depth)
     if stats is None:
         return
     p01, median, p99 = stats

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import h5py
 import numpy as np
 
-from mmtk.data.values import check_plausible_metres, depth_percentiles
+from mmtk.data.values import Percentiles, check_plausible_metres, depth_percentiles
 from mmtk.data.dataset import check_dataset_size
 from mmtk.data.sources.base import (DEPTH_FORMATS, FORMAT_UNITS, IMAGE_SUFFIXES, ConvertOptions, DepthEncoding, Frame,
                                     RgbdSource, associate_by_time, decode_depth, find_intrinsics,
@@ -97,17 +97,34 @@ def _units_given(options: ConvertOptions) -> bool:
     return options.depth_scale is not None or options.depth_format is not None
 
 
-def _units_fix(raw: np.ndarray | None, encoding: DepthEncoding, how: str, options: ConvertOptions) -> str:
-    """The end of a refusal: what the units were taken as, which formats would be plausible, the flags."""
-    plausible = []
-    for name in DEPTH_FORMATS if raw is not None else ():
+Decodings = dict[DepthEncoding, tuple[np.ndarray, Percentiles | None]]
+
+
+def _decodings(raw: np.ndarray) -> Decodings:
+    """A frame's stored depth read by every named format that can read it, in metres, with its percentiles
+    (computed once here, for the units guess, the refusal's hint and the first frame's check)."""
+    decoded = {}
+    for name in DEPTH_FORMATS:
+        encoding = DepthEncoding(name, FORMAT_UNITS.get(name))
         try:
-            depth = decode_depth(raw, DepthEncoding(name, FORMAT_UNITS.get(name)), "")
-            check_plausible_metres("depth", depth, "", options.depth_range)
+            depth = decode_depth(raw, encoding, "")
         except MmtkError:
             continue
-        if name != encoding.format and (stats := depth_percentiles(depth)):
-            plausible.append(f"{name} gives median {stats[1]:.2f} m")
+        decoded[encoding] = (depth, depth_percentiles(depth))
+    return decoded
+
+
+def _units_fix(decoded: Decodings | None, encoding: DepthEncoding, how: str, options: ConvertOptions) -> str:
+    """The end of a refusal: what the units were taken as, which formats (of the first frame's ``decoded``)
+    would be plausible, the flags."""
+    plausible = []
+    for other, (depth, stats) in (decoded or {}).items():
+        try:
+            check_plausible_metres("depth", depth, "", options.depth_range, stats=stats)
+        except MmtkError:
+            continue
+        if other.format != encoding.format and stats:
+            plausible.append(f"{other.format} gives median {stats[1]:.2f} m")
     hint = f" ({'; '.join(plausible)})" if plausible else ""
     return (f"depth read as {encoding.text} ({how}); pass --depth-format {'|'.join(DEPTH_FORMATS)}{hint} or "
             f"--depth-scale UNITS_PER_METRE, or --depth-range outdoor|lidar|MIN-MAX for another sensor")
@@ -488,8 +505,9 @@ def _is_paired(src: Path) -> str | None:
 
 
 def _guess_encoding(raw: np.ndarray, path: Path, src: Path, camera_units: float | None,
-                    camera_file: str) -> tuple[DepthEncoding, str]:
-    """The depth encoding of a folder without declared units, and the evidence for it."""
+                    camera_file: str, decoded: Decodings) -> tuple[DepthEncoding, str]:
+    """The depth encoding of a folder without declared units (``raw``: its first frame, read by each
+    format in ``decoded``), and the evidence for it."""
     if camera_units is not None:
         return DepthEncoding(None, camera_units), f"{camera_units:g} units/m, declared by {camera_file}"
     if np.issubdtype(raw.dtype, np.floating):
@@ -502,7 +520,7 @@ def _guess_encoding(raw: np.ndarray, path: Path, src: Path, camera_units: float 
         return (DepthEncoding("sun"), f"{100 * fraction:.0f} % of the values are multiples of 8 = SUN RGB-D's "
                 f"bit-rotated millimetres")
     if raw.dtype == np.uint16 and raw.shape == KINECT_V2_DEPTH_SIZE:
-        stats = depth_percentiles(decode_depth(raw, DepthEncoding("mm", FORMAT_UNITS["mm"]), path))
+        stats = decoded[DepthEncoding("mm", FORMAT_UNITS["mm"])][1]
         if stats is not None and stats[1] > KINECT_V2_MAX_M:
             return (DepthEncoding("0.1mm", FORMAT_UNITS["0.1mm"]), f"512x424 is Kinect v2's depth size and millimetres "
                     f"would give a median of {stats[1]:.1f} m, beyond its {KINECT_V2_MAX_M:g} m range: read as 0.1 mm")
@@ -546,20 +564,21 @@ def _open_paired(src: Path, options: ConvertOptions) -> RgbdSource:
         notes.append(f"intrinsics from {camera.path.name}")
     guessed = not _units_given(options)
     first = read_depth_units(depth[keys[0]])
+    decoded = _decodings(first)
     if guessed:
         encoding, evidence = _guess_encoding(first, depth[keys[0]], src,
                                              camera.depth_units_per_metre if camera else None,
-                                             camera.path.name if camera else "")
+                                             camera.path.name if camera else "", decoded)
         notes.append(f"{'GUESSED ' if 'declared' not in evidence else ''}depth units: {evidence}; checked against {options.depth_range[0]:g}-"
                      f"{options.depth_range[1]:g} m (pass --depth-format or --depth-scale if wrong)")
     else:
         encoding = options.encoding(DepthEncoding())
         notes.append(f"depth read as {encoding.text} (given)")
     register = _kinect_registration(src, camera, notes) if encoding.format == "kinect-disparity" else None
-    fix = _units_fix(first, encoding, "guessed" if guessed else "given", options)
+    fix = _units_fix(decoded, encoding, "guessed" if guessed else "given", options)
     if guessed:
-        check_plausible_metres("depth", decode_depth(first, encoding, depth[keys[0]]),
-                               color[keys[0]].relative_to(src), options.depth_range, fix)
+        first_m, stats = decoded.get(encoding) or (decode_depth(first, encoding, depth[keys[0]]), None)
+        check_plausible_metres("depth", first_m, color[keys[0]].relative_to(src), options.depth_range, fix, stats)
     classes = None
     if labels:
         classes = _label_names(src, options)
