@@ -104,6 +104,13 @@ def test_dataset_map_and_errors(nyu_file, tmp_path):
         H5Dataset(nyu_file, modalities=("normals",))
 
 
+def test_default_modalities_are_those_the_split_stores(nyu_file, sync_file):
+    assert H5Dataset(nyu_file, split="test").modalities == ("rgb", "depth", "semseg")
+    unlabelled = H5Dataset(sync_file, split="all", image_size=(64, 64))  # BTS sync frames have no labels
+    assert unlabelled.modalities == ("rgb", "depth")
+    assert set(unlabelled[0]) == {"rgb", "depth", "depth_valid", "depth_m"}
+
+
 def test_demo_file_trains_shape_ready(tmp_path):
     from mmtk.data import build_demo_file
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mmtk.modality import Modality, get_modality, stored_array
+from mmtk.modality import Modality, get_modality, list_modalities, stored_array
 from mmtk.data.format import FORMAT_VERSION, PARTIAL_SUFFIX
 from mmtk.data.transforms import CropWindow, full_window, random_resized_crop
 from mmtk.errors import MmtkError
@@ -183,7 +183,8 @@ class H5Dataset(Dataset):
     Args:
         path: the .h5 file.
         split: group name ("train", "test", "all").
-        modalities: registered modality names ("rgb", "depth", "semseg", "xyz", a plugin's ...).
+        modalities: registered modality names ("rgb", "depth", "semseg", "xyz", a plugin's ...); None: every
+            registered modality the split stores under its own name.
         image_size: output (H, W); None keeps the file's size.
         augment: random resized crop + horizontal flip, identical for every modality.
         crop_scale: area fraction range of the random crop.
@@ -194,13 +195,13 @@ class H5Dataset(Dataset):
     """
 
     def __init__(self, path: str | os.PathLike, split: str = "train",
-                 modalities: Sequence[str] = ("rgb", "depth", "semseg"),
+                 modalities: Sequence[str] | None = None,
                  image_size: tuple[int, int] | None = (224, 224), augment: bool = False,
                  crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True,
                  dataset_map: Mapping[str, str] | None = None) -> None:
         self.path = Path(path)
         self.split = split
-        self.modalities = tuple(modalities)
+        self.modalities = tuple(modalities) if modalities is not None else self._stored_modalities()
         self.augment = augment
         self.crop_scale = tuple(crop_scale)
         self.hflip = hflip
@@ -228,9 +229,19 @@ class H5Dataset(Dataset):
         self._pid: int | None = None
         self._open: dict[str, h5py.Dataset] = {}
 
-    def _check(self, handle: h5py.File) -> None:
+    def _stored_modalities(self) -> tuple[str, ...]:
+        """The registered modalities this split stores under their own name, in registry order."""
+        with open_mmtk_file(self.path) as handle:
+            self._check_split(handle)
+            stored = set(handle[self.split])
+        return tuple(name for name in list_modalities() if name in stored)
+
+    def _check_split(self, handle: h5py.File) -> None:
         if self.split not in handle:
             raise MmtkError(f"{self.path} has no split {self.split!r}; it has {', '.join(handle.keys())}")
+
+    def _check(self, handle: h5py.File) -> None:
+        self._check_split(handle)
         group = handle[self.split]
         sizes = set()
         for modality, name in self._stored_names():
