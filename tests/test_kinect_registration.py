@@ -70,6 +70,18 @@ def test_convert_registers_the_real_raw_frame_into_the_colour_grid(tmp_path, reg
     assert np.isclose(stored, depth, atol=1e-4)[stored > 0].mean() < 0.2
 
 
+def test_color_and_depth_folders_of_ppm_and_pgm_pair_and_register(tmp_path, registered):
+    src = tmp_path / "src"
+    (src / "color").mkdir(parents=True)
+    (src / "depth").mkdir()
+    shutil.copy(shared(RAW) / "NYU_color.ppm", src / "color" / "0001.ppm")
+    shutil.copy(shared(RAW) / "NYU_depth.pgm", src / "depth" / "0001.pgm")
+    code, text = run_cli("convert", "--rgbd", src, tmp_path / "raw.h5", "--no-progress")
+    assert code == 0 and "folders color/, depth/" in text and "registered to the colour image" in text, text
+    with h5py.File(tmp_path / "raw.h5") as f:
+        np.testing.assert_array_equal(f["all/depth"][0], registered[3])
+
+
 def test_raw_frames_of_another_size_or_beside_another_camera_file_are_refused_in_one_line(tmp_path):
     src = shared(RAW)
     small = tmp_path / "small"

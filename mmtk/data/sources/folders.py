@@ -154,7 +154,7 @@ def _is_multimae(src: Path) -> str | None:
 def _stems(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         return {}
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES + (".npy",)}
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in {*IMAGE_SUFFIXES, *DEPTH_SUFFIXES}}
 
 
 def _open_multimae(src: Path, options: ConvertOptions) -> RgbdSource:
