@@ -33,6 +33,14 @@ def models() -> None:
     Console().print(table)
 
 
+def _has_classes(config) -> bool:
+    """Whether a registered modality of the model is a label map (its class count then matters)."""
+    from mmtk.modality import get_modality, list_modalities
+
+    names = {*config.inputs, *config.outputs, *([config.task] if config.task else [])} & set(list_modalities())
+    return any(get_modality(name).ignore_index is not None for name in names)
+
+
 @app.command("weights")
 def weights(
     checkpoint: Path = typer.Argument(..., help="Weights: an mmtk checkpoint, an official MultiMAE checkpoint, timm/DeiT/"
@@ -69,8 +77,7 @@ def weights(
                f"{config.patch_size} px, image {config.image_size[0]}x{config.image_size[1]} px, inputs "
                f"{','.join(config.inputs)}, " + (f"{config.head} head -> {config.task}" if config.head else
                                                  f"outputs {','.join(config.outputs) or 'none (encoder only)'}")
-               + (f", {config.num_classes} classes" if "semseg" in (*config.inputs, *config.outputs, config.task)
-                  else ""))
+               + (f", {config.num_classes} classes" if _has_classes(config) else ""))
     for note in found.notes + notes:
         typer.echo(f"  {note}")
     if found.unused:

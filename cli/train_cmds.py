@@ -191,12 +191,13 @@ def eval_cmd(
                             device=device, save_predictions=save_predictions)
     console = Console() if sys.stdout.isatty() else Console(width=160)
     for task in dict.fromkeys(r.task for r in rows):
-        keys = FAMILIES[get_modality(task).metric_family]["keys"]
+        family = get_modality(task).metric_family
+        keys = FAMILIES[family]["keys"]
         task_rows = [r for r in rows if r.task == task]
         if not task_rows:
             continue
         relative = any(row.relative_depth for row in task_rows)
-        title = "semantic segmentation" if task == "semseg" else \
+        title = "semantic segmentation" if family == "segmentation" else \
             "relative depth (valid pixels)" if relative else "depth (metres, valid pixels)"
         table = Table(title=f"{title}: {frames} frames of split '{split}' of {data}")
         table.add_column("inputs")
