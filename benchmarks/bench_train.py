@@ -25,7 +25,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmtk.config import load_recipe
-from mmtk.engine import SeededDataset, _autocast, build_optimizer, pick_device, to_device
+from mmtk.batches import SeededDataset
+from mmtk.optim import build_optimizer
+from mmtk.runtime import autocast, pick_device, to_device
 from mmtk.training import DataInfo, model_args, needed_modalities, open_dataset, pretrain_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +66,7 @@ def time_steps(recipe, model, batches, device, steps: int) -> float:
     for i in range(steps + 1):
         start = time.perf_counter()
         batch = to_device(next(batches), device)
-        with _autocast(device, recipe.train.precision):
+        with autocast(device, recipe.train.precision):
             loss, _ = pretrain_loss(model, batch)
         loss.backward()
         optimizer.step()

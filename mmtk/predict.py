@@ -202,7 +202,7 @@ def check_model_args(state: dict, path: str | os.PathLike) -> None:
     if count > held * WEIGHTS_SLACK + 2**18:
         raise MmtkError(f"{path}: model_args describe a model of {count:,} values ({format_bytes(needed)}) but the "
                         f"checkpoint holds {held:,}; the checkpoint is corrupt or forged")
-    from mmtk.engine import available_memory  # one answer to 'how much memory is free' (cgroup limits too)
+    from mmtk.memory import available_memory  # one answer to 'how much memory is free' (cgroup limits too)
 
     free = available_memory(torch.device("cpu"))
     if free is not None and needed > free:

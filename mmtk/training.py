@@ -10,11 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmtk.modality import get_modality, list_modalities, modality_origins
+from mmtk.checkpoint import newest_checkpoint
 from mmtk.config import Recipe
-from mmtk.engine import FitResult, fit, main_process_print, newest_checkpoint, seed_everything
+from mmtk.engine import FitResult, fit
 from mmtk.errors import MmtkError
 from mmtk.metrics import FAMILIES
+from mmtk.modality import get_modality, list_modalities, modality_origins
+from mmtk.runtime import main_process_print, seed_everything
 
 
 def data_source(name: str) -> str:

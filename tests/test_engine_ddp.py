@@ -8,7 +8,8 @@ import sys
 import torch
 
 from engine_helpers import CLI, ONE_THREAD_ENV, RECIPES, TINY_SEMSEG, sample_h5  # noqa: F401
-from mmtk.engine import checkpoint_paths, load_checkpoint, read_metrics
+from mmtk.checkpoint import checkpoint_paths, load_checkpoint
+from mmtk.engine import read_metrics
 
 
 def _args(data, out):
@@ -47,7 +48,7 @@ def test_two_gloo_processes_match_one_process(sample_h5, tmp_path):
 def _initial_weights(data):
     """The weights both runs start from (same seed, same create_model call)."""
     from mmtk.config import load_recipe
-    from mmtk.engine import seed_everything
+    from mmtk.runtime import seed_everything
     from mmtk.training import data_info, model_args
 
     import mmtk

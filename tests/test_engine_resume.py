@@ -12,7 +12,8 @@ import pytest
 
 from engine_helpers import CLI, ONE_THREAD_ENV, RECIPES, TINY, run_cli, sample_h5  # noqa: F401
 from helpers import needs_cuda
-from mmtk.engine import checkpoint_paths, read_metrics
+from mmtk.checkpoint import checkpoint_paths
+from mmtk.engine import read_metrics
 
 LOSSES = ("loss", "rgb", "norm_rgb", "depth", "semseg", "lr")
 
