@@ -19,9 +19,10 @@ from helpers import needs_cuda, random_batch, tiny_model
 from mmtk.config import load_recipe
 from mmtk.engine import read_metrics
 from mmtk.multimae import compile_step
-from mmtk.training import pretrain_loss, run_training
+from mmtk.training import pretrain_loss_fn, run_training
 
 LOSSES = ("loss", "rgb", "norm_rgb", "depth", "semseg")
+pretrain_loss = pretrain_loss_fn()
 
 
 def _recipe(data, compile_mode: str, *extra: str):

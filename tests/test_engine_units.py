@@ -196,3 +196,28 @@ def test_device_names_are_checked_with_one_line_errors():
     if not torch.cuda.is_available():
         with pytest.raises(MmtkError, match="CUDA is not available here"):
             pick_device("cuda:0")
+
+
+def test_pretrain_loss_reads_the_modality_registry_once_per_run(monkeypatch):
+    """The names that pick the model's tensors out of a batch are read when the run starts, not per micro-step;
+    the validity map beside them goes to the model as `valid`, not as an input."""
+    from helpers import random_batch, tiny_model
+
+    import mmtk.training as training
+
+    reads = []
+    registry = training.list_modalities
+    monkeypatch.setattr(training, "list_modalities", lambda: reads.append(1) or registry())
+    compute_loss = training.pretrain_loss_fn()
+    model, batch = tiny_model(), random_batch(batch=2)
+    batch["depth_valid"] = torch.ones(2, 1, 64, 64, dtype=torch.bool)
+    batch["depth_valid"][:, :, :32] = False  # the top half has no depth: its pixels leave the depth loss
+    for _ in range(3):
+        loss, losses = compute_loss(model, batch)
+    assert len(reads) == 1
+    assert torch.isfinite(loss) and set(losses) == set(model.config.outputs)
+    torch.manual_seed(0)
+    _, with_holes = compute_loss(model, batch)
+    torch.manual_seed(0)
+    _, without = compute_loss(model, {k: v for k, v in batch.items() if k != "depth_valid"})
+    assert with_holes["rgb"] == without["rgb"] and with_holes["depth"] != without["depth"]

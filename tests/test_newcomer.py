@@ -122,12 +122,12 @@ def _tiny_run_parts(sample_h5, overrides: list[str]):
     import mmtk
     from mmtk.config import load_recipe
     from mmtk.runtime import setup_distributed
-    from mmtk.training import _prepare, model_args, pretrain_loss
+    from mmtk.training import _prepare, model_args, pretrain_loss_fn
 
     recipe = load_recipe("tiny", TINY + overrides, data_path=str(sample_h5))
     info, train_set = _prepare(recipe)
     model = mmtk.create_model(recipe.model.name, verbose=False, **model_args(recipe, info))
-    return recipe, model, train_set, pretrain_loss, setup_distributed("cpu")
+    return recipe, model, train_set, pretrain_loss_fn(), setup_distributed("cpu")
 
 
 def test_memory_check_refuses_a_micro_batch_that_does_not_fit(sample_h5, monkeypatch, tmp_path):
