@@ -96,12 +96,17 @@ class Checkpointer:
         self.last = path
         return path
 
-    def restore(self) -> int:
-        """Load the newest checkpoint into everything; returns its step."""
+    def restore(self, state: dict[str, Any] | None = None) -> int:
+        """Load the newest checkpoint into everything; returns its step.
+
+        ``state`` is that checkpoint when the caller has read it already (to build the model from it); it is
+        emptied here, so no second copy of the weights and optimizer moments stays in host memory for the run.
+        """
         self.last = newest_checkpoint(self.run_dir)
         if self.last is None:
             raise MmtkError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}; start without --resume")
-        state = load_checkpoint(self.last)
+        if state is None:
+            state = load_checkpoint(self.last)
         if self.info.is_main:  # a kill between the checkpoint's publish and last.pt's update left it behind
             last = self.run_dir / "last.pt"
             if not (last.exists() and os.path.samefile(last, self.last)):
@@ -115,4 +120,5 @@ class Checkpointer:
             set_rng_state(state["rng"][self.info.rank])
         else:  # resumed with another process count: same data order, new mask draws
             seed_everything(self.recipe.train.seed + self.info.rank + step)
+        state.clear()
         return step

@@ -51,13 +51,15 @@ class FitResult:
 
 
 def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Dataset, compute_loss: LossFn,
-        resume: bool = False, extra_state: dict[str, Any] | None = None) -> FitResult:
+        resume: bool = False, extra_state: dict[str, Any] | None = None,
+        resume_state: dict[str, Any] | None = None) -> FitResult:
     """Train ``model`` on ``train_set`` as ``recipe`` says, writing checkpoints and metrics to ``run_dir``.
 
     ``compute_loss(model, batch)`` returns the scalar loss to minimise and a dict of named scalar
     losses to log. ``extra_state`` (plain values) is stored in every checkpoint, e.g. how to rebuild
     the model. With ``resume`` the newest checkpoint in ``run_dir`` is loaded and training continues
-    from its step, reproducing an uninterrupted run.
+    from its step, reproducing an uninterrupted run; ``resume_state`` is that checkpoint when the caller
+    has read it already (see :meth:`Checkpointer.restore`), so the file is read once.
     """
     opt, cfg, run_dir = recipe.optim, recipe.train, Path(run_dir)
     if resume and newest_checkpoint(run_dir) is None:  # before anything is created or written
@@ -81,7 +83,7 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
     ckpt = Checkpointer(recipe, run_dir, info, model, optimizer, scheduler, scaler, data.steps_per_epoch, extra_state)
     metrics = MetricsLog(run_dir, info.is_main)
     seed_everything(cfg.seed + info.rank)  # different masks per process, same init (weights are broadcast)
-    step = ckpt.restore() if resume else 0
+    step = ckpt.restore(resume_state) if resume else 0
     if resume and info.is_main:
         main_process_print(f"resumed from step {step} of {stop} ({ckpt.last})")
     metrics.truncate_after(step)
