@@ -114,7 +114,9 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
                 for name, value in {"loss": loss, **losses}.items():
                     sums[name] = sums.get(name, 0) + value.detach().float() / data.accum_steps
                 progress.micro_step(step, micro_step + 1)
-            values = _mean_over_ranks(torch.stack(list(sums.values())), info).tolist()
+            # One all_reduce per step carries the losses and the stop flag, so every rank decides alike.
+            reduced = _mean_over_ranks(torch.stack([*sums.values(), stop_request.flag(info.device)]), info).tolist()
+            values, stop_flag = reduced[:-1], reduced[-1]
             step_losses = dict(zip(sums, values))
             if not all(math.isfinite(v) for v in values):
                 raise MmtkError(
@@ -138,7 +140,7 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
                 metrics.write({"step": step, "epoch": round(step / data.steps_per_epoch, 4), **step_losses,
                                "lr": lr, "images_per_s": round(images_per_s, 2)})
                 progress.log(step)
-            stopping = stop_request.agreed(info) and step < stop
+            stopping = stop_request.agreed(stop_flag, info) and step < stop
             if step % cfg.ckpt_every == 0 or step == stop or stopping:
                 ckpt.save(step)
             if stopping:
@@ -179,13 +181,15 @@ class StopRequest:
         self.requested = True
         main_process_print("Ctrl-C: finishing this step and writing a checkpoint (Ctrl-C again stops at once)")
 
-    def agreed(self, info: DistInfo) -> bool:
-        """Whether any process was asked to stop (all processes must save the same step together)."""
-        if info.world_size == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=info.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def flag(self, device: torch.device) -> torch.Tensor:
+        """1.0 when this process was asked to stop, else 0.0: reduced with the step's losses (no extra all_reduce)."""
+        return torch.full((), float(self.requested), device=device)
+
+    def agreed(self, reduced_flag: float, info: DistInfo) -> bool:
+        """Whether to stop after this step: all processes must save the same step together, so under torchrun
+        only what the step's reduction carried counts (a request after it stops the next step); a single
+        process also sees a request that came during its optimizer step."""
+        return reduced_flag > 0 or (info.world_size == 1 and self.requested)
 
 
 def _fmt_losses(losses: dict[str, float]) -> str:

@@ -202,15 +202,19 @@ def test_ctrl_c_saves_a_resumable_checkpoint(sample_h5, tmp_path):
 
 
 def test_second_ctrl_c_stops_at_once(capsys):
+    import torch
+
     from mmtk.engine import StopRequest
     from mmtk.runtime import DistInfo
 
     before = signal.getsignal(signal.SIGINT)
     info = DistInfo(0, 1, 0, None)
     with StopRequest() as request:
-        assert not request.agreed(info)
+        assert not request.agreed(float(request.flag(torch.device("cpu"))), info)
         os.kill(os.getpid(), signal.SIGINT)  # the handler runs in this (main) thread right away
-        assert request.agreed(info)
+        assert request.agreed(float(request.flag(torch.device("cpu"))), info)
+        assert request.agreed(0.0, info)  # one process: a request after the step's reduction counts too
+        assert not request.agreed(0.0, DistInfo(0, 2, 0, None))  # several: only what the reduction carried
         assert "finishing this step and writing a checkpoint (Ctrl-C again stops at once)" in capsys.readouterr().err
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
