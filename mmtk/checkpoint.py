@@ -62,6 +62,7 @@ def checkpoint_paths(run_dir: str | Path) -> list[Path]:
 
 
 def newest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The step checkpoint with the highest step, or None when the run has none."""
     paths = checkpoint_paths(run_dir)
     return paths[-1] if paths else None
 

@@ -23,6 +23,7 @@ def layer_id(name: str, num_blocks: int) -> int:
 
 
 def count_blocks(model: nn.Module) -> int:
+    """Number of encoder blocks (``encoder.blocks.N``) among the parameter names; 0 when there are none."""
     ids = {int(m.group(1)) for n, _ in model.named_parameters() if (m := re.match(r"encoder\.blocks\.(\d+)\.", n))}
     return max(ids) + 1 if ids else 0
 
