@@ -25,8 +25,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmtk.config import load_recipe
-from mmtk.engine import SeededDataset, _autocast, build_optimizer, pick_device, to_device
-from mmtk.training import DataInfo, model_args, needed_modalities, open_dataset, pretrain_loss
+from mmtk.batches import SeededDataset
+from mmtk.optim import build_optimizer
+from mmtk.runtime import autocast, pick_device, to_device
+from mmtk.training import DataInfo, model_args, needed_modalities, open_dataset, pretrain_loss_fn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,11 +62,12 @@ def time_steps(recipe, model, batches, device, steps: int) -> float:
     """Seconds per optimizer step (median of `steps` after one warm-up step)."""
     model.to(device).train()
     optimizer, _ = build_optimizer(model, recipe, total_steps=1000, warmup_steps=10)
+    pretrain_loss = pretrain_loss_fn()
     times = []
     for i in range(steps + 1):
         start = time.perf_counter()
         batch = to_device(next(batches), device)
-        with _autocast(device, recipe.train.precision):
+        with autocast(device, recipe.train.precision):
             loss, _ = pretrain_loss(model, batch)
         loss.backward()
         optimizer.step()

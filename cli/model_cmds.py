@@ -58,7 +58,7 @@ def weights(
     from dataclasses import asdict
 
     from mmtk.config import parse_override
-    from mmtk.engine import save_checkpoint
+    from mmtk.checkpoint import save_checkpoint
     from mmtk.errors import MmtkError
     from mmtk.formats import mmtk_to_official, write_model_folder, write_safetensors
     from mmtk.registry import describe_weights, size_name

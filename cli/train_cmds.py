@@ -19,7 +19,7 @@ SET_HELP = "Override a recipe value, e.g. --set optim.lr=2e-4 (repeatable)."
 
 def _run_dir(recipe: str, out: Optional[Path], resume: bool) -> Path:
     """--out, else runs/<recipe name>; refuses to mix a new run into a folder that has checkpoints."""
-    from mmtk.engine import newest_checkpoint
+    from mmtk.checkpoint import newest_checkpoint
 
     run_dir = out or Path("runs") / Path(recipe).stem
     if resume and not run_dir.is_dir():  # before anything is created there
@@ -41,7 +41,8 @@ def _resume_command(kind: str, recipe: str, data: Optional[Path], run_dir: Path,
 def _train(recipe_arg: str, kind: str, data: Optional[Path], out: Optional[Path], overrides: list[str],
            resume: bool, init: Optional[Path] = None) -> None:
     from mmtk.config import load_recipe
-    from mmtk.engine import TrainingInterrupted, cleanup_distributed
+    from mmtk.engine import TrainingInterrupted
+    from mmtk.runtime import cleanup_distributed
     from mmtk.runs import record_run, resolve_checkpoint, run_checkpoint
     from mmtk.training import run_training
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from mmtk.engine import pick_device, to_device
+from mmtk.runtime import pick_device, to_device
 from mmtk.errors import MmtkError
 from mmtk.data.info import strict_json
 from mmtk.data.transforms import robust_mean_std

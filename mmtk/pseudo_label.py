@@ -35,6 +35,7 @@ import numpy as np
 
 from mmtk.data.format import PARTIAL_SUFFIX
 from mmtk.errors import MmtkError
+from mmtk.progress import frame_bar
 
 DEPTH_FAMILIES = ("dpt", "depth_anything")
 SEMSEG_FAMILIES = ("mask2former", "segformer", "upernet")
@@ -252,7 +253,7 @@ def pseudo_label(path: str | os.PathLike, config: PseudoLabelConfig,
     import torch
 
     from mmtk.data.dataset import check_declared_sizes
-    from mmtk.engine import pick_device
+    from mmtk.runtime import pick_device
 
     path = Path(path)
     if config.depth_model is None and config.semseg_model is None:
@@ -288,8 +289,6 @@ def pseudo_label(path: str | os.PathLike, config: PseudoLabelConfig,
 
 def _label_split(group: Any, key: str, loaded: LoadedModel, attrs: dict[str, Any], config: PseudoLabelConfig,
                  device: str, dtype: Any, log: Callable[[str], None]) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     rgb = group["rgb"]
     if rgb.ndim != 4 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
         raise MmtkError(f"{rgb.name}: expected uint8 [N, H, W, 3], got {rgb.dtype} {rgb.shape}")
@@ -305,15 +304,12 @@ def _label_split(group: Any, key: str, loaded: LoadedModel, attrs: dict[str, Any
     dataset, start = prepared
     if start:
         log(f"{group.name}/{key}: resuming at frame {start} of {count}")
-    columns = (TextColumn(f"{group.name}/{key}"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
-               TimeRemainingColumn())
-    with Progress(*columns, disable=not config.progress, transient=False) as progress:
-        task = progress.add_task(key, total=count, completed=start)
+    with frame_bar(f"{group.name}/{key}", count, config.progress, done=start) as advance:
         for first in range(start, count, config.batch_size):
             last = min(first + config.batch_size, count)
             labels = predict_batch(loaded, rgb[first:last], device, dtype)
             _write_batch(dataset, first, labels)
-            progress.update(task, completed=last)
+            advance(last - first)
     dataset.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     del dataset.attrs["frames_done"]
     group.move(key + PARTIAL_SUFFIX, key)

@@ -56,7 +56,7 @@ def record_run(run_dir: str | Path, cwd: str | Path | None = None) -> None:
 
 def run_checkpoint(run_dir: str | Path) -> Path | None:
     """A run folder's newest checkpoint: ``last.pt``, else its newest ``checkpoints/step_*.pt``."""
-    from mmtk.engine import checkpoint_paths
+    from mmtk.checkpoint import checkpoint_paths
 
     run_dir = Path(run_dir)
     if run_dir.name == "checkpoints" and not (run_dir / "last.pt").exists():

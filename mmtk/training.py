@@ -10,11 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmtk.modality import get_modality, list_modalities, modality_origins
+from mmtk.checkpoint import load_checkpoint, newest_checkpoint
 from mmtk.config import Recipe
-from mmtk.engine import FitResult, fit, main_process_print, newest_checkpoint, seed_everything
+from mmtk.engine import FitResult, fit
 from mmtk.errors import MmtkError
 from mmtk.metrics import FAMILIES
+from mmtk.modality import get_modality, list_modalities, modality_origins
+from mmtk.runtime import LossFn, main_process_print, seed_everything
 
 
 def data_source(name: str) -> str:
@@ -112,13 +114,18 @@ def needed_modalities(recipe: Recipe) -> tuple[str, ...]:
 # Losses
 
 
-def pretrain_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-    """The MultiMAE objective: the model masks, decodes every task and returns its losses."""
-    valid = {key[: -len("_valid")]: value for key, value in batch.items() if key.endswith("_valid")}
-    registered = set(list_modalities())  # not the validity maps and full-resolution targets beside them
-    inputs = {key: value for key, value in batch.items() if key in registered}
-    out = model(inputs, valid=valid)
-    return out.loss, dict(out.losses)
+def pretrain_loss_fn() -> LossFn:
+    """compute_loss(model, batch) for pretraining: the MultiMAE objective (the model masks, decodes every task and
+    returns its losses). The modality names are read from the registry once, here, not at every micro-step."""
+    registered = frozenset(list_modalities())  # not the validity maps and full-resolution targets beside them
+
+    def compute(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        valid = {key[: -len("_valid")]: value for key, value in batch.items() if key.endswith("_valid")}
+        inputs = {key: value for key, value in batch.items() if key in registered}
+        out = model(inputs, valid=valid)
+        return out.loss, dict(out.losses)
+
+    return compute
 
 
 def segmentation_loss(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
@@ -145,7 +152,7 @@ def depth_loss(pred: Tensor, target: Tensor, valid: Tensor, kind: str = "berhu")
     return (flat.sum(1) / valid.flatten(1).sum(1).clamp(min=1)).mean()
 
 
-def finetune_loss_fn(recipe: Recipe):
+def finetune_loss_fn(recipe: Recipe) -> LossFn:
     """compute_loss(model, batch) for the recipe's finetuning task."""
     inputs, task = recipe.model.inputs, recipe.model.task
     assert task is not None
@@ -233,15 +240,18 @@ def run_training(recipe: Recipe, run_dir: str | Path, init: str | Path | None = 
     if recipe.kind == "finetune" and init is None and not resume:
         main_process_print("warning: finetuning without --init starts from random weights")
     # A resumed run rebuilds the model its checkpoint describes: an --init file may have fixed more than the
-    # recipe says (e.g. a ViT without class token); the engine then restores the weights and optimizer.
-    pretrained = newest_checkpoint(run_dir) if resume else init
-    model = mmtk.create_model(recipe.model.name, pretrained=pretrained, verbose=False, **args)
+    # recipe says (e.g. a ViT without class token); fit then restores the optimizer and the rest from the same
+    # state, read once.
+    newest = newest_checkpoint(run_dir) if resume else None  # none: fit says there is nothing to resume
+    resume_state = load_checkpoint(newest) if newest else None
+    model = mmtk.create_model(recipe.model.name, pretrained=resume_state if resume else init, verbose=False, **args)
     if init is not None and not resume:
         main_process_print(f"init from {init}: {init_summary(model)}")
-    compute_loss = pretrain_loss if recipe.kind == "pretrain" else finetune_loss_fn(recipe)
+    compute_loss = pretrain_loss_fn() if recipe.kind == "pretrain" else finetune_loss_fn(recipe)
     used = [*args["inputs"], *args.get("outputs", []), *([args["task"]] if args.get("task") else [])]
     extra = {"model_name": recipe.model.name, "model_args": args, "modalities": modality_origins(dict.fromkeys(used)),
              "data": {"path": str(Path(info.path).resolve()), "modalities": list(info.modalities),
                       "image_size": list(info.image_size), "num_classes": info.num_classes,
                       "class_names": list(info.class_names)}}
-    return fit(recipe, run_dir, model, train_set, compute_loss, resume=resume, extra_state=extra)
+    return fit(recipe, run_dir, model, train_set, compute_loss, resume=resume, extra_state=extra,
+               resume_state=resume_state)

@@ -10,9 +10,10 @@ import time
 
 import pytest
 
-from engine_helpers import CLI, ONE_THREAD_ENV, RECIPES, TINY, run_cli, sample_h5  # noqa: F401
+from engine_helpers import CLI, ONE_THREAD_ENV, RECIPES, TINY, one_thread, run_cli, sample_h5  # noqa: F401
 from helpers import needs_cuda
-from mmtk.engine import checkpoint_paths, read_metrics
+from mmtk.checkpoint import checkpoint_paths
+from mmtk.engine import read_metrics
 
 LOSSES = ("loss", "rgb", "norm_rgb", "depth", "semseg", "lr")
 
@@ -53,6 +54,28 @@ def test_sigkill_then_resume_reproduces_uninterrupted_run(sample_h5, tmp_path):
                              env=ONE_THREAD_ENV)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _losses(killed) == expected  # bit-identical losses and lr at every step, no duplicates
+
+
+def test_resume_reads_its_checkpoint_once(sample_h5, tmp_path, monkeypatch, one_thread):
+    """The model is rebuilt from the newest checkpoint and the optimizer, scheduler and RNGs restored from it: one
+    read of the file (`torch.load` calls counted), not one for the model and another for the rest."""
+    import torch
+
+    from mmtk.config import load_recipe
+    from mmtk.training import run_training
+
+    sets = TINY + ["optim.batch_size=4", "data.repeat=8", "optim.epochs=20", "train.ckpt_every=3",
+                   "model.num_visible=12", "train.device=cpu"]
+    first = run_training(load_recipe(RECIPES / "tiny.yaml", sets + ["train.max_steps=3"], data_path=str(sample_h5)),
+                         tmp_path / "run")
+    assert first.steps == 3 and first.last_checkpoint is not None
+    loads = []
+    torch_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(args) or torch_load(*args, **kwargs))
+    resumed = run_training(load_recipe(RECIPES / "tiny.yaml", sets + ["train.max_steps=4"],
+                                       data_path=str(sample_h5)), tmp_path / "run", resume=True)
+    assert len(loads) == 1
+    assert resumed.steps == 4 and [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
 
 
 def test_resume_without_checkpoint_is_a_clear_error(sample_h5, tmp_path):

@@ -11,7 +11,8 @@ import torch
 from engine_helpers import (RECIPES, TINY, TINY_DEPTH, TINY_SEMSEG, one_thread, run_cli, sample_h5,  # noqa: F401
                             sync_h5)
 from mmtk.config import load_recipe
-from mmtk.engine import checkpoint_paths, load_checkpoint, read_metrics
+from mmtk.checkpoint import checkpoint_paths, load_checkpoint
+from mmtk.engine import read_metrics
 from mmtk.errors import MmtkError
 from mmtk.evaluate import evaluate
 from mmtk.training import run_training

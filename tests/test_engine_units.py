@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import mmtk
-from mmtk.engine import (WarmupCosine, checkpoint_paths, layer_id, load_checkpoint, newest_checkpoint, param_groups,
-                         rng_state, save_checkpoint, set_rng_state)
+from mmtk.checkpoint import checkpoint_paths, load_checkpoint, newest_checkpoint, save_checkpoint
+from mmtk.optim import WarmupCosine, layer_id, param_groups
+from mmtk.runtime import rng_state, set_rng_state
 from mmtk.errors import MmtkError
 
 
@@ -55,6 +56,43 @@ def test_warmup_cosine_values():
     assert schedule(14) == pytest.approx(0.1)
 
 
+def test_build_optimizer_lr_per_step_is_the_recipe_curve(tiny):
+    """The lr of every group at each optimizer step, as build_optimizer's scheduler sets it. The top group's values
+    were printed by the engine before it was split into modules; timm's CosineLRScheduler was not adopted: its
+    warm-up reaches the peak one step later (0.25, 0.4375, ... for 4 warm-up steps where ours gives 0.25, 0.5, ...)."""
+    from mmtk.config import load_recipe
+    from mmtk.optim import build_optimizer
+
+    recipe = load_recipe("tiny", ["optim.lr=1e-3", "optim.min_lr=1e-5", "optim.layer_decay=0.5",
+                                  "optim.batch_size=256", "optim.scale_lr=false"])
+    optimizer, scheduler = build_optimizer(tiny, recipe, total_steps=14, warmup_steps=4)
+    top = []
+    for _ in range(14):
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        top.append(lrs[-1])
+        assert lrs[0] == pytest.approx(lrs[-1] * 0.5**4, rel=1e-12)  # tokenizers: 3 blocks + 1 below the top
+        optimizer.step()
+        scheduler.step()
+    assert top == pytest.approx([0.00025, 0.0005, 0.00075, 0.001, 0.001, 0.000975773, 0.0009054634, 0.0007959537,
+                                 0.0006579634, 0.000505, 0.0003520366, 0.0002140463, 0.0001045366, 3.4227e-05],
+                                rel=1e-6)
+    groups = [(group["weight_decay"], len(group["params"])) for group in optimizer.param_groups]
+    assert groups == [(0.0, 8), (0.0, 8), (0.05, 4), (0.0, 8), (0.05, 4), (0.0, 8), (0.05, 4), (0.0, 88), (0.05, 56)]
+
+
+def test_frame_bar_counts_frames_from_a_resumed_start(capsys):
+    from mmtk.progress import frame_bar
+
+    with frame_bar("/train/depth_pseudo", 10, True, done=4) as advance:
+        for _ in range(3):
+            advance(2)
+    shown = capsys.readouterr().out
+    assert "/train/depth_pseudo" in shown and "10/10" in shown and "frames/s" in shown and "eta" in shown
+    with frame_bar("converting", 3, False) as advance:
+        advance(3)
+    assert capsys.readouterr().out == ""
+
+
 def test_checkpoint_is_weights_only_and_restores_rng(tmp_path, tiny):
     torch.manual_seed(3)
     random.seed(3)
@@ -90,8 +128,9 @@ def test_load_checkpoint_errors(tmp_path):
 
 
 def test_global_batch_split_over_processes_and_accumulation():
+    from mmtk.batches import make_batches
     from mmtk.config import recipe_from_dict
-    from mmtk.engine import DistInfo, make_batches
+    from mmtk.runtime import DistInfo
 
     frames = [{"x": torch.tensor([float(i)])} for i in range(10)]
     recipe = recipe_from_dict({"optim": {"batch_size": 8, "micro_batch": 2, "epochs": 1, "warmup_epochs": 0}})
@@ -110,7 +149,7 @@ def test_global_batch_split_over_processes_and_accumulation():
 
 
 def test_run_sampler_streams_whole_step_epochs_and_resumes_at_any_step():
-    from mmtk.engine import RunSampler
+    from mmtk.batches import RunSampler
 
     sampler = RunSampler(list(range(10)), num_replicas=1, rank=0, seed=0, samples_per_step=4)
     assert sampler.steps_per_epoch == 2  # 10 frames: 2 steps of 4, the last 2 of each permutation unused
@@ -131,7 +170,7 @@ def test_sigkill_during_checkpoint_writes_leaves_a_loadable_file(tmp_path):
 
     path = tmp_path / "checkpoints" / "step_00000001.pt"
     save_checkpoint({"step": 0, "w": torch.zeros(4)}, path)
-    writer = ("import sys, torch\nfrom mmtk.engine import save_checkpoint\n"
+    writer = ("import sys, torch\nfrom mmtk.checkpoint import save_checkpoint\n"
               "for i in range(1, 10**6):\n"
               "    save_checkpoint({'step': i, 'w': torch.full((4_000_000,), float(i))}, sys.argv[1])\n")
     process = subprocess.Popen([sys.executable, "-c", writer, str(path)])
@@ -147,7 +186,7 @@ def test_sigkill_during_checkpoint_writes_leaves_a_loadable_file(tmp_path):
 
 
 def test_device_names_are_checked_with_one_line_errors():
-    from mmtk.engine import pick_device
+    from mmtk.runtime import pick_device
 
     assert pick_device("cpu") == torch.device("cpu")
     with pytest.raises(MmtkError, match="'gpu' is not a device; use auto, cpu, cuda or cuda:N"):
@@ -157,3 +196,28 @@ def test_device_names_are_checked_with_one_line_errors():
     if not torch.cuda.is_available():
         with pytest.raises(MmtkError, match="CUDA is not available here"):
             pick_device("cuda:0")
+
+
+def test_pretrain_loss_reads_the_modality_registry_once_per_run(monkeypatch):
+    """The names that pick the model's tensors out of a batch are read when the run starts, not per micro-step;
+    the validity map beside them goes to the model as `valid`, not as an input."""
+    from helpers import random_batch, tiny_model
+
+    import mmtk.training as training
+
+    reads = []
+    registry = training.list_modalities
+    monkeypatch.setattr(training, "list_modalities", lambda: reads.append(1) or registry())
+    compute_loss = training.pretrain_loss_fn()
+    model, batch = tiny_model(), random_batch(batch=2)
+    batch["depth_valid"] = torch.ones(2, 1, 64, 64, dtype=torch.bool)
+    batch["depth_valid"][:, :, :32] = False  # the top half has no depth: its pixels leave the depth loss
+    for _ in range(3):
+        loss, losses = compute_loss(model, batch)
+    assert len(reads) == 1
+    assert torch.isfinite(loss) and set(losses) == set(model.config.outputs)
+    torch.manual_seed(0)
+    _, with_holes = compute_loss(model, batch)
+    torch.manual_seed(0)
+    _, without = compute_loss(model, {k: v for k, v in batch.items() if k != "depth_valid"})
+    assert with_holes["rgb"] == without["rgb"] and with_holes["depth"] != without["depth"]

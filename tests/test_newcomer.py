@@ -121,36 +121,36 @@ def test_eval_finds_the_run_made_with_out(work, sample_h5, tmp_path):
 def _tiny_run_parts(sample_h5, overrides: list[str]):
     import mmtk
     from mmtk.config import load_recipe
-    from mmtk.engine import setup_distributed
-    from mmtk.training import _prepare, model_args, pretrain_loss
+    from mmtk.runtime import setup_distributed
+    from mmtk.training import _prepare, model_args, pretrain_loss_fn
 
     recipe = load_recipe("tiny", TINY + overrides, data_path=str(sample_h5))
     info, train_set = _prepare(recipe)
     model = mmtk.create_model(recipe.model.name, verbose=False, **model_args(recipe, info))
-    return recipe, model, train_set, pretrain_loss, setup_distributed("cpu")
+    return recipe, model, train_set, pretrain_loss_fn(), setup_distributed("cpu")
 
 
 def test_memory_check_refuses_a_micro_batch_that_does_not_fit(sample_h5, monkeypatch, tmp_path):
-    from mmtk import engine
+    from mmtk import memory
 
     recipe, model, train_set, loss, info = _tiny_run_parts(sample_h5, ["optim.batch_size=8", "optim.micro_batch=8"])
-    estimate = engine.estimate_memory(model, loss, train_set, recipe, info.device)
+    estimate = memory.estimate_memory(model, loss, train_set, recipe, info.device)
     assert estimate.model == 16 * sum(p.numel() for p in model.parameters()) and estimate.per_image > 0
     # The machine has room for 4 images per micro-step, not 8.
     available = (estimate.total(4, 0) + estimate.total(8, 0)) / 2 / 0.9
-    monkeypatch.setattr(engine, "available_memory", lambda device: int(available))
+    monkeypatch.setattr(memory, "available_memory", lambda device: int(available))
     with pytest.raises(MmtkError) as refused:
-        engine.plan_memory(model, loss, train_set, recipe, info)
+        memory.plan_memory(model, loss, train_set, recipe, info)
     message = str(refused.value)
     assert "\n" not in message
     assert f"a micro-step of 8 images needs about {estimate.total(8, 0) / 1e9:.1f} GB" in message
     assert f"but {int(0.9 * int(available)) / 1e9:.1f} GB is usable on cpu" in message
     assert "use --set optim.micro_batch=4 (or --set optim.micro_batch=auto)" in message
     recipe.optim.micro_batch = "auto"  # picks the largest that fits
-    assert engine.plan_memory(model, loss, train_set, recipe, info) == (4, 0)
+    assert memory.plan_memory(model, loss, train_set, recipe, info) == (4, 0)
 
     # Through the CLI: one line, and nothing written.
-    monkeypatch.setattr(engine, "available_memory", lambda device: 10**6)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 10**6)
     code, output = run_cli("pretrain", "tiny", "--data", sample_h5, "--out", tmp_path / "run", *sets(FAST))
     assert code == 2 and "even 1 image per micro-step does not fit" in output
     assert [line for line in output.splitlines() if line.startswith("error:")] == [output.strip().splitlines()[-1]]
@@ -173,7 +173,8 @@ def test_loader_workers_default_from_the_machine(monkeypatch):
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(sample_h5, tmp_path):
-    from mmtk.engine import checkpoint_paths, load_checkpoint, read_metrics
+    from mmtk.checkpoint import checkpoint_paths, load_checkpoint
+    from mmtk.engine import read_metrics
 
     out = tmp_path / "run"
     command = CLI + ["pretrain", "tiny", "--data", str(sample_h5), "--out", str(out),
@@ -201,14 +202,19 @@ def test_ctrl_c_saves_a_resumable_checkpoint(sample_h5, tmp_path):
 
 
 def test_second_ctrl_c_stops_at_once(capsys):
-    from mmtk.engine import DistInfo, StopRequest
+    import torch
+
+    from mmtk.engine import StopRequest
+    from mmtk.runtime import DistInfo
 
     before = signal.getsignal(signal.SIGINT)
     info = DistInfo(0, 1, 0, None)
     with StopRequest() as request:
-        assert not request.agreed(info)
+        assert not request.agreed(float(request.flag(torch.device("cpu"))), info)
         os.kill(os.getpid(), signal.SIGINT)  # the handler runs in this (main) thread right away
-        assert request.agreed(info)
+        assert request.agreed(float(request.flag(torch.device("cpu"))), info)
+        assert request.agreed(0.0, info)  # one process: a request after the step's reduction counts too
+        assert not request.agreed(0.0, DistInfo(0, 2, 0, None))  # several: only what the reduction carried
         assert "finishing this step and writing a checkpoint (Ctrl-C again stops at once)" in capsys.readouterr().err
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
@@ -221,7 +227,7 @@ def test_second_ctrl_c_stops_at_once(capsys):
 
 
 def test_progress_line_at_80_columns_keeps_step_rate_and_eta():
-    from mmtk.engine import format_eta, progress_text
+    from mmtk.progress import format_eta, progress_text
 
     losses = {"loss": 12.3102, "rgb": 3.0925, "norm_rgb": 3.1, "depth": 2.9, "semseg": 3.2}
     line = progress_text(1234, 1600, 0, 8, 95.3, 3723, losses, 1.56e-4, 79)

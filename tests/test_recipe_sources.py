@@ -60,10 +60,10 @@ def test_sensor_and_pseudo_depth_together(file_with_pseudo_depth):
     assert batch["depth_pseudo"].shape == batch["depth"].shape and not torch.allclose(batch["depth_pseudo"], batch["depth"])
 
     import mmtk
-    from mmtk.training import model_args, pretrain_loss
+    from mmtk.training import model_args, pretrain_loss_fn
 
     model = mmtk.create_model(recipe.model.name, **model_args(recipe, info))
-    loss, losses = pretrain_loss(model, batch)
+    loss, losses = pretrain_loss_fn()(model, batch)
     assert set(losses) == {"rgb", "depth", "depth_pseudo"} and torch.isfinite(loss)
     loss.backward()
     assert model.encoder.tokenizers["depth_pseudo"].proj.weight.grad.abs().sum() > 0

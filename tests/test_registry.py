@@ -14,7 +14,7 @@ import mmtk
 from cli_helpers import invoke
 from engine_helpers import sample_h5  # noqa: F401  (fixture)
 from mmtk.config import shipped_recipes
-from mmtk.engine import save_checkpoint
+from mmtk.checkpoint import save_checkpoint
 
 ARGS = dict(dim=64, depth=2, num_heads=2, decoder_dim=32, decoder_depth=1, image_size=[64, 64],
             inputs=["rgb", "depth"], outputs=["rgb", "depth"])

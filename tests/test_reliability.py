@@ -84,7 +84,7 @@ def _one_error_line(output: str) -> str:
 
 def _tiny_checkpoint(path: Path, **model_args) -> Path:
     import mmtk
-    from mmtk.engine import save_checkpoint
+    from mmtk.checkpoint import save_checkpoint
 
     args = dict(dim=64, depth=2, num_heads=2, decoder_dim=32, decoder_depth=1, image_size=[64, 64],
                 inputs=["rgb", "depth"], outputs=["rgb", "depth"])
@@ -139,7 +139,7 @@ def test_reliability_hdf5_disk_full_midway_is_one_line_without_crash(small_disk)
 
 
 def test_reliability_checkpoint_on_a_full_disk_keeps_the_older_one(small_disk):
-    from mmtk.engine import save_checkpoint
+    from mmtk.checkpoint import save_checkpoint
 
     path = small_disk / "run" / "checkpoints" / "step_00000001.pt"
     save_checkpoint({"w": torch.ones(1000)}, path)
@@ -466,7 +466,8 @@ def test_reliability_resume_of_a_missing_folder_creates_nothing(tmp_path, sample
 
 
 def test_reliability_resume_after_a_kill_before_last_pt_uses_the_newest_checkpoint(tmp_path, sample_h5):
-    from mmtk.engine import checkpoint_paths, read_metrics
+    from mmtk.checkpoint import checkpoint_paths
+    from mmtk.engine import read_metrics
 
     run = tmp_path / "run"
     code, output = _pretrain(sample_h5, run)

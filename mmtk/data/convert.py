@@ -16,6 +16,7 @@ from mmtk.data.sources.base import Frame, RgbdSource
 from mmtk.errors import MmtkError
 from mmtk.io import check_free_space
 from mmtk.modality import stored_array
+from mmtk.progress import frame_bar
 
 Log = Callable[[str], None]
 
@@ -140,21 +141,10 @@ def _stored_bytes(frame: Frame) -> int:
 
 
 def _with_progress(frames: Iterable[Frame], total: int | None, enabled: bool) -> Iterator[Frame]:
-    if not enabled:
-        yield from frames
-        return
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task("converting", total=total, rate="")
+    with frame_bar("converting", total, enabled) as advance:
         for frame in frames:
             yield frame
-            bar.advance(task)
-            speed = bar.tasks[0].speed
-            bar.update(task, rate=f"{speed:.1f} frames/s" if speed else "")
+            advance(1)
 
 
 def parse_named(values: list[str] | None, option: str) -> dict[str, str]:

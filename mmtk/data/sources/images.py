@@ -14,6 +14,7 @@ import numpy as np
 
 from mmtk.data.sources.base import IMAGE_SUFFIXES
 from mmtk.errors import MmtkError
+from mmtk.progress import frame_bar
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -68,7 +69,6 @@ def convert_images(root: str | os.PathLike, out: str | os.PathLike, size: tuple[
     crop. Unreadable files are skipped and listed; the output appears only once complete (H5Writer).
     """
     from PIL import Image, UnidentifiedImageError
-    from rich.progress import Progress
 
     from mmtk.data import H5Writer
 
@@ -82,11 +82,10 @@ def convert_images(root: str | os.PathLike, out: str | os.PathLike, size: tuple[
     skipped: list[str] = []
     frames: dict[str, int] = {}
     with H5Writer(out, source=f"images from {root.resolve()}", force=force) as writer, \
-            Progress(disable=not progress) as bar:
-        task = bar.add_task("images", total=total)
+            frame_bar("images", total, progress) as advance:
         for split, files in images.items():
             for path, frame_id in files:
-                bar.advance(task)
+                advance(1)
                 try:
                     with Image.open(path) as image:
                         rgb_image = image.convert("RGB")

@@ -1,0 +1,139 @@
+"""The resumable data feed of a run: whole optimizer steps per epoch, per-sample seeded augmentation."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
+
+from mmtk.config import Recipe, loader_workers
+from mmtk.errors import MmtkError
+from mmtk.runtime import DistInfo, main_process_print
+
+
+class RunSampler(Sampler):
+    """``(epoch, index)`` keys for a whole run, epoch after epoch, from any optimizer step on.
+
+    Each epoch is a DistributedSampler permutation (this process's share) cut to whole optimizer
+    steps, so a batch never straddles two epochs and a run resumed at step s sees the same keys as
+    an uninterrupted one. The stream is endless: one loader iterator serves the whole run, and its
+    workers keep prefetching across epoch boundaries (with a few steps per epoch, restarting the
+    loader every epoch would leave the GPU waiting for each epoch's first batch).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, samples_per_step: int) -> None:
+        self.epoch_order = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                                              drop_last=True)
+        self.samples_per_step = samples_per_step
+        self.steps_per_epoch = self.epoch_order.num_samples // samples_per_step
+        self.start_step = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, done = divmod(self.start_step, self.steps_per_epoch)
+        first, end = done * self.samples_per_step, self.steps_per_epoch * self.samples_per_step
+        while True:
+            self.epoch_order.set_epoch(epoch)
+            for index in itertools.islice(self.epoch_order, first, end):
+                yield epoch, int(index)
+            epoch, first = epoch + 1, 0
+
+
+class SeededDataset(Dataset):
+    """Makes a dataset's random augmentation a function of (seed, epoch, index) only.
+
+    The global torch/numpy/python RNGs are re-seeded around each ``dataset[index]`` and restored
+    afterwards, so the crop of a frame does not depend on the worker count, on the process count or
+    on where a resumed run restarted.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        sample_seed = (self.seed * 1_000_003 + epoch * 10_007 + index) % (2**63)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            np.random.seed(sample_seed % (2**32))
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+@dataclass
+class Batches:
+    """The resumable data feed of a run."""
+
+    loader: DataLoader
+    sampler: RunSampler
+    micro: int  # samples per process per micro-step
+    accum_steps: int  # micro-steps per optimizer step
+    steps_per_epoch: int  # optimizer steps
+
+    def from_step(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches from optimizer step ``step`` on, endlessly (``accum_steps`` per optimizer step)."""
+        self.sampler.start_step = step
+        return iter(self.loader)
+
+
+def make_batches(recipe: Recipe, train_set: Dataset, info: DistInfo, micro_batch: int | None = None,
+                 workers: int | None = None) -> Batches:
+    """Split the global batch over processes and accumulation steps; seed sampling and augmentation.
+
+    ``micro_batch`` and ``workers`` are the resolved values of ``optim.micro_batch`` and ``data.num_workers``
+    (:func:`plan_memory` resolves ``auto``); by default the recipe's numbers.
+    """
+    opt, seed = recipe.optim, recipe.train.seed
+    if micro_batch is None and isinstance(opt.micro_batch, int):
+        micro_batch = opt.micro_batch
+    if workers is None:
+        workers = loader_workers(recipe.data.num_workers, info.device.type, info.world_size)
+    accum = accum_steps_for(recipe, info.world_size, micro_batch)
+    micro = opt.batch_size // (info.world_size * accum)
+    repeat = recipe.data.repeat
+    if len(train_set) * repeat < opt.batch_size:  # e.g. 795 NYUv2 frames and the paper's batch of 2048
+        repeat = math.ceil(opt.batch_size / len(train_set))
+        if info.is_main:
+            main_process_print(f"note: {len(train_set)} frames x data.repeat {recipe.data.repeat} is less than one "
+                               f"global batch of {opt.batch_size}; each epoch repeats the frames {repeat} times")
+    if repeat > 1:
+        train_set = ConcatDataset([train_set] * repeat)
+    sampler = RunSampler(train_set, info.world_size, info.rank, seed, samples_per_step=micro * accum)
+    # Its own generator: creating an iterator must not draw from the global RNG (the masks' RNG).
+    loader = DataLoader(SeededDataset(train_set, seed), batch_size=micro, sampler=sampler, num_workers=workers,
+                        generator=torch.Generator().manual_seed(seed), worker_init_fn=_ignore_sigint,
+                        pin_memory=recipe.data.pin_memory and info.device.type == "cuda")
+    return Batches(loader, sampler, micro, accum, sampler.steps_per_epoch)
+
+
+def accum_steps_for(recipe: Recipe, world_size: int, micro_batch: int | None) -> int:
+    """Micro-steps per optimizer step: optim.accum_steps, or more so that no micro-batch exceeds ``micro_batch``."""
+    opt = recipe.optim
+    accum = opt.accum_steps
+    if micro_batch is not None:  # e.g. the paper's 2048 on one GPU: 8 micro-steps of 256
+        accum = max(accum, math.ceil(opt.batch_size / (world_size * micro_batch)))
+    if opt.batch_size % (world_size * accum):
+        raise MmtkError(f"optim.batch_size {opt.batch_size} must be divisible by processes x accumulation steps "
+                        f"= {world_size} x {accum}; change optim.batch_size or optim.micro_batch")
+    return accum
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    # Ctrl-C reaches the loader workers too; the main process decides when to stop (Ctrl-C is a save point).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
