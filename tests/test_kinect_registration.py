@@ -19,6 +19,7 @@ from mmtk.data.sources.base import DepthEncoding, nyuv2_intrinsics, read_depth, 
 from mmtk.data.sources.kinect_nyu import (KinectCalibration, NyuRegistration, distort, nyu_kinect_calibration,
                                           undistort)
 from mmtk.data.sources.tf import invert_rigid
+from mmtk.errors import MmtkError
 from mmtk.pointcloud import depth_to_xyz, intrinsics_matrix
 
 RAW = "nyuv2_open3d_raw"
@@ -254,3 +255,10 @@ def test_raw_dumps_pair_each_depth_frame_with_the_nearest_colour_frame_and_regis
     code, text = run_cli("convert", "--rgbd", scene, tmp_path / "mm.h5", "--no-progress", "--depth-format", "mm")
     line = text.split("error: ", 1)[1].strip()
     assert code == 2 and "\n" not in line and "raw Kinect disparity" in line and not (tmp_path / "mm.h5").exists()
+
+
+def test_a_frame_without_rgb_or_depth_is_refused_in_one_line():
+    depth = np.full((480, 640), 2.0, np.float32)
+    with pytest.raises(MmtkError, match=r"^f\.pgm: .* has no rgb; ") as raised:
+        NyuRegistration()({"depth": depth}, "f.pgm")
+    assert "\n" not in str(raised.value)

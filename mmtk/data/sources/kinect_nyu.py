@@ -155,6 +155,10 @@ class NyuRegistration:
     def __call__(self, arrays: dict[str, np.ndarray], where: object) -> dict[str, np.ndarray]:
         """A raw frame's arrays -> registered ones: "rgb" (uint8, distorted) undistorted, "depth" (metres, depth
         camera) projected into it, "semseg" (drawn on the raw colour image, 0 = unlabeled) undistorted."""
+        missing = sorted({"rgb", "depth"} - set(arrays))
+        if missing:
+            raise MmtkError(f"{where}: a raw Kinect frame is registered from its colour image and its depth, but "
+                            f"this frame has no {' and no '.join(missing)}; give both")
         size = self.calibration.size
         shapes = {name: array.shape[:2] for name, array in arrays.items()}
         if any(shape != size for shape in shapes.values()):
