@@ -122,6 +122,17 @@ def test_labels_drawn_on_the_raw_colour_image_are_undistorted_with_it(tmp_path):
     assert not np.array_equal(stored, labels)
 
 
+def test_labels_of_a_float_image_are_refused_in_one_line_as_without_registration(tmp_path):
+    folder = tmp_path / "float_labels"
+    shutil.copytree(shared(RAW), folder)
+    Image.fromarray(np.ones((480, 640), np.float32)).save(folder / "NYU_label.tif")
+    (folder / "classes.txt").write_text("wall\nfloor\n")
+    code, text = run_cli("convert", "--rgbd", folder, tmp_path / "f.h5", "--no-progress")
+    line = text.split("error: ", 1)[1].strip()
+    assert code == 2 and "\n" not in line and "semseg has dtype float32" in line, text
+    assert not (tmp_path / "f.h5").exists()
+
+
 # ------------------------------------------------------------------------------ geometry, synthetic
 def test_a_fronto_parallel_patch_shifts_by_fx_tx_over_z_and_the_nearest_surface_wins():
     depth = np.full((480, 640), 3.0, np.float32)

@@ -136,8 +136,11 @@ class NyuRegistration:
         out = np.stack([ndimage.map_coordinates(planes[..., i].astype(np.float32), self._rgb_source,
                                                 order=0 if nearest else 1, mode="constant", cval=np.nan)
                         for i in range(planes.shape[2])], axis=-1)
-        info = np.iinfo(image.dtype)
-        out = np.where(np.isnan(out), fill, np.clip(np.rint(out), info.min, info.max)).astype(image.dtype)
+        if np.issubdtype(image.dtype, np.integer):
+            info = np.iinfo(image.dtype)
+            out = np.clip(np.rint(out), info.min, info.max)
+        # other dtypes pass through unchanged: the writer's adapter check refuses what it cannot store
+        out = np.where(np.isnan(out), fill, out).astype(image.dtype)
         return out[..., 0] if image.ndim == 2 else out
 
     def register_depth(self, depth: np.ndarray) -> np.ndarray:
