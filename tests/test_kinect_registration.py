@@ -273,3 +273,12 @@ def test_a_frame_without_rgb_or_depth_is_refused_in_one_line():
     with pytest.raises(MmtkError, match=r"^f\.pgm: .* has no rgb; ") as raised:
         NyuRegistration()({"depth": depth}, "f.pgm")
     assert "\n" not in str(raised.value)
+
+
+def test_a_raw_dump_whose_depth_frames_all_lack_a_colour_frame_is_refused_in_one_line(tmp_path):
+    scene = tmp_path / "office_0001"
+    raw_dump(scene, 10.0, (10.5, 11.0))  # 500 and 1000 ms from the only colour frame
+    code, text = run_cli("convert", "--rgbd", scene, tmp_path / "far.h5", "--no-progress")
+    line = text.split("error: ", 1)[1].strip()
+    assert code == 2 and "\n" not in line and "no depth frame has a colour frame within 33 ms" in line, text
+    assert not (tmp_path / "far.h5").exists()
