@@ -282,3 +282,13 @@ def test_a_raw_dump_whose_depth_frames_all_lack_a_colour_frame_is_refused_in_one
     line = text.split("error: ", 1)[1].strip()
     assert code == 2 and "\n" not in line and "no depth frame has a colour frame within 33 ms" in line, text
     assert not (tmp_path / "far.h5").exists()
+
+
+def test_a_raw_dump_beside_another_camera_file_is_refused_in_one_line(tmp_path):
+    scene = tmp_path / "study_0001"
+    raw_dump(scene, 10.0, (10.01,))
+    (scene / "camera_intrinsics.txt").write_text("525 525 320 240\n")
+    code, text = run_cli("convert", "--rgbd", scene, tmp_path / "cam.h5", "--no-progress")
+    line = text.split("error: ", 1)[1].strip()
+    assert code == 2 and "\n" not in line and "move camera_intrinsics.txt away" in line, text
+    assert not (tmp_path / "cam.h5").exists()
