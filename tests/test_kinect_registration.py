@@ -19,6 +19,7 @@ from mmtk.data.sources.base import DepthEncoding, nyuv2_intrinsics, read_depth, 
 from mmtk.data.sources.kinect_nyu import (KinectCalibration, NyuRegistration, distort, nyu_kinect_calibration,
                                           undistort)
 from mmtk.data.sources.tf import invert_rigid
+from mmtk.errors import MmtkError
 from mmtk.pointcloud import depth_to_xyz, intrinsics_matrix
 
 RAW = "nyuv2_open3d_raw"
@@ -119,6 +120,17 @@ def test_labels_drawn_on_the_raw_colour_image_are_undistorted_with_it(tmp_path):
     np.testing.assert_array_equal(stored, expected)
     assert set(np.unique(stored)) == {0, 1, 2, 3}  # nearest neighbour: no blended class ids
     assert not np.array_equal(stored, labels)
+
+
+def test_labels_of_a_float_image_are_refused_in_one_line_as_without_registration(tmp_path):
+    folder = tmp_path / "float_labels"
+    shutil.copytree(shared(RAW), folder)
+    Image.fromarray(np.ones((480, 640), np.float32)).save(folder / "NYU_label.tif")
+    (folder / "classes.txt").write_text("wall\nfloor\n")
+    code, text = run_cli("convert", "--rgbd", folder, tmp_path / "f.h5", "--no-progress")
+    line = text.split("error: ", 1)[1].strip()
+    assert code == 2 and "\n" not in line and "semseg has dtype float32" in line, text
+    assert not (tmp_path / "f.h5").exists()
 
 
 # ------------------------------------------------------------------------------ geometry, synthetic
@@ -254,3 +266,29 @@ def test_raw_dumps_pair_each_depth_frame_with_the_nearest_colour_frame_and_regis
     code, text = run_cli("convert", "--rgbd", scene, tmp_path / "mm.h5", "--no-progress", "--depth-format", "mm")
     line = text.split("error: ", 1)[1].strip()
     assert code == 2 and "\n" not in line and "raw Kinect disparity" in line and not (tmp_path / "mm.h5").exists()
+
+
+def test_a_frame_without_rgb_or_depth_is_refused_in_one_line():
+    depth = np.full((480, 640), 2.0, np.float32)
+    with pytest.raises(MmtkError, match=r"^f\.pgm: .* has no rgb; ") as raised:
+        NyuRegistration()({"depth": depth}, "f.pgm")
+    assert "\n" not in str(raised.value)
+
+
+def test_a_raw_dump_whose_depth_frames_all_lack_a_colour_frame_is_refused_in_one_line(tmp_path):
+    scene = tmp_path / "office_0001"
+    raw_dump(scene, 10.0, (10.5, 11.0))  # 500 and 1000 ms from the only colour frame
+    code, text = run_cli("convert", "--rgbd", scene, tmp_path / "far.h5", "--no-progress")
+    line = text.split("error: ", 1)[1].strip()
+    assert code == 2 and "\n" not in line and "no depth frame has a colour frame within 33 ms" in line, text
+    assert not (tmp_path / "far.h5").exists()
+
+
+def test_a_raw_dump_beside_another_camera_file_is_refused_in_one_line(tmp_path):
+    scene = tmp_path / "study_0001"
+    raw_dump(scene, 10.0, (10.01,))
+    (scene / "camera_intrinsics.txt").write_text("525 525 320 240\n")
+    code, text = run_cli("convert", "--rgbd", scene, tmp_path / "cam.h5", "--no-progress")
+    line = text.split("error: ", 1)[1].strip()
+    assert code == 2 and "\n" not in line and "move camera_intrinsics.txt away" in line, text
+    assert not (tmp_path / "cam.h5").exists()

@@ -43,7 +43,7 @@ PARTIAL_SUFFIX = ".partial"  # a dataset `mmtk pseudo-label` is still writing (r
 META_UNITS = {"intrinsics": "px", "timestamp": "s"}
 # Per-frame metadata (intrinsics, timestamp, frame_id) is buffered and written this many frames at a time: a write of
 # a few bytes costs as much HDF5 work (resize, selection, chunk lookup) as a frame of pixels, about 0.5 ms each
-# (benchmarks/bench_convert.py). 1024 is the chunk length of timestamp and frame_id, so a block fills whole chunks.
+# (benchmarks/bench_convert.py). It is also the chunk length of timestamp and frame_id, so a block fills whole chunks.
 META_BLOCK = 1024
 # Chosen by measurement (benchmarks/bench_loader.py, see docs/dataset-format.md): uncompressed chunks read fastest,
 # let HDF5 read a crop window without touching the rest of the frame, and open in any HDF5 tool. (Blosc LZ4 would
@@ -312,10 +312,10 @@ class H5Writer:
         for key, value in frame.items():
             if key == "frame_id":
                 dataset = group.create_dataset(key, shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(),
-                                               chunks=(1024,))
+                                               chunks=(META_BLOCK,))
             elif key == "timestamp":
                 dataset = group.create_dataset(key, shape=(0,), maxshape=(None,), dtype=np.float64,
-                                               chunks=(1024,))
+                                               chunks=(META_BLOCK,))
             else:
                 shape = value.shape
                 dataset = group.create_dataset(key, shape=(0, *shape), maxshape=(None, *shape),

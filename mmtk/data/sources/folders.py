@@ -441,10 +441,12 @@ def _open_nyu_raw(src: Path, options: ConvertOptions) -> RgbdSource:
                         f"{encoding.text}; drop --depth-format/--depth-scale, or rename the files for --layout paired")
     notes = ["pairs: each depth frame with the nearest colour frame in time (the NYU toolbox's "
              "get_synched_frames.m); accelerometer a-*.dump files are not converted"]
-    rows = [row for scene in _nyu_raw_scenes(src) for row in _nyu_raw_pairs(scene, notes)]
+    scenes = _nyu_raw_scenes(src)
+    rows = [row for scene in scenes for row in _nyu_raw_pairs(scene, notes)]
     if not rows:
         raise MmtkError(f"{src}: no depth frame has a colour frame within {NYU_RAW_MAX_DT_S * 1000:.0f} ms")
-    register = _kinect_registration(src, None, notes)
+    cameras = [camera for folder in dict.fromkeys([src, *scenes]) if (camera := find_intrinsics(folder))]
+    register = _kinect_registration(src, cameras[0] if cameras else None, notes)
 
     def frames() -> Iterator[Frame]:
         for stamp, colour, depth in rows:
