@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mmtk.data.format import PARTIAL_SUFFIX
+from mmtk.data.format import PARTIAL_SUFFIX, PREDICTED_ATTR
 from mmtk.errors import MmtkError
 from mmtk.progress import frame_bar
 
@@ -189,7 +189,7 @@ def _model_attrs(loaded: LoadedModel, config: PseudoLabelConfig, device: str, dt
     import transformers
 
     attrs: dict[str, Any] = {
-        "model": str(loaded.path.resolve()),
+        PREDICTED_ATTR: str(loaded.path.resolve()),
         "model_type": loaded.family,
         "model_class": type(loaded.model).__name__,
         "processor": loaded.processor.to_json_string(),
@@ -208,7 +208,7 @@ def _model_attrs(loaded: LoadedModel, config: PseudoLabelConfig, device: str, dt
 
 
 # Attributes that must agree for a partial dataset to be resumed (same model, same processing).
-_RESUME_KEYS = ("model", "model_type", "processor", "units", "depth_kind", "classes")
+_RESUME_KEYS = (PREDICTED_ATTR, "model_type", "processor", "units", "depth_kind", "classes")
 
 
 def _prepare_dataset(group: Any, key: str, shape: tuple[int, int, int], dtype: Any, attrs: dict[str, Any],

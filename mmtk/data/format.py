@@ -40,6 +40,7 @@ FORMAT_VERSION = 1
 
 SPLIT_NAMES = ("train", "test", "all")
 PARTIAL_SUFFIX = ".partial"  # a dataset `mmtk pseudo-label` is still writing (resumable), renamed when complete
+PREDICTED_ATTR = "model"  # on an array a network predicted: that network (`mmtk pseudo-label` sets it)
 META_UNITS = {"intrinsics": "px", "timestamp": "s"}
 # Per-frame metadata (intrinsics, timestamp, frame_id) is buffered and written this many frames at a time: a write of
 # a few bytes costs as much HDF5 work (resize, selection, chunk lookup) as a frame of pixels, about 0.5 ms each

@@ -11,12 +11,11 @@ import h5py
 import numpy as np
 
 from mmtk.data.dataset import open_mmtk_file
-from mmtk.data.format import MetricStats
+from mmtk.data.format import PREDICTED_ATTR, MetricStats
 from mmtk.errors import MmtkError
 from mmtk.modality import stored_array
 
 STATS_SAMPLE_FRAMES = 32  # frames scanned when a file lacks the writer's stored statistics
-PREDICTED_ATTR = "model"  # the network that predicted an array (`mmtk pseudo-label` sets it on what it adds)
 
 
 def read_info(path: str | os.PathLike) -> dict[str, Any]:
