@@ -56,11 +56,17 @@ def test_sigkill_then_resume_reproduces_uninterrupted_run(sample_h5, tmp_path):
     assert _losses(killed) == expected  # bit-identical losses and lr at every step, no duplicates
 
 
-def test_resume_reads_its_checkpoint_once(sample_h5, tmp_path, monkeypatch, one_thread):
+def test_resume_reads_its_checkpoint_once_and_lets_it_go(sample_h5, tmp_path, monkeypatch, one_thread):
     """The model is rebuilt from the newest checkpoint and the optimizer, scheduler and RNGs restored from it: one
-    read of the file (`torch.load` calls counted), not one for the model and another for the rest."""
+    read of the file (`torch.load` calls counted), not one for the model and another for the rest. Once restored,
+    the read state is let go: when the loop starts, none of its weight tensors is alive beside the model's."""
+    import gc
+    import weakref
+
     import torch
 
+    import mmtk.training as training
+    from mmtk.batches import Batches
     from mmtk.config import load_recipe
     from mmtk.training import run_training
 
@@ -69,12 +75,26 @@ def test_resume_reads_its_checkpoint_once(sample_h5, tmp_path, monkeypatch, one_
     first = run_training(load_recipe(RECIPES / "tiny.yaml", sets + ["train.max_steps=3"], data_path=str(sample_h5)),
                          tmp_path / "run")
     assert first.steps == 3 and first.last_checkpoint is not None
-    loads = []
-    torch_load = torch.load
+    loads, read_weights, alive_at_start = [], [], []
+    torch_load, load_checkpoint, from_step = torch.load, training.load_checkpoint, Batches.from_step
+
+    def load_and_watch(path):
+        state = load_checkpoint(path)
+        read_weights.extend(weakref.ref(tensor) for tensor in state["model"].values())
+        return state
+
+    def start(self, step):
+        gc.collect()
+        alive_at_start.append(sum(ref() is not None for ref in read_weights))
+        return from_step(self, step)
+
     monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(args) or torch_load(*args, **kwargs))
+    monkeypatch.setattr(training, "load_checkpoint", load_and_watch)
+    monkeypatch.setattr(Batches, "from_step", start)
     resumed = run_training(load_recipe(RECIPES / "tiny.yaml", sets + ["train.max_steps=4"],
                                        data_path=str(sample_h5)), tmp_path / "run", resume=True)
     assert len(loads) == 1
+    assert len(read_weights) > 50 and alive_at_start == [0]
     assert resumed.steps == 4 and [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
 
 
