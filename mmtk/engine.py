@@ -100,7 +100,7 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
     tick, tick_step = time.perf_counter(), step
     train_model.train()
     batches = data.from_step(step)
-    with progress, StopRequest() as stop_request:
+    with progress, StopRequest() as stop_request, contextlib.closing(metrics):  # closed however the loop ends
         progress.start(step)
         while step < stop:
             sums: dict[str, torch.Tensor] = {}
@@ -144,9 +144,7 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
             if step % cfg.ckpt_every == 0 or step == stop or stopping:
                 ckpt.save(step)
             if stopping:
-                metrics.close()
                 raise TrainingInterrupted(step, stop, ckpt.last)
-    metrics.close()
     return FitResult(run_dir, step, ckpt.last, last_losses)
 
 
