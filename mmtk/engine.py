@@ -72,18 +72,18 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
         torch.use_deterministic_algorithms(True, warn_only=True)
     model.to(info.device)
     micro_batch, workers = plan_memory(model, compute_loss, train_set, recipe, info)  # before anything is written
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_recipe(recipe, run_dir / "recipe.yaml")
     data = make_batches(recipe, train_set, info, micro_batch, workers)
     total_steps = max(1, math.ceil(opt.epochs * data.steps_per_epoch))
     stop = min(total_steps, cfg.max_steps or total_steps)
     optimizer, scheduler = build_optimizer(model, recipe, total_steps, round(opt.warmup_epochs * data.steps_per_epoch))
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
     ckpt = Checkpointer(recipe, run_dir, info, model, optimizer, scheduler, scaler, data.steps_per_epoch, extra_state)
-    metrics = MetricsLog(run_dir, info.is_main)
     seed_everything(cfg.seed + info.rank)  # different masks per process, same init (weights are broadcast)
-    step = ckpt.restore(resume_state) if resume else 0
+    step = ckpt.restore(resume_state) if resume else 0  # refuses a checkpoint of another model before any write
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run_dir / "recipe.yaml")
+    metrics = MetricsLog(run_dir, info.is_main)
     if resume and info.is_main:
         main_process_print(f"resumed from step {step} of {stop} ({ckpt.last})")
     metrics.truncate_after(step)

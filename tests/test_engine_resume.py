@@ -104,6 +104,24 @@ def test_resume_without_checkpoint_is_a_clear_error(sample_h5, tmp_path):
     assert "no checkpoint" in output and "start without --resume" in output
 
 
+def test_resume_with_a_model_the_checkpoint_does_not_fit_is_one_line_and_writes_nothing(sample_h5, tmp_path,
+                                                                                          one_thread):
+    """A resume whose settings build another model (here a larger image, so other position embeddings) than the
+    checkpoint holds is refused in one line naming the mismatch and the fix; the run folder is left as it was
+    (its recipe.yaml still describes the checkpoints)."""
+    run = tmp_path / "run"
+    fast = ["--set=train.max_steps=2", "--set=train.device=cpu"]
+    code, output = run_cli(*_command(sample_h5, run, *fast)[len(CLI):])
+    assert code == 0, output
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    code, output = run_cli(*_command(sample_h5, run, *fast, "--set=data.image_size=[96,96]", "--resume")[len(CLI):])
+    assert code == 2
+    error = output.strip().splitlines()[-1]
+    assert error.startswith("error: --resume: ") and "step_00000002.pt does not fit this run" in error
+    assert "size mismatch for " in error and "recipe.yaml" in error
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+
+
 @needs_cuda
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_cuda_run_stopped_then_resumed_matches_uninterrupted(sample_h5, tmp_path, precision):
