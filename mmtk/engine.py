@@ -139,7 +139,7 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
                 tick, tick_step = now, step
                 metrics.write({"step": step, "epoch": round(step / data.steps_per_epoch, 4), **step_losses,
                                "lr": lr, "images_per_s": round(images_per_s, 2)})
-                progress.log(step)
+                progress.log()
             stopping = stop_request.agreed(stop_flag, info) and step < stop
             if step % cfg.ckpt_every == 0 or step == stop or stopping:
                 ckpt.save(step)
@@ -229,6 +229,7 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` (it has a ``step``); nothing on processes other than rank 0."""
         if not self.enabled:
             return
         with disk_errors(self.path), open(self.path, "a") as handle:
@@ -239,6 +240,7 @@ class MetricsLog:
                     self.tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
+        """Flush and close TensorBoard's writer (it buffers); the JSONL lines are already on disk."""
         if self.tb is not None:
             self.tb.close()
 
