@@ -78,6 +78,8 @@ class Checkpointer:
         self.last: Path | None = None
 
     def save(self, step: int) -> Path:
+        """Write step ``step``'s checkpoint, point ``last.pt`` at it and drop those beyond
+        ``train.keep_checkpoints``. Every process calls it (each one's RNG state is gathered); rank 0 writes."""
         states = [rng_state()]
         if self.info.world_size > 1:
             states = [None] * self.info.world_size
