@@ -116,7 +116,7 @@ class Checkpointer:
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
             step = int(state["step"])
-        except (KeyError, RuntimeError, ValueError) as err:  # e.g. resumed with another image size or layer decay
+        except (KeyError, RuntimeError, ValueError) as err:  # another image size, other outputs or depth
             raise MmtkError(f"--resume: {self.last} does not fit this run ({_mismatch(err)}); resume with the "
                             f"settings of {self.run_dir / 'recipe.yaml'}, or start a new run in another --out "
                             f"folder") from None
