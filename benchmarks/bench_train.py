@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from mmtk.config import load_recipe
 from mmtk.batches import SeededDataset
+from mmtk.config import load_recipe
 from mmtk.optim import build_optimizer
 from mmtk.runtime import autocast, pick_device, to_device
 from mmtk.training import DataInfo, model_args, needed_modalities, open_dataset, pretrain_loss_fn

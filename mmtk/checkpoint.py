@@ -78,6 +78,8 @@ class Checkpointer:
         self.last: Path | None = None
 
     def save(self, step: int) -> Path:
+        """Write step ``step``'s checkpoint, point ``last.pt`` at it and drop those beyond
+        ``train.keep_checkpoints``. Every process calls it (each one's RNG state is gathered); rank 0 writes."""
         states = [rng_state()]
         if self.info.world_size > 1:
             states = [None] * self.info.world_size
@@ -108,18 +110,32 @@ class Checkpointer:
             raise MmtkError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}; start without --resume")
         if state is None:
             state = load_checkpoint(self.last)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            step = int(state["step"])
+        except (KeyError, RuntimeError, ValueError) as err:  # another image size, other outputs or depth
+            raise MmtkError(f"--resume: {self.last} does not fit this run ({_mismatch(err)}); resume with the "
+                            f"settings of {self.run_dir / 'recipe.yaml'}, or start a new run in another --out "
+                            f"folder") from None
         if self.info.is_main:  # a kill between the checkpoint's publish and last.pt's update left it behind
             last = self.run_dir / "last.pt"
             if not (last.exists() and os.path.samefile(last, self.last)):
                 link_last(self.last)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        step = int(state["step"])
         if len(state["rng"]) == self.info.world_size:
             set_rng_state(state["rng"][self.info.rank])
         else:  # resumed with another process count: same data order, new mask draws
             seed_everything(self.recipe.train.seed + self.info.rank + step)
         state.clear()
         return step
+
+
+def _mismatch(err: Exception) -> str:
+    """The first line of what torch found wrong, e.g. ``size mismatch for encoder.pos_emb: ...`` (at most 200 chars)."""
+    if isinstance(err, KeyError):
+        return f"it has no {err.args[0]!r}: not an mmtk training checkpoint"
+    lines = [line.strip().rstrip(".") for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    reason = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]  # torch: a heading, then a list
+    return reason if len(reason) <= 200 else reason[:197] + "..."

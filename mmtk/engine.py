@@ -72,18 +72,18 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
         torch.use_deterministic_algorithms(True, warn_only=True)
     model.to(info.device)
     micro_batch, workers = plan_memory(model, compute_loss, train_set, recipe, info)  # before anything is written
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_recipe(recipe, run_dir / "recipe.yaml")
     data = make_batches(recipe, train_set, info, micro_batch, workers)
     total_steps = max(1, math.ceil(opt.epochs * data.steps_per_epoch))
     stop = min(total_steps, cfg.max_steps or total_steps)
     optimizer, scheduler = build_optimizer(model, recipe, total_steps, round(opt.warmup_epochs * data.steps_per_epoch))
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
     ckpt = Checkpointer(recipe, run_dir, info, model, optimizer, scheduler, scaler, data.steps_per_epoch, extra_state)
-    metrics = MetricsLog(run_dir, info.is_main)
     seed_everything(cfg.seed + info.rank)  # different masks per process, same init (weights are broadcast)
-    step = ckpt.restore(resume_state) if resume else 0
+    step = ckpt.restore(resume_state) if resume else 0  # refuses a checkpoint of another model before any write
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run_dir / "recipe.yaml")
+    metrics = MetricsLog(run_dir, info.is_main)
     if resume and info.is_main:
         main_process_print(f"resumed from step {step} of {stop} ({ckpt.last})")
     metrics.truncate_after(step)
@@ -100,7 +100,7 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
     tick, tick_step = time.perf_counter(), step
     train_model.train()
     batches = data.from_step(step)
-    with progress, StopRequest() as stop_request:
+    with progress, StopRequest() as stop_request, contextlib.closing(metrics):  # closed however the loop ends
         progress.start(step)
         while step < stop:
             sums: dict[str, torch.Tensor] = {}
@@ -139,14 +139,12 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
                 tick, tick_step = now, step
                 metrics.write({"step": step, "epoch": round(step / data.steps_per_epoch, 4), **step_losses,
                                "lr": lr, "images_per_s": round(images_per_s, 2)})
-                progress.log(step)
+                progress.log()
             stopping = stop_request.agreed(stop_flag, info) and step < stop
             if step % cfg.ckpt_every == 0 or step == stop or stopping:
                 ckpt.save(step)
             if stopping:
-                metrics.close()
                 raise TrainingInterrupted(step, stop, ckpt.last)
-    metrics.close()
     return FitResult(run_dir, step, ckpt.last, last_losses)
 
 
@@ -231,6 +229,7 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` (it has a ``step``); nothing on processes other than rank 0."""
         if not self.enabled:
             return
         with disk_errors(self.path), open(self.path, "a") as handle:
@@ -241,6 +240,7 @@ class MetricsLog:
                     self.tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
+        """Flush and close TensorBoard's writer (it buffers); the JSONL lines are already on disk."""
         if self.tb is not None:
             self.tb.close()
 

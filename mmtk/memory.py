@@ -33,9 +33,11 @@ class MemoryEstimate:
     sample: int  # bytes of one prepared training sample (loader batches in flight)
 
     def total(self, micro: int, workers: int) -> int:
+        """Bytes for micro-steps of ``micro`` images fed by ``workers`` loader workers."""
         return self.model + self.fixed + micro * self.per_image + self.loader(micro, workers)
 
     def loader(self, micro: int, workers: int) -> int:
+        """Bytes of the loader workers and the batches they prefetch."""
         return int(workers * (WORKER_BYTES + 2 * micro * self.sample))  # 2: DataLoader's prefetch factor
 
 

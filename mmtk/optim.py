@@ -11,12 +11,14 @@ from torch import nn
 
 from mmtk.config import Recipe
 
+BLOCK_PARAM = re.compile(r"encoder\.blocks\.(\d+)\.")  # a parameter of encoder block N
+
 
 def layer_id(name: str, num_blocks: int) -> int:
     """Depth of a parameter for layer-wise lr decay: 0 tokenizers/global tokens, i+1 block i, top the rest."""
     if name.startswith(("encoder.tokenizers.", "encoder.global_tokens", "encoder.pos_emb")):
         return 0
-    match = re.match(r"encoder\.blocks\.(\d+)\.", name)
+    match = BLOCK_PARAM.match(name)
     if match:
         return int(match.group(1)) + 1
     return num_blocks + 1
@@ -24,7 +26,7 @@ def layer_id(name: str, num_blocks: int) -> int:
 
 def count_blocks(model: nn.Module) -> int:
     """Number of encoder blocks (``encoder.blocks.N``) among the parameter names; 0 when there are none."""
-    ids = {int(m.group(1)) for n, _ in model.named_parameters() if (m := re.match(r"encoder\.blocks\.(\d+)\.", n))}
+    ids = {int(m.group(1)) for n, _ in model.named_parameters() if (m := BLOCK_PARAM.match(n))}
     return max(ids) + 1 if ids else 0
 
 
@@ -69,7 +71,8 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, recipe: Recipe, total_steps: int, warmup_steps: int):
+def build_optimizer(model: nn.Module, recipe: Recipe, total_steps: int,
+                    warmup_steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW + per-step warm-up/cosine LambdaLR for ``model`` as the recipe says."""
     optim = recipe.optim
     lr = optim.lr * optim.batch_size / 256 if optim.scale_lr else optim.lr

@@ -81,10 +81,12 @@ class ProgressLine:
             self.live.__exit__(*exc)
 
     def start(self, step: int) -> None:
+        """The run starts (or resumes) at optimizer step ``step``: the rate counts from here."""
         self.step, self.start_images, self.start_time = step, self._images(step, 0), time.perf_counter()
         self._show()
 
     def micro_step(self, step: int, micro: int) -> None:
+        """Micro-step ``micro`` of the step after ``step`` is done."""
         self.step, self.micro = step, micro
         if self.live is not None:
             self._show()
@@ -92,12 +94,13 @@ class ProgressLine:
             self._print()  # a long optimizer step is never silent in a log
 
     def step_done(self, step: int, losses: dict[str, float], lr: float) -> None:
+        """Optimizer step ``step`` is done with these losses, at learning rate ``lr``."""
         self.step, self.micro, self.losses, self.lr = step, 0, losses, lr
         if self.live is not None:
             self._show()
 
-    def log(self, step: int) -> None:
-        """A logged step: a plain line when not on a terminal."""
+    def log(self) -> None:
+        """The step just done is a logged one: a plain line when not on a terminal."""
         if self.enabled and self.live is None:
             self._print()
 

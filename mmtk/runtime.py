@@ -102,7 +102,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The context that runs a forward pass in ``train.precision`` (fp32: none)."""
     if precision == "fp32":
         return contextlib.nullcontext()

@@ -56,11 +56,17 @@ def test_sigkill_then_resume_reproduces_uninterrupted_run(sample_h5, tmp_path):
     assert _losses(killed) == expected  # bit-identical losses and lr at every step, no duplicates
 
 
-def test_resume_reads_its_checkpoint_once(sample_h5, tmp_path, monkeypatch, one_thread):
+def test_resume_reads_its_checkpoint_once_and_lets_it_go(sample_h5, tmp_path, monkeypatch, one_thread):
     """The model is rebuilt from the newest checkpoint and the optimizer, scheduler and RNGs restored from it: one
-    read of the file (`torch.load` calls counted), not one for the model and another for the rest."""
+    read of the file (`torch.load` calls counted), not one for the model and another for the rest. Once restored,
+    the read state is let go: when the loop starts, none of its weight tensors is alive beside the model's."""
+    import gc
+    import weakref
+
     import torch
 
+    import mmtk.training as training
+    from mmtk.batches import Batches
     from mmtk.config import load_recipe
     from mmtk.training import run_training
 
@@ -69,12 +75,26 @@ def test_resume_reads_its_checkpoint_once(sample_h5, tmp_path, monkeypatch, one_
     first = run_training(load_recipe(RECIPES / "tiny.yaml", sets + ["train.max_steps=3"], data_path=str(sample_h5)),
                          tmp_path / "run")
     assert first.steps == 3 and first.last_checkpoint is not None
-    loads = []
-    torch_load = torch.load
+    loads, read_weights, alive_at_start = [], [], []
+    torch_load, load_checkpoint, from_step = torch.load, training.load_checkpoint, Batches.from_step
+
+    def load_and_watch(path):
+        state = load_checkpoint(path)
+        read_weights.extend(weakref.ref(tensor) for tensor in state["model"].values())
+        return state
+
+    def start(self, step):
+        gc.collect()
+        alive_at_start.append(sum(ref() is not None for ref in read_weights))
+        return from_step(self, step)
+
     monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(args) or torch_load(*args, **kwargs))
+    monkeypatch.setattr(training, "load_checkpoint", load_and_watch)
+    monkeypatch.setattr(Batches, "from_step", start)
     resumed = run_training(load_recipe(RECIPES / "tiny.yaml", sets + ["train.max_steps=4"],
                                        data_path=str(sample_h5)), tmp_path / "run", resume=True)
     assert len(loads) == 1
+    assert len(read_weights) > 50 and alive_at_start == [0]
     assert resumed.steps == 4 and [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
 
 
@@ -82,6 +102,24 @@ def test_resume_without_checkpoint_is_a_clear_error(sample_h5, tmp_path):
     code, output = run_cli(*_command(sample_h5, tmp_path / "empty", "--resume")[len(CLI):])
     assert code == 2
     assert "no checkpoint" in output and "start without --resume" in output
+
+
+def test_resume_with_a_model_the_checkpoint_does_not_fit_is_one_line_and_writes_nothing(sample_h5, tmp_path,
+                                                                                          one_thread):
+    """A resume whose settings build another model (here a larger image, so other position embeddings) than the
+    checkpoint holds is refused in one line naming the mismatch and the fix; the run folder is left as it was
+    (its recipe.yaml still describes the checkpoints)."""
+    run = tmp_path / "run"
+    fast = ["--set=train.max_steps=2", "--set=train.device=cpu"]
+    code, output = run_cli(*_command(sample_h5, run, *fast)[len(CLI):])
+    assert code == 0, output
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    code, output = run_cli(*_command(sample_h5, run, *fast, "--set=data.image_size=[96,96]", "--resume")[len(CLI):])
+    assert code == 2
+    error = output.strip().splitlines()[-1]
+    assert error.startswith("error: --resume: ") and "step_00000002.pt does not fit this run" in error
+    assert "size mismatch for " in error and "recipe.yaml" in error
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
 
 
 @needs_cuda

@@ -91,8 +91,8 @@ def test_depth_finetuning_and_missing_sensor_rows(sample_h5, tmp_path):
     assert len({round(r.metrics["rmse"], 6) for r in rows}) == 3  # removing a sensor changes the prediction
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(sample_h5, tmp_path):
-    from mmtk.engine import fit
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(sample_h5, tmp_path, monkeypatch):
+    from mmtk.engine import MetricsLog, fit
     from mmtk.training import finetune_loss_fn, open_dataset
 
     import mmtk
@@ -111,9 +111,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(sample_h5, tmp_pat
             loss = loss * float("inf")
         return loss, losses
 
+    closed, close = [], MetricsLog.close
+    monkeypatch.setattr(MetricsLog, "close", lambda log: closed.append(log) or close(log))
     data = open_dataset(sample_h5, "train", ("rgb", "depth", "semseg"), (64, 64), augment=True)
     with pytest.raises(MmtkError) as info:
         fit(recipe, tmp_path / "run", model, data, loss_that_explodes)
+    assert len(closed) == 1  # the metrics log (and TensorBoard's writer, which buffers) is flushed on the way out
     message = str(info.value)
     assert "non-finite at step 3" in message and "step_00000002.pt" in message and "\n" not in message
     assert [p.name for p in checkpoint_paths(tmp_path / "run")] == ["step_00000002.pt"]

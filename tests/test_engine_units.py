@@ -59,7 +59,8 @@ def test_warmup_cosine_values():
 def test_build_optimizer_lr_per_step_is_the_recipe_curve(tiny):
     """The lr of every group at each optimizer step, as build_optimizer's scheduler sets it. The top group's values
     were printed by the engine before it was split into modules; timm's CosineLRScheduler was not adopted: its
-    warm-up reaches the peak one step later (0.25, 0.4375, ... for 4 warm-up steps where ours gives 0.25, 0.5, ...)."""
+    warm-up reaches the peak one step later (warmup_t=4, warmup_lr_init=0, warmup_prefix=True, stepped per update:
+    0, 0.25, 0.5, 0.75, 1.0 of the lr where ours gives 0.25, 0.5, 0.75, 1.0)."""
     from mmtk.config import load_recipe
     from mmtk.optim import build_optimizer
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine_helpers import CLI, ONE_THREAD_ENV, REPO, TINY, TINY_SEMSEG, run_cli, sample_h5, sync_h5  # noqa: F401
+from engine_helpers import (CLI, ONE_THREAD_ENV, REPO, TINY, TINY_SEMSEG, one_thread, run_cli, sample_h5,  # noqa: F401
+                            sync_h5)
 from mmtk.errors import MmtkError
 
 FAST = TINY + ["optim.batch_size=4", "optim.epochs=1", "optim.warmup_epochs=0", "train.max_steps=2"]
@@ -199,6 +200,38 @@ def test_ctrl_c_saves_a_resumable_checkpoint(sample_h5, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from step {step} of" in resumed.stderr
     assert load_checkpoint(checkpoint_paths(out)[-1])["step"] == step + 1
+
+
+def test_ctrl_c_writes_one_checkpoint_with_logging_off_and_at_the_last_step(sample_h5, tmp_path, one_thread):
+    """A Ctrl-C inside step 2 of 3 with no step logged stops after step 2 with its one checkpoint; one inside the
+    last step finishes the run as usual: one checkpoint, the final one, and no interruption."""
+    from mmtk.checkpoint import checkpoint_paths
+    from mmtk.engine import TrainingInterrupted, fit
+
+    def run(stop_in_step: int, out: Path):
+        recipe, model, train_set, loss_fn, _ = _tiny_run_parts(
+            sample_h5, ["optim.batch_size=4", "optim.epochs=10", "train.max_steps=3", "train.log_every=100",
+                        "train.ckpt_every=100", "train.device=cpu"])
+        steps = [0]
+
+        def compute_loss(model, batch):
+            steps[0] += model.training  # not the memory check's forward passes (in eval mode)
+            if steps[0] == stop_in_step:
+                os.kill(os.getpid(), signal.SIGINT)  # the handler runs at once, in this (main) thread
+            return loss_fn(model, batch)
+
+        return fit(recipe, out, model, train_set, compute_loss)
+
+    with pytest.raises(TrainingInterrupted) as stopped:
+        run(2, tmp_path / "mid")
+    assert stopped.value.step == 2 and stopped.value.checkpoint == checkpoint_paths(tmp_path / "mid")[-1]
+    assert [path.name for path in checkpoint_paths(tmp_path / "mid")] == ["step_00000002.pt"]
+    try:
+        finished = run(3, tmp_path / "last")
+    except TrainingInterrupted as stop:  # a KeyboardInterrupt: pytest would end the session instead of failing
+        pytest.fail(f"a Ctrl-C in the last step interrupted the finished run: {stop}")
+    assert finished.steps == 3
+    assert [path.name for path in checkpoint_paths(tmp_path / "last")] == ["step_00000003.pt"]
 
 
 def test_second_ctrl_c_stops_at_once(capsys):
