@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mmtk.batches import make_batches
-from mmtk.checkpoint import Checkpointer, newest_checkpoint
+from mmtk.checkpoint import Checkpointer, load_checkpoint, newest_checkpoint
 from mmtk.config import Recipe, save_recipe
 from mmtk.errors import MmtkError
 from mmtk.io import atomic_write_text, disk_errors
@@ -71,13 +71,18 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     model.to(info.device)
-    micro_batch, workers = plan_memory(model, compute_loss, train_set, recipe, info)  # before anything is written
+    if resume and resume_state is None:
+        resume_state = load_checkpoint(newest_checkpoint(run_dir))
+    resumed_micro = resume_state.get("micro_batch") if resume else None
+    micro_batch, workers = plan_memory(model, compute_loss, train_set, recipe, info,  # before anything is written
+                                       resumed_micro if isinstance(resumed_micro, int) else None)
     data = make_batches(recipe, train_set, info, micro_batch, workers)
     total_steps = max(1, math.ceil(opt.epochs * data.steps_per_epoch))
     stop = min(total_steps, cfg.max_steps or total_steps)
     optimizer, scheduler = build_optimizer(model, recipe, total_steps, round(opt.warmup_epochs * data.steps_per_epoch))
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
-    ckpt = Checkpointer(recipe, run_dir, info, model, optimizer, scheduler, scaler, data.steps_per_epoch, extra_state)
+    ckpt = Checkpointer(recipe, run_dir, info, model, optimizer, scheduler, scaler, data.steps_per_epoch,
+                        {**(extra_state or {}), "micro_batch": data.micro})
     seed_everything(cfg.seed + info.rank)  # different masks per process, same init (weights are broadcast)
     step = ckpt.restore(resume_state) if resume else 0  # refuses a checkpoint of another model before any write
     if info.is_main:

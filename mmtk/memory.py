@@ -103,11 +103,13 @@ def _micro_choices(recipe: Recipe, world_size: int) -> list[int]:
 
 
 def plan_memory(model: nn.Module, compute_loss: LossFn, train_set: Dataset, recipe: Recipe,
-                info: DistInfo) -> tuple[int | None, int]:
+                info: DistInfo, resumed_micro: int | None = None) -> tuple[int | None, int]:
     """(micro-batch, loader workers) for this run, checked against the device's memory before training starts.
 
-    ``optim.micro_batch: auto`` takes the largest micro-batch that fits; a fixed one that does not fit stops
-    with one line naming the estimate, what is available and the ``--set`` values that fit.
+    ``optim.micro_batch: auto`` takes the largest micro-batch that fits, or, when resuming, the one the run
+    used (``resumed_micro``) if it still fits: masks are drawn per micro-batch, so another size would not
+    reproduce the uninterrupted run. A fixed micro-batch that does not fit stops with one line naming the
+    estimate, what is available and the ``--set`` values that fit.
     """
     opt = recipe.optim
     workers = loader_workers(recipe.data.num_workers, info.device.type, info.world_size)
@@ -121,11 +123,15 @@ def plan_memory(model: nn.Module, compute_loss: LossFn, train_set: Dataset, reci
     if opt.micro_batch == "auto":
         if not fitting:
             raise MmtkError(_does_not_fit(estimate, 1, workers, budget, info, recipe))
+        chosen = resumed_micro if resumed_micro in fitting else fitting[0]
         if info.is_main:
-            main_process_print(f"optim.micro_batch auto: {fitting[0]} images per micro-step (about "
-                               f"{estimate.total(fitting[0], workers) / GB:.1f} GB of {budget / GB:.1f} GB usable "
+            why = ("as the run it resumes" if chosen == resumed_micro else
+                   f"the resumed run used {resumed_micro}, which no longer fits: its losses will not repeat an "
+                   f"uninterrupted run's" if resumed_micro is not None else "the largest that fits")
+            main_process_print(f"optim.micro_batch auto: {chosen} images per micro-step, {why} (about "
+                               f"{estimate.total(chosen, workers) / GB:.1f} GB of {budget / GB:.1f} GB usable "
                                f"on {info.device.type})")
-        return fitting[0], workers
+        return chosen, workers
     if estimate.total(micro, workers) > budget:
         raise MmtkError(_does_not_fit(estimate, micro, workers, budget, info, recipe))
     return setting, workers

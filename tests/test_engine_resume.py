@@ -140,3 +140,41 @@ def test_cuda_run_stopped_then_resumed_matches_uninterrupted(sample_h5, tmp_path
     resumed = subprocess.run(command(tmp_path / "cut", "--resume"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _losses(tmp_path / "cut") == expected
+
+
+def test_auto_micro_batch_resumes_with_the_micro_batch_the_run_used(sample_h5, tmp_path, monkeypatch, one_thread):
+    """Masks are drawn per micro-batch: a resumed ``micro_batch: auto`` run keeps the size its checkpoint
+    records (here 2 of a batch of 4, chosen under little memory) even where more memory would now fit 4, so it
+    repeats the uninterrupted run's losses exactly."""
+    from mmtk import memory
+    from mmtk.config import load_recipe
+    from mmtk.training import run_training
+
+    sets = TINY + ["optim.batch_size=4", "optim.micro_batch=auto", "data.repeat=8", "optim.epochs=20",
+                   "train.ckpt_every=2", "model.num_visible=12", "train.device=cpu"]
+    chosen = []
+    plan = memory.plan_memory
+
+    def plan_with(room: float):
+        def planned(model, loss, train_set, recipe, info, resumed_micro=None):
+            estimate = memory.estimate_memory(model, loss, train_set, recipe, info.device)
+            monkeypatch.setattr(memory, "available_memory",
+                                lambda device: int(estimate.total(2, 0) + room * (estimate.total(4, 0)
+                                                                                  - estimate.total(2, 0))) * 10 // 9)
+            resumed = {"resumed_micro": resumed_micro} if resumed_micro is not None else {}
+            chosen.append(plan(model, loss, train_set, recipe, info, **resumed)[0])
+            return chosen[-1], 0
+        return planned
+
+    def run(out, steps, resume=False):
+        recipe = load_recipe(RECIPES / "tiny.yaml", sets + [f"train.max_steps={steps}"], data_path=str(sample_h5))
+        return run_training(recipe, out, resume=resume)
+
+    monkeypatch.setattr("mmtk.engine.plan_memory", plan_with(0.5))  # room for 2 images per micro-step, not 4
+    run(tmp_path / "whole", 4)
+    run(tmp_path / "cut", 2)
+    monkeypatch.setattr("mmtk.engine.plan_memory", plan_with(2.0))  # now 4 would fit
+    run(tmp_path / "cut", 4, resume=True)
+    assert chosen == [2, 2, 2]
+    whole, cut = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "cut")
+    assert [r["loss"] for r in cut] == [r["loss"] for r in whole] and len(whole) == 4
