@@ -397,7 +397,14 @@ def read_weights(source: str | Path | dict | Weights) -> Weights:
         recorded = dict(config_json.get("model_args", {}))
     recorded = {k: v for k, v in recorded.items() if k in _config_fields()}
     model_name = config_json.get("model_name") or container.get("model_name")
-    config = {**infer_config(state, official_task(raw) if fmt == "official" else None, name), **recorded}
+    try:
+        inferred = infer_config(state, official_task(raw) if fmt == "official" else None, name)
+    except MmtkError:
+        raise
+    except Exception as err:  # shapes from a file: a tensor of the wrong rank or type is the file's fault
+        raise MmtkError(f"{name}: its tensors do not describe a model ({type(err).__name__}: {err}); the file is "
+                        "corrupt or not a model checkpoint") from None
+    config = {**inferred, **recorded}
     extra = {k: v for k, v in container.items() if k not in ("model", "state_dict", "model_state")}
     return Weights(name, fmt, state, unused, config, frozenset(recorded), model_name, notes, extra)
 

@@ -66,6 +66,22 @@ def test_create_model_refuses_implausible_sizes_read_from_tensor_names(tmp_path)
         mmtk.create_model(pretrained=path, verbose=False)
 
 
+@pytest.mark.parametrize("name, value", [("encoder.blocks.0.attn.qkv.weight", torch.zeros(3)),
+                                         ("encoder.tokenizers.rgb.pos_emb", torch.zeros(3)),
+                                         ("encoder.blocks.0.mlp.fc1.weight", 5)])
+def test_weights_with_a_forged_tensor_shape_are_refused_in_one_line(tmp_path, name, value):
+    """The sizes read from the tensors' shapes are the file's too: a tensor of the wrong rank is one line."""
+    state = mmtk.create_model("multimae-tiny", verbose=False, **ARGS).state_dict()
+    state[name] = value
+    path = tmp_path / "forged.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(mmtk.MmtkError) as err:
+        mmtk.create_model(pretrained=path, verbose=False)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    code, output = invoke("weights", path)
+    assert code == 2 and str(path) in _one_error_line(output)
+
+
 def test_create_model_refuses_a_model_larger_than_free_memory(tmp_path, monkeypatch):
     import mmtk.io
 
