@@ -388,6 +388,7 @@ def read_weights(source: str | Path | dict | Weights) -> Weights:
         name, container = str(source), read_state_dict(path)
         if config_path is not None:
             config_json = _read_config_json(config_path)
+    _require_recorded_modalities(container, name)
     raw = unwrap(container)
     state, unused, fmt, notes = to_mmtk_names(raw)
     recorded: dict[str, Any] = {}
@@ -407,6 +408,18 @@ def read_weights(source: str | Path | dict | Weights) -> Weights:
     config = {**inferred, **recorded}
     extra = {k: v for k, v in container.items() if k not in ("model", "state_dict", "model_state")}
     return Weights(name, fmt, state, unused, config, frozenset(recorded), model_name, notes, extra)
+
+
+def _require_recorded_modalities(container: dict[str, Any], source: str) -> None:
+    """The modalities an mmtk checkpoint records ({name: origin}) are registered, checked before its tensors are
+    read by modality: a missing one names its plugin file."""
+    from mmtk.modality import require_registered
+
+    origins = container.get("modalities", {})
+    if not isinstance(origins, dict) or not all(isinstance(v, str) for v in origins.values()):
+        raise MmtkError(f"{source}: its 'modalities' entry is not a mapping of names to origins; the checkpoint is "
+                        "corrupt or forged")
+    require_registered(origins, f"checkpoint {source}")
 
 
 def _read_config_json(path: Path) -> dict[str, Any]:

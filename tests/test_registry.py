@@ -4,6 +4,7 @@ line before it allocates anything."""
 
 from __future__ import annotations
 
+import re
 import resource
 from pathlib import Path
 
@@ -80,6 +81,31 @@ def test_weights_with_a_forged_tensor_shape_are_refused_in_one_line(tmp_path, na
     assert str(path) in str(err.value) and "\n" not in str(err.value)
     code, output = invoke("weights", path)
     assert code == 2 and str(path) in _one_error_line(output)
+
+
+def test_a_checkpoint_whose_first_input_is_an_unloaded_plugin_names_the_plugin_file(tmp_path):
+    """The modalities a checkpoint records are checked before its tensors are read by modality (the first
+    tokenizer's stride): every path names the plugin file, not just 'unknown modality'."""
+    state = mmtk.create_model("multimae-tiny", verbose=False, **ARGS).state_dict()
+    state = {name.replace("tokenizers.rgb.", "tokenizers.ir.").replace("decoders.rgb.", "decoders.ir."): tensor
+             for name, tensor in state.items()}
+    plugin = tmp_path / "ir_adapter.py"
+    checkpoint = {"model": state, "modalities": {"ir": f"file:{plugin}", "depth": "mmtk"}}
+    with pytest.raises(mmtk.MmtkError, match=re.escape(f"uses modality 'ir' from the plugin {plugin}; pass --plugin")):
+        mmtk.create_model(pretrained=checkpoint, verbose=False)
+
+
+@pytest.mark.parametrize("entry", [dict(modalities=5), dict(modalities={"rgb": 5}), dict(data=[1]),
+                                   dict(data={"class_names": 5})])
+def test_predict_refuses_forged_checkpoint_entries_in_one_line(tmp_path, entry):
+    from mmtk.predict import model_from_checkpoint
+
+    path = _checkpoint(tmp_path / "forged.pt")
+    checkpoint = {**torch.load(path, weights_only=True), **entry}
+    torch.save(checkpoint, path)
+    with pytest.raises(mmtk.MmtkError, match="corrupt or forged") as err:
+        model_from_checkpoint(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_create_model_refuses_a_model_larger_than_free_memory(tmp_path, monkeypatch):
