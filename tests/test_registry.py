@@ -196,3 +196,10 @@ def test_recipe_modalities_come_from_its_named_model(tmp_path):
     with pytest.raises(mmtk.MmtkError, match=r"r.yaml: model.name: unknown model 'multimae-huge'; choose one of "
                                              r"multimae-tiny, "):
         load_recipe(path)
+
+
+def test_models_lists_the_named_models_with_what_they_are_pretrained_on():
+    code, output = invoke("models")
+    text = " ".join(output.replace("│", " ").split())
+    assert code == 0 and "pretraining: rgb, depth, semseg in; rgb, norm_rgb, depth, semseg out; 40 classes" in text
+    assert "multimae-tiny 192 12 3 16.0" in text and "multimae-large 1024 24 16 315.6" in text
