@@ -203,3 +203,11 @@ def test_models_lists_the_named_models_with_what_they_are_pretrained_on():
     text = " ".join(output.replace("│", " ").split())
     assert code == 0 and "pretraining: rgb, depth, semseg in; rgb, norm_rgb, depth, semseg out; 40 classes" in text
     assert "multimae-tiny 192 12 3 16.0" in text and "multimae-large 1024 24 16 315.6" in text
+
+
+@pytest.mark.parametrize("data", [[1], {"path": 5}])
+def test_eval_without_data_refuses_a_forged_recorded_data_file_in_one_line(tmp_path, data):
+    path = _checkpoint(tmp_path / "forged.pt")
+    torch.save({**torch.load(path, weights_only=True), "data": data}, path)
+    code, output = invoke("eval", "--checkpoint", path)
+    assert code == 2 and f"{path} records no data file" in _one_error_line(output)
