@@ -398,6 +398,9 @@ def read_weights(source: str | Path | dict | Weights) -> Weights:
         recorded = dict(config_json.get("model_args", {}))
     recorded = {k: v for k, v in recorded.items() if k in _config_fields()}
     model_name = config_json.get("model_name") or container.get("model_name")
+    if model_name is not None and not isinstance(model_name, str):
+        raise MmtkError(f"{name}: its model_name is a {type(model_name).__name__}, not a name; the checkpoint is "
+                        "corrupt or forged")
     try:
         inferred = infer_config(state, official_task(raw) if fmt == "official" else None, name)
     except MmtkError:
