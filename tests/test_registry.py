@@ -211,3 +211,17 @@ def test_eval_without_data_refuses_a_forged_recorded_data_file_in_one_line(tmp_p
     torch.save({**torch.load(path, weights_only=True), "data": data}, path)
     code, output = invoke("eval", "--checkpoint", path)
     assert code == 2 and f"{path} records no data file" in _one_error_line(output)
+
+
+def test_old_checkpoints_without_recorded_modalities_load_as_before(tmp_path):
+    """A checkpoint whose model_args leave inputs/outputs to the old ModelConfig defaults (the paper's) loads
+    with them: its tensors say which; a head put on it reads the rgb tokens, as the old default did."""
+    sizes = {key: value for key, value in ARGS.items() if key not in ("inputs", "outputs")}
+    model = mmtk.create_model("multimae-tiny", verbose=False, **sizes)
+    path = tmp_path / "old.pt"
+    save_checkpoint({"model_name": "multimae-tiny", "model_args": sizes, "model": model.state_dict()}, path)
+    loaded = mmtk.create_model(pretrained=path, verbose=False)
+    assert (loaded.config.inputs, loaded.config.outputs) == (PAPER_INPUTS, PAPER_OUTPUTS)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    finetune = mmtk.create_model(pretrained=path, verbose=False, head="convnext", task="semseg", outputs=())
+    assert finetune.config.main_inputs == ("rgb",) and finetune.config.inputs == PAPER_INPUTS
