@@ -399,7 +399,7 @@ def read_weights(source: str | Path | dict | Weights) -> Weights:
     recorded = {k: v for k, v in recorded.items() if k in _config_fields()}
     model_name = config_json.get("model_name") or container.get("model_name")
     if model_name is not None and not isinstance(model_name, str):
-        raise MmtkError(f"{name}: its model_name is a {type(model_name).__name__}, not a name; the checkpoint is "
+        raise MmtkError(f"{name}: its model_name is not a string ({type(model_name).__name__}); the checkpoint is "
                         "corrupt or forged")
     try:
         inferred = infer_config(state, official_task(raw) if fmt == "official" else None, name)
@@ -426,10 +426,15 @@ def _require_recorded_modalities(container: dict[str, Any], source: str) -> None
 
 
 def _read_config_json(path: Path) -> dict[str, Any]:
+    """A model folder's config.json: a JSON object, whose model_args (when mmtk wrote it) are an object too."""
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise MmtkError(f"{path} is not valid JSON ({err}); rewrite it with `mmtk weights CKPT --to DIR`") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_args", {}), dict):
+        raise MmtkError(f"{path} is not a model description (a JSON object whose model_args is an object); rewrite "
+                        "it with `mmtk weights CKPT --to DIR`")
+    return config
 
 
 def _config_fields() -> set[str]:

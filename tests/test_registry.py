@@ -108,6 +108,20 @@ def test_predict_refuses_forged_checkpoint_entries_in_one_line(tmp_path, entry):
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("config", [[], "x", {"model_type": "mmtk-multimae", "model_args": 5}])
+def test_a_model_folder_whose_config_json_is_not_a_description_is_refused_in_one_line(tmp_path, config):
+    import json
+
+    from mmtk.formats import write_model_folder
+
+    folder = write_model_folder(mmtk.create_model("multimae-tiny", verbose=False, **ARGS).state_dict(),
+                                tmp_path / "folder", "multimae-tiny", ARGS)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(mmtk.MmtkError, match="config.json is not a model description") as err:
+        mmtk.create_model(pretrained=folder, verbose=False)
+    assert "\n" not in str(err.value)
+
+
 def test_create_model_refuses_a_model_larger_than_free_memory(tmp_path, monkeypatch):
     import mmtk.io
 
