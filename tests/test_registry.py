@@ -46,14 +46,20 @@ def _one_error_line(output: str) -> str:
     (dict(dim="wide"), r"model_args.dim = 'wide' is outside the plausible"),
     (dict(image_size=[64, 60]), "model_args do not describe a model .*not divisible by the patch size"),
 ])
-def test_create_model_refuses_forged_model_args_before_allocating(tmp_path, forged, expected):
+def test_create_model_refuses_forged_model_args_before_allocating(tmp_path, monkeypatch, forged, expected):
+    import mmtk.registry as registry
+
     path = _checkpoint(tmp_path / "forged.pt", **forged)
     assert path.stat().st_size < 2 * 2**20
-    before = _max_rss_bytes()
+    devices = []  # where each model is built: only on the meta device (shapes, no memory) before the refusal
+    build = registry.build_model
+    monkeypatch.setattr(registry, "build_model", lambda config: devices.append(torch.empty(0).device.type)
+                        or build(config))
+    before = _max_rss_bytes()  # a high-water mark: meaningful when this test runs first
     with pytest.raises(mmtk.MmtkError, match=expected) as err:
         mmtk.create_model(pretrained=path, verbose=False)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
-    assert _max_rss_bytes() - before < 200 * 2**20
+    assert set(devices) <= {"meta"} and _max_rss_bytes() - before < 200 * 2**20
     if "model of" in expected:
         assert "corrupt or forged" in str(err.value) and "GiB" in str(err.value)
 
