@@ -178,6 +178,7 @@ def _file_model(weights: Weights) -> tuple[ModelConfig, dict[str, tuple[int, ...
             model = build_model(config)
     except Exception as err:  # sizes from a file: any failure to build is the file's fault
         detail = str(err) if isinstance(err, MmtkError) else f"{type(err).__name__}: {err}"
+        detail = detail if len(detail) <= 300 else detail[:300] + " ..."  # it may quote a forged value
         raise MmtkError(f"{weights.source}: its {what} do not describe a model ({detail})") from None
     tensors = [*model.parameters(), *model.buffers()]
     count = sum(t.numel() for t in tensors)
