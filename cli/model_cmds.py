@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from mmtk.cli.app import app
+
+if TYPE_CHECKING:
+    from mmtk.multimae import ModelConfig
 
 
 @app.command("models")
@@ -20,9 +23,8 @@ def models() -> None:
     import mmtk
 
     configs = {name: mmtk.model_config(name) for name in mmtk.list_models()}
-    modalities = dict.fromkeys((config.inputs, config.outputs) for config in configs.values())  # as they declare
-    pretraining = "; ".join(f"{', '.join(inputs)} in; {', '.join(outputs)} out" for inputs, outputs in modalities)
-    table = Table(title=f"mmtk models (pretraining: {pretraining}; 40 classes)")
+    pretraining = "; ".join(dict.fromkeys(_pretrained_on(config) for config in configs.values()))  # as declared
+    table = Table(title=f"mmtk models (pretraining: {pretraining})")
     for column in ("name", "width", "blocks", "heads", "parameters (millions)"):
         table.add_column(column, justify="left" if column == "name" else "right")
     for name, config in configs.items():
@@ -33,11 +35,17 @@ def models() -> None:
     Console().print(table)
 
 
-def _has_classes(config) -> bool:
-    """Whether a registered modality of the model is a label map (its class count then matters)."""
-    from mmtk.modality import get_modality, list_modalities
+def _pretrained_on(config: ModelConfig) -> str:
+    """``rgb, depth in; rgb, depth out`` and, with a label map among them, the class count."""
+    classes = f"; {config.num_classes} classes" if _has_classes(config) else ""
+    return f"{', '.join(config.inputs)} in; {', '.join(config.outputs)} out{classes}"
 
-    names = {*config.inputs, *config.outputs, *([config.task] if config.task else [])} & set(list_modalities())
+
+def _has_classes(config: ModelConfig) -> bool:
+    """Whether a modality of the model is a label map (its class count then matters)."""
+    from mmtk.modality import get_modality
+
+    names = {*config.inputs, *config.outputs, *([config.task] if config.task else [])}
     return any(get_modality(name).ignore_index is not None for name in names)
 
 

@@ -132,14 +132,14 @@ def _training_file(checkpoint: Path) -> Path:
     """The data file a run trained on, as its checkpoint records it."""
     from mmtk.formats import locate_weights, read_state_dict
 
-    recorded = read_state_dict(locate_weights(checkpoint)[0], mmap=True).get("data", {}).get("path", "")
-    if not recorded:  # official, timm or folder weights: no training file
+    entry = read_state_dict(locate_weights(checkpoint)[0], mmap=True).get("data")
+    recorded = entry.get("path") if isinstance(entry, dict) else None
+    if not recorded or not isinstance(recorded, str):  # official, timm or folder weights: no training file
         raise MmtkError(f"{checkpoint} records no data file (it is not from an mmtk run); pass --data FILE.h5")
     data = Path(recorded)
     if not data.is_file():
-        relative = " (a relative path, from the folder the run was started in)" if recorded and not data.is_absolute() \
-            else ""
-        raise MmtkError(f"no --data given and the training file {recorded or '(none recorded)'}{relative} that "
+        relative = " (a relative path, from the folder the run was started in)" if not data.is_absolute() else ""
+        raise MmtkError(f"no --data given and the training file {recorded}{relative} that "
                         f"{checkpoint} records is not there; pass --data FILE.h5")
     typer.echo(f"data: {data} (the file the run trained on)")
     return data

@@ -388,6 +388,7 @@ def read_weights(source: str | Path | dict | Weights) -> Weights:
         name, container = str(source), read_state_dict(path)
         if config_path is not None:
             config_json = _read_config_json(config_path)
+    _require_recorded_modalities(container, name)
     raw = unwrap(container)
     state, unused, fmt, notes = to_mmtk_names(raw)
     recorded: dict[str, Any] = {}
@@ -397,16 +398,43 @@ def read_weights(source: str | Path | dict | Weights) -> Weights:
         recorded = dict(config_json.get("model_args", {}))
     recorded = {k: v for k, v in recorded.items() if k in _config_fields()}
     model_name = config_json.get("model_name") or container.get("model_name")
-    config = {**infer_config(state, official_task(raw) if fmt == "official" else None, name), **recorded}
+    if model_name is not None and not isinstance(model_name, str):
+        raise MmtkError(f"{name}: its model_name is not a string ({type(model_name).__name__}); the checkpoint is "
+                        "corrupt or forged")
+    try:
+        inferred = infer_config(state, official_task(raw) if fmt == "official" else None, name)
+    except MmtkError:
+        raise
+    except Exception as err:  # shapes from a file: a tensor of the wrong rank or type is the file's fault
+        raise MmtkError(f"{name}: its tensors do not describe a model ({type(err).__name__}: {err}); the file is "
+                        "corrupt or not a model checkpoint") from None
+    config = {**inferred, **recorded}
     extra = {k: v for k, v in container.items() if k not in ("model", "state_dict", "model_state")}
     return Weights(name, fmt, state, unused, config, frozenset(recorded), model_name, notes, extra)
 
 
+def _require_recorded_modalities(container: dict[str, Any], source: str) -> None:
+    """The modalities an mmtk checkpoint records ({name: origin}) are registered, checked before its tensors are
+    read by modality: a missing one names its plugin file."""
+    from mmtk.modality import require_registered
+
+    origins = container.get("modalities", {})
+    if not isinstance(origins, dict) or not all(isinstance(v, str) for v in origins.values()):
+        raise MmtkError(f"{source}: its 'modalities' entry is not a mapping of names to origins; the checkpoint is "
+                        "corrupt or forged")
+    require_registered(origins, f"checkpoint {source}")
+
+
 def _read_config_json(path: Path) -> dict[str, Any]:
+    """A model folder's config.json: a JSON object, whose model_args (when mmtk wrote it) are an object too."""
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise MmtkError(f"{path} is not valid JSON ({err}); rewrite it with `mmtk weights CKPT --to DIR`") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_args", {}), dict):
+        raise MmtkError(f"{path} is not a model description (a JSON object whose model_args is an object); rewrite "
+                        "it with `mmtk weights CKPT --to DIR`")
+    return config
 
 
 def _config_fields() -> set[str]:

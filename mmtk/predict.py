@@ -135,13 +135,15 @@ def model_from_checkpoint(source: str | os.PathLike | dict) -> torch.nn.Module:
     import mmtk
 
     from mmtk.formats import read_weights
-    from mmtk.modality import require_registered
 
-    weights = read_weights(source)
-    recorded = weights.container
-    require_registered(dict(recorded.get("modalities", {})), f"checkpoint {weights.source}")  # name the plugin file
+    weights = read_weights(source)  # names the plugin file of a modality not registered
+    data = weights.container.get("data", {})
+    class_names = data.get("class_names") or [] if isinstance(data, dict) else None
+    if not isinstance(class_names, (list, tuple)) or not all(isinstance(n, str) for n in class_names):
+        raise MmtkError(f"{weights.source}: its data.class_names is not a list of names; the checkpoint is corrupt "
+                        "or forged")
     model = mmtk.create_model(pretrained=weights, verbose=False)  # checks the file's sizes before building
-    model.class_names = tuple(recorded.get("data", {}).get("class_names") or ())
+    model.class_names = tuple(class_names)
     if model.load_report.notes:
         print(f"{weights.source}: {'; '.join(model.load_report.notes)}")
     return model

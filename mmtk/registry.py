@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -159,8 +160,8 @@ def _check_plausible(weights: Weights) -> None:
         limit = MODEL_ARG_LIMITS.get(key)
         if limit is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= limit
                                          for v in values):
-            raise MmtkError(f"{weights.source}: {where} = {value!r} is outside the plausible 0..{limit}; the "
-                            f"checkpoint is corrupt or forged")
+            raise MmtkError(f"{weights.source}: {where} = {reprlib.repr(value)} is outside the plausible "
+                            f"0..{limit}; the checkpoint is corrupt or forged")
 
 
 def _file_model(weights: Weights) -> tuple[ModelConfig, dict[str, tuple[int, ...]]]:
@@ -177,6 +178,7 @@ def _file_model(weights: Weights) -> tuple[ModelConfig, dict[str, tuple[int, ...
             model = build_model(config)
     except Exception as err:  # sizes from a file: any failure to build is the file's fault
         detail = str(err) if isinstance(err, MmtkError) else f"{type(err).__name__}: {err}"
+        detail = detail if len(detail) <= 300 else detail[:300] + " ..."  # it may quote a forged value
         raise MmtkError(f"{weights.source}: its {what} do not describe a model ({detail})") from None
     tensors = [*model.parameters(), *model.buffers()]
     count = sum(t.numel() for t in tensors)

@@ -4,6 +4,7 @@ line before it allocates anything."""
 
 from __future__ import annotations
 
+import re
 import resource
 from pathlib import Path
 
@@ -43,16 +44,24 @@ def _one_error_line(output: str) -> str:
     (dict(dim=8192, depth=48, num_heads=16), "model_args describe a model of"),  # ~40 GB of weights in a 1 MB file
     (dict(depth=10**9), r"model_args.depth = 1000000000 is outside the plausible 0..256"),
     (dict(dim="wide"), r"model_args.dim = 'wide' is outside the plausible"),
+    (dict(dim="w" * 10**5), r"model_args.dim = 'w{5,}\.\.\.w+' is outside the plausible"),  # shortened
     (dict(image_size=[64, 60]), "model_args do not describe a model .*not divisible by the patch size"),
+    (dict(head="h" * 10**5), r"model_args do not describe a model \(.*h{100} \.\.\.\)$"),  # shortened
 ])
-def test_create_model_refuses_forged_model_args_before_allocating(tmp_path, forged, expected):
+def test_create_model_refuses_forged_model_args_before_allocating(tmp_path, monkeypatch, forged, expected):
+    import mmtk.registry as registry
+
     path = _checkpoint(tmp_path / "forged.pt", **forged)
     assert path.stat().st_size < 2 * 2**20
-    before = _max_rss_bytes()
+    devices = []  # where each model is built: only on the meta device (shapes, no memory) before the refusal
+    build = registry.build_model
+    monkeypatch.setattr(registry, "build_model", lambda config: devices.append(torch.empty(0).device.type)
+                        or build(config))
+    before = _max_rss_bytes()  # a high-water mark: meaningful when this test runs first
     with pytest.raises(mmtk.MmtkError, match=expected) as err:
         mmtk.create_model(pretrained=path, verbose=False)
-    assert str(path) in str(err.value) and "\n" not in str(err.value)
-    assert _max_rss_bytes() - before < 200 * 2**20
+    assert str(path) in str(err.value) and "\n" not in str(err.value) and len(str(err.value)) < 500
+    assert set(devices) <= {"meta"} and _max_rss_bytes() - before < 200 * 2**20
     if "model of" in expected:
         assert "corrupt or forged" in str(err.value) and "GiB" in str(err.value)
 
@@ -64,6 +73,61 @@ def test_create_model_refuses_implausible_sizes_read_from_tensor_names(tmp_path)
     torch.save({"model": state}, path)  # no model_args: the sizes come from the tensors
     with pytest.raises(mmtk.MmtkError, match=r"depth \(read from its tensors\) = 100000 is outside the plausible"):
         mmtk.create_model(pretrained=path, verbose=False)
+
+
+@pytest.mark.parametrize("name, value", [("encoder.blocks.0.attn.qkv.weight", torch.zeros(3)),
+                                         ("encoder.tokenizers.rgb.pos_emb", torch.zeros(3)),
+                                         ("encoder.blocks.0.mlp.fc1.weight", 5)])
+def test_weights_with_a_forged_tensor_shape_are_refused_in_one_line(tmp_path, name, value):
+    """The sizes read from the tensors' shapes are the file's too: a tensor of the wrong rank is one line."""
+    state = mmtk.create_model("multimae-tiny", verbose=False, **ARGS).state_dict()
+    state[name] = value
+    path = tmp_path / "forged.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(mmtk.MmtkError) as err:
+        mmtk.create_model(pretrained=path, verbose=False)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    code, output = invoke("weights", path)
+    assert code == 2 and str(path) in _one_error_line(output)
+
+
+def test_a_checkpoint_whose_first_input_is_an_unloaded_plugin_names_the_plugin_file(tmp_path):
+    """The modalities a checkpoint records are checked before its tensors are read by modality (the first
+    tokenizer's stride): every path names the plugin file, not just 'unknown modality'."""
+    state = mmtk.create_model("multimae-tiny", verbose=False, **ARGS).state_dict()
+    state = {name.replace("tokenizers.rgb.", "tokenizers.ir.").replace("decoders.rgb.", "decoders.ir."): tensor
+             for name, tensor in state.items()}
+    plugin = tmp_path / "ir_adapter.py"
+    checkpoint = {"model": state, "modalities": {"ir": f"file:{plugin}", "depth": "mmtk"}}
+    with pytest.raises(mmtk.MmtkError, match=re.escape(f"uses modality 'ir' from the plugin {plugin}; pass --plugin")):
+        mmtk.create_model(pretrained=checkpoint, verbose=False)
+
+
+@pytest.mark.parametrize("entry", [dict(modalities=5), dict(modalities={"rgb": 5}), dict(data=[1]),
+                                   dict(data={"class_names": 5}), dict(model_name=["x"]), dict(model_name=5)])
+def test_predict_refuses_forged_checkpoint_entries_in_one_line(tmp_path, entry):
+    from mmtk.predict import model_from_checkpoint
+
+    path = _checkpoint(tmp_path / "forged.pt")
+    checkpoint = {**torch.load(path, weights_only=True), **entry}
+    torch.save(checkpoint, path)
+    with pytest.raises(mmtk.MmtkError, match="corrupt or forged") as err:
+        model_from_checkpoint(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("config", [[], "x", {"model_type": "mmtk-multimae", "model_args": 5}])
+def test_a_model_folder_whose_config_json_is_not_a_description_is_refused_in_one_line(tmp_path, config):
+    import json
+
+    from mmtk.formats import write_model_folder
+
+    folder = write_model_folder(mmtk.create_model("multimae-tiny", verbose=False, **ARGS).state_dict(),
+                                tmp_path / "folder", "multimae-tiny", ARGS)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(mmtk.MmtkError, match="config.json is not a model description") as err:
+        mmtk.create_model(pretrained=folder, verbose=False)
+    assert "\n" not in str(err.value)
 
 
 def test_create_model_refuses_a_model_larger_than_free_memory(tmp_path, monkeypatch):
@@ -154,3 +218,32 @@ def test_recipe_modalities_come_from_its_named_model(tmp_path):
     with pytest.raises(mmtk.MmtkError, match=r"r.yaml: model.name: unknown model 'multimae-huge'; choose one of "
                                              r"multimae-tiny, "):
         load_recipe(path)
+
+
+def test_models_lists_the_named_models_with_what_they_are_pretrained_on():
+    code, output = invoke("models")
+    text = " ".join(output.replace("│", " ").split())
+    assert code == 0 and "pretraining: rgb, depth, semseg in; rgb, norm_rgb, depth, semseg out; 40 classes" in text
+    assert "multimae-tiny 192 12 3 16.0" in text and "multimae-large 1024 24 16 315.6" in text
+
+
+@pytest.mark.parametrize("data", [[1], {"path": 5}])
+def test_eval_without_data_refuses_a_forged_recorded_data_file_in_one_line(tmp_path, data):
+    path = _checkpoint(tmp_path / "forged.pt")
+    torch.save({**torch.load(path, weights_only=True), "data": data}, path)
+    code, output = invoke("eval", "--checkpoint", path)
+    assert code == 2 and f"{path} records no data file" in _one_error_line(output)
+
+
+def test_old_checkpoints_without_recorded_modalities_load_as_before(tmp_path):
+    """A checkpoint whose model_args leave inputs/outputs to the old ModelConfig defaults (the paper's) loads
+    with them: its tensors say which; a head put on it reads the rgb tokens, as the old default did."""
+    sizes = {key: value for key, value in ARGS.items() if key not in ("inputs", "outputs")}
+    model = mmtk.create_model("multimae-tiny", verbose=False, **sizes)
+    path = tmp_path / "old.pt"
+    save_checkpoint({"model_name": "multimae-tiny", "model_args": sizes, "model": model.state_dict()}, path)
+    loaded = mmtk.create_model(pretrained=path, verbose=False)
+    assert (loaded.config.inputs, loaded.config.outputs) == (PAPER_INPUTS, PAPER_OUTPUTS)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    finetune = mmtk.create_model(pretrained=path, verbose=False, head="convnext", task="semseg", outputs=())
+    assert finetune.config.main_inputs == ("rgb",) and finetune.config.inputs == PAPER_INPUTS

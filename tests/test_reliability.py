@@ -585,7 +585,8 @@ def test_reliability_fuzz_bag_image_fields(encoding, height, width, step, length
 
 @settings(max_examples=25, deadline=None)
 @given(st.dictionaries(st.sampled_from(["dim", "depth", "num_heads", "patch_size", "image_size", "decoder_dim",
-                                        "num_classes", "inputs", "hooks", "mlp_ratio", "unknown"]),
+                                        "num_classes", "inputs", "hooks", "mlp_ratio", "head", "task",
+                                        "main_inputs", "unknown"]),
                        st.one_of(st.integers(-3, 2**40), st.floats(allow_nan=True), st.text(max_size=4),
                                  st.lists(st.integers(-3, 300), max_size=70)), max_size=3))
 def test_reliability_fuzz_checkpoint_model_args(overrides):
@@ -594,6 +595,8 @@ def test_reliability_fuzz_checkpoint_model_args(overrides):
     args = {"dim": 64, "depth": 1, "num_heads": 2, "image_size": [32, 32], "inputs": ["rgb"], "outputs": []}
     model = mmtk.create_model("multimae-tiny", verbose=False, **args)  # real tensors: the file's args are forged
     state = {"model_name": "multimae-tiny", "model": model.state_dict(), "model_args": {**args, **overrides}}
-    with contextlib.suppress(MmtkError):
-        mmtk.create_model(pretrained=state, verbose=False)  # refuses in one line, or builds the model
+    try:
+        mmtk.create_model(pretrained=state, verbose=False)  # refuses in one line naming the file, or builds the model
+    except MmtkError as err:
+        assert "\n" not in str(err) and "<state dict>" in str(err), str(err)
 
