@@ -20,6 +20,9 @@ from mmtk.runtime import DistInfo, rng_state, seed_everything, set_rng_state
 
 CHECKPOINT_FORMAT = "mmtk-checkpoint"
 CHECKPOINT_VERSION = 1
+# What a resume may change in the optim section: how a step is cut into micro-steps, not the optimisation
+# (the checkpoint's optimizer and schedule state would silently override any other change).
+RESUMABLE_OPTIM = ("micro_batch", "accum_steps")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -110,6 +113,7 @@ class Checkpointer:
             raise MmtkError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}; start without --resume")
         if state is None:
             state = load_checkpoint(self.last)
+        self._check_same_optimisation(state.get("recipe"))
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -130,6 +134,21 @@ class Checkpointer:
             seed_everything(self.recipe.train.seed + self.info.rank + step)
         state.clear()
         return step
+
+
+    def _check_same_optimisation(self, recorded: Any) -> None:
+        """A resume continues the run's optimisation: an optim setting other than the checkpoint's is refused."""
+        then = recorded.get("optim") if isinstance(recorded, dict) else None
+        if not isinstance(then, dict):
+            return  # a checkpoint of a writer that recorded no recipe: nothing to compare
+        now = recipe_to_dict(self.recipe)["optim"]
+        changed = [f"optim.{key} {then[key]!r} -> {value!r}" for key, value in now.items()
+                   if key not in RESUMABLE_OPTIM and key in then and then[key] != value]
+        if changed:
+            raise MmtkError(f"--resume: {', '.join(changed)} against the run in {self.run_dir}; a resume continues "
+                            f"its optimisation (the checkpoint's optimizer and schedule would override the change): "
+                            f"resume with the settings of {self.run_dir / 'recipe.yaml'}, or start a new run in "
+                            f"another --out folder")
 
 
 def _mismatch(err: Exception) -> str:

@@ -122,6 +122,25 @@ def test_resume_with_a_model_the_checkpoint_does_not_fit_is_one_line_and_writes_
     assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
 
 
+def test_resume_with_other_optimisation_settings_is_one_line_and_writes_nothing(sample_h5, tmp_path, one_thread):
+    """The checkpoint's optimizer and schedule state would override a changed lr or layer decay while recipe.yaml
+    claimed the new value: refused in one line naming each change; how a step is cut (micro_batch) may change."""
+    run = tmp_path / "run"
+    fast = ["--set=train.max_steps=2", "--set=train.device=cpu"]
+    assert run_cli(*_command(sample_h5, run, *fast)[len(CLI):])[0] == 0
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    code, output = run_cli(*_command(sample_h5, run, *fast, "--set=optim.layer_decay=0.75", "--set=optim.lr=0.123",
+                                     "--resume")[len(CLI):])
+    error = output.strip().splitlines()[-1]
+    assert code == 2 and error.startswith("error: --resume: optim.lr ")
+    assert "-> 0.123, optim.layer_decay 1.0 -> 0.75" in error
+    assert "recipe.yaml" in error and "another --out folder" in error
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+    code, output = run_cli(*_command(sample_h5, run, "--set=train.max_steps=3", "--set=train.device=cpu",
+                                     "--set=optim.micro_batch=1", "--resume")[len(CLI):])
+    assert code == 0 and "resumed from step 2" in output, output
+
+
 @needs_cuda
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_cuda_run_stopped_then_resumed_matches_uninterrupted(sample_h5, tmp_path, precision):
