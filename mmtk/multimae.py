@@ -74,6 +74,9 @@ class ModelConfig:
             raise MmtkError("a model needs at least one input modality: give inputs=(...), or a named model "
                             "(mmtk.list_models()), which declares its own")
         self.main_inputs = self.main_inputs or self.inputs[:1]
+        if not set(self.main_inputs) <= set(self.inputs):
+            raise MmtkError(f"main_inputs {','.join(self.main_inputs)} are not all among the inputs "
+                            f"{','.join(self.inputs)}; the head reads the tokens of main_inputs: name inputs there")
         if self.fp32_decoders is None:  # the adapters' choice (semseg: logits over many classes lose too much)
             self.fp32_decoders = tuple(name for name in self.outputs if get_modality(name).fp32_decoder)
         self.fp32_decoders = tuple(self.fp32_decoders)

@@ -57,6 +57,8 @@ def model_config(name: str, **overrides: Any) -> ModelConfig:
     """The config of a named model with `overrides` applied (any :class:`ModelConfig` field)."""
     _check_options(overrides)
     values = {**named_model(name), **overrides}
+    if "main_inputs" not in overrides:  # the named model's, where its inputs are kept; else the first input's
+        values["main_inputs"] = tuple(m for m in values["main_inputs"] if m in values["inputs"])
     if values.get("head") == "dpt" and "hooks" not in values:
         values["hooks"] = default_hooks(values.get("depth", ModelConfig.depth))
     return ModelConfig(**values)

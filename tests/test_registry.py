@@ -16,6 +16,7 @@ from cli_helpers import invoke
 from engine_helpers import sample_h5  # noqa: F401  (fixture)
 from mmtk.config import shipped_recipes
 from mmtk.checkpoint import save_checkpoint
+from mmtk.errors import MmtkError
 
 ARGS = dict(dim=64, depth=2, num_heads=2, decoder_dim=32, decoder_depth=1, image_size=[64, 64],
             inputs=["rgb", "depth"], outputs=["rgb", "depth"])
@@ -247,3 +248,14 @@ def test_old_checkpoints_without_recorded_modalities_load_as_before(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     finetune = mmtk.create_model(pretrained=path, verbose=False, head="convnext", task="semseg", outputs=())
     assert finetune.config.main_inputs == ("rgb",) and finetune.config.inputs == PAPER_INPUTS
+
+
+def test_a_head_reads_the_named_models_main_input_only_where_the_inputs_keep_it():
+    """MultiMAE-B's head reads rgb; a model built without rgb reads its first input (it fell back silently to
+    tokens that are never there), and main_inputs outside the inputs are refused in one line."""
+    head = dict(head="convnext", task="semseg", num_classes=5, image_size=64, convnext_dim=64, convnext_depth=1,
+                verbose=False)
+    assert mmtk.create_model("multimae-tiny", inputs=("depth",), **head).config.main_inputs == ("depth",)
+    assert mmtk.create_model("multimae-tiny", inputs=("depth", "rgb"), **head).config.main_inputs == ("rgb",)
+    with pytest.raises(MmtkError, match="main_inputs rgb are not all among the inputs depth"):
+        mmtk.create_model("multimae-tiny", inputs=("depth",), main_inputs=("rgb",), **head)
