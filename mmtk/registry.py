@@ -74,8 +74,39 @@ def size_name(config: ModelConfig | dict[str, Any]) -> str | None:
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    """A pretraining MultiMAE, or a DenseModel when the config names a finetuning head."""
+    """A pretraining MultiMAE, or a DenseModel when the config names a finetuning head.
+
+    Sizes beyond :data:`MODEL_ARG_LIMITS` or a model larger than the available memory are refused in one line
+    before anything is allocated (the model is first built on the meta device: shapes only)."""
+    if torch.get_default_device().type != "meta":
+        for key, value in vars(config).items():
+            if _outside_limits(key, value):
+                raise MmtkError(f"model option {key} = {reprlib.repr(value)} is outside the plausible "
+                                f"0..{MODEL_ARG_LIMITS[key]}; give a smaller value")
+        with torch.device("meta"):
+            _, needed = _values_and_bytes(_construct(config))
+        _refuse_beyond_memory(needed, f"a model of width {config.dim}, {config.depth} blocks, "
+                                      f"{config.num_classes} classes at {config.image_size[0]}x{config.image_size[1]} px")
+    return _construct(config)
+
+
+def _construct(config: ModelConfig) -> nn.Module:
     return MultiMAE(config) if config.head is None else DenseModel(config)
+
+
+def _values_and_bytes(model: nn.Module) -> tuple[int, int]:
+    """How many values a model's parameters and buffers hold, and their bytes."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _refuse_beyond_memory(needed: int, what: str) -> None:
+    from mmtk.io import available_ram, format_bytes
+
+    free = available_ram()
+    if needed > free:
+        raise MmtkError(f"{what}: the model needs {format_bytes(needed)} of memory but only {format_bytes(free)} "
+                        f"are available; check its sizes, free memory or use a machine with more")
 
 
 def _plain(value: Any) -> Any:
@@ -159,18 +190,24 @@ def _check_plausible(weights: Weights) -> None:
         if len(values) > MAX_LIST_LENGTH:
             raise MmtkError(f"{weights.source}: {where} has {len(values)} entries; at most {MAX_LIST_LENGTH} are "
                             f"plausible, the checkpoint is corrupt or forged")
-        limit = MODEL_ARG_LIMITS.get(key)
-        if limit is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= limit
-                                         for v in values):
+        if _outside_limits(key, value):
             raise MmtkError(f"{weights.source}: {where} = {reprlib.repr(value)} is outside the plausible "
-                            f"0..{limit}; the checkpoint is corrupt or forged")
+                            f"0..{MODEL_ARG_LIMITS[key]}; the checkpoint is corrupt or forged")
+
+
+def _outside_limits(key: str, value: Any) -> bool:
+    """Whether a model option (a number or a list of numbers) lies outside its MODEL_ARG_LIMITS bound."""
+    limit = MODEL_ARG_LIMITS.get(key)
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return limit is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= limit
+                                         for v in values)
 
 
 def _file_model(weights: Weights) -> tuple[ModelConfig, dict[str, tuple[int, ...]]]:
     """The model a weights file describes and its tensor shapes, refused in one line, before any allocation,
     when the file's sizes are implausible, do not build, describe more values than the file holds, lack a
     tensor, or need more memory than is available. Built once, on the meta device."""
-    from mmtk.io import available_ram, format_bytes
+    from mmtk.io import format_bytes
 
     _check_plausible(weights)
     what = "model_args" if weights.recorded else "tensors"
@@ -182,19 +219,14 @@ def _file_model(weights: Weights) -> tuple[ModelConfig, dict[str, tuple[int, ...
         detail = str(err) if isinstance(err, MmtkError) else f"{type(err).__name__}: {err}"
         detail = detail if len(detail) <= 300 else detail[:300] + " ..."  # it may quote a forged value
         raise MmtkError(f"{weights.source}: its {what} do not describe a model ({detail})") from None
-    tensors = [*model.parameters(), *model.buffers()]
-    count = sum(t.numel() for t in tensors)
-    needed = sum(t.numel() * t.element_size() for t in tensors)
+    count, needed = _values_and_bytes(model)
     held = sum(t.numel() for t in weights.state.values() if isinstance(t, torch.Tensor))
     if count > held * WEIGHTS_SLACK + 2**18:
         raise MmtkError(f"{weights.source}: {what} describe a model of {count:,} values ({format_bytes(needed)}) but "
                         f"the file holds {held:,}; the checkpoint is corrupt or forged")
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     _check_complete(weights, shapes)
-    free = available_ram()
-    if needed > free:
-        raise MmtkError(f"{weights.source}: the model needs {format_bytes(needed)} of memory but only "
-                        f"{format_bytes(free)} are available; free memory or use a machine with more")
+    _refuse_beyond_memory(needed, str(weights.source))
     return config, shapes
 
 

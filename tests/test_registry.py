@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import mmtk
+import mmtk.io
 from cli_helpers import invoke
 from engine_helpers import sample_h5  # noqa: F401  (fixture)
 from mmtk.config import shipped_recipes
@@ -259,3 +260,17 @@ def test_a_head_reads_the_named_models_main_input_only_where_the_inputs_keep_it(
     assert mmtk.create_model("multimae-tiny", inputs=("depth", "rgb"), **head).config.main_inputs == ("rgb",)
     with pytest.raises(MmtkError, match="main_inputs rgb are not all among the inputs depth"):
         mmtk.create_model("multimae-tiny", inputs=("depth",), main_inputs=("rgb",), **head)
+
+
+def test_building_refuses_absurd_sizes_and_models_beyond_memory_before_allocating(monkeypatch, sample_h5, tmp_path):
+    """Sizes a user gives (not only a file's) are bounded, and the model is weighed on the meta device first:
+    ``num_classes=10**9`` tried to allocate 256 GB and died with a RuntimeError traceback."""
+    with pytest.raises(MmtkError, match=r"num_classes = 1000000000 is outside the plausible 0\.\.65535"):
+        mmtk.create_model("multimae-tiny", num_classes=10**9)
+    code, output = invoke("pretrain", "tiny", "--data", sample_h5, "--out", tmp_path / "run",
+                          "--set", "data.num_classes=1000000000", "--set", "train.max_steps=1")
+    assert code == 2 and output.strip().splitlines()[-1].startswith("error: model option num_classes")
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(mmtk.io, "available_ram", lambda: 1000)
+    with pytest.raises(MmtkError, match=r"a model of width 192, 12 blocks.*but only 1000 B are available"):
+        mmtk.create_model("multimae-tiny")
