@@ -13,6 +13,8 @@ inputs are given and adds a dense head (ConvNeXt or DPT) for finetuning.
 
 from __future__ import annotations
 
+import reprlib
+
 from dataclasses import dataclass, field
 
 import torch
@@ -74,6 +76,10 @@ class ModelConfig:
             raise MmtkError("a model needs at least one input modality: give inputs=(...), or a named model "
                             "(mmtk.list_models()), which declares its own")
         self.main_inputs = self.main_inputs or self.inputs[:1]
+        concentrations = self.alphas.values() if isinstance(self.alphas, dict) else [self.alphas]
+        if not all(isinstance(a, (int, float)) and not isinstance(a, bool) and a > 0 for a in concentrations):
+            raise MmtkError(f"alphas = {reprlib.repr(self.alphas)}: the Dirichlet concentration must be a positive "
+                            f"number or a mapping of modality to positive number (the paper uses 1.0)")
         if not set(self.main_inputs) <= set(self.inputs):
             raise MmtkError(f"main_inputs {','.join(self.main_inputs)} are not all among the inputs "
                             f"{','.join(self.inputs)}; the head reads the tokens of main_inputs: name inputs there")

@@ -49,6 +49,7 @@ def _one_error_line(output: str) -> str:
     (dict(dim="w" * 10**5), r"model_args.dim = 'w{5,}\.\.\.w+' is outside the plausible"),  # shortened
     (dict(image_size=[64, 60]), "model_args do not describe a model .*not divisible by the patch size"),
     (dict(head="h" * 10**5), r"model_args do not describe a model \(.*h{100} \.\.\.\)$"),  # shortened
+    (dict(alphas="many"), r"model_args do not describe a model \(alphas = 'many': the Dirichlet concentration"),
 ])
 def test_create_model_refuses_forged_model_args_before_allocating(tmp_path, monkeypatch, forged, expected):
     import mmtk.registry as registry
