@@ -86,7 +86,7 @@ def rng_state() -> dict[str, Any]:
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "python": random.getstate(),
     }
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():  # a run that never touched the GPU has no CUDA RNG to keep (nor wakes it)
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
