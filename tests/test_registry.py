@@ -96,13 +96,14 @@ def test_weights_with_a_forged_tensor_shape_are_refused_in_one_line(tmp_path, na
 
 def test_a_checkpoint_whose_first_input_is_an_unloaded_plugin_names_the_plugin_file(tmp_path):
     """The modalities a checkpoint records are checked before its tensors are read by modality (the first
-    tokenizer's stride): every path names the plugin file, not just 'unknown modality'."""
+    tokenizer's stride): every path names the plugin file, not just 'unknown modality'. (lwir: a name no test
+    registers; the plugin tests register an ir.)"""
     state = mmtk.create_model("multimae-tiny", verbose=False, **ARGS).state_dict()
-    state = {name.replace("tokenizers.rgb.", "tokenizers.ir.").replace("decoders.rgb.", "decoders.ir."): tensor
+    state = {name.replace("tokenizers.rgb.", "tokenizers.lwir.").replace("decoders.rgb.", "decoders.lwir."): tensor
              for name, tensor in state.items()}
-    plugin = tmp_path / "ir_adapter.py"
-    checkpoint = {"model": state, "modalities": {"ir": f"file:{plugin}", "depth": "mmtk"}}
-    with pytest.raises(mmtk.MmtkError, match=re.escape(f"uses modality 'ir' from the plugin {plugin}; pass --plugin")):
+    plugin = tmp_path / "lwir_adapter.py"
+    checkpoint = {"model": state, "modalities": {"lwir": f"file:{plugin}", "depth": "mmtk"}}
+    with pytest.raises(mmtk.MmtkError, match=re.escape(f"uses modality 'lwir' from the plugin {plugin}; pass --plugin")):
         mmtk.create_model(pretrained=checkpoint, verbose=False)
 
 
