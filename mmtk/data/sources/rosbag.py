@@ -11,6 +11,7 @@ only paired messages are decoded.
 
 from __future__ import annotations
 
+import bisect
 import io
 import os
 import struct
@@ -450,17 +451,17 @@ def _stream_frames(bag: Path, topics: dict[str, str], max_dt: float, depth_scale
         conns = [c for c in reader.connections if c.topic in role_of] + info_conns
         is_ros2 = bool(getattr(reader, "is2", False))
         pairer = StreamPairer(list(topics), max_dt)
-        infos: list[tuple[float, np.ndarray, tuple[int, int]]] = []
+        infos = CameraInfos()
         waiting: list[tuple[float, dict]] = []  # frames decided before the first CameraInfo arrived
         written = 0
         for conn, log_time, raw in reader.messages(connections=conns):
             stamp = _header_stamp(raw, is_ros2) or log_time * 1e-9
             if conn in info_conns:
-                infos.append((stamp, *_camera_matrix(deserialize(reader, raw, conn))))
+                infos.add(stamp, *_camera_matrix(deserialize(reader, raw, conn)))
             else:
                 role = role_of[conn.topic]
                 waiting += pairer.add(role, stamp, (conn, raw, stamp, pairer.seen[role]))
-            if infos or not info_conns or len(waiting) > MAX_FRAMES_BEFORE_INFO:
+            if infos.times or not info_conns or len(waiting) > MAX_FRAMES_BEFORE_INFO:
                 for frame_stamp, parts in waiting:
                     written += 1
                     yield _decoded_frame(reader, parts, frame_stamp, topics, infos, depth_scale, from_cloud, alignment)
@@ -477,7 +478,7 @@ def _stream_frames(bag: Path, topics: dict[str, str], max_dt: float, depth_scale
 
 
 def _decoded_frame(reader: Any, parts: dict[str, tuple[Any, bytes, float, int]], stamp: float, topics: dict[str, str],
-                   infos: list[tuple[float, np.ndarray, tuple[int, int]]], depth_scale: float | None,
+                   infos: CameraInfos, depth_scale: float | None,
                    from_cloud: bool, alignment: CloudAlignment | None) -> Frame:
     arrays: dict[str, Any] = {}
     for role, (conn, raw, message_stamp, _) in parts.items():
@@ -488,7 +489,7 @@ def _decoded_frame(reader: Any, parts: dict[str, tuple[Any, bytes, float, int]],
         else:
             arrays[role] = decode_image(msg, conn.msgtype, role, depth_scale if role == "depth" else None)
     size = arrays["rgb"].shape[:2]
-    k = _nearest_k(infos, np.asarray([t for t, _, _ in infos]), stamp, size)
+    k = infos.nearest(stamp, size)
     if from_cloud:
         arrays["depth"] = _cloud_depth(arrays["depth"], size, k, topics["depth"])
     return Frame("all", arrays, intrinsics=k, timestamp=stamp, frame_id=f"{topics['rgb']}#{parts['rgb'][3]}")
@@ -505,15 +506,32 @@ def _cloud_depth(cloud: PointCloud, size: tuple[int, int], k: np.ndarray | None,
     return cloud_to_image_depth(cloud, size, k)
 
 
-def _nearest_k(infos: list[tuple[float, np.ndarray, tuple[int, int]]], times: np.ndarray, stamp: float,
-               size: tuple[int, int]) -> np.ndarray | None:
-    if not infos:
-        return None
-    _, k, info_size = infos[int(np.argmin(np.abs(times - stamp)))]
-    if info_size != tuple(size):
-        raise MmtkError(f"CameraInfo is {info_size[1]}x{info_size[0]} but the colour image is {size[1]}x{size[0]}; "
-                        f"pass the camera info topic of the colour camera (--camera-info-topic)")
-    return k
+@dataclass
+class CameraInfos:
+    """The CameraInfo messages of a bag so far, kept sorted by stamp: the nearest to a frame is a bisection, not a
+    scan (a bag has a CameraInfo per frame, so a scan per frame grew quadratically with the bag's length)."""
+
+    times: list[float] = field(default_factory=list)  # seconds, ascending
+    cameras: list[tuple[np.ndarray, tuple[int, int]]] = field(default_factory=list)  # K [3, 3] px, (H, W)
+
+    def add(self, stamp: float, k: np.ndarray, size: tuple[int, int]) -> None:
+        index = bisect.bisect_right(self.times, stamp)
+        self.times.insert(index, stamp)
+        self.cameras.insert(index, (k, size))
+
+    def nearest(self, stamp: float, size: tuple[int, int]) -> np.ndarray | None:
+        """K of the CameraInfo nearest in time (the earlier on a tie), refused when it is for another image size;
+        None before any CameraInfo."""
+        if not self.times:
+            return None
+        after = bisect.bisect_left(self.times, stamp)
+        index = min((i for i in (after - 1, after) if 0 <= i < len(self.times)),
+                    key=lambda i: abs(self.times[i] - stamp))
+        k, info_size = self.cameras[index]
+        if info_size != tuple(size):
+            raise MmtkError(f"CameraInfo is {info_size[1]}x{info_size[0]} but the colour image is {size[1]}x{size[0]}; "
+                            f"pass the camera info topic of the colour camera (--camera-info-topic)")
+        return k
 
 
 # sensor_msgs/PointField datatype codes -> numpy dtypes (little-endian; byte order is set per message).
