@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
+from mmtk.data.dataset import MAX_IMAGE_SIDE
 from mmtk.data.sources.base import Frame, RgbdSource, associate_by_time, check_image_size, to_metres
 from mmtk.data.sources.tf import TransformTree, read_transforms
 from mmtk.errors import MmtkError
@@ -32,7 +33,6 @@ CAMERA_INFO_TYPE = "sensor_msgs/msg/CameraInfo"
 CLOUD_TYPE = "sensor_msgs/msg/PointCloud2"
 COLOR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8")
 DEPTH_ENCODINGS = {"16UC1": 1000.0, "mono16": 1000.0, "32FC1": None}  # units per metre (None = metres)
-MAX_IMAGE_SIDE = 16384  # px
 
 
 @dataclass
