@@ -303,12 +303,11 @@ def open_rosbag_source(bag: str | Path, rgb_topic: str, depth_topic: str | None 
 
 def read_colour_frames(bag: str | Path, rgb_topic: str, camera_info_topic: str | None = None) -> Iterator[Frame]:
     """Every colour message of a bag as a frame without depth (for prediction from RGB alone)."""
-    bag = Path(bag)
-    available = list_topics(bag)
-    if camera_info_topic is None:
-        camera_info_topic = _camera_info_beside(rgb_topic, available)
-    reader = open_reader(bag)
+    reader = open_reader(Path(bag))
     try:
+        available = _topic_infos(reader)
+        if camera_info_topic is None:
+            camera_info_topic = _camera_info_beside(rgb_topic, available)
         rgb_conns = _connections(reader, rgb_topic, available, "colour")
         _check_type(rgb_conns[0], "colour", IMAGE_TYPES, "Image or CompressedImage")
         info_conns = _camera_info_connections(reader, camera_info_topic, available)
