@@ -474,3 +474,20 @@ def test_camera_infos_nearest_in_time_and_linear_in_the_bag_length():
         infos.add(index / 30, k, (480, 640))
         infos.nearest(index / 30, (480, 640))
     assert time.perf_counter() - start < 3.0
+
+
+def test_a_stream_that_stops_does_not_hold_every_later_colour_message():
+    """Depth drops out after 10 of 1000 colour messages (30 Hz): colour is decided once the bag is 2 s past it,
+    instead of waiting for depth to the bag's end with every message in memory (990 were held)."""
+    from mmtk.data.sources.rosbag import MAX_STREAM_LAG_S, StreamPairer
+
+    pairer, frames, held = StreamPairer(["rgb", "depth"], 0.02), [], 0
+    for index in range(1000):
+        frames += pairer.add("rgb", index / 30, f"rgb {index}")
+        if index < 10:
+            frames += pairer.add("depth", index / 30 + 0.001, f"depth {index}")
+        held = max(held, len(pairer.pending["rgb"]))
+    frames += pairer.finish()
+    assert [parts["depth"] for _, parts in frames] == [f"depth {index}" for index in range(10)]
+    assert [parts["rgb"] for _, parts in frames] == [f"rgb {index}" for index in range(10)]
+    assert held <= (MAX_STREAM_LAG_S + 2 * 0.02) * 30 + 2

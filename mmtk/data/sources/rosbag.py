@@ -5,8 +5,8 @@ camera's frame with the bag's /tf_static and /tf when it is given in another fra
 aligned with the colour image (see :func:`mmtk.pointcloud.cloud_to_image_depth`).
 Colour and depth are paired by header time stamps with a slop ``max_dt`` (one-to-one, closest pairs
 first, like message_filters' approximate policy); unpaired messages are counted and reported.
-The bag is read in one pass (:class:`StreamPairer`): memory holds only the messages of the last 2 x max_dt, and
-only paired messages are decoded.
+The bag is read in one pass (:class:`StreamPairer`): memory holds only the messages of the last 2 x max_dt (of the
+last 2 s when a stream stops), and only paired messages are decoded.
 """
 
 from __future__ import annotations
@@ -385,6 +385,9 @@ def _first_header(reader: Any, conn: Any) -> tuple[str, float]:
 
 
 MAX_FRAMES_BEFORE_INFO = 64  # frames held back while no CameraInfo has arrived yet (then written without K)
+# A stream whose newest stamp is this far behind the bag's newest is taken as stalled (dropped out, or recorded
+# later than this): colour is decided without waiting for it, so memory stays bounded when a stream stops.
+MAX_STREAM_LAG_S = 2.0
 
 
 class StreamPairer:
@@ -392,8 +395,9 @@ class StreamPairer:
 
     Pairing is one-to-one by header stamp within ``max_dt``, closest pairs first (:func:`associate_by_time`, like
     message_filters' approximate policy). A colour message is decided once every stream has reached 2 x max_dt past
-    it, so only the messages of that window wait in memory, whatever the bag's length. Payloads are opaque (raw
-    messages): only the paired ones are ever decoded.
+    it, or once the bag's newest stamp is :data:`MAX_STREAM_LAG_S` more past it (a stream that stopped is waited for
+    no longer), so only the messages of that window wait in memory, whatever the bag's length. Payloads are opaque
+    (raw messages): only the paired ones are ever decoded.
     """
 
     def __init__(self, roles: list[str], max_dt: float) -> None:
@@ -407,7 +411,8 @@ class StreamPairer:
         self.pending[role].append((stamp, payload))
         self.latest[role] = max(self.latest[role], stamp)
         self.seen[role] += 1
-        return self._decide(min(self.latest.values()) - 2 * self.max_dt)
+        reached = max(min(self.latest.values()), max(self.latest.values()) - MAX_STREAM_LAG_S)
+        return self._decide(reached - 2 * self.max_dt)
 
     def finish(self) -> list[tuple[float, dict[str, Any]]]:
         """The frames left once the bag has ended."""
