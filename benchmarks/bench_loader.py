@@ -178,7 +178,8 @@ def main() -> None:
         print(f"frames: {args.frames} x 480x640 (real NYUv2 frame); output rgb+depth+semseg at 224x224 with random "
               f"resized crop + flip; 1 torch thread (= one DataLoader worker); best of {args.rounds} rounds of "
               f"{args.samples} samples")
-        print(f"PNG files (MultiMAE layout, PIL decode): {best['png']:7.1f} samples/s")
+        png_mb = sum(f.stat().st_size for f in (tmp_path / "png").rglob("*.png")) / 1e6 / args.frames
+        print(f"PNG files (MultiMAE layout, PIL decode): {best['png']:7.1f} samples/s, {png_mb:.2f} MB/frame")
         for option in options:
             size_mb = (tmp_path / f"bench_{option}.h5").stat().st_size / 1e6 / args.frames
             print(f"HDF5 compression={option:<5}: {best[option]:7.1f} samples/s "

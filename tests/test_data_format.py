@@ -103,6 +103,7 @@ def test_writer_is_atomic_and_refuses_overwrite(tmp_path):
     ("label_beyond", "beyond the 3-class map"),
     ("size_mismatch", "split's images are 480x640"),
     ("missing_modality", "every frame of a split needs the same modalities"),
+    ("classes_after_labels", "set the class names before the first frame with labels"),
     ("empty", "no frames were written"),
 ])
 def test_writer_rejects_bad_frames(tmp_path, case, message):
@@ -120,6 +121,11 @@ def test_writer_rejects_bad_frames(tmp_path, case, message):
             elif case == "missing_modality":
                 writer.add_frame("all", {"rgb": rgb, "depth": depth, "semseg": labels})
                 writer.add_frame("all", {"rgb": rgb, "depth": depth})
+            elif case == "classes_after_labels":
+                writer.add_frame("test", {"rgb": rgb, "depth": depth})
+                writer.set_classes(NAMES)  # no labels written yet: allowed
+                writer.add_frame("train", {"rgb": rgb, "depth": depth, "semseg": labels})
+                writer.set_classes(NAMES[:2])
     assert list(tmp_path.iterdir()) == []
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_helpers import MULTIMAE, SYNC, TUM, labeled_frame, run_cli, shared
+from data_helpers import MULTIMAE, SAMPLES, SYNC, TUM, labeled_frame, run_cli, shared
 
 
 def convert(src, out, *extra):
@@ -259,3 +259,36 @@ def test_guessed_units_compute_each_reading_of_a_frame_s_percentiles_once(monkey
     computed.clear()
     frames = list(source.frames())
     assert len(frames) == 1 and len(computed) == 1  # each frame checked against the sensor range once
+
+
+def test_stream_glob_adds_an_image_stream_matched_by_file_stem(tmp_path, monkeypatch):
+    """`--stream NAME=ir/*.png` stores each frame's file of the same stem, as the plugin adapter declares it."""
+    import mmtk.modality
+    from test_plugin_modality import IR_ADAPTER
+
+    # test_plugin_modality's `ir` adapter under a name of its own, registered for this test only
+    mmtk.modality.list_modalities()  # mmtk's own adapters registered (once per process) before the copy
+    monkeypatch.setattr(mmtk.modality, "_REGISTRY", dict(mmtk.modality._REGISTRY))
+    plugin = tmp_path / "stream_ir_adapter.py"
+    plugin.write_text(IR_ADAPTER.replace('"ir"', '"stream_ir"'))
+    src = tmp_path / "src"
+    for name in ("color", "depth", "ir"):
+        (src / name).mkdir(parents=True)
+    frame = SAMPLES / "pcl_kinect" / "frame_20121214T142255.814212"
+    ir = [np.arange(480 * 640, dtype=np.uint16).reshape(480, 640) * np.uint16(k) for k in (1, 3)]
+    for stem, image in zip(("0001", "0002"), ir):
+        shutil.copy(f"{frame}_rgb.png", src / "color" / f"{stem}.png")
+        shutil.copy(f"{frame}_depth.png", src / "depth" / f"{stem}.png")
+        Image.fromarray(image).save(src / "ir" / f"{stem}.png")
+    out = tmp_path / "out.h5"
+    code, text = run_cli("convert", "--rgbd", src, out, "--depth-scale", "1000", "--stream",
+                         "stream_ir=ir/*.png", "--plugin", plugin, "--no-progress")
+    assert code == 0, text
+    with h5py.File(out) as f:
+        assert [v.decode() for v in f["all/frame_id"][()]] == ["color/0001.png", "color/0002.png"]
+        np.testing.assert_array_equal(f["all/stream_ir"][()], np.stack(ir))
+    (src / "ir" / "0002.png").unlink()
+    code, text = run_cli("convert", "--rgbd", src, tmp_path / "x.h5", "--depth-scale", "1000", "--stream",
+                         "stream_ir=ir/*.png", "--plugin", plugin, "--no-progress")
+    assert code == 2 and "--stream stream_ir: no file named 0002.* for frame color/0002.png" in text, text
+    assert not (tmp_path / "x.h5").exists()

@@ -451,3 +451,43 @@ def test_colour_frames_of_a_bag_without_camera_info(tmp_path):
                                 "/camera/rgb/camera_info")
     frames = list(read_colour_frames(bag, "/camera/rgb/image_color"))
     assert len(frames) == 2 and all(f.intrinsics is None and f.arrays["rgb"].shape == (480, 640, 3) for f in frames)
+
+
+def test_camera_infos_nearest_in_time_and_linear_in_the_bag_length():
+    import time
+
+    from mmtk.data.sources.rosbag import CameraInfos
+
+    infos = CameraInfos()
+    assert infos.nearest(1.0, (480, 640)) is None
+    for stamp in (0.75, 0.25, 0.5):  # header stamps may arrive out of order
+        infos.add(stamp, np.full((3, 3), stamp, np.float32), (480, 640))
+    assert infos.nearest(0.3, (480, 640))[0, 0] == 0.25
+    assert infos.nearest(0.7, (480, 640))[0, 0] == 0.75
+    assert infos.nearest(0.375, (480, 640))[0, 0] == 0.25  # a tie goes to the earlier
+    assert infos.nearest(9.0, (480, 640))[0, 0] == 0.75
+    with pytest.raises(MmtkError, match="CameraInfo is 640x480 but the colour image is 320x240"):
+        infos.nearest(0.5, (240, 320))
+    # One CameraInfo per frame of a 20000-frame bag (11 min at 30 Hz): a scan per frame took 10.6 s here.
+    k, start = np.eye(3, dtype=np.float32), time.perf_counter()
+    for index in range(20000):
+        infos.add(index / 30, k, (480, 640))
+        infos.nearest(index / 30, (480, 640))
+    assert time.perf_counter() - start < 3.0
+
+
+def test_a_stream_that_stops_does_not_hold_every_later_colour_message():
+    """Depth drops out after 10 of 1000 colour messages (30 Hz): colour is decided once the bag is 2 s past it,
+    instead of waiting for depth to the bag's end with every message in memory (990 were held)."""
+    from mmtk.data.sources.rosbag import MAX_STREAM_LAG_S, StreamPairer
+
+    pairer, frames, held = StreamPairer(["rgb", "depth"], 0.02), [], 0
+    for index in range(1000):
+        frames += pairer.add("rgb", index / 30, f"rgb {index}")
+        if index < 10:
+            frames += pairer.add("depth", index / 30 + 0.001, f"depth {index}")
+        held = max(held, len(pairer.pending["rgb"]))
+    frames += pairer.finish()
+    assert [parts["depth"] for _, parts in frames] == [f"depth {index}" for index in range(10)]
+    assert [parts["rgb"] for _, parts in frames] == [f"rgb {index}" for index in range(10)]
+    assert held <= (MAX_STREAM_LAG_S + 2 * 0.02) * 30 + 2

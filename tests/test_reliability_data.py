@@ -342,6 +342,14 @@ def test_reliability_check_reports_declared_frames_the_file_does_not_hold(mmtk_f
     assert code == 2 and "/train/depth declares 1228800.0 TiB" in text and "the file stores 1.2 MiB" in text
 
 
+
+def test_reliability_check_lists_frames_declared_within_the_file_s_means_but_never_written(mmtk_file):
+    with h5py.File(mmtk_file, "r+") as f:
+        f["train/depth"].resize(3, axis=0)  # 2 frames more than written: plausible, so the file opens
+    code, text = run_cli("check", mmtk_file)
+    assert code == 1 and f"{mmtk_file}:train frame 1: depth: declares 3 frames but the file holds 1; the rest " \
+        f"were never written" in text and "2 frames checked, 1 bad" in text
+
 def test_reliability_input_hdf5_declaring_absurd_sizes_is_refused_before_reading(tmp_path):
     """NYUv2's .mat and sparse-to-dense .h5 inputs are HDF5 too: a few KB may declare any shape."""
     mat = tmp_path / "nyu" / "nyu_depth_v2_labeled.mat"

@@ -211,8 +211,11 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
     provenance = f"mmtk convert --rgbd {Path(src).name}: {source.description}"
     if size:
         provenance += f", resized to {size[0]}x{size[1]}"
-    frames = read_ahead(source.frames) if source.decode_apart else source.frames()
-    frames = _with_streams(frames, Path(src), streams) if streams else frames
+
+    def decoded() -> Iterator[Frame]:  # extra streams are decoded with the frames, in the reader process
+        return _with_streams(source.frames(), Path(src), streams) if streams else source.frames()
+
+    frames = read_ahead(decoded) if source.decode_apart else decoded()
     return _write_source(source, frames, out_path, provenance, size=size, force=force, progress=progress, log=log)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -15,6 +16,7 @@ from mmtk.modality import Modality, get_modality, list_modalities, stored_array
 from mmtk.data.format import FORMAT_VERSION, PARTIAL_SUFFIX
 from mmtk.data.transforms import CropWindow, full_window, random_resized_crop
 from mmtk.errors import MmtkError
+from mmtk.io import format_bytes
 
 
 def open_mmtk_file(path: str | os.PathLike) -> h5py.File:
@@ -79,8 +81,6 @@ def check_dataset_size(dataset: h5py.Dataset, where: str, fix: str, backed: bool
     lives in the file, a frame (one index along axis 0) is at most :data:`MAX_FRAME_BYTES` with axes up to
     :data:`MAX_IMAGE_SIDE`, and, when ``backed``, it declares at most :data:`MAX_COMPRESSION_RATIO` times the
     bytes it stores. Only metadata is read."""
-    from mmtk.io import format_bytes
-
     if dataset.is_virtual or dataset.id.get_create_plist().get_external_count():
         raise MmtkError(f"{where} keeps its data outside the file (virtual or external storage); "
                         f"mmtk reads data held inside; {fix}")
@@ -100,8 +100,6 @@ def check_dataset_size(dataset: h5py.Dataset, where: str, fix: str, backed: bool
 
 def _check_summaries(dataset: h5py.Dataset, where: str, fix: str) -> None:
     """The writer's summary attrs, where present, have their documented types (``mmtk info`` shows them)."""
-    import json
-
     attrs = dataset.attrs
     for key in ("valid_fraction", "min_m", "max_m"):
         if key in attrs and not (np.ndim(attrs[key]) == 0 and np.issubdtype(np.asarray(attrs[key]).dtype, np.number)):
@@ -219,8 +217,6 @@ class H5Dataset(Dataset):
             self.classes: list[str] | None = None
             labelled = [name for _, name in self._stored_names() if "classes" in group[name].attrs]
             if labelled:
-                import json
-
                 self.classes = json.loads(group[labelled[0]].attrs["classes"])
                 for adapter in self.adapters.values():  # lets label adapters refuse ids beyond the file's classes
                     adapter.num_classes = adapter.num_classes or len(self.classes)

@@ -127,8 +127,6 @@ class H5Writer:
         self._file: h5py.File | None = None
         self._tmp_path: Path | None = None
         self._counts: dict[str, int] = {}
-        self._keys: dict[str, tuple[str, ...]] = {}
-        self._kinds: dict[str, dict[str, str]] = {}  # split -> stored array -> kind
         self._metric: dict[str, dict[str, MetricStats]] = {}
         self._histograms: dict[str, dict[str, np.ndarray]] = {}
         self._datasets: dict[str, dict[str, h5py.Dataset]] = {}  # split -> field -> its dataset
@@ -201,7 +199,7 @@ class H5Writer:
     # -- public API ------------------------------------------------------------------------
     def set_classes(self, names: Sequence[str]) -> None:
         """Set the class names of label arrays: label k (k >= 1) is ``names[k-1]``; 0 is unlabeled."""
-        if any(kind == "labels" for kinds in self._kinds.values() for kind in kinds.values()):
+        if any(self._histograms.values()):  # a split has a label array
             raise MmtkError("set the class names before the first frame with labels")
         self.classes = list(names)
 
@@ -230,11 +228,10 @@ class H5Writer:
             raise MmtkError(f"unknown split {split!r}; use one of {', '.join(SPLIT_NAMES)}")
         name = frame_id if frame_id is not None else f"#{self._counts.get(split, 0)} of {split}"
         frame, kinds = self._validated(arrays, intrinsics, timestamp, frame_id, name)
-        keys = tuple(sorted(frame))
         if split not in self._counts:
             self._create_split(split, frame, kinds)
-        elif keys != self._keys[split]:
-            missing = sorted(set(self._keys[split]) ^ set(keys))
+        elif set(frame) != set(self._datasets[split]):
+            missing = sorted(set(self._datasets[split]) ^ set(frame))
             raise MmtkError(f"frame {name} in split {split!r} differs from the split's first frame in "
                             f"{', '.join(missing)}; every frame of a split needs the same modalities")
         index = self._counts[split]
@@ -330,8 +327,6 @@ class H5Writer:
         group.attrs["image_size"] = self._image_size[split]
         self._pending[split] = {key: [] for key in frame if key not in kinds}
         self._counts[split] = 0
-        self._keys[split] = tuple(sorted(frame))
-        self._kinds[split] = dict(kinds)
         self._metric[split] = {key: MetricStats() for key, kind in kinds.items() if kind == "metric"}
         self._histograms[split] = {key: np.zeros(len(self.classes) + 1, dtype=np.int64)  # type: ignore[arg-type]
                                    for key, kind in kinds.items() if kind == "labels"}

@@ -2,7 +2,8 @@
 
 - ``base``: :class:`Frame` (what every source yields), :class:`RgbdSource`, time pairing, image decoding.
 - ``nyuv2``: the NYUv2 labeled release (.mat).
-- ``folders``: RGB-D folder layouts (MultiMAE, BTS sync, sparse-to-dense, TUM, paired folders).
+- ``folders``: RGB-D folder layouts (MultiMAE, BTS sync, sparse-to-dense, TUM, NYUv2 raw dumps, paired folders).
+- ``kinect_nyu``: registration of raw Kinect v1 frames with the NYU Depth v2 calibration.
 - ``rosbag`` and ``tf``: ROS1/ROS2 bags (images, CameraInfo, PointCloud2) and their transform tree.
 - ``images``: folders of RGB images alone.
 """

@@ -97,6 +97,14 @@ def _units_given(options: ConvertOptions) -> bool:
     return options.depth_scale is not None or options.depth_format is not None
 
 
+def _layout_checked(frames: Callable[[], Iterator[Frame]], options: ConvertOptions,
+                    encoding: DepthEncoding) -> Callable[[], Iterator[Frame]]:
+    """``frames`` of a layout with its own depth units: checked against the sensor range unless the user gave
+    the units."""
+    return _checked_frames(frames, options, not _units_given(options),
+                           _units_fix(None, encoding, "the layout's units", options))
+
+
 Decodings = dict[DepthEncoding, tuple[np.ndarray, Percentiles | None]]
 
 
@@ -208,8 +216,7 @@ def _open_multimae(src: Path, options: ConvertOptions) -> RgbdSource:
             arrays = {"rgb": rgb, "depth": depth} | ({"semseg": semseg} if semseg is not None else {})
             yield Frame(split, arrays, frame_id=str(rgb_path.relative_to(src)))
 
-    frames = _checked_frames(frames, options, not _units_given(options),
-                             _units_fix(None, encoding, "the layout's units", options))
+    frames = _layout_checked(frames, options, encoding)
     return RgbdSource("multimae", f"MultiMAE prepared layout (depth {encoding.text})", len(plan), frames,
                       classes, notes)
 
@@ -253,8 +260,7 @@ def _open_bts(src: Path, options: ConvertOptions) -> RgbdSource:
             yield Frame(_split_of(rgb[key].relative_to(src).parts), {"rgb": image, "depth": d}, intrinsics=k,
                         frame_id=str(rgb[key].relative_to(src)))
 
-    frames = _checked_frames(frames, options, not _units_given(options),
-                             _units_fix(None, encoding, "the layout's units", options))
+    frames = _layout_checked(frames, options, encoding)
     return RgbdSource("bts-sync", f"BTS sync layout (depth {encoding.text})", len(common), frames, None, notes)
 
 
@@ -296,8 +302,7 @@ def _open_sparse_to_dense(src: Path, options: ConvertOptions) -> RgbdSource:
                         frame_id=str(path.relative_to(src)))
 
     notes = [f"depth read as {encoding.text}", "intrinsics: NYUv2 RGB camera for 480x640 frames, none otherwise"]
-    frames = _checked_frames(frames, options, not _units_given(options),
-                             _units_fix(None, encoding, "the layout's units", options))
+    frames = _layout_checked(frames, options, encoding)
     return RgbdSource("sparse-to-dense", "sparse-to-dense .h5 files", len(files), frames, None, notes)
 
 
@@ -378,8 +383,7 @@ def _open_tum(src: Path, options: ConvertOptions) -> RgbdSource:
             yield Frame("all", arrays, _frame_intrinsics(intrinsics, arrays["rgb"]), stamp,
                         str(rgb_path.relative_to(src)))
 
-    frames = _checked_frames(frames, options, not _units_given(options),
-                             _units_fix(None, encoding, "the layout's units", options))
+    frames = _layout_checked(frames, options, encoding)
     return RgbdSource("tum", f"TUM RGB-D folder (depth {encoding.text})", len(rows), frames, None, notes)
 
 
@@ -454,8 +458,7 @@ def _open_nyu_raw(src: Path, options: ConvertOptions) -> RgbdSource:
             yield Frame("all", arrays, register.calibration.rgb_matrix.astype(np.float32), stamp,
                         str(depth.relative_to(src)))
 
-    frames = _checked_frames(frames, options, not _units_given(options),
-                             _units_fix(None, encoding, "the layout's units", options))
+    frames = _layout_checked(frames, options, encoding)
     return RgbdSource("nyuv2-raw", f"NYUv2 raw Kinect dumps (depth {encoding.text})", len(rows), frames, None, notes)
 
 

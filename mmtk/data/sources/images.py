@@ -80,7 +80,6 @@ def convert_images(root: str | os.PathLike, out: str | os.PathLike, size: tuple[
     if total == 0:
         raise MmtkError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
     skipped: list[str] = []
-    frames: dict[str, int] = {}
     with H5Writer(out, source=f"images from {root.resolve()}", force=force) as writer, \
             frame_bar("images", total, progress) as advance:
         for split, files in images.items():
@@ -94,5 +93,4 @@ def convert_images(root: str | os.PathLike, out: str | os.PathLike, size: tuple[
                     continue
                 size = size or (rgb_image.height, rgb_image.width)
                 writer.add_frame(split, {"rgb": fit_image(rgb_image, size)}, frame_id=frame_id)
-                frames[split] = frames.get(split, 0) + 1
-    return ImagesResult(frames, tuple(size), skipped)
+    return ImagesResult(writer.frame_counts, tuple(size), skipped)

@@ -5,12 +5,13 @@ camera's frame with the bag's /tf_static and /tf when it is given in another fra
 aligned with the colour image (see :func:`mmtk.pointcloud.cloud_to_image_depth`).
 Colour and depth are paired by header time stamps with a slop ``max_dt`` (one-to-one, closest pairs
 first, like message_filters' approximate policy); unpaired messages are counted and reported.
-The bag is read in one pass (:class:`StreamPairer`): memory holds only the messages of the last 2 x max_dt, and
-only paired messages are decoded.
+The bag is read in one pass (:class:`StreamPairer`): memory holds only the messages of the last 2 x max_dt (of the
+last 2 s when a stream stops), and only paired messages are decoded.
 """
 
 from __future__ import annotations
 
+import bisect
 import io
 import os
 import struct
@@ -21,6 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
+from mmtk.data.dataset import MAX_IMAGE_SIDE
 from mmtk.data.sources.base import Frame, RgbdSource, associate_by_time, check_image_size, to_metres
 from mmtk.data.sources.tf import TransformTree, read_transforms
 from mmtk.errors import MmtkError
@@ -31,7 +33,6 @@ CAMERA_INFO_TYPE = "sensor_msgs/msg/CameraInfo"
 CLOUD_TYPE = "sensor_msgs/msg/PointCloud2"
 COLOR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8")
 DEPTH_ENCODINGS = {"16UC1": 1000.0, "mono16": 1000.0, "32FC1": None}  # units per metre (None = metres)
-MAX_IMAGE_SIDE = 16384  # px
 
 
 @dataclass
@@ -302,12 +303,11 @@ def open_rosbag_source(bag: str | Path, rgb_topic: str, depth_topic: str | None 
 
 def read_colour_frames(bag: str | Path, rgb_topic: str, camera_info_topic: str | None = None) -> Iterator[Frame]:
     """Every colour message of a bag as a frame without depth (for prediction from RGB alone)."""
-    bag = Path(bag)
-    available = list_topics(bag)
-    if camera_info_topic is None:
-        camera_info_topic = _camera_info_beside(rgb_topic, available)
-    reader = open_reader(bag)
+    reader = open_reader(Path(bag))
     try:
+        available = _topic_infos(reader)
+        if camera_info_topic is None:
+            camera_info_topic = _camera_info_beside(rgb_topic, available)
         rgb_conns = _connections(reader, rgb_topic, available, "colour")
         _check_type(rgb_conns[0], "colour", IMAGE_TYPES, "Image or CompressedImage")
         info_conns = _camera_info_connections(reader, camera_info_topic, available)
@@ -385,6 +385,9 @@ def _first_header(reader: Any, conn: Any) -> tuple[str, float]:
 
 
 MAX_FRAMES_BEFORE_INFO = 64  # frames held back while no CameraInfo has arrived yet (then written without K)
+# A stream whose newest stamp is this far behind the bag's newest is taken as stalled (dropped out, or recorded
+# later than this): colour is decided without waiting for it, so memory stays bounded when a stream stops.
+MAX_STREAM_LAG_S = 2.0
 
 
 class StreamPairer:
@@ -392,8 +395,9 @@ class StreamPairer:
 
     Pairing is one-to-one by header stamp within ``max_dt``, closest pairs first (:func:`associate_by_time`, like
     message_filters' approximate policy). A colour message is decided once every stream has reached 2 x max_dt past
-    it, so only the messages of that window wait in memory, whatever the bag's length. Payloads are opaque (raw
-    messages): only the paired ones are ever decoded.
+    it, or once the bag's newest stamp is :data:`MAX_STREAM_LAG_S` more past it (a stream that stopped is waited for
+    no longer), so only the messages of that window wait in memory, whatever the bag's length. Payloads are opaque
+    (raw messages): only the paired ones are ever decoded.
     """
 
     def __init__(self, roles: list[str], max_dt: float) -> None:
@@ -407,7 +411,8 @@ class StreamPairer:
         self.pending[role].append((stamp, payload))
         self.latest[role] = max(self.latest[role], stamp)
         self.seen[role] += 1
-        return self._decide(min(self.latest.values()) - 2 * self.max_dt)
+        reached = max(min(self.latest.values()), max(self.latest.values()) - MAX_STREAM_LAG_S)
+        return self._decide(reached - 2 * self.max_dt)
 
     def finish(self) -> list[tuple[float, dict[str, Any]]]:
         """The frames left once the bag has ended."""
@@ -450,17 +455,17 @@ def _stream_frames(bag: Path, topics: dict[str, str], max_dt: float, depth_scale
         conns = [c for c in reader.connections if c.topic in role_of] + info_conns
         is_ros2 = bool(getattr(reader, "is2", False))
         pairer = StreamPairer(list(topics), max_dt)
-        infos: list[tuple[float, np.ndarray, tuple[int, int]]] = []
+        infos = CameraInfos()
         waiting: list[tuple[float, dict]] = []  # frames decided before the first CameraInfo arrived
         written = 0
         for conn, log_time, raw in reader.messages(connections=conns):
             stamp = _header_stamp(raw, is_ros2) or log_time * 1e-9
             if conn in info_conns:
-                infos.append((stamp, *_camera_matrix(deserialize(reader, raw, conn))))
+                infos.add(stamp, *_camera_matrix(deserialize(reader, raw, conn)))
             else:
                 role = role_of[conn.topic]
                 waiting += pairer.add(role, stamp, (conn, raw, stamp, pairer.seen[role]))
-            if infos or not info_conns or len(waiting) > MAX_FRAMES_BEFORE_INFO:
+            if infos.times or not info_conns or len(waiting) > MAX_FRAMES_BEFORE_INFO:
                 for frame_stamp, parts in waiting:
                     written += 1
                     yield _decoded_frame(reader, parts, frame_stamp, topics, infos, depth_scale, from_cloud, alignment)
@@ -477,7 +482,7 @@ def _stream_frames(bag: Path, topics: dict[str, str], max_dt: float, depth_scale
 
 
 def _decoded_frame(reader: Any, parts: dict[str, tuple[Any, bytes, float, int]], stamp: float, topics: dict[str, str],
-                   infos: list[tuple[float, np.ndarray, tuple[int, int]]], depth_scale: float | None,
+                   infos: CameraInfos, depth_scale: float | None,
                    from_cloud: bool, alignment: CloudAlignment | None) -> Frame:
     arrays: dict[str, Any] = {}
     for role, (conn, raw, message_stamp, _) in parts.items():
@@ -488,7 +493,7 @@ def _decoded_frame(reader: Any, parts: dict[str, tuple[Any, bytes, float, int]],
         else:
             arrays[role] = decode_image(msg, conn.msgtype, role, depth_scale if role == "depth" else None)
     size = arrays["rgb"].shape[:2]
-    k = _nearest_k(infos, np.asarray([t for t, _, _ in infos]), stamp, size)
+    k = infos.nearest(stamp, size)
     if from_cloud:
         arrays["depth"] = _cloud_depth(arrays["depth"], size, k, topics["depth"])
     return Frame("all", arrays, intrinsics=k, timestamp=stamp, frame_id=f"{topics['rgb']}#{parts['rgb'][3]}")
@@ -505,15 +510,32 @@ def _cloud_depth(cloud: PointCloud, size: tuple[int, int], k: np.ndarray | None,
     return cloud_to_image_depth(cloud, size, k)
 
 
-def _nearest_k(infos: list[tuple[float, np.ndarray, tuple[int, int]]], times: np.ndarray, stamp: float,
-               size: tuple[int, int]) -> np.ndarray | None:
-    if not infos:
-        return None
-    _, k, info_size = infos[int(np.argmin(np.abs(times - stamp)))]
-    if info_size != tuple(size):
-        raise MmtkError(f"CameraInfo is {info_size[1]}x{info_size[0]} but the colour image is {size[1]}x{size[0]}; "
-                        f"pass the camera info topic of the colour camera (--camera-info-topic)")
-    return k
+@dataclass
+class CameraInfos:
+    """The CameraInfo messages of a bag so far, kept sorted by stamp: the nearest to a frame is a bisection, not a
+    scan (a bag has a CameraInfo per frame, so a scan per frame grew quadratically with the bag's length)."""
+
+    times: list[float] = field(default_factory=list)  # seconds, ascending
+    cameras: list[tuple[np.ndarray, tuple[int, int]]] = field(default_factory=list)  # K [3, 3] px, (H, W)
+
+    def add(self, stamp: float, k: np.ndarray, size: tuple[int, int]) -> None:
+        index = bisect.bisect_right(self.times, stamp)
+        self.times.insert(index, stamp)
+        self.cameras.insert(index, (k, size))
+
+    def nearest(self, stamp: float, size: tuple[int, int]) -> np.ndarray | None:
+        """K of the CameraInfo nearest in time (the earlier on a tie), refused when it is for another image size;
+        None before any CameraInfo."""
+        if not self.times:
+            return None
+        after = bisect.bisect_left(self.times, stamp)
+        index = min((i for i in (after - 1, after) if 0 <= i < len(self.times)),
+                    key=lambda i: abs(self.times[i] - stamp))
+        k, info_size = self.cameras[index]
+        if info_size != tuple(size):
+            raise MmtkError(f"CameraInfo is {info_size[1]}x{info_size[0]} but the colour image is {size[1]}x{size[0]}; "
+                            f"pass the camera info topic of the colour camera (--camera-info-topic)")
+        return k
 
 
 # sensor_msgs/PointField datatype codes -> numpy dtypes (little-endian; byte order is set per message).
