@@ -46,6 +46,13 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def build_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    """MultiMAE-base at the benchmark's size with 98 visible tokens, from seed 0: the same weights in every row."""
+    torch.manual_seed(0)
+    return mmtk.create_model("multimae-base", image_size=args.size, num_visible=98,
+                             fp32_decoders=args.fp32_decoders).to(device)
+
+
 def make_batch(batch: int, size: int, device: torch.device) -> dict[str, torch.Tensor]:
     return {
         "rgb": torch.randn(batch, 3, size, size, device=device),
@@ -98,9 +105,7 @@ def measure(row: Row, args: argparse.Namespace, device: torch.device) -> None:
     """Fill ``row``: first step, then median step and GEMM rate sampled together (a CPU's speed drifts by
     +-20 % from minute to minute)."""
     bf16 = row.precision == "bf16"
-    torch.manual_seed(0)
-    model = mmtk.create_model("multimae-base", image_size=args.size, num_visible=98,
-                              fp32_decoders=args.fp32_decoders).to(device)
+    model = build_model(args, device)
     batch = make_batch(row.batch, args.size, device)
     step = make_step(model, row.mode, bf16, args.backend)
     n = 8192 if device.type == "cuda" else 2048
@@ -120,9 +125,7 @@ def measure(row: Row, args: argparse.Namespace, device: torch.device) -> None:
 
 
 def flops_per_image(args: argparse.Namespace, device: torch.device) -> float:
-    torch.manual_seed(0)
-    model = mmtk.create_model("multimae-base", image_size=args.size, num_visible=98,
-                              fp32_decoders=args.fp32_decoders).to(device)
+    model = build_model(args, device)
     batch = make_batch(2, args.size, device)
     with FlopCounterMode(display=False) as counter:
         model_loss(model, batch).backward()
@@ -206,11 +209,9 @@ def main() -> None:
     print(f"\nAll rows ({time.perf_counter() - start:.0f} s in all):\n{header}")
     print("\n".join(format_row(row, flops) for row in rows))
     if args.profile:
-        torch.manual_seed(0)
-        model = mmtk.create_model("multimae-base", image_size=args.size, num_visible=98,
-                              fp32_decoders=args.fp32_decoders).to(device)
+        model = build_model(args, device)
         batch = make_batch(args.batch[0], args.size, device)
-        step = make_step(model, args.modes[0], bf16=True)
+        step = make_step(model, args.modes[0], bf16=True, backend=args.backend)
         step(batch)
         step(batch)
         profile_step(step, batch, device)

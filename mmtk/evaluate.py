@@ -129,7 +129,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
                             f"semseg); nothing to evaluate")
     info = data_info(data, split)
     labelled = [n for n in dict.fromkeys(available + tasks) if get_modality(n).metric_family == "segmentation"]
-    skipped_labels = ""
+    skipped_labels, skipped_tasks = "", []
     if labelled and info.num_classes and info.num_classes != config.num_classes:
         why = f"{checkpoint} knows {config.num_classes} semantic classes but {data} is labelled with {info.num_classes}"
         available = tuple(n for n in available if n not in labelled)
@@ -166,8 +166,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
                 if saver:
                     saver.write(batch, pred, combo, task, seen)
         seen += next(iter(batch.values())).shape[0]
-    rows = [EvalRow(combo, task, frames, {}, note=skipped_labels) for combo in combos
-            for task in (skipped_tasks if skipped_labels else [])]
+    rows = [EvalRow(combo, task, frames, {}, note=skipped_labels) for combo in combos for task in skipped_tasks]
     for (combo, task), metric in metrics.items():
         if (combo, task) in skipped:
             rows.append(EvalRow(combo, task, frames, {}, note=f"no input left once {task} is hidden"))

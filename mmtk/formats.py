@@ -264,11 +264,10 @@ def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu", 
 
 def _read_safetensors(path: Path, map_location: str | torch.device) -> dict:
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as handle:
+    with safe_open(str(path), framework="pt", device=str(map_location)) as handle:  # one open: metadata and tensors
         metadata = handle.metadata() or {}
-    container: dict[str, Any] = {"model": load_file(str(path), device=str(map_location))}
+        container: dict[str, Any] = {"model": {name: handle.get_tensor(name) for name in handle.keys()}}
     if "mmtk_model_args" in metadata:
         container["model_args"] = json.loads(metadata["mmtk_model_args"])
         container["model_name"] = metadata.get("mmtk_model_name")

@@ -244,11 +244,12 @@ class MultiMAE(nn.Module):
         """The pretraining step's forward with sampled masks (what `compile_step` compiles).
 
         Every sample gets the same visible count, known from the config before the masks exist, so
-        every shape is static and nothing is read back from the device.
+        every shape is static and nothing is read back from the device (a budget at or above the token
+        count is refused by the masking).
         """
         tokens, layout = self.encoder.tokenize(inputs)
         masks = self.sample_masks(tokens, inputs, valid)
-        return self.forward_masked(inputs, valid, tokens, layout, masks, self.visible_budget(layout))
+        return self.forward_masked(inputs, valid, tokens, layout, masks, self.config.num_visible)
 
     def forward_masked(self, inputs: dict[str, Tensor], valid: dict[str, Tensor], tokens: dict[str, Tensor],
                        layout: TokenLayout, masks: dict[str, Tensor], num_visible: int | None) -> MultiMAEOutput:
@@ -263,10 +264,6 @@ class MultiMAE(nn.Module):
     def forward_features(self, inputs: dict[str, Tensor], return_all_blocks: bool = False) -> EncoderFeatures:
         """Finetuning mode: encode every token of the given inputs."""
         return self.encoder.forward_features(inputs, return_all_blocks)
-
-    def visible_budget(self, layout: TokenLayout) -> int:
-        """Encoder slots per sample for sampled masks: the budget, or every token when there are fewer."""
-        return min(self.config.num_visible, layout.num_tokens)
 
     def sample_masks(self, tokens: dict[str, Tensor], inputs: dict[str, Tensor],
                      valid: dict[str, Tensor]) -> dict[str, Tensor]:
