@@ -83,10 +83,11 @@ class Checkpointer:
     def save(self, step: int) -> Path:
         """Write step ``step``'s checkpoint, point ``last.pt`` at it and drop those beyond
         ``train.keep_checkpoints``. Every process calls it (each one's RNG state is gathered); rank 0 writes."""
-        states = [rng_state()]
+        mine = rng_state()
+        states = [mine]
         if self.info.world_size > 1:
             states = [None] * self.info.world_size
-            dist.all_gather_object(states, rng_state())
+            dist.all_gather_object(states, mine)
         path = self.run_dir / "checkpoints" / f"step_{step:08d}.pt"
         if self.info.is_main:
             save_checkpoint({
