@@ -83,10 +83,11 @@ class Checkpointer:
     def save(self, step: int) -> Path:
         """Write step ``step``'s checkpoint, point ``last.pt`` at it and drop those beyond
         ``train.keep_checkpoints``. Every process calls it (each one's RNG state is gathered); rank 0 writes."""
-        states = [rng_state()]
+        mine = rng_state()
+        states = [mine]
         if self.info.world_size > 1:
             states = [None] * self.info.world_size
-            dist.all_gather_object(states, rng_state())
+            dist.all_gather_object(states, mine)
         path = self.run_dir / "checkpoints" / f"step_{step:08d}.pt"
         if self.info.is_main:
             save_checkpoint({
@@ -102,17 +103,13 @@ class Checkpointer:
         self.last = path
         return path
 
-    def restore(self, state: dict[str, Any] | None = None) -> int:
-        """Load the newest checkpoint into everything; returns its step.
+    def restore(self, path: Path, state: dict[str, Any]) -> int:
+        """Load checkpoint ``path``, read as ``state``, into everything; returns its step.
 
-        ``state`` is that checkpoint when the caller has read it already (to build the model from it); it is
-        emptied here, so no second copy of the weights and optimizer moments stays in host memory for the run.
+        ``state`` is emptied here, so no second copy of the weights and optimizer moments stays in host memory
+        for the run (the caller read it once, to build the model from it too).
         """
-        self.last = newest_checkpoint(self.run_dir)
-        if self.last is None:
-            raise MmtkError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}; start without --resume")
-        if state is None:
-            state = load_checkpoint(self.last)
+        self.last = path
         self._check_same_optimisation(state.get("recipe"))
         try:
             self.model.load_state_dict(state["model"])
@@ -134,7 +131,6 @@ class Checkpointer:
             seed_everything(self.recipe.train.seed + self.info.rank + step)
         state.clear()
         return step
-
 
     def _check_same_optimisation(self, recorded: Any) -> None:
         """A resume continues the run's optimisation: an optim setting other than the checkpoint's is refused."""

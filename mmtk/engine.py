@@ -59,10 +59,11 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
     losses to log. ``extra_state`` (plain values) is stored in every checkpoint, e.g. how to rebuild
     the model. With ``resume`` the newest checkpoint in ``run_dir`` is loaded and training continues
     from its step, reproducing an uninterrupted run; ``resume_state`` is that checkpoint when the caller
-    has read it already (see :meth:`Checkpointer.restore`), so the file is read once.
+    has read it already, so the file is read once.
     """
     opt, cfg, run_dir = recipe.optim, recipe.train, Path(run_dir)
-    if resume and newest_checkpoint(run_dir) is None:  # before anything is created or written
+    newest = newest_checkpoint(run_dir) if resume else None
+    if resume and newest is None:  # before anything is created or written
         raise MmtkError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
     info = setup_distributed(cfg.device)
     if cfg.precision == "fp16" and info.device.type != "cuda":
@@ -71,8 +72,8 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     model.to(info.device)
-    if resume and resume_state is None:
-        resume_state = load_checkpoint(newest_checkpoint(run_dir))
+    if newest is not None and resume_state is None:
+        resume_state = load_checkpoint(newest)
     resumed_micro = resume_state.get("micro_batch") if resume else None
     micro_batch, workers = plan_memory(model, compute_loss, train_set, recipe, info,  # before anything is written
                                        resumed_micro if isinstance(resumed_micro, int) else None)
@@ -84,7 +85,8 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
     ckpt = Checkpointer(recipe, run_dir, info, model, optimizer, scheduler, scaler, data.steps_per_epoch,
                         {**(extra_state or {}), "micro_batch": data.micro})
     seed_everything(cfg.seed + info.rank)  # different masks per process, same init (weights are broadcast)
-    step = ckpt.restore(resume_state) if resume else 0  # refuses a checkpoint of another model before any write
+    # refuses a checkpoint of another model before any write
+    step = ckpt.restore(newest, resume_state) if newest is not None else 0
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
