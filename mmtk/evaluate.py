@@ -194,7 +194,7 @@ def _pretrained_note(kind: str, combo: tuple[str, ...], task: str) -> str:
     if kind == "finetune" or task not in combo:
         return ""
     given = ",".join(name for name in combo if name != task)
-    return f"{task} is hidden when it is the target, so this row predicts from {given} alone (the same as row {given})"
+    return f"{task} is hidden when it is the target, so this row predicts from {given} alone (as --inputs {given} would)"
 
 
 def results_json(checkpoint: str | Path, data: str | Path, split: str, frames: int, rows: list[EvalRow]) -> str:
