@@ -298,18 +298,17 @@ def write_prediction(out_dir: Path, stem: str, frame: Frame, prediction: Predict
     """
     from mmtk.pointcloud import depth_to_cloud, write_cloud
 
+    source, k = cloud_source(frame, prediction), intrinsics if intrinsics is not None else frame.intrinsics
+    if ply and source is None:  # refused before anything of the frame is written
+        raise MmtkError("--ply needs metric depth: a finetuned depth model, or sensor depth in the frame (--depth, "
+                        "a dataset or bag with depth); a pretrained MultiMAE predicts relative depth only")
+    if ply and k is None:
+        raise MmtkError("--ply needs the camera intrinsics: pass --intrinsics fx,fy,cx,cy")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for output in prediction.outputs.values():
         written += FILE_WRITERS[output.stored.kind](out_dir, stem, output)
     if ply:
-        source = cloud_source(frame, prediction)
-        if source is None:
-            raise MmtkError("--ply needs metric depth: a finetuned depth model, or sensor depth in the frame (--depth, "
-                            "a dataset or bag with depth); a pretrained MultiMAE predicts relative depth only")
-        k = intrinsics if intrinsics is not None else frame.intrinsics
-        if k is None:
-            raise MmtkError("--ply needs the camera intrinsics: pass --intrinsics fx,fy,cx,cy")
         write_cloud(out_dir / f"{stem}.ply", depth_to_cloud(source.depth_m, k, source.colours), sweep=False)
         written.append(out_dir / f"{stem}.ply")
     return written

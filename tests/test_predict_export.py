@@ -195,16 +195,19 @@ def test_predict_cli_rosbag(checkpoints, tmp_path, capsys, monkeypatch):
     (["--rgb", "{rgb}", "--ply"], "--ply needs metric depth"),
     (["--rgb", "{rgb}", "--depth", "{depth}", "--ply"], "intrinsics"),
     (["--rgb", "{rgb}", "--outputs", "rgb2"], "cannot predict"),
+    (["--rgb", "{rgb}", "--images", "{bad}"], "give exactly one source"),
+    (["--rosbag", "{badbag}"], "not a readable ROS1 bag"),
 ])
 def test_predict_bad_input_is_one_line(args, message, checkpoints, tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG but not really")
-    args = [a.format(bad=bad, rgb=RGB_PNG, depth=DEPTH_PNG) for a in args]
+    (tmp_path / "bad.bag").write_bytes(b"#ROSBAG V2.0\n but truncated")
+    args = [a.format(bad=bad, badbag=tmp_path / "bad.bag", rgb=RGB_PNG, depth=DEPTH_PNG) for a in args]
     out = tmp_path / "out"
     code, _, err = run_cli(["predict", "--checkpoint", str(checkpoints["pretrain"]), "--out", str(out), *args],
                            capsys, monkeypatch)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert not out.exists() or not any(p.suffix == ".ply" for p in out.iterdir())
+    assert not out.exists()  # refused before anything is written
 
 
 def test_predict_rejects_a_file_that_holds_no_model(tmp_path, capsys, monkeypatch):
