@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import typer
 
 from mmtk.cli.app import PLUGIN_HELP, app, load_plugins
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from mmtk.data.sources.base import Frame
 
 
 @app.command("pseudo-label")
@@ -101,13 +106,13 @@ def _parse_size(text: Optional[str], option: str) -> Optional[tuple[int, int]]:
     return height, width
 
 
-def _read_rgb(path: Path):
+def _read_rgb(path: Path) -> np.ndarray:
     from mmtk.data.sources.base import read_rgb
 
     return read_rgb(path)
 
 
-def _read_depth(path: Path, depth_scale: Optional[float]):
+def _read_depth(path: Path, depth_scale: Optional[float]) -> np.ndarray:
     """Depth in metres from an image or .npy: integers in --depth-scale units per metre (default 1000, mm), floats
     in metres unless --depth-scale is given."""
     import numpy as np
@@ -122,7 +127,7 @@ def _read_depth(path: Path, depth_scale: Optional[float]):
     return to_metres(raw, depth_scale if depth_scale is not None else default)
 
 
-def _image_frames(rgb: Path, depth: Optional[Path], depth_scale: Optional[float]):
+def _image_frames(rgb: Path, depth: Optional[Path], depth_scale: Optional[float]) -> Iterator[Frame]:
     from mmtk.data.sources.base import Frame
     from mmtk.errors import MmtkError
 
@@ -135,7 +140,7 @@ def _image_frames(rgb: Path, depth: Optional[Path], depth_scale: Optional[float]
     yield Frame("all", arrays, frame_id=rgb.name)
 
 
-def _folder_images(folder: Path):
+def _folder_images(folder: Path) -> Iterator[Frame]:
     from mmtk.data.sources.base import Frame
     from mmtk.data.sources.images import list_images
     from mmtk.errors import MmtkError
@@ -226,6 +231,8 @@ def predict_command(
 
     def predicted():
         for frame in frames:
+            if k_override is not None:  # every use of the camera (an xyz input, point clouds) takes the user's
+                frame.intrinsics = k_override
             yield frame, predict_frame(predictor, frame, wanted_t, size)
 
     count = 0
@@ -234,7 +241,7 @@ def predict_command(
 
         with PredictionBag(out, input_headers(rosbag, rgb_topic)) as bag:
             for frame, prediction in predicted():
-                bag.write(frame, prediction, k_override)
+                bag.write(frame, prediction)
                 count += 1
         topics = ", ".join(f"{name} ({n})" for name, n in bag.counts.items())
         typer.echo(f"{count} frame(s) predicted into {out}: {topics}")
@@ -245,7 +252,7 @@ def predict_command(
         stem = file_stem(frame, count)
         stem = stem if stem not in stems else f"{stem}_{count:06d}"
         stems.add(stem)
-        written = write_prediction(out, stem, frame, prediction, k_override, ply)
+        written = write_prediction(out, stem, frame, prediction, ply)
         count += 1
         typer.echo(f"{stem}: " + ", ".join(p.name for p in written))
     typer.echo(f"{count} frame(s) predicted into {out}")
@@ -253,7 +260,7 @@ def predict_command(
 
 def _bag_frames(bag: Path, rgb_topic: str, depth_topic: Optional[str], cloud_topic: Optional[str],
                 camera_info_topic: Optional[str], max_dt: float, depth_scale: Optional[float],
-                topic: Optional[list[str]]):
+                topic: Optional[list[str]]) -> Iterator[Frame]:
     """The frames of a bag, read as `mmtk convert --rosbag` reads them (colour alone without a depth topic)."""
     from mmtk.data.convert import parse_named
     from mmtk.data.sources.rosbag import open_rosbag_source, read_colour_frames

@@ -103,7 +103,7 @@ class PredictionBag:
         self._publishing.__exit__(kind, error, trace)
         return False
 
-    def write(self, frame: Frame, prediction: Prediction, intrinsics: np.ndarray | None) -> None:
+    def write(self, frame: Frame, prediction: Prediction) -> None:
         """The messages of one frame, stamped and framed like the colour image it came from."""
         header = self.headers.get(frame.timestamp) if frame.timestamp is not None else None
         if header is None:
@@ -112,9 +112,9 @@ class PredictionBag:
             for topic, encoding, pixels in _images(output):
                 self._send(topic, IMAGE_TYPE, header, _image_msg(self.store, header, encoding, pixels, self.ros1))
         source = cloud_source(frame, prediction)
-        k = intrinsics if intrinsics is not None else frame.intrinsics
-        if source is not None and k is not None:
-            self._send(f"{TOPIC_PREFIX}/points", CLOUD_TYPE, header, _cloud_msg(self.store, header, source, k, self.ros1))
+        if source is not None and frame.intrinsics is not None:
+            cloud = _cloud_msg(self.store, header, source, frame.intrinsics, self.ros1)
+            self._send(f"{TOPIC_PREFIX}/points", CLOUD_TYPE, header, cloud)
 
     def _send(self, topic: str, msgtype: str, header: Header, message: Any) -> None:
         if topic not in self.connections:

@@ -287,18 +287,17 @@ FILE_WRITERS: dict[str, Callable[[Path, str, Output], list[Path]]] = {
     "metric": _write_metric, "labels": _write_labels, "image": _write_image}
 
 
-def write_prediction(out_dir: Path, stem: str, frame: Frame, prediction: Prediction,
-                     intrinsics: np.ndarray | None = None, ply: bool = False) -> list[Path]:
+def write_prediction(out_dir: Path, stem: str, frame: Frame, prediction: Prediction, ply: bool = False) -> list[Path]:
     """Write one frame's outputs into ``out_dir``; returns the files written (with the user's umask).
 
     Per output, by the kind of array its adapter stores: values (depth) as a colour map with a colour bar in its
     units and a ``.npy`` array; labels (semseg) as a colour map with a legend of the classes and a 16-bit label
     PNG (class k as k + 1); images as a PNG. With ``ply``, ``<stem>.ply``: depth in metres (:func:`cloud_source`)
-    back-projected with ``intrinsics`` (default the frame's), coloured by the predicted classes or the colour image.
+    back-projected with the frame's intrinsics, coloured by the predicted classes or the colour image.
     """
     from mmtk.pointcloud import depth_to_cloud, write_cloud
 
-    source, k = cloud_source(frame, prediction), intrinsics if intrinsics is not None else frame.intrinsics
+    source, k = cloud_source(frame, prediction), frame.intrinsics
     if ply and source is None:  # refused before anything of the frame is written
         raise MmtkError("--ply needs metric depth: a finetuned depth model, or sensor depth in the frame (--depth, "
                         "a dataset or bag with depth); a pretrained MultiMAE predicts relative depth only")

@@ -50,6 +50,9 @@ def stored_arrays(group: h5py.Group) -> list[str]:
 def split_length(group: h5py.Group) -> int:
     """Frames in a split (every dataset of a split has one entry per frame)."""
     lengths = {int(group[name].shape[0]) for name in group}
+    if not lengths:
+        raise MmtkError(f"{group.file.filename}: split {group.name.lstrip('/')!r} holds no dataset; re-create the "
+                        f"file with `mmtk convert`")
     if len(lengths) != 1:
         raise MmtkError(f"{group.file.filename}:{group.name}: datasets differ in frame count ({sorted(lengths)}); "
                         f"re-create the file with `mmtk convert`")
