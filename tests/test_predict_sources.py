@@ -166,6 +166,10 @@ def test_a_model_whose_inputs_the_source_lacks_is_one_line(thermal, capsys, monk
                             "--out", tmp_path / "out"], capsys, monkeypatch)
     assert code == 2 and "the model takes ['thermal'] but frame rgb_00000.jpg holds ['rgb']" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    code, _, err = run_cli(["predict", "--checkpoint", model, "--rosbag", BAG1, "--plugin", plugin, "--out",
+                            tmp_path / "out.mcap"], capsys, monkeypatch)  # fails inside the open bag: nothing is left
+    assert code == 2 and "the model takes ['thermal']" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thermal_only.pt"]
 
 
 def test_rgbd_folder_and_image_folder(rgbd_model, tmp_path, capsys, monkeypatch):
