@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import typer
 
 from mmtk.cli.app import PLUGIN_HELP, app, load_plugins
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from mmtk.data.sources.base import Frame
 
 
 @app.command("pseudo-label")
@@ -51,31 +56,37 @@ def export_pointcloud_command(
     """Write a coloured point cloud from a frame's depth (optionally coloured by semantic labels)."""
     from mmtk.errors import MmtkError
     from mmtk.pointcloud import depth_to_cloud, parse_intrinsics, write_cloud
-    from mmtk.predict import Frame, read_depth, read_h5_frame, read_rgb
     from mmtk.visualize import colorize_labels
 
     if (h5 is None) == (rgb is None):
         raise MmtkError("give the frame either with --h5 FILE (--split, --index) or with --rgb IMAGE --depth IMAGE")
     label_key = color if color not in ("rgb", "none") else None
+    num_labels = None
     if h5 is not None:
-        frame = read_h5_frame(h5, split, index, depth_key, label_key)
+        from mmtk.data.sources.mmtk_files import check_metres, class_count, open_split, read_frame
+
+        with open_split(h5, split) as group:
+            frame = read_frame(group, index, ["rgb", depth_key] + ([label_key] if label_key else []))
+            check_metres(group, depth_key)
+            num_labels = class_count(group, label_key) if label_key else None
+        image, depth_m, k_file = frame.arrays["rgb"], frame.arrays[depth_key], frame.intrinsics
     else:
         if depth is None:
             raise MmtkError("--rgb needs --depth (a depth image aligned with it)")
         if label_key is not None:
             raise MmtkError(f"--color {color}: label colouring needs --h5 (or --checkpoint with `mmtk predict`)")
-        frame = Frame(read_rgb(rgb), read_depth(depth, depth_scale), None)
-        if frame.depth.shape != frame.rgb.shape[:2]:
-            raise MmtkError(f"{depth}: depth is {frame.depth.shape} but {rgb} is {frame.rgb.shape[:2]}; they must be aligned")
-    k = parse_intrinsics(intrinsics) if intrinsics is not None else frame.intrinsics
+        image, depth_m, k_file = _read_rgb(rgb), _read_depth(depth, depth_scale), None
+        if depth_m.shape != image.shape[:2]:
+            raise MmtkError(f"{depth}: depth is {depth_m.shape} but {rgb} is {image.shape[:2]}; they must be aligned")
+    k = parse_intrinsics(intrinsics) if intrinsics is not None else k_file
     if k is None:
         raise MmtkError("no camera intrinsics to back-project the depth; pass --intrinsics fx,fy,cx,cy")
     colors = None
     if color == "rgb":
-        colors = frame.rgb
+        colors = image
     elif label_key is not None:
-        colors = colorize_labels(frame.labels, frame.num_labels)
-    cloud = depth_to_cloud(frame.depth, k, colors, organized=True)
+        colors = colorize_labels(frame.arrays[label_key], num_labels)
+    cloud = depth_to_cloud(depth_m, k, colors, organized=True)
     skipped = cloud.num_invalid
     written = write_cloud(out, cloud)
     typer.echo(f"{out}: {written} points written ({skipped} pixels without depth skipped)")
@@ -95,80 +106,173 @@ def _parse_size(text: Optional[str], option: str) -> Optional[tuple[int, int]]:
     return height, width
 
 
+def _read_rgb(path: Path) -> np.ndarray:
+    from mmtk.data.sources.base import read_rgb
+
+    return read_rgb(path)
+
+
+def _read_depth(path: Path, depth_scale: Optional[float]) -> np.ndarray:
+    """Depth in metres from an image or .npy: integers in --depth-scale units per metre (default 1000, mm), floats
+    in metres unless --depth-scale is given."""
+    import numpy as np
+
+    from mmtk.data.sources.base import read_depth_units, to_metres
+    from mmtk.errors import MmtkError
+
+    if depth_scale is not None and depth_scale <= 0:
+        raise MmtkError(f"--depth-scale {depth_scale}: must be positive (units per metre, e.g. 1000 for mm)")
+    raw = read_depth_units(path)
+    default = 1000.0 if np.issubdtype(raw.dtype, np.integer) else None
+    return to_metres(raw, depth_scale if depth_scale is not None else default)
+
+
+def _image_frames(rgb: Path, depth: Optional[Path], depth_scale: Optional[float]) -> Iterator[Frame]:
+    from mmtk.data.sources.base import Frame
+    from mmtk.errors import MmtkError
+
+    arrays = {"rgb": _read_rgb(rgb)}
+    if depth is not None:
+        arrays["depth"] = _read_depth(depth, depth_scale)
+        if arrays["depth"].shape != arrays["rgb"].shape[:2]:
+            raise MmtkError(f"{depth}: depth is {arrays['depth'].shape} but {rgb} is {arrays['rgb'].shape[:2]}; they "
+                            f"must be aligned")
+    yield Frame("all", arrays, frame_id=rgb.name)
+
+
+def _folder_images(folder: Path) -> Iterator[Frame]:
+    from mmtk.data.sources.base import Frame
+    from mmtk.data.sources.images import list_images
+    from mmtk.errors import MmtkError
+
+    found = list_images(folder) if folder.is_dir() else {}
+    if not found:
+        raise MmtkError(f"--images {folder}: no image files found (a folder of .png/.jpg images)")
+    for split, files in found.items():
+        for path, frame_id in files:
+            yield Frame(split, {"rgb": _read_rgb(path)}, frame_id=frame_id)
+
+
 @app.command("predict")
 def predict_command(
-    checkpoint: Path = typer.Option(..., help="mmtk checkpoint (pretrained MultiMAE or finetuned model), or a run "
-                                    "folder (its newest checkpoint)."),
-    out: Path = typer.Option(..., help="Output folder for PNGs (colour maps), .npy depth and optional .ply."),
+    checkpoint: Path = typer.Option(..., help="mmtk checkpoint (pretrained MultiMAE or finetuned model), a model "
+                                    "folder, or a run folder (its newest checkpoint)."),
+    out: Path = typer.Option(..., help="Output folder (PNGs with legends, .npy arrays, optional .ply); with --rosbag, "
+                             "or a .bag (ROS1) / .mcap (ROS 2) file of prediction topics stamped like the input."),
     rgb: Optional[Path] = typer.Option(None, help="One RGB image ..."),
     depth: Optional[Path] = typer.Option(None, help="... with an optional aligned depth image (PNG/TIFF/.npy)."),
-    depth_scale: Optional[float] = typer.Option(None, help="Depth units per metre (default 1000 for integer images)."),
-    h5: Optional[Path] = typer.Option(None, help="Or every frame of a split of an mmtk HDF5 file ..."),
-    split: str = typer.Option("test", help="... this split ..."),
+    depth_scale: Optional[float] = typer.Option(None, help="Depth units per metre (default 1000 for integer images; "
+                                                "--rgbd: the layout's)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Or a folder of RGB images (as `mmtk convert`)."),
+    rgbd: Optional[Path] = typer.Option(None, "--rgbd", help="Or an RGB-D folder (layout detected, as `mmtk convert`)."),
+    depth_format: Optional[str] = typer.Option(None, help="--rgbd: the depth encoding (see `mmtk convert --help`)."),
+    layout: Optional[str] = typer.Option(None, help="--rgbd: this layout instead of detecting one."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Or an mmtk dataset (every split's stored arrays) ..."),
+    split: str = typer.Option("test", help="... this split of it ..."),
     index: Optional[int] = typer.Option(None, help="... or only this frame of it."),
-    bag: Optional[Path] = typer.Option(None, help="Or the RGB images of a ROS1/ROS2 bag ..."),
-    rgb_topic: str = typer.Option("/camera/rgb/image_color", help="... on this topic ..."),
-    depth_topic: Optional[str] = typer.Option(None, help="... with depth from this topic (paired by time)."),
+    rosbag: Optional[Path] = typer.Option(None, "--rosbag", help="Or a ROS1 .bag or ROS 2 bag ..."),
+    rgb_topic: str = typer.Option("/camera/rgb/image_color", help="... its colour Image topic ..."),
+    depth_topic: Optional[str] = typer.Option(None, help="... with depth from this topic (paired by stamp) ..."),
+    cloud_topic: Optional[str] = typer.Option(None, help="... or from this PointCloud2 topic ..."),
+    camera_info_topic: Optional[str] = typer.Option(None, help="... intrinsics from this CameraInfo topic ..."),
+    topic: Optional[list[str]] = typer.Option(None, "--topic", help="... and further image topics stored as modality "
+                                              "NAME: NAME=/topic (repeatable; needs --depth-topic or --cloud-topic)."),
+    max_dt: float = typer.Option(0.02, help="Max stamp difference of paired bag messages, seconds."),
     outputs: str = typer.Option("depth,semseg", help="Comma-separated tasks to predict (those the model has)."),
     ply: bool = typer.Option(False, help="Also write a coloured .ply per frame (needs metric depth + intrinsics)."),
-    intrinsics: Optional[str] = typer.Option(None, help="fx,fy,cx,cy in pixels, for --ply."),
+    intrinsics: Optional[str] = typer.Option(None, help="fx,fy,cx,cy in pixels (default: the source's)."),
     image_size: Optional[str] = typer.Option(None, help="HxW the model runs at (default: its training size)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
-    """Predict depth / semantics from RGB (and optional depth) with a pretrained or finetuned model."""
+    """Predict depth / semantics (any output of the model) from image files, RGB-D folders, datasets or bags."""
     load_plugins(plugin)
     from mmtk.errors import MmtkError
     from mmtk.io import remove_dead_temps
     from mmtk.pointcloud import parse_intrinsics
-    from mmtk.predict import load_predictor, predict_frame, read_bag_frames, read_depth, read_rgb, write_prediction
-
-    sources = [s for s in (rgb, h5, bag) if s is not None]
-    if len(sources) != 1:
-        raise MmtkError("give exactly one source: --rgb IMAGE, --h5 FILE or --bag BAG")
-    if depth is not None and rgb is None:
-        raise MmtkError("--depth goes with --rgb (HDF5 files and bags bring their own depth)")
-    size = _parse_size(image_size, "--image-size")
-    k_override = parse_intrinsics(intrinsics) if intrinsics is not None else None
+    from mmtk.predict import file_stem, load_predictor, predict_frame, write_prediction
     from mmtk.runs import resolve_checkpoint
 
+    if sum(source is not None for source in (rgb, images, rgbd, data, rosbag)) != 1:
+        raise MmtkError("give exactly one source: --rgb IMAGE, --images FOLDER, --rgbd FOLDER, --data DATASET or "
+                        "--rosbag BAG")
+    if depth is not None and rgb is None:
+        raise MmtkError("--depth goes with --rgb (folders, datasets and bags bring their own depth)")
+    to_bag = out.suffix in (".bag", ".mcap")
+    if to_bag and rosbag is None:
+        raise MmtkError(f"--out {out}: a bag output is stamped like its input bag; give --rosbag BAG, or an output "
+                        f"folder")
+    if to_bag and ply:
+        raise MmtkError("--ply writes files into a folder; a bag output carries the point cloud as /mmtk/points")
+    size = _parse_size(image_size, "--image-size")
+    k_override = parse_intrinsics(intrinsics) if intrinsics is not None else None
     predictor = load_predictor(resolve_checkpoint(checkpoint), device)
     wanted = [name.strip() for name in outputs.split(",") if name.strip()]
     if predictor.finetuned:  # a finetuned model has one task; keep what was asked of it
         wanted = [name for name in wanted if name in predictor.available_outputs] or wanted
     wanted_t = tuple(wanted)
 
-    def frames():
-        if rgb is not None:
-            image = read_rgb(rgb)
-            sensor = read_depth(depth, depth_scale) if depth is not None else None
-            if sensor is not None and sensor.shape != image.shape[:2]:
-                raise MmtkError(f"{depth}: depth is {sensor.shape} but {rgb} is {image.shape[:2]}; they must be aligned")
-            yield rgb.stem, image, sensor, None
-        elif h5 is not None:
-            from mmtk.data.dataset import open_mmtk_file
-            from mmtk.predict import read_h5_frame
+    if rgb is not None:
+        frames = _image_frames(rgb, depth, depth_scale)
+    elif images is not None:
+        frames = _folder_images(images)
+    elif rgbd is not None:
+        from mmtk.data.sources.base import ConvertOptions
+        from mmtk.data.sources.folders import open_rgbd_source
 
-            with open_mmtk_file(h5) as handle:
-                if split not in handle:
-                    raise MmtkError(f"{h5}: no split {split!r}; splits: {sorted(handle)}")
-                count = handle[split]["rgb"].shape[0]
-                has_depth = "depth" in handle[split]
-            for i in ([index] if index is not None else range(count)):
-                frame = read_h5_frame(h5, split, i, "depth" if has_depth else "")
-                yield f"{split}_{i % count:06d}", frame.rgb, frame.depth, frame.intrinsics
-        else:
-            for i, frame in enumerate(read_bag_frames(bag, rgb_topic, depth_topic)):
-                yield f"frame_{i:06d}", frame.arrays["rgb"], frame.arrays.get("depth"), frame.intrinsics
+        options = ConvertOptions(depth_scale=depth_scale, depth_format=depth_format, layout=layout)
+        frames = open_rgbd_source(rgbd, options).frames()
+    elif data is not None:
+        from mmtk.data.sources.mmtk_files import dataset_frames
 
-    remove_dead_temps(out)  # once: each picture's atomic write skips the sweep
+        frames = dataset_frames([data], split, index)
+    else:
+        frames = _bag_frames(rosbag, rgb_topic, depth_topic, cloud_topic, camera_info_topic, max_dt, depth_scale, topic)
+
+    def predicted():
+        for frame in frames:
+            if k_override is not None:  # every use of the camera (an xyz input, point clouds) takes the user's
+                frame.intrinsics = k_override
+            yield frame, predict_frame(predictor, frame, wanted_t, size)
+
     count = 0
-    for stem, image, sensor, k in frames():
-        prediction = predict_frame(predictor, image, sensor, wanted_t, size)
-        written = write_prediction(out, stem, image, prediction, sensor, k_override if k_override is not None else k, ply)
+    if to_bag:
+        from mmtk.bag_writer import PredictionBag, input_headers
+
+        with PredictionBag(out, input_headers(rosbag, rgb_topic)) as bag:
+            for frame, prediction in predicted():
+                bag.write(frame, prediction)
+                count += 1
+        topics = ", ".join(f"{name} ({n})" for name, n in bag.counts.items())
+        typer.echo(f"{count} frame(s) predicted into {out}: {topics}")
+        return
+    remove_dead_temps(out)  # once: each picture's atomic write skips the sweep
+    stems: set[str] = set()
+    for frame, prediction in predicted():
+        stem = file_stem(frame, count)
+        stem = stem if stem not in stems else f"{stem}_{count:06d}"
+        stems.add(stem)
+        written = write_prediction(out, stem, frame, prediction, ply)
         count += 1
         typer.echo(f"{stem}: " + ", ".join(p.name for p in written))
     typer.echo(f"{count} frame(s) predicted into {out}")
+
+
+def _bag_frames(bag: Path, rgb_topic: str, depth_topic: Optional[str], cloud_topic: Optional[str],
+                camera_info_topic: Optional[str], max_dt: float, depth_scale: Optional[float],
+                topic: Optional[list[str]]) -> Iterator[Frame]:
+    """The frames of a bag, read as `mmtk convert --rosbag` reads them (colour alone without a depth topic)."""
+    from mmtk.data.convert import parse_named
+    from mmtk.data.sources.rosbag import open_rosbag_source, read_colour_frames
+    from mmtk.errors import MmtkError
+
+    extra = parse_named(topic, "--topic")
+    if depth_topic is None and cloud_topic is None:
+        if extra:
+            raise MmtkError("--topic NAME=/topic is paired by stamp with depth: give --depth-topic or --cloud-topic")
+        return read_colour_frames(bag, rgb_topic, camera_info_topic)
+    return open_rosbag_source(bag, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale,
+                              cloud_topic=cloud_topic, extra_topics=extra).frames()
 
 
 @app.command("export")

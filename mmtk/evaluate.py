@@ -26,9 +26,9 @@ from mmtk.data.transforms import robust_mean_std
 from mmtk.io import atomic_write, disk_errors, remove_dead_temps
 from mmtk.metrics import FAMILIES, DepthMetrics, SegmentationMetrics
 from mmtk.modality import get_modality
-from mmtk.predict import class_legend, depth_bar, model_from_checkpoint
+from mmtk.registry import model_from_checkpoint
 from mmtk.training import data_info, open_dataset, require_modalities
-from mmtk.visualize import colorize_depth, label_palette
+from mmtk.visualize import class_legend, colorize_depth, depth_bar, label_palette
 
 
 @dataclass

@@ -1,5 +1,10 @@
-"""``mmtk predict``: read frames (image files, HDF5, ROS bags), run a trained model, write its predictions
-(pictures, arrays in metres or class ids, coloured point clouds).
+"""``mmtk predict``: the data path run forward.
+
+A source yields frames (:class:`mmtk.data.sources.base.Frame`: image files, RGB-D folders, mmtk datasets, ROS
+bags); every model input is prepared from the frame by its adapter's :meth:`~mmtk.modality.Modality.load`, as
+training prepares it; the model runs; each output comes back at the frame's resolution as its adapter stores it
+(labels, values in the adapter's units, images) and is written as pictures with legends and units, arrays and
+point clouds (:func:`write_prediction`), or as ROS messages (:mod:`mmtk.bag_writer`).
 
 torch is imported inside the functions that need it, so reading and writing frames stays light.
 """
@@ -7,92 +12,24 @@ torch is imported inside the functions that need it, so reading and writing fram
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from mmtk.data.sources.base import Frame
 from mmtk.errors import MmtkError
 from mmtk.io import atomic_write
-from mmtk.visualize import colorize_depth, label_palette
+from mmtk.modality import StoredArray, get_modality, stored_array
+from mmtk.visualize import label_palette, label_picture, value_picture
 
 if TYPE_CHECKING:
     import torch
 
+RELATIVE = "relative"  # the units of a pretrained MultiMAE's standardised value when the frame gives no scale
 
-def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """uint8 RGB [H, W, 3] from an image file (the converters' reader); an unreadable file is a clear MmtkError."""
-    from mmtk.data.sources.base import read_rgb as read_colour
-
-    return read_colour(Path(path))
-
-
-def read_depth(path: str | os.PathLike, depth_scale: float | None = None) -> np.ndarray:
-    """Depth in metres, float32 [H, W], 0 = invalid, from an image (PNG/TIFF) or ``.npy`` file.
-
-    Integer images are divided by ``depth_scale`` (units per metre: 1000 for millimetres, the default; 5000 for
-    TUM RGB-D). Float images and ``.npy`` arrays are taken as metres unless ``depth_scale`` is given.
-    """
-    from mmtk.data.sources.base import read_depth_units, to_metres
-
-    if depth_scale is not None and depth_scale <= 0:
-        raise MmtkError(f"--depth-scale {depth_scale}: must be positive (units per metre, e.g. 1000 for mm)")
-    raw = read_depth_units(Path(path))
-    default = 1000.0 if np.issubdtype(raw.dtype, np.integer) else None
-    return to_metres(raw, depth_scale if depth_scale is not None else default)
-
-
-@dataclass
-class Frame:
-    """One RGB-D frame as the point-cloud and prediction commands use it."""
-
-    rgb: np.ndarray  # uint8 [H, W, 3]
-    depth: np.ndarray | None  # float32 [H, W] metres, 0 = invalid
-    intrinsics: np.ndarray | None  # float32 [3, 3] pixels
-    labels: np.ndarray | None = None  # int [H, W], 0 = unlabeled
-    num_labels: int | None = None
-
-
-METRE_UNITS = ("m", "metre", "metres", "meter", "meters")
-
-
-def read_h5_frame(path: str | os.PathLike, split: str, index: int, depth_key: str = "depth",
-                  label_key: str | None = None) -> Frame:
-    """Frame ``index`` of ``split`` from an mmtk HDF5 file; depth must be metric (units attr "m")."""
-    from mmtk.data.dataset import open_mmtk_file
-
-    path = Path(path)
-    with open_mmtk_file(path) as handle:
-        if split not in handle:
-            raise MmtkError(f"{path}: no split {split!r}; splits: {sorted(handle)}")
-        group = handle[split]
-        count = group["rgb"].shape[0]
-        if not -count <= index < count:
-            raise MmtkError(f"{path}: split {split!r} has {count} frames; index {index} is out of range")
-        depth = None
-        if depth_key:
-            if depth_key not in group:
-                raise MmtkError(f"{path}: split {split!r} has no dataset {depth_key!r}; datasets: {sorted(group)}")
-            units = str(group[depth_key].attrs.get("units", "m"))
-            if units not in METRE_UNITS:
-                raise MmtkError(f"{path}: {split}/{depth_key} is in {units!r} units, not metres; a point cloud "
-                                "needs metric depth (use the sensor depth or a metric model)")
-            depth = np.asarray(group[depth_key][index], dtype=np.float32)
-        intrinsics = np.asarray(group["intrinsics"][index], np.float32) if "intrinsics" in group else None
-        labels = num_labels = None
-        if label_key:
-            if label_key not in group:
-                raise MmtkError(f"{path}: split {split!r} has no dataset {label_key!r}; datasets: {sorted(group)}")
-            labels = np.asarray(group[label_key][index])
-            classes = group[label_key].attrs.get("classes")
-            if classes is not None:
-                import json
-                num_labels = len(json.loads(classes)) + 1
-        return Frame(np.asarray(group["rgb"][index]), depth, intrinsics, labels, num_labels)
-
-
-# ------------------------------------------------------------------------------------ model side
 
 @dataclass
 class Predictor:
@@ -121,87 +58,97 @@ def load_predictor(path: str | os.PathLike, device: str = "cpu") -> Predictor:
     """Rebuild the model a weights file describes (mmtk checkpoint, official MultiMAE, folder, ...) for inference."""
     from dataclasses import asdict
 
+    from mmtk.registry import model_from_checkpoint
+
     model = model_from_checkpoint(path)
     model.eval().to(device)
     return Predictor(model, model.model_name, asdict(model.config), device, model.class_names)
 
 
-def model_from_checkpoint(source: str | os.PathLike | dict) -> torch.nn.Module:
-    """The model a weights file describes, with its weights: whatever ``create_model(pretrained=...)`` reads.
+@dataclass
+class Output:
+    """One predicted modality of one frame at the frame's resolution, as its adapter stores it."""
 
-    What the file does not record and had to be assumed (attention heads of an official or timm file) is
-    printed in one line.
-    """
-    import mmtk
+    name: str
+    stored: StoredArray  # how the modality's adapter stores it: kind ("labels", "metric", "image") and units
+    values: np.ndarray  # labels: uint16 [H, W], class k as k + 1; metric: float32 [H, W]; image: uint8 [H, W, 3]
+    units: str = ""  # metric: the adapter's units, or RELATIVE (0 = the frame's robust mean, 1 = its spread)
+    note: str = ""  # how the units were obtained, when not predicted as such
+    num_classes: int = 0
+    class_names: tuple[str, ...] = ()
 
-    from mmtk.formats import read_weights
-
-    weights = read_weights(source)  # names the plugin file of a modality not registered
-    data = weights.container.get("data", {})
-    class_names = data.get("class_names") or [] if isinstance(data, dict) else None
-    if not isinstance(class_names, (list, tuple)) or not all(isinstance(n, str) for n in class_names):
-        raise MmtkError(f"{weights.source}: its data.class_names is not a list of names; the checkpoint is corrupt "
-                        "or forged")
-    model = mmtk.create_model(pretrained=weights, verbose=False)  # checks the file's sizes before building
-    model.class_names = tuple(class_names)
-    if model.load_report.notes:
-        print(f"{weights.source}: {'; '.join(model.load_report.notes)}")
-    return model
+    @property
+    def metres(self) -> bool:
+        """Metric values predicted in metres (not rescaled from the frame's own measurement)."""
+        return self.stored.kind == "metric" and self.units == "m" and not self.note
 
 
 @dataclass
 class Prediction:
-    """Predictions for one frame at the frame's resolution."""
+    """The outputs predicted for one frame."""
 
-    depth: np.ndarray | None = None  # float32 [H, W]
-    # "m": metres (a finetuned depth model, or a pretrained MultiMAE's relative depth given the scale of the
-    # frame's sensor depth); "relative": a pretrained MultiMAE's standardised depth (0 = the frame's robust mean
-    # depth, 1 = its robust spread) when the frame gives no scale
-    depth_units: str = ""
-    depth_note: str = ""  # how metres were obtained, when not predicted as such
-    semseg: np.ndarray | None = None  # uint16 [H, W], class k stored as k + 1 (0 = unlabeled)
-    num_classes: int = 0
-    class_names: tuple[str, ...] = ()
+    outputs: dict[str, Output] = field(default_factory=dict)
 
 
-def build_inputs(predictor: Predictor, rgb: np.ndarray, depth_m: np.ndarray | None,
-                 image_size: tuple[int, int]) -> tuple[dict, dict]:
-    """Prepared, resized model inputs [1, ...] and validity maps from a frame."""
-    from mmtk.data.transforms import prepare_depth, prepare_rgb
+def output_array(name: str) -> StoredArray:
+    """How an output is written: the array its adapter stores under its name (else its first), or MmtkError."""
+    cls = get_modality(name)
+    stores = sorted(cls.stores, key=lambda stored: stored.name != name)
+    if not stores:
+        raise MmtkError(f"mmtk predict cannot write {name!r}: its adapter stores no array (nothing says its units "
+                        f"or how to picture it); predict another output")
+    return stores[0]
 
-    names = set(predictor.config.inputs)
+
+def prepare_inputs(predictor: Predictor, frame: Frame, image_size: tuple[int, int]) -> tuple[dict, dict]:
+    """Model inputs [1, ...] and validity maps of a frame, each prepared by its adapter's ``load`` (as training does).
+
+    Every model input whose stored arrays the frame holds is prepared; the others are left out.
+    """
+    from mmtk.data.transforms import full_window
+
+    first = next(iter(frame.arrays.values()))
+    window = full_window(*first.shape[:2])
+
+    def read(name: str) -> np.ndarray:
+        return frame.intrinsics if name == "intrinsics" else frame.arrays[name]
+
+    have = set(frame.arrays) | ({"intrinsics"} if frame.intrinsics is not None else set())
     inputs, valid = {}, {}
-    if "rgb" in names:  # prepared exactly as the training data (mmtk.data.transforms)
-        inputs["rgb"] = prepare_rgb(rgb, image_size, flip=False)[None]
-    if depth_m is not None and "depth" in names:
-        depth = prepare_depth(np.asarray(depth_m, dtype=np.float32), image_size, flip=False)
-        inputs["depth"], valid["depth"] = depth["depth"][None], depth["depth_valid"][None]
+    config = predictor.config
+    for name in config.inputs:
+        cls = get_modality(name)
+        if not set(cls.reads()) <= have:
+            continue
+        try:
+            prepared = cls(config.patch_size, config.num_classes).load(read, window, image_size)
+        except MmtkError as err:
+            raise MmtkError(f"frame {frame.frame_id}: {err}") from None
+        inputs[name] = prepared[name][None]
+        if f"{name}_valid" in prepared:
+            valid[name] = prepared[f"{name}_valid"][None]
     if not inputs:
-        raise MmtkError(f"the model takes {list(predictor.config.inputs)} but only "
-                        f"{'rgb and depth' if depth_m is not None else 'rgb'} were given")
+        raise MmtkError(f"the model takes {list(config.inputs)} but frame {frame.frame_id} holds {sorted(have)}; "
+                        f"give a source with one of its inputs (a plugin modality: --topic/--plugin)")
     return inputs, valid
 
 
-def predict_frame(predictor: Predictor, rgb: np.ndarray, depth_m: np.ndarray | None = None,
-                  outputs: tuple[str, ...] = ("depth", "semseg"), image_size: tuple[int, int] | None = None
-                  ) -> Prediction:
-    """Cross-modal prediction for one frame (rgb uint8 [H, W, 3], optional depth in metres [H, W]).
+def predict_frame(predictor: Predictor, frame: Frame, outputs: tuple[str, ...] = ("depth", "semseg"),
+                  image_size: tuple[int, int] | None = None) -> Prediction:
+    """Cross-modal prediction for one frame.
 
     A pretrained MultiMAE sees every token of the given inputs except those of requested outputs (every
     target token is masked); a finetuned model runs its head. Results are resized back to the frame.
     """
     import torch
-    import torch.nn.functional as F
 
     unknown = [name for name in outputs if name not in predictor.available_outputs]
     if unknown:
         raise MmtkError(f"the model cannot predict {unknown}; it predicts {list(predictor.available_outputs)}")
-    size = tuple(image_size or predictor.config.image_size)
-    inputs, valid = build_inputs(predictor, rgb, depth_m, size)
+    stores = {name: output_array(name) for name in outputs}
+    inputs, valid = prepare_inputs(predictor, frame, tuple(image_size or predictor.config.image_size))
     inputs = {k: v.to(predictor.device) for k, v in inputs.items()}
     valid = {k: v.to(predictor.device) for k, v in valid.items()}
-    frame_size = rgb.shape[:2]
-    result = Prediction(num_classes=predictor.config.num_classes, class_names=predictor.class_names)
     with torch.inference_mode():
         if predictor.finetuned:
             raw = {predictor.config.task: predictor.model(inputs)}
@@ -212,23 +159,45 @@ def predict_frame(predictor: Predictor, rgb: np.ndarray, depth_m: np.ndarray | N
                 raise MmtkError(f"every given input is also a requested output ({list(inputs)}); "
                                 "give another input to predict from")
             raw = predictor.model(inputs, masks=masks, valid=valid).preds
-    if "depth" in outputs:
-        depth = F.interpolate(raw["depth"].float(), size=frame_size, mode="bilinear", align_corners=False)
-        result.depth = depth[0, 0].cpu().numpy().astype(np.float32)
-        result.depth_units = "m" if predictor.finetuned else "relative"
-        if predictor.finetuned:
-            result.depth = np.clip(result.depth, 0, None)
-        elif depth_m is not None and (np.asarray(depth_m) > 0).any():  # the sensor gives the frame's scale
-            from mmtk.data.transforms import robust_mean_std
-
-            mean, std = robust_mean_std(np.asarray(depth_m, dtype=np.float32)[np.asarray(depth_m) > 0])
-            result.depth = np.clip(result.depth * std + mean, 0, None).astype(np.float32)
-            result.depth_units = "m"
-            result.depth_note = "relative depth scaled to the sensor depth's robust mean and spread"
-    if "semseg" in outputs:
-        logits = F.interpolate(raw["semseg"].float(), size=frame_size, mode="bilinear", align_corners=False)
-        result.semseg = (logits[0].argmax(0).cpu().numpy() + 1).astype(np.uint16)
+    size = next(iter(frame.arrays.values())).shape[:2]
+    result = Prediction()
+    for name, stored in stores.items():
+        logits = torch.nn.functional.interpolate(raw[name].float(), size=size, mode="bilinear", align_corners=False)
+        result.outputs[name] = DECODERS[stored.kind](predictor, frame, name, stored, logits[0].cpu())
     return result
+
+
+def _labels(predictor: Predictor, frame: Frame, name: str, stored: StoredArray, logits: torch.Tensor) -> Output:
+    labels = (logits.argmax(0).numpy() + 1).astype(np.uint16)
+    return Output(name, stored, labels, num_classes=predictor.config.num_classes, class_names=predictor.class_names)
+
+
+def _metric(predictor: Predictor, frame: Frame, name: str, stored: StoredArray, values: torch.Tensor) -> Output:
+    """A finetuned head predicts the adapter's units; a pretrained MultiMAE predicts standardised values, which the
+    frame's own measurement of the same modality scales back (its robust mean and spread), else stay relative."""
+    values = values[0].numpy().astype(np.float32)
+    if predictor.finetuned:
+        return Output(name, stored, np.clip(values, 0, None), stored.units)
+    measured = frame.arrays.get(name)
+    if measured is None or not (np.asarray(measured) > 0).any():
+        return Output(name, stored, values, RELATIVE)
+    from mmtk.data.transforms import robust_mean_std
+
+    measured = np.asarray(measured, dtype=np.float32)
+    mean, std = robust_mean_std(measured[measured > 0])
+    return Output(name, stored, np.clip(values * std + mean, 0, None).astype(np.float32), stored.units,
+                  f"relative {name} scaled to the frame's sensor {name}'s robust mean and spread")
+
+
+def _image(predictor: Predictor, frame: Frame, name: str, stored: StoredArray, prepared: torch.Tensor) -> Output:
+    picture = get_modality(name)().picture(prepared)
+    if picture is None:
+        raise MmtkError(f"mmtk predict cannot write {name!r}: its adapter draws no picture of it (Modality.picture)")
+    return Output(name, stored, picture)
+
+
+# How a predicted map [C, H, W] becomes an output, by the kind of array its adapter stores.
+DECODERS: dict[str, Callable[..., Output]] = {"labels": _labels, "metric": _metric, "image": _image}
 
 
 def _token_mask_shape(predictor: Predictor, tensor: torch.Tensor, name: str) -> tuple[int, int]:
@@ -239,6 +208,41 @@ def _token_mask_shape(predictor: Predictor, tensor: torch.Tensor, name: str) -> 
 
 
 # ---------------------------------------------------------------------------------------- output
+
+def palette_of(output: Output) -> np.ndarray:
+    """The label colours of a labels output (one palette for its picture, its coloured topic and point clouds)."""
+    return label_palette(max(output.num_classes + 1, int(output.values.max()) + 1))
+
+
+@dataclass
+class CloudSource:
+    """What a point cloud of a frame is made of: metric depth [H, W], colours [H, W, 3], labels [H, W] or None."""
+
+    depth_m: np.ndarray
+    colours: np.ndarray | None
+    labels: np.ndarray | None
+
+
+def cloud_source(frame: Frame, prediction: Prediction) -> CloudSource | None:
+    """Depth in metres (predicted, else the frame's own), coloured by the first predicted labels (else the frame's
+    colour image); None when neither the prediction nor the frame has depth in metres."""
+    predicted = [out.values for out in prediction.outputs.values() if out.metres]
+    measured = [array for name, array in frame.arrays.items() if _is_metres(name)]
+    depth = (predicted + measured or [None])[0]
+    if depth is None:
+        return None
+    labelled = [out for out in prediction.outputs.values() if out.stored.kind == "labels"]
+    colour = [array for array in frame.arrays.values() if array.ndim == 3 and array.shape[2] == 3
+              and array.dtype == np.uint8]
+    if labelled:
+        return CloudSource(depth, palette_of(labelled[0])[labelled[0].values], labelled[0].values)
+    return CloudSource(depth, colour[0] if colour else None, None)
+
+
+def _is_metres(name: str) -> bool:
+    stored = stored_array(name)[1]
+    return stored.kind == "metric" and stored.units == "m"
+
 
 def save_image(path: Path, array: np.ndarray) -> None:
     """Write a PNG atomically (:func:`mmtk.io.atomic_write`; the folder's litter is swept by the caller, once)."""
@@ -252,105 +256,68 @@ def save_array(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda handle: np.save(handle, array), sweep=False)
 
 
-def write_prediction(out_dir: Path, stem: str, rgb: np.ndarray, prediction: Prediction,
-                     sensor_depth: np.ndarray | None = None, intrinsics: np.ndarray | None = None,
-                     ply: bool = False) -> list[Path]:
-    """Write one frame's predictions; returns the files written.
+def _write_metric(out_dir: Path, stem: str, output: Output) -> list[Path]:
+    """``<stem>_<name>.png`` (colour map above a colour bar in its units) and ``<stem>_<name>.npy``
+    (``_relative.npy`` without a scale)."""
+    relative = output.units == RELATIVE
+    valid = np.isfinite(output.values) if relative else output.values > 0
+    caption = (f"relative {output.name} (no scale: 0 = frame's mean, 1 = its spread)" if relative
+               else f"{output.name}, {output.units}" + (f" ({output.note})" if output.note else ""))
+    picture = value_picture(output.values, valid, "" if relative else output.units, caption)
+    array = out_dir / f"{stem}_{output.name}{'_relative' if relative else ''}.npy"
+    save_image(out_dir / f"{stem}_{output.name}.png", picture)
+    save_array(array, output.values)
+    return [out_dir / f"{stem}_{output.name}.png", array]
 
-    ``<stem>_depth.png`` (colour map with a colour bar below it) and ``<stem>_depth.npy`` (float32 metres), or
-    ``<stem>_depth_relative.npy`` when the depth has no scale (see :class:`Prediction`);
-    ``<stem>_semseg.png`` (colour map with a legend of the classes below it) and ``<stem>_semseg_labels.png``
-    (16-bit labels, class k as k + 1); ``<stem>.ply`` when asked: metric depth (a finetuned model's, else the
-    sensor's) back-projected with the intrinsics, coloured by the predicted classes when there are any, else by
-    the RGB. Files get the user's umask.
+
+def _write_labels(out_dir: Path, stem: str, output: Output) -> list[Path]:
+    """``<stem>_<name>.png`` (colour map above a legend of the classes) and ``<stem>_<name>_labels.png`` (16-bit)."""
+    save_image(out_dir / f"{stem}_{output.name}.png", label_picture(output.values, palette_of(output),
+                                                                      output.class_names))
+    save_image(out_dir / f"{stem}_{output.name}_labels.png", output.values)
+    return [out_dir / f"{stem}_{output.name}.png", out_dir / f"{stem}_{output.name}_labels.png"]
+
+
+def _write_image(out_dir: Path, stem: str, output: Output) -> list[Path]:
+    save_image(out_dir / f"{stem}_{output.name}.png", output.values)
+    return [out_dir / f"{stem}_{output.name}.png"]
+
+
+FILE_WRITERS: dict[str, Callable[[Path, str, Output], list[Path]]] = {
+    "metric": _write_metric, "labels": _write_labels, "image": _write_image}
+
+
+def write_prediction(out_dir: Path, stem: str, frame: Frame, prediction: Prediction, ply: bool = False) -> list[Path]:
+    """Write one frame's outputs into ``out_dir``; returns the files written (with the user's umask).
+
+    Per output, by the kind of array its adapter stores: values (depth) as a colour map with a colour bar in its
+    units and a ``.npy`` array; labels (semseg) as a colour map with a legend of the classes and a 16-bit label
+    PNG (class k as k + 1); images as a PNG. With ``ply``, ``<stem>.ply``: depth in metres (:func:`cloud_source`)
+    back-projected with the frame's intrinsics, coloured by the predicted classes or the colour image.
     """
     from mmtk.pointcloud import depth_to_cloud, write_cloud
 
+    source, k = cloud_source(frame, prediction), frame.intrinsics
+    if ply and source is None:  # refused before anything of the frame is written
+        raise MmtkError("--ply needs metric depth: a finetuned depth model, or sensor depth in the frame (--depth, "
+                        "a dataset or bag with depth); a pretrained MultiMAE predicts relative depth only")
+    if ply and k is None:
+        raise MmtkError("--ply needs the camera intrinsics: pass --intrinsics fx,fy,cx,cy")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    if prediction.depth is not None:
-        metric = prediction.depth_units == "m"
-        valid = prediction.depth > 0 if metric else np.isfinite(prediction.depth)
-        lo, hi = (np.percentile(prediction.depth[valid], [2, 98]) if valid.any() else (0.0, 1.0))
-        picture = colorize_depth(prediction.depth, valid, (float(lo), float(hi)))
-        caption = ("depth, metres" + (f" ({prediction.depth_note})" if prediction.depth_note else "") if metric
-                   else "relative depth (no scale: 0 = frame's mean depth, 1 = its spread)")
-        bar = depth_bar(picture.shape[1], float(lo), float(hi), "m" if metric else "", caption)
-        save_image(out_dir / f"{stem}_depth.png", np.concatenate([picture, bar]))
-        array_name = f"{stem}_depth.npy" if metric else f"{stem}_depth_relative.npy"
-        save_array(out_dir / array_name, prediction.depth)
-        written += [out_dir / f"{stem}_depth.png", out_dir / array_name]
-    label_colours = None  # uint8 [H, W, 3], the picture's colours, which the point cloud reuses
-    if prediction.semseg is not None:
-        palette = label_palette(max(prediction.num_classes + 1, int(prediction.semseg.max()) + 1))
-        label_colours = palette[prediction.semseg]
-        present = [int(k) - 1 for k in np.unique(prediction.semseg) if k > 0]
-        legend = class_legend(prediction.semseg.shape[1], palette, present, prediction.class_names)
-        save_image(out_dir / f"{stem}_semseg.png", np.concatenate([label_colours, legend]))
-        save_image(out_dir / f"{stem}_semseg_labels.png", prediction.semseg.astype(np.uint16))
-        written += [out_dir / f"{stem}_semseg.png", out_dir / f"{stem}_semseg_labels.png"]
+    for output in prediction.outputs.values():
+        written += FILE_WRITERS[output.stored.kind](out_dir, stem, output)
     if ply:
-        metric = prediction.depth if prediction.depth_units == "m" and not prediction.depth_note else sensor_depth
-        if metric is None:
-            raise MmtkError("--ply needs metric depth: a finetuned depth model, or --depth with the sensor depth "
-                            "(a pretrained MultiMAE predicts relative depth only)")
-        if intrinsics is None:
-            raise MmtkError("--ply needs the camera intrinsics: pass --intrinsics fx,fy,cx,cy")
-        colors = rgb if label_colours is None else label_colours
-        write_cloud(out_dir / f"{stem}.ply", depth_to_cloud(metric, intrinsics, colors), sweep=False)
+        write_cloud(out_dir / f"{stem}.ply", depth_to_cloud(source.depth_m, k, source.colours), sweep=False)
         written.append(out_dir / f"{stem}.ply")
     return written
 
 
-LEGEND_ROW = 16  # pixels per line of legend text
+def file_stem(frame: Frame, index: int) -> str:
+    """A file-name stem for a frame: its id with path separators and odd characters replaced, image suffix dropped."""
+    from mmtk.data.sources.base import IMAGE_SUFFIXES
 
-
-def depth_bar(width: int, lo: float, hi: float, unit: str, caption: str) -> np.ndarray:
-    """uint8 [32, width, 3]: the depth colour bar from ``lo`` to ``hi`` (labelled with ``unit``) and a caption."""
-    from PIL import Image, ImageDraw
-
-    strip = Image.new("RGB", (width, 2 * LEGEND_ROW), "white")
-    draw = ImageDraw.Draw(strip)
-    low_text, high_text = f"{lo:.2f} {unit}".strip(), f"{hi:.2f} {unit}".strip()
-    left, right = 6 * len(low_text) + 8, width - 6 * len(high_text) - 8
-    ramp = np.tile(np.linspace(lo, hi, max(right - left, 2)), (10, 1))
-    strip.paste(Image.fromarray(colorize_depth(ramp, np.ones(ramp.shape, bool), (lo, hi))), (left, 2))
-    draw.text((2, 1), low_text, fill="black")
-    draw.text((right + 4, 1), high_text, fill="black")
-    draw.text((2, LEGEND_ROW + 1), caption + "; black: no value", fill="black")
-    return np.asarray(strip)
-
-
-def class_legend(width: int, palette: np.ndarray, classes: list[int], names: tuple[str, ...] | list[str] = ()
-                 ) -> np.ndarray:
-    """uint8 [rows x 16, width, 3]: a swatch and a name for each class in ``classes`` (0-based; palette row k + 1)."""
-    from PIL import Image, ImageDraw
-
-    columns = max(1, width // 110)
-    rows = max(1, -(-len(classes) // columns))
-    strip = Image.new("RGB", (width, rows * LEGEND_ROW + 2), "white")
-    draw = ImageDraw.Draw(strip)
-    for i, k in enumerate(classes):
-        x, y = 4 + (i % columns) * 110, 2 + (i // columns) * LEGEND_ROW
-        draw.rectangle([x, y, x + 10, y + 10], fill=tuple(int(v) for v in palette[k + 1]))
-        draw.text((x + 14, y), (names[k] if k < len(names) else f"class {k}")[:15], fill="black")
-    if not classes:
-        draw.text((4, 2), "no class predicted", fill="black")
-    return np.asarray(strip)
-
-
-# ----------------------------------------------------------------------------------- ROS images
-
-def read_bag_frames(path: str | os.PathLike, rgb_topic: str, depth_topic: str | None = None,
-                    max_gap_s: float = 0.05):
-    """Frames of a ROS1/ROS2 bag for prediction: colour, with depth paired by time when a depth topic is given.
-
-    Reading, decoding and pairing are `mmtk convert --rosbag`'s (`mmtk.data.sources.rosbag`); without a
-    depth topic every colour message is a frame (depth None). Each frame has rgb, depth, intrinsics, timestamp.
-    """
-    from mmtk.data.sources.rosbag import open_rosbag_source, read_colour_frames
-
-    if depth_topic is None:
-        yield from read_colour_frames(path, rgb_topic)
-        return
-    yield from open_rosbag_source(path, rgb_topic, depth_topic, max_dt=max_gap_s).frames()
+    text = str(frame.frame_id) if frame.frame_id is not None else f"frame_{index:06d}"
+    for suffix in IMAGE_SUFFIXES:
+        text = text.removesuffix(suffix).removesuffix(suffix.upper())
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.") or f"frame_{index:06d}"

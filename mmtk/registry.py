@@ -308,3 +308,23 @@ def create_model(name: str | None = None, pretrained: str | Path | dict | Weight
     if verbose:
         print(f"loaded {weights.source}: {report.summary()}")
     return model
+
+
+def model_from_checkpoint(source: str | Path | dict | Weights) -> nn.Module:
+    """The model a weights file describes, with its weights and the class names of the data it was trained on.
+
+    Whatever ``create_model(pretrained=...)`` reads; ``model.class_names`` holds the checkpoint's
+    ``data.class_names`` (empty when not recorded). What the file does not record and had to be assumed
+    (attention heads of an official or timm file) is printed in one line.
+    """
+    weights = read_weights(source)  # names the plugin file of a modality not registered
+    data = weights.container.get("data", {})
+    class_names = data.get("class_names") or [] if isinstance(data, dict) else None
+    if not isinstance(class_names, (list, tuple)) or not all(isinstance(n, str) for n in class_names):
+        raise MmtkError(f"{weights.source}: its data.class_names is not a list of names; the checkpoint is corrupt "
+                        "or forged")
+    model = create_model(pretrained=weights, verbose=False)  # checks the file's sizes before building
+    model.class_names = tuple(class_names)
+    if model.load_report.notes:
+        print(f"{weights.source}: {'; '.join(model.load_report.notes)}")
+    return model

@@ -1,4 +1,5 @@
-"""Colour maps for pictures of depth and labels (prediction PNGs, evaluation panels, coloured point clouds)."""
+"""Pictures of predictions and data: colour maps of depth and labels, and the legends that give them units and
+class names (prediction PNGs, evaluation panels, coloured point clouds)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,54 @@ def colorize_labels(labels: np.ndarray, num_labels: int | None = None) -> np.nda
     labels = np.asarray(labels).astype(np.int64)
     count = int(labels.max()) + 1 if num_labels is None else num_labels
     return label_palette(max(count, int(labels.max()) + 1))[labels]
+
+
+LEGEND_ROW = 16  # pixels per line of legend text
+
+
+def depth_bar(width: int, lo: float, hi: float, unit: str, caption: str) -> np.ndarray:
+    """uint8 [32, width, 3]: the depth colour bar from ``lo`` to ``hi`` (labelled with ``unit``) and a caption."""
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("RGB", (width, 2 * LEGEND_ROW), "white")
+    draw = ImageDraw.Draw(strip)
+    low_text, high_text = f"{lo:.2f} {unit}".strip(), f"{hi:.2f} {unit}".strip()
+    left, right = 6 * len(low_text) + 8, width - 6 * len(high_text) - 8
+    ramp = np.tile(np.linspace(lo, hi, max(right - left, 2)), (10, 1))
+    strip.paste(Image.fromarray(colorize_depth(ramp, np.ones(ramp.shape, bool), (lo, hi))), (left, 2))
+    draw.text((2, 1), low_text, fill="black")
+    draw.text((right + 4, 1), high_text, fill="black")
+    draw.text((2, LEGEND_ROW + 1), caption + "; black: no value", fill="black")
+    return np.asarray(strip)
+
+
+def class_legend(width: int, palette: np.ndarray, classes: list[int], names: tuple[str, ...] | list[str] = ()
+                 ) -> np.ndarray:
+    """uint8 [rows x 16, width, 3]: a swatch and a name for each class in ``classes`` (0-based; palette row k + 1)."""
+    from PIL import Image, ImageDraw
+
+    columns = max(1, width // 110)
+    rows = max(1, -(-len(classes) // columns))
+    strip = Image.new("RGB", (width, rows * LEGEND_ROW + 2), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, k in enumerate(classes):
+        x, y = 4 + (i % columns) * 110, 2 + (i // columns) * LEGEND_ROW
+        draw.rectangle([x, y, x + 10, y + 10], fill=tuple(int(v) for v in palette[k + 1]))
+        draw.text((x + 14, y), (names[k] if k < len(names) else f"class {k}")[:15], fill="black")
+    if not classes:
+        draw.text((4, 2), "no class predicted", fill="black")
+    return np.asarray(strip)
+
+
+def value_picture(values: np.ndarray, valid: np.ndarray, unit: str, caption: str) -> np.ndarray:
+    """uint8 [H + 32, W, 3]: a per-pixel value map (viridis over its 2-98 % range) above its colour bar in ``unit``."""
+    lo, hi = np.percentile(values[valid], [2, 98]) if valid.any() else (0.0, 1.0)
+    picture = colorize_depth(values, valid, (float(lo), float(hi)))
+    return np.concatenate([picture, depth_bar(picture.shape[1], float(lo), float(hi), unit, caption)])
+
+
+def label_picture(labels: np.ndarray, palette: np.ndarray, names: tuple[str, ...] | list[str] = ()) -> np.ndarray:
+    """uint8 [H + legend, W, 3]: labels [H, W] (0 = unlabeled, k = class k - 1) in ``palette``'s colours above a
+    legend of the classes present."""
+    present = [int(k) - 1 for k in np.unique(labels) if k > 0]
+    return np.concatenate([palette[labels], class_legend(labels.shape[1], palette, present, names)])

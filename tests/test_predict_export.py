@@ -17,7 +17,8 @@ from cli_helpers import run_cli
 from data_helpers import KINECT, KINECT_FRAME, SHARED, kinect_frame, kinect_intrinsics
 import mmtk
 from mmtk.pointcloud import depth_to_xyz, intrinsics_matrix, read_cloud
-from mmtk.predict import build_inputs, load_predictor, predict_frame, read_bag_frames
+from mmtk.data.sources.base import Frame
+from mmtk.predict import load_predictor, predict_frame, prepare_inputs
 from mmtk.visualize import colorize_labels, label_palette
 
 FRAME = KINECT_FRAME
@@ -63,8 +64,8 @@ def depth_m() -> np.ndarray:
 
 
 def test_prepared_tensors_follow_the_data_contract(rgb, depth_m):
-    predictor = SimpleNamespace(config=SimpleNamespace(inputs=("rgb", "depth")))
-    inputs, valids = build_inputs(predictor, rgb, depth_m, (480, 640))
+    predictor = SimpleNamespace(config=SimpleNamespace(inputs=("rgb", "depth"), patch_size=16, num_classes=0))
+    inputs, valids = prepare_inputs(predictor, Frame("all", {"rgb": rgb, "depth": depth_m}), (480, 640))
     prepared, depth, valid = inputs["rgb"][0], inputs["depth"][0], valids["depth"][0]
     assert prepared.shape == (3, 480, 640)
     np.testing.assert_allclose(prepared[:, 0, 0].numpy(), (rgb[0, 0] / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225],
@@ -79,19 +80,19 @@ def test_prepared_tensors_follow_the_data_contract(rgb, depth_m):
 
 def test_pretrained_prediction_masks_every_target_token(checkpoints, rgb, depth_m):
     predictor = load_predictor(checkpoints["pretrain"])
-    from_rgb = predict_frame(predictor, rgb, None, ("depth",))
+    from_rgb = predict_frame(predictor, Frame("all", {"rgb": rgb}), ("depth",)).outputs["depth"]
     # Depth is requested, so the given sensor depth is entirely hidden: the prediction must not change; the
     # sensor only gives it the frame's scale (its robust mean and spread), so it comes back in metres.
-    with_depth = predict_frame(predictor, rgb, depth_m, ("depth",))
+    with_depth = predict_frame(predictor, Frame("all", {"rgb": rgb, "depth": depth_m}), ("depth",)).outputs["depth"]
     from mmtk.data.transforms import robust_mean_std
 
     mean, std = robust_mean_std(depth_m[depth_m > 0])
-    np.testing.assert_allclose(with_depth.depth, np.clip(from_rgb.depth * std + mean, 0, None), rtol=0, atol=1e-4)
-    assert from_rgb.depth.shape == (480, 640) and from_rgb.depth_units == "relative"
-    assert with_depth.depth_units == "m" and "sensor depth" in with_depth.depth_note
+    np.testing.assert_allclose(with_depth.values, np.clip(from_rgb.values * std + mean, 0, None), rtol=0, atol=1e-4)
+    assert from_rgb.values.shape == (480, 640) and from_rgb.units == "relative"
+    assert with_depth.units == "m" and "sensor depth" in with_depth.note and not with_depth.metres
     # Semantics alone is requested: now the depth tokens are visible and change the prediction.
-    seg_rgb = predict_frame(predictor, rgb, None, ("semseg",)).semseg
-    seg_rgbd = predict_frame(predictor, rgb, depth_m, ("semseg",)).semseg
+    seg_rgb = predict_frame(predictor, Frame("all", {"rgb": rgb}), ("semseg",)).outputs["semseg"].values
+    seg_rgbd = predict_frame(predictor, Frame("all", {"rgb": rgb, "depth": depth_m}), ("semseg",)).outputs["semseg"].values
     assert seg_rgb.shape == (480, 640) and 1 <= seg_rgb.min() and seg_rgb.max() <= 5
     assert (seg_rgb != seg_rgbd).any()
 
@@ -108,8 +109,8 @@ def test_predict_cli_single_image_writes_colour_maps(checkpoints, rgb, depth_m, 
     assert colours.shape[0] > 480 and (colours[480:] == 255).mean() > 0.5
     # The labels are the argmax of the model's logits at its training size, upsampled to the frame.
     predictor = load_predictor(checkpoints["semseg"])
-    direct = predict_frame(predictor, rgb, depth_m, ("semseg",))
-    assert np.array_equal(direct.semseg, labels)
+    direct = predict_frame(predictor, Frame("all", {"rgb": rgb, "depth": depth_m}), ("semseg",))
+    assert np.array_equal(direct.outputs["semseg"].values, labels)
     assert sorted(p.name for p in out.iterdir()) == [f"{FRAME}_rgb_semseg.png", f"{FRAME}_rgb_semseg_labels.png"]
 
 
@@ -137,7 +138,7 @@ def test_predict_cli_h5_split(checkpoints, rgb, depth_m, tmp_path, capsys, monke
             writer.add_frame("test", {"rgb": small_rgb[i], "depth": small_depth[i]},
                              intrinsics=intrinsics_matrix(131.25, 131.25, 80, 60))
     out = tmp_path / "out"
-    code, stdout, err = run_cli(["predict", "--checkpoint", str(checkpoints["pretrain"]), "--h5", str(path),
+    code, stdout, err = run_cli(["predict", "--checkpoint", str(checkpoints["pretrain"]), "--data", str(path),
                                  "--out", str(out), "--outputs", "semseg", "--ply"], capsys, monkeypatch)
     assert code == 0, err
     assert "2 frame(s) predicted" in stdout
@@ -150,19 +151,19 @@ def test_predict_cli_h5_split(checkpoints, rgb, depth_m, tmp_path, capsys, monke
 
 def test_ply_reuses_the_label_colours_of_the_picture(rgb, depth_m, tmp_path, monkeypatch):
     import mmtk.predict as predict
-    import mmtk.visualize as visualize
+    from mmtk.modality import stored_array
 
     labels = np.zeros(depth_m.shape, np.uint16)
     labels[:, 200:] = 3
     labels[300:, :] = 7  # classes 2 and 6 (stored + 1), 0 = unlabelled
     calls = []
     palette = predict.label_palette
-    for module in (predict, visualize):  # colorize_labels would look the palette up again
-        monkeypatch.setattr(module, "label_palette", lambda n: calls.append(n) or palette(n))
-    prediction = predict.Prediction(semseg=labels, num_classes=8)
-    written = predict.write_prediction(tmp_path, "f", rgb, prediction, sensor_depth=depth_m, intrinsics=K, ply=True)
+    monkeypatch.setattr(predict, "label_palette", lambda n: calls.append(n) or palette(n))
+    output = predict.Output("semseg", stored_array("semseg")[1], labels, num_classes=8)
+    frame = Frame("all", {"rgb": rgb, "depth": depth_m}, intrinsics=K)
+    written = predict.write_prediction(tmp_path, "f", frame, predict.Prediction({"semseg": output}), ply=True)
     assert [p.name for p in written] == ["f_semseg.png", "f_semseg_labels.png", "f.ply"]
-    assert calls == [9]  # one palette, one lookup: the picture's colours are the cloud's
+    assert calls == [9, 9]  # the picture's palette and the cloud's: the same colours
     picture = np.array(Image.open(tmp_path / "f_semseg.png"))[: labels.shape[0]]
     cloud = read_cloud(tmp_path / "f.ply")
     valid = depth_m > 0
@@ -172,18 +173,21 @@ def test_ply_reuses_the_label_colours_of_the_picture(rgb, depth_m, tmp_path, mon
 
 @pytest.mark.skipif(not BAG.is_file(), reason="../shared/data not present")
 def test_predict_cli_rosbag(checkpoints, tmp_path, capsys, monkeypatch):
-    frames = list(read_bag_frames(BAG, "/camera/rgb/image_color", "/camera/depth_registered/image_raw"))
+    from mmtk.data.sources.rosbag import open_rosbag_source
+
+    frames = list(open_rosbag_source(BAG, "/camera/rgb/image_color", "/camera/depth_registered/image_raw",
+                                     max_dt=0.05).frames())
     tiffs = sorted((SHARED / "pcl_kinect_grabber" / "tiff").glob("*_depth.tiff"))
     for frame, tiff in zip(frames, tiffs, strict=True):
         np.testing.assert_allclose(frame.arrays["depth"], np.array(Image.open(tiff)) / 1000.0, rtol=0, atol=1e-6)
         assert np.array_equal(frame.arrays["rgb"], np.array(Image.open(str(tiff).replace("_depth", "_rgb"))))
         np.testing.assert_array_equal(frame.intrinsics, K)
     out = tmp_path / "out"
-    code, stdout, err = run_cli(["predict", "--checkpoint", str(checkpoints["depth"]), "--bag", str(BAG),
+    code, stdout, err = run_cli(["predict", "--checkpoint", str(checkpoints["depth"]), "--rosbag", str(BAG),
                                  "--depth-topic", "/camera/depth_registered/image", "--out", str(out), "--ply"],
                                 capsys, monkeypatch)
     assert code == 0, err
-    assert "3 frame(s) predicted" in stdout and (out / "frame_000002.ply").is_file()
+    assert "3 frame(s) predicted" in stdout and (out / "camera_rgb_image_color_2.ply").is_file()
 
 
 @pytest.mark.parametrize("args,message", [
@@ -191,16 +195,19 @@ def test_predict_cli_rosbag(checkpoints, tmp_path, capsys, monkeypatch):
     (["--rgb", "{rgb}", "--ply"], "--ply needs metric depth"),
     (["--rgb", "{rgb}", "--depth", "{depth}", "--ply"], "intrinsics"),
     (["--rgb", "{rgb}", "--outputs", "rgb2"], "cannot predict"),
+    (["--rgb", "{rgb}", "--images", "{bad}"], "give exactly one source"),
+    (["--rosbag", "{badbag}"], "not a readable ROS1 bag"),
 ])
 def test_predict_bad_input_is_one_line(args, message, checkpoints, tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG but not really")
-    args = [a.format(bad=bad, rgb=RGB_PNG, depth=DEPTH_PNG) for a in args]
+    (tmp_path / "bad.bag").write_bytes(b"#ROSBAG V2.0\n but truncated")
+    args = [a.format(bad=bad, badbag=tmp_path / "bad.bag", rgb=RGB_PNG, depth=DEPTH_PNG) for a in args]
     out = tmp_path / "out"
     code, _, err = run_cli(["predict", "--checkpoint", str(checkpoints["pretrain"]), "--out", str(out), *args],
                            capsys, monkeypatch)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert not out.exists() or not any(p.suffix == ".ply" for p in out.iterdir())
+    assert not out.exists()  # refused before anything is written
 
 
 def test_predict_rejects_a_file_that_holds_no_model(tmp_path, capsys, monkeypatch):
@@ -229,9 +236,7 @@ def test_onnx_export_matches_pytorch_on_a_real_frame(kind, checkpoints, rgb, dep
     assert json.loads(meta["mmtk_inputs"]) == ["rgb", "depth"] and json.loads(meta["mmtk_image_size"]) == [64, 96]
     # A real frame, prepared and resized as `mmtk predict` does, through both runtimes.
     predictor = load_predictor(checkpoints[kind])
-    from mmtk.predict import build_inputs
-
-    inputs, _ = build_inputs(predictor, rgb, depth_m, (64, 96))
+    inputs, _ = prepare_inputs(predictor, Frame("all", {"rgb": rgb, "depth": depth_m}), (64, 96))
     with torch.inference_mode():
         expected = predictor.model(inputs).numpy()
     import onnxruntime

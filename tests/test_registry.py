@@ -110,7 +110,7 @@ def test_a_checkpoint_whose_first_input_is_an_unloaded_plugin_names_the_plugin_f
 @pytest.mark.parametrize("entry", [dict(modalities=5), dict(modalities={"rgb": 5}), dict(data=[1]),
                                    dict(data={"class_names": 5}), dict(model_name=["x"]), dict(model_name=5)])
 def test_predict_refuses_forged_checkpoint_entries_in_one_line(tmp_path, entry):
-    from mmtk.predict import model_from_checkpoint
+    from mmtk.registry import model_from_checkpoint
 
     path = _checkpoint(tmp_path / "forged.pt")
     checkpoint = {**torch.load(path, weights_only=True), **entry}

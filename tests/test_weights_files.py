@@ -143,18 +143,19 @@ def test_every_command_takes_a_folder(sample_h5, tmp_path):
     assert code == 2 and "records no data file (it is not from an mmtk run); pass --data FILE.h5" in output
 
     convert(PARITY / "semseg_ft_weights.pt", "--to", tmp_path / "semseg", "--set", "num_heads=4")
-    code, output = run_cli("predict", "--checkpoint", tmp_path / "semseg", "--h5", sample_h5, "--split", "test",
+    code, output = run_cli("predict", "--checkpoint", tmp_path / "semseg", "--data", sample_h5, "--split", "test",
                            "--outputs", "semseg", "--out", tmp_path / "pred")
     assert code == 0, output
-    from mmtk.predict import Predictor, predict_frame, read_h5_frame
+    from mmtk.data.sources.mmtk_files import open_split, read_frame
+    from mmtk.predict import Predictor, predict_frame
 
-    frame = read_h5_frame(sample_h5, "test", 0)
-    reference = predict_frame(Predictor(build("semseg_ft"), "parity", {}, "cpu"), frame.rgb, frame.depth,
-                              outputs=("semseg",))
+    with open_split(sample_h5, "test") as group:
+        frame = read_frame(group, 0, ["rgb", "depth"])
+    reference = predict_frame(Predictor(build("semseg_ft"), "parity", {}, "cpu"), frame, outputs=("semseg",))
     from PIL import Image
 
     (labels,) = sorted((tmp_path / "pred").glob("*_semseg_labels.png"))
-    assert np.array_equal(np.array(Image.open(labels)), reference.semseg)
+    assert np.array_equal(np.array(Image.open(labels)), reference.outputs["semseg"].values)
     assert "4 attention heads" in convert(tmp_path / "semseg")
     ft = mmtk.create_model(pretrained=tmp_path / "semseg", head="dpt", task="depth", inputs=("rgb",), verbose=False)
     assert ft.config.num_heads == 4  # finetune --init DIR goes through create_model(pretrained=DIR)

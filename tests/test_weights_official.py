@@ -61,18 +61,20 @@ def test_eval_on_an_official_checkpoint(kind, inputs, official, sample_h5, tmp_p
 
 
 def test_predict_on_an_official_depth_checkpoint(official, sample_h5, tmp_path):
-    from mmtk.predict import Predictor, predict_frame, read_h5_frame
+    from mmtk.data.sources.mmtk_files import open_split, read_frame
+    from mmtk.predict import Predictor, predict_frame
 
     path, usual = official["depth"]
     out = tmp_path / "pred"
-    code, output = run_cli("predict", "--checkpoint", path, "--h5", sample_h5, "--split", "test", "--outputs", "depth",
+    code, output = run_cli("predict", "--checkpoint", path, "--data", sample_h5, "--split", "test", "--outputs", "depth",
                            "--out", out)
     assert code == 0, output
     (written,) = sorted(out.glob("*_depth.npy"))
-    frame = read_h5_frame(sample_h5, "test", 0)
-    reference = predict_frame(Predictor(usual, "usual", {}, "cpu"), frame.rgb, frame.depth, outputs=("depth",))
-    np.testing.assert_allclose(np.load(written), reference.depth, rtol=1e-6, atol=1e-6)
-    assert reference.depth.shape == frame.rgb.shape[:2] and reference.depth_units == "m"
+    with open_split(sample_h5, "test") as group:
+        frame = read_frame(group, 0, ["rgb", "depth"])
+    reference = predict_frame(Predictor(usual, "usual", {}, "cpu"), frame, outputs=("depth",)).outputs["depth"]
+    np.testing.assert_allclose(np.load(written), reference.values, rtol=1e-6, atol=1e-6)
+    assert reference.values.shape == frame.arrays["rgb"].shape[:2] and reference.units == "m"
 
 
 def test_eval_refuses_data_labelled_in_other_classes(official, sample_h5, tmp_path):

@@ -6,4 +6,5 @@
 - ``kinect_nyu``: registration of raw Kinect v1 frames with the NYU Depth v2 calibration.
 - ``rosbag`` and ``tf``: ROS1/ROS2 bags (images, CameraInfo, PointCloud2) and their transform tree.
 - ``images``: folders of RGB images alone.
+- ``mmtk_files``: frames of mmtk dataset files (what `mmtk predict --data` reads).
 """

@@ -1,0 +1,100 @@
+"""Frames of an mmtk dataset file, as every source yields them (:class:`~mmtk.data.sources.base.Frame`).
+
+What `mmtk predict --data` and `mmtk export-pointcloud --h5` read: each frame holds every per-frame array a
+registered adapter stores (``rgb``, ``depth``, ``semseg``, a plugin's ``ir`` ...) whole, with its intrinsics,
+time stamp and frame id when the file has them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from mmtk.data.sources.base import Frame
+from mmtk.errors import MmtkError
+from mmtk.modality import stored_array
+
+METADATA = ("intrinsics", "timestamp", "frame_id")
+METRE_UNITS = ("m", "metre", "metres", "meter", "meters")
+
+
+@contextlib.contextmanager
+def open_split(path: str | os.PathLike, split: str) -> Iterator[h5py.Group]:
+    """The group of ``split`` in an mmtk file (opened read-only and checked), or a one-line MmtkError."""
+    from mmtk.data.dataset import open_mmtk_file
+
+    with open_mmtk_file(path) as handle:
+        if split not in handle:
+            raise MmtkError(f"{path}: no split {split!r}; splits: {sorted(handle)}")
+        yield handle[split]
+
+
+def stored_arrays(group: h5py.Group) -> list[str]:
+    """The per-frame arrays of a split that a registered adapter stores (others' datasets are left out)."""
+    names = []
+    for name in group:
+        if name in METADATA:
+            continue
+        with contextlib.suppress(MmtkError):
+            stored_array(name)
+            names.append(name)
+    return names
+
+
+def split_length(group: h5py.Group) -> int:
+    """Frames in a split (every dataset of a split has one entry per frame)."""
+    lengths = {int(group[name].shape[0]) for name in group}
+    if not lengths:
+        raise MmtkError(f"{group.file.filename}: split {group.name.lstrip('/')!r} holds no dataset; re-create the "
+                        f"file with `mmtk convert`")
+    if len(lengths) != 1:
+        raise MmtkError(f"{group.file.filename}:{group.name}: datasets differ in frame count ({sorted(lengths)}); "
+                        f"re-create the file with `mmtk convert`")
+    return lengths.pop()
+
+
+def read_frame(group: h5py.Group, index: int, names: Sequence[str] | None = None) -> Frame:
+    """Frame ``index`` of a split: the arrays ``names`` (default :func:`stored_arrays`) and its metadata."""
+    count = split_length(group)
+    if not -count <= index < count:
+        raise MmtkError(f"{group.file.filename}: split {group.name.lstrip('/')!r} has {count} frames; index {index} is "
+                        f"out of range")
+    index %= count
+    names = stored_arrays(group) if names is None else names
+    for name in names:
+        if name not in group:
+            raise MmtkError(f"{group.file.filename}: split {group.name.lstrip('/')!r} has no dataset {name!r}; "
+                            f"datasets: {sorted(group)}")
+    arrays = {name: np.asarray(group[name][index]) for name in names}
+    intrinsics = np.asarray(group["intrinsics"][index], np.float32) if "intrinsics" in group else None
+    timestamp = float(group["timestamp"][index]) if "timestamp" in group else None
+    frame_id = group["frame_id"].asstr()[index] if "frame_id" in group else f"{group.name.lstrip('/')}_{index:06d}"
+    return Frame(group.name.lstrip("/"), arrays, intrinsics, timestamp, frame_id)
+
+
+def dataset_frames(files: Sequence[str | os.PathLike], split: str, index: int | None = None) -> Iterator[Frame]:
+    """The frames of ``split`` in each file of a dataset in turn (or only frame ``index`` of each)."""
+    for path in files:
+        with open_split(path, split) as group:
+            for i in [index] if index is not None else range(split_length(group)):
+                yield read_frame(group, i)
+
+
+def check_metres(group: h5py.Group, name: str) -> None:
+    """A point cloud needs metric depth: refuse an array stored in other units, in one line."""
+    units = str(group[name].attrs.get("units", "m"))
+    if units not in METRE_UNITS:
+        raise MmtkError(f"{Path(group.file.filename)}: {group.name.lstrip('/')}/{name} is in {units!r} units, not "
+                        f"metres; a point cloud needs metric depth (use the sensor depth or a metric model)")
+
+
+def class_count(group: h5py.Group, name: str) -> int | None:
+    """Label ids of a labels array (classes + 1 for unlabeled), when the file names its classes."""
+    classes = group[name].attrs.get("classes")
+    return None if classes is None else len(json.loads(classes)) + 1
