@@ -3,6 +3,7 @@ and values inside mmtk files are checked where they are used. Plus a fuzz test o
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 
@@ -366,3 +367,132 @@ def test_reliability_input_hdf5_declaring_absurd_sizes_is_refused_before_reading
         f.create_dataset("depth", shape=(16384, 16384), dtype=np.float32, chunks=(128, 128))
     line = refusal(*convert(folder.parent, tmp_path / "b.h5", "--layout", "sparse-to-dense"))
     assert "00001.h5:rgb declares" in line and "re-export the file" in line
+
+
+# ------------------------------------------- issue 20: hostile bags, folders and files (items 1-3, 5, 10, 11)
+SIDE = 16  # px of the synthetic bag frames
+
+
+def _bag_types():
+    from rosbags.typesys import Stores, get_typestore
+
+    store = get_typestore(Stores.ROS2_HUMBLE)
+    return store, store.types
+
+
+def _header(types, ns: int):
+    return types["std_msgs/msg/Header"](stamp=types["builtin_interfaces/msg/Time"](sec=ns // 10**9,
+                                                                                    nanosec=ns % 10**9),
+                                        frame_id="camera")
+
+
+def colour_msg(types, ns: int, value: int):
+    pixels = np.full((SIDE, SIDE, 3), value, np.uint8).reshape(-1)
+    return types["sensor_msgs/msg/Image"](_header(types, ns), SIDE, SIDE, "rgb8", 0, 3 * SIDE, pixels)
+
+
+def jpeg_msg(types, ns: int, payload: bytes):
+    return types["sensor_msgs/msg/CompressedImage"](_header(types, ns), "rgb8; jpeg compressed bgr8",
+                                                    np.frombuffer(payload, np.uint8))
+
+
+def depth_msg(types, ns: int, mm: int):
+    values = np.full((SIDE, SIDE), mm, "<u2").view(np.uint8).reshape(-1)
+    return types["sensor_msgs/msg/Image"](_header(types, ns), SIDE, SIDE, "16UC1", 0, 2 * SIDE, values)
+
+
+def info_msg(types, ns: int, k: list[float]):
+    return types["sensor_msgs/msg/CameraInfo"](_header(types, ns), SIDE, SIDE, "plumb_bob", np.zeros(5),
+                                               np.asarray(k, np.float64), np.eye(3).reshape(-1), np.zeros(12), 0, 0,
+                                               types["sensor_msgs/msg/RegionOfInterest"](0, 0, 0, 0, False))
+
+
+def write_bag(path, messages) -> None:
+    """A ROS2 sqlite3 bag of ``messages``: (topic, msgtype, log time ns, message), logged at the times given."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+
+    store, _ = _bag_types()
+    with Writer(path, version=9, storage_plugin=StoragePlugin.SQLITE3) as writer:
+        connections = {}
+        for topic, msgtype, _, _ in messages:
+            if topic not in connections:
+                connections[topic] = writer.add_connection(topic, msgtype, typestore=store)
+        for topic, msgtype, log_ns, msg in messages:
+            writer.write(connections[topic], log_ns, store.serialize_cdr(msg, msgtype))
+
+
+def convert_bag(bag, out, *extra) -> tuple[int, str]:
+    return run_cli("convert", "--rosbag", bag, out, "--rgb-topic", "/cam/color", "--depth-topic", "/cam/depth",
+                   "--no-progress", *extra)
+
+
+T0 = 1_700_000_000 * 10**9  # ns, a plausible recording time
+FRAME_NS = 33_333_333  # 30 Hz
+
+
+def test_reliability_corrupt_jpeg_in_a_bag_names_topic_message_and_stamp(tmp_path):
+    """Item 11: the error named `<_io.BytesIO object at 0x...>` instead of where the bad message is."""
+    _, types = _bag_types()
+    good = io.BytesIO()
+    Image.fromarray(np.full((SIDE, SIDE, 3), 90, np.uint8)).save(good, format="JPEG")
+    messages = []
+    truncated = good.getvalue()[: len(good.getvalue()) // 2]
+    for index, payload in enumerate([good.getvalue(), b"not a jpeg at all", truncated]):
+        ns = T0 + index * FRAME_NS
+        messages += [("/cam/color", "sensor_msgs/msg/CompressedImage", ns, jpeg_msg(types, ns, payload)),
+                     ("/cam/depth", "sensor_msgs/msg/Image", ns + 1000, depth_msg(types, ns, 2000))]
+    write_bag(tmp_path / "bag", messages)
+    line = refusal(*convert_bag(tmp_path / "bag", tmp_path / "out.h5"))
+    stamp = (T0 + FRAME_NS) * 1e-9
+    assert line.startswith(f"/cam/color message #1 (stamp {stamp:.6f} s): cannot decode a compressed image"), line
+    assert "BytesIO" not in line and "corrupt or truncated" in line and not (tmp_path / "out.h5").exists()
+    messages[2:4] = []  # the truncated one (#2 of the bag, #1 of this one) is named the same way
+    write_bag(tmp_path / "bag2", messages)
+    line = refusal(*convert_bag(tmp_path / "bag2", tmp_path / "out.h5"))
+    assert line.startswith(f"/cam/color message #1 (stamp {(T0 + 2 * FRAME_NS) * 1e-9:.6f} s): cannot decode"), line
+    assert "corrupt or truncated" in line
+
+
+def test_reliability_gif_frames_are_named_as_an_unsupported_format(tmp_path):
+    """Item 11: a folder of .gif frames got the list of every layout, not why none matched."""
+    for folder in ("rgb", "depth"):
+        (tmp_path / "gifs" / folder).mkdir(parents=True)
+        Image.fromarray(np.full((SIDE, SIDE), 120, np.uint8)).save(tmp_path / "gifs" / folder / "0000.gif")
+    line = refusal(*convert(tmp_path / "gifs", tmp_path / "out.h5"))
+    assert "holds GIF files" in line and "which mmtk does not read as frames" in line and ".png" in line
+    assert "supported layouts" not in line and not (tmp_path / "out.h5").exists()
+
+
+def test_reliability_info_with_stdout_closed_exits_non_zero_with_a_message(tmp_path):
+    """Item 11: `mmtk info x.h5 >&-` printed nothing and exited 0."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo.h5"
+    assert convert(MULTIMAE, out)[0] == 0
+    for command in ("info", "check"):
+        done = subprocess.run(["bash", "-c", f'exec "$0" -m mmtk.cli.main {command} "$1" >&-', sys.executable, out],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "standard output is closed" in done.stderr, (done.returncode, done.stderr)
+        assert "Traceback" not in done.stderr
+
+
+def test_reliability_hdf5_file_open_for_writing_elsewhere_is_in_use_not_corrupt(tmp_path):
+    """Item 10: HDF5's file lock (a writer in another process) was reported as a corrupt file to re-create."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo.h5"
+    assert convert(MULTIMAE, out)[0] == 0
+    writer = subprocess.Popen([sys.executable, "-c", "import sys, time, h5py\nf = h5py.File(sys.argv[1], 'a')\n"
+                               "print('open', flush=True)\ntime.sleep(60)", out], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "open"
+        for command in ("info", "check"):
+            line = refusal(*run_cli(command, out))
+            assert "is in use: another process has it open for writing" in line, line
+            assert "re-create" not in line and "not a readable HDF5 file" not in line
+    finally:
+        writer.kill()
+        writer.wait()
+    assert run_cli("check", out)[0] == 0  # the file was good all along

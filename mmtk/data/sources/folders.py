@@ -35,6 +35,7 @@ KINECT_V2_MAX_M = 8.0  # its depth range ends here (0.5-4.5 m specified, 8 m in 
 SUN_MULTIPLE_OF_8 = 0.9  # fraction of valid values that are multiples of 8 in a bit-rotated SUN depth PNG
 TUM_MAX_DT_S = 0.02  # TUM's associate.py default
 DEPTH_SUFFIXES = (".png", ".tif", ".tiff", ".npy", ".pgm")
+UNREAD_FRAME_SUFFIXES = {".gif": "GIF files (256 colours of 8 bits, no 16-bit depth)"}
 
 SUPPORTED_LAYOUTS = {
     "nyuv2-mat": f"NYUv2 labeled release: a folder with {NYU_MAT_NAME} (+ optional splits.mat)",
@@ -65,6 +66,7 @@ def open_rgbd_source(src: str | Path, options: ConvertOptions | None = None) -> 
         raise MmtkError(f"--layout {options.layout}: {src} does not hold that layout "
                         f"({SUPPORTED_LAYOUTS[options.layout]})")
     if not found:
+        _refuse_unread_frames(src)
         supported = "".join(f"\n  {name}: {text}" for name, text in SUPPORTED_LAYOUTS.items())
         raise MmtkError(f"cannot tell the layout of {src}; the supported layouts, one per line:{supported}")
     if len(found) > 1:
@@ -77,6 +79,15 @@ def open_rgbd_source(src: str | Path, options: ConvertOptions | None = None) -> 
         source.notes.append(f"NOT converted: labels in {labels.name}/ (the {name} layout has none; name the "
                             f"frames alike and pass --layout paired to keep them)")
     return source
+
+
+def _refuse_unread_frames(src: Path) -> None:
+    """Where no layout matched because the frames are in an image format mmtk does not read, say so."""
+    first = next((p for p in src.rglob("*") if p.suffix.lower() in UNREAD_FRAME_SUFFIXES), None) if src.is_dir() else None
+    if first is not None:
+        raise MmtkError(f"{src} holds {UNREAD_FRAME_SUFFIXES[first.suffix.lower()]} (e.g. {first.relative_to(src)}), "
+                        f"which mmtk does not read as frames; convert them to colour "
+                        f"{'/'.join(IMAGE_SUFFIXES)} and depth {'/'.join(DEPTH_SUFFIXES)} files first")
 
 
 def _checked_frames(frames: Callable[[], Iterator[Frame]], options: ConvertOptions, guessed: bool,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from mmtk.data.dataset import MAX_IMAGE_SIDE
 from mmtk.data.sources.base import Frame, RgbdSource, associate_by_time, check_image_size, to_metres
@@ -226,8 +226,13 @@ def _decode_bytes(payload: bytes, fmt: str) -> np.ndarray:
         with Image.open(io.BytesIO(payload)) as image:
             check_image_size(image, f"compressed image ({fmt!r})")
             array = np.array(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except UnidentifiedImageError:  # its message names an in-memory file object, of no use to anyone
+        raise MmtkError(f"cannot decode a compressed image ({fmt!r}): its {len(payload)} bytes are not an image "
+                        f"PIL can identify (corrupt or truncated)") from None
+    except Image.DecompressionBombError as err:
         raise MmtkError(f"cannot decode a compressed image ({fmt!r}): {err}") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise MmtkError(f"cannot decode a compressed image ({fmt!r}): corrupt or truncated ({err})") from None
     if array.dtype == np.int32:
         array = array.astype(np.uint16)
     return array
@@ -314,11 +319,13 @@ def read_colour_frames(bag: str | Path, rgb_topic: str, camera_info_topic: str |
         infos = [_camera_matrix(deserialize(reader, raw, conn))[0]
                  for conn, _, raw in reader.messages(connections=info_conns)] if info_conns else []
         intrinsics = infos[0] if infos else None  # a camera's intrinsics do not change within a bag
-        for conn, log_time, raw in reader.messages(connections=rgb_conns):
-            msg = deserialize(reader, raw, conn)
+        for index, (conn, log_time, raw) in enumerate(reader.messages(connections=rgb_conns)):
             stamp = _header_stamp(raw, bool(getattr(reader, "is2", False))) or log_time * 1e-9
-            yield Frame("all", {"rgb": decode_image(msg, conn.msgtype, "rgb", None)}, intrinsics=intrinsics,
-                        timestamp=stamp)
+            try:
+                rgb = decode_image(deserialize(reader, raw, conn), conn.msgtype, "rgb", None)
+            except MmtkError as err:
+                raise MmtkError(f"{message_name(conn.topic, index, stamp)}: {err}") from None
+            yield Frame("all", {"rgb": rgb}, intrinsics=intrinsics, timestamp=stamp)
     finally:
         reader.close()
 
@@ -485,18 +492,26 @@ def _decoded_frame(reader: Any, parts: dict[str, tuple[Any, bytes, float, int]],
                    infos: CameraInfos, depth_scale: float | None,
                    from_cloud: bool, alignment: CloudAlignment | None) -> Frame:
     arrays: dict[str, Any] = {}
-    for role, (conn, raw, message_stamp, _) in parts.items():
-        msg = deserialize(reader, raw, conn)
-        if role == "depth" and from_cloud:
-            cloud = pointcloud2_to_cloud(msg)
-            arrays[role] = cloud if alignment is None else alignment.to_camera(cloud, message_stamp)
-        else:
-            arrays[role] = decode_image(msg, conn.msgtype, role, depth_scale if role == "depth" else None)
+    for role, (conn, raw, message_stamp, index) in parts.items():
+        try:
+            msg = deserialize(reader, raw, conn)
+            if role == "depth" and from_cloud:
+                cloud = pointcloud2_to_cloud(msg)
+                arrays[role] = cloud if alignment is None else alignment.to_camera(cloud, message_stamp)
+            else:
+                arrays[role] = decode_image(msg, conn.msgtype, role, depth_scale if role == "depth" else None)
+        except MmtkError as err:
+            raise MmtkError(f"{message_name(conn.topic, index, message_stamp)}: {err}") from None
     size = arrays["rgb"].shape[:2]
     k = infos.nearest(stamp, size)
     if from_cloud:
         arrays["depth"] = _cloud_depth(arrays["depth"], size, k, topics["depth"])
     return Frame("all", arrays, intrinsics=k, timestamp=stamp, frame_id=f"{topics['rgb']}#{parts['rgb'][3]}")
+
+
+def message_name(topic: str, index: int, stamp: float) -> str:
+    """Where a message sits in a bag, for an error about it: topic, index among the topic's messages, stamp."""
+    return f"{topic} message #{index} (stamp {stamp:.6f} s)"
 
 
 def _cloud_depth(cloud: PointCloud, size: tuple[int, int], k: np.ndarray | None, topic: str) -> np.ndarray:
