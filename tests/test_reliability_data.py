@@ -496,3 +496,95 @@ def test_reliability_hdf5_file_open_for_writing_elsewhere_is_in_use_not_corrupt(
         writer.kill()
         writer.wait()
     assert run_cli("check", out)[0] == 0  # the file was good all along
+
+
+def _rgbd_bag(path, depth_mm: int = 2000, k: list[float] | None = None, frames: int = 3) -> None:
+    """``frames`` colour + 16UC1 depth pairs stamped alike (30 Hz), and a CameraInfo with ``k`` beside each."""
+    _, types = _bag_types()
+    messages = []
+    for index in range(frames):
+        ns = T0 + index * FRAME_NS
+        messages += [("/cam/color", "sensor_msgs/msg/Image", ns, colour_msg(types, ns, 10 * index)),
+                     ("/cam/depth", "sensor_msgs/msg/Image", ns + 1000, depth_msg(types, ns, depth_mm))]
+        if k is not None:
+            messages.append(("/cam/camera_info", "sensor_msgs/msg/CameraInfo", ns, info_msg(types, ns, k)))
+    write_bag(path, messages)
+
+
+K_GOOD = [20.0, 0, 7.5, 0, 20.0, 7.5, 0, 0, 1]
+
+
+@pytest.mark.parametrize("k", [[0.0] * 9, [float("nan")] * 9], ids=["zeros", "nan"])
+def test_reliability_camera_info_with_an_unusable_k_is_not_stored(tmp_path, k):
+    """Item 3: K all zeros (an uncalibrated camera) or NaN was stored as the intrinsics; `mmtk check` rejected the
+    NaN file convert had just written and passed the zero one."""
+    _rgbd_bag(tmp_path / "bag", k=k)
+    out = tmp_path / "out.h5"
+    code, text = convert_bag(tmp_path / "bag", out)
+    assert code == 0, text
+    problem = "all zeros" if k[0] == 0 else "non-finite"
+    assert "NO intrinsics: the first CameraInfo on /cam/camera_info has camera matrix K" in text and problem in text
+    with h5py.File(out) as f:
+        assert "intrinsics" not in f["all"] and f["all/rgb"].shape[0] == 3
+    assert run_cli("check", out)[0] == 0
+
+    with h5py.File(out, "r+") as f:  # a file of another tool (or of mmtk before this fix) that stored such a K
+        f["all"].create_dataset("intrinsics", data=np.asarray([k] * 3, np.float32).reshape(3, 3, 3))
+    code, text = run_cli("check", out)
+    assert code == 1 and f"{out}:all frame 0 (/cam/color#0): intrinsics: camera matrix K" in text and problem in text
+
+
+def test_reliability_writer_refuses_an_unusable_k_and_later_bad_camera_infos_are_skipped(tmp_path):
+    from mmtk.data.format import H5Writer
+
+    rgb = np.zeros((SIDE, SIDE, 3), np.uint8)
+    with pytest.raises(MmtkError, match="camera matrix K is all zeros"):
+        with H5Writer(tmp_path / "w.h5", source="test") as writer:
+            writer.add_frame("all", {"rgb": rgb, "depth": np.ones((SIDE, SIDE), np.float32)}, intrinsics=np.zeros((3, 3)))
+    assert not (tmp_path / "w.h5").exists()
+    _, types = _bag_types()  # a calibrated camera whose CameraInfo later turns to NaN: the valid K is kept
+    messages = []
+    for index in range(3):
+        ns = T0 + index * FRAME_NS
+        messages += [("/cam/camera_info", "sensor_msgs/msg/CameraInfo", ns,
+                      info_msg(types, ns, K_GOOD if index == 0 else [float("nan")] * 9)),
+                     ("/cam/color", "sensor_msgs/msg/Image", ns, colour_msg(types, ns, 10 * index)),
+                     ("/cam/depth", "sensor_msgs/msg/Image", ns + 1000, depth_msg(types, ns, 2000))]
+    write_bag(tmp_path / "bag", messages)
+    code, text = convert_bag(tmp_path / "bag", tmp_path / "out.h5")
+    assert code == 0 and "NO intrinsics" not in text, text
+    with h5py.File(tmp_path / "out.h5") as f:
+        np.testing.assert_array_equal(f["all/intrinsics"][:], np.asarray([K_GOOD] * 3, np.float32).reshape(3, 3, 3))
+
+
+@pytest.mark.parametrize("values", [-1.0, np.nan, 0.0, 65535], ids=["negative", "nan", "zero", "saturated"])
+def test_reliability_depth_with_no_valid_value_is_refused_not_written(tmp_path, values):
+    """Item 5: all-invalid depth was written as a complete file with "0.0 % valid"; `mmtk check` said nothing."""
+    src = tmp_path / "frames"
+    for folder in ("rgb", "depth"):
+        (src / folder).mkdir(parents=True)
+    for name in ("0000", "0001"):
+        Image.fromarray(np.full((SIDE, SIDE, 3), 100, np.uint8)).save(src / "rgb" / f"{name}.png")
+        if values == 65535 or values == 0.0:
+            Image.fromarray(np.full((SIDE, SIDE), values, np.uint16)).save(src / "depth" / f"{name}.png")
+        else:
+            np.save(src / "depth" / f"{name}.npy", np.full((SIDE, SIDE), values, np.float32))
+    out = tmp_path / "out.h5"
+    line = refusal(*convert(src, out))
+    assert line.startswith("no frame of split 'all' has a valid depth value (2 frames, each all 0, NaN, negative or "
+                           "saturated)") and "was not written" in line, line
+    assert not out.exists() and not list(tmp_path.glob(".out.h5*"))
+
+    bag = tmp_path / "bag"  # a bag's depth topic: the same
+    _rgbd_bag(bag, depth_mm=0 if values != 65535 else 65535)
+    assert "no frame of split 'all' has a valid depth" in refusal(*convert_bag(bag, out)) and not out.exists()
+
+
+def test_reliability_check_reports_a_split_without_valid_depth(tmp_path):
+    out = tmp_path / "demo.h5"
+    assert convert(MULTIMAE, out)[0] == 0
+    with h5py.File(out, "r+") as f:  # a file of another tool, or of mmtk before this check
+        f["test/depth"][0] = 0.0
+    code, text = run_cli("check", out)
+    assert code == 1 and f"{out}:test: depth: none of its 1 frames has a valid value" in text, text
+    assert "2 frames checked, 1 bad" in text

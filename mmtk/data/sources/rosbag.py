@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mmtk.data.dataset import MAX_IMAGE_SIDE
 from mmtk.data.sources.base import Frame, RgbdSource, associate_by_time, check_image_size, to_metres
+from mmtk.data.values import intrinsics_problem
 from mmtk.data.sources.tf import TransformTree, read_transforms
 from mmtk.errors import MmtkError
 from mmtk.pointcloud import PointCloud, cloud_to_image_depth
@@ -288,7 +289,11 @@ def open_rosbag_source(bag: str | Path, rgb_topic: str, depth_topic: str | None 
                 notes.append(f"intrinsics from {camera_info_topic} (pass --camera-info-topic to change)")
             else:
                 notes.append("no CameraInfo topic beside the colour topic: frames get no intrinsics")
-        _camera_info_connections(reader, camera_info_topic, available)  # its type is checked before any frame
+        info_conns = _camera_info_connections(reader, camera_info_topic, available)  # type checked before any frame
+        if (problem := _first_camera_problem(reader, info_conns)) is not None:
+            notes.append(f"NO intrinsics: the first CameraInfo on {camera_info_topic} has {problem}, so the frames "
+                         f"are written without intrinsics (calibrate the camera, or pass --camera-info-topic)")
+            camera_info_topic = None
         counts = {role: sum(c.msgcount for c in role_conns) for role, role_conns in conns.items()}
     finally:
         reader.close()
@@ -316,9 +321,7 @@ def read_colour_frames(bag: str | Path, rgb_topic: str, camera_info_topic: str |
         rgb_conns = _connections(reader, rgb_topic, available, "colour")
         _check_type(rgb_conns[0], "colour", IMAGE_TYPES, "Image or CompressedImage")
         info_conns = _camera_info_connections(reader, camera_info_topic, available)
-        infos = [_camera_matrix(deserialize(reader, raw, conn))[0]
-                 for conn, _, raw in reader.messages(connections=info_conns)] if info_conns else []
-        intrinsics = infos[0] if infos else None  # a camera's intrinsics do not change within a bag
+        intrinsics = _first_valid_camera(reader, info_conns)  # a camera's intrinsics do not change within a bag
         for index, (conn, log_time, raw) in enumerate(reader.messages(connections=rgb_conns)):
             stamp = _header_stamp(raw, bool(getattr(reader, "is2", False))) or log_time * 1e-9
             try:
@@ -380,6 +383,21 @@ def _cloud_alignment(reader: Any, rgb_conn: Any, cloud_conn: Any,
     return CloudAlignment(tree, camera_frame, max_dt), [
         f"cloud points moved from frame {cloud_frame!r} to the colour frame {camera_frame!r} with the bag's "
         f"transforms (origins {np.linalg.norm(matrix[:3, 3]):.3f} m apart)"]
+
+
+def _first_camera_problem(reader: Any, info_conns: list[Any]) -> str | None:
+    """What makes the first CameraInfo's K unusable (all zeros from an uncalibrated camera, NaN), or None."""
+    first = next(iter(reader.messages(connections=info_conns)), None) if info_conns else None
+    return None if first is None else intrinsics_problem(_camera_matrix(deserialize(reader, first[2], first[0]))[0])
+
+
+def _first_valid_camera(reader: Any, info_conns: list[Any]) -> np.ndarray | None:
+    """K of the first CameraInfo whose K is usable (see :func:`intrinsics_problem`), or None."""
+    for conn, _, raw in reader.messages(connections=info_conns) if info_conns else ():
+        k = _camera_matrix(deserialize(reader, raw, conn))[0]
+        if intrinsics_problem(k) is None:
+            return k
+    return None
 
 
 def _first_header(reader: Any, conn: Any) -> tuple[str, float]:
@@ -468,7 +486,9 @@ def _stream_frames(bag: Path, topics: dict[str, str], max_dt: float, depth_scale
         for conn, log_time, raw in reader.messages(connections=conns):
             stamp = _header_stamp(raw, is_ros2) or log_time * 1e-9
             if conn in info_conns:
-                infos.add(stamp, *_camera_matrix(deserialize(reader, raw, conn)))
+                k, size = _camera_matrix(deserialize(reader, raw, conn))
+                if intrinsics_problem(k) is None:  # a later invalid one is skipped: frames keep the nearest valid K
+                    infos.add(stamp, k, size)
             else:
                 role = role_of[conn.topic]
                 waiting += pairer.add(role, stamp, (conn, raw, stamp, pairer.seen[role]))
