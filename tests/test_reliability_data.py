@@ -588,3 +588,48 @@ def test_reliability_check_reports_a_split_without_valid_depth(tmp_path):
     code, text = run_cli("check", out)
     assert code == 1 and f"{out}:test: depth: none of its 1 frames has a valid value" in text, text
     assert "2 frames checked, 1 bad" in text
+
+
+def _mm_folder(root, depth_mm: np.ndarray, name: str = "0000"):
+    """rgb/ and depth/ (uint16 millimetres as given) with one frame."""
+    for folder in ("rgb", "depth"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((*depth_mm.shape, 3), 100, np.uint8)).save(root / "rgb" / f"{name}.png")
+    Image.fromarray(depth_mm.astype(np.uint16)).save(root / "depth" / f"{name}.png")
+
+
+def _rotate_left_3(mm: np.ndarray) -> np.ndarray:
+    """How SUN RGB-D stores millimetres (the inverse of its toolbox's read3dPoints)."""
+    mm = mm.astype(np.uint32)
+    return (((mm << 3) | (mm >> 13)) & 0xFFFF).astype(np.uint16)
+
+
+def test_reliability_millimetres_in_steps_of_8_are_not_read_as_sun_rotation(tmp_path):
+    """Item 1: real millimetres that are all multiples of 8 were read as SUN's bit rotation, 8x too small (a
+    constant 2000 mm became 0.25 m), and passed the indoor range check."""
+    rng = np.random.default_rng(0)
+    scene = (np.clip(rng.uniform(1.0, 6.0, (SIDE, SIDE)), 1.7, None) * 1000 // 8 * 8)  # clipped at 1.7 m, 8 mm steps
+    for name, mm in (("clipped", scene), ("constant", np.full((SIDE, SIDE), 2000))):
+        _mm_folder(tmp_path / name, mm)  # as SUN both would also lie in 0.2-12 m: the user is asked
+        line = refusal(*convert(tmp_path / name, tmp_path / f"{name}.h5"))
+        assert "multiples of 8, which fits both SUN RGB-D's bit-rotated millimetres (median" in line, line
+        assert "pass --depth-format sun or --depth-format mm" in line and not (tmp_path / f"{name}.h5").exists()
+        assert convert(tmp_path / name, tmp_path / f"{name}.h5", "--depth-format", "mm")[0] == 0
+        assert median_depth(tmp_path / f"{name}.h5") == pytest.approx(np.median(mm) / 1000)
+
+    near = np.full((SIDE, SIDE), 1200) // 8 * 8  # as SUN, 0.15 m: outside the indoor range, so millimetres
+    _mm_folder(tmp_path / "near", near)
+    code, text = convert(tmp_path / "near", tmp_path / "near.h5")
+    assert code == 0 and "millimetres quantised to 8 mm" in text, text
+    assert median_depth(tmp_path / "near.h5") == pytest.approx(1.2)
+
+    sun_mm = rng.integers(900, 5000, (SIDE, SIDE))  # SUN's rotation of real millimetres: as mm, 7-40 m
+    for folder, rule in (("frames", "as plain millimetres the depth would lie outside"), ("SUNRGBD", "says SUN")):
+        _mm_folder(tmp_path / folder, _rotate_left_3(sun_mm))
+        code, text = convert(tmp_path / folder, tmp_path / f"{folder}.h5")
+        assert code == 0 and rule in text and "SUN RGB-D's bit-rotated millimetres" in text, text
+        with h5py.File(tmp_path / f"{folder}.h5") as f:
+            np.testing.assert_allclose(f["all/depth"][0], sun_mm / 1000, rtol=1e-6)
+    _mm_folder(tmp_path / "sun3d", _rotate_left_3(np.full((SIDE, SIDE), 250)))  # a named SUN folder is SUN...
+    code, text = convert(tmp_path / "sun3d", tmp_path / "sun3d.h5")  # ...even where mm would fit the range
+    assert code == 0 and "name 'sun3d' says SUN RGB-D" in text and median_depth(tmp_path / "sun3d.h5") == 0.25
