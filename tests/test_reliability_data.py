@@ -633,3 +633,56 @@ def test_reliability_millimetres_in_steps_of_8_are_not_read_as_sun_rotation(tmp_
     _mm_folder(tmp_path / "sun3d", _rotate_left_3(np.full((SIDE, SIDE), 250)))  # a named SUN folder is SUN...
     code, text = convert(tmp_path / "sun3d", tmp_path / "sun3d.h5")  # ...even where mm would fit the range
     assert code == 0 and "name 'sun3d' says SUN RGB-D" in text and median_depth(tmp_path / "sun3d.h5") == 0.25
+
+
+def _paired_bag(path, colour_stamps: list[int], depth_stamps: list[int], depth_log_offset_ns: int = 1000) -> None:
+    """Pair i: colour value 10 i and depth 1000 + 100 i mm, stamped as given, logged at 30 Hz in pair order."""
+    _, types = _bag_types()
+    messages = []
+    for index, (colour_ns, depth_ns) in enumerate(zip(colour_stamps, depth_stamps)):
+        logged = T0 + index * FRAME_NS
+        messages += [("/cam/color", "sensor_msgs/msg/Image", logged, colour_msg(types, colour_ns, 10 * index)),
+                     ("/cam/depth", "sensor_msgs/msg/Image", logged + depth_log_offset_ns,
+                      depth_msg(types, depth_ns, 1000 + 100 * index))]
+    write_bag(path, messages)
+
+
+def _pairs(path) -> list[tuple[int, float]]:
+    """(colour value, depth mm) of each stored frame, in stored order."""
+    with h5py.File(path) as f:
+        return [(int(rgb[0, 0, 0]), round(float(depth[0, 0]) * 1000)) for rgb, depth in zip(f["all/rgb"][:],
+                                                                                               f["all/depth"][:])]
+
+
+@pytest.mark.parametrize("case", ["against-log-order", "repeated", "zero"])
+def test_reliability_bag_pairs_survive_stamps_against_log_order_repeated_or_zero(tmp_path, case):
+    """Item 2: stamps running against the log order lost 2 of 4 pairs ("dropped 2 colour and 2 depth messages
+    without a partner" though each had an exact one); repeated stamps kept 2 of 4 pairs, zero stamps 2 of 3."""
+    count = 3 if case == "zero" else 4
+    stamps = {"against-log-order": [T0 + (count - i) * FRAME_NS for i in range(count)],  # newest logged first
+              "repeated": [T0] * count, "zero": [0] * count}[case]
+    _paired_bag(tmp_path / "bag", stamps, stamps)
+    code, text = convert_bag(tmp_path / "bag", tmp_path / "out.h5")
+    assert code == 0 and f"paired {count} frames within 20 ms; dropped 0 colour and 0 depth messages" in text, text
+    assert sorted(_pairs(tmp_path / "out.h5")) == [(10 * i, 1000 + 100 * i) for i in range(count)]  # exact partners
+    assert ("header stamps are 0 (never set) on /cam/color, /cam/depth: every topic is paired by the time the "
+            "recorder logged its messages instead" in text) == (case == "zero")
+
+
+def test_reliability_stream_pairer_waits_a_bounded_time_for_partners_logged_out_of_stamp_order():
+    from mmtk.data.sources.base import associate_by_time
+    from mmtk.data.sources.rosbag import MAX_STREAM_LAG_S, StreamPairer
+
+    assert associate_by_time([5.0] * 3, [5.0] * 3, 0.02, [0, 1, 2], [2.1, 1.1, 0.1]) == [(0, 2), (1, 1), (2, 0)]
+    pairer, frames = StreamPairer(["rgb", "depth"], 0.02), []
+    for index in range(300):  # depth arrives 1 s after its colour (30 frames later), stamps exact
+        frames += pairer.add("rgb", index / 30, index, index / 30)
+        if index >= 30:
+            frames += pairer.add("depth", (index - 30) / 30, index - 30, index / 30)
+    frames += pairer.finish()
+    assert [(parts["rgb"], parts["depth"]) for _, parts in frames] == [(i, i) for i in range(270)]
+    pairer, late = StreamPairer(["rgb", "depth"], 0.02), []  # a partner logged past the window is not waited for
+    late += pairer.add("rgb", 0.0, "rgb", 0.0)
+    late += pairer.add("depth", 5.0, "other", MAX_STREAM_LAG_S + 0.5)
+    late += pairer.add("depth", 0.0, "too late", MAX_STREAM_LAG_S + 1)
+    assert late + pairer.finish() == [] and not pairer.pending["rgb"]
