@@ -77,7 +77,7 @@ def intrinsics_problem(k: np.ndarray) -> str | None:
     if not np.all(np.isfinite(k)):
         return f"camera matrix K has {int((~np.isfinite(k)).sum())} non-finite values (NaN/inf)"
     if not np.any(k):
-        return "camera matrix K is all zeros (an uncalibrated camera)"
+        return "camera matrix K is all zeros, as an uncalibrated camera publishes it"
     if not (k[0, 0] > 0 and k[1, 1] > 0):
         return f"camera matrix K has focal lengths fx = {k[0, 0]:g}, fy = {k[1, 1]:g} px; both must be positive"
     return None

@@ -292,8 +292,8 @@ def open_rosbag_source(bag: str | Path, rgb_topic: str, depth_topic: str | None 
                 notes.append("no CameraInfo topic beside the colour topic: frames get no intrinsics")
         info_conns = _camera_info_connections(reader, camera_info_topic, available)  # type checked before any frame
         if (problem := _first_camera_problem(reader, info_conns)) is not None:
-            notes.append(f"NO intrinsics: the first CameraInfo on {camera_info_topic} has {problem}, so the frames "
-                         f"are written without intrinsics (calibrate the camera, or pass --camera-info-topic)")
+            notes.append(f"NO intrinsics: the first CameraInfo on {camera_info_topic} is unusable ({problem}), so the "
+                         f"frames are written without intrinsics (calibrate the camera, or pass --camera-info-topic)")
             camera_info_topic = None
         counts = {role: sum(c.msgcount for c in role_conns) for role, role_conns in conns.items()}
         unstamped = [topics[role] for role, role_conns in conns.items() if _first_stamp(reader, role_conns) == 0]
