@@ -83,7 +83,8 @@ def open_rgbd_source(src: str | Path, options: ConvertOptions | None = None) -> 
 
 def _refuse_unread_frames(src: Path) -> None:
     """Where no layout matched because the frames are in an image format mmtk does not read, say so."""
-    first = next((p for p in src.rglob("*") if p.suffix.lower() in UNREAD_FRAME_SUFFIXES), None) if src.is_dir() else None
+    files = src.rglob("*") if src.is_dir() else iter(())
+    first = next((path for path in files if path.suffix.lower() in UNREAD_FRAME_SUFFIXES), None)
     if first is not None:
         raise MmtkError(f"{src} holds {UNREAD_FRAME_SUFFIXES[first.suffix.lower()]} (e.g. {first.relative_to(src)}), "
                         f"which mmtk does not read as frames; convert them to colour "
@@ -516,7 +517,8 @@ def _is_paired(src: Path) -> str | None:
 
 
 def _guess_encoding(raw: np.ndarray, path: Path, src: Path, camera_units: float | None,
-                    camera_file: str, decoded: Decodings, depth_range: tuple[float, float]) -> tuple[DepthEncoding, str]:
+                    camera_file: str, decoded: Decodings,
+                    depth_range: tuple[float, float]) -> tuple[DepthEncoding, str]:
     """The depth encoding of a folder without declared units (``raw``: its first frame, read by each
     format in ``decoded``), and the evidence for it."""
     if camera_units is not None:
