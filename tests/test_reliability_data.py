@@ -1,4 +1,5 @@
-"""Hostile files (issue 10, items 1 and 5): depth units are read or refused, layouts never guess silently,
+"""Hostile files (issue 10 items 1 and 5, issue 20 items 1-3, 5, 10, 11): depth units are read or refused, layouts
+never guess silently, bags pair by stamp in any order,
 and values inside mmtk files are checked where they are used. Plus a fuzz test over recipe values."""
 
 from __future__ import annotations
