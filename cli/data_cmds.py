@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +14,14 @@ from mmtk.errors import MmtkError
 
 def _log(message: str) -> None:
     typer.echo(message, err=True)
+
+
+def _require_stdout(command: str) -> None:
+    """Refuse to run a command whose result is its output when standard output is closed (`>&-`): click would
+    drop every line silently and the command would exit 0 having shown nothing."""
+    if sys.stdout is None or sys.stdout.closed:
+        raise MmtkError(f"standard output is closed, so `mmtk {command}` has nowhere to print its result; "
+                        f"redirect it to a file (> FILE) or to /dev/null instead of closing it")
 
 
 @app.command("convert")
@@ -129,6 +138,7 @@ def info(
     """Summarise an mmtk HDF5 file: splits, frames, shapes, units, depth range, classes, intrinsics."""
     from mmtk.data.info import format_info, info_json, read_info
 
+    _require_stdout("info")
     summary = read_info(path)
     typer.echo(info_json(summary) if as_json else format_info(summary))
 
@@ -141,6 +151,7 @@ def check(
     class ids beyond the classes); exit 1 when any is bad."""
     from mmtk.data.check import check_file
 
+    _require_stdout("check")
     report = check_file(path)
     for bad in report.bad:
         typer.echo(bad.line(report.path))

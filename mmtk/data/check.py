@@ -2,7 +2,8 @@
 
 A frame is bad when a chunk fails its checksum (files written since checksums were added: flipped bytes),
 or a value breaks what the loader refuses: non-finite, negative or > 1000 m depth, depth whose median is
-not plausible metres, class ids beyond the file's classes, non-finite intrinsics or timestamps.
+not plausible metres, class ids beyond the file's classes, non-finite timestamps, intrinsics that are NaN, all
+zeros or without positive focal lengths; and a split whose metric array (depth) has no valid value in any frame.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import h5py
 import numpy as np
 
 from mmtk.modality import stored_array
-from mmtk.data.values import check_label_ids, check_metric_values, check_plausible_metres
+from mmtk.data.values import check_label_ids, check_metric_values, check_plausible_metres, intrinsics_problem
 from mmtk.data.dataset import open_mmtk_file
 from mmtk.errors import MmtkError
 
@@ -29,12 +30,14 @@ class BadFrame:
     """One problem in one frame."""
 
     split: str
-    index: int
+    index: int | None  # None: a problem of the whole split (e.g. no frame has valid depth)
     array: str
     problem: str
     frame_id: str | None = None
 
     def line(self, path: Path) -> str:
+        if self.index is None:
+            return f"{path}:{self.split}: {self.array}: {self.problem}"
         name = f" ({self.frame_id})" if self.frame_id else ""
         return f"{path}:{self.split} frame {self.index}{name}: {self.array}: {self.problem}"
 
@@ -50,7 +53,10 @@ class CheckReport:
 
     @property
     def bad_frames(self) -> int:
-        return len({(b.split, b.index) for b in self.bad})
+        """Frames with a problem; a problem of a whole split makes each of its frames bad."""
+        whole = {b.split for b in self.bad if b.index is None}
+        return (sum(self.frames.get(split, 0) for split in whole)
+                + len({(b.split, b.index) for b in self.bad if b.index is not None and b.split not in whole}))
 
 
 def check_file(path: str | os.PathLike) -> CheckReport:
@@ -67,7 +73,7 @@ def check_file(path: str | os.PathLike) -> CheckReport:
                     continue
                 if dataset.ndim >= 3:  # images; timestamps are written in blocks without checksums
                     report.checksummed &= dataset.fletcher32
-                check = _value_check(name, dataset)
+                check, counter = _counting_valid(name, _value_check(name, dataset))
                 scanned = _frames_to_scan(split, name, dataset, report)
                 report.frames[split] = max(report.frames[split], scanned)
                 for index in range(scanned):
@@ -75,6 +81,10 @@ def check_file(path: str | os.PathLike) -> CheckReport:
                     if problem:
                         report.bad.append(BadFrame(split, index, name, problem,
                                                    ids[index] if ids and index < len(ids) else None))
+                if counter is not None and scanned and not counter["valid"]:
+                    report.bad.append(BadFrame(split, None, name, f"none of its {scanned} frames has a valid value "
+                                               f"(all 0 = no measurement); the source's {name} was unusable: "
+                                               f"re-convert from a source with {name}"))
     return report
 
 
@@ -101,8 +111,30 @@ def _frame_ids(group: h5py.Group) -> list[str] | None:
         return None
 
 
+def _counting_valid(name: str, check: Callable[[np.ndarray], None]) -> tuple[Callable[[np.ndarray], None],
+                                                                              dict[str, int] | None]:
+    """For a metric array (depth...): ``check`` that also counts the valid (> 0) values it sees, and the count."""
+    try:
+        metric = stored_array(name)[1].kind == "metric"
+    except MmtkError:
+        metric = False
+    if not metric:
+        return check, None
+    counter = {"valid": 0}
+
+    def counted(value: np.ndarray) -> None:
+        counter["valid"] += int(np.count_nonzero(value > 0))
+        check(value)
+    return counted, counter
+
+
 def _value_check(name: str, dataset: h5py.Dataset) -> Callable[[np.ndarray], None]:
     """The value rule for one stored array, raising MmtkError on a bad frame."""
+    if name == "intrinsics":
+        def camera(value: np.ndarray) -> None:
+            if (problem := intrinsics_problem(value)) is not None:
+                raise MmtkError(problem)
+        return camera
     if name in META_ARRAYS:
         def finite(value: np.ndarray) -> None:
             if not np.all(np.isfinite(value)):

@@ -27,6 +27,9 @@ def open_mmtk_file(path: str | os.PathLike) -> h5py.File:
     try:
         handle = h5py.File(path, "r")
     except OSError as err:
+        if is_locked_error(err):
+            raise MmtkError(f"{path} is in use: another process has it open for writing (HDF5 file lock); wait "
+                            f"for that process to finish or close the file, then retry") from None
         raise MmtkError(f"{path} is not a readable HDF5 file ({str(err).split(';')[0]}); re-create it with "
                         f"`mmtk convert`") from None
     version = handle.attrs.get("mmtk_format")
@@ -44,6 +47,11 @@ def open_mmtk_file(path: str | os.PathLike) -> h5py.File:
         handle.close()
         raise
     return handle
+
+
+def is_locked_error(err: OSError) -> bool:
+    """Whether opening an HDF5 file failed on HDF5's file lock (another process writes it), not on its bytes."""
+    return isinstance(err, BlockingIOError) or "unable to lock file" in str(err)
 
 
 MAX_IMAGE_SIDE = 16384  # px; also bounds every non-frame axis of a stored dataset

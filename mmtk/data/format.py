@@ -33,6 +33,7 @@ import numpy as np
 
 from mmtk.modality import StoredArray, stored_array
 from mmtk.errors import MmtkError
+from mmtk.data.values import intrinsics_problem
 from mmtk.io import check_writable, discard, disk_error, disk_errors, make_temp, publish
 
 FORMAT_VERSION = 1
@@ -287,6 +288,8 @@ class H5Writer:
             k = np.asarray(intrinsics, dtype=np.float32)
             if k.shape != (3, 3):
                 raise MmtkError(f"frame {name}: intrinsics have shape {k.shape}, expected 3x3")
+            if (problem := intrinsics_problem(k)) is not None:
+                raise MmtkError(f"frame {name}: {problem}; give the camera's calibrated intrinsics or none")
             frame["intrinsics"] = k
         if timestamp is not None:
             frame["timestamp"] = float(timestamp)  # type: ignore[arg-type]
@@ -355,6 +358,10 @@ class H5Writer:
             self._write_pending(split)
             group = self._file[split]
             for key, stats in self._metric[split].items():
+                if not stats.valid:  # every value 0, NaN, negative or saturated: a file that looks complete but is not
+                    raise MmtkError(f"no frame of split {split!r} has a valid {key} value ({self._counts[split]} "
+                                    f"frames, each all 0, NaN, negative or saturated); {self.out_path} was not "
+                                    f"written: check the source's {key} (its files, topic or units)")
                 group[key].attrs.update(stats.attrs())
             for key, histogram in self._histograms[split].items():
                 group[key].attrs["histogram"] = histogram

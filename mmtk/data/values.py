@@ -70,6 +70,19 @@ def check_plausible_metres(name: str, depth: np.ndarray, frame_id: object,
                         f"{p01:.2f}-{p99:.2f} m, outside the sensor range {plausible[0]:g}-{plausible[1]:g} m; {fix}")
 
 
+def intrinsics_problem(k: np.ndarray) -> str | None:
+    """What makes a camera matrix K [3, 3] (pixels) unusable, or None: NaN/inf, or focal lengths that are not
+    positive (ROS drivers publish K = 0 for an uncalibrated camera)."""
+    k = np.asarray(k, dtype=np.float64)
+    if not np.all(np.isfinite(k)):
+        return f"camera matrix K has {int((~np.isfinite(k)).sum())} non-finite values (NaN/inf)"
+    if not np.any(k):
+        return "camera matrix K is all zeros, as an uncalibrated camera publishes it"
+    if not (k[0, 0] > 0 and k[1, 1] > 0):
+        return f"camera matrix K has focal lengths fx = {k[0, 0]:g}, fy = {k[1, 1]:g} px; both must be positive"
+    return None
+
+
 def check_label_ids(name: str, labels: np.ndarray, num_classes: int) -> None:
     """Refuse stored ids outside 0..num_classes (0 = unlabeled); num_classes 0 means unknown (not checked)."""
     if num_classes <= 0 or labels.size == 0:

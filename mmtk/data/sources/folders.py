@@ -35,6 +35,7 @@ KINECT_V2_MAX_M = 8.0  # its depth range ends here (0.5-4.5 m specified, 8 m in 
 SUN_MULTIPLE_OF_8 = 0.9  # fraction of valid values that are multiples of 8 in a bit-rotated SUN depth PNG
 TUM_MAX_DT_S = 0.02  # TUM's associate.py default
 DEPTH_SUFFIXES = (".png", ".tif", ".tiff", ".npy", ".pgm")
+UNREAD_FRAME_SUFFIXES = {".gif": "GIF files (256 colours of 8 bits, no 16-bit depth)"}
 
 SUPPORTED_LAYOUTS = {
     "nyuv2-mat": f"NYUv2 labeled release: a folder with {NYU_MAT_NAME} (+ optional splits.mat)",
@@ -65,6 +66,7 @@ def open_rgbd_source(src: str | Path, options: ConvertOptions | None = None) -> 
         raise MmtkError(f"--layout {options.layout}: {src} does not hold that layout "
                         f"({SUPPORTED_LAYOUTS[options.layout]})")
     if not found:
+        _refuse_unread_frames(src)
         supported = "".join(f"\n  {name}: {text}" for name, text in SUPPORTED_LAYOUTS.items())
         raise MmtkError(f"cannot tell the layout of {src}; the supported layouts, one per line:{supported}")
     if len(found) > 1:
@@ -77,6 +79,16 @@ def open_rgbd_source(src: str | Path, options: ConvertOptions | None = None) -> 
         source.notes.append(f"NOT converted: labels in {labels.name}/ (the {name} layout has none; name the "
                             f"frames alike and pass --layout paired to keep them)")
     return source
+
+
+def _refuse_unread_frames(src: Path) -> None:
+    """Where no layout matched because the frames are in an image format mmtk does not read, say so."""
+    files = src.rglob("*") if src.is_dir() else iter(())
+    first = next((path for path in files if path.suffix.lower() in UNREAD_FRAME_SUFFIXES), None)
+    if first is not None:
+        raise MmtkError(f"{src} holds {UNREAD_FRAME_SUFFIXES[first.suffix.lower()]} (e.g. {first.relative_to(src)}), "
+                        f"which mmtk does not read as frames; convert them to colour "
+                        f"{'/'.join(IMAGE_SUFFIXES)} and depth {'/'.join(DEPTH_SUFFIXES)} files first")
 
 
 def _checked_frames(frames: Callable[[], Iterator[Frame]], options: ConvertOptions, guessed: bool,
@@ -125,14 +137,8 @@ def _decodings(raw: np.ndarray) -> Decodings:
 def _units_fix(decoded: Decodings | None, encoding: DepthEncoding, how: str, options: ConvertOptions) -> str:
     """The end of a refusal: what the units were taken as, which formats (of the first frame's ``decoded``)
     would be plausible, the flags."""
-    plausible = []
-    for other, (depth, stats) in (decoded or {}).items():
-        try:
-            check_plausible_metres("depth", depth, "", options.depth_range, stats=stats)
-        except MmtkError:
-            continue
-        if other.format != encoding.format and stats:
-            plausible.append(f"{other.format} gives median {stats[1]:.2f} m")
+    plausible = [f"{other.format} gives median {_median(reading):.2f} m" for other, reading in (decoded or {}).items()
+                 if other.format != encoding.format and _plausible(reading, options.depth_range)]
     hint = f" ({'; '.join(plausible)})" if plausible else ""
     return (f"depth read as {encoding.text} ({how}); pass --depth-format {'|'.join(DEPTH_FORMATS)}{hint} or "
             f"--depth-scale UNITS_PER_METRE, or --depth-range outdoor|lidar|MIN-MAX for another sensor")
@@ -470,6 +476,7 @@ _COLOR_TOKEN = re.compile(r"(color|colour|rgb|images?)", re.IGNORECASE)
 _DEPTH_TOKEN = re.compile(r"depth", re.IGNORECASE)
 _LABEL_TOKEN = re.compile(r"(labels?|semseg)", re.IGNORECASE)
 _TUM_TOKEN = re.compile(r"(?<![a-z])tum(?![a-z])", re.IGNORECASE)
+_SUN_TOKEN = re.compile(r"(?<![a-z])sun(?:rgb-?d|3d)?(?![a-z])", re.IGNORECASE)  # SUN_depth, SUNRGBD, sun3d
 
 
 def _child(src: Path, names: tuple[str, ...]) -> Path | None:
@@ -510,7 +517,8 @@ def _is_paired(src: Path) -> str | None:
 
 
 def _guess_encoding(raw: np.ndarray, path: Path, src: Path, camera_units: float | None,
-                    camera_file: str, decoded: Decodings) -> tuple[DepthEncoding, str]:
+                    camera_file: str, decoded: Decodings,
+                    depth_range: tuple[float, float]) -> tuple[DepthEncoding, str]:
     """The depth encoding of a folder without declared units (``raw``: its first frame, read by each
     format in ``decoded``), and the evidence for it."""
     if camera_units is not None:
@@ -522,8 +530,7 @@ def _guess_encoding(raw: np.ndarray, path: Path, src: Path, camera_units: float 
                 f"measurement) = raw Kinect v1 disparity, read with the NYU toolbox model")
     fraction = multiple_of_8_fraction(raw)
     if raw.dtype == np.uint16 and fraction >= SUN_MULTIPLE_OF_8:
-        return (DepthEncoding("sun"), f"{100 * fraction:.0f} % of the values are multiples of 8 = SUN RGB-D's "
-                f"bit-rotated millimetres")
+        return _sun_or_millimetres(path, src, fraction, decoded, depth_range)
     if raw.dtype == np.uint16 and raw.shape == KINECT_V2_DEPTH_SIZE:
         stats = decoded[DepthEncoding("mm", FORMAT_UNITS["mm"])][1]
         if stats is not None and stats[1] > KINECT_V2_MAX_M:
@@ -533,6 +540,44 @@ def _guess_encoding(raw: np.ndarray, path: Path, src: Path, camera_units: float 
     if named is not None:
         return DepthEncoding("tum", FORMAT_UNITS["tum"]), f"name {named!r} says TUM RGB-D (5000 units/m)"
     return DepthEncoding("mm", FORMAT_UNITS["mm"]), f"{raw.dtype} depth read as millimetres (the common default)"
+
+
+def _sun_or_millimetres(path: Path, src: Path, fraction: float, decoded: Decodings,
+                        depth_range: tuple[float, float]) -> tuple[DepthEncoding, str]:
+    """Depth whose values are (nearly) all multiples of 8: SUN RGB-D's bit-rotated millimetres, or millimetres
+    quantised to 8 mm? A SUN name in the path says SUN; otherwise the reading that alone lies in the sensor range
+    wins, and when both do the user is asked (a wrong pick is a factor of 8)."""
+    sun, mm = DepthEncoding("sun"), DepthEncoding("mm", FORMAT_UNITS["mm"])
+    share = f"{100 * fraction:.0f} % of the values are multiples of 8"
+    named = next((part for part in (*path.relative_to(src).parts, src.name) if _SUN_TOKEN.search(part)), None)
+    if named is not None:
+        return sun, f"name {named!r} says SUN RGB-D and {share}: SUN RGB-D's bit-rotated millimetres"
+    sun_ok, mm_ok = _plausible(decoded.get(sun), depth_range), _plausible(decoded.get(mm), depth_range)
+    sun_median, mm_median = (_median(decoded.get(e)) for e in (sun, mm))
+    if sun_ok and mm_ok:
+        raise MmtkError(f"{path}: {share}, which fits both SUN RGB-D's bit-rotated millimetres "
+                        f"(median {sun_median:.2f} m) and millimetres quantised to 8 mm (median {mm_median:.2f} m); "
+                        f"pass --depth-format sun or --depth-format mm")
+    if mm_ok:
+        return mm, (f"{share}, but SUN's bit rotation would give median {sun_median:.2f} m, outside the sensor "
+                    f"range, and millimetres fit it: millimetres quantised to 8 mm")
+    return sun, (f"{share} and as plain millimetres the depth would lie outside the sensor range (median "
+                 f"{mm_median:.2f} m): SUN RGB-D's bit-rotated millimetres")
+
+
+def _plausible(decoding: tuple[np.ndarray, Percentiles | None] | None, depth_range: tuple[float, float]) -> bool:
+    """Whether one reading of a frame (depth, percentiles) passes the sensor range check."""
+    if decoding is None or decoding[1] is None:
+        return False
+    try:
+        check_plausible_metres("depth", decoding[0], "", depth_range, stats=decoding[1])
+    except MmtkError:
+        return False
+    return True
+
+
+def _median(decoding: tuple[np.ndarray, Percentiles | None] | None) -> float:
+    return decoding[1][1] if decoding is not None and decoding[1] is not None else 0.0
 
 
 def _frame_intrinsics(found, rgb: np.ndarray) -> np.ndarray | None:
@@ -573,7 +618,7 @@ def _open_paired(src: Path, options: ConvertOptions) -> RgbdSource:
     if guessed:
         encoding, evidence = _guess_encoding(first, depth[keys[0]], src,
                                              camera.depth_units_per_metre if camera else None,
-                                             camera.path.name if camera else "", decoded)
+                                             camera.path.name if camera else "", decoded, options.depth_range)
         notes.append(f"{'GUESSED ' if 'declared' not in evidence else ''}depth units: {evidence}; checked against {options.depth_range[0]:g}-"
                      f"{options.depth_range[1]:g} m (pass --depth-format or --depth-scale if wrong)")
     else:

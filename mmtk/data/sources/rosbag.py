@@ -4,9 +4,10 @@ Depth comes from an Image/CompressedImage topic or from a PointCloud2 topic; a c
 camera's frame with the bag's /tf_static and /tf when it is given in another frame, then turned into depth
 aligned with the colour image (see :func:`mmtk.pointcloud.cloud_to_image_depth`).
 Colour and depth are paired by header time stamps with a slop ``max_dt`` (one-to-one, closest pairs
-first, like message_filters' approximate policy); unpaired messages are counted and reported.
-The bag is read in one pass (:class:`StreamPairer`): memory holds only the messages of the last 2 x max_dt (of the
-last 2 s when a stream stops), and only paired messages are decoded.
+first, like message_filters' approximate policy, in whatever order the stamps run; repeated stamps in log order;
+stamps never set (0) make the pairing use log times); unpaired messages are counted and reported.
+The bag is read in one pass (:class:`StreamPairer`): memory holds only the messages logged in the last 2 s
+that wait for a partner, and only paired messages are decoded.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from mmtk.data.dataset import MAX_IMAGE_SIDE
 from mmtk.data.sources.base import Frame, RgbdSource, associate_by_time, check_image_size, to_metres
+from mmtk.data.values import intrinsics_problem
 from mmtk.data.sources.tf import TransformTree, read_transforms
 from mmtk.errors import MmtkError
 from mmtk.pointcloud import PointCloud, cloud_to_image_depth
@@ -226,8 +228,13 @@ def _decode_bytes(payload: bytes, fmt: str) -> np.ndarray:
         with Image.open(io.BytesIO(payload)) as image:
             check_image_size(image, f"compressed image ({fmt!r})")
             array = np.array(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except UnidentifiedImageError:  # its message names an in-memory file object, of no use to anyone
+        raise MmtkError(f"cannot decode a compressed image ({fmt!r}): its {len(payload)} bytes are not an image "
+                        f"PIL can identify (corrupt or truncated)") from None
+    except Image.DecompressionBombError as err:
         raise MmtkError(f"cannot decode a compressed image ({fmt!r}): {err}") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise MmtkError(f"cannot decode a compressed image ({fmt!r}): corrupt or truncated ({err})") from None
     if array.dtype == np.int32:
         array = array.astype(np.uint16)
     return array
@@ -283,15 +290,24 @@ def open_rosbag_source(bag: str | Path, rgb_topic: str, depth_topic: str | None 
                 notes.append(f"intrinsics from {camera_info_topic} (pass --camera-info-topic to change)")
             else:
                 notes.append("no CameraInfo topic beside the colour topic: frames get no intrinsics")
-        _camera_info_connections(reader, camera_info_topic, available)  # its type is checked before any frame
+        info_conns = _camera_info_connections(reader, camera_info_topic, available)  # type checked before any frame
+        if (problem := _first_camera_problem(reader, info_conns)) is not None:
+            notes.append(f"NO intrinsics: the first CameraInfo on {camera_info_topic} is unusable ({problem}), so the "
+                         f"frames are written without intrinsics (calibrate the camera, or pass --camera-info-topic)")
+            camera_info_topic = None
         counts = {role: sum(c.msgcount for c in role_conns) for role, role_conns in conns.items()}
+        unstamped = [topics[role] for role, role_conns in conns.items() if _first_stamp(reader, role_conns) == 0]
+        by_log_time = bool(unstamped)
+        if by_log_time:
+            notes.append(f"header stamps are 0 (never set) on {', '.join(unstamped)}: every topic is paired by the "
+                         f"time the recorder logged its messages instead")
     finally:
         reader.close()
     label = {"rgb": "colour", "depth": "depth" if cloud_topic is None else "cloud"}
 
     def frames() -> Iterator[Frame]:
         yield from _stream_frames(bag, topics, max_dt, depth_scale, camera_info_topic, label,
-                                  from_cloud=cloud_topic is not None, alignment=alignment)
+                                  from_cloud=cloud_topic is not None, alignment=alignment, by_log_time=by_log_time)
 
     def summary(written: int) -> str:  # each frame took one message of every stream
         dropped = " and ".join(f"{counts[role] - written} {label.get(role, role)}" for role in topics)
@@ -311,14 +327,14 @@ def read_colour_frames(bag: str | Path, rgb_topic: str, camera_info_topic: str |
         rgb_conns = _connections(reader, rgb_topic, available, "colour")
         _check_type(rgb_conns[0], "colour", IMAGE_TYPES, "Image or CompressedImage")
         info_conns = _camera_info_connections(reader, camera_info_topic, available)
-        infos = [_camera_matrix(deserialize(reader, raw, conn))[0]
-                 for conn, _, raw in reader.messages(connections=info_conns)] if info_conns else []
-        intrinsics = infos[0] if infos else None  # a camera's intrinsics do not change within a bag
-        for conn, log_time, raw in reader.messages(connections=rgb_conns):
-            msg = deserialize(reader, raw, conn)
+        intrinsics = _first_valid_camera(reader, info_conns)  # a camera's intrinsics do not change within a bag
+        for index, (conn, log_time, raw) in enumerate(reader.messages(connections=rgb_conns)):
             stamp = _header_stamp(raw, bool(getattr(reader, "is2", False))) or log_time * 1e-9
-            yield Frame("all", {"rgb": decode_image(msg, conn.msgtype, "rgb", None)}, intrinsics=intrinsics,
-                        timestamp=stamp)
+            try:
+                rgb = decode_image(deserialize(reader, raw, conn), conn.msgtype, "rgb", None)
+            except MmtkError as err:
+                raise MmtkError(f"{message_name(conn.topic, index, stamp)}: {err}") from None
+            yield Frame("all", {"rgb": rgb}, intrinsics=intrinsics, timestamp=stamp)
     finally:
         reader.close()
 
@@ -375,6 +391,27 @@ def _cloud_alignment(reader: Any, rgb_conn: Any, cloud_conn: Any,
         f"transforms (origins {np.linalg.norm(matrix[:3, 3]):.3f} m apart)"]
 
 
+def _first_camera_problem(reader: Any, info_conns: list[Any]) -> str | None:
+    """What makes the first CameraInfo's K unusable (all zeros from an uncalibrated camera, NaN), or None."""
+    first = next(iter(reader.messages(connections=info_conns)), None) if info_conns else None
+    return None if first is None else intrinsics_problem(_camera_matrix(deserialize(reader, first[2], first[0]))[0])
+
+
+def _first_valid_camera(reader: Any, info_conns: list[Any]) -> np.ndarray | None:
+    """K of the first CameraInfo whose K is usable (see :func:`intrinsics_problem`), or None."""
+    for conn, _, raw in reader.messages(connections=info_conns) if info_conns else ():
+        k = _camera_matrix(deserialize(reader, raw, conn))[0]
+        if intrinsics_problem(k) is None:
+            return k
+    return None
+
+
+def _first_stamp(reader: Any, conns: list[Any]) -> float | None:
+    """Header stamp (s) of the first message of ``conns`` (None when there is none)."""
+    first = next(iter(reader.messages(connections=conns)), None)
+    return None if first is None else _header_stamp(first[2], bool(getattr(reader, "is2", False)))
+
+
 def _first_header(reader: Any, conn: Any) -> tuple[str, float]:
     """frame_id and stamp (s) of a topic's first message ("" and 0 when it has none)."""
     first = next(iter(reader.messages(connections=[conn])), None)
@@ -385,8 +422,8 @@ def _first_header(reader: Any, conn: Any) -> tuple[str, float]:
 
 
 MAX_FRAMES_BEFORE_INFO = 64  # frames held back while no CameraInfo has arrived yet (then written without K)
-# A stream whose newest stamp is this far behind the bag's newest is taken as stalled (dropped out, or recorded
-# later than this): colour is decided without waiting for it, so memory stays bounded when a stream stops.
+# A message is waited for while the bag's log time is within this of it: a partner logged later than this (a
+# stream that stopped, or stamps running this far against the log order) is not waited for, so memory stays bounded.
 MAX_STREAM_LAG_S = 2.0
 
 
@@ -394,59 +431,68 @@ class StreamPairer:
     """Pairs colour messages with a message of every other stream as they arrive, in one pass over a bag.
 
     Pairing is one-to-one by header stamp within ``max_dt``, closest pairs first (:func:`associate_by_time`, like
-    message_filters' approximate policy). A colour message is decided once every stream has reached 2 x max_dt past
-    it, or once the bag's newest stamp is :data:`MAX_STREAM_LAG_S` more past it (a stream that stopped is waited for
-    no longer), so only the messages of that window wait in memory, whatever the bag's length. Payloads are opaque
-    (raw messages): only the paired ones are ever decoded.
+    message_filters' approximate policy; repeated stamps are paired in log order), whatever order the stamps run
+    in. A colour message is decided once it has a partner on every stream and every stream has reached 2 x max_dt
+    past its stamp (no closer partner can follow), or once the bag's log time is :data:`MAX_STREAM_LAG_S` past the
+    time it was logged (a partner still missing then is not waited for: the message is dropped). Messages of other
+    streams are kept until taken or until as old. So only the messages of that window wait in memory, whatever the
+    bag's length. Payloads are opaque (raw messages): only the paired ones are ever decoded.
     """
 
     def __init__(self, roles: list[str], max_dt: float) -> None:
         self.roles, self.max_dt = roles, max_dt
-        self.pending: dict[str, list[tuple[float, Any]]] = {role: [] for role in roles}
+        self.pending: dict[str, list[tuple[float, float, Any]]] = {role: [] for role in roles}  # stamp, log time
         self.latest = {role: -np.inf for role in roles}
+        self.logged = -np.inf  # the bag's newest log time so far (s)
         self.seen = {role: 0 for role in roles}
 
-    def add(self, role: str, stamp: float, payload: Any) -> list[tuple[float, dict[str, Any]]]:
-        """Take one message; return the frames (colour stamp, role -> payload) this decides."""
-        self.pending[role].append((stamp, payload))
+    def add(self, role: str, stamp: float, payload: Any, log_time: float | None = None) -> list[tuple[float, dict]]:
+        """Take one message (``log_time``: when the recorder logged it, s; default its stamp); return the frames
+        (colour stamp, role -> payload) this decides."""
+        log_time = stamp if log_time is None else log_time
+        self.pending[role].append((stamp, log_time, payload))
         self.latest[role] = max(self.latest[role], stamp)
+        self.logged = max(self.logged, log_time)
         self.seen[role] += 1
-        reached = max(min(self.latest.values()), max(self.latest.values()) - MAX_STREAM_LAG_S)
-        return self._decide(reached - 2 * self.max_dt)
+        return self._decide(min(self.latest.values()) - 2 * self.max_dt, self.logged - MAX_STREAM_LAG_S)
 
     def finish(self) -> list[tuple[float, dict[str, Any]]]:
         """The frames left once the bag has ended."""
-        return self._decide(np.inf)
+        return self._decide(np.inf, np.inf)
 
-    def _decide(self, horizon: float) -> list[tuple[float, dict[str, Any]]]:
-        colour = sorted(self.pending["rgb"], key=lambda item: item[0])
-        ready = [item for item in colour if item[0] <= horizon]
-        if not ready:
+    def _decide(self, horizon: float, expired: float) -> list[tuple[float, dict[str, Any]]]:
+        """Decide the colour messages stamped up to ``horizon`` that have partners, and those logged up to
+        ``expired``; forget other messages logged up to ``expired``."""
+        if not (any(item[0] <= horizon for item in self.pending["rgb"])
+                or any(item[1] <= expired for items in self.pending.values() for item in items)):
             return []
-        others = {role: sorted(self.pending[role], key=lambda item: item[0]) for role in self.roles if role != "rgb"}
-        stamps = [t for t, _ in colour]
-        partners = {role: dict(associate_by_time(stamps, [t for t, _ in items], self.max_dt))
-                    for role, items in others.items()}
-        decided, taken = [], {role: set() for role in others}
-        for index, (stamp, payload) in enumerate(colour[: len(ready)]):
-            if all(index in pairs for pairs in partners.values()):
-                parts = {"rgb": payload}
+        colour = sorted(self.pending["rgb"], key=lambda item: item[:2])
+        others = {role: sorted(self.pending[role], key=lambda item: item[:2]) for role in self.roles if role != "rgb"}
+        stamps, logs = [item[0] for item in colour], [item[1] for item in colour]
+        partners = {role: dict(associate_by_time(stamps, [item[0] for item in items], self.max_dt, logs,
+                                                 [item[1] for item in items])) for role, items in others.items()}
+        decided, waiting, taken = [], [], {role: set() for role in others}
+        for index, item in enumerate(colour):
+            paired = all(index in pairs for pairs in partners.values())
+            if not ((paired and item[0] <= horizon) or item[1] <= expired):
+                waiting.append(item)
+            elif paired:
+                parts = {"rgb": item[2]}
                 for role, pairs in partners.items():
-                    parts[role] = others[role][pairs[index]][1]
+                    parts[role] = others[role][pairs[index]][2]
                     taken[role].add(pairs[index])
-                decided.append((stamp, parts))
-        self.pending["rgb"] = colour[len(ready):]
-        oldest = self.pending["rgb"][0][0] if self.pending["rgb"] else horizon + 2 * self.max_dt
-        for role, items in others.items():  # a message older than any colour still waiting can pair no more
-            self.pending[role] = [item for k, item in enumerate(items)
-                                  if k not in taken[role] and item[0] >= oldest - self.max_dt]
+                decided.append((item[0], parts))
+        self.pending["rgb"] = waiting
+        for role, items in others.items():
+            self.pending[role] = [item for k, item in enumerate(items) if k not in taken[role] and item[1] > expired]
         return decided
 
 
 def _stream_frames(bag: Path, topics: dict[str, str], max_dt: float, depth_scale: float | None,
                    camera_info_topic: str | None, label: dict[str, str], from_cloud: bool,
-                   alignment: CloudAlignment | None) -> Iterator[Frame]:
-    """Read the bag once: CameraInfo kept as it comes, every stream paired on the fly, paired messages decoded."""
+                   alignment: CloudAlignment | None, by_log_time: bool = False) -> Iterator[Frame]:
+    """Read the bag once: CameraInfo kept as it comes, every stream paired on the fly, paired messages decoded.
+    ``by_log_time``: pair by the time the recorder logged each message instead of its header stamp."""
     reader = open_reader(bag)
     try:
         available = _topic_infos(reader)
@@ -459,12 +505,14 @@ def _stream_frames(bag: Path, topics: dict[str, str], max_dt: float, depth_scale
         waiting: list[tuple[float, dict]] = []  # frames decided before the first CameraInfo arrived
         written = 0
         for conn, log_time, raw in reader.messages(connections=conns):
-            stamp = _header_stamp(raw, is_ros2) or log_time * 1e-9
+            stamp = log_time * 1e-9 if by_log_time else _header_stamp(raw, is_ros2) or log_time * 1e-9
             if conn in info_conns:
-                infos.add(stamp, *_camera_matrix(deserialize(reader, raw, conn)))
+                k, size = _camera_matrix(deserialize(reader, raw, conn))
+                if intrinsics_problem(k) is None:  # a later invalid one is skipped: frames keep the nearest valid K
+                    infos.add(stamp, k, size)
             else:
                 role = role_of[conn.topic]
-                waiting += pairer.add(role, stamp, (conn, raw, stamp, pairer.seen[role]))
+                waiting += pairer.add(role, stamp, (conn, raw, stamp, pairer.seen[role]), log_time * 1e-9)
             if infos.times or not info_conns or len(waiting) > MAX_FRAMES_BEFORE_INFO:
                 for frame_stamp, parts in waiting:
                     written += 1
@@ -485,18 +533,26 @@ def _decoded_frame(reader: Any, parts: dict[str, tuple[Any, bytes, float, int]],
                    infos: CameraInfos, depth_scale: float | None,
                    from_cloud: bool, alignment: CloudAlignment | None) -> Frame:
     arrays: dict[str, Any] = {}
-    for role, (conn, raw, message_stamp, _) in parts.items():
-        msg = deserialize(reader, raw, conn)
-        if role == "depth" and from_cloud:
-            cloud = pointcloud2_to_cloud(msg)
-            arrays[role] = cloud if alignment is None else alignment.to_camera(cloud, message_stamp)
-        else:
-            arrays[role] = decode_image(msg, conn.msgtype, role, depth_scale if role == "depth" else None)
+    for role, (conn, raw, message_stamp, index) in parts.items():
+        try:
+            msg = deserialize(reader, raw, conn)
+            if role == "depth" and from_cloud:
+                cloud = pointcloud2_to_cloud(msg)
+                arrays[role] = cloud if alignment is None else alignment.to_camera(cloud, message_stamp)
+            else:
+                arrays[role] = decode_image(msg, conn.msgtype, role, depth_scale if role == "depth" else None)
+        except MmtkError as err:
+            raise MmtkError(f"{message_name(conn.topic, index, message_stamp)}: {err}") from None
     size = arrays["rgb"].shape[:2]
     k = infos.nearest(stamp, size)
     if from_cloud:
         arrays["depth"] = _cloud_depth(arrays["depth"], size, k, topics["depth"])
     return Frame("all", arrays, intrinsics=k, timestamp=stamp, frame_id=f"{topics['rgb']}#{parts['rgb'][3]}")
+
+
+def message_name(topic: str, index: int, stamp: float) -> str:
+    """Where a message sits in a bag, for an error about it: topic, index among the topic's messages, stamp."""
+    return f"{topic} message #{index} (stamp {stamp:.6f} s)"
 
 
 def _cloud_depth(cloud: PointCloud, size: tuple[int, int], k: np.ndarray | None, topic: str) -> np.ndarray:
