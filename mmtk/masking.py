@@ -35,7 +35,7 @@ def sample_shares(batch: int, alphas: Tensor, sample_subsets: bool = False) -> T
     return gammas / gammas.sum(dim=1, keepdim=True)
 
 
-def _largest_remainder(ideal: Tensor, total: Tensor) -> Tensor:
+def largest_remainder(ideal: Tensor, total: Tensor) -> Tensor:
     """Round non-negative [B, M] amounts to integers summing to `total` [B] per row."""
     counts = ideal.floor()
     short = (total - counts.sum(dim=1)).round().long()  # [B], 0 <= short < M
@@ -67,7 +67,7 @@ def apportion(shares: Tensor, budget: int, capacity: Tensor) -> Tensor:
         weights = torch.where(no_share, (room > 0).to(shares.dtype), weights)
         weights = torch.where(remaining[:, None] > 0, weights, torch.ones_like(weights))  # avoid 0/0
         weights = weights / weights.sum(dim=1, keepdim=True)  # rows without room have remaining == 0
-        extra = _largest_remainder(weights * remaining[:, None].to(weights.dtype), remaining)
+        extra = largest_remainder(weights * remaining[:, None].to(weights.dtype), remaining)
         counts = counts + torch.minimum(extra, room)
     return counts
 
