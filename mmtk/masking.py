@@ -4,7 +4,8 @@ Per sample, a Dirichlet(alpha) draw splits a fixed budget of visible tokens over
 modalities (MultiMAE, Sec. 3.2). The split is exact: the per-modality counts add up to the budget
 (largest-remainder rounding), never exceed what a modality has, and what one modality cannot take
 goes to the others. Within a modality the visible patches are uniform at random among the eligible
-ones (e.g. patches that are not depth holes).
+ones (e.g. patches that are not depth holes). A sample that lacks a modality has no eligible token of it
+(capacity 0), so its whole budget goes to the modalities it has.
 
 Everything runs on the tokens' device with fixed shapes and no read-back to the host, so a compiled
 training step can include the masking (`train.compile: step`) and never waits for the GPU.

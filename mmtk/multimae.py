@@ -219,11 +219,13 @@ class MultiModalEncoder(nn.Module):
         """
         tokens, layout = self.tokenize(inputs)
         present = {name: has for name, has in (present or {}).items() if name in tokens}
+        x = torch.cat(list(tokens.values()), dim=1)  # [B, N, D]
         key_mask = None
-        if present:  # [B, N]: True for the tokens of inputs each sample has
-            key_mask = torch.cat([~hide_absent(torch.zeros(t.shape[:2], dtype=torch.bool, device=t.device),
-                                               present.get(name)) for name, t in tokens.items()], dim=1)
-        x, blocks = self(torch.cat(list(tokens.values()), dim=1), key_mask, return_all_blocks)
+        if present:  # [B, N]: True for the tokens of the inputs each sample has
+            everywhere = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+            key_mask = torch.cat([present.get(name, everywhere).to(x.device)[:, None].expand(-1, t.shape[1])
+                                  for name, t in tokens.items()], dim=1)
+        x, blocks = self(x, key_mask, return_all_blocks)
         return EncoderFeatures(x, layout, blocks, present)
 
 
