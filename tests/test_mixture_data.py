@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data_helpers import SYNC
-from engine_helpers import RECIPES, TINY, TINY_SEMSEG, run_cli, sample_h5  # noqa: F401
+from engine_helpers import RECIPES, TINY, TINY_SEMSEG, one_thread, run_cli, sample_h5  # noqa: F401
 from mmtk.batches import RunSampler, WeightedEpochs, make_batches
 from mmtk.config import load_recipe
 from mmtk.errors import MmtkError
@@ -144,3 +144,20 @@ def test_finetuning_loss_counts_only_samples_that_have_the_target(sample_h5, rgb
         photos, _ = loss_fn(model, {k: v[1:] for k, v in mixed.items()})
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
     assert expected > 0 and photos == 0  # a batch without labels adds nothing
+
+
+def test_a_weighted_mixture_stopped_mid_epoch_and_resumed_repeats_the_uninterrupted_run(sample_h5, rgb_h5, tmp_path,
+                                                                                       one_thread):
+    from mmtk.engine import read_metrics
+
+    # 1 + 3 frames x data.repeat 2 = 8 draws per epoch: 2 steps of 4; the step-3 checkpoint lies mid-epoch
+    sets = [f"--set={s}" for s in TINY + ["optim.batch_size=4", "data.repeat=2", "optim.epochs=3", "train.ckpt_every=3",
+                                          "optim.warmup_epochs=1", "data.weights=[1,3]", "train.device=cpu"]]
+    data = ["--data", sample_h5, "--data", rgb_h5]
+    assert run_cli("pretrain", "tiny", *data, "--out", tmp_path / "full", *sets)[0] == 0
+    assert run_cli("pretrain", "tiny", *data, "--out", tmp_path / "cut", *sets, "--set=train.max_steps=3")[0] == 0
+    assert run_cli("pretrain", "tiny", *data, "--out", tmp_path / "cut", *sets, "--resume")[0] == 0
+    full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [r["step"] for r in full] == [r["step"] for r in cut] == list(range(1, 7))
+    assert [{k: v for k, v in r.items() if k != "images_per_s"} for r in cut] == \
+        [{k: v for k, v in r.items() if k != "images_per_s"} for r in full]  # bit-identical losses and lr
