@@ -56,7 +56,8 @@ class WeightedEpochs(DistributedSampler):
 
     def __init__(self, sizes: list[int], weights: tuple[float, ...], length: int, num_replicas: int, rank: int,
                  seed: int) -> None:
-        super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,  # type: ignore[arg-type]
+        draws = range(length)  # what DistributedSampler counts and deals out: the epoch's draws
+        super().__init__(draws, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,  # type: ignore[arg-type]
                          drop_last=True)
         self.sizes, self.weights = sizes, weights
 

@@ -308,8 +308,8 @@ def read_recipe_source(recipe: str | Path) -> tuple[str, str]:
 def load_recipe(path: str | Path, overrides: list[str] | None = None,
                 data_path: str | os.PathLike | list[str] | None = None) -> Recipe:
     """Read a recipe (a YAML file, or a shipped recipe's name such as ``"tiny"``), apply ``--set`` overrides
-    and ``--data`` (one file, or a list: a mixture), validate and return it. ``data.path`` comes back absolute, so a run finds its data from
-    any folder."""
+    and ``--data`` (one file, or a list: a mixture), validate and return it. ``data.path`` comes back absolute,
+    so a run finds its data from any folder."""
     source, text = read_recipe_source(path)
     try:
         values = yaml.safe_load(text) or {}

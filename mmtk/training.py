@@ -36,7 +36,7 @@ class DataInfo:
     num_classes: int  # 0 when the file has no semantic labels
     frames: int
     class_names: list[str] = field(default_factory=list)
-    parts: list["DataInfo"] = field(default_factory=list)  # a mixture's datasets (empty for one file)
+    parts: list[DataInfo] = field(default_factory=list)  # a mixture's datasets (empty for one file)
 
 
 def mixture_info(parts: list[DataInfo]) -> DataInfo:
