@@ -45,13 +45,14 @@ def mixture_info(parts: list[DataInfo]) -> DataInfo:
     labelled = [part for part in parts if part.class_names]
     for part in labelled[1:]:
         if part.class_names != labelled[0].class_names:
-            raise MmtkError(f"{part.path} is labelled with {part.num_classes} classes and {labelled[0].path} with "
-                            f"{labelled[0].num_classes} other ones (or in another order); one model predicts one "
-                            f"set of classes: mix files labelled alike (or pseudo-labelled by the same network)")
+            raise MmtkError(f"{part.path} is labelled with {part.num_classes} classes, {labelled[0].path} with "
+                            f"{labelled[0].num_classes} (names or order differ); one model predicts one set of "
+                            f"classes: mix files labelled alike (or pseudo-labelled by the same network)")
     offered = {name for part in parts for name in part.modalities}
     classes = labelled[0].class_names if labelled else []
-    return DataInfo(" + ".join(part.path for part in parts), tuple(n for n in list_modalities() if n in offered),
-                    parts[0].image_size, len(classes), sum(part.frames for part in parts), list(classes), list(parts))
+    modalities = tuple(name for name in list_modalities() if name in offered)
+    return DataInfo("the mixture " + " + ".join(part.path for part in parts), modalities, parts[0].image_size,
+                    len(classes), sum(part.frames for part in parts), list(classes), list(parts))
 
 
 def open_dataset(path: str | Path, split: str, modalities: tuple[str, ...], image_size: tuple[int, int] | None,

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from data_helpers import SYNC
+from data_helpers import SAMPLES, SYNC
 from engine_helpers import RECIPES, TINY, TINY_SEMSEG, one_thread, run_cli, sample_h5  # noqa: F401
 from mmtk.batches import RunSampler, WeightedEpochs, make_batches
 from mmtk.config import load_recipe
@@ -97,6 +97,11 @@ def test_mixture_mistakes_are_one_line(sample_h5, rgb_h5, tmp_path):
         _prepare(_recipe([sample_h5, rgb_h5], "model.inputs=[depth]", "model.outputs=[depth]"))
     with pytest.raises(MmtkError, match=r"needs 'depth' but .*photos.h5 \+ .*photos.h5 has only rgb"):
         _prepare(_recipe([rgb_h5, rgb_h5], "model.inputs=[rgb,depth]", "model.outputs=[rgb,depth]"))
+    from mmtk.data import convert_rgbd
+
+    convert_rgbd(SAMPLES / "nyuv2_multimae", tmp_path / "c13.h5", classes=13, size=(120, 160), progress=False)
+    with pytest.raises(MmtkError, match=r"c13.h5 is labelled with 13 classes, .*nyuv2_sample.h5 with 40 \(names"):
+        _prepare(_recipe([sample_h5, tmp_path / "c13.h5"]))
 
 
 def test_pretraining_and_finetuning_on_an_rgbd_file_and_an_rgb_only_file_through_the_cli(sample_h5, rgb_h5, tmp_path):
