@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import bisect
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
 import numpy as np
 import torch
@@ -91,7 +90,7 @@ class Mixture(Dataset):
         return sample
 
 
-def present_masks(batch: dict[str, Tensor], names: Any) -> dict[str, Tensor]:
+def present_masks(batch: dict[str, Tensor], names: Iterable[str]) -> dict[str, Tensor]:
     """The ``<name>_present`` [B] bool masks a batch carries, by modality, for ``names``."""
     return {name: batch[name + PRESENT_SUFFIX] for name in names if name + PRESENT_SUFFIX in batch}
 
