@@ -31,14 +31,14 @@ def _run_dir(recipe: str, out: Optional[Path], resume: bool) -> Path:
     return run_dir
 
 
-def _resume_command(kind: str, recipe: str, data: Optional[Path], run_dir: Path, overrides: list[str]) -> str:
+def _resume_command(kind: str, recipe: str, data: list[Path], run_dir: Path, overrides: list[str]) -> str:
     """The command line that continues this run."""
-    words = ["mmtk", kind, recipe, *(["--data", str(data)] if data else []), "--out", str(run_dir)]
+    words = ["mmtk", kind, recipe, *[word for path in data for word in ("--data", str(path))], "--out", str(run_dir)]
     words += [f"--set={text}" for text in overrides] + ["--resume"]
     return " ".join(shlex.quote(word) for word in words)
 
 
-def _train(recipe_arg: str, kind: str, data: Optional[Path], out: Optional[Path], overrides: list[str],
+def _train(recipe_arg: str, kind: str, data: Optional[list[Path]], out: Optional[Path], overrides: list[str],
            resume: bool, init: Optional[Path] = None) -> None:
     from mmtk.config import load_recipe
     from mmtk.engine import TrainingInterrupted
@@ -46,7 +46,9 @@ def _train(recipe_arg: str, kind: str, data: Optional[Path], out: Optional[Path]
     from mmtk.runs import record_run, resolve_checkpoint, run_checkpoint
     from mmtk.training import run_training
 
-    recipe = load_recipe(recipe_arg, overrides, data_path=str(data) if data else None)
+    data = data or []
+    data_path = [str(path) for path in data] if len(data) > 1 else str(data[0]) if data else None  # >1: a mixture
+    recipe = load_recipe(recipe_arg, overrides, data_path=data_path)
     if recipe.kind != kind:
         raise MmtkError(f"{recipe_arg} is a {recipe.kind} recipe; run it with `mmtk {recipe.kind}`")
     if init is not None:
@@ -83,7 +85,8 @@ RECIPE_HELP = "A shipped recipe's name (`mmtk recipes` lists them) or your own Y
 @app.command()
 def pretrain(
     recipe: str = typer.Argument(..., help=f"{RECIPE_HELP}, e.g. tiny or my.yaml."),
-    data: Optional[Path] = typer.Option(None, "--data", help="HDF5 file from `mmtk convert` (overrides data.path)."),
+    data: Optional[list[Path]] = typer.Option(None, "--data", help="HDF5 file from `mmtk convert` (overrides "
+                                              "data.path); repeat it to train on a mixture (data.weights)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<recipe name>)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run folder."),
@@ -99,7 +102,8 @@ def finetune(
     recipe: str = typer.Argument(..., help=f"{RECIPE_HELP}, e.g. tiny_finetune_semseg or my.yaml."),
     init: Optional[Path] = typer.Option(None, "--init", help="Pretrained weights: a run folder of `mmtk pretrain` "
                                         "(its newest checkpoint), a checkpoint file, official MultiMAE or timm ViT."),
-    data: Optional[Path] = typer.Option(None, "--data", help="HDF5 file from `mmtk convert` (overrides data.path)."),
+    data: Optional[list[Path]] = typer.Option(None, "--data", help="HDF5 file from `mmtk convert` (overrides "
+                                              "data.path); repeat it to train on a mixture (data.weights)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<recipe name>)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run folder."),

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import itertools
 import math
-import random
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 
 from mmtk.config import Recipe, loader_workers
+from mmtk.data.mixture import Mixture, mixture_order, seeded_rngs
 from mmtk.errors import MmtkError
 from mmtk.runtime import DistInfo, main_process_print
 
@@ -29,9 +28,10 @@ class RunSampler(Sampler):
     loader every epoch would leave the GPU waiting for each epoch's first batch).
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, samples_per_step: int) -> None:
-        self.epoch_order = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
-                                              drop_last=True)
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, samples_per_step: int,
+                 epoch_order: DistributedSampler | None = None) -> None:
+        self.epoch_order = epoch_order or DistributedSampler(dataset, num_replicas=num_replicas, rank=rank,
+                                                             shuffle=True, seed=seed, drop_last=True)
         self.samples_per_step = samples_per_step
         self.steps_per_epoch = self.epoch_order.num_samples // samples_per_step
         self.start_step = 0
@@ -46,12 +46,34 @@ class RunSampler(Sampler):
             epoch, first = epoch + 1, 0
 
 
+class WeightedEpochs(DistributedSampler):
+    """A DistributedSampler whose epoch is a weighted draw over the datasets of a mixture (``data.weights``).
+
+    Every process draws the same epoch (:func:`mixture_order`, seeded by seed + epoch) and takes every
+    ``num_replicas``-th draw from its rank on, as DistributedSampler does with its permutation; so one
+    process and several, at the same global batch, train on the same samples.
+    """
+
+    def __init__(self, sizes: list[int], weights: tuple[float, ...], length: int, num_replicas: int, rank: int,
+                 seed: int) -> None:
+        draws = range(length)  # what DistributedSampler counts and deals out: the epoch's draws
+        super().__init__(draws, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,  # type: ignore[arg-type]
+                         drop_last=True)
+        self.sizes, self.weights = sizes, weights
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = mixture_order(self.sizes, self.weights, len(self.dataset), generator)  # type: ignore[arg-type]
+        return iter(order[self.rank:self.total_size:self.num_replicas].tolist())
+
+
 class SeededDataset(Dataset):
     """Makes a dataset's random augmentation a function of (seed, epoch, index) only.
 
     The global torch/numpy/python RNGs are re-seeded around each ``dataset[index]`` and restored
     afterwards, so the crop of a frame does not depend on the worker count, on the process count or
-    on where a resumed run restarted.
+    on where a resumed run restarted. An index beyond the dataset is a further pass over it (frame
+    ``index % len``, its own seed): weighted mixtures draw a frame more than once per epoch.
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
@@ -64,16 +86,8 @@ class SeededDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, index = key
         sample_seed = (self.seed * 1_000_003 + epoch * 10_007 + index) % (2**63)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
-            random.seed(sample_seed)
-            np.random.seed(sample_seed % (2**32))
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+        with seeded_rngs(sample_seed):
+            return self.dataset[index % len(self)]
 
 
 @dataclass
@@ -112,9 +126,14 @@ def make_batches(recipe: Recipe, train_set: Dataset, info: DistInfo, micro_batch
         if info.is_main:
             main_process_print(f"note: {len(train_set)} frames x data.repeat {recipe.data.repeat} is less than one "
                                f"global batch of {opt.batch_size}; each epoch repeats the frames {repeat} times")
-    if repeat > 1:
+    epoch_order = None
+    if recipe.data.weights is not None:  # a weighted draw of len x repeat per epoch, passes over a frame included
+        sizes = train_set.sizes if isinstance(train_set, Mixture) else [len(train_set)]
+        epoch_order = WeightedEpochs(sizes, recipe.data.weights, len(train_set) * repeat, info.world_size, info.rank,
+                                     seed)
+    elif repeat > 1:
         train_set = ConcatDataset([train_set] * repeat)
-    sampler = RunSampler(train_set, info.world_size, info.rank, seed, samples_per_step=micro * accum)
+    sampler = RunSampler(train_set, info.world_size, info.rank, seed, micro * accum, epoch_order)
     # Its own generator: creating an iterator must not draw from the global RNG (the masks' RNG).
     loader = DataLoader(SeededDataset(train_set, seed), batch_size=micro, sampler=sampler, num_workers=workers,
                         generator=torch.Generator().manual_seed(seed), worker_init_fn=_ignore_sigint,

@@ -30,7 +30,10 @@ Precision = Literal["fp32", "bf16", "fp16"]
 class DataConfig:
     """Where the frames come from and how they are augmented."""
 
-    path: str | None = None  # HDF5 file written by `mmtk convert`; relative to the working directory (stored absolute)
+    # HDF5 file written by `mmtk convert`, or a list of them (a mixture, modalities may differ); relative to the
+    # working directory (stored absolute)
+    path: str | tuple[str, ...] | None = None
+    weights: tuple[float, ...] | None = None  # per data.path entry, share of each epoch's draws; None: by size
     train_split: str = "train"
     eval_split: str = "test"
     image_size: tuple[int, int] | None = None  # (H, W); None = the file's frame size
@@ -302,10 +305,11 @@ def read_recipe_source(recipe: str | Path) -> tuple[str, str]:
                     f"(`mmtk recipes`; `mmtk recipes show tiny > my.yaml` starts your own)")
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None, data_path: str | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None,
+                data_path: str | os.PathLike | list[str] | None = None) -> Recipe:
     """Read a recipe (a YAML file, or a shipped recipe's name such as ``"tiny"``), apply ``--set`` overrides
-    and ``--data``, validate and return it. ``data.path`` comes back absolute, so a run finds its data from
-    any folder."""
+    and ``--data`` (one file, or a list: a mixture), validate and return it. ``data.path`` comes back absolute,
+    so a run finds its data from any folder."""
     source, text = read_recipe_source(path)
     try:
         values = yaml.safe_load(text) or {}
@@ -323,10 +327,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, data_path:
         values.setdefault("data", {})
         if not isinstance(values["data"], dict):
             raise MmtkError(f"{source}: 'data' must be a mapping")
-        values["data"]["path"] = str(data_path)
+        values["data"]["path"] = str(data_path) if isinstance(data_path, (str, os.PathLike)) else \
+            [str(path) for path in data_path]
     recipe = recipe_from_dict(values, source)
-    if recipe.data.path is not None:
-        recipe.data.path = str(Path(recipe.data.path).resolve())
+    paths = [str(Path(path).resolve()) for path in data_paths(recipe.data)]
+    if paths:
+        recipe.data.path = paths[0] if isinstance(recipe.data.path, str) else tuple(paths)
     return recipe
 
 
@@ -350,15 +356,28 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
 
 
+def data_paths(data: DataConfig) -> list[str]:
+    """The datasets of ``data.path``: none, one, or the list of a mixture."""
+    return [] if data.path is None else [data.path] if isinstance(data.path, str) else list(data.path)
+
+
 def validate(recipe: Recipe, source: str) -> None:
     """Checks that need more than one field, or the file system; raise one-line MmtkErrors."""
     data, model, optim, train = recipe.data, recipe.model, recipe.optim, recipe.train
-    try:
-        found = data.path is None or Path(data.path).is_file()
-    except OSError as err:  # e.g. a name too long for the file system
-        raise MmtkError(f"{source}: data.path: {err.strerror}: {data.path[:80]}") from None
-    if not found:
-        raise MmtkError(f"{source}: data.path: file {data.path} not found; convert frames with `mmtk convert`")
+    paths = data_paths(data)
+    for path in paths:
+        try:
+            found = Path(path).is_file()
+        except OSError as err:  # e.g. a name too long for the file system
+            raise MmtkError(f"{source}: data.path: {err.strerror}: {path[:80]}") from None
+        if not found:
+            raise MmtkError(f"{source}: data.path: file {path} not found; convert frames with `mmtk convert`")
+    if data.path is not None and not paths:
+        raise MmtkError(f"{source}: data.path: an empty list; give one data file or several")
+    if data.weights is not None and (len(data.weights) != len(paths) or min(data.weights) < 0
+                                     or not 0 < sum(data.weights) < float("inf")):
+        raise MmtkError(f"{source}: data.weights {list(data.weights)}: give one finite weight >= 0 per data.path "
+                        f"entry ({len(paths)}), not all 0; or leave it out to draw by dataset size")
     positive = {
         "optim.batch_size": optim.batch_size,
         "data.repeat": data.repeat,

@@ -4,7 +4,8 @@ Per sample, a Dirichlet(alpha) draw splits a fixed budget of visible tokens over
 modalities (MultiMAE, Sec. 3.2). The split is exact: the per-modality counts add up to the budget
 (largest-remainder rounding), never exceed what a modality has, and what one modality cannot take
 goes to the others. Within a modality the visible patches are uniform at random among the eligible
-ones (e.g. patches that are not depth holes).
+ones (e.g. patches that are not depth holes). A sample that lacks a modality has no eligible token of it
+(capacity 0), so its whole budget goes to the modalities it has.
 
 Everything runs on the tokens' device with fixed shapes and no read-back to the host, so a compiled
 training step can include the masking (`train.compile: step`) and never waits for the GPU.
@@ -35,7 +36,7 @@ def sample_shares(batch: int, alphas: Tensor, sample_subsets: bool = False) -> T
     return gammas / gammas.sum(dim=1, keepdim=True)
 
 
-def _largest_remainder(ideal: Tensor, total: Tensor) -> Tensor:
+def largest_remainder(ideal: Tensor, total: Tensor) -> Tensor:
     """Round non-negative [B, M] amounts to integers summing to `total` [B] per row."""
     counts = ideal.floor()
     short = (total - counts.sum(dim=1)).round().long()  # [B], 0 <= short < M
@@ -67,7 +68,7 @@ def apportion(shares: Tensor, budget: int, capacity: Tensor) -> Tensor:
         weights = torch.where(no_share, (room > 0).to(shares.dtype), weights)
         weights = torch.where(remaining[:, None] > 0, weights, torch.ones_like(weights))  # avoid 0/0
         weights = weights / weights.sum(dim=1, keepdim=True)  # rows without room have remaining == 0
-        extra = _largest_remainder(weights * remaining[:, None].to(weights.dtype), remaining)
+        extra = largest_remainder(weights * remaining[:, None].to(weights.dtype), remaining)
         counts = counts + torch.minimum(extra, room)
     return counts
 

@@ -120,19 +120,33 @@ class EncoderFeatures:
     tokens: Tensor  # [B, N + G, D] last block; input tokens in layout order, then global tokens
     layout: TokenLayout
     blocks: list[Tensor] | None = None  # every block's output, when asked for
+    present: dict[str, Tensor] = field(default_factory=dict)  # input -> [B] bool, where some samples lack it
 
     def select(self, names: tuple[str, ...], tokens: Tensor | None = None) -> Tensor:
         """Concatenate the tokens of `names` along channels: [B, N_grid, D * len(names)].
 
         A name absent from the inputs is filled with the mean of the tokens of the present inputs,
-        so a head trained on RGB tokens still runs when only depth is given.
+        so a head trained on RGB tokens still runs when only depth is given; per sample when
+        samples lack inputs (`present`).
         """
         tokens = self.tokens if tokens is None else tokens
         per_input = {name: tokens[:, s:e] for name, (s, e) in self.layout.spans.items()}
+        if self.present:
+            return torch.cat(self.per_sample_tokens(per_input, names), dim=-1)
         if any(name not in per_input for name in names):
             fallback = torch.stack(list(per_input.values())).mean(dim=0)
             per_input = {name: per_input.get(name, fallback) for name in names}
         return torch.cat([per_input[name] for name in names], dim=-1)
+
+    def per_sample_tokens(self, per_input: dict[str, Tensor], names: tuple[str, ...]) -> list[Tensor]:
+        """Tokens [B, N_grid, D] of each of `names`; where a sample lacks one, the mean of those it has."""
+        first = next(iter(per_input.values()))
+        everywhere = torch.ones(first.shape[0], dtype=first.dtype, device=first.device)
+        has = {name: self.present[name].to(first) if name in self.present else everywhere for name in per_input}
+        count = torch.stack(list(has.values())).sum(dim=0).clamp_min(1)  # [B] inputs each sample has
+        fallback = sum(has[name][:, None, None] * tok for name, tok in per_input.items()) / count[:, None, None]
+        return [torch.where(has[name][:, None, None] > 0, per_input[name], fallback) if name in per_input
+                else fallback for name in names]
 
 
 @dataclass
@@ -196,11 +210,23 @@ class MultiModalEncoder(nn.Module):
                 outputs.append(x)
         return x, (outputs if return_all_blocks else None)
 
-    def forward_features(self, inputs: dict[str, Tensor], return_all_blocks: bool = False) -> EncoderFeatures:
-        """Encode every token of the given inputs (no masking)."""
+    def forward_features(self, inputs: dict[str, Tensor], return_all_blocks: bool = False,
+                         present: dict[str, Tensor] | None = None) -> EncoderFeatures:
+        """Encode every token of the given inputs (no masking).
+
+        `present`: optional [B] bool per input, False where a sample lacks it (a placeholder tensor):
+        no other token attends to its tokens, so the sample is encoded as if it had not been given.
+        """
         tokens, layout = self.tokenize(inputs)
-        x, blocks = self(torch.cat(list(tokens.values()), dim=1), return_all_blocks=return_all_blocks)
-        return EncoderFeatures(x, layout, blocks)
+        present = {name: has for name, has in (present or {}).items() if name in tokens}
+        x = torch.cat(list(tokens.values()), dim=1)  # [B, N, D]
+        key_mask = None
+        if present:  # [B, N]: True for the tokens of the inputs each sample has
+            everywhere = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+            key_mask = torch.cat([present.get(name, everywhere).to(x.device)[:, None].expand(-1, t.shape[1])
+                                  for name, t in tokens.items()], dim=1)
+        x, blocks = self(x, key_mask, return_all_blocks)
+        return EncoderFeatures(x, layout, blocks, present)
 
 
 class MultiMAE(nn.Module):
@@ -221,7 +247,7 @@ class MultiMAE(nn.Module):
         init_weights(self)
 
     def forward(self, inputs: dict[str, Tensor], masks: dict[str, Tensor] | None = None,
-                valid: dict[str, Tensor] | None = None) -> MultiMAEOutput:
+                valid: dict[str, Tensor] | None = None, present: dict[str, Tensor] | None = None) -> MultiMAEOutput:
         """Mask, encode, decode every task and compute the losses.
 
         Args:
@@ -232,31 +258,41 @@ class MultiMAE(nn.Module):
                 tokens are visible.
             valid: optional [B, 1, H, W] bool maps of valid pixels by modality (e.g. depth's);
                 invalid pixels never enter a loss and can be kept hidden (`min_valid_fraction`).
+            present: optional [B] bool per modality: False where a sample lacks it (its tensor in
+                `inputs` is then a placeholder). Such a sample gets no tokens of it (fully hidden, its
+                visible budget goes to the modalities it has) and no loss on it. A modality not named
+                here is present in every sample.
         """
-        valid = valid or {}
+        valid, present = valid or {}, present or {}
         if masks is None:
-            return self.forward_sampled(inputs, valid)
+            return self.forward_sampled(inputs, valid, present)
         tokens, layout = self.encoder.tokenize(inputs)
         masks = self.check_masks(masks, tokens)
-        return self.forward_masked(inputs, valid, tokens, layout, masks, num_visible=None)
+        masks = {name: hide_absent(mask, present.get(name)) for name, mask in masks.items()}
+        return self.forward_masked(inputs, valid, tokens, layout, masks, None, present)
 
-    def forward_sampled(self, inputs: dict[str, Tensor], valid: dict[str, Tensor]) -> MultiMAEOutput:
+    def forward_sampled(self, inputs: dict[str, Tensor], valid: dict[str, Tensor],
+                        present: dict[str, Tensor] | None = None) -> MultiMAEOutput:
         """The pretraining step's forward with sampled masks (what `compile_step` compiles).
 
         Every sample gets the same visible count, known from the config before the masks exist, so
         every shape is static and nothing is read back from the device (a budget at or above the token
         count is refused by the masking).
         """
+        present = present or {}
         tokens, layout = self.encoder.tokenize(inputs)
-        masks = self.sample_masks(tokens, inputs, valid)
-        return self.forward_masked(inputs, valid, tokens, layout, masks, self.config.num_visible)
+        masks = self.sample_masks(tokens, inputs, valid, present)
+        return self.forward_masked(inputs, valid, tokens, layout, masks, self.config.num_visible, present)
 
     def forward_masked(self, inputs: dict[str, Tensor], valid: dict[str, Tensor], tokens: dict[str, Tensor],
-                       layout: TokenLayout, masks: dict[str, Tensor], num_visible: int | None) -> MultiMAEOutput:
+                       layout: TokenLayout, masks: dict[str, Tensor], num_visible: int | None,
+                       present: dict[str, Tensor] | None = None) -> MultiMAEOutput:
         """Encode the visible tokens, decode every task, compute the losses (see `forward_encoder`)."""
-        encoded, visible = self.forward_encoder(tokens, layout, masks, num_visible)
+        present = present or {}
+        short = any(name in present for name in tokens)  # a sample lacking an input may see fewer tokens
+        encoded, visible = self.forward_encoder(tokens, layout, masks, num_visible, short)
         preds = self.forward_decoder(encoded, visible)
-        losses = self.forward_loss(preds, inputs, masks, valid, layout.grid)
+        losses = self.forward_loss(preds, inputs, masks, valid, layout.grid, present)
         weights = self.config.loss_weights
         total = sum((weights.get(name, 1.0) * loss for name, loss in losses.items()), encoded.new_zeros(()))
         return MultiMAEOutput(preds, losses, total, masks)
@@ -265,9 +301,13 @@ class MultiMAE(nn.Module):
         """Finetuning mode: encode every token of the given inputs."""
         return self.encoder.forward_features(inputs, return_all_blocks)
 
-    def sample_masks(self, tokens: dict[str, Tensor], inputs: dict[str, Tensor],
-                     valid: dict[str, Tensor]) -> dict[str, Tensor]:
-        eligible = {name: self.eligible_tokens(name, inputs, valid, t) for name, t in tokens.items()}
+    def sample_masks(self, tokens: dict[str, Tensor], inputs: dict[str, Tensor], valid: dict[str, Tensor],
+                     present: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        present = present or {}
+        eligible = {name: self.eligible_tokens(name, inputs, valid, t) for name, t in tokens.items()}  # [B, N_m]
+        for name, has in present.items():
+            if name in eligible:  # a sample lacking the input has no eligible token: its budget goes elsewhere
+                eligible[name] = eligible[name] & has.to(eligible[name].device)[:, None]
         alphas = {name: self.config.alpha_of(name) for name in tokens}
         return sample_masks(eligible, self.config.num_visible, alphas, self.config.sample_subsets)
 
@@ -295,13 +335,14 @@ class MultiMAE(nn.Module):
         return checked
 
     def forward_encoder(self, tokens: dict[str, Tensor], layout: TokenLayout, masks: dict[str, Tensor],
-                        num_visible: int | None = None) -> tuple[Tensor, VisibleTokens]:
+                        num_visible: int | None = None, short: bool = False) -> tuple[Tensor, VisibleTokens]:
         """Encode the visible tokens: [B, Nv + G, D], padded when samples differ in count.
 
         `num_visible` is Nv when the caller knows it (sampled masks): shapes then follow from the
         config alone and nothing is read back from the device, so the step compiles as one graph.
         Samples can only fall short of it when depth holes make tokens ineligible
-        (`min_valid_fraction`); a key mask then hides their padding slots. Without it (given masks),
+        (`min_valid_fraction`) or when `short` says some lack an input; a key mask then hides their
+        padding slots. Without it (given masks),
         Nv is the largest count in the batch, read from the masks.
         """
         x = torch.cat(list(tokens.values()), dim=1)  # [B, N, D]
@@ -313,7 +354,7 @@ class MultiMAE(nn.Module):
             nv = int(counts.max())  # host syncs: given masks only
             padded = int(counts.min()) != nv
         else:
-            nv, padded = num_visible, self.config.min_valid_fraction > 0
+            nv, padded = num_visible, short or self.config.min_valid_fraction > 0
         ids_keep = ids_shuffle[:, :nv]
         key_mask = torch.arange(nv, device=x.device)[None, :] < counts[:, None] if padded else None
         x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, Nv, D]
@@ -331,8 +372,11 @@ class MultiMAE(nn.Module):
         return preds
 
     def forward_loss(self, preds: dict[str, Tensor], inputs: dict[str, Tensor], masks: dict[str, Tensor],
-                     valid: dict[str, Tensor], grid: tuple[int, int]) -> dict[str, Tensor]:
-        """Per task: loss on hidden (and valid) pixels, per sample normalised, batch mean."""
+                     valid: dict[str, Tensor], grid: tuple[int, int],
+                     present: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Per task: loss on hidden (and valid) pixels of the samples that have its target, per sample
+        normalised, batch mean."""
+        present = present or {}
         losses = {}
         for name, task in self.tasks.items():
             target = task.target(inputs)
@@ -343,8 +387,19 @@ class MultiMAE(nn.Module):
             pixel_valid = task.valid_pixels(inputs, valid)
             if pixel_valid is not None:
                 weight = weight & pixel_valid.to(weight.device)
+            has_target = present.get(task.loss_mask_source)  # [B]; norm_rgb's target is rgb's
+            if has_target is not None:
+                weight = weight & has_target.to(weight.device)[:, None, None]
             losses[name] = masked_mean(task.pixel_loss(pred, target), weight)
         return losses
+
+
+def hide_absent(mask: Tensor, present: Tensor | None) -> Tensor:
+    """Token mask [B, N] (True = hidden) with every token of a sample that lacks the modality hidden.
+
+    `present`: [B] bool, or None when every sample has it.
+    """
+    return mask if present is None else mask | ~present.to(mask.device)[:, None]
 
 
 def hidden_pixels(mask: Tensor | None, grid: tuple[int, int], pred: Tensor) -> Tensor:
@@ -390,16 +445,20 @@ class DenseModel(nn.Module):
             self.head = DPTHead(in_dim, self.task.out_channels, config.hooks, config.layer_dims, config.dpt_dim)
         init_weights(self)
 
-    def forward(self, inputs: dict[str, Tensor]) -> Tensor:
-        """Prediction at full image resolution: semseg logits [B, C, H, W] or depth [B, 1, H, W]."""
-        features = self.forward_features(inputs, return_all_blocks=isinstance(self.head, DPTHead))
+    def forward(self, inputs: dict[str, Tensor], present: dict[str, Tensor] | None = None) -> Tensor:
+        """Prediction at full image resolution: semseg logits [B, C, H, W] or depth [B, 1, H, W].
+
+        `present`: optional [B] bool per input, False where a sample lacks it (see `forward_features`).
+        """
+        features = self.forward_features(inputs, isinstance(self.head, DPTHead), present)
         if isinstance(self.head, DPTHead):
             hooked = [features.select(self.config.main_inputs, features.blocks[i]) for i in self.head.hooks]
             return self.head(hooked, features.layout.grid)
         return self.head(features.select(self.config.main_inputs), features.layout.grid, features.layout.image_size)
 
-    def forward_features(self, inputs: dict[str, Tensor], return_all_blocks: bool = False) -> EncoderFeatures:
-        return self.encoder.forward_features(inputs, return_all_blocks)
+    def forward_features(self, inputs: dict[str, Tensor], return_all_blocks: bool = False,
+                         present: dict[str, Tensor] | None = None) -> EncoderFeatures:
+        return self.encoder.forward_features(inputs, return_all_blocks, present)
 
 
 def compile_blocks(model: nn.Module) -> nn.Module:

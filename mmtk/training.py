@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmtk.checkpoint import load_checkpoint, newest_checkpoint
-from mmtk.config import Recipe
+from mmtk.config import Recipe, data_paths
+from mmtk.data.mixture import Mixture, present_masks
 from mmtk.engine import FitResult, fit
 from mmtk.errors import MmtkError
 from mmtk.metrics import FAMILIES
@@ -35,6 +36,23 @@ class DataInfo:
     num_classes: int  # 0 when the file has no semantic labels
     frames: int
     class_names: list[str] = field(default_factory=list)
+    parts: list[DataInfo] = field(default_factory=list)  # a mixture's datasets (empty for one file)
+
+
+def mixture_info(parts: list[DataInfo]) -> DataInfo:
+    """What a mixture of data files offers together: every modality some file has, the first file's frame size,
+    the frames of all; files labelled with classes must share them."""
+    labelled = [part for part in parts if part.class_names]
+    for part in labelled[1:]:
+        if part.class_names != labelled[0].class_names:
+            raise MmtkError(f"{part.path} is labelled with {part.num_classes} classes, {labelled[0].path} with "
+                            f"{labelled[0].num_classes} (names or order differ); one model predicts one set of "
+                            f"classes: mix files labelled alike (or pseudo-labelled by the same network)")
+    offered = {name for part in parts for name in part.modalities}
+    classes = labelled[0].class_names if labelled else []
+    modalities = tuple(name for name in list_modalities() if name in offered)
+    return DataInfo("the mixture " + " + ".join(part.path for part in parts), modalities, parts[0].image_size,
+                    len(classes), sum(part.frames for part in parts), list(classes), list(parts))
 
 
 def open_dataset(path: str | Path, split: str, modalities: tuple[str, ...], image_size: tuple[int, int] | None,
@@ -122,7 +140,7 @@ def pretrain_loss_fn() -> LossFn:
     def compute(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         valid = {key[: -len("_valid")]: value for key, value in batch.items() if key.endswith("_valid")}
         inputs = {key: value for key, value in batch.items() if key in registered}
-        out = model(inputs, valid=valid)
+        out = model(inputs, valid=valid, present=present_masks(batch, registered))
         return out.loss, dict(out.losses)
 
     return compute
@@ -161,7 +179,13 @@ def finetune_loss_fn(recipe: Recipe) -> LossFn:
     kind = recipe.train.loss or FAMILIES[family]["losses"][0]
 
     def compute(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        pred = model({name: batch[name] for name in inputs})
+        present = present_masks(batch, (*inputs, task))
+        pred = model({name: batch[name] for name in inputs}, present=present)
+        labelled = present.get(task)  # [B] in a mixture where some datasets lack the target: no loss for those
+        if labelled is not None:
+            if not bool(labelled.any()):
+                return pred.sum() * 0.0, {task: pred.new_zeros(())}
+            pred, batch = pred[labelled], {key: value[labelled] for key, value in batch.items()}
         if family == "segmentation":
             loss = segmentation_loss(pred, batch[f"{task}_full"], adapter.ignore_index)
         else:
@@ -176,16 +200,26 @@ def finetune_loss_fn(recipe: Recipe) -> LossFn:
 
 
 def _prepare(recipe: Recipe) -> tuple[DataInfo, Any]:
-    if recipe.data.path is None:
+    data, paths = recipe.data, data_paths(recipe.data)
+    if not paths:
         raise MmtkError("no data file: pass --data FILE.h5 (written by `mmtk convert`) or set data.path in the recipe")
-    info = data_info(recipe.data.path, recipe.data.train_split, recipe.data.sources,
-                     split_fix="choose one with --set data.train_split=NAME")
-    require_modalities(needed_modalities(recipe), info, f"the recipe ({recipe.kind})")
-    image_size = tuple(recipe.data.image_size or info.image_size)
-    train_set = open_dataset(recipe.data.path, recipe.data.train_split, needed_modalities(recipe), image_size,
-                             augment=True, crop_scale=recipe.data.crop_scale, hflip=recipe.data.hflip,
-                             sources=recipe.data.sources)
-    return info, train_set
+    parts = [data_info(path, data.train_split, data.sources, split_fix="choose one with --set data.train_split=NAME")
+             for path in paths]
+    info = parts[0] if len(parts) == 1 else mixture_info(parts)
+    needed = needed_modalities(recipe)
+    require_modalities(needed, info, f"the recipe ({recipe.kind})")
+    image_size = tuple(data.image_size or info.image_size)
+    opened = []
+    for part in parts:
+        has = tuple(name for name in needed if name in part.modalities)
+        if not set(has) & set(recipe.model.inputs):
+            raise MmtkError(f"{part.path} has none of the model's inputs {', '.join(recipe.model.inputs)} (it has "
+                            f"{', '.join(part.modalities)}); drop it from data.path or add an input it has")
+        opened.append(open_dataset(part.path, data.train_split, has, image_size, augment=True,
+                                   crop_scale=data.crop_scale, hflip=data.hflip, sources=data.sources))
+    if len(opened) == 1:
+        return info, opened[0]
+    return info, Mixture(opened, [dataset.modalities for dataset in opened])
 
 
 def _shown(names: list[str], count: int = 4) -> str:
@@ -249,8 +283,9 @@ def run_training(recipe: Recipe, run_dir: str | Path, init: str | Path | None = 
         main_process_print(f"init from {init}: {init_summary(model)}")
     compute_loss = pretrain_loss_fn() if recipe.kind == "pretrain" else finetune_loss_fn(recipe)
     used = [*args["inputs"], *args.get("outputs", []), *([args["task"]] if args.get("task") else [])]
+    paths = [str(Path(part.path).resolve()) for part in info.parts or [info]]
     extra = {"model_name": recipe.model.name, "model_args": args, "modalities": modality_origins(dict.fromkeys(used)),
-             "data": {"path": str(Path(info.path).resolve()), "modalities": list(info.modalities),
+             "data": {"path": paths[0], **({"paths": paths} if info.parts else {}), "modalities": list(info.modalities),
                       "image_size": list(info.image_size), "num_classes": info.num_classes,
                       "class_names": list(info.class_names)}}
     return fit(recipe, run_dir, model, train_set, compute_loss, resume=resume, extra_state=extra,

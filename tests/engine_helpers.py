@@ -57,3 +57,26 @@ def sync_h5(tmp_path_factory) -> Path:
     return out
 
 
+
+
+def assert_same_final_weights(one: Path, two: Path, recipe: Path, sets: list[str], data) -> None:
+    """The newest checkpoints of run folders ``one`` and ``two`` hold the same weights, and those moved away from the
+    initialisation both runs started from (same seed, same create_model call), so the runs did train."""
+    import mmtk
+    from mmtk.checkpoint import checkpoint_paths, load_checkpoint
+    from mmtk.config import load_recipe
+    from mmtk.runtime import seed_everything
+    from mmtk.training import _prepare, model_args
+
+    final_one = load_checkpoint(checkpoint_paths(one)[-1])["model"]
+    final_two = load_checkpoint(checkpoint_paths(two)[-1])["model"]
+    # atol 1e-4 (a tenth of the lr): the key part of qkv.bias has a mathematically zero gradient (softmax
+    # ignores a constant added to every key), so Adam turns float noise there into steps of up to ~lr.
+    for name, weight in final_one.items():
+        torch.testing.assert_close(final_two[name], weight, rtol=1e-4, atol=1e-4, msg=name)
+    loaded = load_recipe(recipe, sets, data_path=data)
+    info, _ = _prepare(loaded)
+    seed_everything(loaded.train.seed)
+    initial = mmtk.create_model(loaded.model.name, verbose=False, **model_args(loaded, info)).state_dict()
+    moved = max((final_one[n] - w).abs().max().item() for n, w in initial.items())
+    assert moved > 1e-3  # the runs trained: the comparison is not between two untouched initialisations

@@ -1,0 +1,69 @@
+"""Two nodes (`torchrun --nnodes 2 --nproc-per-node 1`, two local processes, gloo on 127.0.0.1) train on a weighted
+mixture of two files and give the weights of one process at the same global batch and seed.
+
+The lead points the mixture at a shard folder once branch shards lands (a folder is a dataset like a file)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from engine_helpers import (CLI, ONE_THREAD_ENV, RECIPES, SAMPLES, TINY_DEPTH, assert_same_final_weights,  # noqa: F401
+                            sample_h5)
+from mmtk.checkpoint import checkpoint_paths, load_checkpoint
+from mmtk.engine import read_metrics
+
+
+def _args(data, out):
+    # depth from rgb: both files have the target, so each sample's loss counts alike on any process
+    sets = TINY_DEPTH + ["optim.batch_size=4", "data.repeat=4", "optim.epochs=3", "optim.warmup_epochs=1",
+                         "data.weights=[1,2]", "train.ckpt_every=100", "train.precision=fp32", "train.device=cpu"]
+    return ["finetune", str(RECIPES / "tiny_finetune_depth.yaml"), *[w for d in data for w in ("--data", str(d))],
+            "--out", str(out), *[f"--set={s}" for s in sets]]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def small_h5(tmp_path):
+    """The shipped labelled frame again, stored at 96x128 px: a second file with a train split and depth."""
+    from mmtk.data import convert_rgbd
+
+    out = tmp_path / "nyuv2_small.h5"
+    convert_rgbd(SAMPLES / "nyuv2_multimae", out, size=(96, 128), progress=False)
+    return out
+
+
+def test_two_nodes_match_one_process_on_a_weighted_mixture(sample_h5, small_h5, tmp_path):
+    data = [sample_h5, small_h5]
+    one = subprocess.run(CLI + _args(data, tmp_path / "one"), capture_output=True, text=True, timeout=600,
+                         env=ONE_THREAD_ENV)
+    assert one.returncode == 0, one.stderr[-2000:]
+    port = _free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                               f"--node-rank={rank}", "--master-addr=127.0.0.1", f"--master-port={port}",
+                               "--no-python", *CLI, *_args(data, tmp_path / "two")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD_ENV)
+             for rank in range(2)]
+    try:
+        outputs = [node.communicate(timeout=600) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert all(node.returncode == 0 for node in nodes), [err[-2000:] for _, err in outputs]
+
+    single, double = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in single] == [r["step"] for r in double] == list(range(1, 7))
+    for a, b in zip(single, double):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]), (a, b)
+    final_two = load_checkpoint(checkpoint_paths(tmp_path / "two")[-1])
+    assert len(final_two["rng"]) == 2 and final_two["data"]["paths"] == [str(p) for p in data]
+    assert_same_final_weights(tmp_path / "one", tmp_path / "two", RECIPES / "tiny_finetune_depth.yaml", TINY_DEPTH,
+                              [str(p) for p in data])
