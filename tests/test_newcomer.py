@@ -57,6 +57,20 @@ def test_recipes_listed_shown_and_started_from(work, sample_h5):
     assert code == 2 and "shipped recipes are given by name: tiny" in output
 
 
+def test_shipped_recipes_are_the_top_level_recipes_folder(sample_h5, tmp_path, monkeypatch):
+    """Issue 20 item 13: `mmtk pretrain recipes/base.yaml` works from the repository root, and names the same
+    recipe as `mmtk pretrain base` (the packaged copy is built from recipes/)."""
+    from mmtk.config import load_recipe, shipped_recipes
+
+    monkeypatch.chdir(REPO)
+    assert sorted(shipped_recipes()) == sorted(path.stem for path in (REPO / "recipes").glob("*.yaml"))
+    assert load_recipe("recipes/base.yaml", data_path=sample_h5) == load_recipe("base", data_path=sample_h5)
+    code, output = run_cli("pretrain", "recipes/tiny.yaml", "--data", sample_h5, "--out", tmp_path / "run",
+                           *sets(FAST))
+    assert code == 0, output
+    assert (tmp_path / "run" / "last.pt").is_file()
+
+
 def test_wheel_install_runs_a_shipped_recipe_by_name_from_any_folder(tmp_path, sample_h5):
     """Build the wheel, install it in a throwaway venv and train with `mmtk pretrain tiny` outside the repo."""
     pip = Path(sys.executable).with_name("pip")
