@@ -173,7 +173,8 @@ def predict_command(
 
 @app.command("export")
 def export_command(
-    checkpoint: Path = typer.Argument(..., help="Finetuned mmtk checkpoint."),
+    checkpoint: Path = typer.Argument(..., help="A finetuned mmtk checkpoint, or a run folder of `mmtk finetune` "
+                                      "(its newest checkpoint)."),
     onnx: Path = typer.Option(..., "--onnx", help="Output .onnx file."),
     inputs: Optional[str] = typer.Option(None, help="Comma-separated inputs the graph takes (default: the model's)."),
     image_size: Optional[str] = typer.Option(None, help="HxW of the graph (default: the training size)."),
@@ -183,7 +184,9 @@ def export_command(
     """Export a finetuned model to ONNX (fixed inputs and size), checked against ONNX Runtime."""
     load_plugins(plugin)
     from mmtk.export import export_onnx
+    from mmtk.runs import resolve_checkpoint
 
+    checkpoint = resolve_checkpoint(checkpoint, "CHECKPOINT")
     names = tuple(n.strip() for n in inputs.split(",")) if inputs else None
     result = export_onnx(checkpoint, onnx, names, _parse_size(image_size, "--image-size"), opset)
     typer.echo(f"{result.path}: inputs {', '.join(result.inputs)} at {result.image_size[0]}x{result.image_size[1]} px, "

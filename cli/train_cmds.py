@@ -22,6 +22,11 @@ def _run_dir(recipe: str, out: Optional[Path], resume: bool) -> Path:
     from mmtk.checkpoint import newest_checkpoint
 
     run_dir = out or Path("runs") / Path(recipe).stem
+    blocking = next((folder for folder in (run_dir, *run_dir.parents) if folder.exists() and not folder.is_dir()),
+                    None)
+    if blocking is not None:  # a file where the run folder (or one above it) would be
+        raise MmtkError(f"--out {run_dir}: {blocking} is a file, not a folder; give a new or existing run folder "
+                        f"with --out")
     if resume and not run_dir.is_dir():  # before anything is created there
         raise MmtkError(f"--resume: run folder {run_dir} does not exist, so it has no checkpoint; check --out or "
                         f"start without --resume")
@@ -57,12 +62,12 @@ def _train(recipe_arg: str, kind: str, data: Optional[Path], out: Optional[Path]
         record_run(run_dir)
     try:
         result = run_training(recipe, run_dir, init=init, resume=resume)
-    except TrainingInterrupted as stopped:
+    except TrainingInterrupted as stopped:  # Ctrl-C (exit 130) or SIGTERM (exit 143), after the checkpoint
         if main:
             typer.echo(f"checkpoint written: {stopped.checkpoint} (step {stopped.step} of {stopped.stop})", err=True)
             typer.echo(f"stopped at step {stopped.step}; resume with: "
                        f"{_resume_command(kind, recipe_arg, data, run_dir, overrides)}", err=True)
-        raise typer.Exit(130)
+        raise typer.Exit(128 + stopped.signum)
     except KeyboardInterrupt:  # the second Ctrl-C: stopped at once, mid-step
         if main:
             newest = run_checkpoint(run_dir)
@@ -109,6 +114,27 @@ def finetune(
     stops."""
     load_plugins(plugin)
     _train(recipe, "finetune", data, out, set_, resume, init=init)
+
+
+@app.command("runs")
+def runs() -> None:
+    """List your training runs, newest first: when, the newest checkpoint's step, the run folder and the folder
+    it was started from (`mmtk eval --run RUN_FOLDER` evaluates one)."""
+    import time
+
+    from mmtk.runs import index_path, list_runs
+
+    found = list_runs()
+    if not found:
+        typer.echo(f"no runs recorded yet in {index_path()} (`mmtk pretrain` and `mmtk finetune` record theirs)")
+        return
+    here = Path.cwd().resolve()
+    typer.echo(f"{'started':<16}  {'step':>8}  run folder (* = started from this folder)")
+    for record in found:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.started))
+        step = "-" if record.step is None else str(record.step)
+        origin = " *" if record.cwd == here else f"  (from {record.cwd})"
+        typer.echo(f"{when:<16}  {step:>8}  {record.run}{origin}")
 
 
 def _eval_checkpoint(run: Optional[Path], checkpoint: Optional[Path]) -> Path:

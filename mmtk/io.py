@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -32,14 +33,34 @@ NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 NO_PERMISSION = frozenset({errno.EACCES, errno.EPERM})
 DISK_ERRNOS = NO_SPACE | NO_PERMISSION | {errno.EROFS}
 # .NAME.tmp-PID-RANDOM[.suffix]: what temp_prefix + mkstemp produce (mkstemp's random part is [a-z0-9_]).
+_RANDOM_CHARS = 8  # what tempfile.mkstemp adds between the prefix and the suffix
 _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)-[a-z0-9_]{6,}(?:\.[A-Za-z0-9]+)?$")
 # HDF5 reports the failed write's errno inside its message ("errno = 28, error message = ...").
 _ERRNO_IN_TEXT = re.compile(r"errno\s*=\s*(\d+)")
 
 
-def temp_prefix(path: Path) -> str:
-    """The name prefix of this process's temporary files for target ``path``."""
-    return f".{path.name}.tmp-{os.getpid()}-"
+def temp_prefix(path: Path, suffix: str = "") -> str:
+    """The name prefix of this process's temporary files for target ``path`` (and ``suffix``).
+
+    A long target name (file systems allow 255 bytes) is cut and marked with a hash of the whole name, so the
+    temporary name fits the folder's limit too and stays distinct per target.
+    """
+    pid = os.getpid()
+    name = path.name
+    overhead = len(f"..tmp-{pid}-".encode()) + _RANDOM_CHARS + len(suffix.encode())
+    room = _name_max(path.parent) - overhead
+    if len(name.encode()) > room:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        name = name.encode()[:max(room - 9, 1)].decode(errors="ignore") + "~" + digest
+    return f".{name}.tmp-{pid}-"
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (bytes) ``folder``'s file system allows."""
+    try:
+        return os.pathconf(_existing_parent(folder), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 def is_temp_name(name: str) -> bool:
@@ -58,7 +79,7 @@ def make_temp(path: str | os.PathLike, suffix: str = "", sweep: bool = True) -> 
         path.parent.mkdir(parents=True, exist_ok=True)
         if sweep:
             remove_dead_temps(path.parent)
-        handle, name = tempfile.mkstemp(prefix=temp_prefix(path), suffix=suffix, dir=path.parent)
+        handle, name = tempfile.mkstemp(prefix=temp_prefix(path, suffix), suffix=suffix, dir=path.parent)
         os.close(handle)
     return Path(name)
 
