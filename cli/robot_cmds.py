@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from mmtk.cli.app import PLUGIN_HELP, app, load_plugins
+from mmtk.cli.app import DEVICE_HELP, PLUGIN_HELP, app, load_plugins
 
 
 @app.command("pseudo-label")
@@ -22,6 +22,7 @@ def pseudo_label_command(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Add depth_pseudo / semseg_pseudo to an HDF5 file with off-the-shelf models (offline, resumable)."""
+    from mmtk.progress import counted
     from mmtk.pseudo_label import PseudoLabelConfig, pseudo_label
 
     config = PseudoLabelConfig(depth_model=depth_model, semseg_model=semseg_model, batch_size=batch_size,
@@ -32,7 +33,7 @@ def pseudo_label_command(
         typer.echo(f"interrupted; finished batches are kept in {file}: run the same command again to resume", err=True)
         raise typer.Exit(130)
     for name, frames in done.items():
-        typer.echo(f"{name}: {frames} frames labelled")
+        typer.echo(f"{name}: {counted(frames, 'frame')} labelled")
 
 
 @app.command("export-pointcloud")
@@ -113,7 +114,7 @@ def predict_command(
     ply: bool = typer.Option(False, help="Also write a coloured .ply per frame (needs metric depth + intrinsics)."),
     intrinsics: Optional[str] = typer.Option(None, help="fx,fy,cx,cy in pixels, for --ply."),
     image_size: Optional[str] = typer.Option(None, help="HxW the model runs at (default: its training size)."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
     """Predict depth / semantics from RGB (and optional depth) with a pretrained or finetuned model."""
@@ -122,6 +123,7 @@ def predict_command(
     from mmtk.io import remove_dead_temps
     from mmtk.pointcloud import parse_intrinsics
     from mmtk.predict import load_predictor, predict_frame, read_bag_frames, read_depth, read_rgb, write_prediction
+    from mmtk.progress import counted
 
     sources = [s for s in (rgb, h5, bag) if s is not None]
     if len(sources) != 1:
@@ -132,7 +134,9 @@ def predict_command(
     k_override = parse_intrinsics(intrinsics) if intrinsics is not None else None
     from mmtk.runs import resolve_checkpoint
 
-    predictor = load_predictor(resolve_checkpoint(checkpoint), device)
+    from mmtk.runtime import pick_device
+
+    predictor = load_predictor(resolve_checkpoint(checkpoint), str(pick_device(device)))
     wanted = [name.strip() for name in outputs.split(",") if name.strip()]
     if predictor.finetuned:  # a finetuned model has one task; keep what was asked of it
         wanted = [name for name in wanted if name in predictor.available_outputs] or wanted
@@ -168,7 +172,7 @@ def predict_command(
         written = write_prediction(out, stem, image, prediction, sensor, k_override if k_override is not None else k, ply)
         count += 1
         typer.echo(f"{stem}: " + ", ".join(p.name for p in written))
-    typer.echo(f"{count} frame(s) predicted into {out}")
+    typer.echo(f"{counted(count, 'frame')} predicted into {out}")
 
 
 @app.command("export")

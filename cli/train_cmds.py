@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from mmtk.cli.app import PLUGIN_HELP, app, load_plugins
+from mmtk.cli.app import DEVICE_HELP, PLUGIN_HELP, app, load_plugins
 from mmtk.errors import MmtkError
 
 SET_HELP = "Override a recipe value, e.g. --set optim.lr=2e-4 (repeatable)."
@@ -47,6 +47,7 @@ def _train(recipe_arg: str, kind: str, data: Optional[Path], out: Optional[Path]
            resume: bool, init: Optional[Path] = None) -> None:
     from mmtk.config import load_recipe
     from mmtk.engine import TrainingInterrupted
+    from mmtk.progress import counted
     from mmtk.runtime import cleanup_distributed
     from mmtk.runs import record_run, resolve_checkpoint, run_checkpoint
     from mmtk.training import run_training
@@ -78,11 +79,17 @@ def _train(recipe_arg: str, kind: str, data: Optional[Path], out: Optional[Path]
     finally:
         cleanup_distributed()
     if main:
-        typer.echo(f"{kind} done: {result.steps} steps; run folder {result.run_dir}; "
+        typer.echo(f"{kind} done: {counted(result.steps, 'step')}; run folder {result.run_dir}; "
                    f"last checkpoint {result.last_checkpoint}")
 
 
 RECIPE_HELP = "A shipped recipe's name (`mmtk recipes` lists them) or your own YAML file"
+TRAIN_DEVICE_HELP = "auto, cpu, cuda or cuda:N: the same as --set train.device=... (default: the recipe's, auto)."
+
+
+def _device_setting(device: Optional[str]) -> list[str]:
+    """--device as the recipe override it stands for (so the resume command carries it too)."""
+    return [f"train.device={device}"] if device is not None else []
 
 
 @app.command()
@@ -92,11 +99,13 @@ def pretrain(
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<recipe name>)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run folder."),
+    device: Optional[str] = typer.Option(None, "--device", help=TRAIN_DEVICE_HELP),
     plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
-    """Pretrain a MultiMAE (masked multi-modal autoencoder) as the recipe says. Ctrl-C saves and stops."""
+    """Pretrain a MultiMAE (masked multi-modal autoencoder) as the recipe says. Ctrl-C or SIGTERM saves and
+    stops."""
     load_plugins(plugin)
-    _train(recipe, "pretrain", data, out, set_, resume)
+    _train(recipe, "pretrain", data, out, set_ + _device_setting(device), resume)
 
 
 @app.command()
@@ -108,12 +117,13 @@ def finetune(
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<recipe name>)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run folder."),
+    device: Optional[str] = typer.Option(None, "--device", help=TRAIN_DEVICE_HELP),
     plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
-    """Finetune a dense head (semantic segmentation or depth) on top of a pretrained encoder. Ctrl-C saves and
-    stops."""
+    """Finetune a dense head (semantic segmentation or depth) on top of a pretrained encoder. Ctrl-C or SIGTERM
+    saves and stops."""
     load_plugins(plugin)
-    _train(recipe, "finetune", data, out, set_, resume, init=init)
+    _train(recipe, "finetune", data, out, set_ + _device_setting(device), resume, init=init)
 
 
 @app.command("runs")
@@ -195,8 +205,8 @@ def eval_cmd(
                                      "(default: each input alone and all together)."),
     split: str = typer.Option("test", "--split", help="Split of the data file."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N frames."),
-    batch_size: int = typer.Option(4, "--batch-size"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Frames per forward pass."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
     save_predictions: Optional[Path] = typer.Option(None, "--save-predictions",
                                                     help="Write input | prediction | ground truth PNGs here."),
@@ -211,6 +221,7 @@ def eval_cmd(
     from mmtk.io import atomic_write_text
     from mmtk.metrics import FAMILIES
     from mmtk.modality import get_modality
+    from mmtk.progress import counted
 
     checkpoint = _eval_checkpoint(run, checkpoint)
     data = data or _training_file(checkpoint)
@@ -226,7 +237,7 @@ def eval_cmd(
         relative = any(row.relative_depth for row in task_rows)
         title = "semantic segmentation" if family == "segmentation" else \
             "relative depth (valid pixels)" if relative else "depth (metres, valid pixels)"
-        table = Table(title=f"{title}: {frames} frames of split '{split}' of {data}")
+        table = Table(title=f"{title}: {counted(frames, 'frame')} of split '{split}' of {data}")
         table.add_column("inputs")
         for key in keys:
             header = HEADERS[key]
@@ -244,6 +255,6 @@ def eval_cmd(
         for row in task_rows:
             if row.note:
                 console.print(f"  {','.join(row.inputs)} -> {task}: {row.note}", soft_wrap=True)
-    console.print(f"{frames} frames evaluated (split '{split}'{', --limit ' + str(limit) if limit else ', full split'})")
+    console.print(f"{counted(frames, 'frame')} evaluated (split '{split}'{', --limit ' + str(limit) if limit else ', full split'})")
     if json_out:
         atomic_write_text(json_out, results_json(checkpoint, data, split, frames, rows))  # strict JSON: NaN is null

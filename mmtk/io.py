@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO
 
 from mmtk.errors import MmtkError
+from mmtk.progress import counted
 
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 NO_PERMISSION = frozenset({errno.EACCES, errno.EPERM})
@@ -177,7 +178,7 @@ def remove_dead_temps(folder: str | os.PathLike, log: Callable[[str], None] | No
                     removed.append(Path(entry.path))
     if removed:
         names = ", ".join(p.name for p in removed[:3]) + (f" and {len(removed) - 3} more" if len(removed) > 3 else "")
-        (log or _stderr)(f"note: removed {len(removed)} temporary file(s) in {folder} left by runs that died "
+        (log or _stderr)(f"note: removed {counted(len(removed), 'temporary file')} in {folder} left by runs that died "
                          f"({names}; {format_bytes(size)})")
     return removed
 

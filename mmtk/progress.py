@@ -20,6 +20,11 @@ def format_eta(seconds: float) -> str:
     return f"eta {hours}:{minutes:02d}:{secs:02d}"
 
 
+def counted(count: int, noun: str) -> str:
+    """``1 frame``, ``2 frames``: a count with its noun, in the plural where it is not one (the one place)."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def format_duration(seconds: float) -> str:
     """``42 s``, ``7.3 min``, ``5.2 h``, ``9.5 days``: a duration told to a user, with its unit."""
     if seconds < 90:

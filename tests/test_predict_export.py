@@ -140,7 +140,7 @@ def test_predict_cli_h5_split(checkpoints, rgb, depth_m, tmp_path, capsys, monke
     code, stdout, err = run_cli(["predict", "--checkpoint", str(checkpoints["pretrain"]), "--h5", str(path),
                                  "--out", str(out), "--outputs", "semseg", "--ply"], capsys, monkeypatch)
     assert code == 0, err
-    assert "2 frame(s) predicted" in stdout
+    assert "2 frames predicted" in stdout
     for i in range(2):
         labels = np.array(Image.open(out / f"test_{i:06d}_semseg_labels.png"))
         cloud = read_cloud(out / f"test_{i:06d}.ply")  # sensor depth coloured by the predicted classes
