@@ -147,10 +147,12 @@ def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """``key old -> new`` for each dotted key whose value differs."""
-    return [f"{key} {before.get(key)!r} -> {after.get(key)!r}" for key in dict.fromkeys([*before, *after])
-            if before.get(key) != after.get(key)]
+def _changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old, new)}`` for each value that differs. A key ``before`` lacks (a setting newer than the
+    checkpoint) was its default then."""
+    defaults = _flat(recipe_to_dict(Recipe()))
+    olds = {key: before.get(key, defaults.get(key)) for key in dict.fromkeys([*before, *after])}
+    return {key: (old, after.get(key)) for key, old in olds.items() if old != after.get(key)}
 
 
 def _check_recipe_file(run_dir: Path, recipe: Recipe, recorded: dict[str, Any], point: ResumePoint) -> None:
@@ -161,6 +163,8 @@ def _check_recipe_file(run_dir: Path, recipe: Recipe, recorded: dict[str, Any], 
         edited = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
         return  # none, or unreadable: the resume writes it anew from its recipe
+    if not isinstance(edited, dict):
+        return
     file, then, now = _flat(edited), _flat(recorded), _flat(recipe_to_dict(recipe))
     edits = [key for key in file if file[key] != then.get(key) and file[key] != now.get(key)]
     if edits:
@@ -178,9 +182,9 @@ def _check_same(recipe: Recipe, recorded: dict[str, Any], point: ResumePoint, se
     then = recorded.get(section)
     if not isinstance(then, dict):
         return  # a checkpoint of a writer that recorded no recipe: nothing to compare
-    now = recipe_to_dict(recipe)[section]
-    changed = [change for change in _changes(_flat(then, f"{section}."), _flat(now, f"{section}."))
-               if change.split(" ", 1)[0].split(".")[1] not in allowed]
+    differences = _changes(_flat(then, f"{section}."), _flat(recipe_to_dict(recipe)[section], f"{section}."))
+    changed = [f"{key} {old!r} -> {new!r}" for key, (old, new) in differences.items()
+               if key.split(".")[1] not in allowed]
     if changed:
         run_dir = point.path.parent.parent
         raise MmtkError(f"--resume: {', '.join(changed)}: the recipe contradicts checkpoint {point.path}, whose run "
