@@ -84,7 +84,7 @@ def weights(
         typer.echo(f"  {len(found.unused)} tensors not part of the model: {', '.join(found.unused[:10])}"
                    f"{' ...' if len(found.unused) > 10 else ''}")
     if to is not None:
-        write_model_folder(state, to, name, asdict(config))
+        write_model_folder(state, to, found.model_name or name, asdict(config))  # the name it was built from
         typer.echo(f"wrote {to}/config.json and {to}/model.safetensors ({len(state)} tensors, mmtk names)")
     if to_official is not None:
         official = mmtk_to_official(state, config.task)

@@ -24,7 +24,7 @@ SIZE_KEYS = ("dim", "depth", "num_heads")  # what tells the sizes apart
 # Trainable parameters of `create_model(name)` (its decoders and adapters included).
 PARAMETERS = {"multimae-tiny": 16_040_832, "multimae-small": 32_586_624, "multimae-base": 97_528_704,
               "multimae-large": 315_571_072}
-SIZE_WORDS = {"dim": "width", "depth": "blocks", "num_heads": "heads"}
+SIZE_WORDS = {"dim": "width {}", "depth": "{} blocks", "num_heads": "{} heads"}
 
 
 def size_name(config: Any) -> str | None:
@@ -49,6 +49,6 @@ def reported_name(recorded: str | None, config: Any) -> str:
         return match
     if declared is None:
         return "custom"
-    changed = ", ".join(f"{values[key]} {SIZE_WORDS[key]}" for key in SIZE_KEYS if values.get(key, declared[key])
-                        != declared[key])
+    changed = ", ".join(SIZE_WORDS[key].format(values[key]) for key in SIZE_KEYS
+                        if values.get(key, declared[key]) != declared[key])
     return f"custom ({recorded} with {changed})"

@@ -183,7 +183,7 @@ def test_predict_cli_rosbag(checkpoints, tmp_path, capsys, monkeypatch):
                                  "--depth-topic", "/camera/depth_registered/image", "--out", str(out), "--ply"],
                                 capsys, monkeypatch)
     assert code == 0, err
-    assert "3 frame(s) predicted" in stdout and (out / "frame_000002.ply").is_file()
+    assert "3 frames predicted" in stdout and (out / "frame_000002.ply").is_file()
 
 
 @pytest.mark.parametrize("args,message", [
