@@ -5,7 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import typer
-from typer.core import TyperArgument, TyperCommand
+from typer.core import TyperArgument, TyperCommand, TyperGroup
+
+
+def _usual_names(params: list[Any]) -> list[Any]:
+    """Arguments named ``RECIPE``; flags without a ``<bool>`` type (nothing is typed after a flag)."""
+    for param in params:
+        if isinstance(param, TyperArgument) and param.metavar is None:
+            param.metavar = param.name.upper()
+        elif getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
 
 
 class MmtkCommand(TyperCommand):
@@ -13,13 +23,7 @@ class MmtkCommand(TyperCommand):
     and ``[OUT]`` (optional) in the usage line and the table (Typer writes ``{recipe}`` and ``[out]``)."""
 
     def get_params(self, ctx: Any) -> list[Any]:
-        params = super().get_params(ctx)
-        for param in params:
-            if isinstance(param, TyperArgument) and param.metavar is None:
-                param.metavar = param.name.upper()
-            elif getattr(param, "is_flag", False) and param.metavar is None:
-                param.metavar = ""  # nothing to type after a flag
-        return params
+        return _usual_names(super().get_params(ctx))
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -30,8 +34,18 @@ class MmtkCommand(TyperCommand):
         return pieces
 
 
+class MmtkGroup(TyperGroup):
+    """A command group whose options read as :class:`MmtkCommand`'s."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _usual_names(super().get_params(ctx))
+
+
 class MmtkTyper(typer.Typer):
-    """Typer whose commands are :class:`MmtkCommand` unless a command names its own class."""
+    """Typer whose groups and commands are :class:`MmtkGroup` and :class:`MmtkCommand` unless given others."""
+
+    def __init__(self, *args: Any, cls: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, cls=cls or MmtkGroup, **kwargs)
 
     def command(self, *args: Any, cls: Any = None, **kwargs: Any) -> Any:
         return super().command(*args, cls=cls or MmtkCommand, **kwargs)

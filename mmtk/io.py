@@ -4,7 +4,8 @@ Every writer (HDF5, checkpoints, recipes, metrics, JSON, pictures, arrays, ONNX,
 a new temporary file in the target's folder and renames it over the target only when complete:
 
 * the temporary name ``.NAME.tmp-<pid>-<random>[.suffix]`` is unpredictable and created with
-  ``O_EXCL`` (:func:`tempfile.mkstemp`), so a symlink planted in the folder is never followed;
+  ``O_EXCL`` (:func:`tempfile.mkstemp`), so a symlink planted in the folder is never followed; a NAME too
+  long for that within the file system's name limit is cut and ends in a hash of the whole (``~1a2b3c4d``);
 * the data is fsynced before the rename (and the folder after it), the file gets the mode the
   user's umask gives a new file, and the temporary file is removed on any failure;
 * the owner's PID in the name lets the next write into that folder recognise litter of a run that

@@ -440,6 +440,8 @@ def test_help_reads_as_usual_and_devices_agree(monkeypatch):
         code, texts[command] = run_cli(command, "--help")
         assert code == 0 and "<bool>" not in texts[command] and "{" not in texts[command].split("\n\n")[0]
     assert "mmtk pretrain [OPTIONS] RECIPE" in texts["pretrain"] and "mmtk convert [OPTIONS] [OUT]" in texts["convert"]
+    code, text = run_cli("--help")
+    assert code == 0 and "--version" in text and "<bool>" not in text
     for command in ("pretrain", "finetune"):
         assert "--device" in texts[command] and "train.device" in texts[command]
     for command in ("predict", "eval"):
