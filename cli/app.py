@@ -2,15 +2,85 @@
 
 from __future__ import annotations
 
-import typer
+from typing import Any
 
-app = typer.Typer(
+import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup
+
+
+def _usual_names(params: list[Any]) -> list[Any]:
+    """Arguments named ``RECIPE``; flags without a ``<bool>`` type (nothing is typed after a flag)."""
+    for param in params:
+        if isinstance(param, TyperArgument) and param.metavar is None:
+            param.metavar = param.name.upper()
+        elif getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class MmtkCommand(TyperCommand):
+    """A command whose help reads as usual: flags without a ``<bool>`` type, arguments as ``RECIPE`` (required)
+    and ``[OUT]`` (optional) in the usage line and the table (Typer writes ``{recipe}`` and ``[out]``)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _usual_names(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = param.metavar + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+class MmtkGroup(TyperGroup):
+    """A command group whose options read as :class:`MmtkCommand`'s."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _usual_names(super().get_params(ctx))
+
+
+class MmtkTyper(typer.Typer):
+    """Typer whose groups and commands are :class:`MmtkGroup` and :class:`MmtkCommand` unless given others."""
+
+    def __init__(self, *args: Any, cls: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, cls=cls or MmtkGroup, **kwargs)
+
+    def command(self, *args: Any, cls: Any = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or MmtkCommand, **kwargs)
+
+
+app = MmtkTyper(
     name="mmtk",
     help="Multi-modal masked autoencoders (MultiMAE) for RGB-D robotics data.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+DEVICE_HELP = "auto (the GPU when there is one, else the CPU), cpu, cuda or cuda:N."
+def _print_version(asked: bool) -> None:
+    if asked:
+        import platform
+        from importlib.metadata import PackageNotFoundError, version
+
+        import mmtk
+
+        try:
+            torch = version("torch")  # read from its metadata: importing torch would take seconds
+        except PackageNotFoundError:
+            torch = "not installed"
+        typer.echo(f"mmtk {mmtk.__version__} (torch {torch}, python {platform.python_version()})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                               help="Print the versions of mmtk, torch and Python, and exit.")
+                  ) -> None:
+    """Multi-modal masked autoencoders (MultiMAE) for RGB-D robotics data."""
+
 
 PLUGIN_HELP = "A Python file registering a modality adapter (repeatable); see README, Adapters."
 

@@ -9,7 +9,7 @@ import threading
 import typer
 
 from mmtk.cli.app import app
-from mmtk.errors import MmtkError
+from mmtk.errors import CorruptCheckpoint, MmtkError
 
 
 def _register_commands() -> None:
@@ -27,6 +27,16 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     sys.exit(128 + signum)
 
 
+def _instead_of_corrupt(path: object) -> str:
+    """The fix for a corrupt checkpoint: the older intact one of the same run, when there is one."""
+    from mmtk.checkpoint import older_intact
+
+    older = older_intact(path) if path is not None else None
+    if older is None:
+        return "copy it again from where it came from (no older intact checkpoint lies beside it)"
+    return f"use the older intact {older} instead (pass that file), or copy the damaged one again"
+
+
 def main() -> None:
     """Run the CLI; user errors, full disks and missing permissions become one line on stderr and exit status 2."""
     from mmtk.io import disk_error
@@ -36,6 +46,9 @@ def main() -> None:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         app()
+    except CorruptCheckpoint as err:
+        typer.echo(f"error: {err}; {_instead_of_corrupt(err.path)}", err=True)
+        sys.exit(2)
     except MmtkError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)

@@ -16,29 +16,20 @@ if TYPE_CHECKING:
 @app.command("models")
 def models() -> None:
     """List the model sizes `create_model` knows, with their parameter counts."""
-    import torch
     from rich.console import Console
     from rich.table import Table
 
-    import mmtk
+    from mmtk.sizes import NAMED_MODELS, PAPER_CLASSES, PARAMETERS
 
-    configs = {name: mmtk.model_config(name) for name in mmtk.list_models()}
-    pretraining = "; ".join(dict.fromkeys(_pretrained_on(config) for config in configs.values()))  # as declared
-    table = Table(title=f"mmtk models (pretraining: {pretraining})")
+    pretraining = "; ".join(dict.fromkeys(f"{', '.join(sizes['inputs'])} in; {', '.join(sizes['outputs'])} out"
+                                          for sizes in NAMED_MODELS.values()))  # as declared
+    table = Table(title=f"mmtk models (pretraining: {pretraining}; {PAPER_CLASSES} classes)")
     for column in ("name", "width", "blocks", "heads", "parameters (millions)"):
         table.add_column(column, justify="left" if column == "name" else "right")
-    for name, config in configs.items():
-        with torch.device("meta"):  # shapes only: no memory, no init
-            model = mmtk.build_model(config)
-        count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        table.add_row(name, str(config.dim), str(config.depth), str(config.num_heads), f"{count / 1e6:.1f}")
+    for name, sizes in NAMED_MODELS.items():
+        table.add_row(name, str(sizes["dim"]), str(sizes["depth"]), str(sizes["num_heads"]),
+                      f"{PARAMETERS[name] / 1e6:.1f}")
     Console().print(table)
-
-
-def _pretrained_on(config: ModelConfig) -> str:
-    """``rgb, depth in; rgb, depth out`` and, with a label map among them, the class count."""
-    classes = f"; {config.num_classes} classes" if _has_classes(config) else ""
-    return f"{', '.join(config.inputs)} in; {', '.join(config.outputs)} out{classes}"
 
 
 def _has_classes(config: ModelConfig) -> bool:
@@ -69,7 +60,8 @@ def weights(
     from mmtk.checkpoint import save_checkpoint
     from mmtk.errors import MmtkError
     from mmtk.formats import mmtk_to_official, write_model_folder, write_safetensors
-    from mmtk.registry import describe_weights, size_name
+    from mmtk.registry import describe_weights
+    from mmtk.sizes import reported_name
 
     overrides = {}
     for text in set_:
@@ -79,7 +71,7 @@ def weights(
         overrides[keys[0]] = value
     found, config, state, notes = describe_weights(checkpoint, **overrides)
     count = sum(t.numel() for t in state.values())
-    name = found.model_name or size_name(config) or "custom"
+    name = reported_name(found.model_name, config)
     typer.echo(f"{checkpoint}: format {found.format}, {len(state)} tensors, {count / 1e6:.2f} million values")
     typer.echo(f"  model: {name}, width {config.dim}, {config.depth} blocks, {config.num_heads} attention heads, patch "
                f"{config.patch_size} px, image {config.image_size[0]}x{config.image_size[1]} px, inputs "
@@ -92,7 +84,7 @@ def weights(
         typer.echo(f"  {len(found.unused)} tensors not part of the model: {', '.join(found.unused[:10])}"
                    f"{' ...' if len(found.unused) > 10 else ''}")
     if to is not None:
-        write_model_folder(state, to, name, asdict(config))
+        write_model_folder(state, to, found.model_name or name, asdict(config))  # the name it was built from
         typer.echo(f"wrote {to}/config.json and {to}/model.safetensors ({len(state)} tensors, mmtk names)")
     if to_official is not None:
         official = mmtk_to_official(state, config.task)

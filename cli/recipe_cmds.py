@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from mmtk.cli.app import app
+from mmtk.cli.app import MmtkTyper, app
 
-recipes_app = typer.Typer(help="The shipped training recipes: list them, or print one to start your own.",
+recipes_app = MmtkTyper(help="The shipped training recipes: list them, or print one to start your own.",
                           no_args_is_help=False)
 app.add_typer(recipes_app, name="recipes")
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 
 import typer
 
-from mmtk.cli.app import PLUGIN_HELP, app, load_plugins
+from mmtk.cli.app import DEVICE_HELP, PLUGIN_HELP, app, load_plugins
 
 if TYPE_CHECKING:
     import numpy as np
@@ -27,6 +27,7 @@ def pseudo_label_command(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Add depth_pseudo / semseg_pseudo to an HDF5 file with off-the-shelf models (offline, resumable)."""
+    from mmtk.progress import counted
     from mmtk.pseudo_label import PseudoLabelConfig, pseudo_label
 
     config = PseudoLabelConfig(depth_model=depth_model, semseg_model=semseg_model, batch_size=batch_size,
@@ -37,7 +38,7 @@ def pseudo_label_command(
         typer.echo(f"interrupted; finished batches are kept in {file}: run the same command again to resume", err=True)
         raise typer.Exit(130)
     for name, frames in done.items():
-        typer.echo(f"{name}: {frames} frames labelled")
+        typer.echo(f"{name}: {counted(frames, 'frame')} labelled")
 
 
 @app.command("export-pointcloud")
@@ -182,7 +183,7 @@ def predict_command(
     ply: bool = typer.Option(False, help="Also write a coloured .ply per frame (needs metric depth + intrinsics)."),
     intrinsics: Optional[str] = typer.Option(None, help="fx,fy,cx,cy in pixels (default: the source's)."),
     image_size: Optional[str] = typer.Option(None, help="HxW the model runs at (default: its training size)."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
     """Predict depth / semantics (any output of the model) from image files, RGB-D folders, datasets or bags."""
@@ -191,7 +192,9 @@ def predict_command(
     from mmtk.io import remove_dead_temps
     from mmtk.pointcloud import parse_intrinsics
     from mmtk.predict import file_stem, load_predictor, predict_frame, write_prediction
+    from mmtk.progress import counted
     from mmtk.runs import resolve_checkpoint
+    from mmtk.runtime import pick_device
 
     if sum(source is not None for source in (rgb, images, rgbd, data, rosbag)) != 1:
         raise MmtkError("give exactly one source: --rgb IMAGE, --images FOLDER, --rgbd FOLDER, --data DATASET or "
@@ -206,7 +209,7 @@ def predict_command(
         raise MmtkError("--ply writes files into a folder; a bag output carries the point cloud as /mmtk/points")
     size = _parse_size(image_size, "--image-size")
     k_override = parse_intrinsics(intrinsics) if intrinsics is not None else None
-    predictor = load_predictor(resolve_checkpoint(checkpoint), device)
+    predictor = load_predictor(resolve_checkpoint(checkpoint), str(pick_device(device)))
     wanted = [name.strip() for name in outputs.split(",") if name.strip()]
     if predictor.finetuned:  # a finetuned model has one task; keep what was asked of it
         wanted = [name for name in wanted if name in predictor.available_outputs] or wanted
@@ -244,7 +247,7 @@ def predict_command(
                 bag.write(frame, prediction)
                 count += 1
         topics = ", ".join(f"{name} ({n})" for name, n in bag.counts.items())
-        typer.echo(f"{count} frame(s) predicted into {out}: {topics}")
+        typer.echo(f"{counted(count, 'frame')} predicted into {out}: {topics}")
         return
     remove_dead_temps(out)  # once: each picture's atomic write skips the sweep
     stems: set[str] = set()
@@ -255,7 +258,7 @@ def predict_command(
         written = write_prediction(out, stem, frame, prediction, ply)
         count += 1
         typer.echo(f"{stem}: " + ", ".join(p.name for p in written))
-    typer.echo(f"{count} frame(s) predicted into {out}")
+    typer.echo(f"{counted(count, 'frame')} predicted into {out}")
 
 
 def _bag_frames(bag: Path, rgb_topic: str, depth_topic: Optional[str], cloud_topic: Optional[str],
@@ -277,7 +280,8 @@ def _bag_frames(bag: Path, rgb_topic: str, depth_topic: Optional[str], cloud_top
 
 @app.command("export")
 def export_command(
-    checkpoint: Path = typer.Argument(..., help="Finetuned mmtk checkpoint."),
+    checkpoint: Path = typer.Argument(..., help="A finetuned mmtk checkpoint, or a run folder of `mmtk finetune` "
+                                      "(its newest checkpoint)."),
     onnx: Path = typer.Option(..., "--onnx", help="Output .onnx file."),
     inputs: Optional[str] = typer.Option(None, help="Comma-separated inputs the graph takes (default: the model's)."),
     image_size: Optional[str] = typer.Option(None, help="HxW of the graph (default: the training size)."),
@@ -287,7 +291,9 @@ def export_command(
     """Export a finetuned model to ONNX (fixed inputs and size), checked against ONNX Runtime."""
     load_plugins(plugin)
     from mmtk.export import export_onnx
+    from mmtk.runs import resolve_checkpoint
 
+    checkpoint = resolve_checkpoint(checkpoint, "CHECKPOINT")
     names = tuple(n.strip() for n in inputs.split(",")) if inputs else None
     result = export_onnx(checkpoint, onnx, names, _parse_size(image_size, "--image-size"), opset)
     typer.echo(f"{result.path}: inputs {', '.join(result.inputs)} at {result.image_size[0]}x{result.image_size[1]} px, "

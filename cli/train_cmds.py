@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from mmtk.cli.app import PLUGIN_HELP, app, load_plugins
+from mmtk.cli.app import DEVICE_HELP, PLUGIN_HELP, app, load_plugins
 from mmtk.errors import MmtkError
 
 SET_HELP = "Override a recipe value, e.g. --set optim.lr=2e-4 (repeatable)."
@@ -22,6 +22,11 @@ def _run_dir(recipe: str, out: Optional[Path], resume: bool) -> Path:
     from mmtk.checkpoint import newest_checkpoint
 
     run_dir = out or Path("runs") / Path(recipe).stem
+    blocking = next((folder for folder in (run_dir, *run_dir.parents) if folder.exists() and not folder.is_dir()),
+                    None)
+    if blocking is not None:  # a file where the run folder (or one above it) would be
+        raise MmtkError(f"--out {run_dir}: {blocking} is a file, not a folder; give a new or existing run folder "
+                        f"with --out")
     if resume and not run_dir.is_dir():  # before anything is created there
         raise MmtkError(f"--resume: run folder {run_dir} does not exist, so it has no checkpoint; check --out or "
                         f"start without --resume")
@@ -42,6 +47,7 @@ def _train(recipe_arg: str, kind: str, data: Optional[list[Path]], out: Optional
            resume: bool, init: Optional[Path] = None) -> None:
     from mmtk.config import load_recipe
     from mmtk.engine import TrainingInterrupted
+    from mmtk.progress import counted
     from mmtk.runtime import cleanup_distributed
     from mmtk.runs import record_run, resolve_checkpoint, run_checkpoint
     from mmtk.training import run_training
@@ -59,12 +65,12 @@ def _train(recipe_arg: str, kind: str, data: Optional[list[Path]], out: Optional
         record_run(run_dir)
     try:
         result = run_training(recipe, run_dir, init=init, resume=resume)
-    except TrainingInterrupted as stopped:
+    except TrainingInterrupted as stopped:  # Ctrl-C (exit 130) or SIGTERM (exit 143), after the checkpoint
         if main:
             typer.echo(f"checkpoint written: {stopped.checkpoint} (step {stopped.step} of {stopped.stop})", err=True)
             typer.echo(f"stopped at step {stopped.step}; resume with: "
                        f"{_resume_command(kind, recipe_arg, data, run_dir, overrides)}", err=True)
-        raise typer.Exit(130)
+        raise typer.Exit(128 + stopped.signum)
     except KeyboardInterrupt:  # the second Ctrl-C: stopped at once, mid-step
         if main:
             newest = run_checkpoint(run_dir)
@@ -75,11 +81,17 @@ def _train(recipe_arg: str, kind: str, data: Optional[list[Path]], out: Optional
     finally:
         cleanup_distributed()
     if main:
-        typer.echo(f"{kind} done: {result.steps} steps; run folder {result.run_dir}; "
+        typer.echo(f"{kind} done: {counted(result.steps, 'step')}; run folder {result.run_dir}; "
                    f"last checkpoint {result.last_checkpoint}")
 
 
 RECIPE_HELP = "A shipped recipe's name (`mmtk recipes` lists them) or your own YAML file"
+TRAIN_DEVICE_HELP = "auto, cpu, cuda or cuda:N: the same as --set train.device=... (default: the recipe's, auto)."
+
+
+def _device_setting(device: Optional[str]) -> list[str]:
+    """--device as the recipe override it stands for (so the resume command carries it too)."""
+    return [f"train.device={device}"] if device is not None else []
 
 
 @app.command()
@@ -90,11 +102,13 @@ def pretrain(
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<recipe name>)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run folder."),
+    device: Optional[str] = typer.Option(None, "--device", help=TRAIN_DEVICE_HELP),
     plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
-    """Pretrain a MultiMAE (masked multi-modal autoencoder) as the recipe says. Ctrl-C saves and stops."""
+    """Pretrain a MultiMAE (masked multi-modal autoencoder) as the recipe says. Ctrl-C or SIGTERM saves and
+    stops."""
     load_plugins(plugin)
-    _train(recipe, "pretrain", data, out, set_, resume)
+    _train(recipe, "pretrain", data, out, set_ + _device_setting(device), resume)
 
 
 @app.command()
@@ -107,12 +121,34 @@ def finetune(
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<recipe name>)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run folder."),
+    device: Optional[str] = typer.Option(None, "--device", help=TRAIN_DEVICE_HELP),
     plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
-    """Finetune a dense head (semantic segmentation or depth) on top of a pretrained encoder. Ctrl-C saves and
-    stops."""
+    """Finetune a dense head (semantic segmentation or depth) on top of a pretrained encoder. Ctrl-C or SIGTERM
+    saves and stops."""
     load_plugins(plugin)
-    _train(recipe, "finetune", data, out, set_, resume, init=init)
+    _train(recipe, "finetune", data, out, set_ + _device_setting(device), resume, init=init)
+
+
+@app.command("runs")
+def runs() -> None:
+    """List your training runs, newest first: when, the newest checkpoint's step, the run folder and the folder
+    it was started from (`mmtk eval --run RUN_FOLDER` evaluates one)."""
+    import time
+
+    from mmtk.runs import index_path, list_runs
+
+    found = list_runs()
+    if not found:
+        typer.echo(f"no runs recorded yet in {index_path()} (`mmtk pretrain` and `mmtk finetune` record theirs)")
+        return
+    here = Path.cwd().resolve()
+    typer.echo(f"{'started':<16}  {'step':>8}  run folder (* = started from this folder)")
+    for record in found:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.started))
+        step = "-" if record.step is None else str(record.step)
+        origin = " *" if record.cwd == here else f"  (from {record.cwd})"
+        typer.echo(f"{when:<16}  {step:>8}  {record.run}{origin}")
 
 
 def _eval_checkpoint(run: Optional[Path], checkpoint: Optional[Path]) -> Path:
@@ -173,8 +209,8 @@ def eval_cmd(
                                      "(default: each input alone and all together)."),
     split: str = typer.Option("test", "--split", help="Split of the data file."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N frames."),
-    batch_size: int = typer.Option(4, "--batch-size"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Frames per forward pass."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
     save_predictions: Optional[Path] = typer.Option(None, "--save-predictions",
                                                     help="Write input | prediction | ground truth PNGs here."),
@@ -189,6 +225,7 @@ def eval_cmd(
     from mmtk.io import atomic_write_text
     from mmtk.metrics import FAMILIES
     from mmtk.modality import get_modality
+    from mmtk.progress import counted
 
     checkpoint = _eval_checkpoint(run, checkpoint)
     data = data or _training_file(checkpoint)
@@ -204,7 +241,7 @@ def eval_cmd(
         relative = any(row.relative_depth for row in task_rows)
         title = "semantic segmentation" if family == "segmentation" else \
             "relative depth (valid pixels)" if relative else "depth (metres, valid pixels)"
-        table = Table(title=f"{title}: {frames} frames of split '{split}' of {data}")
+        table = Table(title=f"{title}: {counted(frames, 'frame')} of split '{split}' of {data}")
         table.add_column("inputs")
         for key in keys:
             header = HEADERS[key]
@@ -222,6 +259,6 @@ def eval_cmd(
         for row in task_rows:
             if row.note:
                 console.print(f"  {','.join(row.inputs)} -> {task}: {row.note}", soft_wrap=True)
-    console.print(f"{frames} frames evaluated (split '{split}'{', --limit ' + str(limit) if limit else ', full split'})")
+    console.print(f"{counted(frames, 'frame')} evaluated (split '{split}'{', --limit ' + str(limit) if limit else ', full split'})")
     if json_out:
         atomic_write_text(json_out, results_json(checkpoint, data, split, frames, rows))  # strict JSON: NaN is null

@@ -154,5 +154,7 @@ def accum_steps_for(recipe: Recipe, world_size: int, micro_batch: int | None) ->
 
 
 def _ignore_sigint(worker_id: int) -> None:
-    # Ctrl-C reaches the loader workers too; the main process decides when to stop (Ctrl-C is a save point).
+    # Ctrl-C reaches the loader workers too, and SIGTERM where a scheduler signals every process of the job; the
+    # main process decides when to stop (both are save points) and then ends the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

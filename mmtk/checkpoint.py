@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 import torch.distributed as dist
 from torch import nn
 
@@ -16,13 +17,17 @@ from mmtk.config import Recipe, recipe_to_dict
 from mmtk.errors import MmtkError
 from mmtk.formats import read_state_dict
 from mmtk.io import atomic_write, discard, disk_errors, make_temp, publish
-from mmtk.runtime import DistInfo, rng_state, seed_everything, set_rng_state
+from mmtk.integrity import seal
+from mmtk.runs import checkpoint_paths, checkpoint_step
+from mmtk.runtime import DistInfo, main_process_print, rng_state, seed_everything, set_rng_state
 
 CHECKPOINT_FORMAT = "mmtk-checkpoint"
 CHECKPOINT_VERSION = 1
 # What a resume may change in the optim section: how a step is cut into micro-steps, not the optimisation
 # (the checkpoint's optimizer and schedule state would silently override any other change).
 RESUMABLE_OPTIM = ("micro_batch", "accum_steps")
+# What a resume may change in the model section: the masking (which tokens the encoder sees), not the weights.
+RESUMABLE_MODEL = ("num_visible", "alphas")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -31,7 +36,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     Keep ``state`` to tensors, plain containers, numbers and strings so it loads with
     ``weights_only=True``. A full disk or a read-only folder is one :class:`MmtkError` line.
     """
-    return atomic_write(path, lambda handle: torch.save(state, handle))
+    sealed = seal(state)  # its SHA-256, checked whenever the file is read (mmtk.integrity)
+    return atomic_write(path, lambda handle: torch.save(sealed, handle))
 
 
 def link_last(path: Path) -> Path:
@@ -57,17 +63,133 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return read_state_dict(path, map_location)
 
 
-def checkpoint_paths(run_dir: str | Path) -> list[Path]:
-    """Step checkpoints of a run, oldest first."""
-    folder = Path(run_dir) / "checkpoints"
-    found = [(int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := re.fullmatch(r"step_(\d+)\.pt", p.name))]
-    return [p for _, p in sorted(found)]
-
-
 def newest_checkpoint(run_dir: str | Path) -> Path | None:
     """The step checkpoint with the highest step, or None when the run has none."""
     paths = checkpoint_paths(run_dir)
     return paths[-1] if paths else None
+
+
+def older_intact(path: str | Path) -> Path | None:
+    """The newest checkpoint of the same run older than ``path`` (a run's ``last.pt`` or step file) that reads
+    back intact, or None: what to use instead of a corrupt one."""
+    path = Path(path)
+    run_dir = path.parent if path.name == "last.pt" else path.parent.parent
+    if path.name != "last.pt" and path.parent.name != "checkpoints":
+        return None
+    limit = checkpoint_step(path)
+    for candidate in reversed(checkpoint_paths(run_dir)):
+        if (limit is not None and checkpoint_step(candidate) >= limit) or _same_file(candidate, path):
+            continue
+        try:
+            load_checkpoint(candidate)
+        except MmtkError:
+            continue
+        return candidate
+    return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a ``--resume`` continues from, read once: its path and its content."""
+
+    path: Path
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state.get("step", 0))
+
+
+def find_resume_point(run_dir: str | Path, recipe: Recipe) -> ResumePoint:
+    """The newest checkpoint of ``run_dir`` that reads back intact (an unreadable newer one is skipped with a
+    note), checked against ``recipe`` before anything is built or written: an edited ``RUN/recipe.yaml`` that the
+    resume would overwrite, and a model or optimisation other than the run's, are refused in one line."""
+    run_dir = Path(run_dir)
+    paths = checkpoint_paths(run_dir)
+    if not paths:
+        raise MmtkError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(paths):
+        try:
+            point = ResumePoint(path, load_checkpoint(path))
+            break
+        except MmtkError as err:
+            skipped.append((path, str(err)))
+    else:
+        raise MmtkError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} reads back intact ({skipped[0][1]}); "
+                        f"start a new run in another --out folder")
+    for path, reason in skipped:
+        main_process_print(f"note: {path.name} is unreadable ({reason}); resuming from the older intact "
+                           f"{point.path.name} (step {point.step}) instead")
+    recorded = point.state.get("recipe")
+    if isinstance(recorded, dict):
+        _check_recipe_file(run_dir, recipe, recorded, point)
+        _check_same(recipe, recorded, point, "model", RESUMABLE_MODEL, "the checkpoint's weights only fit its model")
+        _check_same(recipe, recorded, point, "optim", RESUMABLE_OPTIM,
+                    "the checkpoint's optimizer and schedule would override the change")
+    return point
+
+
+def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}``."""
+    if not isinstance(values, dict):
+        return {prefix.rstrip("."): values}
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        flat.update(_flat(value, f"{prefix}{key}."))
+    return flat
+
+
+def _changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old, new)}`` for each value that differs. A key ``before`` lacks (a setting newer than the
+    checkpoint) was its default then."""
+    defaults = _flat(recipe_to_dict(Recipe()))
+    olds = {key: before.get(key, defaults.get(key)) for key in dict.fromkeys([*before, *after])}
+    return {key: (old, after.get(key)) for key, old in olds.items() if old != after.get(key)}
+
+
+def _check_recipe_file(run_dir: Path, recipe: Recipe, recorded: dict[str, Any], point: ResumePoint) -> None:
+    """RUN/recipe.yaml edited by hand since the checkpoint was written, and the resume's recipe (the command line's)
+    does not carry the edit: the resume would write the old values back over it. Refused, saying how to apply it."""
+    path = run_dir / "recipe.yaml"
+    try:
+        edited = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return  # none, or unreadable: the resume writes it anew from its recipe
+    if not isinstance(edited, dict):
+        return
+    file, then, now = _flat(edited), _flat(recorded), _flat(recipe_to_dict(recipe))
+    edits = [key for key in file if file[key] != then.get(key) and file[key] != now.get(key)]
+    if edits:
+        changes = ", ".join(f"{key} {then.get(key)!r} -> {file[key]!r}" for key in edits)
+        raise MmtkError(f"--resume: {path} was edited after step {point.step} was written ({changes}), but a resume "
+                        f"takes its settings from the command line, which would write the old values back; apply "
+                        f"the edit with `mmtk {recipe.kind} {path} --out {run_dir} --resume` (or --set KEY=VALUE), "
+                        f"or undo it")
+
+
+def _check_same(recipe: Recipe, recorded: dict[str, Any], point: ResumePoint, section: str, allowed: tuple[str, ...],
+                why: str) -> None:
+    """A resume continues the run: a ``section`` setting other than the checkpoint's (except ``allowed``) is refused,
+    naming what the recipe asks and what the checkpoint holds."""
+    then = recorded.get(section)
+    if not isinstance(then, dict):
+        return  # a checkpoint of a writer that recorded no recipe: nothing to compare
+    differences = _changes(_flat(then, f"{section}."), _flat(recipe_to_dict(recipe)[section], f"{section}."))
+    changed = [f"{key} {old!r} -> {new!r}" for key, (old, new) in differences.items()
+               if key.split(".")[1] not in allowed]
+    if changed:
+        run_dir = point.path.parent.parent
+        raise MmtkError(f"--resume: {', '.join(changed)}: the recipe contradicts checkpoint {point.path}, whose run "
+                        f"was trained with the values left of each arrow ({why}); resume with the settings of "
+                        f"{run_dir / 'recipe.yaml'}, or start a new run in another --out folder")
 
 
 class Checkpointer:
@@ -103,14 +225,13 @@ class Checkpointer:
         self.last = path
         return path
 
-    def restore(self, path: Path, state: dict[str, Any]) -> int:
-        """Load checkpoint ``path``, read as ``state``, into everything; returns its step.
+    def restore(self, point: ResumePoint) -> int:
+        """Load the checkpoint ``point`` (checked by :func:`find_resume_point`) into everything; returns its step.
 
-        ``state`` is emptied here, so no second copy of the weights and optimizer moments stays in host memory
+        Its state is emptied here, so no second copy of the weights and optimizer moments stays in host memory
         for the run (the caller read it once, to build the model from it too).
         """
-        self.last = path
-        self._check_same_optimisation(state.get("recipe"))
+        self.last, state = point.path, point.state
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -131,20 +252,6 @@ class Checkpointer:
             seed_everything(self.recipe.train.seed + self.info.rank + step)
         state.clear()
         return step
-
-    def _check_same_optimisation(self, recorded: Any) -> None:
-        """A resume continues the run's optimisation: an optim setting other than the checkpoint's is refused."""
-        then = recorded.get("optim") if isinstance(recorded, dict) else None
-        if not isinstance(then, dict):
-            return  # a checkpoint of a writer that recorded no recipe: nothing to compare
-        now = recipe_to_dict(self.recipe)["optim"]
-        changed = [f"optim.{key} {then[key]!r} -> {value!r}" for key, value in now.items()
-                   if key not in RESUMABLE_OPTIM and key in then and then[key] != value]
-        if changed:
-            raise MmtkError(f"--resume: {', '.join(changed)} against the run in {self.run_dir}; a resume continues "
-                            f"its optimisation (the checkpoint's optimizer and schedule would override the change): "
-                            f"resume with the settings of {self.run_dir / 'recipe.yaml'}, or start a new run in "
-                            f"another --out folder")
 
 
 def _mismatch(err: Exception) -> str:

@@ -272,8 +272,8 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 
 def shipped_recipes() -> dict[str, str]:
-    """Name -> one-line description (the file's first comment line) of every recipe shipped in mmtk/recipes/."""
-    folder = importlib.resources.files("mmtk") / "recipes"
+    """Name -> one-line description (the file's first comment line) of every recipe shipped in recipes/."""
+    folder = importlib.resources.files("mmtk.recipes")
     found = {}
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".yaml"):
@@ -287,7 +287,7 @@ def shipped_recipe_text(name: str) -> str:
     names = shipped_recipes()
     if name not in names:
         raise MmtkError(f"no shipped recipe named '{name}'; shipped: {', '.join(names)} (`mmtk recipes` lists them)")
-    return (importlib.resources.files("mmtk") / "recipes" / f"{name}.yaml").read_text()
+    return (importlib.resources.files("mmtk.recipes") / f"{name}.yaml").read_text()
 
 
 def read_recipe_source(recipe: str | Path) -> tuple[str, str]:

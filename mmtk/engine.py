@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,14 +30,14 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mmtk.batches import make_batches
-from mmtk.checkpoint import Checkpointer, load_checkpoint, newest_checkpoint
+from mmtk.checkpoint import Checkpointer, ResumePoint, find_resume_point
 from mmtk.config import Recipe, save_recipe
 from mmtk.errors import MmtkError
 from mmtk.io import atomic_write_text, disk_errors
 from mmtk.memory import plan_memory
 from mmtk.multimae import compile_blocks, compile_step
 from mmtk.optim import build_optimizer
-from mmtk.progress import ProgressLine
+from mmtk.progress import ProgressLine, format_duration
 from mmtk.runtime import DistInfo, LossFn, autocast, main_process_print, seed_everything, setup_distributed, to_device
 
 
@@ -52,19 +53,18 @@ class FitResult:
 
 def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Dataset, compute_loss: LossFn,
         resume: bool = False, extra_state: dict[str, Any] | None = None,
-        resume_state: dict[str, Any] | None = None) -> FitResult:
+        resume_from: ResumePoint | None = None) -> FitResult:
     """Train ``model`` on ``train_set`` as ``recipe`` says, writing checkpoints and metrics to ``run_dir``.
 
     ``compute_loss(model, batch)`` returns the scalar loss to minimise and a dict of named scalar
     losses to log. ``extra_state`` (plain values) is stored in every checkpoint, e.g. how to rebuild
     the model. With ``resume`` the newest checkpoint in ``run_dir`` is loaded and training continues
-    from its step, reproducing an uninterrupted run; ``resume_state`` is that checkpoint when the caller
-    has read it already, so the file is read once.
+    from its step, reproducing an uninterrupted run; ``resume_from`` is that checkpoint when the caller
+    has read it already (:func:`mmtk.checkpoint.find_resume_point`), so the file is read once.
     """
     opt, cfg, run_dir = recipe.optim, recipe.train, Path(run_dir)
-    newest = newest_checkpoint(run_dir) if resume else None
-    if resume and newest is None:  # before anything is created or written
-        raise MmtkError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
+    if resume and resume_from is None:  # before anything is created or written
+        resume_from = find_resume_point(run_dir, recipe)
     info = setup_distributed(cfg.device)
     if cfg.precision == "fp16" and info.device.type != "cuda":
         raise MmtkError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
@@ -72,9 +72,7 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     model.to(info.device)
-    if newest is not None and resume_state is None:
-        resume_state = load_checkpoint(newest)
-    resumed_micro = resume_state.get("micro_batch") if resume else None
+    resumed_micro = resume_from.state.get("micro_batch") if resume_from is not None else None
     micro_batch, workers = plan_memory(model, compute_loss, train_set, recipe, info,  # before anything is written
                                        resumed_micro if isinstance(resumed_micro, int) else None)
     data = make_batches(recipe, train_set, info, micro_batch, workers)
@@ -86,7 +84,7 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
                         {**(extra_state or {}), "micro_batch": data.micro})
     seed_everything(cfg.seed + info.rank)  # different masks per process, same init (weights are broadcast)
     # refuses a checkpoint of another model before any write
-    step = ckpt.restore(newest, resume_state) if newest is not None else 0
+    step = ckpt.restore(resume_from) if resume_from is not None else 0
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
@@ -103,11 +101,12 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
         ids = [info.device.index] if info.device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
-    progress, last_losses = ProgressLine(info.is_main, stop, data.accum_steps, data.micro * info.world_size), {}
+    progress, last_losses = ProgressLine(info.is_main, stop, data.accum_steps, data.micro * info.world_size,
+                                         on_cpu=info.device.type == "cpu"), {}
     tick, tick_step = time.perf_counter(), step
     train_model.train()
     batches = data.from_step(step)
-    with progress, StopRequest() as stop_request, contextlib.closing(metrics):  # closed however the loop ends
+    with progress, StopRequest(progress.step_time_left) as stop_request, contextlib.closing(metrics):  # closed however the loop ends
         progress.start(step)
         while step < stop:
             sums: dict[str, torch.Tensor] = {}
@@ -151,40 +150,50 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
             if step % cfg.ckpt_every == 0 or step == stop or stopping:
                 ckpt.save(step)
             if stopping:
-                raise TrainingInterrupted(step, stop, ckpt.last)
+                raise TrainingInterrupted(step, stop, ckpt.last, stop_request.signum)
     return FitResult(run_dir, step, ckpt.last, last_losses)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped a run at a save point: ``step`` finished and written to ``checkpoint``."""
+    """Ctrl-C or SIGTERM stopped a run at a save point: ``step`` finished and written to ``checkpoint``;
+    ``signum`` is the signal that asked (the CLI exits with 128 + it)."""
 
-    def __init__(self, step: int, stop: int, checkpoint: Path | None) -> None:
+    def __init__(self, step: int, stop: int, checkpoint: Path | None, signum: int = signal.SIGINT) -> None:
         super().__init__(f"stopped at step {step} of {stop}; checkpoint {checkpoint}")
-        self.step, self.stop, self.checkpoint = step, stop, checkpoint
+        self.step, self.stop, self.checkpoint, self.signum = step, stop, checkpoint, int(signum)
 
 
 class StopRequest:
-    """Ctrl-C as a save point: the first SIGINT asks the loop to stop after the current optimizer step (which
-    then writes a checkpoint); a second one raises KeyboardInterrupt at once. Only in the main thread."""
+    """Ctrl-C and SIGTERM (what SLURM and Kubernetes send before killing) as save points: the first one asks the
+    loop to stop after the current optimizer step (which then writes a checkpoint), saying about how long that
+    takes (``time_left()`` seconds); a second one raises KeyboardInterrupt at once. Only in the main thread."""
 
-    def __init__(self) -> None:
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, time_left: Callable[[], float] | None = None) -> None:
         self.requested = False
-        self.previous: Any = None
+        self.signum = int(signal.SIGINT)
+        self.time_left = time_left
+        self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        main_process_print("Ctrl-C: finishing this step and writing a checkpoint (Ctrl-C again stops at once)")
+        self.requested, self.signum = True, int(signum)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        left = self.time_left() if self.time_left is not None else float("nan")
+        how_long = f" (about {format_duration(left)} more)" if math.isfinite(left) else ""
+        main_process_print(f"{name}: finishing this step{how_long} and writing a checkpoint ({name} again stops "
+                           f"at once)")
 
     def flag(self, device: torch.device) -> torch.Tensor:
         """1.0 when this process was asked to stop, else 0.0: reduced with the step's losses (no extra all_reduce)."""

@@ -16,3 +16,12 @@ class MmtkError(Exception):
         if text.startswith("Caught MmtkError in DataLoader worker"):
             message = text.rstrip().splitlines()[-1].removeprefix("mmtk.errors.MmtkError: ")
         super().__init__(message, *args)
+
+
+class CorruptCheckpoint(MmtkError):
+    """A checkpoint file (``path``) that cannot be read, or whose content no longer matches its recorded SHA-256;
+    the CLI adds the older intact checkpoint of the same run to the message, when there is one."""
+
+    def __init__(self, message: object = "", path: object = None) -> None:
+        super().__init__(message)
+        self.path = path

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmtk.errors import MmtkError
+from mmtk.errors import CorruptCheckpoint, MmtkError
+from mmtk.integrity import verify
 from mmtk.io import atomic_path, atomic_write_text
 from mmtk.layers import resize_pos_embed
 
@@ -246,7 +247,8 @@ def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu", 
 
     The format is told by the bytes, not the name: a safetensors file is read with the `safetensors` library
     under any name; the model description mmtk stores in its metadata comes back as ``model_name`` and
-    ``model_args`` beside ``model``. ``mmap`` maps PyTorch tensors instead of reading them."""
+    ``model_args`` beside ``model``. ``mmap`` maps PyTorch tensors instead of reading them (a peek at a few
+    entries: the content's SHA-256, which an mmtk checkpoint records, is checked on full reads only)."""
     path = Path(path)
     if not path.is_file():
         raise MmtkError(f"checkpoint '{path}' does not exist; check the path")
@@ -256,10 +258,12 @@ def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu", 
         if mmap:
             return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
         with open(path, "rb") as handle:  # a handle, so torch.load cannot pick a reader by the file's name
-            return torch.load(handle, map_location=map_location, weights_only=True)
+            state = torch.load(handle, map_location=map_location, weights_only=True)
     except Exception as err:  # corrupt, truncated, or pickled code objects
-        raise MmtkError(f"cannot read checkpoint '{path}' ({type(err).__name__}): it is corrupt, truncated "
-                        "or not a plain-weights PyTorch or safetensors file") from None
+        raise CorruptCheckpoint(f"cannot read checkpoint '{path}' ({type(err).__name__}): it is corrupt, truncated "
+                                "or not a plain-weights PyTorch or safetensors file", path) from None
+    verify(state, path)
+    return state
 
 
 def _read_safetensors(path: Path, map_location: str | torch.device) -> dict:

@@ -4,7 +4,8 @@ Every writer (HDF5, checkpoints, recipes, metrics, JSON, pictures, arrays, ONNX,
 a new temporary file in the target's folder and renames it over the target only when complete:
 
 * the temporary name ``.NAME.tmp-<pid>-<random>[.suffix]`` is unpredictable and created with
-  ``O_EXCL`` (:func:`tempfile.mkstemp`), so a symlink planted in the folder is never followed;
+  ``O_EXCL`` (:func:`tempfile.mkstemp`), so a symlink planted in the folder is never followed; a NAME too
+  long for that within the file system's name limit is cut and ends in a hash of the whole (``~1a2b3c4d``);
 * the data is fsynced before the rename (and the folder after it), the file gets the mode the
   user's umask gives a new file, and the temporary file is removed on any failure;
 * the owner's PID in the name lets the next write into that folder recognise litter of a run that
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -27,19 +29,40 @@ from pathlib import Path
 from typing import IO
 
 from mmtk.errors import MmtkError
+from mmtk.progress import counted
 
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 NO_PERMISSION = frozenset({errno.EACCES, errno.EPERM})
 DISK_ERRNOS = NO_SPACE | NO_PERMISSION | {errno.EROFS}
 # .NAME.tmp-PID-RANDOM[.suffix]: what temp_prefix + mkstemp produce (mkstemp's random part is [a-z0-9_]).
+_RANDOM_CHARS = 8  # what tempfile.mkstemp adds between the prefix and the suffix
 _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)-[a-z0-9_]{6,}(?:\.[A-Za-z0-9]+)?$")
 # HDF5 reports the failed write's errno inside its message ("errno = 28, error message = ...").
 _ERRNO_IN_TEXT = re.compile(r"errno\s*=\s*(\d+)")
 
 
-def temp_prefix(path: Path) -> str:
-    """The name prefix of this process's temporary files for target ``path``."""
-    return f".{path.name}.tmp-{os.getpid()}-"
+def temp_prefix(path: Path, suffix: str = "") -> str:
+    """The name prefix of this process's temporary files for target ``path`` (and ``suffix``).
+
+    A long target name (file systems allow 255 bytes) is cut and marked with a hash of the whole name, so the
+    temporary name fits the folder's limit too and stays distinct per target.
+    """
+    pid = os.getpid()
+    name = path.name
+    overhead = len(f"..tmp-{pid}-".encode()) + _RANDOM_CHARS + len(suffix.encode())
+    room = _name_max(path.parent) - overhead
+    if len(name.encode()) > room:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        name = name.encode()[:max(room - 9, 1)].decode(errors="ignore") + "~" + digest
+    return f".{name}.tmp-{pid}-"
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (bytes) ``folder``'s file system allows."""
+    try:
+        return os.pathconf(_existing_parent(folder), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 def is_temp_name(name: str) -> bool:
@@ -58,7 +81,7 @@ def make_temp(path: str | os.PathLike, suffix: str = "", sweep: bool = True) -> 
         path.parent.mkdir(parents=True, exist_ok=True)
         if sweep:
             remove_dead_temps(path.parent)
-        handle, name = tempfile.mkstemp(prefix=temp_prefix(path), suffix=suffix, dir=path.parent)
+        handle, name = tempfile.mkstemp(prefix=temp_prefix(path, suffix), suffix=suffix, dir=path.parent)
         os.close(handle)
     return Path(name)
 
@@ -156,7 +179,7 @@ def remove_dead_temps(folder: str | os.PathLike, log: Callable[[str], None] | No
                     removed.append(Path(entry.path))
     if removed:
         names = ", ".join(p.name for p in removed[:3]) + (f" and {len(removed) - 3} more" if len(removed) > 3 else "")
-        (log or _stderr)(f"note: removed {len(removed)} temporary file(s) in {folder} left by runs that died "
+        (log or _stderr)(f"note: removed {counted(len(removed), 'temporary file')} in {folder} left by runs that died "
                          f"({names}; {format_bytes(size)})")
     return removed
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,6 +18,22 @@ def format_eta(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"eta {hours}:{minutes:02d}:{secs:02d}"
+
+
+def counted(count: int, noun: str) -> str:
+    """``1 frame``, ``2 frames``: a count with its noun, in the plural where it is not one (the one place)."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def format_duration(seconds: float) -> str:
+    """``42 s``, ``7.3 min``, ``5.2 h``, ``9.5 days``: a duration told to a user, with its unit."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
 def progress_text(step: int, stop: int, micro: int, accum: int, images_per_s: float, eta_s: float,
@@ -55,11 +72,15 @@ class ProgressLine:
     """
 
     PLAIN_EVERY_S = 60.0
+    LONG_RUN_S = 3600.0  # a CPU run estimated beyond this is told so once, with what a GPU would take
+    # A reference for that note: `mmtk pretrain base` on one H200 in bf16 (README, The engine: about 1700 images/s).
+    GPU_IMAGES_PER_S = 1700.0
 
-    def __init__(self, enabled: bool, stop: int, accum: int, images_per_micro: int) -> None:
+    def __init__(self, enabled: bool, stop: int, accum: int, images_per_micro: int, on_cpu: bool = False) -> None:
         from rich.console import Console
 
         self.enabled, self.stop, self.accum, self.images_per_micro = enabled, stop, accum, images_per_micro
+        self.estimate_pending = enabled and on_cpu
         self.console = Console()
         self.live = None
         if enabled and self.console.is_terminal:
@@ -88,6 +109,8 @@ class ProgressLine:
     def micro_step(self, step: int, micro: int) -> None:
         """Micro-step ``micro`` of the step after ``step`` is done."""
         self.step, self.micro = step, micro
+        if self.estimate_pending and (step * self.accum + micro) - self.start_images // self.images_per_micro >= 2:
+            self._estimate()
         if self.live is not None:
             self._show()
         elif self.enabled and micro < self.accum and time.perf_counter() - self.last_plain >= self.PLAIN_EVERY_S:
@@ -113,6 +136,24 @@ class ProgressLine:
         rate = seen / elapsed if seen and elapsed > 0 else 0.0
         left = self._images(self.stop, 0) - self._images(self.step, self.micro)
         return rate, left / rate if rate > 0 else float("nan")
+
+    def _estimate(self) -> None:
+        """Once, after the first two micro-steps: a CPU run that takes hours says so, with a GPU's time."""
+        self.estimate_pending = False
+        rate, eta = self._rate_eta()
+        if not math.isfinite(eta) or eta < self.LONG_RUN_S:
+            return
+        left = self._images(self.stop, 0) - self._images(self.step, self.micro)
+        print(f"note: at {rate:.1f} images/s this CPU run needs about {format_duration(eta)} for its {self.stop} "
+              f"steps; it is a GPU's job (one H200 trains `base` at about {self.GPU_IMAGES_PER_S:.0f} images/s: "
+              f"about {format_duration(left / self.GPU_IMAGES_PER_S)}); on a CPU try --set train.max_steps=N or "
+              f"the tiny recipe", file=sys.stderr, flush=True)
+
+    def step_time_left(self) -> float:
+        """Seconds until the optimizer step under way is done, at the rate so far (NaN while unknown)."""
+        rate, _ = self._rate_eta()
+        left = (self.accum - self.micro) * self.images_per_micro
+        return left / rate if rate > 0 else float("nan")
 
     def _show(self) -> None:
         if self.live is None:

@@ -13,21 +13,7 @@ from torch import nn
 from mmtk.errors import MmtkError
 from mmtk.formats import Weights, default_hooks, load_weights, read_weights
 from mmtk.multimae import DenseModel, ModelConfig, MultiMAE
-
-# The modalities of MultiMAE (Bachmann et al., ECCV 2022; official cfg multimae-b_98_rgb+-depth-semseg_1600e):
-# in_domains rgb-depth-semseg, out_domains the same plus extra_norm_pix_loss (norm_rgb); the finetuning heads
-# read the RGB tokens (decoder_main_tasks rgb).
-PAPER_MODALITIES: dict[str, tuple[str, ...]] = dict(
-    inputs=("rgb", "depth", "semseg"), outputs=("rgb", "norm_rgb", "depth", "semseg"), main_inputs=("rgb",))
-# The named models: a ViT size (DeiT/ViT naming) and the modalities it is pretrained on. MultiMAE-B is
-# "multimae-base"; the model code itself names no modality.
-NAMED_MODELS: dict[str, dict[str, Any]] = {
-    "multimae-tiny": dict(dim=192, depth=12, num_heads=3, **PAPER_MODALITIES),
-    "multimae-small": dict(dim=384, depth=12, num_heads=6, **PAPER_MODALITIES),
-    "multimae-base": dict(dim=768, depth=12, num_heads=12, **PAPER_MODALITIES),
-    "multimae-large": dict(dim=1024, depth=24, num_heads=16, **PAPER_MODALITIES),
-}
-SIZE_KEYS = ("dim", "depth", "num_heads")  # what tells the sizes apart
+from mmtk.sizes import NAMED_MODELS, PAPER_MODALITIES, SIZE_KEYS, reported_name, size_name  # noqa: F401  (API)
 # What a weights file fixes and no argument can change: the encoder's trunk.
 TRUNK = ("dim", "depth", "mlp_ratio", "patch_size", "num_global_tokens")
 HEAD_DIM = 64  # width per attention head of every released ViT and MultiMAE (heads are not in the shapes)
@@ -62,15 +48,6 @@ def model_config(name: str, **overrides: Any) -> ModelConfig:
     if values.get("head") == "dpt" and "hooks" not in values:
         values["hooks"] = default_hooks(values.get("depth", ModelConfig.depth))
     return ModelConfig(**values)
-
-
-def size_name(config: ModelConfig | dict[str, Any]) -> str | None:
-    """The named size with this width, depth (and heads, when given), or None."""
-    values = config if isinstance(config, dict) else vars(config)
-    for name, declared in NAMED_MODELS.items():
-        if all(values.get(key, declared[key]) == declared[key] for key in SIZE_KEYS):
-            return name
-    return None
 
 
 def build_model(config: ModelConfig) -> nn.Module:
@@ -304,7 +281,7 @@ def create_model(name: str | None = None, pretrained: str | Path | dict | Weight
     if report.missing:
         report.notes.append(f"start fresh (changed by the arguments): {_fresh_summary(report.missing, list(model.state_dict()))}")
     model.load_report = report
-    model.model_name = name or weights.model_name or size_name(config) or "custom"
+    model.model_name = reported_name(name or weights.model_name, config)
     if verbose:
         print(f"loaded {weights.source}: {report.summary()}")
     return model

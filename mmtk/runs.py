@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from mmtk.errors import MmtkError
@@ -54,10 +56,43 @@ def record_run(run_dir: str | Path, cwd: str | Path | None = None) -> None:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
+@dataclass
+class RunRecord:
+    """A run in the index: its folder, the folder it was started from, when, and its newest checkpoint's step."""
+
+    run: Path
+    cwd: Path
+    started: float
+    step: int | None
+
+
+def list_runs() -> list[RunRecord]:
+    """The indexed runs whose folders still exist, newest first."""
+    found = []
+    for record in reversed(_read_index()):
+        run = Path(record["run"])
+        if run.is_dir():
+            steps = checkpoint_paths(run)
+            found.append(RunRecord(run, Path(record["cwd"]), float(record.get("time", 0)),
+                                   checkpoint_step(steps[-1]) if steps else None))
+    return found
+
+
+def checkpoint_paths(run_dir: str | Path) -> list[Path]:
+    """Step checkpoints of a run (``RUN/checkpoints/step_N.pt``), oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    found = [(step, p) for p in folder.glob("step_*.pt") if (step := checkpoint_step(p)) is not None]
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """N of a step checkpoint ``step_N.pt``, else None."""
+    match = re.fullmatch(r"step_(\d+)\.pt", path.name)
+    return int(match.group(1)) if match else None
+
+
 def run_checkpoint(run_dir: str | Path) -> Path | None:
     """A run folder's newest checkpoint: ``last.pt``, else its newest ``checkpoints/step_*.pt``."""
-    from mmtk.checkpoint import checkpoint_paths
-
     run_dir = Path(run_dir)
     if run_dir.name == "checkpoints" and not (run_dir / "last.pt").exists():
         run_dir = run_dir.parent  # RUN/checkpoints given: the run's newest

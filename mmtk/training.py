@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmtk.checkpoint import load_checkpoint, newest_checkpoint
+from mmtk.checkpoint import find_resume_point
 from mmtk.config import Recipe, data_paths
 from mmtk.data.mixture import Mixture, present_masks
 from mmtk.engine import FitResult, fit
@@ -276,9 +276,8 @@ def run_training(recipe: Recipe, run_dir: str | Path, init: str | Path | None = 
     # A resumed run rebuilds the model its checkpoint describes: an --init file may have fixed more than the
     # recipe says (e.g. a ViT without class token); fit then restores the optimizer and the rest from the same
     # state, read once.
-    newest = newest_checkpoint(run_dir) if resume else None  # none: fit says there is nothing to resume
-    resume_state = load_checkpoint(newest) if newest else None
-    model = mmtk.create_model(recipe.model.name, pretrained=resume_state if resume else init, verbose=False, **args)
+    point = find_resume_point(run_dir, recipe) if resume else None
+    model = mmtk.create_model(recipe.model.name, pretrained=point.state if point else init, verbose=False, **args)
     if init is not None and not resume:
         main_process_print(f"init from {init}: {init_summary(model)}")
     compute_loss = pretrain_loss_fn() if recipe.kind == "pretrain" else finetune_loss_fn(recipe)
@@ -288,5 +287,4 @@ def run_training(recipe: Recipe, run_dir: str | Path, init: str | Path | None = 
              "data": {"path": paths[0], **({"paths": paths} if info.parts else {}), "modalities": list(info.modalities),
                       "image_size": list(info.image_size), "num_classes": info.num_classes,
                       "class_names": list(info.class_names)}}
-    return fit(recipe, run_dir, model, train_set, compute_loss, resume=resume, extra_state=extra,
-               resume_state=resume_state)
+    return fit(recipe, run_dir, model, train_set, compute_loss, resume=resume, extra_state=extra, resume_from=point)

@@ -12,7 +12,7 @@ import torch
 from cli_helpers import invoke as run_cli  # noqa: F401  (the tests' way to run `mmtk ...`)
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = REPO / "mmtk" / "recipes"
+RECIPES = REPO / "recipes"
 SAMPLES = REPO / "samples"
 CLI = [sys.executable, "-c", "from mmtk.cli.main import main; main()"]
 # Tiny models are dominated by per-op overhead: one thread is many times faster than two that compete

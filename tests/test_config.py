@@ -8,7 +8,7 @@ import yaml
 from mmtk.config import Recipe, load_recipe, recipe_to_dict, save_recipe
 from mmtk.errors import MmtkError
 
-RECIPES = Path(__file__).resolve().parents[1] / "mmtk" / "recipes"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -65,7 +65,7 @@ def test_resume_reads_its_checkpoint_once_and_lets_it_go(sample_h5, tmp_path, mo
 
     import torch
 
-    import mmtk.training as training
+    import mmtk.checkpoint as checkpoint
     from mmtk.batches import Batches
     from mmtk.config import load_recipe
     from mmtk.training import run_training
@@ -76,7 +76,7 @@ def test_resume_reads_its_checkpoint_once_and_lets_it_go(sample_h5, tmp_path, mo
                          tmp_path / "run")
     assert first.steps == 3 and first.last_checkpoint is not None
     loads, read_weights, alive_at_start = [], [], []
-    torch_load, load_checkpoint, from_step = torch.load, training.load_checkpoint, Batches.from_step
+    torch_load, load_checkpoint, from_step = torch.load, checkpoint.load_checkpoint, Batches.from_step
 
     def load_and_watch(path):
         state = load_checkpoint(path)
@@ -89,7 +89,7 @@ def test_resume_reads_its_checkpoint_once_and_lets_it_go(sample_h5, tmp_path, mo
         return from_step(self, step)
 
     monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(args) or torch_load(*args, **kwargs))
-    monkeypatch.setattr(training, "load_checkpoint", load_and_watch)
+    monkeypatch.setattr(checkpoint, "load_checkpoint", load_and_watch)
     monkeypatch.setattr(Batches, "from_step", start)
     resumed = run_training(load_recipe(RECIPES / "tiny.yaml", sets + ["train.max_steps=4"],
                                        data_path=str(sample_h5)), tmp_path / "run", resume=True)

@@ -148,7 +148,7 @@ def test_cli_finetune_then_eval_table_json_and_pictures(sample_h5, tmp_path):
                            "--inputs", "rgb,depth", "--json", tmp_path / "eval.json",
                            "--save-predictions", tmp_path / "pictures")
     assert code == 0, output
-    assert "1 frames evaluated" in output and "full split" in output
+    assert "1 frame evaluated" in output and "full split" in output
     for combo in ("rgb", "depth", "rgb,depth"):
         assert f"│ {combo} " in output
     payload = json.loads((tmp_path / "eval.json").read_text())

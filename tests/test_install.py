@@ -43,3 +43,4 @@ def test_wheel_contains_all_three_packages(tmp_path):
     assert site in mmtk_file.parents and site in adapters_file.parents
     assert (site / "mmtk" / "adapters" / "semseg.py").is_file() and (site / "mmtk" / "cli" / "main.py").is_file()
     assert (site / "mmtk" / "resources").is_dir()
+    assert (site / "mmtk" / "recipes" / "tiny.yaml").is_file()  # built from the top-level recipes/

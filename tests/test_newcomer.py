@@ -57,6 +57,33 @@ def test_recipes_listed_shown_and_started_from(work, sample_h5):
     assert code == 2 and "shipped recipes are given by name: tiny" in output
 
 
+def test_shipped_recipes_are_the_top_level_recipes_folder(sample_h5, tmp_path, monkeypatch):
+    """Issue 20 item 13: `mmtk pretrain recipes/base.yaml` works from the repository root, and names the same
+    recipe as `mmtk pretrain base` (the packaged copy is built from recipes/)."""
+    from mmtk.config import load_recipe, shipped_recipes
+
+    monkeypatch.chdir(REPO)
+    assert sorted(shipped_recipes()) == sorted(path.stem for path in (REPO / "recipes").glob("*.yaml"))
+    assert load_recipe("recipes/base.yaml", data_path=sample_h5) == load_recipe("base", data_path=sample_h5)
+    code, output = run_cli("pretrain", "recipes/tiny.yaml", "--data", sample_h5, "--out", tmp_path / "run",
+                           *sets(FAST))
+    assert code == 0, output
+    assert (tmp_path / "run" / "last.pt").is_file()
+
+
+def _see_these_dependencies(venv: Path) -> None:
+    """Let a throwaway venv import the dependencies this interpreter sees, whether they lie in a venv of its own
+    (as scripts/setup.sh advises: `--system-site-packages` would reach past it to the base interpreter) or in
+    the interpreter's own site-packages. A .pth file lists the folders; .pth files inside them (an editable mmtk)
+    are not run, so the venv's installed mmtk is the one imported."""
+    import sysconfig
+
+    folders = [entry for entry in sys.path if entry.endswith(("site-packages", "dist-packages"))]
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "outer-dependencies.pth").write_text("".join(folder + "\n" for folder in folders))
+
+
 def test_wheel_install_runs_a_shipped_recipe_by_name_from_any_folder(tmp_path, sample_h5):
     """Build the wheel, install it in a throwaway venv and train with `mmtk pretrain tiny` outside the repo."""
     pip = Path(sys.executable).with_name("pip")
@@ -67,8 +94,8 @@ def test_wheel_install_runs_a_shipped_recipe_by_name_from_any_folder(tmp_path, s
     assert built.returncode == 0, built.stderr
     wheel = next((tmp_path / "dist").glob("mmtk-*.whl"))
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
-                   timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    _see_these_dependencies(venv)
     subprocess.run([str(pip), "--python", str(venv / "bin" / "python"), "install", "--no-deps", "--no-index", "-q",
                     str(wheel)], check=True, capture_output=True, timeout=300)
     cwd = tmp_path / "elsewhere"
@@ -106,11 +133,11 @@ def test_eval_finds_the_run_made_with_out(work, sample_h5, tmp_path):
     assert code == 0, output
     assert f"checkpoint: {elsewhere / 'last.pt'} (the newest run trained from this folder" in output
     assert f"data: {work / 'out.h5'} (the file the run trained on)" in output
-    assert "1 frames evaluated" in output
+    assert "1 frame evaluated" in output
     os.chdir(tmp_path)  # another folder: the run folder records absolute paths
     for option in ("--run", "--checkpoint"):
         code, output = run_cli("eval", option, elsewhere, "--inputs", "rgb")
-        assert code == 0 and "1 frames evaluated" in output, output
+        assert code == 0 and "1 frame evaluated" in output, output
     code, output = run_cli("eval", "--inputs", "rgb")  # nothing was trained from this folder
     assert code == 2 and "no run was trained from this folder" in output and "--run RUN_FOLDER" in output
 
@@ -348,3 +375,143 @@ def test_point_cloud_files_get_the_users_umask(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "c.ply").stat().st_mode) == 0o644
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 20: a newcomer's first hour, continued
+
+
+def test_export_takes_a_run_folder_as_eval_and_predict_do(tmp_path):
+    """Issue 20 item 14: `mmtk export RUN --onnx ...` exports the run's newest checkpoint."""
+    import importlib.util
+
+    import torch
+
+    import mmtk
+    from mmtk.checkpoint import link_last, save_checkpoint
+
+    if any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxscript", "onnxruntime")):
+        pytest.skip("ONNX export is an optional extra (mmtk[onnx])")
+    args = dict(dim=64, depth=2, num_heads=2, image_size=(32, 32), num_classes=5, head="convnext", task="semseg",
+                inputs=("rgb",), convnext_dim=64, convnext_depth=1)
+    model = mmtk.create_model("multimae-tiny", verbose=False, **args)
+    run = tmp_path / "run"
+    link_last(save_checkpoint({"model_name": "multimae-tiny", "model_args": args, "model": model.state_dict()},
+                              run / "checkpoints" / "step_00000001.pt"))
+    out = tmp_path / "model.onnx"
+    code, output = run_cli("export", run, "--onnx", out)
+    assert code == 0, output
+    assert out.is_file() and "max |onnxruntime - pytorch|" in output
+    code, output = run_cli("export", tmp_path, "--onnx", out)  # a folder without checkpoints: one line
+    assert code == 2 and "this folder holds no checkpoint" in output
+
+
+def test_quick_commands_answer_without_importing_torch():
+    """Issue 20 item 15: --help, --version, recipes, models and runs answer without importing torch (about a
+    second), and `mmtk models`' fixed table is what the registry builds."""
+    import torch
+
+    import mmtk
+    from mmtk.sizes import NAMED_MODELS, PARAMETERS
+
+    for name in NAMED_MODELS:
+        with torch.device("meta"):
+            model = mmtk.create_model(name, verbose=False)
+        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == PARAMETERS[name], name
+    probe = ("import sys\nfrom mmtk.cli.main import main\nsys.argv = ['mmtk', *sys.argv[1:]]\ntry:\n    main()\n"
+             "except SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch was imported'\n")
+    for args in (["--help"], ["--version"], ["recipes"], ["models"], ["runs"], ["pretrain", "--help"]):
+        done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120,
+                              env={**ONE_THREAD_ENV, "COLUMNS": "120"})
+        assert done.returncode == 0, (args, done.stderr[-2000:])
+    done = subprocess.run([sys.executable, "-c", probe, "--version"], capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith(f"mmtk {mmtk.__version__} (torch ")
+
+
+def test_help_reads_as_usual_and_devices_agree(monkeypatch):
+    """Issue 20 item 15: no `<bool>` after flags, RECIPE / [OUT] in usage lines, --device on pretrain and finetune
+    (the recipe's train.device), predict's --device defaults to auto as eval's, eval --batch-size has a text;
+    counts are written '1 frame', '2 frames' (one helper)."""
+    from mmtk.progress import counted
+
+    monkeypatch.setenv("COLUMNS", "200")
+    texts = {}
+    for command in ("pretrain", "finetune", "predict", "eval", "convert"):
+        code, texts[command] = run_cli(command, "--help")
+        assert code == 0 and "<bool>" not in texts[command] and "{" not in texts[command].split("\n\n")[0]
+    assert "mmtk pretrain [OPTIONS] RECIPE" in texts["pretrain"] and "mmtk convert [OPTIONS] [OUT]" in texts["convert"]
+    code, text = run_cli("--help")
+    assert code == 0 and "--version" in text and "<bool>" not in text
+    for command in ("pretrain", "finetune"):
+        assert "--device" in texts[command] and "train.device" in texts[command]
+    for command in ("predict", "eval"):
+        device_line = next(line for line in texts[command].splitlines() if "--device" in line)
+        assert "[default: auto]" in device_line
+    batch_line = next(line for line in texts["eval"].splitlines() if "--batch-size" in line)
+    assert "Frames per forward pass" in batch_line
+    assert (counted(1, "frame"), counted(2, "step"), counted(0, "frame")) == ("1 frame", "2 steps", "0 frames")
+
+
+def test_pretrain_device_option_is_the_recipes_train_device(work, sample_h5):
+    code, output = run_cli("pretrain", "tiny", "--data", sample_h5, "--out", "run", "--device", "cpu", *sets(FAST))
+    assert code == 0, output
+    assert "pretrain done: 2 steps" in output
+    assert "device: cpu" in (work / "run" / "recipe.yaml").read_text()
+
+
+def test_one_name_is_one_model(sample_h5, tmp_path):
+    """Issue 20 item 16: the tiny recipe's 4-block model is not reported as multimae-tiny (12 blocks)."""
+    import mmtk
+    from mmtk.checkpoint import load_checkpoint
+    from mmtk.sizes import reported_name
+
+    code, output = run_cli("pretrain", "tiny", "--data", sample_h5, "--out", tmp_path / "run",
+                           *sets(["optim.batch_size=4", "train.max_steps=1", "data.num_workers=0"]))
+    assert code == 0, output
+    code, output = run_cli("weights", tmp_path / "run" / "last.pt")
+    assert code == 0, output
+    assert "model: custom (multimae-tiny with 4 blocks), width 192, 4 blocks" in output
+    assert "model: multimae-tiny" not in output
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert mmtk.create_model(pretrained=state, verbose=False).model_name == "custom (multimae-tiny with 4 blocks)"
+    assert reported_name("multimae-tiny", {"dim": 192, "depth": 12, "num_heads": 3}) == "multimae-tiny"
+    assert reported_name("multimae-tiny", {"dim": 768, "depth": 12, "num_heads": 12}) == "multimae-base"
+    assert reported_name(None, {"dim": 100, "depth": 3, "num_heads": 2}) == "custom"
+
+
+def test_a_cpu_run_of_hours_says_so_and_ctrl_c_says_how_long_the_step_takes(capsys, monkeypatch):
+    """Issue 20 item 17: after two micro-steps a CPU run estimated beyond an hour says so in one line, with what
+    a GPU would take; the first Ctrl-C says how long finishing the step under way takes."""
+    from mmtk import progress
+    from mmtk.engine import StopRequest
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    line = progress.ProgressLine(True, stop=1600, accum=8, images_per_micro=256, on_cpu=True)
+    line.live = None
+    line.start(0)
+    for micro in (1, 2):
+        clock[0] += 256 / 2.0  # 2 images/s
+        line.micro_step(0, micro)
+    err = capsys.readouterr().err
+    notes = [text for text in err.splitlines() if text.startswith("note: at 2.0 images/s")]
+    assert len(notes) == 1 and "this CPU run needs about 19.0 days for its 1600 steps" in notes[0]
+    assert "about 1700 images/s: about 32.1 min" in notes[0]
+    assert abs(line.step_time_left() - 6 * 256 / 2.0) < 1e-6  # 6 micro-steps of the step left: 12.8 min
+    with StopRequest(line.step_time_left):
+        os.kill(os.getpid(), signal.SIGINT)
+    assert "Ctrl-C: finishing this step (about 12.8 min more) and writing a checkpoint" in capsys.readouterr().err
+
+
+def test_runs_lists_the_runs_trained(work, sample_h5, tmp_path, monkeypatch):
+    """Issue 20 item 18: `mmtk runs` lists the runs of the index, newest first, with the newest checkpoint's step."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    code, output = run_cli("runs")
+    assert code == 0 and "no runs recorded yet" in output
+    for name in ("first", "second"):
+        code, output = run_cli("pretrain", "tiny", "--data", sample_h5, "--out", name, *sets(FAST))
+        assert code == 0, output
+    code, output = run_cli("runs")
+    rows = output.strip().splitlines()[1:]
+    assert code == 0 and len(rows) == 2
+    assert rows[0].split()[2:] == ["2", str(work / "second"), "*"] and rows[1].split()[2:4] == ["2", str(work / "first")]

@@ -141,7 +141,7 @@ def test_predict_cli_h5_split(checkpoints, rgb, depth_m, tmp_path, capsys, monke
     code, stdout, err = run_cli(["predict", "--checkpoint", str(checkpoints["pretrain"]), "--data", str(path),
                                  "--out", str(out), "--outputs", "semseg", "--ply"], capsys, monkeypatch)
     assert code == 0, err
-    assert "2 frame(s) predicted" in stdout
+    assert "2 frames predicted" in stdout
     for i in range(2):
         labels = np.array(Image.open(out / f"test_{i:06d}_semseg_labels.png"))
         cloud = read_cloud(out / f"test_{i:06d}.ply")  # sensor depth coloured by the predicted classes
@@ -187,7 +187,7 @@ def test_predict_cli_rosbag(checkpoints, tmp_path, capsys, monkeypatch):
                                  "--depth-topic", "/camera/depth_registered/image", "--out", str(out), "--ply"],
                                 capsys, monkeypatch)
     assert code == 0, err
-    assert "3 frame(s) predicted" in stdout and (out / "camera_rgb_image_color_2.ply").is_file()
+    assert "3 frames predicted" in stdout and (out / "camera_rgb_image_color_2.ply").is_file()
 
 
 @pytest.mark.parametrize("args,message", [

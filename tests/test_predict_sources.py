@@ -69,7 +69,7 @@ def test_bag_predictions_are_stamped_and_framed_like_their_inputs(suffix, rgbd_m
     code, stdout, err = run_cli(["predict", "--checkpoint", rgbd_model, "--rosbag", BAG1, "--rgb-topic", RGB_TOPIC,
                                  "--depth-topic", DEPTH_TOPIC, "--out", out], capsys, monkeypatch)
     assert code == 0, err
-    assert "2 frame(s) predicted" in stdout and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    assert "2 frames predicted" in stdout and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
     topics = read_back(out)
     assert sorted(topics) == ["/mmtk/depth", "/mmtk/points", "/mmtk/semseg", "/mmtk/semseg/color"]
     headers = input_headers()
@@ -141,7 +141,7 @@ def test_a_plugin_input_modality_predicts_from_a_bag_and_from_its_dataset(therma
     code, stdout, err = run_cli(["predict", "--checkpoint", model, "--data", data, "--split", "all", "--plugin", plugin,
                                  "--outputs", "semseg", "--out", folder / "from_data"], capsys, monkeypatch)
     assert code == 0, err
-    assert "2 frame(s) predicted" in stdout
+    assert "2 frames predicted" in stdout
     from_bag = sorted((folder / "from_bag").glob("*_semseg_labels.png"))
     from_data = sorted((folder / "from_data").glob("*_semseg_labels.png"))
     assert [p.name for p in from_bag] == [p.name for p in from_data] and len(from_bag) == 2
@@ -180,7 +180,7 @@ def test_rgbd_folder_and_image_folder(rgbd_model, tmp_path, capsys, monkeypatch)
     from mmtk.data.sources.folders import open_rgbd_source
 
     frames = list(open_rgbd_source(MULTIMAE).frames())
-    assert f"{len(frames)} frame(s) predicted" in stdout and len(frames) == 2
+    assert f"{len(frames)} frames predicted" in stdout and len(frames) == 2
     predictor = load_predictor(rgbd_model)
     for frame in frames:  # the folder's depth gives the relative prediction its scale: metres
         stem = str(frame.frame_id).replace("/", "_").removesuffix(".png")
@@ -192,6 +192,6 @@ def test_rgbd_folder_and_image_folder(rgbd_model, tmp_path, capsys, monkeypatch)
     code, stdout, err = run_cli(["predict", "--checkpoint", rgbd_model, "--images", SYNC / "rgb", "--out", out],
                                 capsys, monkeypatch)
     assert code == 0, err
-    assert "3 frame(s) predicted" in stdout
+    assert "3 frames predicted" in stdout
     assert sorted(p.name for p in out.glob("*_depth_relative.npy")) == [
         f"rgb_{i:05d}_depth_relative.npy" for i in (0, 50, 100)]  # no depth: no scale, written as relative

@@ -143,7 +143,7 @@ def test_depth_families(family, model_dirs, h5_file, capsys, monkeypatch):
     code, out, err = run_cli(["pseudo-label", str(h5_file), "--depth-model", str(model_dirs[family]),
                               "--batch-size", "2", "--no-progress"], capsys, monkeypatch)
     assert code == 0, err
-    assert "train/depth_pseudo: 3 frames" in out and "test/depth_pseudo: 1 frames" in out
+    assert "train/depth_pseudo: 3 frames" in out and "test/depth_pseudo: 1 frame" in out
     rgb, _ = real_frames()
     with h5py.File(h5_file) as f:
         stored = np.concatenate([f["train/depth_pseudo"][:], f["test/depth_pseudo"][:]])

@@ -386,7 +386,8 @@ def test_reliability_checkpoint_model_args_bomb_is_refused(tmp_path, sample_h5):
     from mmtk.predict import load_predictor
 
     honest = _tiny_checkpoint(tmp_path / "honest.pt")
-    assert load_predictor(honest).model_name == "multimae-tiny"  # the check passes real checkpoints
+    # the check passes real checkpoints; a model of other sizes than its name's is reported as what it is
+    assert load_predictor(honest).model_name == "custom (multimae-tiny with width 64, 2 blocks, 2 heads)"
 
     forged = _tiny_checkpoint(tmp_path / "forged.pt", dim=8192, depth=48, num_heads=16)  # ~40 GB of weights
     assert forged.stat().st_size < 5 * 2**20
@@ -486,6 +487,152 @@ def test_reliability_resume_after_a_kill_before_last_pt_uses_the_newest_checkpoi
     code, output = _pretrain(sample_h5, run, "--resume", steps=3)
     assert code == 0, output
     assert os.path.samefile(run / "last.pt", checkpoint_paths(run)[-1])
+
+
+# ------------------------------------------------- issue 20: checkpoints, SIGTERM, resume, output names
+
+def _flip_bytes_of(path: Path, tensor: torch.Tensor, count: int = 4) -> None:
+    """Flip ``count`` bytes inside ``tensor``'s data where it is stored in the checkpoint file ``path``."""
+    raw = bytearray(path.read_bytes())
+    stored = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    at = raw.find(stored[:256])
+    assert at > 0 and raw.find(stored[:256], at + 1) == -1, "the tensor's bytes must be found once"
+    for offset in range(count):
+        raw[at + 8 + 16 * offset] ^= 0x40
+    path.write_bytes(bytes(raw))  # in place: last.pt, a hard link to it, is damaged too
+
+
+def test_reliability_checkpoint_with_flipped_bytes_is_refused_naming_the_older_intact_one(tmp_path, sample_h5,
+                                                                                          capsys, monkeypatch):
+    """Issue 20 item 4: four flipped bytes in the weights, or in the optimizer's exp_avg_sq, no longer load silently;
+    the CLI's one line names the file and the older intact checkpoint. Weights without a digest still load."""
+    from mmtk.checkpoint import checkpoint_paths, load_checkpoint
+    from mmtk.errors import CorruptCheckpoint
+    from mmtk.formats import read_state_dict
+
+    run = tmp_path / "run"
+    code, output = _pretrain(sample_h5, run)
+    assert code == 0, output
+    older, newest = checkpoint_paths(run)
+    state = load_checkpoint(newest)
+    assert isinstance(state["sha256"], str) and len(state["sha256"]) == 64
+    _flip_bytes_of(newest, state["model"]["encoder.blocks.0.mlp.fc1.weight"])
+    with pytest.raises(CorruptCheckpoint, match="no longer matches the SHA-256"):
+        load_checkpoint(newest)
+    code, out, err = run_cli(["eval", "--run", run, "--data", sample_h5, "--inputs", "rgb"], capsys, monkeypatch)
+    line = _one_error_line(out + err)
+    assert code == 2 and f"{run / 'last.pt'} is corrupt" in line and f"use the older intact {older} instead" in line
+
+    moments = older.with_name("moments.pt")
+    moments.write_bytes(older.read_bytes())
+    exp_avg_sq = next(entry["exp_avg_sq"] for entry in load_checkpoint(moments)["optimizer"]["state"].values())
+    _flip_bytes_of(moments, exp_avg_sq)
+    with pytest.raises(CorruptCheckpoint, match=f"checkpoint {moments} is corrupt"):
+        load_checkpoint(moments)
+
+    foreign = tmp_path / "foreign.pt"  # official and timm files carry no digest: they load as before
+    torch.save({"model": {key: value for key, value in state["model"].items()}}, foreign)
+    assert set(read_state_dict(foreign)) == {"model"}
+
+
+def test_reliability_sigterm_saves_a_checkpoint_and_says_where_it_stopped(tmp_path, sample_h5):
+    """Issue 20 item 6: SIGTERM (SLURM, Kubernetes) is a save point like Ctrl-C: the step under way finishes, a
+    checkpoint is written, `stopped at step N` names the resume command, and the exit status is 143. Sent to the
+    whole process group, as a scheduler may, the loader's worker process ignores it and the main process decides."""
+    import time
+
+    from mmtk.checkpoint import checkpoint_paths, load_checkpoint
+    from mmtk.engine import read_metrics
+
+    out = tmp_path / "run"
+    sets = TINY + ["optim.batch_size=2", "optim.epochs=500", "model.num_visible=12", "train.ckpt_every=100000",
+                   "data.num_workers=1"]
+    command = [PYTHON, "-c", "from mmtk.cli.main import main; main()", "pretrain", str(RECIPES / "tiny.yaml"),
+               "--data", str(sample_h5), "--out", str(out), *[f"--set={value}" for value in sets]]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                               start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None and not read_metrics(out):
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before SIGTERM"
+    os.killpg(process.pid, signal.SIGTERM)  # the run and its loader worker
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 143, err
+    assert "SIGTERM: finishing this step" in err
+    stopped = [line for line in err.splitlines() if line.startswith("stopped at step ")]
+    assert stopped and stopped[0].endswith("--resume"), err
+    step = int(stopped[0].split()[3].rstrip(";"))
+    assert [path.name for path in checkpoint_paths(out)] == [f"step_{step:08d}.pt"]
+    assert load_checkpoint(checkpoint_paths(out)[-1])["step"] == step
+
+
+def test_reliability_resume_after_editing_the_runs_recipe_is_refused_naming_the_edit(tmp_path, sample_h5):
+    """Issue 20 item 7: an edited RUN/recipe.yaml is neither ignored nor overwritten by --resume: refused in one
+    line naming the changed keys and the command that applies them; that command resumes with the edit."""
+    from mmtk.engine import read_metrics
+
+    run = tmp_path / "run"
+    assert _pretrain(sample_h5, run)[0] == 0
+    recipe = run / "recipe.yaml"
+    edited = recipe.read_text().replace("max_steps: 2", "max_steps: 3").replace("log_every: 1", "log_every: 5")
+    assert edited != recipe.read_text()
+    recipe.write_text(edited)
+    code, output = _pretrain(sample_h5, run, "--resume")
+    line = _one_error_line(output)
+    assert code == 2 and f"{recipe} was edited after step 2 was written" in line
+    assert "train.max_steps 2 -> 3" in line and "train.log_every 1 -> 5" in line
+    assert f"mmtk pretrain {recipe} --out {run} --resume" in line
+    assert recipe.read_text() == edited  # not overwritten
+    code, output = invoke("pretrain", recipe, "--out", run, "--resume")
+    assert code == 0, output
+    assert [record["step"] for record in read_metrics(run)] == [1, 2, 3]
+
+
+def test_reliability_resume_falls_back_to_the_older_intact_checkpoint_and_names_contradictions(tmp_path, sample_h5):
+    """Issue 20 item 11: a truncated newest checkpoint on --resume: the older intact one is used, with a note; a
+    recipe that contradicts the checkpoint says which setting contradicts which file (not '<state dict>')."""
+    from mmtk.checkpoint import checkpoint_paths
+    from mmtk.engine import read_metrics
+
+    run = tmp_path / "run"
+    assert _pretrain(sample_h5, run)[0] == 0
+    older, newest = checkpoint_paths(run)
+    code, output = _pretrain(sample_h5, run, "--set=model.overrides.dim=32", "--resume", steps=3)
+    line = _one_error_line(output)
+    assert code == 2 and "model.overrides.dim 64 -> 32" in line and f"contradicts checkpoint {newest}" in line
+    assert "<state dict>" not in line
+
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a kill mid-copy, a full disk
+    code, output = _pretrain(sample_h5, run, "--resume", steps=3)
+    assert code == 0, output
+    assert f"note: {newest.name} is unreadable" in output
+    assert f"resuming from the older intact {older.name} (step 1) instead" in output
+    assert [record["step"] for record in read_metrics(run)] == [1, 2, 3]
+
+
+def test_reliability_out_that_is_a_file_is_one_line(tmp_path, sample_h5):
+    """Issue 20 item 8: --out naming a file (or a folder under a file) is one line, not a FileExistsError."""
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for out in (afile, afile / "run"):
+        code, output = _pretrain(sample_h5, out)
+        assert code == 2 and f"{afile} is a file, not a folder" in _one_error_line(output)
+    assert afile.read_text() == "mine"
+
+
+def test_reliability_long_output_names_get_temporary_names_that_fit(tmp_path):
+    """Issue 20 item 9: a 245-character output name (legal) is written; its temporary name fits NAME_MAX."""
+    from mmtk.io import atomic_path, atomic_write_text, is_temp_name
+
+    name = "n" * 240 + ".json"
+    assert len(name) == 245
+    atomic_write_text(tmp_path / name, "{}")
+    assert (tmp_path / name).read_text() == "{}" and _temps(tmp_path) == []
+    with atomic_path(tmp_path / ("m" * 250 + ".onnx"), suffix=".onnx") as tmp:
+        assert len(tmp.name) <= 255 and is_temp_name(tmp.name) and tmp.name.endswith(".onnx")
+        other = tmp
+    with atomic_path(tmp_path / ("m" * 249 + "x.onnx"), suffix=".onnx") as tmp:
+        assert tmp.name.split(".tmp-")[0] != other.name.split(".tmp-")[0]  # distinct targets, distinct names
 
 
 # ---------------------------------------------------------------------------------------- fuzz tests

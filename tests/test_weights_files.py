@@ -82,7 +82,7 @@ def test_mmtk_checkpoint_to_folder_to_official_and_back_is_bit_exact(tmp_path):
     loaded = mmtk.create_model(pretrained=tmp_path / "a", verbose=False)
     assert_same(loaded.state_dict(), source.state_dict())
     same = dataclasses.replace(source.config, outputs=(), fp32_decoders=None)  # a finetuned model: no decoders
-    assert loaded.config == same and loaded.model_name == "multimae-tiny"
+    assert loaded.config == same and loaded.model_name == "custom (multimae-tiny with width 64, 2 blocks, 2 heads)"
     convert(tmp_path / "a", "--to-official", tmp_path / "official.pth")
     convert(tmp_path / "official.pth", "--to", tmp_path / "b", "--set", "num_heads=2")
     from safetensors.torch import load_file
