@@ -354,7 +354,7 @@ def validate(recipe: Recipe, source: str) -> None:
     """Checks that need more than one field, or the file system; raise one-line MmtkErrors."""
     data, model, optim, train = recipe.data, recipe.model, recipe.optim, recipe.train
     try:
-        found = data.path is None or Path(data.path).is_file()
+        found = data.path is None or Path(data.path).exists()  # a file or a shard folder
     except OSError as err:  # e.g. a name too long for the file system
         raise MmtkError(f"{source}: data.path: {err.strerror}: {data.path[:80]}") from None
     if not found:

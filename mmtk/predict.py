@@ -59,10 +59,14 @@ METRE_UNITS = ("m", "metre", "metres", "meter", "meters")
 
 def read_h5_frame(path: str | os.PathLike, split: str, index: int, depth_key: str = "depth",
                   label_key: str | None = None) -> Frame:
-    """Frame ``index`` of ``split`` from an mmtk HDF5 file; depth must be metric (units attr "m")."""
+    """Frame ``index`` of ``split`` from an mmtk HDF5 file or shard folder; depth must be metric (units "m")."""
     from mmtk.data.dataset import open_mmtk_file
 
     path = Path(path)
+    if path.is_dir():
+        from mmtk.data.shards import locate_frame
+
+        path, index = locate_frame(path, split, index)
     with open_mmtk_file(path) as handle:
         if split not in handle:
             raise MmtkError(f"{path}: no split {split!r}; splits: {sorted(handle)}")

@@ -33,10 +33,13 @@ class BadFrame:
     array: str
     problem: str
     frame_id: str | None = None
+    file: Path | None = None  # the shard it is in, when a shard folder was checked
 
     def line(self, path: Path) -> str:
+        if not self.array:  # a shard that could not be opened at all
+            return f"{self.file or path}: {self.problem}"
         name = f" ({self.frame_id})" if self.frame_id else ""
-        return f"{path}:{self.split} frame {self.index}{name}: {self.array}: {self.problem}"
+        return f"{self.file or path}:{self.split} frame {self.index}{name}: {self.array}: {self.problem}"
 
 
 @dataclass
@@ -50,11 +53,18 @@ class CheckReport:
 
     @property
     def bad_frames(self) -> int:
-        return len({(b.split, b.index) for b in self.bad})
+        return len({(b.file, b.split, b.index) for b in self.bad})
 
 
 def check_file(path: str | os.PathLike) -> CheckReport:
-    """Read every frame of every array of every split of ``path`` and collect what is wrong."""
+    """Read every frame of every array of every split of ``path`` and collect what is wrong.
+
+    A shard folder is checked shard by shard (its index must be fresh); a shard that cannot be opened at all
+    is reported as one bad entry and the others are still checked."""
+    if os.path.isdir(path):
+        from mmtk.data.shards import check_folder
+
+        return check_folder(path, check_file)
     report = CheckReport(Path(path))
     with open_mmtk_file(path) as handle:
         for split, group in handle.items():

@@ -1,0 +1,378 @@
+"""Shard folders: a dataset as a folder of ordinary mmtk HDF5 files plus a small ``index.json``.
+
+A shard folder holds shard files (``*.h5``/``*.hdf5``, each an ordinary mmtk file that ``mmtk info`` reads
+alone) and ``index.json``, written last and atomically by :func:`write_index` (``mmtk index FOLDER``, and
+``mmtk convert`` when every input is done). The index lists each shard's name, bytes, modification time and
+frames per split, and the folder's splits, arrays, modalities, classes and bytes (docs/dataset-format.md).
+Readers (:func:`dataset_files`, :class:`ShardedDataset`, ``read_info``) read the index, never every shard.
+
+An index is stale when a listed shard's size or modification time differs from what it records, or shard files
+were added or removed; readers detect that with one ``stat`` per shard and refuse in one line naming the fix
+(``mmtk index FOLDER``): a reader never rewrites the folder (it may be read-only, or read by many ranks).
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as _dt
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from mmtk.data.dataset import H5Dataset
+from mmtk.errors import MmtkError
+from mmtk.io import atomic_write_text, is_temp_name
+from mmtk.modality import get_modality, list_modalities
+
+INDEX_NAME = "index.json"
+INDEX_VERSION = 1
+SHARD_SUFFIXES = (".h5", ".hdf5")
+CONVERT_STATE = ".convert"  # `mmtk convert`'s plan and per-input done markers (see mmtk.data.convert)
+MAX_OPEN_SHARDS = 16  # shard files one loader process keeps open (least recently used ones are closed)
+
+
+def is_shard_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a folder (a dataset given as a folder is a shard folder)."""
+    return Path(path).is_dir()
+
+
+def dataset_files(path: str | os.PathLike) -> list[Path]:
+    """The mmtk files of a dataset: a file -> [file]; a shard folder -> its shards in index order.
+
+    A folder's index must exist and be fresh (one ``stat`` per shard); otherwise one-line :class:`MmtkError`.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    return [path / shard["file"] for shard in read_index(path)["shards"]]
+
+
+def shard_names(folder: Path) -> list[str]:
+    """Names of the shard files directly in ``folder`` (sorted; mmtk's temporary files left out)."""
+    with os.scandir(folder) as entries:
+        return sorted(entry.name for entry in entries if entry.name.lower().endswith(SHARD_SUFFIXES)
+                      and not entry.name.startswith(".") and not is_temp_name(entry.name) and entry.is_file())
+
+
+def read_index(folder: str | os.PathLike, check_fresh: bool = True) -> dict[str, Any]:
+    """The parsed ``index.json`` of a shard folder; refused in one line when missing, unreadable or stale."""
+    folder = Path(folder)
+    fix = f"run `mmtk index {folder}`"
+    index_path = folder / INDEX_NAME
+    if not index_path.is_file():
+        state = " (a conversion into it has not finished: rerun it, it keeps finished shards)" \
+            if (folder / CONVERT_STATE).is_dir() else ""
+        raise MmtkError(f"{folder} is a folder without {INDEX_NAME}, so not a shard folder yet{state}; {fix}")
+    try:
+        index = json.loads(index_path.read_text())
+        version = int(index["mmtk_shard_index"])
+        index["shards"], index["splits"]  # noqa: B018  (the keys every reader uses)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise MmtkError(f"{index_path} is not a readable shard index ({type(err).__name__}); {fix}") from None
+    if version > INDEX_VERSION:
+        raise MmtkError(f"{index_path} has index version {version}, newer than this mmtk ({INDEX_VERSION}); "
+                        f"upgrade mmtk")
+    if check_fresh and (reason := stale_reason(folder, index)):
+        raise MmtkError(f"{index_path} is stale ({reason}); {fix}")
+    return index
+
+
+def stale_reason(folder: Path, index: Mapping[str, Any]) -> str | None:
+    """Why ``index`` no longer describes ``folder`` (shards added, removed or changed), or None."""
+    listed = {shard["file"]: shard for shard in index["shards"]}
+    present = set(shard_names(folder))
+    added = sorted(present - set(listed) - set(index.get("ignored", [])))
+    removed = sorted(set(listed) - present)
+    changed = []
+    for name, shard in listed.items():
+        if name in present:
+            stat = os.stat(folder / name)
+            if stat.st_size != shard["bytes"] or stat.st_mtime_ns != shard["mtime_ns"]:
+                changed.append(name)
+    parts = [f"{len(names)} shard(s) {what}, first {names[0]}" for what, names in
+             (("added", added), ("removed", removed), ("changed size or modification time", changed)) if names]
+    return "; ".join(parts) or None
+
+
+def write_index(folder: str | os.PathLike, partial: bool = False, log: Callable[[str], None] | None = None
+                ) -> dict[str, Any]:
+    """Read every shard of ``folder`` once and write its ``index.json`` atomically; returns the index.
+
+    The shards are the files that `mmtk convert` recorded as finished when the folder has its conversion plan,
+    else every ``*.h5``/``*.hdf5`` file in it. Inputs of the plan that are not finished (a machine's part not run
+    yet, a failed input) are refused in one line, unless ``partial``: then the finished shards are indexed and
+    the rest left out (listed under ``ignored``, so they do not make the index stale).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MmtkError(f"{folder} is not a folder; `mmtk index` takes a folder of mmtk .h5 shards")
+    names, ignored = _indexed_names(folder, partial, log)
+    if not names:
+        raise MmtkError(f"{folder} has no finished .h5 shards to index; convert into it with `mmtk convert`")
+    shards = [_shard_entry(folder / name) for name in names]
+    index = _folder_summary(folder, shards)
+    index["ignored"] = ignored
+    atomic_write_text(folder / INDEX_NAME, json.dumps(index, indent=1) + "\n")
+    return index
+
+
+def _indexed_names(folder: Path, partial: bool, log: Callable[[str], None] | None) -> tuple[list[str], list[str]]:
+    """(shards to index, shard files present but left out) of ``folder``."""
+    from mmtk.data.convert import finished_inputs, planned_inputs
+
+    present = shard_names(folder)
+    planned = planned_inputs(folder)
+    if planned is None:  # a folder of shards made by hand
+        return present, []
+    finished = finished_inputs(folder)
+    missing = [key for key in planned if key not in finished]
+    if missing and not partial:
+        raise MmtkError(f"{folder}: {len(missing)} of {len(planned)} inputs have no finished shards (first: "
+                        f"{missing[0]}): run the `mmtk convert` part that holds them again (it keeps finished "
+                        f"shards), or index what is there with `mmtk index {folder} --partial`")
+    if missing and log:
+        log(f"note: {len(missing)} of {len(planned)} inputs left out (not converted yet), first: {missing[0]}")
+    names = [name for key in sorted(finished) for name in finished[key] if name in present]
+    kept = set(names)
+    return names, [name for name in present if name not in kept]
+
+
+def _shard_entry(path: Path) -> dict[str, Any]:
+    """What the index keeps of one shard (its size and time are taken before reading, so a write races safely)."""
+    from mmtk.data.info import read_info
+
+    stat = os.stat(path)
+    info = read_info(path)
+    splits = {}
+    for split, part in info["splits"].items():
+        splits[split] = {"frames": part["frames"], "image_size": part["image_size"],
+                         "arrays": {name: {"dtype": d["dtype"], "units": d["units"], "shape": d["shape"][1:]}
+                                    for name, d in part["datasets"].items()},
+                         "depth": part["depth"], "class_histogram": part["class_histogram"],
+                         "intrinsics": part["intrinsics"]}
+    return {"file": path.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "format": info["format"],
+            "source": info["source"], "created": info["created"], "classes": info["classes"], "splits": splits}
+
+
+def _folder_summary(folder: Path, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """The index: per-shard entries (slimmed) and the folder's splits, arrays, modalities, classes, bytes."""
+    labelled = [shard for shard in shards if shard["classes"]]
+    for shard in labelled[1:]:
+        if shard["classes"] != labelled[0]["classes"]:
+            raise MmtkError(f"{folder}: shards {labelled[0]['file']} and {shard['file']} have different classes "
+                            f"({len(labelled[0]['classes'])} and {len(shard['classes'])}); convert them with the "
+                            f"same --classes, or keep them in separate folders")
+    splits: dict[str, Any] = {}
+    for shard in shards:
+        for split, part in shard["splits"].items():
+            total = splits.setdefault(split, {"frames": 0, "shards": 0, "arrays": None,
+                                              "image_size": part["image_size"], "intrinsics": part["intrinsics"]})
+            total["frames"] += part["frames"]
+            total["shards"] += 1
+            names = set(part["arrays"])
+            total["arrays"] = names if total["arrays"] is None else total["arrays"] & names
+    for split, total in splits.items():  # arrays every shard of the split has
+        total["arrays"] = sorted(total["arrays"])
+        total["modalities"] = [name for name in list_modalities()
+                               if all(source in total["arrays"] for source in get_modality(name).reads())]
+    return {"mmtk_shard_index": INDEX_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "bytes": sum(shard["bytes"] for shard in shards), "classes": labelled[0]["classes"] if labelled else None,
+            "splits": splits, "shards": shards}
+
+
+def folder_info(folder: str | os.PathLike) -> dict[str, Any]:
+    """``read_info``'s summary of a shard folder, from its index alone (no shard is opened).
+
+    Frames, bytes and class histograms are sums over shards; depth min/max and valid fraction are exact; the
+    1 % and 99 % points are the lowest and highest over shards and the median is the frame-weighted median of
+    the shards' medians (``"shards"`` in each depth entry says how many were merged).
+    """
+    folder = Path(folder)
+    index = read_index(folder)
+    shards = index["shards"]
+    info: dict[str, Any] = {
+        "path": str(folder), "format": max(shard["format"] for shard in shards),
+        "source": f"{len(shards)} shards ({shards[0]['source']}"
+                  + (", ..." if len({shard["source"] for shard in shards}) > 1 else "") + ")",
+        "created": max(shard["created"] for shard in shards), "splits": {}, "classes": index["classes"],
+        "units": {}, "shards": len(shards), "bytes": index["bytes"]}
+    for split, total in index["splits"].items():
+        parts = [shard["splits"][split] for shard in shards if split in shard["splits"]]
+        info["splits"][split] = _split_summary(total, parts, index["classes"], info["units"])
+    return info
+
+
+def _split_summary(total: dict[str, Any], parts: list[dict[str, Any]], classes: list[str] | None,
+                   units: dict[str, str]) -> dict[str, Any]:
+    size = total["image_size"]
+    datasets = {}
+    for name in total["arrays"]:
+        array = parts[0]["arrays"][name]
+        datasets[name] = {"shape": [total["frames"], *array["shape"]], "dtype": array["dtype"],
+                          "units": array["units"],
+                          "bytes_per_frame": int(np.prod(array["shape"], dtype=np.int64))
+                          * np.dtype(array["dtype"]).itemsize}
+        if array["units"] is not None:
+            units[name] = array["units"]
+    histogram: dict[str, int] | None = None
+    for part in parts:
+        for name, count in (part["class_histogram"] or {}).items():
+            histogram = histogram or {}
+            histogram[name] = histogram.get(name, 0) + count
+    depth = {name: _merged_depth([part["depth"][name] for part in parts if name in part["depth"]],
+                                 [part["frames"] for part in parts if name in part["depth"]])
+             for name in parts[0]["depth"] if name in total["arrays"]}
+    return {"frames": total["frames"], "image_size": size, "datasets": datasets, "depth": depth,
+            "class_histogram": histogram, "intrinsics": total["intrinsics"], "shards": total["shards"]}
+
+
+def _merged_depth(stats: list[dict[str, Any]], frames: list[int]) -> dict[str, Any]:
+    weights = np.asarray(frames, dtype=np.float64)
+    medians = np.asarray([s["median_m"] for s in stats])
+    order = np.argsort(medians)
+    cumulative = np.cumsum(weights[order])
+    median = float(medians[order][np.searchsorted(cumulative, cumulative[-1] / 2)])
+    valid = [s for s in stats if s["max_m"] > 0]
+    return {"valid_fraction": float(np.average([s["valid_fraction"] for s in stats], weights=weights)),
+            "min_m": min((s["min_m"] for s in valid), default=0.0), "max_m": max(s["max_m"] for s in stats),
+            "p01_m": min(s["p01_m"] for s in stats), "median_m": median, "p99_m": max(s["p99_m"] for s in stats),
+            "sampled": any(s["sampled"] for s in stats), "shards": len(stats)}
+
+
+def locate_frame(folder: str | os.PathLike, split: str, index: int) -> tuple[Path, int]:
+    """(shard file, frame index in it) of frame ``index`` of ``split`` of a shard folder (negative counts back)."""
+    folder = Path(folder)
+    parts = [(shard["file"], shard["splits"][split]["frames"]) for shard in read_index(folder)["shards"]
+             if split in shard["splits"]]
+    total = sum(frames for _, frames in parts)
+    if not parts:
+        raise MmtkError(f"{folder}: no shard has split {split!r}; `mmtk info {folder}` lists the splits")
+    if not -total <= index < total:
+        raise MmtkError(f"{folder}: split {split!r} has {total} frames; index {index} is out of range")
+    index %= total
+    for name, frames in parts:
+        if index < frames:
+            return folder / name, index
+        index -= frames
+    raise AssertionError("unreachable")
+
+
+class ShardedDataset(H5Dataset):
+    """One split of a shard folder as one dataset: ``H5Dataset(folder, ...)`` returns one of these.
+
+    It takes everything it needs to know from the index; a shard is opened (as an :class:`H5Dataset`) when one
+    of its frames is first read. Each process keeps at most ``max_open`` shards open, closing the least recently
+    used one beyond that, so a loader worker's open files stay bounded however many shards the folder has.
+    """
+
+    def __init__(self, path: str | os.PathLike, split: str = "train", modalities: Sequence[str] | None = None,
+                 image_size: tuple[int, int] | None = (224, 224), augment: bool = False,
+                 crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True,
+                 dataset_map: Mapping[str, str] | None = None, max_open: int = MAX_OPEN_SHARDS) -> None:
+        self.path, self.split = Path(path), split
+        index = read_index(self.path)
+        if split not in index["splits"]:
+            raise MmtkError(f"{self.path} has no split {split!r}; it has {', '.join(index['splits'])}")
+        total = index["splits"][split]
+        self.modalities = tuple(modalities) if modalities is not None else tuple(total["modalities"])
+        if not self.modalities:
+            raise MmtkError("no modality requested; name at least one registered modality (e.g. rgb)")
+        self.augment, self.crop_scale, self.hflip = augment, tuple(crop_scale), hflip
+        self.dataset_map = {m: m for m in self.modalities}
+        self.dataset_map.update(dataset_map or {})
+        self.adapters = {m: get_modality(m)() for m in self.modalities}
+        parts = [(shard["file"], shard["splits"][split]) for shard in index["shards"]
+                 if shard["splits"].get(split, {}).get("frames")]
+        self._check_parts(parts)
+        self.file_size = tuple(total["image_size"])
+        self.image_size = tuple(image_size) if image_size is not None else self.file_size
+        self.classes = index["classes"]
+        if self.classes:
+            for adapter in self.adapters.values():  # lets label adapters refuse ids beyond the folder's classes
+                adapter.num_classes = adapter.num_classes or len(self.classes)
+        self.shard_files = [self.path / name for name, _ in parts]
+        self._starts = np.cumsum([0] + [part["frames"] for _, part in parts]).tolist()
+        self.length = self._starts[-1]
+        self.max_open = max(1, int(max_open))
+        self._shards: OrderedDict[int, H5Dataset] = OrderedDict()
+        self._pid: int | None = None
+
+    def _check_parts(self, parts: list[tuple[str, dict[str, Any]]]) -> None:
+        if not parts:
+            raise MmtkError(f"{self.path}: split {self.split!r} is empty")
+        needed = [(m, self.dataset_map.get(source, source)) for m, adapter in self.adapters.items()
+                  for source in adapter.reads()]
+        for name, part in parts:
+            for modality, array in needed:
+                if array not in part["arrays"]:
+                    raise MmtkError(f"{self.path / name}:{self.split} has no dataset {array!r} for {modality} "
+                                    f"(it has {', '.join(part['arrays'])}); add it to every shard, or drop "
+                                    f"{modality}")
+        sizes = {tuple(part["image_size"]) for _, part in parts}
+        if len(sizes) > 1:
+            raise MmtkError(f"{self.path}:{self.split}: shards differ in image size {sorted(sizes)}; convert them "
+                            f"with the same --size")
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_shards"] = OrderedDict()  # h5py handles cannot cross processes; each worker reopens
+        state["_pid"] = None
+        return state
+
+    def shard(self, number: int) -> H5Dataset:
+        """Shard ``number``'s dataset, opened in this process if needed (least recently used beyond
+        ``max_open`` closed)."""
+        if self._pid != os.getpid():  # a forked worker: the parent's handles are not this process's
+            self._shards, self._pid = OrderedDict(), os.getpid()
+        if number in self._shards:
+            self._shards.move_to_end(number)
+            return self._shards[number]
+        while len(self._shards) >= self.max_open:
+            self._shards.popitem(last=False)[1].close()
+        dataset = H5Dataset(self.shard_files[number], split=self.split, modalities=self.modalities,
+                            image_size=self.image_size, augment=self.augment, crop_scale=self.crop_scale,
+                            hflip=self.hflip, dataset_map=self.dataset_map)
+        self._shards[number] = dataset
+        return dataset
+
+    def __getitem__(self, index: int) -> dict:
+        if not -self.length <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} frames")
+        index %= self.length
+        number = bisect.bisect_right(self._starts, index) - 1
+        return self.shard(number)[index - self._starts[number]]
+
+    def close(self) -> None:
+        """Close every shard this process has open (reopened on next access)."""
+        for dataset in self._shards.values():
+            dataset.close()
+        self._shards.clear()
+
+
+def check_folder(folder: str | os.PathLike, check_one: Callable[[Path], Any]) -> Any:
+    """``mmtk check`` of a shard folder: ``check_one`` (:func:`mmtk.data.check.check_file`) on each shard, the
+    reports merged; a shard that cannot be opened is one bad entry naming its fix, and the others are checked."""
+    from dataclasses import replace
+
+    from mmtk.data.check import BadFrame, CheckReport
+
+    report = CheckReport(Path(folder))
+    for shard in dataset_files(folder):
+        try:
+            part = check_one(shard)
+        except MmtkError as err:
+            report.bad.append(BadFrame("", -1, "", str(err), file=shard))
+            continue
+        for split, frames in part.frames.items():
+            report.frames[split] = report.frames.get(split, 0) + frames
+        report.checksummed &= part.checksummed
+        report.bad += [replace(bad, file=shard) for bad in part.bad]
+    return report
