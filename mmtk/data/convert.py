@@ -425,6 +425,9 @@ def convert_to_shards(kind: str, inputs: list[Path], out: str | os.PathLike, opt
     _start_folder(folder, plan, force)
     mine = [key for number, key in enumerate(by_key) if num_shards is None or number % num_shards == shard_index]
     finished = finished_inputs(folder)
+    for key in mine:  # published just before a kill, not yet marked: complete all the same
+        if shard_frames is None and key not in finished and (folder / f"{key}.h5").exists():
+            finished[key] = _mark_finished(folder, key, [f"{key}.h5"])
     todo = [key for key in mine if key not in finished]
     if log and len(todo) < len(mine):
         log(f"{len(mine) - len(todo)} of {len(mine)} inputs already converted in {folder}: kept")
@@ -545,18 +548,20 @@ def _convert_input(kind: str, src: str, folder: str, key: str, options: dict[str
     A shard already published is complete (every shard is written atomically) and is kept."""
     out = Path(folder) / f"{key}.h5"
     converter = _CONVERTERS[kind]
-    frames: dict[str, int] = {}
     if shard_frames is None:
-        if not out.exists():  # else published before a kill, but not yet marked
-            frames = converter(src, out, progress=progress, log=log, **options)
+        frames = converter(src, out, progress=progress, log=log, **options)
         shards = [out.name]
     else:
         first = _published_parts(out)
         frames = converter(src, out, progress=progress, log=log, parts=(shard_frames, first), **options)
         shards = [part_path(out, part).name for part in range(_published_parts(out))]
-    atomic_write_text(Path(folder) / CONVERT_STATE / DONE_FOLDER / f"{key}.json",
-                      json.dumps({"shards": shards}) + "\n")
-    return shards, frames
+    return _mark_finished(Path(folder), key, shards), frames
+
+
+def _mark_finished(folder: Path, key: str, shards: list[str]) -> list[str]:
+    """Record that input ``key``'s shards are all published (what reruns and `mmtk index` go by)."""
+    atomic_write_text(folder / CONVERT_STATE / DONE_FOLDER / f"{key}.json", json.dumps({"shards": shards}) + "\n")
+    return shards
 
 
 def _published_parts(out: Path) -> int:

@@ -279,7 +279,8 @@ class ShardedDataset(H5Dataset):
         if split not in index["splits"]:
             raise MmtkError(f"{self.path} has no split {split!r}; it has {', '.join(index['splits'])}")
         total = index["splits"][split]
-        self.modalities = tuple(modalities) if modalities is not None else tuple(total["modalities"])
+        self.modalities = tuple(modalities) if modalities is not None else \
+            tuple(name for name in list_modalities() if name in total["arrays"])  # as H5Dataset: stored by name
         if not self.modalities:
             raise MmtkError("no modality requested; name at least one registered modality (e.g. rgb)")
         self.augment, self.crop_scale, self.hflip = augment, tuple(crop_scale), hflip
