@@ -90,7 +90,7 @@ def stale_reason(folder: Path, index: Mapping[str, Any]) -> str | None:
     changed = []
     for name, shard in listed.items():
         if name in present:
-            stat = os.stat(folder / name)
+            stat = os.stat(os.path.join(folder, name))
             if stat.st_size != shard["bytes"] or stat.st_mtime_ns != shard["mtime_ns"]:
                 changed.append(name)
     parts = [f"{len(names)} shard(s) {what}, first {names[0]}" for what, names in
@@ -113,8 +113,7 @@ def write_index(folder: str | os.PathLike, partial: bool = False, log: Callable[
     names, ignored = _indexed_names(folder, partial, log)
     if not names:
         raise MmtkError(f"{folder} has no finished .h5 shards to index; convert into it with `mmtk convert`")
-    shards = [_shard_entry(folder / name) for name in names]
-    index = _folder_summary(folder, shards)
+    index = _folder_index(folder, [_shard_summary(folder / name) for name in names])
     index["ignored"] = ignored
     atomic_write_text(folder / INDEX_NAME, json.dumps(index, indent=1) + "\n")
     return index
@@ -141,97 +140,64 @@ def _indexed_names(folder: Path, partial: bool, log: Callable[[str], None] | Non
     return names, [name for name in present if name not in kept]
 
 
-def _shard_entry(path: Path) -> dict[str, Any]:
-    """What the index keeps of one shard (its size and time are taken before reading, so a write races safely)."""
+def _shard_summary(path: Path) -> dict[str, Any]:
+    """``read_info`` of one shard, with its size and time taken before reading (so a write races safely)."""
     from mmtk.data.info import read_info
 
     stat = os.stat(path)
-    info = read_info(path)
-    splits = {}
-    for split, part in info["splits"].items():
-        splits[split] = {"frames": part["frames"], "image_size": part["image_size"],
-                         "arrays": {name: {"dtype": d["dtype"], "units": d["units"], "shape": d["shape"][1:]}
-                                    for name, d in part["datasets"].items()},
-                         "depth": part["depth"], "class_histogram": part["class_histogram"],
-                         "intrinsics": part["intrinsics"]}
-    return {"file": path.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "format": info["format"],
-            "source": info["source"], "created": info["created"], "classes": info["classes"], "splits": splits}
+    return {**read_info(path), "file": path.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _folder_summary(folder: Path, shards: list[dict[str, Any]]) -> dict[str, Any]:
-    """The index: per-shard entries (slimmed) and the folder's splits, arrays, modalities, classes, bytes."""
-    labelled = [shard for shard in shards if shard["classes"]]
-    for shard in labelled[1:]:
-        if shard["classes"] != labelled[0]["classes"]:
-            raise MmtkError(f"{folder}: shards {labelled[0]['file']} and {shard['file']} have different classes "
-                            f"({len(labelled[0]['classes'])} and {len(shard['classes'])}); convert them with the "
+def _folder_index(folder: Path, infos: list[dict[str, Any]]) -> dict[str, Any]:
+    """The index: one slim entry per shard, and the folder's splits (frames, arrays, modalities, depth ranges,
+    class histogram), classes and bytes merged from the shards' summaries."""
+    labelled = [info for info in infos if info["classes"]]
+    for info in labelled[1:]:
+        if info["classes"] != labelled[0]["classes"]:
+            raise MmtkError(f"{folder}: shards {labelled[0]['file']} and {info['file']} have different classes "
+                            f"({len(labelled[0]['classes'])} and {len(info['classes'])}); convert them with the "
                             f"same --classes, or keep them in separate folders")
-    splits: dict[str, Any] = {}
-    for shard in shards:
-        for split, part in shard["splits"].items():
-            total = splits.setdefault(split, {"frames": 0, "shards": 0, "arrays": None,
-                                              "image_size": part["image_size"], "intrinsics": part["intrinsics"]})
-            total["frames"] += part["frames"]
-            total["shards"] += 1
-            names = set(part["arrays"])
-            total["arrays"] = names if total["arrays"] is None else total["arrays"] & names
-    for split, total in splits.items():  # arrays every shard of the split has
-        total["arrays"] = sorted(total["arrays"])
-        total["modalities"] = [name for name in list_modalities()
-                               if all(source in total["arrays"] for source in get_modality(name).reads())]
+    splits = {split: _merged_split([info for info in infos if split in info["splits"]], split)
+              for split in dict.fromkeys(split for info in infos for split in info["splits"])}
+    sources = list(dict.fromkeys(info["source"] for info in infos))
     return {"mmtk_shard_index": INDEX_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "bytes": sum(shard["bytes"] for shard in shards), "classes": labelled[0]["classes"] if labelled else None,
-            "splits": splits, "shards": shards}
+            "format": max(info["format"] for info in infos),
+            "source": sources[0] + (f" (and {len(sources) - 1} other sources)" if len(sources) > 1 else ""),
+            "bytes": sum(info["bytes"] for info in infos), "classes": labelled[0]["classes"] if labelled else None,
+            "splits": splits,
+            "shards": [{"file": info["file"], "bytes": info["bytes"], "mtime_ns": info["mtime_ns"],
+                        "splits": {split: {"frames": part["frames"], "image_size": part["image_size"]}
+                                   for split, part in info["splits"].items()}} for info in infos]}
 
 
-def folder_info(folder: str | os.PathLike) -> dict[str, Any]:
-    """``read_info``'s summary of a shard folder, from its index alone (no shard is opened).
-
-    Frames, bytes and class histograms are sums over shards; depth min/max and valid fraction are exact; the
-    1 % and 99 % points are the lowest and highest over shards and the median is the frame-weighted median of
-    the shards' medians (``"shards"`` in each depth entry says how many were merged).
-    """
-    folder = Path(folder)
-    index = read_index(folder)
-    shards = index["shards"]
-    info: dict[str, Any] = {
-        "path": str(folder), "format": max(shard["format"] for shard in shards),
-        "source": f"{len(shards)} shards ({shards[0]['source']}"
-                  + (", ..." if len({shard["source"] for shard in shards}) > 1 else "") + ")",
-        "created": max(shard["created"] for shard in shards), "splits": {}, "classes": index["classes"],
-        "units": {}, "shards": len(shards), "bytes": index["bytes"]}
-    for split, total in index["splits"].items():
-        parts = [shard["splits"][split] for shard in shards if split in shard["splits"]]
-        info["splits"][split] = _split_summary(total, parts, index["classes"], info["units"])
-    return info
-
-
-def _split_summary(total: dict[str, Any], parts: list[dict[str, Any]], classes: list[str] | None,
-                   units: dict[str, str]) -> dict[str, Any]:
-    size = total["image_size"]
-    datasets = {}
-    for name in total["arrays"]:
-        array = parts[0]["arrays"][name]
-        datasets[name] = {"shape": [total["frames"], *array["shape"]], "dtype": array["dtype"],
-                          "units": array["units"],
-                          "bytes_per_frame": int(np.prod(array["shape"], dtype=np.int64))
-                          * np.dtype(array["dtype"]).itemsize}
-        if array["units"] is not None:
-            units[name] = array["units"]
+def _merged_split(infos: list[dict[str, Any]], split: str) -> dict[str, Any]:
+    """One split over the shards that have it: arrays every shard has (and in how many the others are)."""
+    parts = [info["splits"][split] for info in infos]
+    counts: dict[str, int] = {}
+    for part in parts:
+        for name in part["datasets"]:
+            counts[name] = counts.get(name, 0) + 1
+    arrays = {name: {"dtype": d["dtype"], "units": d["units"], "shape": d["shape"][1:]}
+              for name, d in parts[0]["datasets"].items() if counts[name] == len(parts)}
     histogram: dict[str, int] | None = None
     for part in parts:
         for name, count in (part["class_histogram"] or {}).items():
             histogram = histogram or {}
             histogram[name] = histogram.get(name, 0) + count
-    depth = {name: _merged_depth([part["depth"][name] for part in parts if name in part["depth"]],
-                                 [part["frames"] for part in parts if name in part["depth"]])
-             for name in parts[0]["depth"] if name in total["arrays"]}
-    return {"frames": total["frames"], "image_size": size, "datasets": datasets, "depth": depth,
-            "class_histogram": histogram, "intrinsics": total["intrinsics"], "shards": total["shards"]}
+    return {"frames": sum(part["frames"] for part in parts), "shards": len(parts),
+            "image_size": parts[0]["image_size"], "arrays": arrays,
+            "in_some_shards": {name: count for name, count in counts.items() if count < len(parts)},
+            "modalities": [name for name in list_modalities()
+                           if all(source in arrays for source in get_modality(name).reads())],
+            "depth": {name: _merged_depth([part["depth"][name] for part in parts], [part["frames"] for part in parts])
+                      for name in parts[0]["depth"] if name in arrays},
+            "class_histogram": histogram, "intrinsics": parts[0]["intrinsics"]}
 
 
 def _merged_depth(stats: list[dict[str, Any]], frames: list[int]) -> dict[str, Any]:
+    """Depth ranges of shards merged: min, max and valid fraction exact; 1 % and 99 % the lowest and highest of
+    the shards'; the median the frame-weighted median of the shards' medians."""
     weights = np.asarray(frames, dtype=np.float64)
     medians = np.asarray([s["median_m"] for s in stats])
     order = np.argsort(medians)
@@ -242,6 +208,29 @@ def _merged_depth(stats: list[dict[str, Any]], frames: list[int]) -> dict[str, A
             "min_m": min((s["min_m"] for s in valid), default=0.0), "max_m": max(s["max_m"] for s in stats),
             "p01_m": min(s["p01_m"] for s in stats), "median_m": median, "p99_m": max(s["p99_m"] for s in stats),
             "sampled": any(s["sampled"] for s in stats), "shards": len(stats)}
+
+
+def folder_info(folder: str | os.PathLike) -> dict[str, Any]:
+    """``read_info``'s summary of a shard folder, from its index alone (no shard is opened), with "shards" and
+    "bytes" added. Frames, bytes and class histograms are sums over shards; depth ranges as in the index."""
+    folder = Path(folder)
+    index = read_index(folder)
+    info: dict[str, Any] = {"path": str(folder), "format": index["format"],
+                            "source": f"{len(index['shards'])} shards: {index['source']}", "created": index["created"],
+                            "splits": {}, "classes": index["classes"], "units": {}, "shards": len(index["shards"]),
+                            "bytes": index["bytes"]}
+    for split, part in index["splits"].items():
+        datasets = {}
+        for name, array in part["arrays"].items():
+            datasets[name] = {"shape": [part["frames"], *array["shape"]], "dtype": array["dtype"],
+                              "units": array["units"], "bytes_per_frame": int(np.prod(array["shape"], dtype=np.int64))
+                              * np.dtype(array["dtype"]).itemsize}
+            if array["units"] is not None:
+                info["units"][name] = array["units"]
+        info["splits"][split] = {"frames": part["frames"], "image_size": part["image_size"], "datasets": datasets,
+                                 "depth": part["depth"], "class_histogram": part["class_histogram"],
+                                 "intrinsics": part["intrinsics"]}
+    return info
 
 
 def locate_frame(folder: str | os.PathLike, split: str, index: int) -> tuple[Path, int]:
@@ -289,31 +278,31 @@ class ShardedDataset(H5Dataset):
         self.adapters = {m: get_modality(m)() for m in self.modalities}
         parts = [(shard["file"], shard["splits"][split]) for shard in index["shards"]
                  if shard["splits"].get(split, {}).get("frames")]
-        self._check_parts(parts)
+        self._check_parts(parts, total)
         self.file_size = tuple(total["image_size"])
         self.image_size = tuple(image_size) if image_size is not None else self.file_size
         self.classes = index["classes"]
         if self.classes:
             for adapter in self.adapters.values():  # lets label adapters refuse ids beyond the folder's classes
                 adapter.num_classes = adapter.num_classes or len(self.classes)
-        self.shard_files = [self.path / name for name, _ in parts]
+        self.shard_names = [name for name, _ in parts]  # names, not Paths: 10,000 Paths take 0.5 s
         self._starts = np.cumsum([0] + [part["frames"] for _, part in parts]).tolist()
         self.length = self._starts[-1]
         self.max_open = max(1, int(max_open))
         self._shards: OrderedDict[int, H5Dataset] = OrderedDict()
         self._pid: int | None = None
 
-    def _check_parts(self, parts: list[tuple[str, dict[str, Any]]]) -> None:
+    def _check_parts(self, parts: list[tuple[str, dict[str, Any]]], total: dict[str, Any]) -> None:
         if not parts:
             raise MmtkError(f"{self.path}: split {self.split!r} is empty")
         needed = [(m, self.dataset_map.get(source, source)) for m, adapter in self.adapters.items()
                   for source in adapter.reads()]
-        for name, part in parts:
-            for modality, array in needed:
-                if array not in part["arrays"]:
-                    raise MmtkError(f"{self.path / name}:{self.split} has no dataset {array!r} for {modality} "
-                                    f"(it has {', '.join(part['arrays'])}); add it to every shard, or drop "
-                                    f"{modality}")
+        for modality, array in needed:
+            if array not in total["arrays"]:
+                some = total["in_some_shards"].get(array, 0)
+                raise MmtkError(f"{self.path}:{self.split}: {some} of {total['shards']} shards have a dataset {array!r} "
+                                f"for {modality} (every shard has {', '.join(total['arrays'])}); add it to every shard, or "
+                                f"drop {modality}")
         sizes = {tuple(part["image_size"]) for _, part in parts}
         if len(sizes) > 1:
             raise MmtkError(f"{self.path}:{self.split}: shards differ in image size {sorted(sizes)}; convert them "
@@ -338,7 +327,7 @@ class ShardedDataset(H5Dataset):
             return self._shards[number]
         while len(self._shards) >= self.max_open:
             self._shards.popitem(last=False)[1].close()
-        dataset = H5Dataset(self.shard_files[number], split=self.split, modalities=self.modalities,
+        dataset = H5Dataset(self.path / self.shard_names[number], split=self.split, modalities=self.modalities,
                             image_size=self.image_size, augment=self.augment, crop_scale=self.crop_scale,
                             hflip=self.hflip, dataset_map=self.dataset_map)
         self._shards[number] = dataset
