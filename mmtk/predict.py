@@ -64,7 +64,7 @@ def read_h5_frame(path: str | os.PathLike, split: str, index: int, depth_key: st
 
     path = Path(path)
     if path.is_dir():
-        from mmtk.data.shards import locate_frame
+        from mmtk.data.shard_index import locate_frame
 
         path, index = locate_frame(path, split, index)
     with open_mmtk_file(path) as handle:

@@ -22,7 +22,8 @@ import torch
 
 from data_helpers import BAG1, DEPTH_TOPIC, REPO, RGB_TOPIC, run_cli, shared
 from mmtk.data import H5Dataset, read_info
-from mmtk.data.shards import INDEX_NAME, ShardedDataset, dataset_files, write_index
+from mmtk.data.shard_index import INDEX_NAME
+from mmtk.data.shards import ShardedDataset, dataset_files, write_index
 from mmtk.errors import MmtkError
 
 TOPICS = ["--rgb-topic", RGB_TOPIC, "--depth-topic", DEPTH_TOPIC, "--no-progress"]

@@ -62,9 +62,7 @@ def check_file(path: str | os.PathLike) -> CheckReport:
     A shard folder is checked shard by shard (its index must be fresh); a shard that cannot be opened at all
     is reported as one bad entry and the others are still checked."""
     if os.path.isdir(path):
-        from mmtk.data.shards import check_folder
-
-        return check_folder(path, check_file)
+        return check_folder(path)
     report = CheckReport(Path(path))
     with open_mmtk_file(path) as handle:
         for split, group in handle.items():
@@ -85,6 +83,26 @@ def check_file(path: str | os.PathLike) -> CheckReport:
                     if problem:
                         report.bad.append(BadFrame(split, index, name, problem,
                                                    ids[index] if ids and index < len(ids) else None))
+    return report
+
+
+def check_folder(folder: str | os.PathLike) -> CheckReport:
+    """``mmtk check`` of a shard folder: :func:`check_file` on each shard, the reports merged; a shard that cannot be opened is one bad entry naming its fix, and the others are checked."""
+    from dataclasses import replace
+
+    from mmtk.data.shard_index import dataset_files
+
+    report = CheckReport(Path(folder))
+    for shard in dataset_files(folder):
+        try:
+            part = check_file(shard)
+        except MmtkError as err:
+            report.bad.append(BadFrame("", -1, "", str(err), file=shard))
+            continue
+        for split, frames in part.frames.items():
+            report.frames[split] = report.frames.get(split, 0) + frames
+        report.checksummed &= part.checksummed
+        report.bad += [replace(bad, file=shard) for bad in part.bad]
     return report
 
 

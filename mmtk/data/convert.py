@@ -14,7 +14,7 @@ from queue import Empty, Full
 from typing import Any, Callable, Iterable, Iterator
 
 from mmtk.data.format import H5Writer, check_out_path
-from mmtk.data.shards import CONVERT_STATE
+from mmtk.data.shard_index import CONVERT_STATE, DONE_FOLDER, PLAN_FILE, finished_inputs, read_plan
 from mmtk.data.resize import resize_intrinsics, resize_stored
 from mmtk.data.sources.base import Frame, RgbdSource
 from mmtk.errors import MmtkError
@@ -321,8 +321,6 @@ def convert_rosbag(bag: str | os.PathLike, out_path: str | os.PathLike, rgb_topi
 # marks an input whose shards are all published, listing them. Both are what a rerun, another machine's part
 # and `mmtk index` agree on.
 
-PLAN_FILE = "plan.json"
-DONE_FOLDER = "done"
 PLAN_VERSION = 1
 
 
@@ -359,36 +357,6 @@ def input_keys(inputs: list[Path]) -> list[str]:
         raise MmtkError(f"two inputs would both write shard {twice!r} (their names differ only in characters "
                         f"shard names replace by _); rename one of them")
     return keys
-
-
-def planned_inputs(folder: Path) -> list[str] | None:
-    """The input keys of ``folder``'s conversion plan; None when ``mmtk convert`` did not make the folder."""
-    plan = _read_plan(folder)
-    return None if plan is None else list(plan["inputs"])
-
-
-def finished_inputs(folder: Path) -> dict[str, list[str]]:
-    """Input key -> its shard names, for every input whose shards are all published."""
-    done = folder / CONVERT_STATE / DONE_FOLDER
-    if not done.is_dir():
-        return {}
-    finished = {}
-    for marker in sorted(done.glob("*.json")):
-        try:
-            finished[marker.stem] = list(json.loads(marker.read_text())["shards"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # a marker that cannot be read: the input is converted again
-    return finished
-
-
-def _read_plan(folder: Path) -> dict[str, Any] | None:
-    path = folder / CONVERT_STATE / PLAN_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise MmtkError(f"{path} cannot be read ({err}); add --force to convert the folder again") from None
 
 
 @dataclass
@@ -472,9 +440,9 @@ def _check_scale_out(kind: str, folder: Path, shard_frames: int | None, workers:
 
 def _start_folder(folder: Path, plan: dict[str, Any], force: bool) -> None:
     """Create ``folder`` with ``plan``, or check that its plan has the same source and options."""
-    from mmtk.data.shards import INDEX_NAME, shard_names
+    from mmtk.data.shard_index import INDEX_NAME, shard_names
 
-    old = _read_plan(folder) if folder.is_dir() else None
+    old = read_plan(folder) if folder.is_dir() else None
     if folder.is_dir() and old is None and any(folder.iterdir()):
         raise MmtkError(f"{folder} is a folder that `mmtk convert` did not make and it is not empty; convert into "
                         f"a new or empty folder")

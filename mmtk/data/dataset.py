@@ -193,11 +193,11 @@ class H5Dataset(Dataset):
     shard folder, :mod:`mmtk.data.shards`) gives a :class:`~mmtk.data.shards.ShardedDataset` over its shards.
     """
 
-    def __new__(cls, path: str | os.PathLike | None = None, *args: object, **kwargs: object) -> "H5Dataset":
-        if cls is H5Dataset and path is not None and Path(path).is_dir():
-            from mmtk.data.shards import ShardedDataset
+    folder_dataset: type["H5Dataset"] | None = None  # set by mmtk.data.shards (imported with mmtk.data)
 
-            return super().__new__(ShardedDataset)
+    def __new__(cls, path: str | os.PathLike | None = None, *args: object, **kwargs: object) -> "H5Dataset":
+        if cls is H5Dataset and path is not None and cls.folder_dataset is not None and Path(path).is_dir():
+            return super().__new__(cls.folder_dataset)
         return super().__new__(cls)
 
     def __init__(self, path: str | os.PathLike, split: str = "train",

@@ -36,7 +36,7 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
     and "bytes" added.
     """
     if os.path.isdir(path):
-        from mmtk.data.shards import folder_info
+        from mmtk.data.shard_index import folder_info
 
         return folder_info(path)
     with open_mmtk_file(path) as handle:

@@ -1,14 +1,7 @@
-"""Shard folders: a dataset as a folder of ordinary mmtk HDF5 files plus a small ``index.json``.
+"""Shard folders: building their index (:func:`write_index`) and loading one as a dataset (:class:`ShardedDataset`).
 
-A shard folder holds shard files (``*.h5``/``*.hdf5``, each an ordinary mmtk file that ``mmtk info`` reads
-alone) and ``index.json``, written last and atomically by :func:`write_index` (``mmtk index FOLDER``, and
-``mmtk convert`` when every input is done). The index lists each shard's name, bytes, modification time and
-frames per split, and the folder's splits, arrays, modalities, classes and bytes (docs/dataset-format.md).
-Readers (:func:`dataset_files`, :class:`ShardedDataset`, ``read_info``) read the index, never every shard.
-
-An index is stale when a listed shard's size or modification time differs from what it records, or shard files
-were added or removed; readers detect that with one ``stat`` per shard and refuse in one line naming the fix
-(``mmtk index FOLDER``): a reader never rewrites the folder (it may be read-only, or read by many ranks).
+The folder layout and the reader's side of the index are in :mod:`mmtk.data.shard_index`; :func:`dataset_files`
+is re-exported here.
 """
 
 from __future__ import annotations
@@ -24,78 +17,16 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from mmtk.data.dataset import H5Dataset
+from mmtk.data.info import read_info
+from mmtk.data.shard_index import (INDEX_NAME, INDEX_VERSION, dataset_files, finished_inputs, read_index, read_plan,
+                                   shard_names)
 from mmtk.errors import MmtkError
-from mmtk.io import atomic_write_text, is_temp_name
+from mmtk.io import atomic_write_text
 from mmtk.modality import get_modality, list_modalities
 
-INDEX_NAME = "index.json"
-INDEX_VERSION = 1
-SHARD_SUFFIXES = (".h5", ".hdf5")
-CONVERT_STATE = ".convert"  # `mmtk convert`'s plan and per-input done markers (see mmtk.data.convert)
+__all__ = ["write_index", "dataset_files", "ShardedDataset", "MAX_OPEN_SHARDS"]
+
 MAX_OPEN_SHARDS = 16  # shard files one loader process keeps open (least recently used ones are closed)
-
-
-def is_shard_folder(path: str | os.PathLike) -> bool:
-    """Whether ``path`` names a folder (a dataset given as a folder is a shard folder)."""
-    return Path(path).is_dir()
-
-
-def dataset_files(path: str | os.PathLike) -> list[Path]:
-    """The mmtk files of a dataset: a file -> [file]; a shard folder -> its shards in index order.
-
-    A folder's index must exist and be fresh (one ``stat`` per shard); otherwise one-line :class:`MmtkError`.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        return [path]
-    return [path / shard["file"] for shard in read_index(path)["shards"]]
-
-
-def shard_names(folder: Path) -> list[str]:
-    """Names of the shard files directly in ``folder`` (sorted; mmtk's temporary files left out)."""
-    with os.scandir(folder) as entries:
-        return sorted(entry.name for entry in entries if entry.name.lower().endswith(SHARD_SUFFIXES)
-                      and not entry.name.startswith(".") and not is_temp_name(entry.name) and entry.is_file())
-
-
-def read_index(folder: str | os.PathLike, check_fresh: bool = True) -> dict[str, Any]:
-    """The parsed ``index.json`` of a shard folder; refused in one line when missing, unreadable or stale."""
-    folder = Path(folder)
-    fix = f"run `mmtk index {folder}`"
-    index_path = folder / INDEX_NAME
-    if not index_path.is_file():
-        state = " (a conversion into it has not finished: rerun it, it keeps finished shards)" \
-            if (folder / CONVERT_STATE).is_dir() else ""
-        raise MmtkError(f"{folder} is a folder without {INDEX_NAME}, so not a shard folder yet{state}; {fix}")
-    try:
-        index = json.loads(index_path.read_text())
-        version = int(index["mmtk_shard_index"])
-        index["shards"], index["splits"]  # noqa: B018  (the keys every reader uses)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise MmtkError(f"{index_path} is not a readable shard index ({type(err).__name__}); {fix}") from None
-    if version > INDEX_VERSION:
-        raise MmtkError(f"{index_path} has index version {version}, newer than this mmtk ({INDEX_VERSION}); "
-                        f"upgrade mmtk")
-    if check_fresh and (reason := stale_reason(folder, index)):
-        raise MmtkError(f"{index_path} is stale ({reason}); {fix}")
-    return index
-
-
-def stale_reason(folder: Path, index: Mapping[str, Any]) -> str | None:
-    """Why ``index`` no longer describes ``folder`` (shards added, removed or changed), or None."""
-    listed = {shard["file"]: shard for shard in index["shards"]}
-    present = set(shard_names(folder))
-    added = sorted(present - set(listed) - set(index.get("ignored", [])))
-    removed = sorted(set(listed) - present)
-    changed = []
-    for name, shard in listed.items():
-        if name in present:
-            stat = os.stat(os.path.join(folder, name))
-            if stat.st_size != shard["bytes"] or stat.st_mtime_ns != shard["mtime_ns"]:
-                changed.append(name)
-    parts = [f"{len(names)} shard(s) {what}, first {names[0]}" for what, names in
-             (("added", added), ("removed", removed), ("changed size or modification time", changed)) if names]
-    return "; ".join(parts) or None
 
 
 def write_index(folder: str | os.PathLike, partial: bool = False, log: Callable[[str], None] | None = None
@@ -121,12 +52,11 @@ def write_index(folder: str | os.PathLike, partial: bool = False, log: Callable[
 
 def _indexed_names(folder: Path, partial: bool, log: Callable[[str], None] | None) -> tuple[list[str], list[str]]:
     """(shards to index, shard files present but left out) of ``folder``."""
-    from mmtk.data.convert import finished_inputs, planned_inputs
-
     present = shard_names(folder)
-    planned = planned_inputs(folder)
-    if planned is None:  # a folder of shards made by hand
+    plan = read_plan(folder)
+    if plan is None:  # a folder of shards made by hand
         return present, []
+    planned = plan["inputs"]
     finished = finished_inputs(folder)
     missing = [key for key in planned if key not in finished]
     if missing and not partial:
@@ -142,8 +72,6 @@ def _indexed_names(folder: Path, partial: bool, log: Callable[[str], None] | Non
 
 def _shard_summary(path: Path) -> dict[str, Any]:
     """``read_info`` of one shard, with its size and time taken before reading (so a write races safely)."""
-    from mmtk.data.info import read_info
-
     stat = os.stat(path)
     return {**read_info(path), "file": path.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
@@ -208,47 +136,6 @@ def _merged_depth(stats: list[dict[str, Any]], frames: list[int]) -> dict[str, A
             "min_m": min((s["min_m"] for s in valid), default=0.0), "max_m": max(s["max_m"] for s in stats),
             "p01_m": min(s["p01_m"] for s in stats), "median_m": median, "p99_m": max(s["p99_m"] for s in stats),
             "sampled": any(s["sampled"] for s in stats), "shards": len(stats)}
-
-
-def folder_info(folder: str | os.PathLike) -> dict[str, Any]:
-    """``read_info``'s summary of a shard folder, from its index alone (no shard is opened), with "shards" and
-    "bytes" added. Frames, bytes and class histograms are sums over shards; depth ranges as in the index."""
-    folder = Path(folder)
-    index = read_index(folder)
-    info: dict[str, Any] = {"path": str(folder), "format": index["format"],
-                            "source": f"{len(index['shards'])} shards: {index['source']}", "created": index["created"],
-                            "splits": {}, "classes": index["classes"], "units": {}, "shards": len(index["shards"]),
-                            "bytes": index["bytes"]}
-    for split, part in index["splits"].items():
-        datasets = {}
-        for name, array in part["arrays"].items():
-            datasets[name] = {"shape": [part["frames"], *array["shape"]], "dtype": array["dtype"],
-                              "units": array["units"], "bytes_per_frame": int(np.prod(array["shape"], dtype=np.int64))
-                              * np.dtype(array["dtype"]).itemsize}
-            if array["units"] is not None:
-                info["units"][name] = array["units"]
-        info["splits"][split] = {"frames": part["frames"], "image_size": part["image_size"], "datasets": datasets,
-                                 "depth": part["depth"], "class_histogram": part["class_histogram"],
-                                 "intrinsics": part["intrinsics"]}
-    return info
-
-
-def locate_frame(folder: str | os.PathLike, split: str, index: int) -> tuple[Path, int]:
-    """(shard file, frame index in it) of frame ``index`` of ``split`` of a shard folder (negative counts back)."""
-    folder = Path(folder)
-    parts = [(shard["file"], shard["splits"][split]["frames"]) for shard in read_index(folder)["shards"]
-             if split in shard["splits"]]
-    total = sum(frames for _, frames in parts)
-    if not parts:
-        raise MmtkError(f"{folder}: no shard has split {split!r}; `mmtk info {folder}` lists the splits")
-    if not -total <= index < total:
-        raise MmtkError(f"{folder}: split {split!r} has {total} frames; index {index} is out of range")
-    index %= total
-    for name, frames in parts:
-        if index < frames:
-            return folder / name, index
-        index -= frames
-    raise AssertionError("unreachable")
 
 
 class ShardedDataset(H5Dataset):
@@ -347,22 +234,4 @@ class ShardedDataset(H5Dataset):
         self._shards.clear()
 
 
-def check_folder(folder: str | os.PathLike, check_one: Callable[[Path], Any]) -> Any:
-    """``mmtk check`` of a shard folder: ``check_one`` (:func:`mmtk.data.check.check_file`) on each shard, the
-    reports merged; a shard that cannot be opened is one bad entry naming its fix, and the others are checked."""
-    from dataclasses import replace
-
-    from mmtk.data.check import BadFrame, CheckReport
-
-    report = CheckReport(Path(folder))
-    for shard in dataset_files(folder):
-        try:
-            part = check_one(shard)
-        except MmtkError as err:
-            report.bad.append(BadFrame("", -1, "", str(err), file=shard))
-            continue
-        for split, frames in part.frames.items():
-            report.frames[split] = report.frames.get(split, 0) + frames
-        report.checksummed &= part.checksummed
-        report.bad += [replace(bad, file=shard) for bad in part.bad]
-    return report
+H5Dataset.folder_dataset = ShardedDataset  # H5Dataset(folder) gives one
