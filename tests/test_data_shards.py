@@ -251,3 +251,20 @@ def test_bad_scale_out_requests_are_one_line_each(bags, tmp_path):
         extra = TOPICS if "--rosbag" in args else []
         code, text = run_cli("convert", *args, *extra)
         assert code == 2 and message in text and len(text.strip().splitlines()) == 1, (args, text)
+
+
+def test_finetune_and_eval_take_a_shard_folder_as_data(tmp_path):
+    from engine_helpers import RECIPES, SAMPLES, TINY_SEMSEG
+
+    data = tmp_path / "nyu_shards"  # the real labeled sample, one frame a shard: train-00000, test-00001
+    code, text = run_cli("convert", "--rgbd", SAMPLES / "nyuv2_multimae", data, "--shard-frames", "1", "--size",
+                         "120x160", "--no-progress")
+    assert code == 0, text
+    assert [path.name for path in dataset_files(data)] == ["nyuv2_multimae-00000.h5", "nyuv2_multimae-00001.h5"]
+    args = [f"--set={s}" for s in TINY_SEMSEG + ["optim.batch_size=2", "optim.epochs=1", "optim.warmup_epochs=0",
+                                                 "data.repeat=2"]]
+    code, text = run_cli("finetune", RECIPES / "tiny_finetune_semseg.yaml", "--data", data, "--out", tmp_path / "ft",
+                         *args)
+    assert code == 0, text
+    code, text = run_cli("eval", "--checkpoint", tmp_path / "ft", "--inputs", "rgb,depth")  # the folder it trained on
+    assert code == 0 and f"data: {data}" in text and "1 frames evaluated" in text, text
