@@ -268,3 +268,6 @@ def test_finetune_and_eval_take_a_shard_folder_as_data(tmp_path):
     assert code == 0, text
     code, text = run_cli("eval", "--checkpoint", tmp_path / "ft", "--inputs", "rgb,depth")  # the folder it trained on
     assert code == 0 and f"data: {data}" in text and "1 frames evaluated" in text, text
+    code, text = run_cli("predict", "--checkpoint", tmp_path / "ft", "--h5", data, "--split", "test", "--outputs",
+                         "semseg", "--out", tmp_path / "pred")
+    assert code == 0 and "1 frame(s) predicted" in text, text
