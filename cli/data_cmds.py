@@ -64,7 +64,7 @@ def convert(
 ) -> None:
     """Convert RGB-D data, ROS bags or RGB image folders into one mmtk HDF5 file (metres, labels, intrinsics), or
     several inputs into a folder of shards (one per input; kept on a rerun, so a killed run resumes)."""
-    from mmtk.data.convert import convert_rgbd, expand_inputs, parse_named, parse_size
+    from mmtk.data.convert import convert_rgbd, convert_rosbag, expand_inputs, parse_named, parse_size
 
     load_plugins(plugin)
     given = [(flag, values) for flag, values in (("--rgbd", rgbd), ("--rosbag", rosbag), ("--images", images))
@@ -80,38 +80,29 @@ def convert(
                                           ("--layout", layout)) if value is not None]
     if not rgbd and rgbd_only:
         raise MmtkError(f"{', '.join(rgbd_only)} only apply to --rgbd folders; remove them")
+    kind = given[0][0].removeprefix("--")
     inputs = expand_inputs(given[0][1], given[0][0])
-    if len(inputs) > 1 or shard_frames is not None or shard_index is not None or num_shards is not None:
-        if rosbag and not _rosbag_ready(inputs[0], rgb_topic, depth_topic, cloud_topic, max_dt, depth_scale):
-            return
-        if out is None:
-            raise MmtkError(f"missing OUT: mmtk convert {given[0][0]} ... OUT_FOLDER (several inputs write a folder "
-                            f"of shards)")
-        kind = given[0][0].removeprefix("--")
-        options = {"rgbd": dict(classes=classes, depth_scale=depth_scale, depth_format=depth_format,
-                                depth_range=depth_range, layout=layout, size=shape,
-                                streams=parse_named(stream, "--stream")),
-                   "rosbag": dict(rgb_topic=rgb_topic, depth_topic=depth_topic, camera_info_topic=camera_info_topic,
-                                  max_dt=max_dt, depth_scale=depth_scale, size=shape, cloud_topic=cloud_topic,
-                                  extra_topics=parse_named(topic, "--topic")),
-                   "images": dict(size=shape)}[kind]
-        _convert_shards(kind, inputs, out, options, shard_frames, workers, shard_index, num_shards, force, progress)
+    if kind == "rosbag" and not _rosbag_ready(inputs[0], rgb_topic, depth_topic, cloud_topic, max_dt, depth_scale):
         return
-    rgbd, rosbag, images = (inputs[0] if values else None for values in (rgbd, rosbag, images))
-    if images is not None:
+    options = {"rgbd": dict(classes=classes, depth_scale=depth_scale, depth_format=depth_format,
+                            depth_range=depth_range, layout=layout, size=shape, streams=parse_named(stream, "--stream")),
+               "rosbag": dict(rgb_topic=rgb_topic, depth_topic=depth_topic, camera_info_topic=camera_info_topic,
+                              max_dt=max_dt, depth_scale=depth_scale, size=shape, cloud_topic=cloud_topic,
+                              extra_topics=parse_named(topic, "--topic")),
+               "images": dict(size=shape)}[kind]
+    if len(inputs) > 1 or shard_frames is not None or shard_index is not None or num_shards is not None:
         if out is None:
-            raise MmtkError("missing OUT.h5: mmtk convert --images FOLDER OUT.h5")
-        _convert_images(images, out, shape, force, progress)
-    elif rgbd is not None:
-        if out is None:
-            raise MmtkError("missing OUT.h5: mmtk convert --rgbd SRC OUT.h5")
-        convert_rgbd(rgbd, out, classes=classes, depth_scale=depth_scale, depth_format=depth_format,
-                     depth_range=depth_range, layout=layout, size=shape, force=force, progress=progress, log=_log,
-                     streams=parse_named(stream, "--stream"))
+            raise MmtkError(f"missing OUT: mmtk convert --{kind} SRC --{kind} SRC ... OUT_FOLDER (several inputs "
+                            f"write a folder of shards)")
+        _convert_shards(kind, inputs, out, options, shard_frames, workers, shard_index, num_shards, force, progress)
+    elif out is None:
+        raise MmtkError(f"missing OUT.h5: mmtk convert --{kind} {'BAG' if kind == 'rosbag' else 'SRC'} OUT.h5"
+                        + (" --rgb-topic T --depth-topic T (or --cloud-topic T)" if kind == "rosbag" else ""))
+    elif kind == "images":
+        _convert_images(inputs[0], out, shape, force, progress)
     else:
-        assert rosbag is not None
-        _convert_rosbag(rosbag, out, rgb_topic, depth_topic, cloud_topic, camera_info_topic, max_dt, depth_scale,
-                        shape, force, progress, parse_named(topic, "--topic"))
+        convert = convert_rgbd if kind == "rgbd" else convert_rosbag
+        convert(inputs[0], out, **options, force=force, progress=progress, log=_log)
 
 
 def _convert_shards(kind: str, inputs: list[Path], out: Path, options: dict, shard_frames: Optional[int],
@@ -135,21 +126,6 @@ def _convert_images(images: Path, out: Path, size: Optional[tuple[int, int]], fo
     typer.echo(f"{out}: {counts} frames at {result.size[0]}x{result.size[1]} px"
                + (f"; skipped {len(result.skipped)} unreadable file(s), first: {result.skipped[0]}"
                   if result.skipped else ""))
-
-
-def _convert_rosbag(bag: Path, out: Optional[Path], rgb_topic: Optional[str], depth_topic: Optional[str],
-                    cloud_topic: Optional[str], camera_info_topic: Optional[str], max_dt: float,
-                    depth_scale: Optional[float], size: Optional[tuple[int, int]], force: bool, progress: bool,
-                    extra_topics: dict[str, str]) -> None:
-    if not _rosbag_ready(bag, rgb_topic, depth_topic, cloud_topic, max_dt, depth_scale):
-        return
-    if out is None:
-        raise MmtkError("missing OUT.h5: mmtk convert --rosbag BAG OUT.h5 --rgb-topic T --depth-topic T "
-                        "(or --cloud-topic T)")
-    from mmtk.data import convert_rosbag
-
-    convert_rosbag(bag, out, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale, size=size,
-                   force=force, progress=progress, log=_log, cloud_topic=cloud_topic, extra_topics=extra_topics)
 
 
 def _rosbag_ready(bag: Path, rgb_topic: Optional[str], depth_topic: Optional[str], cloud_topic: Optional[str],
