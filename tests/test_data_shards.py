@@ -113,20 +113,19 @@ def test_killed_run_keeps_finished_shards_and_resumes(bags, folder, tmp_path):
     assert dataset_files(out) == [out / f"{key}.h5" for key in KEYS]
 
 
-def test_split_input_resumes_at_its_first_missing_part(bags, singles, tmp_path):
+def test_split_input_redoes_only_its_missing_parts(bags, singles, tmp_path):
     out = tmp_path / "split"
-    code, text = run_cli("convert", "--rosbag", bags / "c.bag", out, *TOPICS, "--shard-frames", "2")
+    code, text = run_cli("convert", "--rosbag", bags / "c.bag", out, *TOPICS, "--shard-frames", "1")
     assert code == 0, text
-    parts = [out / "c.bag-00000.h5", out / "c.bag-00001.h5"]
+    parts = [out / f"c.bag-0000{part}.h5" for part in range(3)]
     assert dataset_files(out) == parts
-    # as if killed after part 0 was published: part 1 and the input's done marker are not there
-    parts[1].unlink()
-    (out / ".convert" / "done" / "c.bag.json").unlink()
-    (out / INDEX_NAME).unlink()
+    parts[1].unlink()  # e.g. found corrupt and deleted: the input is no longer finished
+    with pytest.raises(MmtkError, match="stale .1 shard.s. removed, first c.bag-00001.h5"):
+        dataset_files(out)
     kept = stamps(out)
-    code, text = run_cli("convert", "--rosbag", bags / "c.bag", out, *TOPICS, "--shard-frames", "2")
-    assert code == 0, text
-    assert {name: stamps(out)[name] for name in kept} == kept
+    code, text = run_cli("convert", "--rosbag", bags / "c.bag", out, *TOPICS, "--shard-frames", "1")
+    assert code == 0 and "1 inputs converted, 0 kept" in text and "index written" in text, text
+    assert {name: stamps(out)[name] for name in kept} == kept and parts[1].exists()
     joined = {name: np.concatenate([arrays(part)[name] for part in parts]) for name in arrays(parts[0])}
     single = arrays(singles["c.bag"])
     assert sorted(joined) == sorted(single)
@@ -216,7 +215,7 @@ def test_info_check_and_point_cloud_frames_of_a_folder(folder, singles):
     assert np.array_equal(frame.rgb, reference.rgb) and np.array_equal(frame.depth, reference.depth)
 
 
-def test_stale_missing_index_and_a_corrupt_shard_are_one_line_each(folder, tmp_path):
+def test_stale_missing_index_and_a_corrupt_shard_are_one_line_each(bags, folder, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)  # copytree keeps modification times: the index stays fresh
     assert len(dataset_files(copy)) == 4
@@ -231,9 +230,14 @@ def test_stale_missing_index_and_a_corrupt_shard_are_one_line_each(folder, tmp_p
     assert f"run `mmtk index {copy}`" in text
     code, text = run_cli("index", copy)
     assert code == 2 and "c.bag.h5" in text and "re-create" in text and len(text.strip().splitlines()) == 1, text
-    (copy / "d_ros2.h5").unlink()
-    with pytest.raises(MmtkError, match="1 shard.s. removed, first d_ros2.h5"):
+    shard.unlink()
+    with pytest.raises(MmtkError, match="1 shard.s. removed, first c.bag.h5"):
         read_info(copy)
+    kept = stamps(copy)  # the fix: run the same conversion again, which redoes that input only
+    code, text = run_cli("convert", "--rosbag", f"{bags}/*", copy, *TOPICS)
+    assert code == 0 and "1 inputs converted, 3 kept" in text and "index written" in text, text
+    assert {name: stamps(copy)[name] for name in kept} == kept
+    assert_same_arrays(shard, folder / "c.bag.h5")
 
 
 def test_bad_scale_out_requests_are_one_line_each(bags, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -188,7 +189,7 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
                  depth_scale: float | None = None, depth_format: str | None = None, depth_range: str | None = None,
                  layout: str | None = None, size: tuple[int, int] | None = None, force: bool = False,
                  progress: bool = True, log: Log | None = None, streams: dict[str, str] | None = None,
-                 parts: tuple[int, int] | None = None) -> ConvertResult:
+                 parts: int | None = None) -> ConvertResult:
     """Convert an RGB-D dataset folder (layout auto-detected) into an mmtk HDF5 file.
 
     Args:
@@ -202,7 +203,8 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
         layout: a layout name to use instead of detecting one.
         size: optional (H, W) to resize to on the way in.
         streams: extra stored arrays, name -> glob under ``src`` (matched to frames by file stem).
-        parts: (frames per part, first part to write): split the output into ``OUT-00000.h5``, ... instead.
+        parts: frames per part: split the output into ``OUT-00000.h5``, ``OUT-00001.h5``, ... instead; parts
+            already there are kept (a resumed input: their frames are read, not written again).
     """
     from mmtk.data.sources.base import ConvertOptions, DepthEncoding, encoding_for, parse_depth_range
     from mmtk.data.sources.folders import open_rgbd_source
@@ -228,11 +230,11 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
 
 def _write_source(source: RgbdSource, frames: Iterable[Frame], out_path: str | os.PathLike, provenance: str, *,
                   size: tuple[int, int] | None, force: bool, progress: bool, log: Log | None,
-                  parts: tuple[int, int] | None = None) -> ConvertResult:
+                  parts: int | None = None) -> ConvertResult:
     """What every `mmtk convert` source goes through: its notes, the one write path, its closing summary.
 
-    With ``parts`` = (frames per part, first part), the frames go to ``OUT-00000.h5``, ``OUT-00001.h5``, ...
-    (:func:`part_path`) and the parts before the first one are read but not written again (a resumed input).
+    With ``parts`` (frames per part), the frames go to ``OUT-00000.h5``, ``OUT-00001.h5``, ... (:func:`part_path`);
+    a part already there is kept (its frames are read, not written again: a resumed input).
     """
     if log:
         log(f"layout: {source.layout} - {source.description}; {source.total} frames")
@@ -255,20 +257,21 @@ def part_path(out_path: Path, part: int) -> Path:
 
 
 def _write_parts(frames: Iterable[Frame], out_path: Path, provenance: str, total: int | None,
-                 classes: list[str] | None, parts: tuple[int, int], **write: Any) -> ConvertResult:
-    """Write ``frames`` as parts of ``parts[0]`` frames each, from part ``parts[1]`` on (each part atomic)."""
-    per_part, first = parts
+                 classes: list[str] | None, per_part: int, **write: Any) -> ConvertResult:
+    """Write ``frames`` as parts of ``per_part`` frames each (each part atomic), keeping parts already there."""
     stream = iter(frames)
-    for _ in itertools.islice(stream, per_part * first):  # frames of the finished parts: read, not written
-        pass
     counts: dict[str, int] = {}
     metrics: dict[str, dict[str, float]] = {}
-    part = first
+    part = 0
     while (head := next(stream, None)) is not None:
+        chunk = itertools.chain([head], itertools.islice(stream, per_part - 1))
+        if part_path(out_path, part).exists():  # published, so complete: its frames are read, not written again
+            collections.deque(chunk, maxlen=0)
+            part += 1
+            continue
         left = None if total is None else max(1, min(per_part, total - part * per_part))
-        result = write_frames(itertools.chain([head], itertools.islice(stream, per_part - 1)), part_path(out_path, part),
-                              source=f"{provenance}, frames {part * per_part} on", total=left, classes=classes,
-                              **write)
+        result = write_frames(chunk, part_path(out_path, part), source=f"{provenance}, frames {part * per_part} on",
+                              total=left, classes=classes, **write)
         for split, count in result.frames.items():
             counts[split] = counts.get(split, 0) + count
         metrics = metrics or result.metrics
@@ -298,7 +301,7 @@ def convert_rosbag(bag: str | os.PathLike, out_path: str | os.PathLike, rgb_topi
                    camera_info_topic: str | None = None, max_dt: float = 0.02, depth_scale: float | None = None,
                    size: tuple[int, int] | None = None, force: bool = False, progress: bool = True,
                    log: Log | None = None, cloud_topic: str | None = None,
-                   extra_topics: dict[str, str] | None = None, parts: tuple[int, int] | None = None) -> ConvertResult:
+                   extra_topics: dict[str, str] | None = None, parts: int | None = None) -> ConvertResult:
     """Convert a ROS1 .bag or ROS2 bag (sqlite3/mcap) to an mmtk HDF5 file (colour/depth paired by stamp).
 
     Depth comes from ``depth_topic`` (Image/CompressedImage) or ``cloud_topic`` (PointCloud2, turned into
@@ -332,7 +335,7 @@ def expand_inputs(values: Iterable[str | os.PathLike], option: str) -> list[Path
     found: list[Path] = []
     for value in values:
         text = os.path.expanduser(str(value))
-        if any(char in text for char in "*?["):
+        if any(char in text for char in "*?[") and not Path(text).exists():  # an existing name is taken as is
             matches = sorted(glob.glob(text))
             if not matches:
                 raise MmtkError(f"{option} {text!r} matches nothing; check the pattern (quote it, so that mmtk, not "
@@ -520,8 +523,7 @@ def _convert_input(kind: str, src: str, folder: str, key: str, options: dict[str
         frames = converter(src, out, progress=progress, log=log, **options)
         shards = [out.name]
     else:
-        first = _published_parts(out)
-        frames = converter(src, out, progress=progress, log=log, parts=(shard_frames, first), **options)
+        frames = converter(src, out, progress=progress, log=log, parts=shard_frames, **options)
         shards = [part_path(out, part).name for part in range(_published_parts(out))]
     return _mark_finished(Path(folder), key, shards), frames
 

@@ -140,16 +140,20 @@ def planned_inputs(folder: Path) -> list[str] | None:
 
 
 def finished_inputs(folder: Path) -> dict[str, list[str]]:
-    """Input key -> its shard names, for every input whose shards are all published."""
+    """Input key -> its shard names, for every input whose shards are all published and still there (a shard
+    deleted since, e.g. a corrupt one, makes its input unfinished: the next ``mmtk convert`` redoes it)."""
     done = folder / CONVERT_STATE / DONE_FOLDER
     if not done.is_dir():
         return {}
+    present = set(shard_names(folder))
     finished = {}
     for marker in sorted(done.glob("*.json")):
         try:
-            finished[marker.stem] = list(json.loads(marker.read_text())["shards"])
+            shards = [str(name) for name in json.loads(marker.read_text())["shards"]]
         except (OSError, ValueError, KeyError, TypeError):
             continue  # a marker that cannot be read: the input is converted again
+        if shards and present.issuperset(shards):
+            finished[marker.stem] = shards
     return finished
 
 
