@@ -383,8 +383,8 @@ def convert_to_shards(kind: str, inputs: list[Path], out: str | os.PathLike, opt
     ``kind`` is "rgbd", "rosbag" or "images"; ``options`` the converter's keyword arguments (the same for every
     input; recorded in the plan, which reruns and other machines must match). Input ``KEY`` (:func:`input_keys`)
     becomes ``KEY.h5``, or ``KEY-00000.h5``, ... split every ``shard_frames`` frames. ``workers`` inputs are
-    converted at once, in processes. Finished inputs are kept: a rerun converts only the rest, and resumes a split
-    input at its first missing part. ``shard_index``/``num_shards`` take the inputs ``i`` (in key order) with
+    converted at once, in processes. Finished inputs are kept: a rerun converts only the rest, and of a split
+    input only its missing parts. ``shard_index``/``num_shards`` take the inputs ``i`` (in key order) with
     ``i % num_shards == shard_index``, so that ``num_shards`` machines share the work.
     """
     folder = Path(out)
@@ -408,7 +408,8 @@ def convert_to_shards(kind: str, inputs: list[Path], out: str | os.PathLike, opt
         key, error = failures[0]
         raise MmtkError(f"{len(failures)} of {len(todo)} inputs failed (first, {by_key[key]}: {error}); the "
                         f"finished shards are kept: fix or drop those inputs and run the same command again")
-    indexed = all(key in finished_inputs(folder) for key in plan["inputs"])
+    finished = finished_inputs(folder)
+    indexed = all(key in finished for key in plan["inputs"])
     if indexed:
         from mmtk.data.shards import write_index
 

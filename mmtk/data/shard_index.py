@@ -133,12 +133,6 @@ def locate_frame(folder: str | os.PathLike, split: str, index: int) -> tuple[Pat
     raise AssertionError("unreachable")
 
 
-def planned_inputs(folder: Path) -> list[str] | None:
-    """The input keys of ``folder``'s conversion plan; None when ``mmtk convert`` did not make the folder."""
-    plan = read_plan(folder)
-    return None if plan is None else list(plan["inputs"])
-
-
 def finished_inputs(folder: Path) -> dict[str, list[str]]:
     """Input key -> its shard names, for every input whose shards are all published and still there (a shard
     deleted since, e.g. a corrupt one, makes its input unfinished: the next ``mmtk convert`` redoes it)."""

@@ -65,7 +65,7 @@ def _indexed_names(folder: Path, partial: bool, log: Callable[[str], None] | Non
                         f"shards), or index what is there with `mmtk index {folder} --partial`")
     if missing and log:
         log(f"note: {len(missing)} of {len(planned)} inputs left out (not converted yet), first: {missing[0]}")
-    names = [name for key in sorted(finished) for name in finished[key] if name in present]
+    names = [name for key in sorted(planned) if key in finished for name in finished[key]]  # all present
     kept = set(names)
     return names, [name for name in present if name not in kept]
 
