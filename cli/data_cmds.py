@@ -183,15 +183,24 @@ def info(
 def check(
     path: Path = typer.Argument(..., help="An mmtk .h5 file or shard folder."),
 ) -> None:
-    """Read every frame of an mmtk file (or of every shard of a folder) and list each bad one (checksum, non-finite or > 1000 m depth,
-    class ids beyond the classes); exit 1 when any is bad."""
-    from mmtk.data.check import check_file
+    """Read every frame of an mmtk file (or of each shard of a folder) and list each bad one (checksum,
+    non-finite or > 1000 m depth, class ids beyond the classes); exit 1 when any is bad."""
+    from mmtk.data.shards import check_files
 
-    report = check_file(path)
-    for bad in report.bad:
-        typer.echo(bad.line(report.path))
-    total = sum(report.frames.values())
-    checksums = "" if report.checksummed else " (no checksums in this file: flipped image bytes go unnoticed)"
-    typer.echo(f"{report.path}: {total} frames checked, {report.bad_frames} bad{checksums}")
-    if report.bad:
+    frames = bad_frames = unreadable = 0
+    checksummed = True
+    for _, report in check_files(path):
+        if isinstance(report, MmtkError):  # a shard that cannot be opened: its one line, then the others
+            typer.echo(f"error: {report}")
+            unreadable += 1
+            continue
+        for bad in report.bad:
+            typer.echo(bad.line(report.path))
+        frames += sum(report.frames.values())
+        bad_frames += report.bad_frames
+        checksummed &= report.checksummed
+    checksums = "" if checksummed else " (no checksums in this file: flipped image bytes go unnoticed)"
+    shards = f", {unreadable} shard(s) unreadable" if unreadable else ""
+    typer.echo(f"{path}: {frames} frames checked, {bad_frames} bad{shards}{checksums}")
+    if bad_frames or unreadable:
         raise typer.Exit(1)

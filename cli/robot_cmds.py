@@ -38,7 +38,7 @@ def pseudo_label_command(
 @app.command("export-pointcloud")
 def export_pointcloud_command(
     out: Path = typer.Argument(..., help="Output .ply or .pcd file."),
-    h5: Optional[Path] = typer.Option(None, help="Take the frame from this mmtk HDF5 file or shard folder ..."),
+    h5: Optional[Path] = typer.Option(None, help="Take the frame from this mmtk HDF5 file ..."),
     split: str = typer.Option("test", help="... from this split ..."),
     index: int = typer.Option(0, help="... at this index."),
     depth_key: str = typer.Option("depth", help="HDF5 dataset with metric depth (metres)."),
@@ -103,7 +103,7 @@ def predict_command(
     rgb: Optional[Path] = typer.Option(None, help="One RGB image ..."),
     depth: Optional[Path] = typer.Option(None, help="... with an optional aligned depth image (PNG/TIFF/.npy)."),
     depth_scale: Optional[float] = typer.Option(None, help="Depth units per metre (default 1000 for integer images)."),
-    h5: Optional[Path] = typer.Option(None, help="Or every frame of a split of an mmtk HDF5 file or shard folder ..."),
+    h5: Optional[Path] = typer.Option(None, help="Or every frame of a split of an mmtk HDF5 file ..."),
     split: str = typer.Option("test", help="... this split ..."),
     index: Optional[int] = typer.Option(None, help="... or only this frame of it."),
     bag: Optional[Path] = typer.Option(None, help="Or the RGB images of a ROS1/ROS2 bag ..."),
@@ -146,14 +146,14 @@ def predict_command(
                 raise MmtkError(f"{depth}: depth is {sensor.shape} but {rgb} is {image.shape[:2]}; they must be aligned")
             yield rgb.stem, image, sensor, None
         elif h5 is not None:
-            from mmtk.data.info import read_info
+            from mmtk.data.dataset import open_mmtk_file
             from mmtk.predict import read_h5_frame
 
-            splits = read_info(h5)["splits"]  # a file or a shard folder (its index)
-            if split not in splits:
-                raise MmtkError(f"{h5}: no split {split!r}; splits: {sorted(splits)}")
-            count = splits[split]["frames"]
-            has_depth = "depth" in splits[split]["datasets"]
+            with open_mmtk_file(h5) as handle:
+                if split not in handle:
+                    raise MmtkError(f"{h5}: no split {split!r}; splits: {sorted(handle)}")
+                count = handle[split]["rgb"].shape[0]
+                has_depth = "depth" in handle[split]
             for i in ([index] if index is not None else range(count)):
                 frame = read_h5_frame(h5, split, i, "depth" if has_depth else "")
                 yield f"{split}_{i % count:06d}", frame.rgb, frame.depth, frame.intrinsics

@@ -33,13 +33,10 @@ class BadFrame:
     array: str
     problem: str
     frame_id: str | None = None
-    file: Path | None = None  # the shard it is in, when a shard folder was checked
 
     def line(self, path: Path) -> str:
-        if not self.array:  # a shard that could not be opened at all
-            return f"{self.file or path}: {self.problem}"
         name = f" ({self.frame_id})" if self.frame_id else ""
-        return f"{self.file or path}:{self.split} frame {self.index}{name}: {self.array}: {self.problem}"
+        return f"{path}:{self.split} frame {self.index}{name}: {self.array}: {self.problem}"
 
 
 @dataclass
@@ -53,16 +50,11 @@ class CheckReport:
 
     @property
     def bad_frames(self) -> int:
-        return len({(b.file, b.split, b.index) for b in self.bad})
+        return len({(b.split, b.index) for b in self.bad})
 
 
 def check_file(path: str | os.PathLike) -> CheckReport:
-    """Read every frame of every array of every split of ``path`` and collect what is wrong.
-
-    A shard folder is checked shard by shard (its index must be fresh); a shard that cannot be opened at all
-    is reported as one bad entry and the others are still checked."""
-    if os.path.isdir(path):
-        return check_folder(path)
+    """Read every frame of every array of every split of ``path`` and collect what is wrong."""
     report = CheckReport(Path(path))
     with open_mmtk_file(path) as handle:
         for split, group in handle.items():
@@ -83,26 +75,6 @@ def check_file(path: str | os.PathLike) -> CheckReport:
                     if problem:
                         report.bad.append(BadFrame(split, index, name, problem,
                                                    ids[index] if ids and index < len(ids) else None))
-    return report
-
-
-def check_folder(folder: str | os.PathLike) -> CheckReport:
-    """``mmtk check`` of a shard folder: :func:`check_file` on each shard, the reports merged; a shard that cannot be opened is one bad entry naming its fix, and the others are checked."""
-    from dataclasses import replace
-
-    from mmtk.data.shard_index import dataset_files
-
-    report = CheckReport(Path(folder))
-    for shard in dataset_files(folder):
-        try:
-            part = check_file(shard)
-        except MmtkError as err:
-            report.bad.append(BadFrame("", -1, "", str(err), file=shard))
-            continue
-        for split, frames in part.frames.items():
-            report.frames[split] = report.frames.get(split, 0) + frames
-        report.checksummed &= part.checksummed
-        report.bad += [replace(bad, file=shard) for bad in part.bad]
     return report
 
 

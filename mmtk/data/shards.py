@@ -12,10 +12,11 @@ import json
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from mmtk.data.check import CheckReport, check_file
 from mmtk.data.dataset import H5Dataset
 from mmtk.data.info import read_info
 from mmtk.data.shard_index import (INDEX_NAME, INDEX_VERSION, dataset_files, finished_inputs, read_index, read_plan,
@@ -24,7 +25,7 @@ from mmtk.errors import MmtkError
 from mmtk.io import atomic_write_text
 from mmtk.modality import get_modality, list_modalities
 
-__all__ = ["write_index", "dataset_files", "ShardedDataset", "MAX_OPEN_SHARDS"]
+__all__ = ["write_index", "dataset_files", "ShardedDataset", "MAX_OPEN_SHARDS", "check_files"]
 
 MAX_OPEN_SHARDS = 16  # shard files one loader process keeps open (least recently used ones are closed)
 
@@ -232,6 +233,20 @@ class ShardedDataset(H5Dataset):
         for dataset in self._shards.values():
             dataset.close()
         self._shards.clear()
+
+
+def check_files(path: str | os.PathLike) -> Iterator[tuple[Path, CheckReport | MmtkError]]:
+    """``mmtk check`` of a dataset: (file, :func:`~mmtk.data.check.check_file`'s report) for each of its files.
+
+    A shard of a folder that cannot be opened gives its one-line error instead of a report, and the other
+    shards are still checked; a single file's error is raised."""
+    for file in dataset_files(path):
+        try:
+            yield file, check_file(file)
+        except MmtkError as err:
+            if not Path(path).is_dir():
+                raise
+            yield file, err
 
 
 H5Dataset.folder_dataset = ShardedDataset  # H5Dataset(folder) gives one
