@@ -499,11 +499,13 @@ def _run_jobs(jobs: list[tuple], workers: int, progress: bool, log: Log | None) 
             finished(number, job[3], outcome)
         return failures
     # fork: the workers inherit the plugins this process loaded (--plugin), which a spawned process would not
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork")) as pool:
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork")) as pool, \
+            frame_bar(f"converting {len(jobs)} inputs", None, progress) as advance:
         futures = {pool.submit(_convert_input, *job, progress=False, log=None): job[3] for job in jobs}
         for number, future in enumerate(as_completed(futures), 1):
             try:
                 outcome = future.result()
+                advance(sum(outcome[1].values()))
             except MmtkError as err:
                 outcome = err
             except BrokenProcessPool:
