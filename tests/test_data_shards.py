@@ -140,6 +140,9 @@ def test_two_machine_halves_merge_into_the_same_dataset(bags, folder, tmp_path):
     assert "not indexed yet" in text and sorted(p.name for p in out.glob("*.h5")) == ["b.bag.h5", "d_ros2.h5"]
     code, text = run_cli("index", out)  # machine 0's part is missing
     assert code == 2 and "2 of 4 inputs have no finished shards (first: a.bag)" in text and "--partial" in text
+    code, text = run_cli("convert", "--rosbag", f"{bags}/[abc]*", out, *TOPICS, "--shard-index", "0",
+                         "--num-shards", "2")  # a part given other inputs would skip or repeat some
+    assert code == 2 and "other inputs" in text and "every --shard-index part the same inputs" in text, text
     code, text = run_cli("convert", "--rosbag", f"{bags}/*", out, *TOPICS, "--shard-index", "0", "--num-shards", "2")
     assert code == 0, text
     assert "index written" in text

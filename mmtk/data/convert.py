@@ -393,7 +393,7 @@ def convert_to_shards(kind: str, inputs: list[Path], out: str | os.PathLike, opt
     by_key = dict(sorted(zip(keys, inputs)))
     plan = json.loads(json.dumps({"version": PLAN_VERSION, "source": kind, "shard_frames": shard_frames,
                                   "options": options, "inputs": sorted(keys)}))
-    _start_folder(folder, plan, force)
+    _start_folder(folder, plan, force, partitioned=num_shards is not None)
     mine = [key for number, key in enumerate(by_key) if num_shards is None or number % num_shards == shard_index]
     finished = finished_inputs(folder)
     for key in mine:  # published just before a kill, not yet marked: complete all the same
@@ -442,8 +442,9 @@ def _check_scale_out(kind: str, folder: Path, shard_frames: int | None, workers:
                         f"or --shard-frames write a folder of shards; name a folder (e.g. {folder.with_suffix('')})")
 
 
-def _start_folder(folder: Path, plan: dict[str, Any], force: bool) -> None:
-    """Create ``folder`` with ``plan``, or check that its plan has the same source and options."""
+def _start_folder(folder: Path, plan: dict[str, Any], force: bool, partitioned: bool) -> None:
+    """Create ``folder`` with ``plan``, or check that its plan has the same source and options (and, for one part
+    of a ``--num-shards`` run, the same inputs: parts given different inputs would skip or repeat some)."""
     from mmtk.data.shard_index import INDEX_NAME, shard_names
 
     old = read_plan(folder) if folder.is_dir() else None
@@ -456,11 +457,12 @@ def _start_folder(folder: Path, plan: dict[str, Any], force: bool) -> None:
         shutil.rmtree(folder / CONVERT_STATE)
         old = None
     if old is not None:
-        same = ("version", "source", "shard_frames", "options")
+        same = ("version", "source", "shard_frames", "options") + (("inputs",) if partitioned else ())
         changed = [key for key in same if old.get(key) != plan[key]]
         if changed:
             raise MmtkError(f"{folder} was converted with other {', '.join(changed)} ({_plan_text(old, changed)}); "
-                            f"use those, convert into a new folder, or add --force to convert it all again")
+                            f"use those (every --shard-index part the same inputs), convert into a new folder, or "
+                            f"add --force to convert it all again")
     with disk_errors(folder):
         (folder / CONVERT_STATE / DONE_FOLDER).mkdir(parents=True, exist_ok=True)
     if old != plan:  # the inputs may grow (or shrink) between runs; every machine writes the same plan
@@ -470,7 +472,9 @@ def _start_folder(folder: Path, plan: dict[str, Any], force: bool) -> None:
 
 
 def _plan_text(plan: dict[str, Any], keys: list[str]) -> str:
-    return ", ".join(f"{key} {json.dumps(plan.get(key))}" for key in keys)[:300]
+    """The plan's values of ``keys``, shortened to fit a one-line message."""
+    text = ", ".join(f"{key} {json.dumps(plan.get(key))}" for key in keys)
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _run_jobs(jobs: list[tuple], workers: int, progress: bool, log: Log | None) -> list[tuple[str, str]]:
