@@ -85,7 +85,8 @@ def convert(
     if kind == "rosbag" and not _rosbag_ready(inputs[0], rgb_topic, depth_topic, cloud_topic, max_dt, depth_scale):
         return
     options = {"rgbd": dict(classes=classes, depth_scale=depth_scale, depth_format=depth_format,
-                            depth_range=depth_range, layout=layout, size=shape, streams=parse_named(stream, "--stream")),
+                            depth_range=depth_range, layout=layout, size=shape,
+                            streams=parse_named(stream, "--stream")),
                "rosbag": dict(rgb_topic=rgb_topic, depth_topic=depth_topic, camera_info_topic=camera_info_topic,
                               max_dt=max_dt, depth_scale=depth_scale, size=shape, cloud_topic=cloud_topic,
                               extra_topics=parse_named(topic, "--topic")),

@@ -188,9 +188,9 @@ class ShardedDataset(H5Dataset):
         for modality, array in needed:
             if array not in total["arrays"]:
                 some = total["in_some_shards"].get(array, 0)
-                raise MmtkError(f"{self.path}:{self.split}: {some} of {total['shards']} shards have a dataset {array!r} "
-                                f"for {modality} (every shard has {', '.join(total['arrays'])}); add it to every shard, or "
-                                f"drop {modality}")
+                raise MmtkError(f"{self.path}:{self.split}: {some} of {total['shards']} shards have a dataset "
+                                f"{array!r} for {modality} (every shard has {', '.join(total['arrays'])}); add it to "
+                                f"every shard, or drop {modality}")
         sizes = {tuple(part["image_size"]) for _, part in parts}
         if len(sizes) > 1:
             raise MmtkError(f"{self.path}:{self.split}: shards differ in image size {sorted(sizes)}; convert them "
