@@ -92,7 +92,7 @@ def test_four_inputs_with_two_workers_equal_four_single_conversions(folder, sing
 
 def test_killed_run_keeps_finished_shards_and_resumes(bags, folder, tmp_path):
     out = tmp_path / "shards"
-    command = [sys.executable, "-m", "mmtk", "convert", "--rosbag", f"{bags}/*", str(out), *TOPICS]
+    command = [sys.executable, "-m", "mmtk", "convert", "--rosbag", f"{bags}/*", str(out), *TOPICS, "--workers", "2"]
     run = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     try:
@@ -104,7 +104,7 @@ def test_killed_run_keeps_finished_shards_and_resumes(bags, folder, tmp_path):
         run.wait()
     published = stamps(out)
     assert 1 <= len(published) < 4 and not (out / INDEX_NAME).exists(), "the run was not killed part-way"
-    code, text = run_cli("convert", "--rosbag", f"{bags}/*", out, *TOPICS)
+    code, text = run_cli("convert", "--rosbag", f"{bags}/*", out, *TOPICS, "--workers", "2")
     assert code == 0, text
     assert f"{len(published)} of 4 inputs already converted" in text
     assert {name: stamps(out)[name] for name in published} == published  # kept, not rewritten
