@@ -12,7 +12,11 @@ Sources (--sources, comma-separated):
   tum   TUM RGB-D folder (png rgb + png depth 5000/m) named by Unix time: timestamps and frame ids
   bag   ROS2 mcap bag (rgb8 + 16UC1 mm Image messages): timestamps and frame ids, cheap to decode
 
+With --bags N, it instead converts N such ROS2 bags (--frames frames each) into one shard folder with each
+--workers count (`mmtk convert --rosbag 'bags/*' OUT --workers W`) and prints frames/s of the whole run.
+
 Usage: python benchmarks/bench_convert.py [--frames 40,160] [--sources sync,mat,tum,bag] [--repeat 1]
+       python benchmarks/bench_convert.py --bags 4 --frames 40 --workers 1,2
 """
 
 from __future__ import annotations
@@ -44,6 +48,19 @@ frames = sum(result.frames.values())
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would report the benchmark's own peak
 hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"frames": frames, "seconds": elapsed, "cpu_s": cpu, "peak_rss_mb": hwm / 1024}))
+"""
+
+SHARDS_CHILD = r"""
+import json, sys, time
+from pathlib import Path
+from mmtk.data.convert import convert_to_shards
+spec = json.loads(sys.argv[1])
+start = time.perf_counter()
+convert_to_shards("rosbag", [Path(p) for p in spec["inputs"]], spec["out"],
+                  {"rgb_topic": spec["rgb"], "depth_topic": spec["depth"]}, workers=spec["workers"], progress=False)
+elapsed = time.perf_counter() - start
+index = json.loads((Path(spec["out"]) / "index.json").read_text())
+print(json.dumps({"frames": sum(s["frames"] for s in index["splits"].values()), "seconds": elapsed}))
 """
 
 
@@ -117,12 +134,42 @@ def _bag(root: Path, frames: int) -> dict:
 MAKERS = {"sync": _sync, "mat": _mat, "tum": _tum, "bag": _bag}
 
 
+def bench_shards(bags: int, frames: int, workers: list[int], repeat: int) -> None:
+    """frames/s of converting ``bags`` ROS2 bags of ``frames`` frames each into one shard folder, per worker count."""
+    print(f"{bags} ROS2 mcap bags x {frames} frames (rgb8 + 16UC1 depth, 480x640) -> one shard folder")
+    print("workers   frames   seconds   frames/s")
+    with tempfile.TemporaryDirectory() as tmp:
+        specs = []
+        for number in range(bags):
+            folder = Path(tmp) / f"bag{number}"
+            folder.mkdir()
+            specs.append(_bag(folder, frames))
+        for count in workers:
+            runs = []
+            for run in range(repeat):
+                out = Path(tmp) / f"shards_{count}_{run}"
+                spec = {"inputs": [s["src"] for s in specs], "out": str(out), "rgb": specs[0]["rgb"],
+                        "depth": specs[0]["depth"], "workers": count}
+                proc = subprocess.run([sys.executable, "-c", SHARDS_CHILD, json.dumps(spec)], capture_output=True,
+                                      text=True, check=True)
+                runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                shutil.rmtree(out)
+            best = min(runs, key=lambda stats: stats["seconds"])
+            print(f"{count:7d} {best['frames']:8d} {best['seconds']:9.2f} {best['frames'] / best['seconds']:10.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", default="40,160", help="frame counts, comma-separated")
     parser.add_argument("--sources", default="sync,mat", help=f"comma-separated, of {', '.join(MAKERS)}")
     parser.add_argument("--repeat", type=int, default=1, help="runs per conversion; the fastest is reported")
+    parser.add_argument("--bags", type=int, default=0, help="convert this many bags into a shard folder instead")
+    parser.add_argument("--workers", default="1,2", help="with --bags: worker counts, comma-separated")
     args = parser.parse_args()
+    if args.bags:
+        sys.path.insert(0, str(REPO / "tests"))
+        bench_shards(args.bags, int(args.frames.split(",")[0]), [int(v) for v in args.workers.split(",")], args.repeat)
+        return
     sources = [name.strip() for name in args.sources.split(",")]
     if unknown := [name for name in sources if name not in MAKERS]:
         parser.error(f"unknown source(s) {', '.join(unknown)}; use {', '.join(MAKERS)}")

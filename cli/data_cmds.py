@@ -26,11 +26,15 @@ def _require_stdout(command: str) -> None:
 
 @app.command("convert")
 def convert(
-    out: Optional[Path] = typer.Argument(None, help="Output .h5 file (written atomically)."),
-    rgbd: Optional[Path] = typer.Option(None, "--rgbd", help="RGB-D dataset folder (layout auto-detected) or NYUv2 .mat."),
-    rosbag: Optional[Path] = typer.Option(None, "--rosbag", help="ROS1 .bag or ROS2 bag directory (sqlite3/mcap)."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Folder of RGB images (flat, class folders, or "
-                                          "train/val/test above them); RGB only, add depth with `mmtk pseudo-label`."),
+    out: Optional[Path] = typer.Argument(None, help="Output .h5 file (written atomically); with several inputs or "
+                                         "--shard-frames, a folder of shards."),
+    rgbd: Optional[list[str]] = typer.Option(None, "--rgbd", help="RGB-D dataset folder (layout auto-detected) or "
+                                             "NYUv2 .mat; repeat it or give a quoted glob for several."),
+    rosbag: Optional[list[str]] = typer.Option(None, "--rosbag", help="ROS1 .bag or ROS2 bag directory "
+                                               "(sqlite3/mcap); repeat it or give a quoted glob for several."),
+    images: Optional[list[str]] = typer.Option(None, "--images", help="Folder of RGB images (flat, class folders, or "
+                                               "train/val/test above them); RGB only, add depth with `mmtk "
+                                               "pseudo-label`; repeat it or give a quoted glob for several."),
     rgb_topic: Optional[str] = typer.Option(None, "--rgb-topic", help="Colour Image/CompressedImage topic."),
     depth_topic: Optional[str] = typer.Option(None, "--depth-topic", help="Depth Image topic (16UC1 mm, 32FC1 m)."),
     cloud_topic: Optional[str] = typer.Option(None, "--cloud-topic", help="Or a PointCloud2 topic (metres; moved into "
@@ -56,38 +60,72 @@ def convert(
                                                "modality NAME, matched to colour by file stem: NAME=GLOB "
                                                "(e.g. ir='ir/*.png'; repeatable)."),
     plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
-    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    shard_frames: Optional[int] = typer.Option(None, "--shard-frames", help="Write OUT as a folder of shards, "
+                                               "starting a new shard every N frames of an input."),
+    workers: int = typer.Option(1, "--workers", help="Inputs converted at once (processes), into a shard folder."),
+    shard_index: Optional[int] = typer.Option(None, "--shard-index", help="With --num-shards N: convert only the "
+                                              "inputs i (sorted) with i % N == I; N machines build one folder."),
+    num_shards: Optional[int] = typer.Option(None, "--num-shards", help="How many parts the inputs are split into "
+                                             "(see --shard-index)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists (a shard folder: convert every "
+                                                      "input again)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Convert RGB-D data, ROS bags or RGB image folders into one mmtk HDF5 file (metres, labels, intrinsics)."""
-    from mmtk.data.convert import convert_rgbd, parse_named, parse_size
+    """Convert RGB-D data, ROS bags or RGB image folders into one mmtk HDF5 file (metres, labels, intrinsics), or
+    several inputs into a folder of shards (one per input; kept on a rerun, so a killed run resumes)."""
+    from mmtk.data.convert import convert_rgbd, convert_rosbag, expand_inputs, parse_named, parse_size
 
     load_plugins(plugin)
-    if sum(source is not None for source in (rgbd, rosbag, images)) != 1:
+    given = [(flag, values) for flag, values in (("--rgbd", rgbd), ("--rosbag", rosbag), ("--images", images))
+             if values]
+    if len(given) != 1:
         raise MmtkError("give exactly one source: --rgbd FOLDER, --rosbag BAG or --images FOLDER")
-    if topic and rosbag is None:
+    if topic and not rosbag:
         raise MmtkError("--topic NAME=/topic is for --rosbag; folders take --stream NAME=GLOB")
-    if stream and rgbd is None:
+    if stream and not rgbd:
         raise MmtkError("--stream NAME=GLOB is for --rgbd; bags take --topic NAME=/topic")
     shape = parse_size(size)
     rgbd_only = [flag for flag, value in (("--depth-format", depth_format), ("--depth-range", depth_range),
                                           ("--layout", layout)) if value is not None]
-    if rgbd is None and rgbd_only:
+    if not rgbd and rgbd_only:
         raise MmtkError(f"{', '.join(rgbd_only)} only apply to --rgbd folders; remove them")
-    if images is not None:
+    kind = given[0][0].removeprefix("--")
+    inputs = expand_inputs(given[0][1], given[0][0])
+    if kind == "rosbag" and not _rosbag_ready(inputs[0], rgb_topic, depth_topic, cloud_topic, max_dt, depth_scale):
+        return
+    options = {"rgbd": dict(classes=classes, depth_scale=depth_scale, depth_format=depth_format,
+                            depth_range=depth_range, layout=layout, size=shape,
+                            streams=parse_named(stream, "--stream")),
+               "rosbag": dict(rgb_topic=rgb_topic, depth_topic=depth_topic, camera_info_topic=camera_info_topic,
+                              max_dt=max_dt, depth_scale=depth_scale, size=shape, cloud_topic=cloud_topic,
+                              extra_topics=parse_named(topic, "--topic")),
+               "images": dict(size=shape)}[kind]
+    if len(inputs) > 1 or shard_frames is not None or shard_index is not None or num_shards is not None:
         if out is None:
-            raise MmtkError("missing OUT.h5: mmtk convert --images FOLDER OUT.h5")
-        _convert_images(images, out, shape, force, progress)
-    elif rgbd is not None:
-        if out is None:
-            raise MmtkError("missing OUT.h5: mmtk convert --rgbd SRC OUT.h5")
-        convert_rgbd(rgbd, out, classes=classes, depth_scale=depth_scale, depth_format=depth_format,
-                     depth_range=depth_range, layout=layout, size=shape, force=force, progress=progress, log=_log,
-                     streams=parse_named(stream, "--stream"))
+            raise MmtkError(f"missing OUT: mmtk convert --{kind} SRC --{kind} SRC ... OUT_FOLDER (several inputs "
+                            f"write a folder of shards)")
+        _convert_shards(kind, inputs, out, options, shard_frames, workers, shard_index, num_shards, force, progress)
+    elif out is None:
+        raise MmtkError(f"missing OUT.h5: mmtk convert --{kind} {'BAG' if kind == 'rosbag' else 'SRC'} OUT.h5"
+                        + (" --rgb-topic T --depth-topic T (or --cloud-topic T)" if kind == "rosbag" else ""))
+    elif kind == "images":
+        _convert_images(inputs[0], out, shape, force, progress)
     else:
-        assert rosbag is not None
-        _convert_rosbag(rosbag, out, rgb_topic, depth_topic, cloud_topic, camera_info_topic, max_dt, depth_scale,
-                        shape, force, progress, parse_named(topic, "--topic"))
+        convert = convert_rgbd if kind == "rgbd" else convert_rosbag
+        convert(inputs[0], out, **options, force=force, progress=progress, log=_log)
+
+
+def _convert_shards(kind: str, inputs: list[Path], out: Path, options: dict, shard_frames: Optional[int],
+                    workers: int, shard_index: Optional[int], num_shards: Optional[int], force: bool,
+                    progress: bool) -> None:
+    from mmtk.data.convert import convert_to_shards
+
+    run = convert_to_shards(kind, inputs, out, options, shard_frames=shard_frames, workers=workers,
+                            shard_index=shard_index, num_shards=num_shards, force=force, progress=progress, log=_log)
+    part = "" if num_shards is None else f" (part {shard_index} of {num_shards}: {run.mine} inputs)"
+    typer.echo(f"{out}: {run.converted} inputs converted, {run.kept} kept from an earlier run{part}; "
+               + ("index written" if run.indexed else f"not indexed yet: run `mmtk index {out}` when every part "
+                                                      f"is done"))
 
 
 def _convert_images(images: Path, out: Path, size: Optional[tuple[int, int]], force: bool, progress: bool) -> None:
@@ -100,10 +138,9 @@ def _convert_images(images: Path, out: Path, size: Optional[tuple[int, int]], fo
                   if result.skipped else ""))
 
 
-def _convert_rosbag(bag: Path, out: Optional[Path], rgb_topic: Optional[str], depth_topic: Optional[str],
-                    cloud_topic: Optional[str], camera_info_topic: Optional[str], max_dt: float,
-                    depth_scale: Optional[float], size: Optional[tuple[int, int]], force: bool, progress: bool,
-                    extra_topics: dict[str, str]) -> None:
+def _rosbag_ready(bag: Path, rgb_topic: Optional[str], depth_topic: Optional[str], cloud_topic: Optional[str],
+                  max_dt: float, depth_scale: Optional[float]) -> bool:
+    """Whether the topics and numbers to convert ``bag`` are given; without topics, list the bag's and say so."""
     from mmtk.data.sources.rosbag import image_topics
 
     if depth_topic is not None and cloud_topic is not None:
@@ -116,23 +153,33 @@ def _convert_rosbag(bag: Path, out: Optional[Path], rgb_topic: Optional[str], de
             typer.echo(f"  {topic.topic:<45} {topic.msgtype:<35} {topic.count} messages")
         if not topics:
             typer.echo("  (none)")
-        return
-    if out is None:
-        raise MmtkError("missing OUT.h5: mmtk convert --rosbag BAG OUT.h5 --rgb-topic T --depth-topic T "
-                        "(or --cloud-topic T)")
+        return False
     if max_dt <= 0:
         raise MmtkError(f"--max-dt must be positive seconds, got {max_dt}")
     if depth_scale is not None and depth_scale <= 0:
         raise MmtkError(f"--depth-scale must be positive (units per metre), got {depth_scale}")
-    from mmtk.data import convert_rosbag
+    return True
 
-    convert_rosbag(bag, out, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale, size=size,
-                   force=force, progress=progress, log=_log, cloud_topic=cloud_topic, extra_topics=extra_topics)
+
+@app.command("index")
+def index(
+    folder: Path = typer.Argument(..., help="A folder of mmtk .h5 shards."),
+    partial: bool = typer.Option(False, "--partial", help="Index the finished shards even when inputs of the "
+                                                          "conversion plan are not converted yet (they are left out)."),
+) -> None:
+    """Write (or rebuild) FOLDER/index.json from its shards: after `mmtk convert --shard-index` parts, or when
+    readers say the index is missing or stale. Reads each shard once."""
+    from mmtk.data.shards import write_index
+
+    summary = write_index(folder, partial=partial, log=_log)
+    frames = ", ".join(f"{split} {part['frames']}" for split, part in summary["splits"].items())
+    typer.echo(f"{folder}/index.json: {len(summary['shards'])} shards, {frames} frames, "
+               f"{summary['bytes'] / 1e9:.3f} GB")
 
 
 @app.command("info")
 def info(
-    path: Path = typer.Argument(..., help="An mmtk .h5 file."),
+    path: Path = typer.Argument(..., help="An mmtk .h5 file or shard folder."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
 ) -> None:
     """Summarise an mmtk HDF5 file: splits, frames, shapes, units, depth range, classes, intrinsics."""
@@ -145,18 +192,27 @@ def info(
 
 @app.command("check")
 def check(
-    path: Path = typer.Argument(..., help="An mmtk .h5 file."),
+    path: Path = typer.Argument(..., help="An mmtk .h5 file or shard folder."),
 ) -> None:
-    """Read every frame of an mmtk file and list each bad one (checksum, non-finite or > 1000 m depth,
-    class ids beyond the classes); exit 1 when any is bad."""
-    from mmtk.data.check import check_file
+    """Read every frame of an mmtk file (or of each shard of a folder) and list each bad one (checksum,
+    non-finite or > 1000 m depth, class ids beyond the classes); exit 1 when any is bad."""
+    from mmtk.data.shards import check_files
 
     _require_stdout("check")
-    report = check_file(path)
-    for bad in report.bad:
-        typer.echo(bad.line(report.path))
-    total = sum(report.frames.values())
-    checksums = "" if report.checksummed else " (no checksums in this file: flipped image bytes go unnoticed)"
-    typer.echo(f"{report.path}: {total} frames checked, {report.bad_frames} bad{checksums}")
-    if report.bad:
+    frames = bad_frames = unreadable = 0
+    checksummed = True
+    for _, report in check_files(path):
+        if isinstance(report, MmtkError):  # a shard that cannot be opened: its one line, then the others
+            typer.echo(f"error: {report}")
+            unreadable += 1
+            continue
+        for bad in report.bad:
+            typer.echo(bad.line(report.path))
+        frames += sum(report.frames.values())
+        bad_frames += report.bad_frames
+        checksummed &= report.checksummed
+    checksums = "" if checksummed else " (no checksums in this file: flipped image bytes go unnoticed)"
+    shards = f", {unreadable} shard(s) unreadable" if unreadable else ""
+    typer.echo(f"{path}: {frames} frames checked, {bad_frames} bad{shards}{checksums}")
+    if bad_frames or unreadable:
         raise typer.Exit(1)

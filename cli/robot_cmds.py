@@ -64,8 +64,9 @@ def export_pointcloud_command(
     label_key = color if color not in ("rgb", "none") else None
     num_labels = None
     if h5 is not None:
-        from mmtk.data.sources.mmtk_files import check_metres, class_count, open_split, read_frame
+        from mmtk.data.sources.mmtk_files import check_metres, class_count, frame_location, open_split, read_frame
 
+        h5, index = frame_location(h5, split, index)
         with open_split(h5, split) as group:
             frame = read_frame(group, index, ["rgb", depth_key] + ([label_key] if label_key else []))
             check_metres(group, depth_key)
@@ -228,7 +229,7 @@ def predict_command(
     elif data is not None:
         from mmtk.data.sources.mmtk_files import dataset_frames
 
-        frames = dataset_frames([data], split, index)
+        frames = dataset_frames(data, split, index)
     else:
         frames = _bag_frames(rosbag, rgb_topic, depth_topic, cloud_topic, camera_info_topic, max_dt, depth_scale, topic)
 

@@ -177,7 +177,7 @@ def _training_file(checkpoint: Path) -> Path:
     if not recorded or not isinstance(recorded, str):  # official, timm or folder weights: no training file
         raise MmtkError(f"{checkpoint} records no data file (it is not from an mmtk run); pass --data FILE.h5")
     data = Path(recorded)
-    if not data.is_file():
+    if not data.exists():  # a file or a shard folder
         relative = " (a relative path, from the folder the run was started in)" if not data.is_absolute() else ""
         raise MmtkError(f"no --data given and the training file {recorded}{relative} that "
                         f"{checkpoint} records is not there; pass --data FILE.h5")

@@ -367,11 +367,11 @@ def validate(recipe: Recipe, source: str) -> None:
     paths = data_paths(data)
     for path in paths:
         try:
-            found = Path(path).is_file()
+            found = Path(path).exists()  # a file or a shard folder
         except OSError as err:  # e.g. a name too long for the file system
             raise MmtkError(f"{source}: data.path: {err.strerror}: {path[:80]}") from None
         if not found:
-            raise MmtkError(f"{source}: data.path: file {path} not found; convert frames with `mmtk convert`")
+            raise MmtkError(f"{source}: data.path: {path} not found; convert frames with `mmtk convert`")
     if data.path is not None and not paths:
         raise MmtkError(f"{source}: data.path: an empty list; give one data file or several")
     if data.weights is not None and (len(data.weights) != len(paths) or min(data.weights) < 0

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import collections
+import itertools
+import json
 import os
 import re
+import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,10 +15,11 @@ from queue import Empty, Full
 from typing import Any, Callable, Iterable, Iterator
 
 from mmtk.data.format import H5Writer, check_out_path
+from mmtk.data.shard_index import CONVERT_STATE, DONE_FOLDER, PLAN_FILE, finished_inputs, read_plan
 from mmtk.data.resize import resize_intrinsics, resize_stored
 from mmtk.data.sources.base import Frame, RgbdSource
 from mmtk.errors import MmtkError
-from mmtk.io import check_free_space
+from mmtk.io import atomic_write_text, check_free_space, discard, disk_errors
 from mmtk.modality import stored_array
 from mmtk.progress import frame_bar
 
@@ -183,7 +188,8 @@ def _with_streams(frames: Iterable[Frame], src: Path, streams: dict[str, str]) -
 def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes: int = 40,
                  depth_scale: float | None = None, depth_format: str | None = None, depth_range: str | None = None,
                  layout: str | None = None, size: tuple[int, int] | None = None, force: bool = False,
-                 progress: bool = True, log: Log | None = None, streams: dict[str, str] | None = None) -> ConvertResult:
+                 progress: bool = True, log: Log | None = None, streams: dict[str, str] | None = None,
+                 parts: int | None = None) -> ConvertResult:
     """Convert an RGB-D dataset folder (layout auto-detected) into an mmtk HDF5 file.
 
     Args:
@@ -197,6 +203,8 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
         layout: a layout name to use instead of detecting one.
         size: optional (H, W) to resize to on the way in.
         streams: extra stored arrays, name -> glob under ``src`` (matched to frames by file stem).
+        parts: frames per part: split the output into ``OUT-00000.h5``, ``OUT-00001.h5``, ... instead; parts
+            already there are kept (a resumed input: their frames are read, not written again).
     """
     from mmtk.data.sources.base import ConvertOptions, DepthEncoding, encoding_for, parse_depth_range
     from mmtk.data.sources.folders import open_rgbd_source
@@ -216,21 +224,59 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
         return _with_streams(source.frames(), Path(src), streams) if streams else source.frames()
 
     frames = read_ahead(decoded) if source.decode_apart else decoded()
-    return _write_source(source, frames, out_path, provenance, size=size, force=force, progress=progress, log=log)
+    return _write_source(source, frames, out_path, provenance, size=size, force=force, progress=progress, log=log,
+                         parts=parts)
 
 
 def _write_source(source: RgbdSource, frames: Iterable[Frame], out_path: str | os.PathLike, provenance: str, *,
-                  size: tuple[int, int] | None, force: bool, progress: bool, log: Log | None) -> ConvertResult:
-    """What every `mmtk convert` source goes through: its notes, the one write path, its closing summary."""
+                  size: tuple[int, int] | None, force: bool, progress: bool, log: Log | None,
+                  parts: int | None = None) -> ConvertResult:
+    """What every `mmtk convert` source goes through: its notes, the one write path, its closing summary.
+
+    With ``parts`` (frames per part), the frames go to ``OUT-00000.h5``, ``OUT-00001.h5``, ... (:func:`part_path`);
+    a part already there is kept (its frames are read, not written again: a resumed input).
+    """
     if log:
         log(f"layout: {source.layout} - {source.description}; {source.total} frames")
         for note in source.notes:
             log(f"  {note}")
-    result = write_frames(frames, out_path, source=provenance, total=source.total, classes=source.classes,
-                          size=size, force=force, progress=progress, log=log)
+    if parts is None:
+        result = write_frames(frames, out_path, source=provenance, total=source.total, classes=source.classes,
+                              size=size, force=force, progress=progress, log=log)
+    else:
+        result = _write_parts(frames, Path(out_path), provenance, source.total, source.classes, parts,
+                              size=size, force=force, progress=progress, log=log)
     if log and source.summary is not None:
         log(f"  {source.summary(sum(result.frames.values()))}")
     return result
+
+
+def part_path(out_path: Path, part: int) -> Path:
+    """Where part ``part`` of an input split every N frames goes: ``OUT.h5`` -> ``OUT-00003.h5``."""
+    return out_path.with_name(f"{out_path.stem}-{part:05d}{out_path.suffix}")
+
+
+def _write_parts(frames: Iterable[Frame], out_path: Path, provenance: str, total: int | None,
+                 classes: list[str] | None, per_part: int, **write: Any) -> ConvertResult:
+    """Write ``frames`` as parts of ``per_part`` frames each (each part atomic), keeping parts already there."""
+    stream = iter(frames)
+    counts: dict[str, int] = {}
+    metrics: dict[str, dict[str, float]] = {}
+    part = 0
+    while (head := next(stream, None)) is not None:
+        chunk = itertools.chain([head], itertools.islice(stream, per_part - 1))
+        if part_path(out_path, part).exists():  # published, so complete: its frames are read, not written again
+            collections.deque(chunk, maxlen=0)
+            part += 1
+            continue
+        left = None if total is None else max(1, min(per_part, total - part * per_part))
+        result = write_frames(chunk, part_path(out_path, part), source=f"{provenance}, frames {part * per_part} on",
+                              total=left, classes=classes, **write)
+        for split, count in result.frames.items():
+            counts[split] = counts.get(split, 0) + count
+        metrics = metrics or result.metrics
+        part += 1
+    return ConvertResult(out_path, counts, metrics)
 
 
 def samples_dir() -> Path:
@@ -255,12 +301,13 @@ def convert_rosbag(bag: str | os.PathLike, out_path: str | os.PathLike, rgb_topi
                    camera_info_topic: str | None = None, max_dt: float = 0.02, depth_scale: float | None = None,
                    size: tuple[int, int] | None = None, force: bool = False, progress: bool = True,
                    log: Log | None = None, cloud_topic: str | None = None,
-                   extra_topics: dict[str, str] | None = None) -> ConvertResult:
+                   extra_topics: dict[str, str] | None = None, parts: int | None = None) -> ConvertResult:
     """Convert a ROS1 .bag or ROS2 bag (sqlite3/mcap) to an mmtk HDF5 file (colour/depth paired by stamp).
 
     Depth comes from ``depth_topic`` (Image/CompressedImage) or ``cloud_topic`` (PointCloud2, turned into
     depth aligned with the colour image; a cloud of another layout needs the colour camera's CameraInfo).
     ``extra_topics`` maps a stored array name (e.g. "ir") to a further image topic, paired by stamp like depth.
+    ``parts`` splits the output as in :func:`convert_rgbd`.
     """
     from mmtk.data.sources.rosbag import open_rosbag_source
 
@@ -269,4 +316,256 @@ def convert_rosbag(bag: str | os.PathLike, out_path: str | os.PathLike, rgb_topi
                                 cloud_topic=cloud_topic, extra_topics=extra_topics)
     frames = read_ahead(source.frames) if source.decode_apart else source.frames()
     return _write_source(source, frames, out_path, f"mmtk convert --rosbag {source.description}",
-                         size=size, force=force, progress=progress, log=log)
+                         size=size, force=force, progress=progress, log=log, parts=parts)
+
+
+# -- scale-out: several inputs into a shard folder (mmtk.data.shards) ---------------------------------------
+# OUT/.convert/plan.json holds the source kind, the options and the inputs (by key); OUT/.convert/done/KEY.json
+# marks an input whose shards are all published, listing them. Both are what a rerun, another machine's part
+# and `mmtk index` agree on.
+
+PLAN_VERSION = 1
+
+
+def expand_inputs(values: Iterable[str | os.PathLike], option: str) -> list[Path]:
+    """The inputs of a source option: each value a path or a quoted glob (``'bags/*.bag'``), in the order given,
+    each glob's matches sorted, duplicates dropped."""
+    import glob
+
+    found: list[Path] = []
+    for value in values:
+        text = os.path.expanduser(str(value))
+        if any(char in text for char in "*?[") and not Path(text).exists():  # an existing name is taken as is
+            matches = sorted(glob.glob(text))
+            if not matches:
+                raise MmtkError(f"{option} {text!r} matches nothing; check the pattern (quote it, so that mmtk, not "
+                                f"the shell, expands it)")
+            found += [Path(match) for match in matches]
+        elif not Path(text).exists():
+            raise MmtkError(f"{text} does not exist")
+        else:
+            found.append(Path(text))
+    return list(dict.fromkeys(found))
+
+
+def input_keys(inputs: list[Path]) -> list[str]:
+    """A shard name stem per input, the same on every machine: its path below the inputs' common folder, with
+    ``/`` as ``__`` (``/data/day1/run.bag`` and ``/data/day2/run.bag`` -> ``day1__run.bag``, ``day2__run.bag``)."""
+    absolute = [Path(os.path.abspath(path)) for path in inputs]
+    root = Path(os.path.commonpath([path.parent for path in absolute]))
+    keys = [re.sub(r"[^A-Za-z0-9._-]", "_", "__".join(path.relative_to(root).parts)).lstrip(".") or "_"
+            for path in absolute]
+    if len(set(keys)) < len(keys):
+        twice = next(key for key in keys if keys.count(key) > 1)
+        raise MmtkError(f"two inputs would both write shard {twice!r} (their names differ only in characters "
+                        f"shard names replace by _); rename one of them")
+    return keys
+
+
+@dataclass
+class ShardRun:
+    """What one ``mmtk convert`` into a shard folder did."""
+
+    folder: Path
+    inputs: int  # of the whole plan
+    mine: int  # this part's inputs (all, without --num-shards)
+    kept: int  # of mine, already finished by an earlier run
+    converted: int  # of mine, converted now
+    indexed: bool  # whether index.json was written (every input of the plan is finished)
+
+
+def convert_to_shards(kind: str, inputs: list[Path], out: str | os.PathLike, options: dict[str, Any], *,
+                      shard_frames: int | None = None, workers: int = 1, shard_index: int | None = None,
+                      num_shards: int | None = None, force: bool = False, progress: bool = True,
+                      log: Log | None = None) -> ShardRun:
+    """Convert each input into its own shard(s) of the folder ``out`` and index the folder when all are done.
+
+    ``kind`` is "rgbd", "rosbag" or "images"; ``options`` the converter's keyword arguments (the same for every
+    input; recorded in the plan, which reruns and other machines must match). Input ``KEY`` (:func:`input_keys`)
+    becomes ``KEY.h5``, or ``KEY-00000.h5``, ... split every ``shard_frames`` frames. ``workers`` inputs are
+    converted at once, in processes. Finished inputs are kept: a rerun converts only the rest, and of a split
+    input only its missing parts. ``shard_index``/``num_shards`` take the inputs ``i`` (in key order) with
+    ``i % num_shards == shard_index``, so that ``num_shards`` machines share the work.
+    """
+    folder = Path(out)
+    _check_scale_out(kind, folder, shard_frames, workers, shard_index, num_shards)
+    keys = input_keys(inputs)
+    by_key = dict(sorted(zip(keys, inputs)))
+    plan = json.loads(json.dumps({"version": PLAN_VERSION, "source": kind, "shard_frames": shard_frames,
+                                  "options": options, "inputs": sorted(keys)}))
+    _start_folder(folder, plan, force, partitioned=num_shards is not None)
+    mine = [key for number, key in enumerate(by_key) if num_shards is None or number % num_shards == shard_index]
+    finished = finished_inputs(folder)
+    for key in mine:  # published just before a kill, not yet marked: complete all the same
+        if shard_frames is None and key not in finished and (folder / f"{key}.h5").exists():
+            finished[key] = _mark_finished(folder, key, [f"{key}.h5"])
+    todo = [key for key in mine if key not in finished]
+    if log and len(todo) < len(mine):
+        log(f"{len(mine) - len(todo)} of {len(mine)} inputs already converted in {folder}: kept")
+    failures = _run_jobs([(kind, str(by_key[key]), str(folder), key, options, shard_frames) for key in todo],
+                         workers, progress, log)
+    if failures:
+        key, error = failures[0]
+        raise MmtkError(f"{len(failures)} of {len(todo)} inputs failed (first, {by_key[key]}: {error}); the "
+                        f"finished shards are kept: fix or drop those inputs and run the same command again")
+    finished = finished_inputs(folder)
+    indexed = all(key in finished for key in plan["inputs"])
+    if indexed:
+        from mmtk.data.shards import write_index
+
+        index = write_index(folder)
+        if log:
+            frames = ", ".join(f"{split} {part['frames']}" for split, part in index["splits"].items())
+            log(f"indexed {folder}: {len(index['shards'])} shards, {frames} frames")
+    elif log:
+        log(f"part {shard_index} of {num_shards} done ({len(mine)} inputs); once every part is done, run "
+            f"`mmtk index {folder}`")
+    return ShardRun(folder, len(keys), len(mine), len(mine) - len(todo), len(todo), indexed)
+
+
+def _check_scale_out(kind: str, folder: Path, shard_frames: int | None, workers: int, shard_index: int | None,
+                     num_shards: int | None) -> None:
+    if (shard_index is None) != (num_shards is None):
+        raise MmtkError("--shard-index I and --num-shards N go together (this machine converts inputs i with "
+                        "i % N == I); give both or neither")
+    if num_shards is not None and (num_shards < 1 or not 0 <= shard_index < num_shards):  # type: ignore[operator]
+        raise MmtkError(f"--shard-index {shard_index} --num-shards {num_shards}: need N >= 1 and 0 <= I < N")
+    if workers < 1:
+        raise MmtkError(f"--workers {workers}: must be at least 1")
+    if shard_frames is not None and shard_frames < 1:
+        raise MmtkError(f"--shard-frames {shard_frames}: must be at least 1 frame")
+    if shard_frames is not None and kind == "images":
+        raise MmtkError("--shard-frames splits --rgbd and --rosbag inputs; each --images folder becomes one shard "
+                        "(give several folders, or drop --shard-frames)")
+    if folder.is_file() or (not folder.exists() and folder.suffix.lower() in (".h5", ".hdf5")):
+        raise MmtkError(f"OUT {folder} {'is a file' if folder.is_file() else 'ends in .h5'}, but several inputs "
+                        f"or --shard-frames write a folder of shards; name a folder (e.g. {folder.with_suffix('')})")
+
+
+def _start_folder(folder: Path, plan: dict[str, Any], force: bool, partitioned: bool) -> None:
+    """Create ``folder`` with ``plan``, or check that its plan has the same source and options (and, for one part
+    of a ``--num-shards`` run, the same inputs: parts given different inputs would skip or repeat some)."""
+    from mmtk.data.shard_index import INDEX_NAME, shard_names
+
+    old = read_plan(folder) if folder.is_dir() else None
+    if folder.is_dir() and old is None and any(folder.iterdir()):
+        raise MmtkError(f"{folder} is a folder that `mmtk convert` did not make and it is not empty; convert into "
+                        f"a new or empty folder")
+    if old is not None and force:
+        for name in [*shard_names(folder), INDEX_NAME]:
+            discard(folder / name)
+        shutil.rmtree(folder / CONVERT_STATE)
+        old = None
+    if old is not None:
+        same = ("version", "source", "shard_frames", "options") + (("inputs",) if partitioned else ())
+        changed = [key for key in same if old.get(key) != plan[key]]
+        if changed:
+            raise MmtkError(f"{folder} was converted with other {', '.join(changed)} ({_plan_text(old, changed)}); "
+                            f"use those (every --shard-index part the same inputs), convert into a new folder, or "
+                            f"add --force to convert it all again")
+    with disk_errors(folder):
+        (folder / CONVERT_STATE / DONE_FOLDER).mkdir(parents=True, exist_ok=True)
+    if old != plan:  # the inputs may grow (or shrink) between runs; every machine writes the same plan
+        atomic_write_text(folder / CONVERT_STATE / PLAN_FILE, json.dumps(plan, indent=1) + "\n")
+    if (folder / INDEX_NAME).exists() and old is not None and old["inputs"] != plan["inputs"]:
+        discard(folder / INDEX_NAME)  # it describes other inputs: rewritten when they are all done
+
+
+def _plan_text(plan: dict[str, Any], keys: list[str]) -> str:
+    """The plan's values of ``keys``, shortened to fit a one-line message."""
+    text = ", ".join(f"{key} {json.dumps(plan.get(key))}" for key in keys)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _run_jobs(jobs: list[tuple], workers: int, progress: bool, log: Log | None) -> list[tuple[str, str]]:
+    """Run :func:`_convert_input` over ``jobs``, ``workers`` at once; returns (key, error) of each failed one."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    failures: list[tuple[str, str]] = []
+
+    def finished(number: int, key: str, outcome: tuple[list[str], dict[str, int]] | MmtkError) -> None:
+        if isinstance(outcome, MmtkError):
+            failures.append((key, str(outcome)))
+        if log:
+            text = f"failed: {outcome}" if isinstance(outcome, MmtkError) else \
+                f"{', '.join(f'{s} {n}' for s, n in outcome[1].items()) or 'no new'} frames -> " \
+                f"{', '.join(outcome[0][:3])}{' ...' if len(outcome[0]) > 3 else ''}"
+            log(f"[{number}/{len(jobs)}] {key}: {text}")
+
+    if workers == 1 or len(jobs) < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        for number, job in enumerate(jobs, 1):
+            try:
+                outcome: Any = _convert_input(*job, progress=progress, log=log)
+            except MmtkError as err:
+                outcome = err
+            finished(number, job[3], outcome)
+        return failures
+    # fork: the workers inherit the plugins this process loaded (--plugin), which a spawned process would not
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork")) as pool, \
+            frame_bar(f"converting {len(jobs)} inputs", None, progress) as advance:
+        futures = {pool.submit(_convert_input, *job, progress=False, log=None): job[3] for job in jobs}
+        for number, future in enumerate(as_completed(futures), 1):
+            try:
+                outcome = future.result()
+                advance(sum(outcome[1].values()))
+            except MmtkError as err:
+                outcome = err
+            except BrokenProcessPool:
+                raise MmtkError("a conversion worker process died (out of memory?); run the same command again "
+                                "(finished shards are kept), with fewer --workers") from None
+            finished(number, futures[future], outcome)
+    return failures
+
+
+def _convert_input(kind: str, src: str, folder: str, key: str, options: dict[str, Any], shard_frames: int | None,
+                   *, progress: bool, log: Log | None) -> tuple[list[str], dict[str, int]]:
+    """Convert one input into its shard(s) in ``folder``, then mark it finished; returns (shards, frames written).
+
+    A shard already published is complete (every shard is written atomically) and is kept."""
+    out = Path(folder) / f"{key}.h5"
+    converter = _CONVERTERS[kind]
+    if shard_frames is None:
+        frames = converter(src, out, progress=progress, log=log, **options)
+        shards = [out.name]
+    else:
+        frames = converter(src, out, progress=progress, log=log, parts=shard_frames, **options)
+        shards = [part_path(out, part).name for part in range(_published_parts(out))]
+    return _mark_finished(Path(folder), key, shards), frames
+
+
+def _mark_finished(folder: Path, key: str, shards: list[str]) -> list[str]:
+    """Record that input ``key``'s shards are all published (what reruns and `mmtk index` go by)."""
+    atomic_write_text(folder / CONVERT_STATE / DONE_FOLDER / f"{key}.json", json.dumps({"shards": shards}) + "\n")
+    return shards
+
+
+def _published_parts(out: Path) -> int:
+    """How many parts ``OUT-00000.h5``, ``OUT-00001.h5``, ... of an input are published (consecutive from 0)."""
+    count = 0
+    while part_path(out, count).exists():
+        count += 1
+    return count
+
+
+def _rgbd_frames(src: str, out: Path, **options: Any) -> dict[str, int]:
+    return convert_rgbd(src, out, **options).frames
+
+
+def _rosbag_frames(src: str, out: Path, **options: Any) -> dict[str, int]:
+    return convert_rosbag(src, out, **options).frames
+
+
+def _images_frames(src: str, out: Path, *, progress: bool, log: Log | None, size: list[int] | None = None
+                   ) -> dict[str, int]:
+    from mmtk.data.sources.images import convert_images
+
+    result = convert_images(src, out, tuple(size) if size else None, progress=progress)
+    if log and result.skipped:
+        log(f"{src}: skipped {len(result.skipped)} unreadable file(s), first: {result.skipped[0]}")
+    return result.frames
+
+
+_CONVERTERS: dict[str, Callable[..., dict[str, int]]] = {"rgbd": _rgbd_frames, "rosbag": _rosbag_frames,
+                                                         "images": _images_frames}

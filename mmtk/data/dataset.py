@@ -197,8 +197,16 @@ class H5Dataset(Dataset):
         hflip: allow horizontal flips when augmenting.
         dataset_map: modality -> stored dataset name, e.g. {"depth": "depth_raw"}.
 
-    Safe with DataLoader workers: every process opens its own file handle on first use.
+    Safe with DataLoader workers: every process opens its own file handle on first use. A folder ``path`` (a
+    shard folder, :mod:`mmtk.data.shards`) gives a :class:`~mmtk.data.shards.ShardedDataset` over its shards.
     """
+
+    folder_dataset: type["H5Dataset"] | None = None  # set by mmtk.data.shards (imported with mmtk.data)
+
+    def __new__(cls, path: str | os.PathLike | None = None, *args: object, **kwargs: object) -> "H5Dataset":
+        if cls is H5Dataset and path is not None and cls.folder_dataset is not None and Path(path).is_dir():
+            return super().__new__(cls.folder_dataset)
+        return super().__new__(cls)
 
     def __init__(self, path: str | os.PathLike, split: str = "train",
                  modalities: Sequence[str] | None = None,

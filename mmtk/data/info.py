@@ -13,6 +13,7 @@ import numpy as np
 from mmtk.data.dataset import open_mmtk_file
 from mmtk.data.format import PREDICTED_ATTR, MetricStats
 from mmtk.errors import MmtkError
+from mmtk.io import format_bytes
 from mmtk.modality import stored_array
 
 STATS_SAMPLE_FRAMES = 32  # frames scanned when a file lacks the writer's stored statistics
@@ -30,7 +31,14 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
                             "class_histogram": {name: pixels} | None,
                             "intrinsics": [[3x3] of the first frame] | None}},
          "classes": [names] | None, "units": {dataset: unit}}
+
+    A shard folder is summarised from its index alone (:func:`mmtk.data.shards.folder_info`), with "shards"
+    and "bytes" added.
     """
+    if os.path.isdir(path):
+        from mmtk.data.shard_index import folder_info
+
+        return folder_info(path)
     with open_mmtk_file(path) as handle:
         info: dict[str, Any] = {
             "path": str(path),
@@ -120,6 +128,8 @@ def format_info(info: dict[str, Any]) -> str:
     """Human-readable multi-line summary of :func:`read_info`'s result."""
     lines = [f"{info['path']}: mmtk format {info['format']}, created {info['created']}",
              f"source: {info['source']}"]
+    if "shards" in info:
+        lines.append(f"shard folder: {info['shards']} shards, {format_bytes(info['bytes'])}")
     for split, data in info["splits"].items():
         size = data["image_size"]
         size_text = f"{size[0]}x{size[1]} px (HxW)" if size else "?"
@@ -130,6 +140,8 @@ def format_info(info: dict[str, Any]) -> str:
             lines.append(f"  {name:<11} {ds['dtype']:<8} {tuple(ds['shape'])}{unit}{per_frame}")
         for name, stats in data["depth"].items():
             note = f" (from {STATS_SAMPLE_FRAMES} sampled frames)" if stats["sampled"] else ""
+            if "shards" in stats:
+                note += f" (1-99 % are bounds and the median a median of medians over {stats['shards']} shards)"
             lines.append(f"  {name}: median {stats['median_m']:.3f} m, 1-99 % {stats['p01_m']:.3f}-"
                          f"{stats['p99_m']:.3f} m, range {stats['min_m']:.3f}-{stats['max_m']:.3f} m, "
                          f"valid {100 * stats['valid_fraction']:.1f} % of pixels{note}")

@@ -78,11 +78,35 @@ def read_frame(group: h5py.Group, index: int, names: Sequence[str] | None = None
     return Frame(group.name.lstrip("/"), arrays, intrinsics, timestamp, frame_id)
 
 
-def dataset_frames(files: Sequence[str | os.PathLike], split: str, index: int | None = None) -> Iterator[Frame]:
-    """The frames of ``split`` in each file of a dataset in turn (or only frame ``index`` of each)."""
-    for path in files:
-        with open_split(path, split) as group:
-            for i in [index] if index is not None else range(split_length(group)):
+def frame_location(path: str | os.PathLike, split: str, index: int) -> tuple[Path, int]:
+    """(file, index in it) of frame ``index`` of ``split`` of a dataset: a file, or a shard folder (its index)."""
+    if Path(path).is_dir():
+        from mmtk.data.shard_index import locate_frame
+
+        return locate_frame(path, split, index)
+    return Path(path), index
+
+
+def dataset_frames(path: str | os.PathLike, split: str, index: int | None = None) -> Iterator[Frame]:
+    """The frames of ``split`` of a dataset (a file or a shard folder, shard by shard), or only its frame ``index``."""
+    from mmtk.data.shard_index import dataset_files
+
+    if index is not None:
+        file, local = frame_location(path, split, index)
+        with open_split(file, split) as group:
+            yield read_frame(group, local)
+        return
+    files = dataset_files(path)
+    if len(files) > 1:  # a shard folder: shards without this split hold none of its frames
+        from mmtk.data.shard_index import read_index
+
+        holding = {shard["file"] for shard in read_index(path)["shards"] if split in shard["splits"]}
+        files = [file for file in files if file.name in holding]
+        if not files:
+            raise MmtkError(f"{path}: no shard has split {split!r}; `mmtk info {path}` lists the splits")
+    for file in files:
+        with open_split(file, split) as group:
+            for i in range(split_length(group)):
                 yield read_frame(group, i)
 
 
