@@ -285,4 +285,4 @@ def test_finetune_and_eval_take_a_shard_folder_as_data(tmp_path):
                          *args)
     assert code == 0, text
     code, text = run_cli("eval", "--checkpoint", tmp_path / "ft", "--inputs", "rgb,depth")  # the folder it trained on
-    assert code == 0 and f"data: {data}" in text and "1 frames evaluated" in text, text
+    assert code == 0 and f"data: {data}" in text and "1 frame evaluated" in text, text
