@@ -68,9 +68,26 @@ def data_info(path: str | Path, split: str = "train", sources: dict[str, str] | 
                             f"{', '.join(part['datasets'])}; fix data.sources or run `mmtk pseudo-label` first")
     modalities = tuple(name for name in list_modalities() if get_modality(name).is_input  # e.g. xyz from depth + K
                        and all(sources.get(source, source) in part["datasets"] for source in get_modality(name).reads()))
-    classes = list(info.get("classes") or [])
+    classes = _label_classes(part, sources, f"{path}:/{split}")
     return DataInfo(str(path), modalities, tuple(part["image_size"] or (0, 0)), len(classes), int(part["frames"]),
                     classes)
+
+
+def _label_stores() -> list[str]:
+    """Stored arrays that registered modalities declare class ids (e.g. semseg)."""
+    return [stored.name for name in list_modalities() for stored in get_modality(name).stores
+            if stored.kind == "labels"]
+
+
+def _label_classes(part: dict[str, Any], sources: dict[str, str], where: str) -> list[str]:
+    """The class names of the label arrays a recipe reads (through ``sources``: a pseudo-label's own classes)."""
+    found = {dataset: part["datasets"][dataset]["classes"] for dataset in
+             dict.fromkeys(sources.get(name, name) for name in _label_stores())
+             if "classes" in part["datasets"].get(dataset, {})}
+    if len({tuple(classes) for classes in found.values()}) > 1:
+        counts = ", ".join(f"{name} {len(classes)}" for name, classes in found.items())
+        raise MmtkError(f"{where}: label arrays have different classes ({counts}); choose one with data.sources")
+    return list(next(iter(found.values()), []))
 
 
 def require_modalities(wanted: tuple[str, ...], info: DataInfo, what: str,
@@ -89,8 +106,18 @@ def model_args(recipe: Recipe, info: DataInfo) -> dict[str, Any]:
     args: dict[str, Any] = {
         "inputs": list(model.inputs),
         "image_size": list(data.image_size or info.image_size),
-        "num_classes": data.num_classes or info.num_classes or 40,  # 40: NYUv2 classes when the file has none
     }
+    num_classes = data.num_classes or info.num_classes
+    labelled = [name for name in needed_modalities(recipe)
+                if any(stored.kind == "labels" for stored in get_modality(name).stores)]
+    if data.num_classes and data.num_classes < info.num_classes:  # ids beyond the model's classes would fail mid-run
+        raise MmtkError(f"data.num_classes is {data.num_classes} but {info.path} is labelled with "
+                        f"{info.num_classes} classes; set data.num_classes={info.num_classes} (or null: the file's)")
+    if num_classes:
+        args["num_classes"] = num_classes
+    elif labelled:
+        raise MmtkError(f"the recipe reads {labelled[0]} but {info.path} names no classes for it; set "
+                        "data.num_classes=N (the stored ids run 1..N)")
     if recipe.kind == "pretrain":
         args.update(outputs=list(model.outputs), num_visible=model.num_visible, alphas=model.alphas)
     else:
