@@ -160,3 +160,38 @@ def test_torchrun_ranks_label_their_own_files_as_one_process_would(models, tmp_p
             for name in ("train/depth_pseudo", "test/depth_pseudo", "train/semseg_pseudo", "test/semseg_pseudo"):
                 np.testing.assert_array_equal(g[name][:], f[name][:])
                 assert f[name].attrs["device"] == g[name].attrs["device"] == "cpu"
+
+
+KILLED_AFTER_TWO_BATCHES = """
+import os, signal, sys
+import mmtk.pseudo_label as pl
+from mmtk.cli.main import main
+write, calls = pl._write_batch, []
+def write_then_die(*args):
+    write(*args)
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind, as a node that dies
+pl._write_batch = write_then_die
+sys.argv = ["mmtk", *sys.argv[1:]]
+main()
+"""
+
+
+def test_killed_run_resumes_at_the_first_unfinished_batch(models, tmp_path, one_thread, capsys, monkeypatch):
+    """SIGKILL after the second batch: the file stays readable, the split is not under its final name, and the
+    rerun continues at frame 2 and ends bit-exact as an uninterrupted run (one thread everywhere)."""
+    killed, whole = tmp_path / "killed.h5", tmp_path / "whole.h5"
+    for path in (killed, whole):
+        write_h5(path, SIZE, train=4, test=0)
+    args = ["--depth-model", str(models["depth_anything"]), "--batch-size", "1", "--no-progress"]
+    result = subprocess.run([sys.executable, "-c", KILLED_AFTER_TWO_BATCHES, "pseudo-label", str(killed), *args],
+                            capture_output=True, text=True, timeout=300, env=ONE_THREAD_ENV)
+    assert result.returncode == -9, result.stderr[-2000:]
+    with h5py.File(killed) as f:
+        assert "depth_pseudo" not in f["train"] and f["train/depth_pseudo.partial"].attrs["frames_done"] == 2
+    code, out, err = run_cli(["pseudo-label", killed, *args], capsys, monkeypatch)
+    assert code == 0 and "resuming at frame 2 of 4" in out, err
+    assert run_cli(["pseudo-label", whole, *args], capsys, monkeypatch)[0] == 0
+    with h5py.File(killed) as f, h5py.File(whole) as g:
+        np.testing.assert_array_equal(f["train/depth_pseudo"][:], g["train/depth_pseudo"][:])
