@@ -35,6 +35,7 @@ class DataInfo:
     num_classes: int  # 0 when the file has no semantic labels
     frames: int
     class_names: list[str] = field(default_factory=list)
+    units: dict[str, str] = field(default_factory=dict)  # modality -> units attr of the dataset it reads
 
 
 def open_dataset(path: str | Path, split: str, modalities: tuple[str, ...], image_size: tuple[int, int] | None,
@@ -69,8 +70,11 @@ def data_info(path: str | Path, split: str = "train", sources: dict[str, str] | 
     modalities = tuple(name for name in list_modalities() if get_modality(name).is_input  # e.g. xyz from depth + K
                        and all(sources.get(source, source) in part["datasets"] for source in get_modality(name).reads()))
     classes = _label_classes(part, sources, f"{path}:/{split}")
+    stored = {name: part["datasets"][sources.get(name, name)] for name in modalities
+              if sources.get(name, name) in part["datasets"]}
+    units = {name: dataset["units"] for name, dataset in stored.items() if dataset["units"]}
     return DataInfo(str(path), modalities, tuple(part["image_size"] or (0, 0)), len(classes), int(part["frames"]),
-                    classes)
+                    classes, units)
 
 
 def _label_stores() -> list[str]:
@@ -108,8 +112,7 @@ def model_args(recipe: Recipe, info: DataInfo) -> dict[str, Any]:
         "image_size": list(data.image_size or info.image_size),
     }
     num_classes = data.num_classes or info.num_classes
-    labelled = [name for name in needed_modalities(recipe)
-                if any(stored.kind == "labels" for stored in get_modality(name).stores)]
+    labelled = [name for name in needed_modalities(recipe) if set(get_modality(name).reads()) & set(_label_stores())]
     if data.num_classes and data.num_classes < info.num_classes:  # ids beyond the model's classes would fail mid-run
         raise MmtkError(f"data.num_classes is {data.num_classes} but {info.path} is labelled with "
                         f"{info.num_classes} classes; set data.num_classes={info.num_classes} (or null: the file's)")
@@ -208,6 +211,11 @@ def _prepare(recipe: Recipe) -> tuple[DataInfo, Any]:
     info = data_info(recipe.data.path, recipe.data.train_split, recipe.data.sources,
                      split_fix="choose one with --set data.train_split=NAME")
     require_modalities(needed_modalities(recipe), info, f"the recipe ({recipe.kind})")
+    task = recipe.model.task if recipe.kind == "finetune" else None
+    if task and get_modality(task).metric_family == "depth" and info.units.get(task, "m") != "m":
+        raise MmtkError(f"finetuning {task} trains and scores it in metres, but {info.path} holds it in "
+                        f"'{info.units[task]}' units (a relative pseudo-label); finetune on sensor depth or on "
+                        "pseudo-labels of a metric network (`mmtk pseudo-label --depth-kind metric`)")
     image_size = tuple(recipe.data.image_size or info.image_size)
     train_set = open_dataset(recipe.data.path, recipe.data.train_split, needed_modalities(recipe), image_size,
                              augment=True, crop_scale=recipe.data.crop_scale, hflip=recipe.data.hflip,

@@ -17,7 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from cli_helpers import run_cli  # noqa: E402
-from engine_helpers import CLI, ONE_THREAD_ENV, TINY, one_thread  # noqa: E402,F401
+from engine_helpers import CLI, ONE_THREAD_ENV, TINY, TINY_DEPTH, one_thread  # noqa: E402,F401
 from pseudo_helpers import (COCO_PANOPTIC_CLASSES, expected_depth, real_frames, reference, save_models,  # noqa: E402
                             write_h5)
 from mmtk.checkpoint import checkpoint_paths, load_checkpoint  # noqa: E402
@@ -106,6 +106,8 @@ def test_the_class_count_comes_from_the_labels_a_recipe_reads(models, tmp_path, 
     info = data_info(path, sources={"depth": "depth_pseudo", "semseg": "semseg_pseudo"})
     assert info.num_classes == COCO_PANOPTIC_CLASSES and info.class_names[0] == "coco-panoptic-0"
     assert data_info(path).num_classes == 0  # a file without sensor labels names no classes for semseg
+    code, out, _ = run_cli(["info", path], capsys, monkeypatch)
+    assert code == 0 and "classes of semseg_pseudo (133): coco-panoptic-0, coco-panoptic-1," in out
     code, _, err = run_cli(["pretrain", "multimae_paper", "--data", path, "--out", tmp_path / "run",
                             *[f"--set={s}" for s in PAPER_TINY], "--set=data.num_classes=40"], capsys, monkeypatch)
     assert code == 2 and "data.num_classes is 40 but" in err and "133 classes" in err
@@ -114,6 +116,24 @@ def test_the_class_count_comes_from_the_labels_a_recipe_reads(models, tmp_path, 
     code, _, err = run_cli(["pretrain", "multimae_paper", "--data", path, "--out", tmp_path / "run",
                             *[f"--set={s}" for s in PAPER_TINY], "--set=data.num_classes=null"], capsys, monkeypatch)
     assert code == 2 and "names no classes for it; set data.num_classes=N" in err  # never a silent 40
+
+
+def test_relative_pseudo_depth_is_no_finetuning_target_but_metric_is(models, tmp_path, capsys, monkeypatch):
+    """Finetuning trains and scores depth in metres: a relative pseudo-label is refused in one line, a metric one
+    trains."""
+    path = tmp_path / "photos.h5"
+    write_h5(path, SIZE)
+    finetune = ["finetune", "tiny_finetune_depth", "--data", path, "--set=data.sources={depth: depth_pseudo}",
+                "--set=model.inputs=[rgb]", *[f"--set={s}" for s in TINY_DEPTH], "--set=train.max_steps=1"]
+    for model, units in (("depth_anything", "relative-inverse"), ("depth_anything_metric", "m")):
+        code, _, err = run_cli(["pseudo-label", path, "--depth-model", models[model], "--overwrite", "--no-progress"],
+                               capsys, monkeypatch)
+        assert code == 0, err
+        code, _, err = run_cli([*finetune, "--out", tmp_path / units], capsys, monkeypatch)
+        if units == "m":
+            assert code == 0, err
+        else:
+            assert code == 2 and "in 'relative-inverse' units" in err and "--depth-kind metric" in err
 
 
 def test_shards_split_the_files(models, tmp_path, capsys, monkeypatch):
