@@ -360,13 +360,15 @@ def pseudo_label(paths: str | os.PathLike | Sequence[str | os.PathLike], config:
     if config.batch_size < 1:
         raise MmtkError(f"--batch-size {config.batch_size}: must be at least 1")
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    files = [file for path in paths for file in files_to_label(path)]
-    assigned_files(files, config.shard_index, config.num_shards, 0, 1)  # checks the shard options
+    # once each (a file named twice would be written by two processes), in the order given
+    files = list({file.resolve(): file for path in paths for file in files_to_label(path)}.values())
+    assigned_files(files, config.shard_index, config.num_shards, 0, 1)  # the shard options' error, before any work
     models = []
     if config.depth_model is not None:
         models.append(load_model(config.depth_model, "depth", config.depth_kind))
     if config.semseg_model is not None:
         models.append(load_model(config.semseg_model, "semseg"))
+    joined = not torch.distributed.is_initialized()  # a caller's own process group is left to the caller
     dist = setup_distributed(config.device)
     try:
         mine = assigned_files(files, config.shard_index, config.num_shards, dist.rank, dist.world_size)
@@ -386,7 +388,8 @@ def pseudo_label(paths: str | os.PathLike | Sequence[str | os.PathLike], config:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # every rank's files are complete when any rank reports success
     finally:
-        cleanup_distributed()
+        if joined:
+            cleanup_distributed()
     return done
 
 

@@ -3,6 +3,7 @@ configs, offline), real frames to label, and the networks' raw outputs straight 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -139,9 +140,9 @@ def save_models(root: Path) -> dict[str, Path]:
     return folders
 
 
-def reference(folder: Path, frame: np.ndarray) -> np.ndarray:
-    """One frame through the model and its processor, straight from transformers (no batching, no mmtk): the
-    raw depth output, or the 0-based class map."""
+@functools.lru_cache(maxsize=None)
+def _loaded(folder: Path) -> tuple[str, object, object]:
+    """(model_type, model, processor) straight from transformers, once per folder."""
     import transformers
 
     model_type = json.loads((folder / "config.json").read_text())["model_type"]
@@ -152,7 +153,13 @@ def reference(folder: Path, frame: np.ndarray) -> np.ndarray:
                    "upernet": transformers.UperNetForSemanticSegmentation,
                    "mask2former": transformers.Mask2FormerForUniversalSegmentation}[model_type]
     model = model_class.from_pretrained(folder, local_files_only=True).eval()
-    processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    return model_type, model, transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+
+
+def reference(folder: Path, frame: np.ndarray) -> np.ndarray:
+    """One frame through the model and its processor, straight from transformers (no batching, no mmtk): the
+    raw depth output, or the 0-based class map."""
+    model_type, model, processor = _loaded(folder)
     with torch.no_grad():
         out = model(pixel_values=processor(images=frame, return_tensors="pt")["pixel_values"])
     size = [frame.shape[:2]]
