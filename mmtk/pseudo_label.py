@@ -359,6 +359,8 @@ def pseudo_label(paths: str | os.PathLike | Sequence[str | os.PathLike], config:
         raise MmtkError("nothing to do: give --depth-model, --semseg-model or both")
     if config.batch_size < 1:
         raise MmtkError(f"--batch-size {config.batch_size}: must be at least 1")
+    if config.depth_kind is not None and config.depth_model is None:
+        raise MmtkError(f"--depth-kind {config.depth_kind} says what a depth model outputs: give --depth-model too")
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     # once each (a file named twice would be written by two processes), in the order given
     files = list({file.resolve(): file for path in paths for file in files_to_label(path)}.values())

@@ -101,6 +101,9 @@ def test_depth_kind_is_required_where_the_config_is_silent(model_dirs, h5_file, 
     code, _, err = run_cli(["pseudo-label", str(h5_file), "--depth-model", str(model_dirs["dpt"]),
                             "--depth-kind", "disparity"], capsys, monkeypatch)
     assert code == 2 and "--depth-kind disparity: unknown; choose one of depth, relative-inverse, metric" in err
+    code, _, err = run_cli(["pseudo-label", str(h5_file), "--semseg-model", str(model_dirs["segformer"]),
+                            "--depth-kind", "depth"], capsys, monkeypatch)
+    assert code == 2 and "give --depth-model too" in err
     assert h5_file.read_bytes() == before
 
 
