@@ -17,25 +17,33 @@ if TYPE_CHECKING:
 
 @app.command("pseudo-label")
 def pseudo_label_command(
-    file: Path = typer.Argument(..., help="mmtk HDF5 file; every split with 'rgb' gets pseudo-labels (in place)."),
-    depth_model: Optional[Path] = typer.Option(None, help="Local folder of a DPT / Depth Anything model."),
+    files: list[Path] = typer.Argument(..., help="mmtk HDF5 file(s) of one dataset; every split with 'rgb' gets "
+                                                 "pseudo-labels (in place), file by file."),
+    depth_model: Optional[Path] = typer.Option(None, help="Local folder of a DPT / Depth Anything / ZoeDepth model."),
+    depth_kind: Optional[str] = typer.Option(None, help="What the depth model outputs: depth (Omnidata DPT), "
+                                                        "relative-inverse (MiDaS, DPT-Large) or metric (metres); "
+                                                        "needed only where its config does not say."),
     semseg_model: Optional[Path] = typer.Option(None, help="Local folder of a Mask2Former / SegFormer / UperNet model."),
     batch_size: int = typer.Option(8, help="Frames per forward pass."),
-    device: str = typer.Option("auto", help="auto (GPU when available), cpu or cuda."),
+    device: str = typer.Option("auto", help="auto (GPU when available; the local rank's under torchrun), cpu or cuda."),
     bf16: bool = typer.Option(True, help="bfloat16 on GPU (CPU always runs float32)."),
     overwrite: bool = typer.Option(False, help="Recompute pseudo-labels that already exist."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    shard_index: int = typer.Option(0, help="Label only this share of the files (0-based) ..."),
+    num_shards: int = typer.Option(1, help="... of this many (e.g. one per machine of a SLURM array)."),
 ) -> None:
-    """Add depth_pseudo / semseg_pseudo to an HDF5 file with off-the-shelf models (offline, resumable)."""
+    """Add depth_pseudo / semseg_pseudo to HDF5 files with off-the-shelf models (offline, resumable, torchrun)."""
     from mmtk.progress import counted
     from mmtk.pseudo_label import PseudoLabelConfig, pseudo_label
 
-    config = PseudoLabelConfig(depth_model=depth_model, semseg_model=semseg_model, batch_size=batch_size,
-                               device=device, bf16=bf16, overwrite=overwrite, progress=progress)
+    config = PseudoLabelConfig(depth_model=depth_model, semseg_model=semseg_model, depth_kind=depth_kind,
+                               batch_size=batch_size, device=device, bf16=bf16, overwrite=overwrite,
+                               progress=progress, shard_index=shard_index, num_shards=num_shards)
     try:
-        done = pseudo_label(file, config, log=typer.echo)
+        done = pseudo_label(files, config, log=typer.echo)
     except KeyboardInterrupt:
-        typer.echo(f"interrupted; finished batches are kept in {file}: run the same command again to resume", err=True)
+        typer.echo(f"interrupted; finished batches are kept in {', '.join(map(str, files))}: run the same command "
+                   "again to resume", err=True)
         raise typer.Exit(130)
     for name, frames in done.items():
         typer.echo(f"{name}: {counted(frames, 'frame')} labelled")

@@ -136,6 +136,13 @@ class Modality:
 
         return PatchTokenizer(self.channels, dim, self.patch_size, grid, stride=self.stride, pos_mode=self.pos_mode)
 
+    def bind_stored(self, name: str, attrs: dict[str, Any]) -> None:
+        """Learn what a stored dataset this modality reads holds, before any frame is loaded.
+
+        Called once per dataset of :meth:`reads` (``name`` as ``data.sources`` maps it) with its HDF5
+        attributes; e.g. depth learns that it reads relative inverse depth. Default: nothing to learn.
+        """
+
     def target(self, inputs: dict[str, Tensor]) -> Tensor | None:
         """The training target in the decoder's output layout, or None when the batch lacks it."""
         return inputs.get(self.name)

@@ -1,21 +1,34 @@
-"""Pseudo-labels from off-the-shelf networks: relative depth and semantic segmentation from RGB alone.
+"""Pseudo-labels from off-the-shelf networks: depth and semantic segmentation from RGB alone.
 
-`pseudo_label` adds ``depth_pseudo`` and/or ``semseg_pseudo`` to every split of an mmtk HDF5 file, using
+`pseudo_label` adds ``depth_pseudo`` and/or ``semseg_pseudo`` to every split of mmtk HDF5 files, using
 Hugging Face transformers models loaded from local folders only (no network access is ever attempted):
 
-- depth: DPT (``dpt``) and Depth Anything (``depth_anything``);
+- depth: DPT (``dpt``), Depth Anything (``depth_anything``), ZoeDepth (``zoedepth``);
 - segmentation: Mask2Former (``mask2former``), SegFormer (``segformer``), UperNet (``upernet``).
 
 A folder is what ``save_pretrained`` writes for the model *and* its image processor
 (``config.json``, weights, ``preprocessor_config.json``).
 
-Depth. Relative DPT / Depth Anything models predict relative *inverse* depth (larger = nearer, unknown scale
-and shift). It is stored as a relative depth that grows with distance: ``1 / max(out, 1% of the frame's max)``,
-divided by its frame median (so 1 = the frame's median distance; units attr ``relative``). A metric Depth
-Anything model (``depth_estimation_type: metric``) is stored as is, in metres (units attr ``m``).
+Depth, by what the network outputs (:data:`DEPTH_KINDS`; the model's config says it where it can: Depth
+Anything's ``depth_estimation_type``, ZoeDepth is metric; else ``depth_kind`` must be given):
+
+- ``depth`` (Omnidata-style DPT, the paper's): depth up to scale and shift. Stored as the output divided by
+  its frame median (units attr ``relative``).
+- ``relative-inverse`` (MiDaS, DPT-Large, Depth Anything relative): inverse depth up to scale and shift. With
+  an unknown shift, ``1 / output`` is not depth (not even up to an affine map), so the inverse depth itself is
+  stored, divided by its frame median (units attr ``relative-inverse``; larger = nearer). The depth adapter
+  prepares it as standardised *negative* inverse depth, which is exact up to the unknown scale and shift.
+- ``metric`` (Depth Anything metric, ZoeDepth): metres, stored as predicted (units attr ``m``).
+
+Outputs <= 0 (and non-finite ones) are stored as 0 = invalid. The ``depth_kind`` and ``normalisation`` attrs
+say what was stored.
 
 Segmentation. Model class ``c`` (0-based ``id2label`` order) is stored as label ``c + 1``; 0 stays "unlabeled";
-the ``classes`` attr lists the model's class names (class k is classes[k-1]), as for ``semseg``.
+the ``classes`` attr lists the model's class names (class k is classes[k-1]), as for ``semseg``, so a recipe
+reading it builds the model with the model's class count (COCO panoptic: 133).
+
+Scale-out. A dataset of several files is labelled file by file: ``--shard-index I --num-shards N`` keeps every
+N-th file (from the I-th), and under ``torchrun`` each rank takes every WORLD_SIZE-th of those, on its own GPU.
 
 Resuming. Work goes into ``<name>.partial`` with a ``frames_done`` attr updated after every batch; the
 dataset gets its final name only when the split is complete. Running the same command again continues where
@@ -27,6 +40,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -37,11 +51,59 @@ from mmtk.data.format import PARTIAL_SUFFIX, PREDICTED_ATTR
 from mmtk.errors import MmtkError
 from mmtk.progress import frame_bar
 
-DEPTH_FAMILIES = ("dpt", "depth_anything")
-SEMSEG_FAMILIES = ("mask2former", "segformer", "upernet")
 DEPTH_KEY = "depth_pseudo"
 SEMSEG_KEY = "semseg_pseudo"
-INVERSE_CLIP_FRACTION = 0.01  # inverse depth is clipped at this fraction of the frame max before inverting
+RELATIVE_UNITS = "relative"  # units attr of depth known up to scale (and shift)
+RELATIVE_INVERSE_UNITS = "relative-inverse"  # units attr of inverse depth known up to scale and shift
+
+
+@dataclass(frozen=True)
+class DepthKind:
+    """What a depth network outputs, and how mmtk stores it."""
+
+    name: str
+    units: str  # the stored array's units attr
+    normalisation: str  # what the stored values are, in the array's ``normalisation`` attr
+    median_normalised: bool  # stored = output / frame median of the positive outputs (else: output as is)
+
+
+DEPTH_KINDS = {kind.name: kind for kind in (
+    DepthKind("depth", RELATIVE_UNITS, "network depth (unknown scale and shift) divided by the frame median of "
+              "its positive values; 0 = invalid (output <= 0)", True),
+    DepthKind("relative-inverse", RELATIVE_INVERSE_UNITS, "network inverse depth (unknown scale and shift; larger "
+              "= nearer) divided by the frame median of its positive values; 0 = invalid (output <= 0, e.g. sky)",
+              True),
+    DepthKind("metric", "m", "network depth in metres as predicted; 0 = invalid (output <= 0)", False),
+)}
+
+
+def _depth_anything_kind(config: Any) -> str:
+    return "metric" if getattr(config, "depth_estimation_type", "relative") == "metric" else "relative-inverse"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A transformers model family mmtk can pseudo-label with."""
+
+    task: str  # "depth" or "semseg"
+    model_class: str  # the transformers class that loads it
+    declared_kind: Callable[[Any], str] | None = None  # depth kind read from the model's config; None: not said
+    source_sizes: bool = False  # post-processing needs the input sizes (to remove the processor's padding)
+
+
+FAMILIES = {
+    "dpt": Family("depth", "DPTForDepthEstimation"),  # MiDaS / DPT-Large (inverse) or Omnidata (depth): not said
+    "depth_anything": Family("depth", "DepthAnythingForDepthEstimation", _depth_anything_kind),
+    "zoedepth": Family("depth", "ZoeDepthForDepthEstimation", lambda config: "metric", source_sizes=True),
+    "mask2former": Family("semseg", "Mask2FormerForUniversalSegmentation"),
+    "segformer": Family("semseg", "SegformerForSemanticSegmentation"),
+    "upernet": Family("semseg", "UperNetForSemanticSegmentation"),
+}
+
+
+def families(task: str) -> tuple[str, ...]:
+    """The model families that label ``task`` ("depth" or "semseg")."""
+    return tuple(name for name, family in FAMILIES.items() if family.task == task)
 
 
 @dataclass
@@ -49,22 +111,27 @@ class PseudoLabelConfig:
     """Settings of one pseudo-labelling run.
 
     Attributes:
-        depth_model: folder of a DPT / Depth Anything model, or None.
+        depth_model: folder of a DPT / Depth Anything / ZoeDepth model, or None.
         semseg_model: folder of a Mask2Former / SegFormer / UperNet model, or None.
+        depth_kind: what the depth model outputs (a :data:`DEPTH_KINDS` name); None: the model's config says.
         batch_size: frames per forward pass.
-        device: "auto" (cuda when available), "cpu" or "cuda[:i]".
+        device: "auto" (cuda, the local rank's GPU under torchrun, when available), "cpu" or "cuda[:i]".
         bf16: run in bfloat16 on GPU (ignored on CPU, which runs float32).
         overwrite: recompute datasets that are already complete (or partial from another model).
         progress: show a progress bar.
+        shard_index, num_shards: label only every ``num_shards``-th file, from the ``shard_index``-th.
     """
 
     depth_model: str | os.PathLike | None = None
     semseg_model: str | os.PathLike | None = None
+    depth_kind: str | None = None
     batch_size: int = 8
     device: str = "auto"
     bf16: bool = True
     overwrite: bool = False
     progress: bool = True
+    shard_index: int = 0
+    num_shards: int = 1
 
 
 @dataclass
@@ -76,7 +143,7 @@ class LoadedModel:
     path: Path
     model: Any
     processor: Any
-    metric: bool = False  # depth in metres (metric Depth Anything) rather than relative inverse depth
+    depth_kind: DepthKind | None = None  # depth models: what the output is
 
     @property
     def class_names(self) -> list[str]:
@@ -114,56 +181,72 @@ def _read_model_type(path: Path, option: str) -> str:
     return str(model_type)
 
 
-def load_model(path: str | os.PathLike, task: str) -> LoadedModel:
+def resolve_depth_kind(family: str, config: Any, given: str | None, path: Path) -> DepthKind:
+    """What a depth model outputs: its config's word where it says, else ``given`` (``--depth-kind``).
+
+    A ``given`` kind that contradicts the config, or none where the config is silent, is a one-line error."""
+    choices = ", ".join(DEPTH_KINDS)
+    if given is not None and given not in DEPTH_KINDS:
+        raise MmtkError(f"--depth-kind {given}: unknown; choose one of {choices}")
+    declared = FAMILIES[family].declared_kind
+    if declared is not None:
+        kind = declared(config)
+        if given is not None and given != kind:
+            raise MmtkError(f"--depth-model {path}: its config says the {family} model outputs {kind}, not {given}; "
+                            "drop --depth-kind")
+        return DEPTH_KINDS[kind]
+    if given is None:
+        raise MmtkError(f"--depth-model {path}: a {family} config does not say what the model outputs; pass "
+                        f"--depth-kind ({choices}): depth for Omnidata DPT, relative-inverse for MiDaS / DPT-Large")
+    return DEPTH_KINDS[given]
+
+
+def load_model(path: str | os.PathLike, task: str, depth_kind: str | None = None) -> LoadedModel:
     """Load a depth ("depth") or segmentation ("semseg") model and its image processor from a local folder.
 
+    ``depth_kind``: what a depth model outputs, where its config does not say (:func:`resolve_depth_kind`).
     Raises MmtkError for a missing folder, a folder that is not a model, or a model of the wrong family.
     """
     option = "--depth-model" if task == "depth" else "--semseg-model"
-    families = DEPTH_FAMILIES if task == "depth" else SEMSEG_FAMILIES
     path = Path(path)
     family = _read_model_type(path, option)
-    if family not in families:
+    if family not in families(task):
         raise MmtkError(f"{option} {path}: a {family!r} model cannot be used for {task}; "
-                        f"supported families: {', '.join(families)}")
+                        f"supported families: {', '.join(families(task))}")
     transformers = _import_transformers()
-    model_class = {
-        "dpt": transformers.DPTForDepthEstimation,
-        "depth_anything": transformers.DepthAnythingForDepthEstimation,
-        "segformer": transformers.SegformerForSemanticSegmentation,
-        "upernet": transformers.UperNetForSemanticSegmentation,
-        "mask2former": transformers.Mask2FormerForUniversalSegmentation,
-    }[family]
+    if task == "depth":  # before the weights: a missing --depth-kind is known from config.json alone
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        kind: DepthKind | None = resolve_depth_kind(family, config, depth_kind, path)
+    else:
+        kind = None
     try:
-        model = model_class.from_pretrained(path, local_files_only=True)
+        model = getattr(transformers, FAMILIES[family].model_class).from_pretrained(path, local_files_only=True)
         processor = transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
     except Exception as err:  # corrupt weights raise library-specific types (e.g. SafetensorError)
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MmtkError(f"{option} {path}: cannot load the {family} model ({first_line})") from err
     model.eval()
-    metric = family == "depth_anything" and getattr(model.config, "depth_estimation_type", "relative") == "metric"
-    return LoadedModel(task, family, path, model, processor, metric)
+    return LoadedModel(task, family, path, model, processor, kind)
 
 
-def inverse_to_relative_depth(inverse: np.ndarray) -> np.ndarray:
-    """Relative depth (float32, frame median 1, grows with distance) from relative inverse depth [H, W].
+def store_depth(output: np.ndarray, kind: DepthKind) -> np.ndarray:
+    """The stored depth_pseudo frame (float32 [H, W], 0 = invalid) for a network's output [H, W] of ``kind``.
 
-    Values below ``INVERSE_CLIP_FRACTION`` of the frame max (sky, far background) are clipped first so the
-    inverse stays bounded. A frame whose prediction is nowhere positive gives all zeros (invalid).
+    Outputs that are not finite or not positive are invalid (0). ``kind.median_normalised``: the valid values
+    are divided by their median (so 1 = the frame's median); otherwise they are kept as predicted.
     """
-    inverse = np.asarray(inverse, dtype=np.float64)
-    top = float(np.nanmax(inverse)) if inverse.size else 0.0
-    if not np.isfinite(top) or top <= 0:
-        return np.zeros(inverse.shape, dtype=np.float32)
-    depth = 1.0 / np.clip(np.nan_to_num(inverse, nan=0.0), top * INVERSE_CLIP_FRACTION, None)
-    return (depth / np.median(depth)).astype(np.float32)
+    values = np.asarray(output, dtype=np.float64)
+    valid = np.isfinite(values) & (values > 0)
+    if not valid.any():
+        return np.zeros(values.shape, dtype=np.float32)
+    scale = float(np.median(values[valid])) if kind.median_normalised else 1.0
+    return np.where(valid, values / scale, 0.0).astype(np.float32)
 
 
 def predict_batch(loaded: LoadedModel, images: np.ndarray, device: str, dtype: Any) -> np.ndarray:
     """Pseudo-labels for a batch of uint8 RGB frames [B, H, W, 3].
 
-    Returns depth float32 [B, H, W] (relative, or metres for a metric model) or labels uint16 [B, H, W]
-    (model class + 1).
+    Returns depth float32 [B, H, W] as :func:`store_depth` stores it, or labels uint16 [B, H, W] (model class + 1).
     """
     import torch
 
@@ -176,11 +259,11 @@ def predict_batch(loaded: LoadedModel, images: np.ndarray, device: str, dtype: A
         if torch.is_tensor(value) and value.is_floating_point():
             outputs[key] = value.float()
     sizes = [(height, width)] * len(images)
-    if loaded.task == "depth":
-        results = loaded.processor.post_process_depth_estimation(outputs, target_sizes=sizes)
+    if loaded.depth_kind is not None:
+        extra = {"source_sizes": sizes} if FAMILIES[loaded.family].source_sizes else {}
+        results = loaded.processor.post_process_depth_estimation(outputs, target_sizes=sizes, **extra)
         raw = [r["predicted_depth"].float().cpu().numpy() for r in results]
-        frames = raw if loaded.metric else [inverse_to_relative_depth(r) for r in raw]
-        return np.stack(frames).astype(np.float32)
+        return np.stack([store_depth(r, loaded.depth_kind) for r in raw])
     labels = loaded.processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
     return np.stack([label.cpu().numpy() for label in labels]).astype(np.uint16) + 1
 
@@ -198,17 +281,16 @@ def _model_attrs(loaded: LoadedModel, config: PseudoLabelConfig, device: str, dt
         "dtype": dtype_name,
         "batch_size": config.batch_size,
     }
-    if loaded.task == "depth":
-        attrs["units"] = "m" if loaded.metric else "relative"
-        attrs["depth_kind"] = ("metric depth (model output)" if loaded.metric else
-                               "relative depth: 1/max(model inverse depth, 1% of frame max), divided by frame median")
+    if loaded.depth_kind is not None:
+        attrs.update(units=loaded.depth_kind.units, depth_kind=loaded.depth_kind.name,
+                     normalisation=loaded.depth_kind.normalisation)
     else:
         attrs["classes"] = json.dumps(loaded.class_names)
     return attrs
 
 
 # Attributes that must agree for a partial dataset to be resumed (same model, same processing).
-_RESUME_KEYS = (PREDICTED_ATTR, "model_type", "processor", "units", "depth_kind", "classes")
+_RESUME_KEYS = (PREDICTED_ATTR, "model_type", "processor", "units", "depth_kind", "normalisation", "classes")
 
 
 def _prepare_dataset(group: Any, key: str, shape: tuple[int, int, int], dtype: Any, attrs: dict[str, Any],
@@ -225,8 +307,8 @@ def _prepare_dataset(group: Any, key: str, shape: tuple[int, int, int], dtype: A
         if same and partial.shape == shape and partial.dtype == np.dtype(dtype) and not overwrite:
             return partial, int(partial.attrs.get("frames_done", 0))
         if not overwrite:
-            raise MmtkError(f"{group.name}/{partial_key} is an interrupted run with another model or settings; "
-                            "rerun with the same model, or pass --overwrite to start again")
+            raise MmtkError(f"{group.file.filename}:{partial.name} is an interrupted run with another model or "
+                            "settings; rerun with the same model, or pass --overwrite to start again")
         del group[partial_key]
     dataset = group.create_dataset(partial_key, shape=shape, dtype=dtype, chunks=(1, *shape[1:]),
                                    compression="gzip", compression_opts=4)
@@ -243,35 +325,105 @@ def _splits(handle: Any, path: Path) -> list[str]:
     return splits
 
 
-def pseudo_label(path: str | os.PathLike, config: PseudoLabelConfig,
-                 log: Callable[[str], None] = print) -> dict[str, int]:
-    """Add ``depth_pseudo`` / ``semseg_pseudo`` to every split of an mmtk HDF5 file (in place).
+def files_to_label(path: str | os.PathLike) -> list[Path]:
+    """The files of the dataset at ``path``, each labelled on its own: a file is itself, a shard folder its shards.
 
-    Returns the number of frames computed in this run per dataset path (e.g. {"train/depth_pseudo": 12}).
-    """
-    import h5py
-    import torch
-
-    from mmtk.data.dataset import check_declared_sizes
-    from mmtk.runtime import pick_device
+    A folder's index goes stale as its shards gain labels, so a resumed run lists them from the index unchecked;
+    :func:`pseudo_label` rewrites the index when every shard is done."""
+    from mmtk.data.shard_index import read_index
 
     path = Path(path)
+    if path.is_dir():
+        return [path / shard["file"] for shard in read_index(path, check_fresh=False)["shards"]]
+    if not path.is_file():
+        raise MmtkError(f"{path}: no such HDF5 file or shard folder")
+    return [path]
+
+
+def _reindex(folders: list[Path], config: PseudoLabelConfig, log: Callable[[str], None]) -> None:
+    """Rewrite the index of each shard folder labelled here (it lists each shard's arrays), or say who must."""
+    from mmtk.data.shards import write_index
+
+    for folder in folders:
+        if config.num_shards > 1:
+            log(f"{folder}: once every --shard-index has finished, run `mmtk index {folder}` (the shards gained "
+                f"arrays, so its index is stale until then)")
+        else:
+            write_index(folder)
+            log(f"{folder}: index rewritten")
+
+
+def assigned_files(files: Sequence[Path], shard_index: int, num_shards: int, rank: int,
+                   world_size: int) -> list[Path]:
+    """This process's files: every ``num_shards``-th from the ``shard_index``-th, then every ``world_size``-th
+    of those from the ``rank``-th (torchrun), so that shards x ranks cover every file exactly once."""
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise MmtkError(f"--shard-index {shard_index} --num-shards {num_shards}: need num-shards >= 1 and "
+                        "0 <= shard-index < num-shards")
+    return list(files[shard_index::num_shards][rank::world_size])
+
+
+def pseudo_label(paths: str | os.PathLike | Sequence[str | os.PathLike], config: PseudoLabelConfig,
+                 log: Callable[[str], None] = print) -> dict[str, int]:
+    """Add ``depth_pseudo`` / ``semseg_pseudo`` to every split of mmtk HDF5 files (in place), file by file.
+
+    ``paths``: one dataset or several; each becomes its files (:func:`files_to_label`). This process labels
+    its share of them (:func:`assigned_files`: ``config.shard_index``/``num_shards`` and, under torchrun,
+    its rank). Returns the number of frames computed in this run per dataset, keyed ``FILE:/split/name``.
+    """
+    import torch
+
+    from mmtk.runtime import cleanup_distributed, setup_distributed
+
     if config.depth_model is None and config.semseg_model is None:
         raise MmtkError("nothing to do: give --depth-model, --semseg-model or both")
     if config.batch_size < 1:
         raise MmtkError(f"--batch-size {config.batch_size}: must be at least 1")
-    if not path.is_file():
-        raise MmtkError(f"{path}: no such HDF5 file")
+    if config.depth_kind is not None and config.depth_model is None:
+        raise MmtkError(f"--depth-kind {config.depth_kind} says what a depth model outputs: give --depth-model too")
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    # once each (a file named twice would be written by two processes), in the order given
+    files = list({file.resolve(): file for path in paths for file in files_to_label(path)}.values())
+    assigned_files(files, config.shard_index, config.num_shards, 0, 1)  # the shard options' error, before any work
     models = []
     if config.depth_model is not None:
-        models.append(load_model(config.depth_model, "depth"))
+        models.append(load_model(config.depth_model, "depth", config.depth_kind))
     if config.semseg_model is not None:
         models.append(load_model(config.semseg_model, "semseg"))
-    device = str(pick_device(config.device))
-    use_bf16 = config.bf16 and device.startswith("cuda") and torch.cuda.is_bf16_supported()
-    dtype = torch.bfloat16 if use_bf16 else torch.float32
-    for loaded in models:
-        loaded.model.to(device=device, dtype=dtype)
+    joined = not torch.distributed.is_initialized()  # a caller's own process group is left to the caller
+    dist = setup_distributed(config.device)
+    try:
+        mine = assigned_files(files, config.shard_index, config.num_shards, dist.rank, dist.world_size)
+        device = str(dist.device)
+        use_bf16 = config.bf16 and device.startswith("cuda") and torch.cuda.is_bf16_supported()
+        dtype = torch.bfloat16 if use_bf16 else torch.float32
+        for loaded in models:
+            loaded.model.to(device=device, dtype=dtype)
+        labellers = [(loaded, _model_attrs(loaded, config, device, "bfloat16" if use_bf16 else "float32"))
+                     for loaded in models]
+        if not mine:
+            log(f"rank {dist.rank}: no file to label ({len(files)} files for {config.num_shards} shard(s) x "
+                f"{dist.world_size} process(es))")
+        done: dict[str, int] = {}
+        for file in mine:
+            done.update(_label_file(file, labellers, config, device, dtype, log))
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank's files are complete when any rank reports success
+        if dist.rank == 0:
+            _reindex([Path(path) for path in paths if Path(path).is_dir()], config, log)
+    finally:
+        if joined:
+            cleanup_distributed()
+    return done
+
+
+def _label_file(path: Path, labellers: list[tuple[LoadedModel, dict[str, Any]]], config: PseudoLabelConfig,
+                device: str, dtype: Any, log: Callable[[str], None]) -> dict[str, int]:
+    """Label every split of one file with every (model, its attrs); frames computed per ``FILE:/split/name``."""
+    import h5py
+
+    from mmtk.data.dataset import check_declared_sizes
+
     try:
         handle = h5py.File(path, "r+")
     except OSError as err:
@@ -280,10 +432,10 @@ def pseudo_label(path: str | os.PathLike, config: PseudoLabelConfig,
     with handle:
         check_declared_sizes(handle, path)  # before any frame is read
         for split in _splits(handle, path):
-            for loaded in models:
+            for loaded, attrs in labellers:
                 key = DEPTH_KEY if loaded.task == "depth" else SEMSEG_KEY
-                attrs = _model_attrs(loaded, config, device, "bfloat16" if use_bf16 else "float32")
-                done[f"{split}/{key}"] = _label_split(handle[split], key, loaded, attrs, config, device, dtype, log)
+                frames = _label_split(handle[split], key, loaded, attrs, config, device, dtype, log)
+                done[f"{path}:/{split}/{key}"] = frames
     return done
 
 
@@ -297,14 +449,16 @@ def _label_split(group: Any, key: str, loaded: LoadedModel, attrs: dict[str, Any
         out_dtype: Any = np.float32
     else:
         out_dtype = np.uint8 if len(loaded.class_names) < 255 else np.uint16
+    where = f"{group.file.filename}:{group.name}/{key}"
     prepared = _prepare_dataset(group, key, rgb.shape[:3], out_dtype, attrs, config.overwrite)
     if prepared is None:
-        log(f"{group.name}/{key}: already complete, skipped (use --overwrite to recompute)")
+        log(f"{where}: already complete, skipped (use --overwrite to recompute)")
         return 0
     dataset, start = prepared
     if start:
-        log(f"{group.name}/{key}: resuming at frame {start} of {count}")
-    with frame_bar(f"{group.name}/{key}", count, config.progress, done=start) as advance:
+        log(f"{where}: resuming at frame {start} of {count}")
+    with frame_bar(f"{Path(group.file.filename).name}:{group.name}/{key}", count, config.progress,
+                   done=start) as advance:
         for first in range(start, count, config.batch_size):
             last = min(first + config.batch_size, count)
             labels = predict_batch(loaded, rgb[first:last], device, dtype)

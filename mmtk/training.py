@@ -36,6 +36,7 @@ class DataInfo:
     num_classes: int  # 0 when the file has no semantic labels
     frames: int
     class_names: list[str] = field(default_factory=list)
+    units: dict[str, str] = field(default_factory=dict)  # modality -> units attr of the dataset it reads
     parts: list[DataInfo] = field(default_factory=list)  # a mixture's datasets (empty for one file)
 
 
@@ -51,8 +52,11 @@ def mixture_info(parts: list[DataInfo]) -> DataInfo:
     offered = {name for part in parts for name in part.modalities}
     classes = labelled[0].class_names if labelled else []
     modalities = tuple(name for name in list_modalities() if name in offered)
+    units: dict[str, str] = {}
+    for part in parts:  # a relative array in any file makes the mixture's relative
+        units.update({name: unit for name, unit in part.units.items() if units.get(name, "m") == "m"})
     return DataInfo("the mixture " + " + ".join(part.path for part in parts), modalities, parts[0].image_size,
-                    len(classes), sum(part.frames for part in parts), list(classes), list(parts))
+                    len(classes), sum(part.frames for part in parts), list(classes), units, list(parts))
 
 
 def open_dataset(path: str | Path, split: str, modalities: tuple[str, ...], image_size: tuple[int, int] | None,
@@ -86,9 +90,29 @@ def data_info(path: str | Path, split: str = "train", sources: dict[str, str] | 
                             f"{', '.join(part['datasets'])}; fix data.sources or run `mmtk pseudo-label` first")
     modalities = tuple(name for name in list_modalities() if get_modality(name).is_input  # e.g. xyz from depth + K
                        and all(sources.get(source, source) in part["datasets"] for source in get_modality(name).reads()))
-    classes = list(info.get("classes") or [])
+    classes = _label_classes(part, sources, f"{path}:/{split}")
+    stored = {name: part["datasets"][sources.get(name, name)] for name in modalities
+              if sources.get(name, name) in part["datasets"]}
+    units = {name: dataset["units"] for name, dataset in stored.items() if dataset["units"]}
     return DataInfo(str(path), modalities, tuple(part["image_size"] or (0, 0)), len(classes), int(part["frames"]),
-                    classes)
+                    classes, units)
+
+
+def _label_stores() -> list[str]:
+    """Stored arrays that registered modalities declare class ids (e.g. semseg)."""
+    return [stored.name for name in list_modalities() for stored in get_modality(name).stores
+            if stored.kind == "labels"]
+
+
+def _label_classes(part: dict[str, Any], sources: dict[str, str], where: str) -> list[str]:
+    """The class names of the label arrays a recipe reads (through ``sources``: a pseudo-label's own classes)."""
+    found = {dataset: part["datasets"][dataset]["classes"] for dataset in
+             dict.fromkeys(sources.get(name, name) for name in _label_stores())
+             if "classes" in part["datasets"].get(dataset, {})}
+    if len({tuple(classes) for classes in found.values()}) > 1:
+        counts = ", ".join(f"{name} {len(classes)}" for name, classes in found.items())
+        raise MmtkError(f"{where}: label arrays have different classes ({counts}); choose one with data.sources")
+    return list(next(iter(found.values()), []))
 
 
 def require_modalities(wanted: tuple[str, ...], info: DataInfo, what: str,
@@ -107,8 +131,17 @@ def model_args(recipe: Recipe, info: DataInfo) -> dict[str, Any]:
     args: dict[str, Any] = {
         "inputs": list(model.inputs),
         "image_size": list(data.image_size or info.image_size),
-        "num_classes": data.num_classes or info.num_classes or 40,  # 40: NYUv2 classes when the file has none
     }
+    num_classes = data.num_classes or info.num_classes
+    labelled = [name for name in needed_modalities(recipe) if set(get_modality(name).reads()) & set(_label_stores())]
+    if data.num_classes and data.num_classes < info.num_classes:  # ids beyond the model's classes would fail mid-run
+        raise MmtkError(f"data.num_classes is {data.num_classes} but {info.path} is labelled with "
+                        f"{info.num_classes} classes; set data.num_classes={info.num_classes} (or null: the file's)")
+    if num_classes:
+        args["num_classes"] = num_classes
+    elif labelled:
+        raise MmtkError(f"the recipe reads {labelled[0]} but {info.path} names no classes for it; set "
+                        "data.num_classes=N (the stored ids run 1..N)")
     if recipe.kind == "pretrain":
         args.update(outputs=list(model.outputs), num_visible=model.num_visible, alphas=model.alphas)
     else:
@@ -208,6 +241,11 @@ def _prepare(recipe: Recipe) -> tuple[DataInfo, Any]:
     info = parts[0] if len(parts) == 1 else mixture_info(parts)
     needed = needed_modalities(recipe)
     require_modalities(needed, info, f"the recipe ({recipe.kind})")
+    task = recipe.model.task if recipe.kind == "finetune" else None
+    if task and get_modality(task).metric_family == "depth" and info.units.get(task, "m") != "m":
+        raise MmtkError(f"finetuning {task} trains and scores it in metres, but {info.path} holds it in "
+                        f"'{info.units[task]}' units (a relative pseudo-label); finetune on sensor depth or on "
+                        "pseudo-labels of a metric network (`mmtk pseudo-label --depth-kind metric`)")
     image_size = tuple(data.image_size or info.image_size)
     opened = []
     for part in parts:

@@ -17,11 +17,11 @@ import torch  # noqa: E402
 from cli_helpers import run_cli
 from data_helpers import KINECT, KINECT_FRAME
 from helpers import needs_cuda
+from pseudo_helpers import CLASSES, expected_depth, real_frames, reference, save_models, tiny_models, write_h5
 import mmtk.pseudo_label as pl  # noqa: E402
 from mmtk.data.sources.images import fit_image  # noqa: E402
 
 SAMPLES, FRAME = KINECT, KINECT_FRAME
-CLASSES = ["floor", "wall", "laptop", "box", "carpet"]
 
 
 @pytest.fixture(autouse=True)
@@ -33,76 +33,9 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
-def real_frames() -> tuple[np.ndarray, np.ndarray]:
-    """Four 120x160 views (whole frame and crops) of the real PCL Kinect frame: rgb uint8, depth metres."""
-    rgb = Image.open(SAMPLES / f"{FRAME}_rgb.png").convert("RGB")
-    depth = Image.open(SAMPLES / f"{FRAME}_depth.png")
-    boxes = [(0, 0, 640, 480), (0, 0, 320, 240), (320, 240, 640, 480), (160, 120, 480, 360)]
-    rgbs = [np.array(rgb.crop(b).resize((160, 120), Image.BILINEAR)) for b in boxes]
-    depths = [np.array(depth.crop(b).resize((160, 120), Image.NEAREST)).astype(np.float32) / 1000 for b in boxes]
-    return np.stack(rgbs), np.stack(depths)
-
-
-def write_h5(path: Path) -> None:
-    """An mmtk HDF5 file (mmtk.data.H5Writer) with a 3-frame train and a 1-frame test split."""
-    from mmtk.data import H5Writer
-
-    rgb, depth = real_frames()
-    with H5Writer(path, source="pcl_kinect_grabber (crops)") as writer:
-        for i in range(4):
-            writer.add_frame("train" if i < 3 else "test", {"rgb": rgb[i], "depth": depth[i]})
-
-
-def _labels() -> dict:
-    id2label = dict(enumerate(CLASSES))
-    return {"num_labels": len(CLASSES), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
-
-
-def tiny_models() -> dict[str, tuple]:
-    """Randomly initialised tiny models of every supported family, with their image processors."""
-    t = transformers
-    torch.manual_seed(0)
-    stages = ["stage1", "stage2", "stage3", "stage4"]
-    return {
-        "dpt": (t.DPTForDepthEstimation(t.DPTConfig(
-            hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=64,
-            patch_size=16, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[16, 16, 16, 16],
-            fusion_hidden_size=16, head_in_index=-1)),
-            t.DPTImageProcessor(size={"height": 64, "width": 64})),
-        "depth_anything": (t.DepthAnythingForDepthEstimation(t.DepthAnythingConfig(
-            backbone_config=t.Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2,
-                                           image_size=56, patch_size=14, out_features=stages,
-                                           reshape_hidden_states=False),
-            reassemble_hidden_size=32, neck_hidden_sizes=[16, 16, 16, 16], fusion_hidden_size=16,
-            head_hidden_size=16)),
-            t.DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14)),
-        "segformer": (t.SegformerForSemanticSegmentation(t.SegformerConfig(
-            num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], patch_sizes=[7, 3],
-            strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], decoder_hidden_size=16, **_labels())),
-            t.SegformerImageProcessor(size={"height": 64, "width": 64})),
-        "upernet": (t.UperNetForSemanticSegmentation(t.UperNetConfig(
-            backbone_config=t.ConvNextConfig(num_stages=4, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1],
-                                             out_features=stages),
-            hidden_size=16, auxiliary_in_channels=32, use_auxiliary_head=False, **_labels())),
-            t.SegformerImageProcessor(size={"height": 64, "width": 64})),
-        "mask2former": (t.Mask2FormerForUniversalSegmentation(t.Mask2FormerConfig(
-            backbone_config=t.SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], image_size=64,
-                                         out_features=stages),
-            feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=32, dim_feedforward=32,
-            encoder_layers=1, decoder_layers=2, num_attention_heads=2, num_queries=8, common_stride=4, **_labels())),
-            t.Mask2FormerImageProcessor(size={"height": 64, "width": 64})),
-    }
-
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("models")
-    dirs = {}
-    for family, (model, processor) in tiny_models().items():
-        model.save_pretrained(root / family)
-        processor.save_pretrained(root / family)
-        dirs[family] = root / family
-    return dirs
+    return save_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture
@@ -112,36 +45,32 @@ def h5_file(tmp_path) -> Path:
     return path
 
 
-def reference(folder: Path, frame: np.ndarray) -> np.ndarray:
-    """One frame through the model and its processor, straight from transformers (no batching, no mmtk)."""
-    config = json.loads((folder / "config.json").read_text())
-    model_class = {"dpt": transformers.DPTForDepthEstimation,
-                   "depth_anything": transformers.DepthAnythingForDepthEstimation,
-                   "segformer": transformers.SegformerForSemanticSegmentation,
-                   "upernet": transformers.UperNetForSemanticSegmentation,
-                   "mask2former": transformers.Mask2FormerForUniversalSegmentation}[config["model_type"]]
-    model = model_class.from_pretrained(folder, local_files_only=True).eval()
-    processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
-    with torch.no_grad():
-        out = model(pixel_values=processor(images=frame, return_tensors="pt")["pixel_values"])
-    size = [frame.shape[:2]]
-    if config["model_type"] in pl.DEPTH_FAMILIES:
-        return processor.post_process_depth_estimation(out, target_sizes=size)[0]["predicted_depth"].numpy()
-    return processor.post_process_semantic_segmentation(out, target_sizes=size)[0].numpy()
+def test_stored_depth_by_kind():
+    """Relative kinds are divided by the median of the positive outputs, metres are kept; <= 0 is invalid (0)."""
+    output = np.array([[4.0, 2.0], [1.0, 0.0], [-1.0, np.nan]])
+    for name in ("depth", "relative-inverse"):
+        stored = pl.store_depth(output, pl.DEPTH_KINDS[name])
+        np.testing.assert_allclose(stored, [[2.0, 1.0], [0.5, 0.0], [0.0, 0.0]])
+        assert stored.dtype == np.float32
+    np.testing.assert_array_equal(pl.store_depth(output, pl.DEPTH_KINDS["metric"]), [[4, 2], [1, 0], [0, 0]])
+    assert not pl.store_depth(np.zeros((2, 2)), pl.DEPTH_KINDS["depth"]).any()
 
 
-def test_inverse_depth_becomes_relative_depth_with_median_one():
-    inverse = np.array([[4.0, 2.0], [1.0, 0.0]])  # the 0 is clipped to 1% of the max (0.04)
-    depth = pl.inverse_to_relative_depth(inverse)
-    np.testing.assert_allclose(depth * np.median([0.25, 0.5, 1.0, 25.0]), [[0.25, 0.5], [1.0, 25.0]], rtol=1e-6)
-    assert np.median(depth) == pytest.approx(1.0)
-    assert not pl.inverse_to_relative_depth(np.zeros((2, 2))).any()
+# (model folder, --depth-kind given, kind stored, units attr): the kind comes from the model's config where it says
+DEPTH_CASES = [
+    ("dpt", "depth", "depth", "relative"),  # Omnidata-style DPT: its config cannot say
+    ("dpt", "relative-inverse", "relative-inverse", "relative-inverse"),  # MiDaS / DPT-Large
+    ("depth_anything", None, "relative-inverse", "relative-inverse"),  # depth_estimation_type: relative
+    ("depth_anything_metric", None, "metric", "m"),  # depth_estimation_type: metric
+    ("zoedepth", None, "metric", "m"),  # ZoeDepth is metric
+]
 
 
-@pytest.mark.parametrize("family", ["dpt", "depth_anything"])
-def test_depth_families(family, model_dirs, h5_file, capsys, monkeypatch):
-    code, out, err = run_cli(["pseudo-label", str(h5_file), "--depth-model", str(model_dirs[family]),
-                              "--batch-size", "2", "--no-progress"], capsys, monkeypatch)
+@pytest.mark.parametrize("folder,given,kind,units", DEPTH_CASES)
+def test_depth_kinds(folder, given, kind, units, model_dirs, h5_file, capsys, monkeypatch):
+    code, out, err = run_cli(["pseudo-label", str(h5_file), "--depth-model", str(model_dirs[folder]),
+                              *(["--depth-kind", given] if given else []), "--batch-size", "2", "--no-progress"],
+                             capsys, monkeypatch)
     assert code == 0, err
     assert "train/depth_pseudo: 3 frames" in out and "test/depth_pseudo: 1 frame" in out
     rgb, _ = real_frames()
@@ -150,12 +79,32 @@ def test_depth_families(family, model_dirs, h5_file, capsys, monkeypatch):
         attrs = dict(f["train/depth_pseudo"].attrs)
         assert "depth_pseudo.partial" not in f["train"]
         assert f["train/depth_pseudo"].chunks == (1, 120, 160)
-    assert attrs["units"] == "relative" and attrs["model_type"] == family and attrs["dtype"] == "float32"
-    assert attrs["model"] == str(model_dirs[family].resolve())
+    assert attrs["units"] == units and attrs["depth_kind"] == kind and attrs["dtype"] == "float32"
+    assert attrs["model"] == str(model_dirs[folder].resolve())
+    assert ("median" in attrs["normalisation"]) == (units != "m")
     for frame, depth in zip(rgb, stored):
-        expected = pl.inverse_to_relative_depth(reference(model_dirs[family], frame))
-        np.testing.assert_allclose(depth, expected, rtol=1e-4, atol=1e-5)
-        assert np.median(depth) == pytest.approx(1.0, rel=1e-3) and depth.std() > 0
+        expected = expected_depth(reference(model_dirs[folder], frame), units)
+        # batched vs one frame: float noise, which these large random weights amplify; 1e-4 of the frame's range
+        np.testing.assert_allclose(depth, expected, rtol=1e-3, atol=1e-4 * expected.max())
+        assert depth.min() >= 0 and depth.max() > 0
+
+
+def test_depth_kind_is_required_where_the_config_is_silent(model_dirs, h5_file, capsys, monkeypatch):
+    before = h5_file.read_bytes()
+    code, _, err = run_cli(["pseudo-label", str(h5_file), "--depth-model", str(model_dirs["dpt"])], capsys,
+                           monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--depth-kind (depth, relative-inverse, metric)" in err and "Omnidata DPT" in err
+    code, _, err = run_cli(["pseudo-label", str(h5_file), "--depth-model", str(model_dirs["depth_anything"]),
+                            "--depth-kind", "metric"], capsys, monkeypatch)
+    assert code == 2 and "outputs relative-inverse, not metric; drop --depth-kind" in err
+    code, _, err = run_cli(["pseudo-label", str(h5_file), "--depth-model", str(model_dirs["dpt"]),
+                            "--depth-kind", "disparity"], capsys, monkeypatch)
+    assert code == 2 and "--depth-kind disparity: unknown; choose one of depth, relative-inverse, metric" in err
+    code, _, err = run_cli(["pseudo-label", str(h5_file), "--semseg-model", str(model_dirs["segformer"]),
+                            "--depth-kind", "depth"], capsys, monkeypatch)
+    assert code == 2 and "give --depth-model too" in err
+    assert h5_file.read_bytes() == before
 
 
 @pytest.mark.parametrize("family", ["segformer", "upernet", "mask2former"])
@@ -175,7 +124,7 @@ def test_semseg_families(family, model_dirs, h5_file, capsys, monkeypatch):
 
 
 def test_both_models_in_one_run_then_skip_when_complete(model_dirs, h5_file, capsys, monkeypatch):
-    args = ["pseudo-label", str(h5_file), "--depth-model", str(model_dirs["dpt"]),
+    args = ["pseudo-label", str(h5_file), "--depth-model", str(model_dirs["dpt"]), "--depth-kind", "depth",
             "--semseg-model", str(model_dirs["segformer"]), "--no-progress"]
     assert run_cli(args, capsys, monkeypatch)[0] == 0
     with h5py.File(h5_file) as f:
@@ -191,7 +140,8 @@ def test_both_models_in_one_run_then_skip_when_complete(model_dirs, h5_file, cap
 def test_bf16_on_cuda_agrees_with_fp32(model_dirs, h5_file, capsys, monkeypatch):
     """On a GPU the models run in bfloat16 (the default): close to the float32 reference, recorded as such."""
     code, _, err = run_cli(["pseudo-label", str(h5_file), "--depth-model", str(model_dirs["dpt"]),
-                            "--semseg-model", str(model_dirs["segformer"]), "--device", "cuda", "--no-progress"],
+                            "--depth-kind", "relative-inverse", "--semseg-model", str(model_dirs["segformer"]),
+                            "--device", "cuda", "--no-progress"],
                            capsys, monkeypatch)
     assert code == 0, err
     rgb, _ = real_frames()
@@ -201,7 +151,7 @@ def test_bf16_on_cuda_agrees_with_fp32(model_dirs, h5_file, capsys, monkeypatch)
         attrs = dict(f["train/depth_pseudo"].attrs)
     assert attrs["dtype"] == "bfloat16" and attrs["device"].startswith("cuda")
     for frame, depth, label in zip(rgb, depths, labels):
-        expected = pl.inverse_to_relative_depth(reference(model_dirs["dpt"], frame))
+        expected = expected_depth(reference(model_dirs["dpt"], frame), "relative-inverse")
         assert np.median(np.abs(depth - expected) / np.maximum(expected, 1e-6)) < 0.05
         assert (label == reference(model_dirs["segformer"], frame) + 1).mean() > 0.8
 
@@ -244,8 +194,8 @@ def test_resume_with_another_model_is_refused(model_dirs, h5_file, capsys, monke
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pl, "_write_batch", interrupt)
-    run_cli(["pseudo-label", str(h5_file), "--depth-model", str(model_dirs["dpt"]), "--no-progress"],
-            capsys, monkeypatch)
+    run_cli(["pseudo-label", str(h5_file), "--depth-model", str(model_dirs["dpt"]), "--depth-kind", "depth",
+             "--no-progress"], capsys, monkeypatch)
     monkeypatch.undo()
     code, _, err = run_cli(["pseudo-label", str(h5_file), "--depth-model", str(model_dirs["depth_anything"]),
                             "--no-progress"], capsys, monkeypatch)
@@ -278,7 +228,8 @@ def test_folder_without_processor_or_with_broken_weights(model_dirs, h5_file, tm
     broken = tmp_path / "broken"
     shutil.copytree(model_dirs["dpt"], broken)
     (broken / "model.safetensors").write_bytes(b"garbage")
-    code, _, err = run_cli(["pseudo-label", str(h5_file), "--depth-model", str(broken)], capsys, monkeypatch)
+    code, _, err = run_cli(["pseudo-label", str(h5_file), "--depth-model", str(broken), "--depth-kind", "depth"],
+                           capsys, monkeypatch)
     assert code == 2 and "cannot load the dpt model" in err and len(err.strip().splitlines()) == 1
 
 
@@ -301,7 +252,7 @@ def test_convert_images_then_pseudo_label_from_rgb_alone(model_dirs, tmp_path, c
         np.testing.assert_array_equal(f["test/rgb"][0], fit_image(source.crop((320, 0, 640, 480)), (120, 160)))
         # 640x480 covers 160x120 exactly: a plain resize, compare with PIL's.
         np.testing.assert_array_equal(f["train/rgb"][1], np.array(source.resize((160, 120), Image.BILINEAR)))
-    code, _, err = run_cli(["pseudo-label", str(out), "--depth-model", str(model_dirs["dpt"]),
+    code, _, err = run_cli(["pseudo-label", str(out), "--depth-model", str(model_dirs["dpt"]), "--depth-kind", "depth",
                             "--semseg-model", str(model_dirs["upernet"]), "--no-progress"], capsys, monkeypatch)
     assert code == 0, err
     with h5py.File(out) as f:
@@ -314,23 +265,3 @@ def test_convert_images_then_pseudo_label_from_rgb_alone(model_dirs, tmp_path, c
     assert code == 2 and err.strip() == "error: give exactly one source: --rgbd FOLDER, --rosbag BAG or --images FOLDER"
     code, _, err = run_cli(["convert-images", str(root), str(tmp_path / "x.h5")], capsys, monkeypatch)
     assert code != 0 and "No such command 'convert-images'" in err    # one way to do it: `mmtk convert --images`
-
-
-def test_metric_depth_anything_is_stored_in_metres(model_dirs, h5_file, tmp_path, capsys, monkeypatch):
-    model, processor = tiny_models()["depth_anything"]
-    metric = transformers.DepthAnythingForDepthEstimation(
-        transformers.DepthAnythingConfig(**{**model.config.to_dict(), "depth_estimation_type": "metric",
-                                            "max_depth": 10}))
-    folder = tmp_path / "metric"
-    metric.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    code, _, err = run_cli(["pseudo-label", str(h5_file), "--depth-model", str(folder), "--no-progress"],
-                           capsys, monkeypatch)
-    assert code == 0, err
-    rgb, _ = real_frames()
-    with h5py.File(h5_file) as f:
-        assert f["test/depth_pseudo"].attrs["units"] == "m"
-        stored = f["test/depth_pseudo"][0]
-    expected = reference(folder, rgb[3])  # metric output, in metres (sigmoid head scaled by max_depth)
-    np.testing.assert_allclose(stored, expected, rtol=1e-4, atol=1e-5)
-    assert 0 < stored.min() and stored.max() <= 10.0

@@ -236,6 +236,8 @@ class H5Dataset(Dataset):
                 self.classes = json.loads(group[labelled[0]].attrs["classes"])
                 for adapter in self.adapters.values():  # lets label adapters refuse ids beyond the file's classes
                     adapter.num_classes = adapter.num_classes or len(self.classes)
+            for modality, name in self._stored_names():
+                self.adapters[modality].bind_stored(name, dict(group[name].attrs))
         self.image_size = tuple(image_size) if image_size is not None else self.file_size
         self._handle: h5py.File | None = None
         self._pid: int | None = None

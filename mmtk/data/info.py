@@ -26,12 +26,14 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
 
         {"path", "format", "source", "created",
          "splits": {split: {"frames", "image_size": [H, W],
-                            "datasets": {name: {"shape", "dtype", "units", "bytes_per_frame"}},
+                            "datasets": {name: {"shape", "dtype", "units", "bytes_per_frame",
+                                                "classes": [names] (label arrays, pseudo-labels too)}},
                             "depth": {name: {"min_m", "p01_m", "median_m", "p99_m", "max_m", "valid_fraction"}},
                             "class_histogram": {name: pixels} | None,
                             "intrinsics": [[3x3] of the first frame] | None}},
          "classes": [names] | None, "units": {dataset: unit}}
 
+    ``classes`` are the sensor labels' (not a network's); each label array's own are in its ``datasets`` entry.
     A shard folder is summarised from its index alone (:func:`mmtk.data.shards.folder_info`), with "shards"
     and "bytes" added.
     """
@@ -68,6 +70,8 @@ def _split_info(group: h5py.Group, info: dict[str, Any]) -> dict[str, Any]:
                           "bytes_per_frame": int(np.prod(dataset.shape[1:], dtype=np.int64)) * dataset.dtype.itemsize}
         if units is not None:
             info["units"][name] = str(units)
+        if "classes" in dataset.attrs:  # a label array's (sensor or pseudo-label): its classes, in id order
+            datasets[name]["classes"] = json.loads(dataset.attrs["classes"])
     images = [d for name, d in group.items() if d.ndim >= 3 and name != "intrinsics"]  # per-frame images
     frames = int(images[0].shape[0]) if images else 0
     labels = next((d for d in images if _is_labels(d.name.rsplit("/", 1)[1]) and PREDICTED_ATTR not in d.attrs), None)
@@ -157,6 +161,10 @@ def format_info(info: dict[str, Any]) -> str:
             lines.append(f"  classes by pixel share: {shown}{more}")
     if info["classes"]:
         lines.append(f"classes ({len(info['classes'])}): {', '.join(info['classes'])}")
+    predicted = {name: ds["classes"] for data in info["splits"].values() for name, ds in data["datasets"].items()
+                 if ds.get("classes") and ds["classes"] != info["classes"]}
+    for name, classes in predicted.items():
+        lines.append(f"classes of {name} ({len(classes)}): {', '.join(classes)}")
     return "\n".join(lines)
 
 
