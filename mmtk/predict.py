@@ -60,6 +60,7 @@ METRE_UNITS = ("m", "metre", "metres", "meter", "meters")
 def read_h5_frame(path: str | os.PathLike, split: str, index: int, depth_key: str = "depth",
                   label_key: str | None = None) -> Frame:
     """Frame ``index`` of ``split`` from an mmtk HDF5 file; depth must be metric (units attr "m")."""
+    from mmtk.data.codecs import read_frame
     from mmtk.data.dataset import open_mmtk_file
 
     path = Path(path)
@@ -70,6 +71,7 @@ def read_h5_frame(path: str | os.PathLike, split: str, index: int, depth_key: st
         count = group["rgb"].shape[0]
         if not -count <= index < count:
             raise MmtkError(f"{path}: split {split!r} has {count} frames; index {index} is out of range")
+        index %= count
         depth = None
         if depth_key:
             if depth_key not in group:
@@ -78,18 +80,18 @@ def read_h5_frame(path: str | os.PathLike, split: str, index: int, depth_key: st
             if units not in METRE_UNITS:
                 raise MmtkError(f"{path}: {split}/{depth_key} is in {units!r} units, not metres; a point cloud "
                                 "needs metric depth (use the sensor depth or a metric model)")
-            depth = np.asarray(group[depth_key][index], dtype=np.float32)
+            depth = np.asarray(read_frame(group[depth_key], index), dtype=np.float32)
         intrinsics = np.asarray(group["intrinsics"][index], np.float32) if "intrinsics" in group else None
         labels = num_labels = None
         if label_key:
             if label_key not in group:
                 raise MmtkError(f"{path}: split {split!r} has no dataset {label_key!r}; datasets: {sorted(group)}")
-            labels = np.asarray(group[label_key][index])
+            labels = read_frame(group[label_key], index)
             classes = group[label_key].attrs.get("classes")
             if classes is not None:
                 import json
                 num_labels = len(json.loads(classes)) + 1
-        return Frame(np.asarray(group["rgb"][index]), depth, intrinsics, labels, num_labels)
+        return Frame(read_frame(group["rgb"], index), depth, intrinsics, labels, num_labels)
 
 
 # ------------------------------------------------------------------------------------ model side

@@ -10,6 +10,7 @@ from pathlib import Path
 from queue import Empty, Full
 from typing import Any, Callable, Iterable, Iterator
 
+from mmtk.data.codecs import plain
 from mmtk.data.format import H5Writer, check_out_path
 from mmtk.data.resize import resize_intrinsics, resize_stored
 from mmtk.data.sources.base import Frame, RgbdSource
@@ -45,7 +46,7 @@ def _resized(frame: Frame, size: tuple[int, int] | None) -> Frame:
     first = next(iter(frame.arrays.values()))
     if size is None or first.shape[:2] == size:
         return frame
-    arrays = {name: resize_stored(stored_array(name)[1].kind, value, size) for name, value in frame.arrays.items()}
+    arrays = {name: resize_stored(stored_array(name)[1].kind, plain(value), size) for name, value in frame.arrays.items()}
     k = None if frame.intrinsics is None else resize_intrinsics(frame.intrinsics, first.shape[:2], size)
     return Frame(frame.split, arrays, k, frame.timestamp, frame.frame_id)
 

@@ -23,7 +23,9 @@ import numpy as np
 from PIL import Image
 
 from mmtk.data.dataset import MAX_IMAGE_SIDE
-from mmtk.data.sources.base import Frame, RgbdSource, associate_by_time, check_image_size, to_metres
+from mmtk.data.codecs import Encoded, Quantized, plain
+from mmtk.data.sources.base import (DepthEncoding, Frame, RgbdSource, associate_by_time, check_image_size,
+                                    encoded_colour, keep_depth, to_metres)
 from mmtk.data.sources.tf import TransformTree, read_transforms
 from mmtk.errors import MmtkError
 from mmtk.pointcloud import PointCloud, cloud_to_image_depth
@@ -118,9 +120,11 @@ def _connections(reader: Any, topic: str, available: list[TopicInfo], role: str)
     return conns
 
 
-def decode_image(msg: Any, msgtype: str, role: str, depth_scale: float | None) -> np.ndarray:
-    """Decode an Image/CompressedImage to uint8 RGB [H, W, 3] (role 'rgb'), metres [H, W] (role 'depth'), or
-    its own samples (any other role, an extra stream: uint8/uint16/float32 [H, W] or uint8 [H, W, 3])."""
+def decode_image(msg: Any, msgtype: str, role: str,
+                 depth_scale: float | None) -> np.ndarray | Encoded | Quantized:
+    """Decode an Image/CompressedImage to uint8 RGB [H, W, 3] (role 'rgb'; a JPEG's own bytes as Encoded),
+    depth [H, W] (role 'depth': integers with their scale as Quantized, float as metres), or its own samples (any
+    other role, an extra stream: uint8/uint16/float32 [H, W] or uint8 [H, W, 3])."""
     if msgtype.endswith("CompressedImage"):
         return _decode_compressed(msg, role, depth_scale)
     encoding = str(msg.encoding)
@@ -155,7 +159,7 @@ def decode_image(msg: Any, msgtype: str, role: str, depth_scale: float | None) -
     dtype = np.dtype(np.uint16 if encoding != "32FC1" else np.float32).newbyteorder(">" if msg.is_bigendian else "<")
     values = rows[:, : width * dtype.itemsize].copy().view(dtype).reshape(height, width).astype(dtype.newbyteorder("="))
     scale = depth_scale if depth_scale is not None else DEPTH_ENCODINGS[encoding]
-    return to_metres(values, scale)
+    return keep_depth(values, DepthEncoding(None, scale), "depth image")
 
 
 SAMPLE_ENCODINGS = {"mono8": ("u1", 1), "8UC1": ("u1", 1), "mono16": ("u2", 1), "16UC1": ("u2", 1),
@@ -204,7 +208,9 @@ def _decode_compressed(msg: Any, role: str, depth_scale: float | None) -> np.nda
             valid = values > 0
             depth[valid] = quant_a / (values[valid].astype(np.float32) - quant_b)
             return to_metres(depth, depth_scale)
-        return to_metres(values, depth_scale if depth_scale is not None else 1000.0)
+        return keep_depth(values, DepthEncoding(None, depth_scale if depth_scale is not None else 1000.0), f"compressed depth ({fmt!r})")
+    if role == "rgb" and (encoded := encoded_colour(payload, f"compressed image ({fmt!r})")) is not None:
+        return encoded  # the JPEG as the camera sent it; decoded (and so checked) when written
     array = _decode_bytes(payload, fmt)
     if role not in ("rgb", "depth"):
         return array
@@ -218,7 +224,7 @@ def _decode_compressed(msg: Any, role: str, depth_scale: float | None) -> np.nda
         return np.ascontiguousarray(array[:, :, :3])
     if array.ndim != 2 or array.dtype != np.uint16:
         raise MmtkError(f"compressed depth image has dtype {array.dtype} {array.shape}; expected 16-bit mono PNG")
-    return to_metres(array, depth_scale if depth_scale is not None else 1000.0)
+    return keep_depth(array, DepthEncoding(None, depth_scale if depth_scale is not None else 1000.0), f"compressed depth ({fmt!r})")
 
 
 def _decode_bytes(payload: bytes, fmt: str) -> np.ndarray:
@@ -317,7 +323,7 @@ def read_colour_frames(bag: str | Path, rgb_topic: str, camera_info_topic: str |
         for conn, log_time, raw in reader.messages(connections=rgb_conns):
             msg = deserialize(reader, raw, conn)
             stamp = _header_stamp(raw, bool(getattr(reader, "is2", False))) or log_time * 1e-9
-            yield Frame("all", {"rgb": decode_image(msg, conn.msgtype, "rgb", None)}, intrinsics=intrinsics,
+            yield Frame("all", {"rgb": plain(decode_image(msg, conn.msgtype, "rgb", None))}, intrinsics=intrinsics,
                         timestamp=stamp)
     finally:
         reader.close()
