@@ -279,3 +279,41 @@ def read_frame(dataset: h5py.Dataset, index: int, rows: slice = slice(None), col
     scale = dataset.attrs.get(SCALE_ATTR)
     return out if scale is None else Quantized(out, float(scale)).decoded()
 
+
+
+class FrameView:
+    """A stored image array read like the numpy array of its decoded frames ``[N, H, W(, C)]``: ``view[i]``,
+    ``view[a:b]``, ``view[:, rows, cols]`` (frames are decoded one by one with :func:`read_frame`); ``attrs``,
+    ``name`` and the rest are the dataset's."""
+
+    def __init__(self, dataset: h5py.Dataset) -> None:
+        self.dataset = dataset
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.dataset.shape[0], *frame_shape(self.dataset))
+
+    @property
+    def dtype(self) -> np.dtype:
+        return frame_dtype(self.dataset)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.dataset.shape[0]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.dataset, name)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self[:], dtype=dtype)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        first = slice(None) if first is Ellipsis else first
+        if isinstance(first, (int, np.integer)):
+            return read_frame(self.dataset, int(first) % len(self))[rest]
+        frames = [read_frame(self.dataset, index)[rest] for index in range(len(self))[first]]
+        return np.stack(frames) if frames else np.empty((0, *self.shape[1:]), self.dtype)

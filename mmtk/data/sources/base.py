@@ -211,15 +211,17 @@ def read_colour(path: Path) -> np.ndarray | Encoded:
 
 
 def encoded_colour(data: bytes, name: object) -> Encoded | None:
-    """``data`` as :class:`Encoded` when it is a JPEG of 8-bit RGB (its header read, not its pixels), else None."""
+    """``data`` as :class:`Encoded` when it is a whole JPEG of 8-bit RGB (decoded once by Pillow to check), else
+    None."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.format != "JPEG" or image.mode != "RGB":
                 return None
             check_image_size(image, name)
+            image.load()  # a complete decode, which refuses a truncated file (libjpeg-turbo alone fills it in)
             return Encoded(data, "jpeg", (image.height, image.width, 3))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return None  # not an image PIL knows: the decoder that follows names the problem
+        return None  # not a whole JPEG: the decoder that follows names the problem
 
 
 def keep_depth(raw: np.ndarray, encoding: DepthEncoding, where: object) -> np.ndarray | Quantized:
