@@ -355,4 +355,8 @@ def read_bag_frames(path: str | os.PathLike, rgb_topic: str, depth_topic: str | 
     if depth_topic is None:
         yield from read_colour_frames(path, rgb_topic)
         return
-    yield from open_rosbag_source(path, rgb_topic, depth_topic, max_dt=max_gap_s).frames()
+    from mmtk.data.codecs import plain
+
+    for frame in open_rosbag_source(path, rgb_topic, depth_topic, max_dt=max_gap_s).frames():
+        frame.arrays = {name: plain(value) for name, value in frame.arrays.items()}  # pixels and metres to predict on
+        yield frame

@@ -311,7 +311,8 @@ class FrameView:
         return np.asarray(self[:], dtype=dtype)
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
+        first = slice(None) if isinstance(first, tuple) else first  # view[()]: every frame
         first = slice(None) if first is Ellipsis else first
         if isinstance(first, (int, np.integer)):
             return read_frame(self.dataset, int(first) % len(self))[rest]
