@@ -47,6 +47,9 @@ def convert(
                                                "modality NAME, matched to colour by file stem: NAME=GLOB "
                                                "(e.g. ir='ir/*.png'; repeatable)."),
     plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
+    jpeg_quality: Optional[int] = typer.Option(None, "--jpeg-quality", help="Store colour that arrives raw (PNG, "
+                                               "raw Image) as JPEG at this quality, 1-100: smaller, lossy. Default: "
+                                               "lossless; JPEG input is always kept as its own bytes."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -68,23 +71,24 @@ def convert(
     if images is not None:
         if out is None:
             raise MmtkError("missing OUT.h5: mmtk convert --images FOLDER OUT.h5")
-        _convert_images(images, out, shape, force, progress)
+        _convert_images(images, out, shape, force, progress, jpeg_quality)
     elif rgbd is not None:
         if out is None:
             raise MmtkError("missing OUT.h5: mmtk convert --rgbd SRC OUT.h5")
         convert_rgbd(rgbd, out, classes=classes, depth_scale=depth_scale, depth_format=depth_format,
                      depth_range=depth_range, layout=layout, size=shape, force=force, progress=progress, log=_log,
-                     streams=parse_named(stream, "--stream"))
+                     streams=parse_named(stream, "--stream"), jpeg_quality=jpeg_quality)
     else:
         assert rosbag is not None
         _convert_rosbag(rosbag, out, rgb_topic, depth_topic, cloud_topic, camera_info_topic, max_dt, depth_scale,
-                        shape, force, progress, parse_named(topic, "--topic"))
+                        shape, force, progress, parse_named(topic, "--topic"), jpeg_quality)
 
 
-def _convert_images(images: Path, out: Path, size: Optional[tuple[int, int]], force: bool, progress: bool) -> None:
+def _convert_images(images: Path, out: Path, size: Optional[tuple[int, int]], force: bool, progress: bool,
+                    jpeg_quality: Optional[int]) -> None:
     from mmtk.data.sources.images import convert_images
 
-    result = convert_images(images, out, size, force=force, progress=progress)
+    result = convert_images(images, out, size, force=force, progress=progress, jpeg_quality=jpeg_quality)
     counts = ", ".join(f"{split}: {n}" for split, n in result.frames.items())
     typer.echo(f"{out}: {counts} frames at {result.size[0]}x{result.size[1]} px"
                + (f"; skipped {len(result.skipped)} unreadable file(s), first: {result.skipped[0]}"
@@ -94,7 +98,7 @@ def _convert_images(images: Path, out: Path, size: Optional[tuple[int, int]], fo
 def _convert_rosbag(bag: Path, out: Optional[Path], rgb_topic: Optional[str], depth_topic: Optional[str],
                     cloud_topic: Optional[str], camera_info_topic: Optional[str], max_dt: float,
                     depth_scale: Optional[float], size: Optional[tuple[int, int]], force: bool, progress: bool,
-                    extra_topics: dict[str, str]) -> None:
+                    extra_topics: dict[str, str], jpeg_quality: Optional[int]) -> None:
     from mmtk.data.sources.rosbag import image_topics
 
     if depth_topic is not None and cloud_topic is not None:
@@ -118,7 +122,8 @@ def _convert_rosbag(bag: Path, out: Optional[Path], rgb_topic: Optional[str], de
     from mmtk.data import convert_rosbag
 
     convert_rosbag(bag, out, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale, size=size,
-                   force=force, progress=progress, log=_log, cloud_topic=cloud_topic, extra_topics=extra_topics)
+                   force=force, progress=progress, log=_log, cloud_topic=cloud_topic, extra_topics=extra_topics,
+                   jpeg_quality=jpeg_quality)
 
 
 @app.command("info")

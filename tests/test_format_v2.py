@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_helpers import MULTIMAE, SYNC
+from data_helpers import MULTIMAE, SYNC, run_cli
 from mmtk.data import H5Dataset, H5Writer, read_info
 from mmtk.data.check import check_file
 from mmtk.data.codecs import Quantized, read_frame
@@ -182,3 +182,19 @@ def test_size_checks_bound_byte_and_compressed_datasets(tmp_path):
         f["train/depth"].resize(10**9, axis=0)  # frames the file never stored (compressed: no ratio bound)
     with pytest.raises(MmtkError, match="declares 1000000000 frames but the file stores 1"):
         read_info(forged)
+
+
+def test_convert_jpeg_quality_flag_and_image_folders_keep_jpeg_bytes(tmp_path):
+    out = tmp_path / "q.h5"
+    assert run_cli("convert", "--rgbd", MULTIMAE, out, "--jpeg-quality", "90", "--no-progress")[0] == 0
+    with h5py.File(out) as f:
+        assert f["train/rgb"].attrs["codec"] == "jpeg"  # the PNG's pixels, lossy only because it was asked
+    code, text = run_cli("convert", "--rgbd", MULTIMAE, tmp_path / "bad.h5", "--jpeg-quality", "101", "--no-progress")
+    assert code != 0 and "1..100" in text
+    from mmtk.data.sources.images import convert_images
+
+    convert_images(SYNC / "rgb", tmp_path / "photos.h5", progress=False)
+    with h5py.File(tmp_path / "photos.h5") as f:
+        names = [v.decode() for v in f["train/frame_id"][:]]
+        for index, name in enumerate(names):
+            assert f["train/rgb"][index][:-4].tobytes() == (SYNC / "rgb" / name).read_bytes()

@@ -53,14 +53,15 @@ def _resized(frame: Frame, size: tuple[int, int] | None) -> Frame:
 
 def write_frames(frames: Iterable[Frame], out_path: str | os.PathLike, *, source: str, total: int | None,
                  classes: list[str] | None = None, size: tuple[int, int] | None = None, force: bool = False,
-                 progress: bool = True, log: Log | None = None) -> ConvertResult:
-    """Write ``frames`` to ``out_path`` atomically, resizing to ``size`` (H, W) if given.
+                 progress: bool = True, log: Log | None = None, jpeg_quality: int | None = None) -> ConvertResult:
+    """Write ``frames`` to ``out_path`` atomically, resizing to ``size`` (H, W) if given (``jpeg_quality``: store raw
+    colour as JPEG at that quality instead of losslessly; see :class:`H5Writer`).
 
     The one conversion path: every source's frames are resized here once and validated and written once by
     :class:`H5Writer`. Shows a rich progress bar (frames/s) when ``progress`` is true. Returns a summary
     whose depth statistics let the caller show the user the effect of the depth units.
     """
-    with H5Writer(out_path, source=source, force=force, classes=classes) as writer:
+    with H5Writer(out_path, source=source, force=force, classes=classes, jpeg_quality=jpeg_quality) as writer:
         for index, frame in enumerate(_with_progress(frames, total, progress)):
             frame = _resized(frame, size)
             if index == 0 and total:  # a full disk is refused before the write, not midway
@@ -184,7 +185,8 @@ def _with_streams(frames: Iterable[Frame], src: Path, streams: dict[str, str]) -
 def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes: int = 40,
                  depth_scale: float | None = None, depth_format: str | None = None, depth_range: str | None = None,
                  layout: str | None = None, size: tuple[int, int] | None = None, force: bool = False,
-                 progress: bool = True, log: Log | None = None, streams: dict[str, str] | None = None) -> ConvertResult:
+                 progress: bool = True, log: Log | None = None, streams: dict[str, str] | None = None,
+                 jpeg_quality: int | None = None) -> ConvertResult:
     """Convert an RGB-D dataset folder (layout auto-detected) into an mmtk HDF5 file.
 
     Args:
@@ -198,6 +200,7 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
         layout: a layout name to use instead of detecting one.
         size: optional (H, W) to resize to on the way in.
         streams: extra stored arrays, name -> glob under ``src`` (matched to frames by file stem).
+        jpeg_quality: store colour that arrives raw as JPEG at this quality (lossy; default: lossless).
     """
     from mmtk.data.sources.base import ConvertOptions, DepthEncoding, encoding_for, parse_depth_range
     from mmtk.data.sources.folders import open_rgbd_source
@@ -217,18 +220,20 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
         return _with_streams(source.frames(), Path(src), streams) if streams else source.frames()
 
     frames = read_ahead(decoded) if source.decode_apart else decoded()
-    return _write_source(source, frames, out_path, provenance, size=size, force=force, progress=progress, log=log)
+    return _write_source(source, frames, out_path, provenance, size=size, force=force, progress=progress, log=log,
+                         jpeg_quality=jpeg_quality)
 
 
 def _write_source(source: RgbdSource, frames: Iterable[Frame], out_path: str | os.PathLike, provenance: str, *,
-                  size: tuple[int, int] | None, force: bool, progress: bool, log: Log | None) -> ConvertResult:
+                  size: tuple[int, int] | None, force: bool, progress: bool, log: Log | None,
+                  jpeg_quality: int | None = None) -> ConvertResult:
     """What every `mmtk convert` source goes through: its notes, the one write path, its closing summary."""
     if log:
         log(f"layout: {source.layout} - {source.description}; {source.total} frames")
         for note in source.notes:
             log(f"  {note}")
     result = write_frames(frames, out_path, source=provenance, total=source.total, classes=source.classes,
-                          size=size, force=force, progress=progress, log=log)
+                          size=size, force=force, progress=progress, log=log, jpeg_quality=jpeg_quality)
     if log and source.summary is not None:
         log(f"  {source.summary(sum(result.frames.values()))}")
     return result
@@ -256,7 +261,7 @@ def convert_rosbag(bag: str | os.PathLike, out_path: str | os.PathLike, rgb_topi
                    camera_info_topic: str | None = None, max_dt: float = 0.02, depth_scale: float | None = None,
                    size: tuple[int, int] | None = None, force: bool = False, progress: bool = True,
                    log: Log | None = None, cloud_topic: str | None = None,
-                   extra_topics: dict[str, str] | None = None) -> ConvertResult:
+                   extra_topics: dict[str, str] | None = None, jpeg_quality: int | None = None) -> ConvertResult:
     """Convert a ROS1 .bag or ROS2 bag (sqlite3/mcap) to an mmtk HDF5 file (colour/depth paired by stamp).
 
     Depth comes from ``depth_topic`` (Image/CompressedImage) or ``cloud_topic`` (PointCloud2, turned into
@@ -270,4 +275,4 @@ def convert_rosbag(bag: str | os.PathLike, out_path: str | os.PathLike, rgb_topi
                                 cloud_topic=cloud_topic, extra_topics=extra_topics)
     frames = read_ahead(source.frames) if source.decode_apart else source.frames()
     return _write_source(source, frames, out_path, f"mmtk convert --rosbag {source.description}",
-                         size=size, force=force, progress=progress, log=log)
+                         size=size, force=force, progress=progress, log=log, jpeg_quality=jpeg_quality)
