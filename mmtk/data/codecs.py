@@ -259,26 +259,45 @@ def stored_bytes(dataset: h5py.Dataset) -> int:
     return int(dataset.id.get_storage_size()) + extra
 
 
+@dataclass(frozen=True)
+class FrameReader:
+    """Reads frames of one stored image array (its layout looked up once): ``reader(index, rows, cols)``."""
+
+    dataset: h5py.Dataset
+    encoded: bool  # a byte dataset (one encoded image per element)
+    shape: tuple[int, ...]  # one decoded frame's
+    dtype: np.dtype  # the decoded pixels' (encoded) or the stored values' (arrays)
+    scale: float | None  # integers per unit of quantized values
+
+    def __call__(self, index: int, rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
+        if self.encoded:
+            blob = self.dataset[index]
+            data, crc = blob[:-CRC_BYTES].tobytes(), blob[-CRC_BYTES:].tobytes()
+            if len(blob) <= CRC_BYTES or zlib.crc32(data).to_bytes(CRC_BYTES, "little") != crc:
+                raise MmtkError(f"{self.dataset.name.rsplit('/', 1)[-1]}: stored bytes fail their CRC-32 (damaged data)")
+            return np.ascontiguousarray(decode_image(data, self.shape, self.dtype)[rows, cols])
+        height, width = (len(range(*axis.indices(side))) for axis, side in zip((rows, cols), self.shape))
+        out = np.empty((height, width, *self.shape[2:]), dtype=self.dtype)
+        self.dataset.read_direct(out, np.s_[index, rows, cols])
+        return out if self.scale is None else Quantized(out, self.scale).decoded()
+
+
+def frame_reader(dataset: h5py.Dataset) -> FrameReader:
+    """The reader of a stored image array of any format version (format 1's plain arrays read as stored)."""
+    encoded = is_bytes(dataset)
+    scale = None if encoded or SCALE_ATTR not in dataset.attrs else float(dataset.attrs[SCALE_ATTR])
+    return FrameReader(dataset, encoded, frame_shape(dataset), frame_dtype(dataset) if encoded else dataset.dtype,
+                       scale)
+
+
 def read_frame(dataset: h5py.Dataset, index: int, rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
     """Frame ``index`` of a stored image array, cropped to ``rows`` x ``cols``, in the units readers use.
 
     Byte datasets are checked (CRC-32) and decoded whole, then cropped; arrays read only the crop, and quantized
     integers become float32 units. Damaged data raises MmtkError (the caller names file, split and frame);
-    HDF5's own checksum failures raise OSError as they always did."""
-    if is_bytes(dataset):
-        blob = dataset[index]
-        data, crc = blob[:-CRC_BYTES].tobytes(), blob[-CRC_BYTES:].tobytes()
-        if len(blob) <= CRC_BYTES or zlib.crc32(data).to_bytes(CRC_BYTES, "little") != crc:
-            raise MmtkError(f"{dataset.name.rsplit('/', 1)[-1]}: stored bytes fail their CRC-32 (damaged data)")
-        pixels = decode_image(data, frame_shape(dataset), frame_dtype(dataset))
-        return np.ascontiguousarray(pixels[rows, cols])
-    height = len(range(*rows.indices(dataset.shape[1])))
-    width = len(range(*cols.indices(dataset.shape[2])))
-    out = np.empty((height, width, *dataset.shape[3:]), dtype=dataset.dtype)
-    dataset.read_direct(out, np.s_[index, rows, cols])
-    scale = dataset.attrs.get(SCALE_ATTR)
-    return out if scale is None else Quantized(out, float(scale)).decoded()
-
+    HDF5's own checksum failures raise OSError as they always did. (A loader reading many frames keeps a
+    :func:`frame_reader` instead.)"""
+    return frame_reader(dataset)(index, rows, cols)
 
 
 class FrameView:

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mmtk.data.codecs import (ARRAY_CODECS, CODEC_ATTR, DTYPE_ATTR, SCALE_ATTR, SHAPE_ATTR, frame_dtype, frame_shape,
-                               is_bytes, read_frame)
+from mmtk.data.codecs import (ARRAY_CODECS, CODEC_ATTR, DTYPE_ATTR, SCALE_ATTR, SHAPE_ATTR, FrameReader, frame_dtype,
+                               frame_reader, frame_shape, is_bytes)
 from mmtk.modality import Modality, get_modality, list_modalities, stored_array
 from mmtk.data.format import FORMAT_VERSION, PARTIAL_SUFFIX
 from mmtk.data.transforms import CropWindow, full_window, random_resized_crop
@@ -257,6 +257,7 @@ class H5Dataset(Dataset):
         self._handle: h5py.File | None = None
         self._pid: int | None = None
         self._open: dict[str, h5py.Dataset] = {}
+        self._readers: dict[str, FrameReader] = {}
 
     def _stored_modalities(self) -> tuple[str, ...]:
         """The registered modalities this split stores under their own name, in registry order."""
@@ -298,6 +299,7 @@ class H5Dataset(Dataset):
         state["_handle"] = None  # h5py handles cannot cross processes; each worker reopens
         state["_pid"] = None
         state["_open"] = {}
+        state["_readers"] = {}
         return state
 
     def _datasets(self) -> dict[str, h5py.Dataset]:
@@ -307,6 +309,7 @@ class H5Dataset(Dataset):
             self._pid = os.getpid()
             group = self._handle[self.split]
             self._open = {name: group[name] for _, name in self._stored_names()}
+            self._readers = {name: frame_reader(d) for name, d in self._open.items() if is_image(name, d)}
         return self._open
 
     def window(self) -> CropWindow:
@@ -324,8 +327,9 @@ class H5Dataset(Dataset):
 
         def read(name: str) -> np.ndarray:
             """The frame's stored array `name`: per-frame matrices whole, images cropped to the window."""
-            stored = datasets[self.dataset_map.get(name, name)]
-            return read_frame(stored, index, win.rows, win.cols) if is_image(name, stored) else stored[index]
+            key = self.dataset_map.get(name, name)
+            reader = self._readers.get(key)
+            return reader(index, win.rows, win.cols) if reader is not None else datasets[key][index]
 
         sample: dict[str, torch.Tensor] = {}
         try:
@@ -344,6 +348,7 @@ class H5Dataset(Dataset):
             self._handle.close()
             self._handle = None
             self._open = {}
+            self._readers = {}
 
 
 def is_image(name: str, dataset: h5py.Dataset) -> bool:
