@@ -31,6 +31,7 @@ import imagecodecs
 import numpy as np
 
 from mmtk.errors import MmtkError
+from mmtk.modality import StoredArray
 
 SCALE_ATTR = "scale"  # on an integer array of a float quantity: stored integers per unit (1000: millimetres)
 SHAPE_ATTR = "frame_shape"  # on a byte dataset: the decoded frame's shape, e.g. [480, 640, 3]
@@ -94,7 +95,6 @@ class ImageCodec:
 
     name: str
     magic: bytes  # how the format's files begin: the reader picks the decoder by it
-    lossless: bool
     encode: Callable[[np.ndarray, int | None], bytes]  # (pixels, quality) -> file bytes
     decode: Callable[[bytes, np.ndarray], np.ndarray]  # (file bytes, out with the expected shape) -> out
 
@@ -119,14 +119,14 @@ def _png_decode(data: bytes, out: np.ndarray) -> np.ndarray:
 
 IMAGE_CODECS: dict[str, ImageCodec] = {
     # QOI (imagecodecs): lossless 8-bit RGB(A), decodes a 480x640 frame in 2 ms (PNG: 10 ms), files ~1.3x PNG.
-    "qoi": ImageCodec("qoi", b"qoif", True, lambda pixels, quality: imagecodecs.qoi_encode(pixels),
+    "qoi": ImageCodec("qoi", b"qoif", lambda pixels, quality: imagecodecs.qoi_encode(pixels),
                       lambda data, out: imagecodecs.qoi_decode(data, out=out)),
     # JPEG (libjpeg-turbo through imagecodecs): what cameras and datasets ship; kept as received, never re-encoded
     # unless the user asks for a quality (--jpeg-quality).
-    "jpeg": ImageCodec("jpeg", b"\xff\xd8", False, lambda pixels, quality: imagecodecs.jpeg8_encode(pixels, level=quality),
+    "jpeg": ImageCodec("jpeg", b"\xff\xd8", lambda pixels, quality: imagecodecs.jpeg8_encode(pixels, level=quality),
                        lambda data, out: imagecodecs.jpeg8_decode(data, out=out)),
     # PNG (Pillow): lossless for any 8/16-bit image the other codecs cannot hold.
-    "png": ImageCodec("png", b"\x89PNG", True, _png_encode, _png_decode),
+    "png": ImageCodec("png", b"\x89PNG", _png_encode, _png_decode),
 }
 
 
@@ -138,12 +138,6 @@ def _blosc2() -> dict[str, Any]:
 
 ARRAY_CODECS: dict[str, Callable[[], dict[str, Any]]] = {"blosc2": _blosc2}
 CODECS = (*IMAGE_CODECS, *ARRAY_CODECS)
-
-
-def check_codec(name: str, owner: str) -> None:
-    """Refuse a codec no registry holds (a StoredArray declaring one)."""
-    if name not in CODECS:
-        raise ValueError(f"StoredArray {owner}: codec must be one of {CODECS}, got {name!r}")
 
 
 def decode_image(data: bytes, shape: tuple[int, ...], dtype: np.dtype, codec: str | None = None) -> np.ndarray:
@@ -214,9 +208,12 @@ class Storage:
         return value.values.astype(self.dtype, copy=False), self.codec
 
 
-def storage_for(codec: str, value: FrameArray, array: np.ndarray, jpeg_quality: int | None = None) -> Storage:
-    """The storage of a split's array from its declared ``codec`` and its first frame (``value`` as it came,
-    ``array`` its checked numbers): integers keep their scale; 8-bit colour may be JPEG at ``jpeg_quality``."""
+def storage_for(stored: StoredArray, value: FrameArray, array: np.ndarray, jpeg_quality: int | None = None) -> Storage:
+    """The storage of a split's array from the codec its declaration names and its first frame (``value`` as it
+    came, ``array`` its checked numbers): integers keep their scale; 8-bit colour may be JPEG at ``jpeg_quality``."""
+    codec = stored.codec
+    if codec not in CODECS:
+        raise ValueError(f"StoredArray {stored.name}: codec must be one of {', '.join(CODECS)}, got {codec!r}")
     if isinstance(value, Quantized) and value.values.dtype.kind == "u":
         return Storage(next(iter(ARRAY_CODECS)) if codec in IMAGE_CODECS else codec, array.shape,
                        value.values.dtype, scale=float(value.scale))

@@ -320,7 +320,7 @@ class H5Writer:
         assert self._file is not None
         group = self._file.create_group(split)
         self._datasets[split] = {}
-        self._storage[split] = {key: storage_for(stored_array(key)[1].codec, arrays[key], frame[key], self.jpeg_quality)
+        self._storage[split] = {key: storage_for(stored_array(key)[1], arrays[key], frame[key], self.jpeg_quality)
                                 for key in kinds}
         for key, value in frame.items():
             if key == "frame_id":
