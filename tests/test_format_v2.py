@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_helpers import MULTIMAE, SYNC, run_cli
+from data_helpers import MULTIMAE, SYNC, TUM, run_cli
 from mmtk.data import H5Dataset, H5Writer, read_info
 from mmtk.data.check import check_file
 from mmtk.data.codecs import Quantized, read_frame
@@ -198,3 +198,13 @@ def test_convert_jpeg_quality_flag_and_image_folders_keep_jpeg_bytes(tmp_path):
         names = [v.decode() for v in f["train/frame_id"][:]]
         for index, name in enumerate(names):
             assert f["train/rgb"][index][:-4].tobytes() == (SYNC / "rgb" / name).read_bytes()
+
+
+def test_tum_depth_keeps_its_1_5000_m_integers(tmp_path):
+    out = tmp_path / "tum.h5"
+    convert_rgbd(TUM, out, depth_format="tum", progress=False)
+    raw = png(TUM / "TUM_depth.png")
+    with h5py.File(out) as f:
+        assert f["all/depth"].attrs["scale"] == 5000.0 and f["all/depth"].dtype == np.uint16
+        np.testing.assert_array_equal(f["all/depth"][0], raw)
+        np.testing.assert_array_equal(read_frame(f["all/rgb"], 0), png(TUM / "TUM_color.png")[..., :3])
