@@ -144,12 +144,12 @@ def decode_image(data: bytes, shape: tuple[int, ...], dtype: np.dtype, codec: st
     """Decode one image file's bytes to ``shape``; MmtkError (one line) when they are not such an image."""
     chosen = IMAGE_CODECS.get(codec or "") or next((c for c in IMAGE_CODECS.values() if data.startswith(c.magic)), None)
     if chosen is None:
-        raise MmtkError(f"stored bytes begin with {bytes(data[:4])!r}, which is none of "
+        raise MmtkError(f"image bytes begin with {bytes(data[:4])!r}, which is none of "
                         f"{', '.join(IMAGE_CODECS)}; the data is damaged")
     try:
         return chosen.decode(data, np.empty(shape, dtype))
     except Exception as err:  # each library raises its own types (Jpeg8Error, QoiError, ValueError, OSError)
-        raise MmtkError(f"the stored {chosen.name} image cannot be decoded to {list(shape)} ({err}); the data is "
+        raise MmtkError(f"the {chosen.name} image cannot be decoded to {list(shape)} ({err}); the data is "
                         f"damaged") from None
 
 

@@ -285,7 +285,11 @@ class H5Writer:
             if key in ("intrinsics", "timestamp", "frame_id"):
                 raise MmtkError(f"frame {name}: {key!r} is frame metadata, not an array; pass it as {key}=")
             owner, stored = stored_array(key)
-            array = owner().check_stored(stored, plain(value), name)
+            try:
+                numbers = plain(value)  # encoded bytes a source handed over are decoded (and so checked) here
+            except MmtkError as err:
+                raise MmtkError(f"frame {name}: {key}: {err}") from None
+            array = owner().check_stored(stored, numbers, name)
             if stored.kind == "labels":  # stored in the smallest dtype the class count needs
                 frame[key] = self._validated_labels(stored, array, name)
             else:
