@@ -205,8 +205,8 @@ def read_colour(path: Path) -> np.ndarray | Encoded:
     written), any other image decoded to uint8 RGB (:func:`read_rgb`)."""
     try:
         data = path.read_bytes()
-    except OSError as err:
-        raise MmtkError(f"{path} cannot be read ({err.strerror})") from None
+    except OSError:
+        return read_rgb(path)  # which says what is wrong with the file
     return encoded_colour(data, path) or read_rgb(path)
 
 
