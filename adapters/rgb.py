@@ -1,6 +1,7 @@
 """RGB: ImageNet-normalised colour [B, 3, H, W]; MSE on hidden patches.
 
-Stored as ``rgb`` uint8 [H, W, 3] (sRGB, channels R, G, B).
+Stored as ``rgb`` uint8 [H, W, 3] (sRGB, channels R, G, B): JPEG bytes as the source gave them, other colour
+losslessly as QOI (fast to decode).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from mmtk.data.transforms import IMAGENET_MEAN, IMAGENET_STD, prepare_rgb
 class RGB(Modality):
     name = "rgb"
     channels = 3
-    stores = (StoredArray("rgb", "image", ("uint8",), "uint8 sRGB, channels R,G,B", channels=3),)
+    stores = (StoredArray("rgb", "image", ("uint8",), "uint8 sRGB, channels R,G,B", channels=3, codec="qoi"),)
 
     def load(self, read, window, image_size: tuple[int, int]) -> dict[str, Tensor]:
         return {self.name: prepare_rgb(read(self.name), image_size, window.flip)}

@@ -1,76 +1,65 @@
-"""Loader throughput: mmtk HDF5 (H5Dataset) vs decoding the same frames from PNG files (MultiMAE's layout).
+"""Loader throughput and bytes per frame: mmtk files (format 2) against the source files they were converted from.
 
-Both loaders produce the same tensors (rgb + depth + semseg, random resized crop + flip, 224x224) with the
-same augmentation code; only the storage differs. Runs in one process with one torch thread, so the
-numbers are samples/s per DataLoader worker. Frames are the real samples, repeated to N files.
+Two real layouts at 480x640 with rgb + depth + semseg, their frames repeated to --frames files:
 
-A second table compares ways to store depth (the largest array after rgb): float32 metres (the format's),
-uint16 millimetres, float16 metres, and HDF5 filters from hdf5plugin (Blosc LZ4 / Zstd with byte shuffle) when
-it is installed; each reads the depth crop, converts it to metres and prepares it as the loader does.
+* MultiMAE's PNG layout (``samples/nyuv2_multimae``): rgb PNG, depth uint16 PNG at 6553.6 units/m, semseg PNG;
+* the BTS layout (``samples/nyuv2_sync``): rgb JPEG, depth uint16 PNG in mm; BTS ships no labels, so the MultiMAE
+  sample's semseg PNG stands beside each frame.
 
-Usage: python benchmarks/bench_loader.py [--frames 64] [--samples 200] [--rounds 3] [--compression none,lzf,gzip]
+Each layout is converted the way ``mmtk convert --rgbd`` does it (the same source readers and writer), and read by
+``H5Dataset``; the file loaders decode the same files with Pillow, as the official MultiMAE code does. A format 1
+file (raw uint8 rgb, float32 metres) of the same frames is read too, for reference. All loaders produce the same
+tensors (rgb + depth + semseg, random resized crop + flip, 224x224) with the same augmentation code, in one process
+with one torch thread: samples/s per DataLoader worker. Rounds are interleaved and the best kept (a shared machine
+only slows a round down). Ratios: bytes against the layout's own files; speed against the PNG layout's loader.
+
+Usage: python benchmarks/bench_loader.py [--frames 64] [--samples 200] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
+import h5py
 import numpy as np
 import torch
 from PIL import Image
 
-from mmtk.data import H5Dataset, H5Writer
+from mmtk.data import H5Dataset
 from mmtk.adapters.semseg import prepare_semseg  # noqa: E402 (adapters sit above mmtk.data)
+from mmtk.data.convert import convert_rgbd, write_frames
+from mmtk.data.sources.base import ConvertOptions, nyuv2_meta
+from mmtk.data.sources.folders import open_rgbd_source
 from mmtk.data.transforms import prepare_depth, prepare_rgb, random_resized_crop
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "samples" / "nyuv2_multimae" / "train"
-SCALE = 6553.6
+MULTIMAE = REPO / "samples" / "nyuv2_multimae" / "train"
+SYNC = REPO / "samples" / "nyuv2_sync"
+LABELS = MULTIMAE / "semseg" / "data" / "0000.png"
+GPU_RATES = {"MultiMAE-B on one H200 (bf16, measured)": 1891, "MultiMAE-B at 45 % of an H100's bf16 matmul rate": 5000}
 
 
-def real_frame() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rgb = np.array(Image.open(SAMPLE / "rgb/data/0000.png"))
-    depth_units = np.array(Image.open(SAMPLE / "depth/data/0000.png"))
-    labels = np.array(Image.open(SAMPLE / "semseg/data/0000.png"))
-    return rgb, depth_units, labels
+class FileDataset(torch.utils.data.Dataset):
+    """Samples decoded from image files with Pillow, prepared exactly as H5Dataset prepares them."""
 
-
-def build_png_folder(root: Path, frames: int) -> None:
-    """MultiMAE layout with `frames` copies of the real frame (each file decoded independently)."""
-    for name in ("rgb", "depth", "semseg"):
-        (root / name / "data").mkdir(parents=True)
-        for i in range(frames):
-            shutil.copy(SAMPLE / name / "data" / "0000.png", root / name / "data" / f"{i:04d}.png")
-
-
-def build_h5(path: Path, frames: int, compression: str | None) -> None:
-    rgb, depth_units, labels = real_frame()
-    from mmtk.data.sources.base import nyuv2_meta
-
-    with H5Writer(path, source="bench", classes=nyuv2_meta()["names40"], compression=compression) as writer:
-        for _ in range(frames):
-            writer.add_frame("train", {"rgb": rgb, "depth": depth_units / np.float32(SCALE), "semseg": labels})
-
-
-class PngDataset(torch.utils.data.Dataset):
-    """The same samples decoded from PNG files, as the official MultiMAE code stores NYUv2."""
-
-    def __init__(self, root: Path, size: tuple[int, int] = (224, 224)) -> None:
-        self.files = sorted((root / "rgb" / "data").iterdir())
-        self.root, self.size = root, size
+    def __init__(self, triples: list[tuple[Path, Path, Path]], units_per_metre: float,
+                 size: tuple[int, int] = (224, 224)) -> None:
+        self.triples, self.scale, self.size = triples, np.float32(units_per_metre), size
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.triples)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        name = self.files[index].name
-        rgb = np.array(Image.open(self.root / "rgb" / "data" / name).convert("RGB"))
-        depth = np.array(Image.open(self.root / "depth" / "data" / name)).astype(np.float32) / np.float32(SCALE)
-        labels = np.array(Image.open(self.root / "semseg" / "data" / name))
+        rgb_path, depth_path, label_path = self.triples[index]
+        rgb = np.array(Image.open(rgb_path).convert("RGB"))
+        depth = np.array(Image.open(depth_path)).astype(np.float32) / self.scale
+        labels = np.array(Image.open(label_path))
         win = random_resized_crop(*rgb.shape[:2])
         sample = {"rgb": prepare_rgb(rgb[win.rows, win.cols], self.size, win.flip)}
         sample.update(prepare_depth(depth[win.rows, win.cols], self.size, win.flip))
@@ -78,68 +67,63 @@ class PngDataset(torch.utils.data.Dataset):
         return sample
 
 
-DEPTH_STORAGE = {  # name -> (dtype, stored units per metre, h5py filter kwargs or None when hdf5plugin is needed)
-    "float32 m": (np.float32, 1.0, {}),
-    "uint16 mm": (np.uint16, 1000.0, {}),
-    "float16 m": (np.float16, 1.0, {}),
-    "float32 m, lzf": (np.float32, 1.0, {"compression": "lzf"}),
-    "uint16 mm, lzf": (np.uint16, 1000.0, {"compression": "lzf"}),
-    "float32 m, blosc-lz4": (np.float32, 1.0, None),
-    "uint16 mm, blosc-lz4": (np.uint16, 1000.0, None),
-    "uint16 mm, blosc-zstd": (np.uint16, 1000.0, None),
-}
+def multimae_folder(root: Path, frames: int) -> list[tuple[Path, Path, Path]]:
+    """MultiMAE's layout with ``frames`` copies of the real frame (each file decoded independently)."""
+    for name in ("rgb", "depth", "semseg"):
+        (root / "train" / name / "data").mkdir(parents=True)
+        for i in range(frames):
+            shutil.copy(MULTIMAE / name / "data" / "0000.png", root / "train" / name / "data" / f"{i:04d}.png")
+    return [tuple(root / "train" / name / "data" / f"{i:04d}.png" for name in ("rgb", "depth", "semseg"))
+            for i in range(frames)]
 
 
-def blosc_filter(name: str) -> dict | None:
-    try:
-        import hdf5plugin
-    except ImportError:
-        return None
-    codec = "zstd" if "zstd" in name else "lz4"
-    return dict(hdf5plugin.Blosc(cname=codec, clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE))
+def bts_folder(root: Path, frames: int) -> list[tuple[Path, Path, Path]]:
+    """The BTS layout with the 3 real sample frames cycled to ``frames``, and a label PNG beside each."""
+    sources = sorted((SYNC / "rgb").glob("rgb_*.jpg"))
+    for name in ("rgb", "depth", "semseg"):
+        (root / name).mkdir(parents=True)
+    triples = []
+    for i in range(frames):
+        source = sources[i % len(sources)]
+        depth = SYNC / "depth" / source.name.replace("rgb_", "sync_depth_").replace(".jpg", ".png")
+        triple = (root / "rgb" / f"rgb_{i:05d}.jpg", root / "depth" / f"sync_depth_{i:05d}.png",
+                  root / "semseg" / f"{i:05d}.png")
+        for src, dst in zip((source, depth, LABELS), triple):
+            shutil.copy(src, dst)
+        triples.append(triple)
+    return triples
 
 
-class DepthOnly(torch.utils.data.Dataset):
-    """Depth crops read from one storage variant, converted to metres and prepared like the loader's."""
+def convert_bts_with_labels(root: Path, out: Path) -> None:
+    """`mmtk convert --rgbd` of the BTS folder, with each frame's label PNG added as semseg."""
+    source = open_rgbd_source(root, ConvertOptions())
+    labels = np.array(Image.open(LABELS))
 
-    def __init__(self, path: Path, scale: float, size: tuple[int, int] = (224, 224)) -> None:
-        self.path, self.scale, self.size, self.dataset = path, scale, size, None
+    def frames():
+        for frame in source.frames():
+            frame.arrays["semseg"] = labels
+            yield frame
 
-    def __len__(self) -> int:
-        import h5py
-
-        with h5py.File(self.path) as f:
-            return f["depth"].shape[0]
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        import h5py
-
-        if self.dataset is None:
-            self.dataset = h5py.File(self.path)["depth"]
-        win = random_resized_crop(*self.dataset.shape[1:3])
-        crop = self.dataset[index, win.rows, win.cols].astype(np.float32) / np.float32(self.scale)
-        return prepare_depth(crop, self.size, win.flip)
+    write_frames(frames(), out, source="bench", total=source.total, classes=nyuv2_meta()["names40"], progress=False)
 
 
-def build_depth_variants(root: Path, frames: int) -> dict[str, tuple[Path, float]]:
-    import h5py
+def write_format_1(path: Path, triples: list[tuple[Path, Path, Path]], units_per_metre: float) -> None:
+    """The same frames as format 1 stored them: raw chunked arrays, depth float32 metres (mmtk still reads it)."""
+    from mmtk.data.sources.base import DepthEncoding, read_depth
 
-    _, depth_units, _ = real_frame()
-    metres = depth_units / np.float32(SCALE)
-    built = {}
-    for name, (dtype, scale, filters) in DEPTH_STORAGE.items():
-        filters = filters if filters is not None else blosc_filter(name)
-        if filters is None:
-            continue
-        path = root / f"depth_{len(built)}.h5"
-        stored = np.round(metres * scale).astype(dtype) if dtype == np.uint16 else (metres * scale).astype(dtype)
-        with h5py.File(path, "w") as f:
-            d = f.create_dataset("depth", shape=(frames, *stored.shape), dtype=dtype, chunks=(1, *stored.shape),
-                                 **filters)
-            for i in range(frames):
-                d[i] = stored
-        built[name] = (path, scale)
-    return built
+    first = [np.array(Image.open(p)) for p in triples[0]]
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"mmtk_format": 1, "source": "bench", "created": "2025-01-01T00:00:00+00:00"})
+        group = f.create_group("train")
+        shapes = {"rgb": (first[0].shape, np.uint8), "depth": (first[1].shape, np.float32),
+                  "semseg": (first[2].shape, np.uint8)}
+        for name, (shape, dtype) in shapes.items():
+            group.create_dataset(name, shape=(len(triples), *shape), dtype=dtype, chunks=(1, *shape), fletcher32=True)
+        group["semseg"].attrs["classes"] = json.dumps(nyuv2_meta()["names40"])
+        for i, (rgb, depth, labels) in enumerate(triples):
+            group["rgb"][i] = np.array(Image.open(rgb).convert("RGB"))
+            group["depth"][i] = read_depth(depth, DepthEncoding(None, units_per_metre))
+            group["semseg"][i] = np.array(Image.open(labels))
 
 
 def throughput(dataset: torch.utils.data.Dataset, samples: int) -> float:
@@ -151,50 +135,61 @@ def throughput(dataset: torch.utils.data.Dataset, samples: int) -> float:
     return samples / (time.perf_counter() - start)
 
 
+def mb_per_frame(paths: list[Path], frames: int) -> float:
+    return sum(p.stat().st_size for p in paths) / 1e6 / frames
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=64)
     parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--compression", default="none,lzf,gzip")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    options = args.compression.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        build_png_folder(tmp_path / "png", args.frames)
-        datasets: dict[str, torch.utils.data.Dataset] = {"png": PngDataset(tmp_path / "png")}
-        for option in options:
-            path = tmp_path / f"bench_{option}.h5"
-            build_h5(path, args.frames, None if option == "none" else option)
-            datasets[option] = H5Dataset(path, split="train", augment=True)
-        # Interleaved rounds, best round kept: the machine may be shared, and contention only slows a round.
-        rates: dict[str, list[float]] = {name: [] for name in datasets}
+        layouts: dict[str, tuple[list[tuple[Path, Path, Path]], float, Callable[[Path], None]]] = {}
+        png = multimae_folder(tmp_path / "multimae", args.frames)
+        layouts["MultiMAE PNG"] = (png, 6553.6, lambda out: convert_rgbd(tmp_path / "multimae", out, progress=False))
+        bts = bts_folder(tmp_path / "bts", args.frames)
+        layouts["BTS jpg+png"] = (bts, 1000.0, lambda out: convert_bts_with_labels(tmp_path / "bts", out))
+        loaders: dict[str, torch.utils.data.Dataset] = {}
+        sizes: dict[str, float] = {}
+        for name, (triples, scale, convert) in layouts.items():
+            out = tmp_path / f"{name.split()[0]}.h5"
+            convert(out)
+            loaders[f"{name} files"] = FileDataset(triples, scale)
+            with h5py.File(out) as handle:
+                split = next(iter(handle))  # MultiMAE's folder is "train", BTS's has no split ("all")
+            loaders[f"{name} -> mmtk format 2"] = H5Dataset(out, split=split, augment=True)
+            sizes[f"{name} files"] = mb_per_frame([p for t in triples for p in t], args.frames)
+            sizes[f"{name} -> mmtk format 2"] = mb_per_frame([out], args.frames)
+        old = tmp_path / "format1.h5"
+        write_format_1(old, png, 6553.6)
+        loaders["MultiMAE PNG -> mmtk format 1"] = H5Dataset(old, split="train", augment=True)
+        sizes["MultiMAE PNG -> mmtk format 1"] = mb_per_frame([old], args.frames)
+        rates: dict[str, list[float]] = {name: [] for name in loaders}
         for _ in range(args.rounds):
-            for name, dataset in datasets.items():
+            for name, dataset in loaders.items():
                 rates[name].append(throughput(dataset, args.samples))
         best = {name: max(values) for name, values in rates.items()}
-        print(f"frames: {args.frames} x 480x640 (real NYUv2 frame); output rgb+depth+semseg at 224x224 with random "
+        print(f"{args.frames} frames x 480x640 (real NYUv2 frames), rgb + depth + semseg -> 224x224 with random "
               f"resized crop + flip; 1 torch thread (= one DataLoader worker); best of {args.rounds} rounds of "
               f"{args.samples} samples")
-        png_mb = sum(f.stat().st_size for f in (tmp_path / "png").rglob("*.png")) / 1e6 / args.frames
-        print(f"PNG files (MultiMAE layout, PIL decode): {best['png']:7.1f} samples/s, {png_mb:.2f} MB/frame")
-        for option in options:
-            size_mb = (tmp_path / f"bench_{option}.h5").stat().st_size / 1e6 / args.frames
-            print(f"HDF5 compression={option:<5}: {best[option]:7.1f} samples/s "
-                  f"({best[option] / best['png']:4.1f}x PNG), {size_mb:.2f} MB/frame")
-        variants = build_depth_variants(tmp_path, args.frames)
-        depth_sets = {name: DepthOnly(path, scale) for name, (path, scale) in variants.items()}
-        depth_rates: dict[str, list[float]] = {name: [] for name in depth_sets}
-        for _ in range(args.rounds):
-            for name, dataset in depth_sets.items():
-                depth_rates[name].append(throughput(dataset, args.samples))
-        print("depth storage (depth alone: read crop, to metres, prepare):")
-        for name, (path, _) in variants.items():
-            mb = path.stat().st_size / 1e6 / args.frames
-            print(f"  {name:<22} {max(depth_rates[name]):7.1f} samples/s, {mb:.3f} MB/frame, "
-                  f"2.5 M frames (ScanNet-sized): {mb * 2.5e6 / 1e6:.2f} TB")
+        reference = best["MultiMAE PNG files"]
+        print(f"| storage | MB/frame | bytes vs its source files | samples/s per worker | vs PNG layout loader |")
+        print("| --- | --- | --- | --- | --- |")
+        for name in loaders:
+            source = sizes[f"{name.split(' ->')[0].removesuffix(' files')} files"]
+            print(f"| {name} | {sizes[name]:.3f} | {sizes[name] / source:.2f}x | {best[name]:.1f} | "
+                  f"{best[name] / reference:.2f}x |")
+        for name in layouts:
+            mb, rate = sizes[f"{name} -> mmtk format 2"], best[f"{name} -> mmtk format 2"]
+            cores = ", ".join(f"{gpu / rate:.1f} at {gpu} img/s ({what})" for what, gpu in GPU_RATES.items())
+            print(f"{name} -> format 2: 2.5 M frames take {mb * 2.5e6 / 1e6:.2f} TB; loader worker cores per GPU: "
+                  f"{cores}")
+
 
 if __name__ == "__main__":
     main()

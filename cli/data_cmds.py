@@ -67,6 +67,9 @@ def convert(
                                               "inputs i (sorted) with i % N == I; N machines build one folder."),
     num_shards: Optional[int] = typer.Option(None, "--num-shards", help="How many parts the inputs are split into "
                                              "(see --shard-index)."),
+    jpeg_quality: Optional[int] = typer.Option(None, "--jpeg-quality", help="Store colour that arrives raw (PNG, "
+                                               "raw Image) as JPEG at this quality, 1-100: smaller, lossy. Default: "
+                                               "lossless; JPEG input is always kept as its own bytes."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists (a shard folder: convert every "
                                                       "input again)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -100,6 +103,7 @@ def convert(
                               max_dt=max_dt, depth_scale=depth_scale, size=shape, cloud_topic=cloud_topic,
                               extra_topics=parse_named(topic, "--topic")),
                "images": dict(size=shape)}[kind]
+    options["jpeg_quality"] = jpeg_quality
     if len(inputs) > 1 or shard_frames is not None or shard_index is not None or num_shards is not None:
         if out is None:
             raise MmtkError(f"missing OUT: mmtk convert --{kind} SRC --{kind} SRC ... OUT_FOLDER (several inputs "
@@ -109,7 +113,7 @@ def convert(
         raise MmtkError(f"missing OUT.h5: mmtk convert --{kind} {'BAG' if kind == 'rosbag' else 'SRC'} OUT.h5"
                         + (" --rgb-topic T --depth-topic T (or --cloud-topic T)" if kind == "rosbag" else ""))
     elif kind == "images":
-        _convert_images(inputs[0], out, shape, force, progress)
+        _convert_images(inputs[0], out, shape, force, progress, jpeg_quality)
     else:
         convert = convert_rgbd if kind == "rgbd" else convert_rosbag
         convert(inputs[0], out, **options, force=force, progress=progress, log=_log)
@@ -128,10 +132,11 @@ def _convert_shards(kind: str, inputs: list[Path], out: Path, options: dict, sha
                                                       f"is done"))
 
 
-def _convert_images(images: Path, out: Path, size: Optional[tuple[int, int]], force: bool, progress: bool) -> None:
+def _convert_images(images: Path, out: Path, size: Optional[tuple[int, int]], force: bool, progress: bool,
+                    jpeg_quality: Optional[int]) -> None:
     from mmtk.data.sources.images import convert_images
 
-    result = convert_images(images, out, size, force=force, progress=progress)
+    result = convert_images(images, out, size, force=force, progress=progress, jpeg_quality=jpeg_quality)
     counts = ", ".join(f"{split}: {n}" for split, n in result.frames.items())
     typer.echo(f"{out}: {counts} frames at {result.size[0]}x{result.size[1]} px"
                + (f"; skipped {len(result.skipped)} unreadable file(s), first: {result.skipped[0]}"

@@ -200,7 +200,7 @@ def predict_command(
     from mmtk.errors import MmtkError
     from mmtk.io import remove_dead_temps
     from mmtk.pointcloud import parse_intrinsics
-    from mmtk.predict import file_stem, load_predictor, predict_frame, write_prediction
+    from mmtk.predict import decoded, file_stem, load_predictor, predict_frame, write_prediction
     from mmtk.progress import counted
     from mmtk.runs import resolve_checkpoint
     from mmtk.runtime import pick_device
@@ -242,7 +242,7 @@ def predict_command(
         frames = _bag_frames(rosbag, rgb_topic, depth_topic, cloud_topic, camera_info_topic, max_dt, depth_scale, topic)
 
     def predicted():
-        for frame in frames:
+        for frame in map(decoded, frames):
             if k_override is not None:  # every use of the camera (an xyz input, point clouds) takes the user's
                 frame.intrinsics = k_override
             yield frame, predict_frame(predictor, frame, wanted_t, size)

@@ -40,6 +40,9 @@ class StoredArray:
       "labels": integer class ids [H, W], 0 = unlabeled, id k is ``classes[k-1]``; resized nearest; the
                 writer keeps a class histogram.
     dtypes: accepted dtypes; the first is the one stored.
+    codec: how format 2 keeps it on disk, a name of ``mmtk.data.codecs``: "blosc2" (lossless HDF5 filter, any
+      dtype; the default) or an image codec ("qoi": lossless 8-bit colour, one encoded image per frame). Frames
+      that arrive encoded (JPEG bytes) or as integers with a scale are kept as they came either way.
     """
 
     name: str
@@ -47,6 +50,7 @@ class StoredArray:
     dtypes: tuple[str, ...]
     units: str
     channels: int = 0  # 0: [H, W]; C: [H, W, C]
+    codec: str = "blosc2"
 
     def __post_init__(self) -> None:
         if self.kind not in STORED_KINDS:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -98,6 +98,13 @@ def output_array(name: str) -> StoredArray:
         raise MmtkError(f"mmtk predict cannot write {name!r}: its adapter stores no array (nothing says its units "
                         f"or how to picture it); predict another output")
     return stores[0]
+
+
+def decoded(frame: Frame) -> Frame:
+    """``frame`` with its arrays as numbers (a source hands over JPEG bytes and integer depth as it got them)."""
+    from mmtk.data.codecs import plain
+
+    return replace(frame, arrays={name: plain(value) for name, value in frame.arrays.items()})
 
 
 def prepare_inputs(predictor: Predictor, frame: Frame, image_size: tuple[int, int]) -> tuple[dict, dict]:

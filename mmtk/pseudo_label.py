@@ -441,16 +441,19 @@ def _label_file(path: Path, labellers: list[tuple[LoadedModel, dict[str, Any]]],
 
 def _label_split(group: Any, key: str, loaded: LoadedModel, attrs: dict[str, Any], config: PseudoLabelConfig,
                  device: str, dtype: Any, log: Callable[[str], None]) -> int:
+    from mmtk.data.codecs import frame_dtype, frame_shape, read_frame
+
     rgb = group["rgb"]
-    if rgb.ndim != 4 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
-        raise MmtkError(f"{rgb.name}: expected uint8 [N, H, W, 3], got {rgb.dtype} {rgb.shape}")
+    shape = (rgb.shape[0], *frame_shape(rgb))
+    if len(shape) != 4 or shape[-1] != 3 or frame_dtype(rgb) != np.uint8:
+        raise MmtkError(f"{rgb.name}: expected uint8 [N, H, W, 3], got {frame_dtype(rgb)} {list(shape)}")
     count = rgb.shape[0]
     if loaded.task == "depth":
         out_dtype: Any = np.float32
     else:
         out_dtype = np.uint8 if len(loaded.class_names) < 255 else np.uint16
     where = f"{group.file.filename}:{group.name}/{key}"
-    prepared = _prepare_dataset(group, key, rgb.shape[:3], out_dtype, attrs, config.overwrite)
+    prepared = _prepare_dataset(group, key, shape[:3], out_dtype, attrs, config.overwrite)
     if prepared is None:
         log(f"{where}: already complete, skipped (use --overwrite to recompute)")
         return 0
@@ -461,7 +464,8 @@ def _label_split(group: Any, key: str, loaded: LoadedModel, attrs: dict[str, Any
                    done=start) as advance:
         for first in range(start, count, config.batch_size):
             last = min(first + config.batch_size, count)
-            labels = predict_batch(loaded, rgb[first:last], device, dtype)
+            frames = np.stack([read_frame(rgb, index) for index in range(first, last)])
+            labels = predict_batch(loaded, frames, device, dtype)
             _write_batch(dataset, first, labels)
             advance(last - first)
     dataset.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -118,3 +118,37 @@ def nyu_mat_frames() -> list[dict[str, np.ndarray]]:
     return [{"rgb": rgb, "depth": depth, "raw": raw, "labels": labels}, mirrored, shifted]
 
 
+
+
+class DecodedFile:
+    """An mmtk file opened with h5py whose stored image arrays read as their decoded frames (format 2 keeps JPEG
+    or QOI bytes and integer depth with its scale), so tests compare frames as format 1 stored them."""
+
+    def __init__(self, path, mode: str = "r") -> None:
+        self.handle = h5py.File(path, mode)
+
+    def __enter__(self) -> "DecodedFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self.handle, name)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.handle
+
+    def __iter__(self):
+        return iter(self.handle)
+
+    def __getitem__(self, key: str):
+        from mmtk.data.codecs import FrameView
+        from mmtk.data.dataset import is_image
+
+        value = self.handle[key]
+        if isinstance(value, h5py.Group):
+            group = DecodedFile.__new__(DecodedFile)
+            group.handle = value
+            return group
+        return FrameView(value) if is_image(key.rsplit("/", 1)[-1], value) else value

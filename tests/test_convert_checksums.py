@@ -2,7 +2,9 @@
 
 tests/data/convert_checksums.json holds, per layout, the shape, dtype and sha256 of every dataset that mmtk at
 commit ba8a605 (before StoredArray/Modality.check_stored replaced the fixed rgb/depth/semseg lists) wrote for the
-same command. Datasets added since (e.g. intrinsics read from a file beside the frames) are not compared.
+same command. Datasets added since (e.g. intrinsics read from a file beside the frames) are not compared. Format 2
+keeps JPEG bytes, QOI and integer depth with its scale: its frames are compared decoded (pixels and metres), so
+this also proves that format 2 reads back bit-exact what format 1 stored.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 
 from cli_helpers import invoke as run_cli
+from data_helpers import DecodedFile
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
@@ -44,7 +47,7 @@ def test_shipped_layout_converts_to_the_same_arrays(layout, tmp_path):
     source, path, *flags = CASES[layout]
     code, text = run_cli("convert", source, path, out, *flags, "--no-progress")
     assert code == 0, text
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         for key, expected in EXPECTED[layout].items():
             assert key in f, f"{layout}: {key} is no longer written"
             assert _digest(f[key]) == expected, f"{layout}: {key} differs from the previous format"

@@ -14,6 +14,7 @@ from PIL import Image
 
 from data_helpers import BAG1, MULTIMAE, REPO, SYNC, TUM, labeled_frame, run_cli
 from mmtk.data import FORMAT_VERSION, H5Writer, read_info
+from mmtk.data.codecs import read_frame
 from mmtk.errors import MmtkError
 from mmtk.modality import Modality, StoredArray, register_modality
 
@@ -43,7 +44,8 @@ def test_writer_layout_attrs_and_stats(tmp_path):
         assert not out.exists()  # nothing under the final name until the end
     with h5py.File(out) as f:
         assert f.attrs["mmtk_format"] == FORMAT_VERSION and f.attrs["source"] == "unit test"
-        assert f["train/rgb"].chunks == (1, 480, 640, 3)
+        assert list(f["train/rgb"].attrs["frame_shape"]) == [480, 640, 3] and f["train/rgb"].attrs["codec"] == "qoi"
+        assert f["train/depth"].chunks == (1, 480, 640) and f["train/depth"].fletcher32
         assert f["train/semseg"].dtype == np.uint8 and json.loads(f["train/semseg"].attrs["classes"]) == NAMES
         assert f["train/timestamp"].attrs["units"] == "s"
     info = read_info(out)
@@ -77,7 +79,8 @@ def test_writer_metadata_written_in_blocks_matches_every_frame(tmp_path, monkeyp
             np.testing.assert_array_equal(group["timestamp"][:], [100.0 + i / 30 for i in range(count)])
             assert [v.decode() for v in group["frame_id"][:]] == [f"{split}/{i:04d}.png" for i in range(count)]
             np.testing.assert_array_equal(group["intrinsics"][:, 0, 0], 500.0 + np.arange(count))
-            np.testing.assert_array_equal(group["rgb"][:, 0, 0, 0], np.arange(count))  # frame i beside metadata i
+            rgb = [read_frame(group["rgb"], i)[0, 0, 0] for i in range(count)]
+            np.testing.assert_array_equal(rgb, np.arange(count))  # frame i beside metadata i
 
 
 def test_writer_is_atomic_and_refuses_overwrite(tmp_path):
@@ -137,8 +140,10 @@ def test_info_text_and_json(tmp_path):
     assert "[train] 1 frames, 480x640 px" in text and "depth: median " in text and "range 1.79" in text and "wall 40.8 %" in text
     code, text = run_cli("info", out, "--json")
     data = json.loads(text)
-    assert data["splits"]["test"]["datasets"]["depth"] == {"shape": [1, 480, 640], "dtype": "float32", "units": "m",
-                                                         "bytes_per_frame": 480 * 640 * 4}
+    depth = data["splits"]["test"]["datasets"]["depth"]  # the PNG's integers at 6553.6 per metre, read as metres
+    assert depth == {"shape": [1, 480, 640], "dtype": "float32", "units": "m", "bytes_per_frame": 480 * 640 * 4,
+                     "codec": "blosc2", "scale": 6553.6, "stored_bytes_per_frame": depth["stored_bytes_per_frame"]}
+    assert 0 < depth["stored_bytes_per_frame"] < 480 * 640 * 2
     assert data["classes"][0] == "wall"
 
 

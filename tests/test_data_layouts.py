@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_helpers import MULTIMAE, SAMPLES, SYNC, TUM, labeled_frame, run_cli, shared
+from data_helpers import DecodedFile, MULTIMAE, SAMPLES, SYNC, TUM, labeled_frame, run_cli, shared
 
 
 def convert(src, out, *extra):
@@ -25,7 +25,7 @@ def test_multimae_layout_units_labels_and_splits(tmp_path):
     assert "layout: multimae" in text
     rgb, _, labels = labeled_frame()
     depth_units = np.array(Image.open(MULTIMAE / "test/depth/data/0000.png"))
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         assert set(f) == {"train", "test"}
         np.testing.assert_array_equal(f["test/rgb"][0], rgb)
         np.testing.assert_allclose(f["test/depth"][0], depth_units / 6553.6, rtol=1e-6)
@@ -41,7 +41,7 @@ def test_multimae_frame_missing_a_modality_is_reported_not_shifted(tmp_path):
     out = tmp_path / "mm.h5"
     text = convert(src, out)
     assert "skipped 1 train/rgb files without all other modalities: 0001" in text
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         assert f["train/rgb"].shape[0] == 1
 
 
@@ -50,7 +50,7 @@ def test_bts_sync_layout_millimetres_and_intrinsics(tmp_path):
     text = convert(SYNC, out)
     assert "layout: bts-sync" in text
     mm = np.array(Image.open(SYNC / "depth/sync_depth_00050.png"))
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         ids = [s.decode() for s in f["all/frame_id"][:]]
         assert ids == ["rgb/rgb_00000.jpg", "rgb/rgb_00050.jpg", "rgb/rgb_00100.jpg"]
         np.testing.assert_allclose(f["all/depth"][1], mm / 1000.0, rtol=1e-6)
@@ -63,7 +63,7 @@ def test_depth_scale_override_changes_units(tmp_path):
     out = tmp_path / "sync_cm.h5"
     convert(SYNC, out, "--depth-scale", "100")
     mm = np.array(Image.open(SYNC / "depth/sync_depth_00000.png"))
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         np.testing.assert_allclose(f["all/depth"][0], mm / 100.0, rtol=1e-6)
 
 
@@ -79,7 +79,7 @@ def test_sparse_to_dense_h5_layout(tmp_path):
     out = tmp_path / "s2d.h5"
     text = convert(src, out)
     assert "layout: sparse-to-dense" in text
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         assert f["train/rgb"].shape == (1, 480, 640, 3) and f["test/rgb"].shape[0] == 1
         np.testing.assert_array_equal(f["test/rgb"][0], rgb)
         np.testing.assert_array_equal(f["train/depth"][0], depth.astype(np.float32))
@@ -103,7 +103,7 @@ def test_tum_layout_pairs_by_timestamp_and_reports_orphans(tmp_path):
     text = convert(src, out)
     assert "layout: tum" in text and "skipped 1 rgb frames without depth: 1305031103.000000.png" in text
     raw = np.array(Image.open(TUM / "TUM_depth.png"))
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         np.testing.assert_allclose(f["all/timestamp"][:], [1305031102.175304, 1305031102.211214])
         np.testing.assert_allclose(f["all/depth"][0], raw / 5000.0, rtol=1e-6)  # TUM: 5000 units per metre
 
@@ -114,7 +114,7 @@ def test_tum_associations_file(tmp_path):
     (src / "associations.txt").write_text("10.0 rgb/10.0.png 10.5 depth/10.5.png\n")
     out = tmp_path / "tum.h5"
     assert "pairs from associations.txt" in convert(src, out)
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         assert f["all/timestamp"][:].tolist() == [10.0]
 
 
@@ -145,7 +145,7 @@ def test_generic_pairs_read_tum_units_by_name_and_refuse_an_implausible_guess(tm
     text = convert(TUM, out)
     assert "name 'TUM_depth.png' says TUM RGB-D (5000 units/m)" in text
     raw = np.array(Image.open(TUM / "TUM_depth.png"))
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         np.testing.assert_allclose(f["all/depth"][0], raw / 5000.0, rtol=1e-6)
         assert f["all/depth"].attrs["valid_fraction"] == pytest.approx((raw > 0).mean())
     anonymous = tmp_path / "frames"  # the same files without the name: millimetres would give 7-47 m
@@ -159,7 +159,7 @@ def test_generic_pairs_read_tum_units_by_name_and_refuse_an_implausible_guess(tm
     assert "--depth-format" in line and "tum gives median 2.41 m" in line and "--depth-scale" in line
     convert(anonymous, tmp_path / "ok.h5", "--depth-format", "tum")
     convert(anonymous, tmp_path / "ok2.h5", "--depth-scale", "5000")
-    with h5py.File(tmp_path / "ok.h5") as f, h5py.File(tmp_path / "ok2.h5") as g:
+    with DecodedFile(tmp_path / "ok.h5") as f, DecodedFile(tmp_path / "ok2.h5") as g:
         np.testing.assert_array_equal(f["all/depth"][0], g["all/depth"][0])
 
 
@@ -169,7 +169,7 @@ def test_generic_rgb_depth_label_folders_on_sagate_frame(tmp_path):
     text = convert(src, out)
     assert "float depth (float32) read as metres" in text
     _, _, labels = labeled_frame()
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         np.testing.assert_array_equal(f["all/depth"][0], np.load(src / "Depth/0.npy"))
         np.testing.assert_array_equal(f["all/semseg"][0], labels)
 
@@ -178,7 +178,7 @@ def test_pcl_tiff_pairs_millimetres(tmp_path):
     src = shared("pcl_kinect_grabber/tiff")
     out = tmp_path / "pcl.h5"
     convert(src, out)
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         depth = f["all/depth"][:]
         ids = [s.decode() for s in f["all/frame_id"][:]]
     assert ids[0] == "frame_20121214T142255.814212_rgb.tiff"
@@ -191,7 +191,7 @@ def test_resize_on_the_way_in(tmp_path):
     out = tmp_path / "small.h5"
     convert(SYNC, out, "--size", "240x320")
     mm = np.array(Image.open(SYNC / "depth/sync_depth_00000.png")) / 1000.0
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         depth = f["all/depth"][0]
         k = f["all/intrinsics"][0]
     assert depth.shape == (240, 320)
@@ -212,7 +212,7 @@ def test_resize_keeps_labels_as_labels(tmp_path):
     out = tmp_path / "mm_small.h5"
     convert(MULTIMAE, out, "--size", "120x160")
     _, _, labels = labeled_frame()
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         small = f["train/semseg"][0]
     assert set(np.unique(small)) <= set(np.unique(labels))
     assert (small == labels[2::4, 2::4]).mean() > 0.9
@@ -284,7 +284,7 @@ def test_stream_glob_adds_an_image_stream_matched_by_file_stem(tmp_path, monkeyp
     code, text = run_cli("convert", "--rgbd", src, out, "--depth-scale", "1000", "--stream",
                          "stream_ir=ir/*.png", "--plugin", plugin, "--no-progress")
     assert code == 0, text
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         assert [v.decode() for v in f["all/frame_id"][()]] == ["color/0001.png", "color/0002.png"]
         np.testing.assert_array_equal(f["all/stream_ir"][()], np.stack(ir))
     (src / "ir" / "0002.png").unlink()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import h5py
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from data_helpers import MULTIMAE, SYNC, labeled_frame, run_cli
+from data_helpers import DecodedFile, MULTIMAE, SYNC, labeled_frame, run_cli
 from mmtk.data import H5Dataset
 from mmtk.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropWindow, standardize_depth
 from mmtk.errors import MmtkError
@@ -76,7 +75,7 @@ def test_random_crops_vary_and_keep_validity(sync_file):
                         augment=True, crop_scale=(0.2, 0.5))
     a, b = dataset[1], dataset[1]
     assert not torch.equal(a["rgb"], b["rgb"])
-    with h5py.File(sync_file) as f:
+    with DecodedFile(sync_file) as f:
         source = f["all/depth"][1]
     for s in (a, b):
         valid = s["depth_valid"][0]

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 
-import h5py
 import numpy as np
 import pytest
 from scipy.io import savemat
 
-from data_helpers import labeled_frame, nyu_mat_frames, run_cli, shared, write_nyu_mat
+from data_helpers import DecodedFile, labeled_frame, nyu_mat_frames, run_cli, shared, write_nyu_mat
 from mmtk.data.sources.base import nyuv2_meta
 from mmtk.data.sources.nyuv2 import nyuv2_split_indices
 from mmtk.data import read_info
@@ -31,7 +30,7 @@ def test_mat_converts_to_all_split_with_values(mat_dir, tmp_path):
     assert "layout: nyuv2-mat" in text and "no split: not 1449 frames" in text
     frames = nyu_mat_frames()
     rgb, depth, labels40 = labeled_frame()
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         group = f["all"]
         assert group["rgb"].shape == (3, 480, 640, 3)
         np.testing.assert_array_equal(group["rgb"][0], rgb)           # column-major undone, RGB order kept
@@ -55,7 +54,7 @@ def test_mat_label_spaces(mat_dir, tmp_path, classes):
     assert code == 0, text
     _, _, labels40 = labeled_frame()
     meta = nyuv2_meta()
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         stored = f["all/semseg"][0]
         names = json.loads(f["all/semseg"].attrs["classes"])
     if classes == 13:
@@ -76,7 +75,7 @@ def test_splits_mat_beside_the_file_wins(mat_dir, tmp_path):
     code, text = run_cli("convert", "--rgbd", folder, out, "--no-progress")
     assert code == 0, text
     rgb, _, _ = labeled_frame()
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         assert set(f) == {"train", "test"}
         np.testing.assert_array_equal(f["train/rgb"][0], rgb[:, ::-1])    # 1-based index 2 = the mirrored frame
         assert [s.decode() for s in f["test/frame_id"][:]] == ["0000 kitchen_0004", "0002 kitchen_0004"]

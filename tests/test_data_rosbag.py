@@ -6,12 +6,12 @@ import io
 import struct
 from types import SimpleNamespace
 
-import h5py
 import numpy as np
 import pytest
 from PIL import Image
 
-from data_helpers import BAG1, DEPTH_TOPIC, RGB_TOPIC, SAMPLES, kinect_intrinsics, run_cli, shared
+from data_helpers import DecodedFile, BAG1, DEPTH_TOPIC, RGB_TOPIC, SAMPLES, kinect_intrinsics, run_cli, shared
+from mmtk.data.codecs import Encoded, Quantized, plain
 from mmtk.data.sources.rosbag import decode_image
 from mmtk.errors import MmtkError
 
@@ -46,7 +46,7 @@ def test_ros1_bag_values_intrinsics_timestamps(tmp_path):
     text = convert_bag(BAG1, out)
     assert "paired 2 frames" in text and "intrinsics from /camera/rgb/camera_info" in text
     frames = sample_frames()
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         np.testing.assert_allclose(f["all/timestamp"][:], [1355494975.814212, 1355494976.068683], atol=1e-6)
         for i, (_, rgb, mm) in enumerate(frames):
             np.testing.assert_array_equal(f["all/rgb"][i], rgb)
@@ -116,7 +116,7 @@ def test_ros2_bags_bgr8_32fc1_and_time_sync(tmp_path, storage):
     assert code == 0, text
     assert "paired 1 frames within 20 ms; dropped 1 colour and 1 depth messages" in text
     stamp, rgb, mm = sample_frames()[0]
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         np.testing.assert_array_equal(f["all/rgb"][0], rgb)                      # bgr8 swapped back to RGB
         np.testing.assert_array_equal(f["all/depth"][0], np.where(mm > 0, mm / np.float32(1000), 0))
         assert f["all/intrinsics"][0][0, 2] == pytest.approx(319.5)
@@ -132,7 +132,7 @@ def test_shared_ros1_float_depth_topic_and_ros2_mcap(tmp_path):
     assert code == 0, text
     convert_bag(shared("rosbag_pcl_kinect/pcl_kinect_3frames_ros2"), out2)
     tiff = np.array(Image.open(shared("pcl_kinect_grabber/tiff/frame_20121214T142256.332395_depth.tiff")))
-    with h5py.File(out16) as a, h5py.File(out32) as b, h5py.File(out2) as c:
+    with DecodedFile(out16) as a, DecodedFile(out32) as b, DecodedFile(out2) as c:
         assert a["all/rgb"].shape[0] == b["all/rgb"].shape[0] == c["all/rgb"].shape[0] == 3
         np.testing.assert_allclose(b["all/depth"][:], a["all/depth"][:], atol=1e-6)   # 32FC1 m == 16UC1 mm / 1000
         np.testing.assert_array_equal(c["all/depth"][:], a["all/depth"][:])
@@ -155,7 +155,10 @@ def test_decode_encodings_on_real_pixels():
     np.testing.assert_array_equal(decode_image(msg, "sensor_msgs/msg/Image", "rgb", None)[:, :, 2], grey)
     big = mm.astype(">u2").view(np.uint8).reshape(-1)
     msg = _msg(encoding="16UC1", height=h, width=w, step=w * 2, is_bigendian=1, data=big)
-    np.testing.assert_allclose(decode_image(msg, "sensor_msgs/msg/Image", "depth", None), mm / 1000.0, rtol=1e-6)
+    kept = decode_image(msg, "sensor_msgs/msg/Image", "depth", None)  # the message's millimetres, kept with their scale
+    assert isinstance(kept, Quantized) and kept.scale == 1000.0
+    np.testing.assert_array_equal(kept.values, mm)
+    np.testing.assert_allclose(plain(kept), mm / 1000.0, rtol=1e-6)
 
 
 def test_decode_compressed_images():
@@ -167,13 +170,16 @@ def test_decode_compressed_images():
     jpg = io.BytesIO()
     Image.fromarray(rgb).save(jpg, format="JPEG", quality=95)
     msg = _msg(format="jpeg", data=np.frombuffer(jpg.getvalue(), np.uint8))
-    assert np.abs(decode_image(msg, "sensor_msgs/msg/CompressedImage", "rgb", None).astype(int) - rgb).mean() < 3
+    kept = decode_image(msg, "sensor_msgs/msg/CompressedImage", "rgb", None)
+    assert isinstance(kept, Encoded) and kept.data == jpg.getvalue()  # the camera's JPEG, never re-encoded
+    assert np.abs(plain(kept).astype(int) - rgb).mean() < 3
     depth_png = io.BytesIO()
     Image.fromarray(mm).save(depth_png, format="PNG")
     payload = struct.pack("<iff", 0, 0.0, 0.0) + depth_png.getvalue()
     msg = _msg(format="16UC1; compressedDepth png", data=np.frombuffer(payload, np.uint8))
-    np.testing.assert_allclose(decode_image(msg, "sensor_msgs/msg/CompressedImage", "depth", None), mm / 1000.0,
-                               rtol=1e-6)
+    kept = decode_image(msg, "sensor_msgs/msg/CompressedImage", "depth", None)
+    assert isinstance(kept, Quantized) and kept.scale == 1000.0
+    np.testing.assert_allclose(plain(kept), mm / 1000.0, rtol=1e-6)
 
 
 # ------------------------------------------------------------------ PointCloud2 as the depth source
@@ -307,7 +313,7 @@ def test_cloud_topic_gives_the_depth_image_values(tmp_path, kind):
         texts.append(text)
     assert "paired 2 frames within 20 ms; dropped 0 colour and 0 cloud messages" in texts[0]
     (_, _, mm0), (stamp1, rgb1, mm1) = sample_frames()
-    with h5py.File(from_cloud) as c, h5py.File(from_full) as f, h5py.File(from_image) as d:
+    with DecodedFile(from_cloud) as c, DecodedFile(from_full) as f, DecodedFile(from_image) as d:
         assert c["all/depth"].attrs["units"] == d["all/depth"].attrs["units"] == "m"
         np.testing.assert_array_equal(c["all/rgb"][:], d["all/rgb"][:])
         np.testing.assert_array_equal(c["all/intrinsics"][1], K_PCL)
@@ -358,7 +364,7 @@ def test_cloud_in_another_frame_is_moved_with_tf_static(tmp_path, kind):
                          "/cam/depth", "--no-progress")
     assert code == 0, text
     (_, _, mm0), (_, _, mm1) = sample_frames()
-    with h5py.File(moved) as c, h5py.File(image) as d:
+    with DecodedFile(moved) as c, DecodedFile(image) as d:
         cloud_depth, image_depth = c["all/depth"][:], d["all/depth"][:]
     grid = np.zeros((480, 640), bool)
     grid[::2, ::2] = True
@@ -415,7 +421,7 @@ def test_cloud_topic_errors(tmp_path):
     code, text = run_cli("convert", "--rosbag", bag, out, "--rgb-topic", "/cam/color", "--cloud-topic",
                          "/cam/points_full", "--no-progress")
     assert code == 0, text
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         np.testing.assert_allclose(f["all/depth"][1], sample_frames()[1][2] / 1000.0, atol=1e-3)
 
 
@@ -429,7 +435,7 @@ def test_shared_bags_cloud_topic_ros1_and_ros2(tmp_path):
         code, text = run_cli("convert", "--rosbag", bag, out, "--rgb-topic", RGB_TOPIC, "--cloud-topic",
                              "/camera/depth_registered/points", "--no-progress")
         assert code == 0, text
-        with h5py.File(out) as c, h5py.File(image) as d:
+        with DecodedFile(out) as c, DecodedFile(image) as d:
             expected = np.zeros_like(d["all/depth"][:])
             expected[:, ::step, ::step] = d["all/depth"][:, ::step, ::step]
             np.testing.assert_allclose(c["all/depth"][:], expected, atol=1e-3)

@@ -8,13 +8,12 @@ from __future__ import annotations
 import dataclasses
 import shutil
 
-import h5py
 import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
 
-from data_helpers import run_cli, shared
+from data_helpers import DecodedFile, run_cli, shared
 from mmtk.data.sources.base import DepthEncoding, nyuv2_intrinsics, read_depth, read_rgb
 from mmtk.data.sources.kinect_nyu import (KinectCalibration, NyuRegistration, distort, nyu_kinect_calibration,
                                           undistort)
@@ -52,7 +51,7 @@ def test_convert_registers_the_real_raw_frame_into_the_colour_grid(tmp_path, reg
     out = tmp_path / "raw.h5"
     code, text = run_cli("convert", "--rgbd", shared(RAW), out, "--no-progress")
     assert code == 0 and "registered to the colour image with the NYU Depth v2 toolbox calibration" in text, text
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         stored, stored_rgb, k = f["all/depth"][0], f["all/rgb"][0], f["all/intrinsics"][0]
     np.testing.assert_allclose(k, nyuv2_intrinsics())  # after registration depth lives in the RGB camera
     calib = nyu_kinect_calibration()
@@ -79,7 +78,7 @@ def test_color_and_depth_folders_of_ppm_and_pgm_pair_and_register(tmp_path, regi
     shutil.copy(shared(RAW) / "NYU_depth.pgm", src / "depth" / "0001.pgm")
     code, text = run_cli("convert", "--rgbd", src, tmp_path / "raw.h5", "--no-progress")
     assert code == 0 and "folders color/, depth/" in text and "registered to the colour image" in text, text
-    with h5py.File(tmp_path / "raw.h5") as f:
+    with DecodedFile(tmp_path / "raw.h5") as f:
         np.testing.assert_array_equal(f["all/depth"][0], registered[3])
 
 
@@ -114,7 +113,7 @@ def test_labels_drawn_on_the_raw_colour_image_are_undistorted_with_it(tmp_path):
     (folder / "classes.txt").write_text("right\nbottom\nbottom right\n")
     code, text = run_cli("convert", "--rgbd", folder, tmp_path / "l.h5", "--no-progress")
     assert code == 0, text
-    with h5py.File(tmp_path / "l.h5") as f:
+    with DecodedFile(tmp_path / "l.h5") as f:
         stored = f["all/semseg"][0]
     expected = NyuRegistration().undistort_image(labels, nearest=True, fill=0)
     np.testing.assert_array_equal(stored, expected)
@@ -248,7 +247,7 @@ def test_raw_dumps_pair_each_depth_frame_with_the_nearest_colour_frame_and_regis
     code, text = run_cli("convert", "--rgbd", scene, tmp_path / "one.h5", "--no-progress")
     assert code == 0 and "layout: nyuv2-raw" in text and "registered to the colour image" in text, text
     assert "skipped 1 depth frames in basement_0001a/ without a colour frame within 33 ms" in text
-    with h5py.File(tmp_path / "one.h5") as f:
+    with DecodedFile(tmp_path / "one.h5") as f:
         np.testing.assert_array_equal(f["all/depth"][0], depth_out)
         np.testing.assert_array_equal(f["all/rgb"][0], rgb_out)
         np.testing.assert_allclose(f["all/intrinsics"][0], nyuv2_intrinsics())
@@ -259,7 +258,7 @@ def test_raw_dumps_pair_each_depth_frame_with_the_nearest_colour_frame_and_regis
     raw_dump(tmp_path / "scenes" / "kitchen_0002", 20.0, (19.99,))
     code, text = run_cli("convert", "--rgbd", tmp_path / "scenes", tmp_path / "two.h5", "--no-progress")
     assert code == 0 and "2 raw Kinect dump(s)" in text, text
-    with h5py.File(tmp_path / "two.h5") as f:
+    with DecodedFile(tmp_path / "two.h5") as f:
         assert [i.decode() for i in f["all/frame_id"][()]] == ["bedroom_0001/d-10.010000-2858826299.pgm",
                                                               "kitchen_0002/d-19.990000-2858826299.pgm"]
 

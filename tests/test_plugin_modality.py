@@ -12,11 +12,10 @@ import json
 import subprocess
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
-from data_helpers import BAG1, DEPTH_TOPIC, RGB_TOPIC
+from data_helpers import BAG1, DEPTH_TOPIC, RGB_TOPIC, DecodedFile
 from engine_helpers import CLI, ONE_THREAD_ENV, RECIPES, TINY, TINY_DEPTH, run_cli
 
 IR_TOPIC = "/camera/ir/image_raw"
@@ -87,7 +86,7 @@ def test_extra_topic_converts_as_its_adapter_stores_it(ir_setup):
     code, text = run_cli("convert", "--rosbag", bag, out, "--rgb-topic", RGB_TOPIC, "--depth-topic", DEPTH_TOPIC,
                          "--topic", f"ir={IR_TOPIC}", "--plugin", plugin, "--no-progress")
     assert code == 0, text
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         assert f["all/ir"].dtype == np.uint16 and f["all/ir"].attrs["units"] == "raw sensor counts"
         np.testing.assert_array_equal(f["all/ir"][()], np.stack(images))  # stored exactly as decoded
         assert f["all/rgb"].shape == (2, 480, 640, 3)

@@ -6,7 +6,6 @@ import json
 import socket
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 import torch  # noqa: E402
 
 from cli_helpers import run_cli
-from data_helpers import KINECT, KINECT_FRAME
+from data_helpers import DecodedFile, KINECT, KINECT_FRAME
 from helpers import needs_cuda
 from pseudo_helpers import CLASSES, expected_depth, real_frames, reference, save_models, tiny_models, write_h5
 import mmtk.pseudo_label as pl  # noqa: E402
@@ -74,7 +73,7 @@ def test_depth_kinds(folder, given, kind, units, model_dirs, h5_file, capsys, mo
     assert code == 0, err
     assert "train/depth_pseudo: 3 frames" in out and "test/depth_pseudo: 1 frame" in out
     rgb, _ = real_frames()
-    with h5py.File(h5_file) as f:
+    with DecodedFile(h5_file) as f:
         stored = np.concatenate([f["train/depth_pseudo"][:], f["test/depth_pseudo"][:]])
         attrs = dict(f["train/depth_pseudo"].attrs)
         assert "depth_pseudo.partial" not in f["train"]
@@ -113,7 +112,7 @@ def test_semseg_families(family, model_dirs, h5_file, capsys, monkeypatch):
                               "--batch-size", "3", "--no-progress"], capsys, monkeypatch)
     assert code == 0, err
     rgb, _ = real_frames()
-    with h5py.File(h5_file) as f:
+    with DecodedFile(h5_file) as f:
         stored = np.concatenate([f["train/semseg_pseudo"][:], f["test/semseg_pseudo"][:]])
         assert json.loads(f["test/semseg_pseudo"].attrs["classes"]) == CLASSES
         assert f["test/semseg_pseudo"].dtype == np.uint8
@@ -127,12 +126,12 @@ def test_both_models_in_one_run_then_skip_when_complete(model_dirs, h5_file, cap
     args = ["pseudo-label", str(h5_file), "--depth-model", str(model_dirs["dpt"]), "--depth-kind", "depth",
             "--semseg-model", str(model_dirs["segformer"]), "--no-progress"]
     assert run_cli(args, capsys, monkeypatch)[0] == 0
-    with h5py.File(h5_file) as f:
+    with DecodedFile(h5_file) as f:
         first = f["train/depth_pseudo"][:]
         assert {"rgb", "depth", "depth_pseudo", "semseg_pseudo"} == set(f["train"])
     code, out, _ = run_cli(args, capsys, monkeypatch)
     assert code == 0 and out.count("already complete") == 4
-    with h5py.File(h5_file) as f:
+    with DecodedFile(h5_file) as f:
         np.testing.assert_array_equal(f["train/depth_pseudo"][:], first)
 
 
@@ -145,7 +144,7 @@ def test_bf16_on_cuda_agrees_with_fp32(model_dirs, h5_file, capsys, monkeypatch)
                            capsys, monkeypatch)
     assert code == 0, err
     rgb, _ = real_frames()
-    with h5py.File(h5_file) as f:
+    with DecodedFile(h5_file) as f:
         depths = np.concatenate([f["train/depth_pseudo"][:], f["test/depth_pseudo"][:]])
         labels = np.concatenate([f["train/semseg_pseudo"][:], f["test/semseg_pseudo"][:]])
         attrs = dict(f["train/depth_pseudo"].attrs)
@@ -175,7 +174,7 @@ def test_interrupted_run_resumes_where_it_stopped(model_dirs, h5_file, tmp_path,
     monkeypatch.setattr(pl, "_write_batch", write_then_interrupt)
     code, _, err = run_cli(args, capsys, monkeypatch)
     assert code == 130 and "run the same command again to resume" in err
-    with h5py.File(h5_file) as f:
+    with DecodedFile(h5_file) as f:
         assert "depth_pseudo" not in f["train"]  # never under its final name while incomplete
         assert f["train/depth_pseudo.partial"].attrs["frames_done"] == 1
         assert "depth_pseudo" in f["test"]
@@ -183,7 +182,7 @@ def test_interrupted_run_resumes_where_it_stopped(model_dirs, h5_file, tmp_path,
     code, out, _ = run_cli(args, capsys, monkeypatch)
     assert code == 0 and "resuming at frame 1 of 3" in out and "train/depth_pseudo: 2 frames" in out
     assert "test/depth_pseudo: already complete" in out
-    with h5py.File(h5_file) as f, h5py.File(uninterrupted) as g:
+    with DecodedFile(h5_file) as f, DecodedFile(uninterrupted) as g:
         assert "depth_pseudo.partial" not in f["train"]
         for split in ("train", "test"):
             np.testing.assert_array_equal(f[f"{split}/depth_pseudo"][:], g[f"{split}/depth_pseudo"][:])
@@ -246,7 +245,7 @@ def test_convert_images_then_pseudo_label_from_rgb_alone(model_dirs, tmp_path, c
                                 capsys, monkeypatch)
     assert code == 0, err
     assert "train: 2" in stdout and "test: 1" in stdout and "skipped 1 unreadable" in stdout
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         assert f.attrs["mmtk_format"] >= 1 and set(f) == {"train", "test"}
         assert [s.decode() for s in f["train/frame_id"][:]] == ["box/b.jpg", "laptop/a.png"]
         np.testing.assert_array_equal(f["test/rgb"][0], fit_image(source.crop((320, 0, 640, 480)), (120, 160)))
@@ -255,7 +254,7 @@ def test_convert_images_then_pseudo_label_from_rgb_alone(model_dirs, tmp_path, c
     code, _, err = run_cli(["pseudo-label", str(out), "--depth-model", str(model_dirs["dpt"]), "--depth-kind", "depth",
                             "--semseg-model", str(model_dirs["upernet"]), "--no-progress"], capsys, monkeypatch)
     assert code == 0, err
-    with h5py.File(out) as f:
+    with DecodedFile(out) as f:
         assert f["train/depth_pseudo"].shape == (2, 120, 160) and f["test/semseg_pseudo"].shape == (1, 120, 160)
     code, _, err = run_cli(["convert", "--images", str(tmp_path / "nothing"), str(tmp_path / "x.h5")], capsys,
                            monkeypatch)

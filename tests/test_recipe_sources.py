@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 
-import h5py
 import numpy as np
 import pytest
 import torch
 
 from engine_helpers import RECIPES, SAMPLES
+from data_helpers import DecodedFile
 from mmtk.config import load_recipe
 from mmtk.data import convert_rgbd
 from mmtk.errors import MmtkError
@@ -19,7 +19,7 @@ from mmtk.training import _prepare
 def file_with_pseudo_depth(tmp_path_factory):
     out = tmp_path_factory.mktemp("sources") / "sample.h5"
     convert_rgbd(SAMPLES / "nyuv2_multimae", out, size=(64, 64), progress=False)
-    with h5py.File(out, "a") as handle:
+    with DecodedFile(out, "a") as handle:
         depth = handle["train/depth"][...]
         pseudo = handle["train"].create_dataset("depth_pseudo", data=np.where(depth > 0, 1.0 / np.maximum(depth, 1e-3), 1.0))  # inverse depth: relative
         pseudo.attrs["units"] = "relative"
@@ -32,7 +32,7 @@ def test_pretraining_reads_the_mapped_dataset(file_with_pseudo_depth, tmp_path):
     _, dataset = _prepare(recipe)
     dataset.augment = False
     sample = dataset[0]
-    with h5py.File(file_with_pseudo_depth) as handle:
+    with DecodedFile(file_with_pseudo_depth) as handle:
         pseudo = torch.from_numpy(handle["train/depth_pseudo"][0])
     torch.testing.assert_close(sample["depth_m"][0], pseudo.float())
     assert bool(sample["depth_valid"].all())  # pseudo depth has no holes
@@ -53,7 +53,7 @@ def test_sensor_and_pseudo_depth_together(file_with_pseudo_depth):
     info, dataset = _prepare(recipe)
     assert "depth_pseudo" in info.modalities
     batch = torch.utils.data.default_collate([dataset[0], dataset[0]])
-    with h5py.File(file_with_pseudo_depth) as handle:
+    with DecodedFile(file_with_pseudo_depth) as handle:
         assert float(handle["train/depth_pseudo"][0].min()) > 0
     assert bool(batch["depth_pseudo_valid"].all())
     # standardised pseudo depth (inverse depth here) is its own signal, not a copy of the sensor's

@@ -103,7 +103,8 @@ def _max_rss_bytes() -> int:
 def test_reliability_convert_into_a_full_disk_is_refused_before_writing(small_disk):
     older = small_disk / "out.h5"
     older.write_bytes(b"older output")
-    code, output = invoke("convert", "--rgbd", SYNC, older, "--force", "--no-progress")  # 3 frames of 480x640: 10 MB
+    _fill(small_disk, 300_000)  # format 2 keeps these 3 frames (JPEG bytes, uint16 depth) in about 0.65 MB
+    code, output = invoke("convert", "--rgbd", SYNC, older, "--force", "--no-progress")
     assert code == 2
     line = _one_error_line(output)
     assert str(older) in line and "needs about" in line and "free" in line and "MiB" in line
@@ -117,9 +118,10 @@ from mmtk.data.format import H5Writer
 from mmtk.errors import MmtkError
 try:
     with H5Writer(sys.argv[1], source="test", force=True) as writer:
-        for i in range(1000):
-            writer.add_frame("train", {"rgb": np.full((240, 320, 3), i % 250, np.uint8),
-                                       "depth": np.full((240, 320), 1.0 + i % 500, np.float32)})
+        for i in range(1000):  # noise: no codec makes it smaller, so the disk fills after a few frames
+            rng = np.random.default_rng(i)
+            writer.add_frame("train", {"rgb": rng.integers(0, 256, (240, 320, 3), np.uint8),
+                                       "depth": 1.0 + rng.random((240, 320), np.float32)})
 except MmtkError as err:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(2)

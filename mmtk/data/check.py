@@ -19,7 +19,8 @@ import numpy as np
 
 from mmtk.modality import stored_array
 from mmtk.data.values import check_label_ids, check_metric_values, check_plausible_metres, intrinsics_problem
-from mmtk.data.dataset import open_mmtk_file
+from mmtk.data.codecs import read_frame
+from mmtk.data.dataset import is_image, open_mmtk_file
 from mmtk.errors import MmtkError
 
 META_ARRAYS = ("intrinsics", "timestamp", "frame_id")
@@ -72,12 +73,13 @@ def check_file(path: str | os.PathLike) -> CheckReport:
                 if not isinstance(dataset, h5py.Dataset) or name == "frame_id":
                     continue
                 if dataset.ndim >= 3:  # images; timestamps are written in blocks without checksums
-                    report.checksummed &= dataset.fletcher32
+                    report.checksummed &= dataset.fletcher32  # (encoded images carry a CRC-32 each)
                 check, counter = _counting_valid(name, _value_check(name, dataset))
                 scanned = _frames_to_scan(split, name, dataset, report)
                 report.frames[split] = max(report.frames[split], scanned)
+                image = is_image(name, dataset)
                 for index in range(scanned):
-                    problem = _frame_problem(dataset, index, check)
+                    problem = _frame_problem(dataset, index, check, image)
                     if problem:
                         report.bad.append(BadFrame(split, index, name, problem,
                                                    ids[index] if ids and index < len(ids) else None))
@@ -161,11 +163,14 @@ def _value_check(name: str, dataset: h5py.Dataset) -> Callable[[np.ndarray], Non
     return lambda value: None  # images: any value of their dtype is valid; only checksums catch flips
 
 
-def _frame_problem(dataset: h5py.Dataset, index: int, check: Callable[[np.ndarray], None]) -> str | None:
+def _frame_problem(dataset: h5py.Dataset, index: int, check: Callable[[np.ndarray], None],
+                   image: bool) -> str | None:
     try:
-        value = dataset[index]
+        value = read_frame(dataset, index) if image else dataset[index]
     except OSError as err:
         return f"cannot be read: damaged data or checksum mismatch ({str(err).split(';')[0]})"
+    except MmtkError as err:  # an encoded image that fails its CRC-32 or does not decode
+        return f"cannot be read: {err}"
     try:
         check(np.asarray(value))
     except MmtkError as err:

@@ -14,6 +14,7 @@ from pathlib import Path
 from queue import Empty, Full
 from typing import Any, Callable, Iterable, Iterator
 
+from mmtk.data.codecs import plain
 from mmtk.data.format import H5Writer, check_out_path
 from mmtk.data.shard_index import CONVERT_STATE, DONE_FOLDER, PLAN_FILE, finished_inputs, read_plan
 from mmtk.data.resize import resize_intrinsics, resize_stored
@@ -50,21 +51,22 @@ def _resized(frame: Frame, size: tuple[int, int] | None) -> Frame:
     first = next(iter(frame.arrays.values()))
     if size is None or first.shape[:2] == size:
         return frame
-    arrays = {name: resize_stored(stored_array(name)[1].kind, value, size) for name, value in frame.arrays.items()}
+    arrays = {name: resize_stored(stored_array(name)[1].kind, plain(value), size) for name, value in frame.arrays.items()}
     k = None if frame.intrinsics is None else resize_intrinsics(frame.intrinsics, first.shape[:2], size)
     return Frame(frame.split, arrays, k, frame.timestamp, frame.frame_id)
 
 
 def write_frames(frames: Iterable[Frame], out_path: str | os.PathLike, *, source: str, total: int | None,
                  classes: list[str] | None = None, size: tuple[int, int] | None = None, force: bool = False,
-                 progress: bool = True, log: Log | None = None) -> ConvertResult:
-    """Write ``frames`` to ``out_path`` atomically, resizing to ``size`` (H, W) if given.
+                 progress: bool = True, log: Log | None = None, jpeg_quality: int | None = None) -> ConvertResult:
+    """Write ``frames`` to ``out_path`` atomically, resizing to ``size`` (H, W) if given (``jpeg_quality``: store raw
+    colour as JPEG at that quality instead of losslessly; see :class:`H5Writer`).
 
     The one conversion path: every source's frames are resized here once and validated and written once by
     :class:`H5Writer`. Shows a rich progress bar (frames/s) when ``progress`` is true. Returns a summary
     whose depth statistics let the caller show the user the effect of the depth units.
     """
-    with H5Writer(out_path, source=source, force=force, classes=classes) as writer:
+    with H5Writer(out_path, source=source, force=force, classes=classes, jpeg_quality=jpeg_quality) as writer:
         for index, frame in enumerate(_with_progress(frames, total, progress)):
             frame = _resized(frame, size)
             if index == 0 and total:  # a full disk is refused before the write, not midway
@@ -189,7 +191,7 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
                  depth_scale: float | None = None, depth_format: str | None = None, depth_range: str | None = None,
                  layout: str | None = None, size: tuple[int, int] | None = None, force: bool = False,
                  progress: bool = True, log: Log | None = None, streams: dict[str, str] | None = None,
-                 parts: int | None = None) -> ConvertResult:
+                 parts: int | None = None, jpeg_quality: int | None = None) -> ConvertResult:
     """Convert an RGB-D dataset folder (layout auto-detected) into an mmtk HDF5 file.
 
     Args:
@@ -205,6 +207,7 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
         streams: extra stored arrays, name -> glob under ``src`` (matched to frames by file stem).
         parts: frames per part: split the output into ``OUT-00000.h5``, ``OUT-00001.h5``, ... instead; parts
             already there are kept (a resumed input: their frames are read, not written again).
+        jpeg_quality: store colour that arrives raw as JPEG at this quality (lossy; default: lossless).
     """
     from mmtk.data.sources.base import ConvertOptions, DepthEncoding, encoding_for, parse_depth_range
     from mmtk.data.sources.folders import open_rgbd_source
@@ -225,12 +228,12 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
 
     frames = read_ahead(decoded) if source.decode_apart else decoded()
     return _write_source(source, frames, out_path, provenance, size=size, force=force, progress=progress, log=log,
-                         parts=parts)
+                         parts=parts, jpeg_quality=jpeg_quality)
 
 
 def _write_source(source: RgbdSource, frames: Iterable[Frame], out_path: str | os.PathLike, provenance: str, *,
                   size: tuple[int, int] | None, force: bool, progress: bool, log: Log | None,
-                  parts: int | None = None) -> ConvertResult:
+                  parts: int | None = None, jpeg_quality: int | None = None) -> ConvertResult:
     """What every `mmtk convert` source goes through: its notes, the one write path, its closing summary.
 
     With ``parts`` (frames per part), the frames go to ``OUT-00000.h5``, ``OUT-00001.h5``, ... (:func:`part_path`);
@@ -242,10 +245,10 @@ def _write_source(source: RgbdSource, frames: Iterable[Frame], out_path: str | o
             log(f"  {note}")
     if parts is None:
         result = write_frames(frames, out_path, source=provenance, total=source.total, classes=source.classes,
-                              size=size, force=force, progress=progress, log=log)
+                              size=size, force=force, progress=progress, log=log, jpeg_quality=jpeg_quality)
     else:
         result = _write_parts(frames, Path(out_path), provenance, source.total, source.classes, parts,
-                              size=size, force=force, progress=progress, log=log)
+                              size=size, force=force, progress=progress, log=log, jpeg_quality=jpeg_quality)
     if log and source.summary is not None:
         log(f"  {source.summary(sum(result.frames.values()))}")
     return result
@@ -301,7 +304,8 @@ def convert_rosbag(bag: str | os.PathLike, out_path: str | os.PathLike, rgb_topi
                    camera_info_topic: str | None = None, max_dt: float = 0.02, depth_scale: float | None = None,
                    size: tuple[int, int] | None = None, force: bool = False, progress: bool = True,
                    log: Log | None = None, cloud_topic: str | None = None,
-                   extra_topics: dict[str, str] | None = None, parts: int | None = None) -> ConvertResult:
+                   extra_topics: dict[str, str] | None = None, parts: int | None = None,
+                   jpeg_quality: int | None = None) -> ConvertResult:
     """Convert a ROS1 .bag or ROS2 bag (sqlite3/mcap) to an mmtk HDF5 file (colour/depth paired by stamp).
 
     Depth comes from ``depth_topic`` (Image/CompressedImage) or ``cloud_topic`` (PointCloud2, turned into
@@ -316,7 +320,8 @@ def convert_rosbag(bag: str | os.PathLike, out_path: str | os.PathLike, rgb_topi
                                 cloud_topic=cloud_topic, extra_topics=extra_topics)
     frames = read_ahead(source.frames) if source.decode_apart else source.frames()
     return _write_source(source, frames, out_path, f"mmtk convert --rosbag {source.description}",
-                         size=size, force=force, progress=progress, log=log, parts=parts)
+                         size=size, force=force, progress=progress, log=log, parts=parts,
+                         jpeg_quality=jpeg_quality)
 
 
 # -- scale-out: several inputs into a shard folder (mmtk.data.shards) ---------------------------------------
@@ -557,11 +562,11 @@ def _rosbag_frames(src: str, out: Path, **options: Any) -> dict[str, int]:
     return convert_rosbag(src, out, **options).frames
 
 
-def _images_frames(src: str, out: Path, *, progress: bool, log: Log | None, size: list[int] | None = None
-                   ) -> dict[str, int]:
+def _images_frames(src: str, out: Path, *, progress: bool, log: Log | None, size: list[int] | None = None,
+                   jpeg_quality: int | None = None) -> dict[str, int]:
     from mmtk.data.sources.images import convert_images
 
-    result = convert_images(src, out, tuple(size) if size else None, progress=progress)
+    result = convert_images(src, out, tuple(size) if size else None, progress=progress, jpeg_quality=jpeg_quality)
     if log and result.skipped:
         log(f"{src}: skipped {len(result.skipped)} unreadable file(s), first: {result.skipped[0]}")
     return result.frames

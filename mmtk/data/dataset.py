@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mmtk.data.codecs import (ARRAY_CODECS, CODEC_ATTR, DTYPE_ATTR, SCALE_ATTR, SHAPE_ATTR, FrameReader, frame_dtype,
+                               frame_reader, frame_shape, is_bytes)
 from mmtk.modality import Modality, get_modality, list_modalities, stored_array
 from mmtk.data.format import FORMAT_VERSION, PARTIAL_SUFFIX
 from mmtk.data.transforms import CropWindow, full_window, random_resized_crop
@@ -68,8 +70,8 @@ def check_declared_sizes(handle: h5py.File, path: str | os.PathLike) -> None:
     memory would follow the declaration. Every dataset of every split must: live inside the file (no
     external, virtual or linked storage), have a frame (one index along axis 0) of at most
     :data:`MAX_FRAME_BYTES` with axes up to :data:`MAX_IMAGE_SIDE`, and declare at most
-    :data:`MAX_COMPRESSION_RATIO` times the bytes it stores. Labels must be 8- or 16-bit unsigned.
-    Only metadata is read.
+    :data:`MAX_COMPRESSION_RATIO` times the bytes it stores (arrays behind a format-2 codec: a chunk for every
+    frame it declares). Labels must be 8- or 16-bit unsigned. Only metadata is read.
     """
     fix = "re-create the file with `mmtk convert`"
     for group_name, group in _members(handle, path, "/"):
@@ -93,12 +95,14 @@ def check_dataset_size(dataset: h5py.Dataset, where: str, fix: str, backed: bool
         raise MmtkError(f"{where} keeps its data outside the file (virtual or external storage); "
                         f"mmtk reads data held inside; {fix}")
     shape, itemsize = dataset.shape or (), dataset.dtype.itemsize
-    if any(side > MAX_IMAGE_SIDE for side in shape[1:]):
-        raise MmtkError(f"{where} declares shape {shape}: axes beyond {MAX_IMAGE_SIDE} px are implausible; {fix}")
-    frame_bytes = int(np.prod(shape[1:], dtype=np.float64)) * itemsize
-    if frame_bytes > MAX_FRAME_BYTES:
-        raise MmtkError(f"{where} declares {format_bytes(frame_bytes)} per frame (shape {shape}), over "
-                        f"the {format_bytes(MAX_FRAME_BYTES)} limit; {fix}")
+    # a byte dataset (one encoded image per element) declares its images in attrs; its elements are references
+    _check_frames(*(_declared_frames(dataset, where, fix) if is_bytes(dataset) else (shape, itemsize)), where, fix)
+    if backed and str(dataset.attrs.get(CODEC_ATTR, "")) in ARRAY_CODECS and dataset.chunks and dataset.chunks[0] == 1:
+        held = dataset.id.get_num_chunks()  # compressed frames have no bounded byte ratio: count their chunks
+        if shape[0] > held * MAX_COMPRESSION_RATIO + 1:
+            raise MmtkError(f"{where} declares {shape[0]} frames but the file stores {held}; the file is truncated "
+                            f"or forged; {fix}")
+        return
     declared = float(np.prod(shape, dtype=np.float64)) * itemsize
     stored = dataset.id.get_storage_size()
     if backed and declared > stored * MAX_COMPRESSION_RATIO + UNSTORED_SLACK_BYTES:
@@ -106,12 +110,36 @@ def check_dataset_size(dataset: h5py.Dataset, where: str, fix: str, backed: bool
                         f"{format_bytes(stored)} of it; the file is truncated or forged; {fix}")
 
 
+def _declared_frames(dataset: h5py.Dataset, where: str, fix: str) -> tuple[tuple[int, ...], int]:
+    """(N, *frame shape) and the decoded itemsize a byte dataset declares in its attrs, or a one-line MmtkError."""
+    try:
+        shape = tuple(int(v) for v in np.asarray(dataset.attrs[SHAPE_ATTR]).ravel())
+        itemsize = np.dtype(str(dataset.attrs[DTYPE_ATTR])).itemsize
+    except (KeyError, TypeError, ValueError):
+        raise MmtkError(f"{where} holds encoded images without valid {SHAPE_ATTR}/{DTYPE_ATTR} attrs; {fix}") from None
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        raise MmtkError(f"{where}: attr {SHAPE_ATTR} {list(shape)} is not [H, W] or [H, W, C]; {fix}")
+    return (dataset.shape[0], *shape), itemsize
+
+
+def _check_frames(shape: tuple[int, ...], itemsize: int, where: str, fix: str) -> None:
+    """A frame (one index along axis 0) of at most MAX_IMAGE_SIDE a side and MAX_FRAME_BYTES."""
+    if any(side > MAX_IMAGE_SIDE for side in shape[1:]):
+        raise MmtkError(f"{where} declares shape {shape}: axes beyond {MAX_IMAGE_SIDE} px are implausible; {fix}")
+    frame_bytes = int(np.prod(shape[1:], dtype=np.float64)) * itemsize
+    if frame_bytes > MAX_FRAME_BYTES:
+        raise MmtkError(f"{where} declares {format_bytes(frame_bytes)} per frame (shape {shape}), over "
+                        f"the {format_bytes(MAX_FRAME_BYTES)} limit; {fix}")
+
+
 def _check_summaries(dataset: h5py.Dataset, where: str, fix: str) -> None:
     """The writer's summary attrs, where present, have their documented types (``mmtk info`` shows them)."""
     attrs = dataset.attrs
-    for key in ("valid_fraction", "min_m", "max_m"):
+    for key in ("valid_fraction", "min_m", "max_m", SCALE_ATTR):
         if key in attrs and not (np.ndim(attrs[key]) == 0 and np.issubdtype(np.asarray(attrs[key]).dtype, np.number)):
             raise MmtkError(f"{where}: attr {key} is {attrs[key]!r}, expected a number; {fix}")
+    if SCALE_ATTR in attrs and not 0 < float(attrs[SCALE_ATTR]) < np.inf:
+        raise MmtkError(f"{where}: attr {SCALE_ATTR} is {attrs[SCALE_ATTR]!r}, expected integers per unit > 0; {fix}")
     if "histogram" in attrs:
         histogram = np.asarray(attrs["histogram"])
         if histogram.ndim != 1 or not np.issubdtype(histogram.dtype, np.integer):
@@ -131,6 +159,7 @@ _META_LAYOUTS: dict[str, tuple[int, tuple[int, ...], tuple]] = {
     "timestamp": (1, (), ("f",)),
 }
 _KIND_DTYPES = {"metric": ("f",), "labels": (np.uint8, np.uint16)}  # as the writer stores them
+_QUANTIZED_DTYPES = (np.uint8, np.uint16, np.uint32)  # metric arrays kept as the source's integers (attr scale)
 
 
 def _layout(name: str) -> tuple[int, tuple[int, ...], tuple] | None:
@@ -152,6 +181,10 @@ def _check_layout(name: str, dataset: h5py.Dataset, where: str, fix: str) -> Non
         return
     ndim, trailing, dtypes = layout
     shape, dtype = dataset.shape or (), dataset.dtype
+    if is_bytes(dataset):
+        shape, dtype = (shape[0], *frame_shape(dataset)), frame_dtype(dataset)
+    elif SCALE_ATTR in dataset.attrs:
+        dtypes = tuple(np.dtype(d) for d in _QUANTIZED_DTYPES)
     if len(shape) != ndim or (trailing and tuple(shape[-len(trailing):]) != trailing):
         expected = f"{ndim} axes" + (f" ending in {'x'.join(map(str, trailing))}" if trailing else "")
         raise MmtkError(f"{where} has shape {shape}, expected {expected}; {fix}")
@@ -229,7 +262,7 @@ class H5Dataset(Dataset):
             group = handle[split]
             first = group[next(name for _, name in self._stored_names() if name != "intrinsics")]
             self.length = int(first.shape[0])
-            self.file_size = tuple(int(v) for v in first.shape[1:3])
+            self.file_size = tuple(int(v) for v in frame_shape(first)[:2])
             self.classes: list[str] | None = None
             labelled = [name for _, name in self._stored_names() if "classes" in group[name].attrs]
             if labelled:
@@ -242,6 +275,7 @@ class H5Dataset(Dataset):
         self._handle: h5py.File | None = None
         self._pid: int | None = None
         self._open: dict[str, h5py.Dataset] = {}
+        self._readers: dict[str, FrameReader] = {}
 
     def _stored_modalities(self) -> tuple[str, ...]:
         """The registered modalities this split stores under their own name, in registry order."""
@@ -262,8 +296,8 @@ class H5Dataset(Dataset):
             if name not in group:
                 raise MmtkError(f"{self.path}:{self.split} has no dataset {name!r} for {modality}; it has "
                                 f"{', '.join(group.keys())}")
-            if group[name].ndim >= 3 and name != "intrinsics":
-                sizes.add((group[name].shape[0], *group[name].shape[1:3]))
+            if is_image(name, group[name]):
+                sizes.add((group[name].shape[0], *frame_shape(group[name])[:2]))
         if len(sizes) != 1:
             raise MmtkError(f"{self.path}:{self.split}: datasets {list(self.dataset_map.values())} differ in "
                             f"frame count or size {sorted(sizes)}")
@@ -283,6 +317,7 @@ class H5Dataset(Dataset):
         state["_handle"] = None  # h5py handles cannot cross processes; each worker reopens
         state["_pid"] = None
         state["_open"] = {}
+        state["_readers"] = {}
         return state
 
     def _datasets(self) -> dict[str, h5py.Dataset]:
@@ -292,6 +327,7 @@ class H5Dataset(Dataset):
             self._pid = os.getpid()
             group = self._handle[self.split]
             self._open = {name: group[name] for _, name in self._stored_names()}
+            self._readers = {name: frame_reader(d) for name, d in self._open.items() if is_image(name, d)}
         return self._open
 
     def window(self) -> CropWindow:
@@ -309,8 +345,9 @@ class H5Dataset(Dataset):
 
         def read(name: str) -> np.ndarray:
             """The frame's stored array `name`: per-frame matrices whole, images cropped to the window."""
-            stored = datasets[self.dataset_map.get(name, name)]
-            return stored[index] if stored.ndim < 3 or name == "intrinsics" else _read_window(stored, index, win)
+            key = self.dataset_map.get(name, name)
+            reader = self._readers.get(key)
+            return reader(index, win.rows, win.cols) if reader is not None else datasets[key][index]
 
         sample: dict[str, torch.Tensor] = {}
         try:
@@ -329,9 +366,10 @@ class H5Dataset(Dataset):
             self._handle.close()
             self._handle = None
             self._open = {}
+            self._readers = {}
 
 
-def _read_window(dataset: h5py.Dataset, index: int, win: CropWindow) -> np.ndarray:
-    out = np.empty((win.height, win.width, *dataset.shape[3:]), dtype=dataset.dtype)
-    dataset.read_direct(out, np.s_[index, win.rows, win.cols])
-    return out
+def is_image(name: str, dataset: h5py.Dataset) -> bool:
+    """Whether a split's dataset holds a per-frame image (read with :func:`mmtk.data.codecs.read_frame`), not
+    per-frame metadata (intrinsics, timestamp, frame_id)."""
+    return is_bytes(dataset) or (dataset.ndim >= 3 and name != "intrinsics")

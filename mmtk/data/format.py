@@ -4,16 +4,17 @@ Layout (documented in ``docs/dataset-format.md``)::
 
     /                 attrs: mmtk_format (int), source (str), created (ISO 8601 str)
     /<split>/         one group per split: "train", "test", or "all"; attr image_size (H, W)
-        <array>       [N, H, W] or [N, H, W, C], one dataset per stored array of a modality adapter
-                      (rgb uint8 [N, H, W, 3]; depth, depth_raw float32 metres, 0 = invalid; semseg
-                      uint8|uint16, 0 = unlabeled, attr classes (JSON list); a plugin's arrays)
+        <array>       one dataset per stored array of a modality adapter, kept by its codec
+                      (:mod:`mmtk.data.codecs`): rgb as one JPEG (as received) or QOI image per frame; depth
+                      as the source's integers with attr scale (integers per metre) or float32 metres, 0 =
+                      invalid; semseg uint8|uint16, 0 = unlabeled, attr classes (JSON list); a plugin's arrays
         intrinsics    float32 [N, 3, 3]   pixels, 0-based principal point (optional)
         timestamp     float64 [N]         seconds                        (optional)
         frame_id      str     [N]                                        (optional)
 
 What each array holds is declared by the adapter that stores it (:class:`mmtk.modality.StoredArray`):
-its dtype, units (the ``units`` attr) and kind. Every array is chunked one frame per chunk, with a fletcher32
-checksum per chunk (a flipped byte fails the read). Metric arrays
+its dtype, units (the ``units`` attr), kind and codec. Arrays are chunked one frame per chunk with a fletcher32
+checksum per chunk, encoded images carry a CRC-32 each (a flipped byte fails the read). Metric arrays
 (depth) carry summary statistics (``valid_fraction``, ``min_m``, ``max_m``, ``p01_m``, ``median_m``,
 ``p99_m``) and label arrays a ``histogram``, so that ``mmtk info`` never has to scan the file.
 """
@@ -31,13 +32,15 @@ from typing import Mapping, Sequence
 import h5py
 import numpy as np
 
+from mmtk.data.codecs import FrameArray, Storage, plain, record_element, storage_for
 from mmtk.modality import StoredArray, stored_array
 from mmtk.errors import MmtkError
 from mmtk.data.values import intrinsics_problem
 from mmtk.io import check_writable, discard, disk_error, disk_errors, make_temp, publish
 
-FORMAT_VERSION = 1
-"""Integer written to the root attr ``mmtk_format``; bumped on incompatible changes."""
+FORMAT_VERSION = 2
+"""Integer written to the root attr ``mmtk_format``; bumped on incompatible changes. Version 2 keeps arrays by
+their codec (:mod:`mmtk.data.codecs`); readers read version 1 files (plain arrays) unchanged."""
 
 SPLIT_NAMES = ("train", "test", "all")
 PARTIAL_SUFFIX = ".partial"  # a dataset `mmtk pseudo-label` is still writing (resumable), renamed when complete
@@ -47,10 +50,6 @@ META_UNITS = {"intrinsics": "px", "timestamp": "s"}
 # a few bytes costs as much HDF5 work (resize, selection, chunk lookup) as a frame of pixels, about 0.5 ms each
 # (benchmarks/bench_convert.py). It is also the chunk length of timestamp and frame_id, so a block fills whole chunks.
 META_BLOCK = 1024
-# Chosen by measurement (benchmarks/bench_loader.py, see docs/dataset-format.md): uncompressed chunks read fastest,
-# let HDF5 read a crop window without touching the rest of the frame, and open in any HDF5 tool. (Blosc LZ4 would
-# halve depth at the same speed but makes files unreadable without the hdf5plugin filter.)
-COMPRESSION: str | None = None
 SAMPLES_PER_FRAME = 2000  # valid values kept per frame and metric array for the stored percentiles
 MAX_SAMPLES = 400_000
 
@@ -111,6 +110,11 @@ class H5Writer:
     metadata (intrinsics, timestamp, frame_id) :data:`META_BLOCK` frames at a time and at the end, so the
     temporary file's metadata lags its images until then (it is never published before).
 
+    Each array is kept by the codec its adapter declares (:mod:`mmtk.data.codecs`), losslessly; an array given
+    as :class:`~mmtk.data.codecs.Encoded` bytes (a JPEG) is stored as those bytes, one given as
+    :class:`~mmtk.data.codecs.Quantized` integers as those integers with their scale. ``jpeg_quality`` (1-100)
+    stores raw 8-bit colour as JPEG instead: smaller, lossy, never the default.
+
     Example::
 
         with H5Writer("out.h5", source="my camera") as w:
@@ -119,9 +123,11 @@ class H5Writer:
     """
 
     def __init__(self, out_path: str | os.PathLike, source: str, force: bool = False,
-                 classes: Sequence[str] | None = None, compression: str | None = COMPRESSION) -> None:
+                 classes: Sequence[str] | None = None, jpeg_quality: int | None = None) -> None:
+        if jpeg_quality is not None and not 1 <= jpeg_quality <= 100:
+            raise MmtkError(f"--jpeg-quality {jpeg_quality} is not 1..100; omit it to store colour losslessly")
         self.out_path = Path(out_path)
-        self.compression = compression
+        self.jpeg_quality = jpeg_quality
         self.source = source
         self.force = force
         self.classes: list[str] | None = list(classes) if classes is not None else None
@@ -131,6 +137,7 @@ class H5Writer:
         self._metric: dict[str, dict[str, MetricStats]] = {}
         self._histograms: dict[str, dict[str, np.ndarray]] = {}
         self._datasets: dict[str, dict[str, h5py.Dataset]] = {}  # split -> field -> its dataset
+        self._storage: dict[str, dict[str, Storage]] = {}  # split -> array -> how it is kept
         self._image_size: dict[str, tuple[int, int]] = {}
         self._pending: dict[str, dict[str, list]] = {}  # split -> metadata field -> values not yet written
 
@@ -209,14 +216,15 @@ class H5Writer:
         """Frames written so far, per split."""
         return dict(self._counts)
 
-    def add_frame(self, split: str, arrays: Mapping[str, np.ndarray], intrinsics: np.ndarray | None = None,
+    def add_frame(self, split: str, arrays: Mapping[str, FrameArray], intrinsics: np.ndarray | None = None,
                   timestamp: float | None = None, frame_id: str | None = None) -> None:
         """Append one frame to ``split``.
 
         Args:
             split: "train", "test" or "all".
-            arrays: stored array name -> array, e.g. ``{"rgb": uint8 [H, W, 3], "depth": float32 [H, W] m}``.
-                Each name must be stored by a registered modality adapter, which validates it
+            arrays: stored array name -> array, e.g. ``{"rgb": uint8 [H, W, 3], "depth": float32 [H, W] m}``,
+                or :class:`~mmtk.data.codecs.Encoded` / :class:`~mmtk.data.codecs.Quantized` as the source got
+                it. Each name must be stored by a registered modality adapter, which validates it
                 (:meth:`mmtk.modality.Modality.check_stored`); all have the same H x W.
             intrinsics: optional [3, 3] pixels, 0-based principal point.
             timestamp: optional seconds.
@@ -230,7 +238,7 @@ class H5Writer:
         name = frame_id if frame_id is not None else f"#{self._counts.get(split, 0)} of {split}"
         frame, kinds = self._validated(arrays, intrinsics, timestamp, frame_id, name)
         if split not in self._counts:
-            self._create_split(split, frame, kinds)
+            self._create_split(split, frame, kinds, arrays)
         elif set(frame) != set(self._datasets[split]):
             missing = sorted(set(self._datasets[split]) ^ set(frame))
             raise MmtkError(f"frame {name} in split {split!r} differs from the split's first frame in "
@@ -241,10 +249,14 @@ class H5Writer:
             if frame[key].shape[:2] != expected:
                 raise MmtkError(f"frame {name}: {key} is {frame[key].shape[0]}x{frame[key].shape[1]} but the "
                                 f"split's images are {expected[0]}x{expected[1]}; convert with --size HxW")
-        for key in kinds:
+        elements = {key: self._storage[split][key].element(arrays[key], frame[key], f"frame {name}: {key}")
+                    for key in kinds}
+        for key, (element, codec) in elements.items():
             dataset = self._datasets[split][key]
             dataset.resize(index + 1, axis=0)
-            dataset[index] = frame[key]
+            dataset[index] = element
+            if self._storage[split][key].as_bytes:
+                record_element(dataset, element, codec)
         pending = self._pending[split]
         for key, values in pending.items():
             values.append(frame[key])
@@ -262,9 +274,10 @@ class H5Writer:
         return {key: stats.attrs() for key, stats in merged.items()}
 
     # -- internals -------------------------------------------------------------------------
-    def _validated(self, arrays: Mapping[str, np.ndarray], intrinsics: object, timestamp: object,
+    def _validated(self, arrays: Mapping[str, FrameArray], intrinsics: object, timestamp: object,
                    frame_id: object, name: str) -> tuple[dict[str, np.ndarray | float | str], dict[str, str]]:
-        """The frame's fields as stored, each array checked by its adapter; and each array's kind."""
+        """The frame's fields as numbers (encoded images decoded, integers in units), each array checked by its
+        adapter; and each array's kind."""
         if not arrays:
             raise MmtkError(f"frame {name} has no image arrays")
         frame: dict[str, np.ndarray | float | str] = {}
@@ -273,7 +286,11 @@ class H5Writer:
             if key in ("intrinsics", "timestamp", "frame_id"):
                 raise MmtkError(f"frame {name}: {key!r} is frame metadata, not an array; pass it as {key}=")
             owner, stored = stored_array(key)
-            array = owner().check_stored(stored, value, name)
+            try:
+                numbers = plain(value)  # encoded bytes a source handed over are decoded (and so checked) here
+            except MmtkError as err:
+                raise MmtkError(f"frame {name}: {key}: {err}") from None
+            array = owner().check_stored(stored, numbers, name)
             if stored.kind == "labels":  # stored in the smallest dtype the class count needs
                 frame[key] = self._validated_labels(stored, array, name)
             else:
@@ -306,10 +323,12 @@ class H5Writer:
                             f"(labels must be 0..{len(self.classes)}); pick the matching --classes")
         return labels.astype(np.uint8 if len(self.classes) < 256 else np.uint16)
 
-    def _create_split(self, split: str, frame: dict, kinds: dict[str, str]) -> None:
+    def _create_split(self, split: str, frame: dict, kinds: dict[str, str], arrays: Mapping[str, FrameArray]) -> None:
         assert self._file is not None
         group = self._file.create_group(split)
         self._datasets[split] = {}
+        self._storage[split] = {key: storage_for(stored_array(key)[1], arrays[key], frame[key], self.jpeg_quality)
+                                for key in kinds}
         for key, value in frame.items():
             if key == "frame_id":
                 dataset = group.create_dataset(key, shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(),
@@ -317,10 +336,12 @@ class H5Writer:
             elif key == "timestamp":
                 dataset = group.create_dataset(key, shape=(0,), maxshape=(None,), dtype=np.float64,
                                                chunks=(META_BLOCK,))
+            elif key in kinds:
+                dataset = self._storage[split][key].create(group, key)
             else:
                 shape = value.shape
                 dataset = group.create_dataset(key, shape=(0, *shape), maxshape=(None, *shape),
-                                               dtype=value.dtype, chunks=(1, *shape), compression=self.compression,
+                                               dtype=value.dtype, chunks=(1, *shape),
                                                fletcher32=True)  # checksums: flipped bytes fail to read
             dataset.attrs["units"] = stored_array(key)[1].units if key in kinds else META_UNITS.get(key, "")
             if kinds.get(key) == "labels":

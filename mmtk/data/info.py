@@ -10,7 +10,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from mmtk.data.dataset import open_mmtk_file
+from mmtk.data.codecs import CODEC_ATTR, SCALE_ATTR, frame_dtype, frame_shape, read_frame, stored_bytes
+from mmtk.data.dataset import is_image, open_mmtk_file
 from mmtk.data.format import PREDICTED_ATTR, MetricStats
 from mmtk.errors import MmtkError
 from mmtk.io import format_bytes
@@ -27,6 +28,7 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
         {"path", "format", "source", "created",
          "splits": {split: {"frames", "image_size": [H, W],
                             "datasets": {name: {"shape", "dtype", "units", "bytes_per_frame",
+                                                "stored_bytes_per_frame", "codec", "scale",
                                                 "classes": [names] (label arrays, pseudo-labels too)}},
                             "depth": {name: {"min_m", "p01_m", "median_m", "p99_m", "max_m", "valid_fraction"}},
                             "class_histogram": {name: pixels} | None,
@@ -65,19 +67,23 @@ def _split_info(group: h5py.Group, info: dict[str, Any]) -> dict[str, Any]:
     datasets = {}
     for name, dataset in group.items():
         units = dataset.attrs.get("units")
-        datasets[name] = {"shape": list(dataset.shape), "dtype": str(dataset.dtype),
-                          "units": None if units is None else str(units),
-                          "bytes_per_frame": int(np.prod(dataset.shape[1:], dtype=np.int64)) * dataset.dtype.itemsize}
+        shape, dtype = [dataset.shape[0], *frame_shape(dataset)], frame_dtype(dataset)
+        scale = dataset.attrs.get(SCALE_ATTR)
+        datasets[name] = {"shape": shape, "dtype": str(dtype), "units": None if units is None else str(units),
+                          "bytes_per_frame": int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize,
+                          "stored_bytes_per_frame": stored_bytes(dataset) // max(shape[0], 1),
+                          "codec": str(dataset.attrs.get(CODEC_ATTR, "none")),
+                          "scale": None if scale is None else float(scale)}
         if units is not None:
             info["units"][name] = str(units)
         if "classes" in dataset.attrs:  # a label array's (sensor or pseudo-label): its classes, in id order
             datasets[name]["classes"] = json.loads(dataset.attrs["classes"])
-    images = [d for name, d in group.items() if d.ndim >= 3 and name != "intrinsics"]  # per-frame images
+    images = [d for name, d in group.items() if is_image(name, d)]  # per-frame images
     frames = int(images[0].shape[0]) if images else 0
     labels = next((d for d in images if _is_labels(d.name.rsplit("/", 1)[1]) and PREDICTED_ATTR not in d.attrs), None)
     split: dict[str, Any] = {
         "frames": frames,
-        "image_size": [int(v) for v in images[0].shape[1:3]] if images else None,
+        "image_size": [int(v) for v in frame_shape(images[0])[:2]] if images else None,
         "datasets": datasets,
         "depth": {d.name.rsplit("/", 1)[1]: _depth_stats(d) for d in images
                   if str(d.attrs.get("units", "")) == "m" or "valid_fraction" in d.attrs},
@@ -114,14 +120,14 @@ def _depth_stats(dataset: h5py.Dataset) -> dict[str, float | bool]:
         return {**{key: float(dataset.attrs[key]) for key in keys}, "sampled": False}
     stats = MetricStats()  # files of older writers (no percentiles) or of other tools: sample frames
     for index in _sample_indices(dataset.shape[0]) if dataset.shape[0] else []:
-        stats.update(dataset[index])
+        stats.update(read_frame(dataset, index))
     return {**stats.attrs(), "sampled": True}
 
 
 def _scan_histogram(dataset: h5py.Dataset, num_classes: int) -> np.ndarray:
     histogram = np.zeros(num_classes + 1, dtype=np.int64)
     for index in _sample_indices(dataset.shape[0]) if dataset.shape[0] else []:
-        counts = np.bincount(dataset[index].ravel())
+        counts = np.bincount(read_frame(dataset, index).ravel())
         if counts.size > histogram.size:
             histogram = np.pad(histogram, (0, counts.size - histogram.size))
         histogram[: counts.size] += counts
@@ -140,7 +146,12 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(f"[{split}] {data['frames']} frames, {size_text}")
         for name, ds in data["datasets"].items():
             unit = f", units: {ds['units']}" if ds["units"] else ""
-            per_frame = f", {ds['bytes_per_frame'] / 1e6:.2f} MB/frame" if len(ds["shape"]) >= 3 else ""
+            per_frame = ""
+            if len(ds["shape"]) >= 3:
+                kept = f" as {ds['codec']}" if ds["codec"] != "none" else ""
+                kept += f" integers at {ds['scale']:g}/unit" if ds["scale"] else ""
+                per_frame = (f", {ds['bytes_per_frame'] / 1e6:.2f} MB/frame decoded, "
+                             f"{ds['stored_bytes_per_frame'] / 1e6:.3f} MB/frame stored{kept}")
             lines.append(f"  {name:<11} {ds['dtype']:<8} {tuple(ds['shape'])}{unit}{per_frame}")
         for name, stats in data["depth"].items():
             note = f" (from {STATS_SAMPLE_FRAMES} sampled frames)" if stats["sampled"] else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -13,21 +14,25 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mmtk.data.codecs import Encoded, FrameArray, Quantized
 from mmtk.errors import MmtkError
 
 
 @dataclass
 class Frame:
-    """One frame as a source yields it, already in mmtk units.
+    """One frame as a source yields it, in mmtk units or as the source got it.
 
     ``arrays`` maps stored array names to images of one size: "rgb" uint8 [H, W, 3], "depth" float32 [H, W]
     metres (0 = invalid), optional "depth_raw" (metres), "semseg" [H, W] (0 = unlabeled), and any further
     stream a source was asked for ("ir": ...). Each name is stored by a modality adapter, which validates it
     when the frame is written. Plus intrinsics [3, 3] (pixels, 0-based), timestamp (s) and frame_id.
+    A source hands over what it got, so the file keeps it losslessly: colour a file or message holds as JPEG as
+    :class:`~mmtk.data.codecs.Encoded` bytes (:func:`read_colour`), depth a file holds as integers with a scale
+    as :class:`~mmtk.data.codecs.Quantized` (:func:`keep_depth`); ``mmtk.data.codecs.plain`` gives the numbers.
     """
 
     split: str
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, FrameArray]
     intrinsics: np.ndarray | None = None
     timestamp: float | None = None
     frame_id: str | None = None
@@ -198,6 +203,45 @@ def read_rgb(path: Path) -> np.ndarray:
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     return np.ascontiguousarray(array)
+
+
+def read_colour(path: Path) -> np.ndarray | Encoded:
+    """A colour file as it is to be stored: a JPEG of 8-bit RGB as its own bytes (decoded, and so checked, when
+    written), any other image decoded to uint8 RGB (:func:`read_rgb`)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return read_rgb(path)  # which says what is wrong with the file
+    return encoded_colour(data, path) or read_rgb(path)
+
+
+def encoded_colour(data: bytes, name: object) -> Encoded | None:
+    """``data`` as :class:`Encoded` when it is a whole JPEG of 8-bit RGB (decoded once by Pillow to check), else
+    None."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format != "JPEG" or image.mode != "RGB":
+                return None
+            check_image_size(image, name)
+            image.load()  # a complete decode, which refuses a truncated file (libjpeg-turbo alone fills it in)
+            return Encoded(data, "jpeg", (image.height, image.width, 3))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None  # not a whole JPEG: the decoder that follows names the problem
+
+
+def keep_depth(raw: np.ndarray, encoding: DepthEncoding, where: object) -> np.ndarray | Quantized:
+    """Depth as the source holds it: unsigned integers at a plain scale stay integers with that scale (uint16's
+    saturated 65535 becomes 0, the invalid marker), so the file keeps the source's precision; other depth
+    becomes float32 metres (:func:`decode_depth`). Both read back as the same metres."""
+    if encoding.units_per_metre is None or raw.dtype.kind != "u":
+        return decode_depth(raw, encoding, where)
+    return Quantized(np.where(raw == 65535, 0, raw).astype(raw.dtype) if raw.dtype == np.uint16 else raw,
+                     encoding.units_per_metre)
+
+
+def read_depth_kept(path: Path, encoding: DepthEncoding) -> np.ndarray | Quantized:
+    """Decode a depth file to what is stored: :func:`keep_depth` of its values."""
+    return keep_depth(read_depth_units(path), encoding, path)
 
 
 def read_depth_units(path: Path) -> np.ndarray:

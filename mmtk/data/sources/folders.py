@@ -17,11 +17,13 @@ import h5py
 import numpy as np
 
 from mmtk.data.values import Percentiles, check_plausible_metres, depth_percentiles
+from mmtk.data.codecs import plain
 from mmtk.data.dataset import check_dataset_size
 from mmtk.data.sources.base import (DEPTH_FORMATS, FORMAT_UNITS, IMAGE_SUFFIXES, ConvertOptions, DepthEncoding, Frame,
                                     RgbdSource, associate_by_time, decode_depth, find_intrinsics,
                                     looks_like_kinect_disparity, multiple_of_8_fraction, nyuv2_intrinsics, nyuv2_meta,
-                                    read_depth, read_depth_units, read_image, read_rgb)
+                                    read_colour, read_depth, read_depth_kept, read_depth_units, read_image,
+                                    read_rgb)
 from mmtk.data.sources.base import IntrinsicsFile
 from mmtk.data.sources.kinect_nyu import NyuRegistration
 from mmtk.data.sources.nyuv2 import NYU_MAT_NAME, nyu_mat_path, open_nyu_mat
@@ -99,7 +101,7 @@ def _checked_frames(frames: Callable[[], Iterator[Frame]], options: ConvertOptio
 
     def checked() -> Iterator[Frame]:
         for frame in frames():
-            check_plausible_metres("depth", frame.arrays["depth"], frame.frame_id, options.depth_range, fix)
+            check_plausible_metres("depth", plain(frame.arrays["depth"]), frame.frame_id, options.depth_range, fix)
             yield frame
 
     return checked
@@ -208,8 +210,8 @@ def _open_multimae(src: Path, options: ConvertOptions) -> RgbdSource:
 
     def frames() -> Iterator[Frame]:
         for split, rgb_path, depth_path, label_path in plan:
-            rgb = read_rgb(rgb_path)
-            depth = read_depth(depth_path, encoding)
+            rgb = read_colour(rgb_path)
+            depth = read_depth_kept(depth_path, encoding)
             semseg = None
             if label_path is not None:
                 semseg = read_image(label_path)
@@ -260,8 +262,8 @@ def _open_bts(src: Path, options: ConvertOptions) -> RgbdSource:
 
     def frames() -> Iterator[Frame]:
         for key in common:
-            image = read_rgb(rgb[key])
-            d = read_depth(depth[key], encoding)
+            image = read_colour(rgb[key])
+            d = read_depth_kept(depth[key], encoding)
             k = nyuv2_intrinsics() if image.shape[:2] == (480, 640) else None
             yield Frame(_split_of(rgb[key].relative_to(src).parts), {"rgb": image, "depth": d}, intrinsics=k,
                         frame_id=str(rgb[key].relative_to(src)))
@@ -385,7 +387,7 @@ def _open_tum(src: Path, options: ConvertOptions) -> RgbdSource:
 
     def frames() -> Iterator[Frame]:
         for stamp, rgb_path, depth_path in rows:
-            arrays = {"rgb": read_rgb(rgb_path), "depth": read_depth(depth_path, encoding)}
+            arrays = {"rgb": read_colour(rgb_path), "depth": read_depth_kept(depth_path, encoding)}
             yield Frame("all", arrays, _frame_intrinsics(intrinsics, arrays["rgb"]), stamp,
                         str(rgb_path.relative_to(src)))
 
@@ -636,13 +638,13 @@ def _open_paired(src: Path, options: ConvertOptions) -> RgbdSource:
 
     def frames() -> Iterator[Frame]:
         for key in keys:
-            arrays = {"rgb": read_rgb(color[key]), "depth": read_depth(depth[key], encoding)}
+            arrays = {"rgb": read_colour(color[key]), "depth": read_depth_kept(depth[key], encoding)}
             if labels:
                 semseg = read_image(labels[key])
                 arrays["semseg"] = semseg[..., 0] if semseg.ndim == 3 else semseg
             intrinsics = _frame_intrinsics(camera, arrays["rgb"])
             if register is not None:
-                arrays = register(arrays, color[key].relative_to(src))
+                arrays = register({name: plain(value) for name, value in arrays.items()}, color[key].relative_to(src))
                 intrinsics = register.calibration.rgb_matrix.astype(np.float32)
             yield Frame("all", arrays, intrinsics, frame_id=str(color[key].relative_to(src)))
 

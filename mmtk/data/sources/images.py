@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mmtk.data.sources.base import IMAGE_SUFFIXES
+from mmtk.data.sources.base import IMAGE_SUFFIXES, encoded_colour
 from mmtk.errors import MmtkError
 from mmtk.progress import frame_bar
 
@@ -62,11 +62,12 @@ def fit_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
 
 
 def convert_images(root: str | os.PathLike, out: str | os.PathLike, size: tuple[int, int] | None = None,
-                   force: bool = False, progress: bool = True) -> ImagesResult:
+                   force: bool = False, progress: bool = True, jpeg_quality: int | None = None) -> ImagesResult:
     """Write the RGB images under ``root`` to an mmtk HDF5 file (RGB only; see :func:`list_images`).
 
     Every frame gets the size ``size`` (default: the first readable image's) by resize-to-cover and centre
-    crop. Unreadable files are skipped and listed; the output appears only once complete (H5Writer).
+    crop. Unreadable files are skipped and listed; the output appears only once complete (H5Writer). A JPEG that
+    already has that size is stored as its own bytes; other images losslessly, or as JPEG at ``jpeg_quality``.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -80,7 +81,7 @@ def convert_images(root: str | os.PathLike, out: str | os.PathLike, size: tuple[
     if total == 0:
         raise MmtkError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
     skipped: list[str] = []
-    with H5Writer(out, source=f"images from {root.resolve()}", force=force) as writer, \
+    with H5Writer(out, source=f"images from {root.resolve()}", force=force, jpeg_quality=jpeg_quality) as writer, \
             frame_bar("images", total, progress) as advance:
         for split, files in images.items():
             for path, frame_id in files:
@@ -88,9 +89,11 @@ def convert_images(root: str | os.PathLike, out: str | os.PathLike, size: tuple[
                 try:
                     with Image.open(path) as image:
                         rgb_image = image.convert("RGB")
+                    encoded = encoded_colour(path.read_bytes(), path)
                 except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
                     skipped.append(str(path))
                     continue
                 size = size or (rgb_image.height, rgb_image.width)
-                writer.add_frame(split, {"rgb": fit_image(rgb_image, size)}, frame_id=frame_id)
+                kept = encoded is not None and encoded.shape[:2] == tuple(size)  # the JPEG as it is, no resampling
+                writer.add_frame(split, {"rgb": encoded if kept else fit_image(rgb_image, size)}, frame_id=frame_id)
     return ImagesResult(writer.frame_counts, tuple(size), skipped)

@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import h5py
 import numpy as np
 
+from mmtk.data.codecs import read_frame as read_stored
 from mmtk.data.sources.base import Frame
 from mmtk.errors import MmtkError
 from mmtk.modality import stored_array
@@ -71,7 +72,7 @@ def read_frame(group: h5py.Group, index: int, names: Sequence[str] | None = None
         if name not in group:
             raise MmtkError(f"{group.file.filename}: split {group.name.lstrip('/')!r} has no dataset {name!r}; "
                             f"datasets: {sorted(group)}")
-    arrays = {name: np.asarray(group[name][index]) for name in names}
+    arrays = {name: read_stored(group[name], index) for name in names}  # decoded, in the file's units
     intrinsics = np.asarray(group["intrinsics"][index], np.float32) if "intrinsics" in group else None
     timestamp = float(group["timestamp"][index]) if "timestamp" in group else None
     frame_id = group["frame_id"].asstr()[index] if "frame_id" in group else f"{group.name.lstrip('/')}_{index:06d}"

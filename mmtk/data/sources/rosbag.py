@@ -24,7 +24,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mmtk.data.dataset import MAX_IMAGE_SIDE
-from mmtk.data.sources.base import Frame, RgbdSource, associate_by_time, check_image_size, to_metres
+from mmtk.data.codecs import Encoded, Quantized, plain
+from mmtk.data.sources.base import (DepthEncoding, Frame, RgbdSource, associate_by_time, check_image_size,
+                                    encoded_colour, keep_depth, to_metres)
 from mmtk.data.values import intrinsics_problem
 from mmtk.data.sources.tf import TransformTree, read_transforms
 from mmtk.errors import MmtkError
@@ -120,9 +122,11 @@ def _connections(reader: Any, topic: str, available: list[TopicInfo], role: str)
     return conns
 
 
-def decode_image(msg: Any, msgtype: str, role: str, depth_scale: float | None) -> np.ndarray:
-    """Decode an Image/CompressedImage to uint8 RGB [H, W, 3] (role 'rgb'), metres [H, W] (role 'depth'), or
-    its own samples (any other role, an extra stream: uint8/uint16/float32 [H, W] or uint8 [H, W, 3])."""
+def decode_image(msg: Any, msgtype: str, role: str,
+                 depth_scale: float | None) -> np.ndarray | Encoded | Quantized:
+    """Decode an Image/CompressedImage to uint8 RGB [H, W, 3] (role 'rgb'; a JPEG's own bytes as Encoded),
+    depth [H, W] (role 'depth': integers with their scale as Quantized, float as metres), or its own samples (any
+    other role, an extra stream: uint8/uint16/float32 [H, W] or uint8 [H, W, 3])."""
     if msgtype.endswith("CompressedImage"):
         return _decode_compressed(msg, role, depth_scale)
     encoding = str(msg.encoding)
@@ -157,7 +161,7 @@ def decode_image(msg: Any, msgtype: str, role: str, depth_scale: float | None) -
     dtype = np.dtype(np.uint16 if encoding != "32FC1" else np.float32).newbyteorder(">" if msg.is_bigendian else "<")
     values = rows[:, : width * dtype.itemsize].copy().view(dtype).reshape(height, width).astype(dtype.newbyteorder("="))
     scale = depth_scale if depth_scale is not None else DEPTH_ENCODINGS[encoding]
-    return to_metres(values, scale)
+    return keep_depth(values, DepthEncoding(None, scale), "depth image")
 
 
 SAMPLE_ENCODINGS = {"mono8": ("u1", 1), "8UC1": ("u1", 1), "mono16": ("u2", 1), "16UC1": ("u2", 1),
@@ -206,7 +210,9 @@ def _decode_compressed(msg: Any, role: str, depth_scale: float | None) -> np.nda
             valid = values > 0
             depth[valid] = quant_a / (values[valid].astype(np.float32) - quant_b)
             return to_metres(depth, depth_scale)
-        return to_metres(values, depth_scale if depth_scale is not None else 1000.0)
+        return keep_depth(values, DepthEncoding(None, depth_scale if depth_scale is not None else 1000.0), f"compressed depth ({fmt!r})")
+    if role == "rgb" and (encoded := encoded_colour(payload, f"compressed image ({fmt!r})")) is not None:
+        return encoded  # the JPEG as the camera sent it; decoded (and so checked) when written
     array = _decode_bytes(payload, fmt)
     if role not in ("rgb", "depth"):
         return array
@@ -220,7 +226,7 @@ def _decode_compressed(msg: Any, role: str, depth_scale: float | None) -> np.nda
         return np.ascontiguousarray(array[:, :, :3])
     if array.ndim != 2 or array.dtype != np.uint16:
         raise MmtkError(f"compressed depth image has dtype {array.dtype} {array.shape}; expected 16-bit mono PNG")
-    return to_metres(array, depth_scale if depth_scale is not None else 1000.0)
+    return keep_depth(array, DepthEncoding(None, depth_scale if depth_scale is not None else 1000.0), f"compressed depth ({fmt!r})")
 
 
 def _decode_bytes(payload: bytes, fmt: str) -> np.ndarray:
@@ -331,7 +337,7 @@ def read_colour_frames(bag: str | Path, rgb_topic: str, camera_info_topic: str |
         for index, (conn, log_time, raw) in enumerate(reader.messages(connections=rgb_conns)):
             stamp = _header_stamp(raw, bool(getattr(reader, "is2", False))) or log_time * 1e-9
             try:
-                rgb = decode_image(deserialize(reader, raw, conn), conn.msgtype, "rgb", None)
+                rgb = plain(decode_image(deserialize(reader, raw, conn), conn.msgtype, "rgb", None))
             except MmtkError as err:
                 raise MmtkError(f"{message_name(conn.topic, index, stamp)}: {err}") from None
             yield Frame("all", {"rgb": rgb}, intrinsics=intrinsics, timestamp=stamp)
