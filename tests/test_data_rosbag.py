@@ -114,7 +114,7 @@ def test_ros2_bags_bgr8_32fc1_and_time_sync(tmp_path, storage):
     code, text = run_cli("convert", "--rosbag", bag, out, "--rgb-topic", "/cam/color", "--depth-topic", "/cam/depth",
                          "--max-dt", "0.02", "--no-progress")
     assert code == 0, text
-    assert "paired 1 frames within 20 ms; dropped 1 colour and 1 depth messages" in text
+    assert "paired 1 frame within 20 ms; dropped 1 colour and 1 depth messages" in text
     stamp, rgb, mm = sample_frames()[0]
     with DecodedFile(out) as f:
         np.testing.assert_array_equal(f["all/rgb"][0], rgb)                      # bgr8 swapped back to RGB

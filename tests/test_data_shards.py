@@ -62,9 +62,13 @@ def folder(bags, tmp_path_factory) -> Path:
 
 
 def arrays(path: Path) -> dict[str, np.ndarray]:
-    """Every dataset of every split of an mmtk file, by "split/name"."""
+    """Every dataset of every split of an mmtk file, by "split/name" (encoded images as their stored bytes)."""
+    def stored(dataset: h5py.Dataset) -> np.ndarray:
+        value = dataset[()]
+        return value if value.dtype != object else np.array([bytes(element) for element in value], dtype=object)
+
     with h5py.File(path) as handle:
-        return {f"{split}/{name}": dataset[()] for split, group in handle.items() for name, dataset in group.items()}
+        return {f"{split}/{name}": stored(dataset) for split, group in handle.items() for name, dataset in group.items()}
 
 
 def assert_same_arrays(left: Path, right: Path) -> None:

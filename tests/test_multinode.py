@@ -1,7 +1,5 @@
 """Two nodes (`torchrun --nnodes 2 --nproc-per-node 1`, two local processes, gloo on 127.0.0.1) train on a weighted
-mixture of two files and give the weights of one process at the same global batch and seed.
-
-The lead points the mixture at a shard folder once branch shards lands (a folder is a dataset like a file)."""
+mixture of a file and a shard folder and give the weights of one process at the same global batch and seed."""
 
 from __future__ import annotations
 
@@ -32,17 +30,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def small_h5(tmp_path):
-    """The shipped labelled frame again, stored at 96x128 px: a second file with a train split and depth."""
-    from mmtk.data import convert_rgbd
+def small_shards(tmp_path):
+    """The shipped labelled frames again, stored at 96x128 px as a shard folder of one frame a shard."""
+    from mmtk.data.convert import convert_to_shards
 
-    out = tmp_path / "nyuv2_small.h5"
-    convert_rgbd(SAMPLES / "nyuv2_multimae", out, size=(96, 128), progress=False)
+    out = tmp_path / "nyuv2_small"
+    convert_to_shards("rgbd", [SAMPLES / "nyuv2_multimae"], out, {"size": (96, 128)}, shard_frames=1, progress=False)
     return out
 
 
-def test_two_nodes_match_one_process_on_a_weighted_mixture(sample_h5, small_h5, tmp_path):
-    data = [sample_h5, small_h5]
+def test_two_nodes_match_one_process_on_a_weighted_mixture(sample_h5, small_shards, tmp_path):
+    data = [sample_h5, small_shards]
     one = subprocess.run(CLI + _args(data, tmp_path / "one"), capture_output=True, text=True, timeout=600,
                          env=ONE_THREAD_ENV)
     assert one.returncode == 0, one.stderr[-2000:]

@@ -602,7 +602,7 @@ def test_reliability_check_reports_a_split_without_valid_depth(tmp_path):
     with h5py.File(out, "r+") as f:  # a file of another tool, or of mmtk before this check
         f["test/depth"][0] = 0.0
     code, text = run_cli("check", out)
-    assert code == 1 and f"{out}:test: depth: none of its 1 frames has a valid value" in text, text
+    assert code == 1 and f"{out}:test: depth: none of its 1 frame has a valid value" in text, text
     assert "2 frames checked, 1 bad" in text
 
 
@@ -665,7 +665,7 @@ def _paired_bag(path, colour_stamps: list[int], depth_stamps: list[int], depth_l
 
 def _pairs(path) -> list[tuple[int, float]]:
     """(colour value, depth mm) of each stored frame, in stored order."""
-    with h5py.File(path) as f:
+    with DecodedFile(path) as f:
         return [(int(rgb[0, 0, 0]), round(float(depth[0, 0]) * 1000)) for rgb, depth in zip(f["all/rgb"][:],
                                                                                                f["all/depth"][:])]
 
@@ -702,3 +702,12 @@ def test_reliability_stream_pairer_waits_a_bounded_time_for_partners_logged_out_
     late += pairer.add("depth", 5.0, "other", MAX_STREAM_LAG_S + 0.5)
     late += pairer.add("depth", 0.0, "too late", MAX_STREAM_LAG_S + 1)
     assert late + pairer.finish() == [] and not pairer.pending["rgb"]
+
+
+def test_reliability_a_file_that_is_no_bag_is_one_line(tmp_path):
+    """rosbags reads the file while telling ROS1 from ROS2: an image given as a bag is one line, not a traceback."""
+    image = tmp_path / "frame.png"
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(image)
+    code, text = run_cli("convert", "--rosbag", image, tmp_path / "out.h5", "--rgb-topic", "/c", "--depth-topic", "/d")
+    assert code == 2 and "is not a readable ROS1 bag or ROS2 bag" in text and "Traceback" not in text, text
+    assert len(text.strip().splitlines()) == 1 and not (tmp_path / "out.h5").exists()

@@ -22,6 +22,7 @@ from mmtk.data.values import check_label_ids, check_metric_values, check_plausib
 from mmtk.data.codecs import read_frame
 from mmtk.data.dataset import is_image, open_mmtk_file
 from mmtk.errors import MmtkError
+from mmtk.progress import counted
 
 META_ARRAYS = ("intrinsics", "timestamp", "frame_id")
 
@@ -84,7 +85,7 @@ def check_file(path: str | os.PathLike) -> CheckReport:
                         report.bad.append(BadFrame(split, index, name, problem,
                                                    ids[index] if ids and index < len(ids) else None))
                 if counter is not None and scanned and not counter["valid"]:
-                    report.bad.append(BadFrame(split, None, name, f"none of its {scanned} frames has a valid value "
+                    report.bad.append(BadFrame(split, None, name, f"none of its {counted(scanned, 'frame')} has a valid value "
                                                f"(all 0 = no measurement); the source's {name} was unusable: "
                                                f"re-convert from a source with {name}"))
     return report

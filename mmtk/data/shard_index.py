@@ -106,7 +106,11 @@ def folder_info(folder: str | os.PathLike) -> dict[str, Any]:
         for name, array in part["arrays"].items():
             datasets[name] = {"shape": [part["frames"], *array["shape"]], "dtype": array["dtype"],
                               "units": array["units"], "bytes_per_frame": int(np.prod(array["shape"], dtype=np.int64))
-                              * np.dtype(array["dtype"]).itemsize}
+                              * np.dtype(array["dtype"]).itemsize,
+                              "stored_bytes_per_frame": array["stored_bytes"] // max(part["frames"], 1),
+                              "codec": array["codec"], "scale": array["scale"]}
+            if "classes" in array:
+                datasets[name]["classes"] = array["classes"]
             if array["units"] is not None:
                 info["units"][name] = array["units"]
         info["splits"][split] = {"frames": part["frames"], "image_size": part["image_size"], "datasets": datasets,

@@ -107,8 +107,8 @@ def _merged_split(infos: list[dict[str, Any]], split: str) -> dict[str, Any]:
     for part in parts:
         for name in part["datasets"]:
             counts[name] = counts.get(name, 0) + 1
-    arrays = {name: {"dtype": d["dtype"], "units": d["units"], "shape": d["shape"][1:]}
-              for name, d in parts[0]["datasets"].items() if counts[name] == len(parts)}
+    arrays = {name: _merged_array([part["datasets"][name] for part in parts], f"{split}/{name}")
+              for name in parts[0]["datasets"] if counts[name] == len(parts)}
     histogram: dict[str, int] | None = None
     for part in parts:
         for name, count in (part["class_histogram"] or {}).items():
@@ -122,6 +122,23 @@ def _merged_split(infos: list[dict[str, Any]], split: str) -> dict[str, Any]:
             "depth": {name: _merged_depth([part["depth"][name] for part in parts], [part["frames"] for part in parts])
                       for name in parts[0]["depth"] if name in arrays},
             "class_histogram": histogram, "intrinsics": parts[0]["intrinsics"]}
+
+
+def _merged_array(datasets: list[dict[str, Any]], where: str) -> dict[str, Any]:
+    """One array over the shards: its frame shape, dtype, units, how it is kept (codec and scale, or "mixed" /
+    None where shards differ), its stored bytes, and a label array's classes (which every shard must share)."""
+    first = datasets[0]
+    classes = {json.dumps(d["classes"]) for d in datasets if "classes" in d}
+    if len(classes) > 1:
+        raise MmtkError(f"{where}: shards label it with different classes; pseudo-label every shard with the same "
+                        f"network, or keep them in separate folders")
+    merged = {"dtype": first["dtype"], "units": first["units"], "shape": first["shape"][1:],
+              "codec": first["codec"] if all(d["codec"] == first["codec"] for d in datasets) else "mixed",
+              "scale": first["scale"] if all(d["scale"] == first["scale"] for d in datasets) else None,
+              "stored_bytes": sum(d["stored_bytes_per_frame"] * d["shape"][0] for d in datasets)}
+    if classes:
+        merged["classes"] = json.loads(classes.pop())
+    return merged
 
 
 def _merged_depth(stats: list[dict[str, Any]], frames: list[int]) -> dict[str, Any]:

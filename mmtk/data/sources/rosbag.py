@@ -30,6 +30,7 @@ from mmtk.data.sources.base import (DepthEncoding, Frame, RgbdSource, associate_
 from mmtk.data.values import intrinsics_problem
 from mmtk.data.sources.tf import TransformTree, read_transforms
 from mmtk.errors import MmtkError
+from mmtk.progress import counted
 from mmtk.pointcloud import PointCloud, cloud_to_image_depth
 
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
@@ -61,8 +62,8 @@ def open_reader(bag: Path) -> Any:
     from rosbags.highlevel import AnyReader
     from rosbags.typesys import Stores, get_typestore
 
-    reader = AnyReader([_bag_path(bag)], default_typestore=get_typestore(Stores.ROS2_HUMBLE))
-    try:
+    try:  # AnyReader already reads the file to tell ROS1 from ROS2
+        reader = AnyReader([_bag_path(bag)], default_typestore=get_typestore(Stores.ROS2_HUMBLE))
         reader.open()
     except Exception as err:  # rosbags raises several reader-specific error types
         raise MmtkError(f"{bag} is not a readable ROS1 bag or ROS2 bag directory ({err}); "
@@ -317,7 +318,8 @@ def open_rosbag_source(bag: str | Path, rgb_topic: str, depth_topic: str | None 
 
     def summary(written: int) -> str:  # each frame took one message of every stream
         dropped = " and ".join(f"{counts[role] - written} {label.get(role, role)}" for role in topics)
-        return f"paired {written} frames within {max_dt * 1000:g} ms; dropped {dropped} messages without a partner"
+        return (f"paired {counted(written, 'frame')} within {max_dt * 1000:g} ms; dropped {dropped} messages without "
+                f"a partner")
 
     description = f"ROS bag {bag.name}: " + " + ".join(topics.values())
     return RgbdSource("rosbag", description, min(counts.values()), frames, None, notes, summary)
