@@ -67,6 +67,10 @@ class OptimConfig:
     scale_lr: bool = True  # effective lr = lr * batch_size / 256
     min_lr: float = 0.0
     weight_decay: float = 0.05
+    # which parameters decay (mmtk.optim.decays): weights (the official finetuning's rule: not biases, norms,
+    # global tokens, position embeddings) | all (the official pretraining) | weights-except-tokens (mmtk's rule
+    # before; kept for resuming runs that started with it)
+    weight_decay_on: Literal["weights", "all", "weights-except-tokens"] = "weights"
     betas: tuple[float, float] = (0.9, 0.95)
     layer_decay: float = 1.0  # lr of encoder block i is lr * layer_decay ** (num_blocks + 1 - (i + 1))
     epochs: float = 1600

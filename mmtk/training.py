@@ -229,6 +229,17 @@ def init_summary(model: nn.Module) -> str:
     return "; ".join(parts + list(report.notes))  # what the file made mmtk decide (e.g. no class token)
 
 
+def keep_legacy_weight_decay(recipe: Recipe, resume_state: dict | None) -> None:
+    """A run that started before ``optim.weight_decay_on`` existed resumes with the rule it started with (its
+    optimizer state has that rule's parameter groups), said once."""
+    recorded = (resume_state or {}).get("recipe")
+    optim = recorded.get("optim") if isinstance(recorded, dict) else None
+    if isinstance(optim, dict) and "weight_decay_on" not in optim:
+        recipe.optim.weight_decay_on = "weights-except-tokens"
+        main_process_print("resume: this run started before optim.weight_decay_on existed; it continues with the "
+                           "weight-decay groups it began with (weights-except-tokens)")
+
+
 def run_training(recipe: Recipe, run_dir: str | Path, init: str | Path | None = None,
                  resume: bool = False) -> FitResult:
     """Pretrain or finetune (``recipe.kind``) into ``run_dir``; ``init`` seeds a finetuning encoder."""
@@ -244,6 +255,7 @@ def run_training(recipe: Recipe, run_dir: str | Path, init: str | Path | None = 
     # state, read once.
     newest = newest_checkpoint(run_dir) if resume else None  # none: fit says there is nothing to resume
     resume_state = load_checkpoint(newest) if newest else None
+    keep_legacy_weight_decay(recipe, resume_state)
     model = mmtk.create_model(recipe.model.name, pretrained=resume_state if resume else init, verbose=False, **args)
     if init is not None and not resume:
         main_process_print(f"init from {init}: {init_summary(model)}")
