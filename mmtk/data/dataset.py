@@ -188,6 +188,8 @@ class H5Dataset(Dataset):
         crop_scale: area fraction range of the random crop.
         hflip: allow horizontal flips when augmenting.
         dataset_map: modality -> stored dataset name, e.g. {"depth": "depth_raw"}.
+        window: one crop window for every frame (an evaluation protocol's); None: the full frame (or a random
+            crop when augmenting).
 
     Safe with DataLoader workers: every process opens its own file handle on first use.
     """
@@ -196,8 +198,9 @@ class H5Dataset(Dataset):
                  modalities: Sequence[str] | None = None,
                  image_size: tuple[int, int] | None = (224, 224), augment: bool = False,
                  crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True,
-                 dataset_map: Mapping[str, str] | None = None) -> None:
+                 dataset_map: Mapping[str, str] | None = None, window: CropWindow | None = None) -> None:
         self.path = Path(path)
+        self.fixed_window = window
         self.split = split
         self.modalities = tuple(modalities) if modalities is not None else self._stored_modalities()
         self.augment = augment
@@ -279,6 +282,8 @@ class H5Dataset(Dataset):
     def window(self) -> CropWindow:
         """Crop window for the next sample (random when augmenting, else the full frame)."""
         height, width = self.file_size
+        if self.fixed_window is not None:
+            return self.fixed_window
         if self.augment:
             return random_resized_crop(height, width, scale=self.crop_scale, hflip=self.hflip)
         return full_window(height, width)
