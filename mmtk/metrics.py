@@ -16,12 +16,12 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.regression import MeanAbsolutePercentageError, MeanSquaredError
 
 
-# Metric families (Modality.metric_family): the finetuning losses each accepts (first = default) and the
-# metrics each reports.
+# Metric families (Modality.metric_family): the finetuning losses each accepts (first = default), the
+# metrics each reports and whether its targets can be normalised (train.target_norm).
 FAMILIES = {
-    "segmentation": {"losses": ("ce",), "keys": ("miou", "pixel_acc", "mean_acc")},
+    "segmentation": {"losses": ("ce",), "keys": ("miou", "pixel_acc", "mean_acc"), "target_norm": False},
     "depth": {"losses": ("berhu", "l1"), "keys": ("delta1", "delta2", "delta3", "abs_rel", "sq_rel", "rmse", "rmse_log",
-                                                   "log10")},
+                                                   "log10"), "target_norm": True},
 }
 
 

@@ -39,7 +39,7 @@ class DataInfo:
 
 def open_dataset(path: str | Path, split: str, modalities: tuple[str, ...], image_size: tuple[int, int] | None,
                  augment: bool, crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True,
-                 sources: dict[str, str] | None = None):
+                 sources: dict[str, str] | None = None, augmentation: str = "random-resized-crop"):
     """One split of an HDF5 file as prepared tensors (the data contract); only ``modalities`` are read.
 
     ``sources`` maps a modality to the stored dataset it reads (``{"depth": "depth_pseudo"}``).
@@ -47,7 +47,7 @@ def open_dataset(path: str | Path, split: str, modalities: tuple[str, ...], imag
     from mmtk.data import H5Dataset
 
     return H5Dataset(path, split=split, modalities=modalities, image_size=image_size, augment=augment,
-                     crop_scale=crop_scale, hflip=hflip, dataset_map=sources)
+                     crop_scale=crop_scale, hflip=hflip, dataset_map=sources, augmentation=augmentation)
 
 
 def data_info(path: str | Path, split: str = "train", sources: dict[str, str] | None = None,
@@ -96,6 +96,8 @@ def model_args(recipe: Recipe, info: DataInfo) -> dict[str, Any]:
     else:
         args.update(outputs=[], head=model.head, task=model.task,
                     main_inputs=list(model.main_inputs or model.inputs[:1]))
+        if recipe.train.target_norm is not None:  # the head predicts normalised depth (the official MultiMAE's)
+            args["output_norm"] = list(recipe.train.target_norm)
     args.update(model.overrides)
     return args
 
@@ -138,18 +140,23 @@ def segmentation_loss(logits: Tensor, target: Tensor, ignore_index: int) -> Tens
     return (pixel.flatten(1).sum(1) / labelled.sum(1).clamp(min=1)).mean()
 
 
-def depth_loss(pred: Tensor, target: Tensor, valid: Tensor, kind: str = "berhu") -> Tensor:
-    """berHu (reverse Huber, threshold 0.2 x the image's largest error) or L1, in metres, valid pixels only.
+def depth_loss(pred: Tensor, target: Tensor, valid: Tensor, kind: str = "berhu", reduction: str = "image",
+               scale: float = 1.0) -> Tensor:
+    """berHu (reverse Huber, threshold 0.2 x the largest error) or L1 on valid pixels, errors in metres / ``scale``.
 
-    pred, target: [B, 1, H, W] metres; valid: [B, 1, H, W] bool. Mean per image, then over images.
+    pred, target: [B, 1, H, W] metres; valid: [B, 1, H, W] bool. ``reduction`` "image": threshold and mean per
+    image, then the mean over images; "batch": one threshold for the batch and the mean over all its valid pixels
+    (the official MultiMAE ``masked_berhu_loss``). ``scale``: the std of ``train.target_norm`` (normalised depth
+    differs from metres by it; the mean cancels in the error).
     """
     valid = valid.bool() & (target > 0)
-    error = (pred.float() - target).abs() * valid  # [B, 1, H, W]
-    flat = error.flatten(1)
+    error = (pred.float() - target).abs() * valid / scale  # [B, 1, H, W]
+    rows = 1 if reduction == "batch" else error.shape[0]
+    flat, mask = error.reshape(rows, -1), valid.reshape(rows, -1)
     if kind == "berhu":
-        c = (0.2 * flat.max(dim=1, keepdim=True).values).detach().clamp(min=1e-6)  # [B, 1]
-        flat = torch.where(flat <= c, flat, (flat**2 + c**2) / (2 * c)) * valid.flatten(1)
-    return (flat.sum(1) / valid.flatten(1).sum(1).clamp(min=1)).mean()
+        c = (0.2 * flat.max(dim=1, keepdim=True).values).detach().clamp(min=1e-6)  # [rows, 1]
+        flat = torch.where(flat <= c, flat, (flat**2 + c**2) / (2 * c)) * mask
+    return (flat.sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
 def finetune_loss_fn(recipe: Recipe) -> LossFn:
@@ -159,13 +166,15 @@ def finetune_loss_fn(recipe: Recipe) -> LossFn:
     adapter = get_modality(task)
     family = adapter.metric_family
     kind = recipe.train.loss or FAMILIES[family]["losses"][0]
+    train = recipe.train
+    scale = train.target_norm[1] if train.target_norm is not None else 1.0
 
     def compute(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         pred = model({name: batch[name] for name in inputs})
         if family == "segmentation":
             loss = segmentation_loss(pred, batch[f"{task}_full"], adapter.ignore_index)
         else:
-            loss = depth_loss(pred, batch[f"{task}_m"], batch[f"{task}_valid"], kind)
+            loss = depth_loss(pred, batch[f"{task}_m"], batch[f"{task}_valid"], kind, train.loss_reduction, scale)
         return loss, {task: loss}
 
     return compute
@@ -184,7 +193,7 @@ def _prepare(recipe: Recipe) -> tuple[DataInfo, Any]:
     image_size = tuple(recipe.data.image_size or info.image_size)
     train_set = open_dataset(recipe.data.path, recipe.data.train_split, needed_modalities(recipe), image_size,
                              augment=True, crop_scale=recipe.data.crop_scale, hflip=recipe.data.hflip,
-                             sources=recipe.data.sources)
+                             sources=recipe.data.sources, augmentation=recipe.data.augmentation)
     return info, train_set
 
 

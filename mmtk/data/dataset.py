@@ -190,6 +190,9 @@ class H5Dataset(Dataset):
         dataset_map: modality -> stored dataset name, e.g. {"depth": "depth_raw"}.
         window: one crop window for every frame (an evaluation protocol's); None: the full frame (or a random
             crop when augmenting).
+        augmentation: when augmenting, "random-resized-crop" (the window above, chosen before reading) or a
+            whole-frame augmentation of :data:`mmtk.data.augment.AUGMENTATIONS` (e.g. "multimae-depth"), whose
+            output is ``image_size``.
 
     Safe with DataLoader workers: every process opens its own file handle on first use.
     """
@@ -198,7 +201,8 @@ class H5Dataset(Dataset):
                  modalities: Sequence[str] | None = None,
                  image_size: tuple[int, int] | None = (224, 224), augment: bool = False,
                  crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True,
-                 dataset_map: Mapping[str, str] | None = None, window: CropWindow | None = None) -> None:
+                 dataset_map: Mapping[str, str] | None = None, window: CropWindow | None = None,
+                 augmentation: str = "random-resized-crop") -> None:
         self.path = Path(path)
         self.fixed_window = window
         self.split = split
@@ -224,9 +228,20 @@ class H5Dataset(Dataset):
                 for adapter in self.adapters.values():  # lets label adapters refuse ids beyond the file's classes
                     adapter.num_classes = adapter.num_classes or len(self.classes)
         self.image_size = tuple(image_size) if image_size is not None else self.file_size
+        self.frame_augmentation = self._frame_augmentation(augmentation) if augment else None
         self._handle: h5py.File | None = None
         self._pid: int | None = None
         self._open: dict[str, h5py.Dataset] = {}
+
+    def _frame_augmentation(self, name: str):
+        """The whole-frame augmentation ``name`` bound to this dataset's arrays; None for the crop window."""
+        if name == "random-resized-crop":
+            return None
+        from mmtk.data.augment import bind_augmentation
+
+        sources = {source: (self.dataset_map.get(source, source), type(adapter).colour)
+                   for adapter in self.adapters.values() for source in adapter.reads()}
+        return bind_augmentation(name, tuple(self.image_size), sources)
 
     def _stored_modalities(self) -> tuple[str, ...]:
         """The registered modalities this split stores under their own name, in registry order."""
@@ -284,6 +299,8 @@ class H5Dataset(Dataset):
         height, width = self.file_size
         if self.fixed_window is not None:
             return self.fixed_window
+        if self.frame_augmentation is not None:  # reads whole frames
+            return full_window(height, width)
         if self.augment:
             return random_resized_crop(height, width, scale=self.crop_scale, hflip=self.hflip)
         return full_window(height, width)
@@ -301,6 +318,8 @@ class H5Dataset(Dataset):
 
         sample: dict[str, torch.Tensor] = {}
         try:
+            if self.frame_augmentation is not None:
+                read, win = self.frame_augmentation.read(read), full_window(*self.image_size)
             for adapter in self.adapters.values():
                 sample.update(adapter.load(read, win, self.image_size))
         except MmtkError as err:
