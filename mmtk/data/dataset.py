@@ -184,7 +184,7 @@ class H5Dataset(Dataset):
         modalities: registered modality names ("rgb", "depth", "semseg", "xyz", a plugin's ...); None: every
             registered modality the split stores under its own name.
         image_size: output (H, W); None keeps the file's size.
-        augment: random resized crop + horizontal flip, identical for every modality.
+        augment: random resized crop + horizontal flip (or ``augmentation``), identical for every modality.
         crop_scale: area fraction range of the random crop.
         hflip: allow horizontal flips when augmenting.
         dataset_map: modality -> stored dataset name, e.g. {"depth": "depth_raw"}.
