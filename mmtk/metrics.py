@@ -166,12 +166,14 @@ class BatchMeanDepthMetrics(Metric):
         self.frames.append(torch.stack([s.double() for s in sums], dim=1))  # [B, 8]
 
     def compute(self) -> dict[str, torch.Tensor]:
-        frames = torch.cat(self.frames) if isinstance(self.frames, list) else self.frames
+        frames = torch.cat(self.frames) if isinstance(self.frames, list) and self.frames else self.frames
+        if isinstance(frames, list):  # nothing was updated
+            frames = torch.zeros(0, len(self.SUMS), dtype=torch.float64)
         per_batch = [dict(zip(self.SUMS, chunk.sum(0))) for chunk in frames.split(self.batch_frames)]
         per_batch = [s for s in per_batch if s["pixels"] > 0]
         nan = torch.tensor(float("nan"), dtype=torch.float64)
         if not per_batch:
-            return dict.fromkeys(FAMILIES["depth"]["keys"], nan) | {"pixels": frames[:, 0].sum() if len(frames) else 0}
+            return dict.fromkeys(FAMILIES["depth"]["keys"], nan) | {"pixels": frames[:, 0].sum()}
 
         def mean(value) -> torch.Tensor:
             return torch.stack([value(s) for s in per_batch]).mean()
