@@ -18,6 +18,7 @@ from mmtk.data.transforms import IMAGENET_MEAN, IMAGENET_STD, prepare_rgb
 class RGB(Modality):
     name = "rgb"
     channels = 3
+    colour = True  # colour jitter / grayscale of the finetuning augmentations apply
     stores = (StoredArray("rgb", "image", ("uint8",), "uint8 sRGB, channels R,G,B", channels=3, codec="qoi"),)
 
     def load(self, read, window, image_size: tuple[int, int]) -> dict[str, Tensor]:

@@ -211,7 +211,12 @@ def eval_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N frames."),
     batch_size: int = typer.Option(4, "--batch-size", help="Frames per forward pass."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+    protocol: str = typer.Option("standard", "--protocol", help="Evaluation protocol: standard (full frame at full "
+                                 "resolution, depth in the Eigen crop capped at 10 m, pooled over all frames) or "
+                                 "multimae (the official MultiMAE evaluation: depth short side to the input size + "
+                                 "centre crop, metrics per batch of 96 frames averaged; semseg longest side + pad)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results (and the protocol) to this "
+                                            "JSON file."),
     save_predictions: Optional[Path] = typer.Option(None, "--save-predictions",
                                                     help="Write input | prediction | ground truth PNGs here."),
     plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
@@ -226,11 +231,13 @@ def eval_cmd(
     from mmtk.metrics import FAMILIES
     from mmtk.modality import get_modality
     from mmtk.progress import counted
+    from mmtk.protocols import PROTOCOLS, get_protocol
 
+    get_protocol(protocol)  # an unknown name fails before the model is loaded
     checkpoint = _eval_checkpoint(run, checkpoint)
     data = data or _training_file(checkpoint)
     rows, frames = evaluate(checkpoint, data, inputs, split=split, limit=limit, batch_size=batch_size,
-                            device=device, save_predictions=save_predictions)
+                            device=device, save_predictions=save_predictions, protocol=protocol)
     console = Console() if sys.stdout.isatty() else Console(width=160)
     for task in dict.fromkeys(r.task for r in rows):
         family = get_modality(task).metric_family
@@ -241,7 +248,7 @@ def eval_cmd(
         relative = any(row.relative_depth for row in task_rows)
         title = "semantic segmentation" if family == "segmentation" else \
             "relative depth (valid pixels)" if relative else "depth (metres, valid pixels)"
-        table = Table(title=f"{title}: {counted(frames, 'frame')} of split '{split}' of {data}")
+        table = Table(title=f"{title}: {counted(frames, 'frame')} of split '{split}' of {data}, protocol {protocol}")
         table.add_column("inputs")
         for key in keys:
             header = HEADERS[key]
@@ -259,6 +266,7 @@ def eval_cmd(
         for row in task_rows:
             if row.note:
                 console.print(f"  {','.join(row.inputs)} -> {task}: {row.note}", soft_wrap=True)
-    console.print(f"{counted(frames, 'frame')} evaluated (split '{split}'{', --limit ' + str(limit) if limit else ', full split'})")
-    if json_out:
-        atomic_write_text(json_out, results_json(checkpoint, data, split, frames, rows))  # strict JSON: NaN is null
+    console.print(f"{counted(frames, 'frame')} evaluated (split '{split}'{', --limit ' + str(limit) if limit else ', full split'}); "
+                  f"protocol {protocol}: {PROTOCOLS[protocol].source}", soft_wrap=True)
+    if json_out:  # strict JSON: NaN is null
+        atomic_write_text(json_out, results_json(checkpoint, data, split, frames, rows, protocol))

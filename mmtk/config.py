@@ -40,6 +40,9 @@ class DataConfig:
     num_classes: int | None = None  # None = the file's class count
     crop_scale: tuple[float, float] = (0.2, 1.0)  # random resized crop area range, shared by all modalities
     hflip: bool = True
+    # training augmentation: random-resized-crop (crop_scale, hflip; reads only the crop) or a whole-frame one of
+    # mmtk.data.augment (multimae-semseg, multimae-depth: the official MultiMAE finetuning's), output image_size
+    augmentation: str = "random-resized-crop"
     repeat: int = 1  # an epoch visits every frame this many times (differently augmented); for tiny files
     sources: dict[str, str] = field(default_factory=dict)  # modality -> stored dataset, e.g. {depth: depth_pseudo}
     num_workers: int | Literal["auto"] = "auto"  # loader worker processes; auto: from the machine (loader_workers)
@@ -70,6 +73,10 @@ class OptimConfig:
     scale_lr: bool = True  # effective lr = lr * batch_size / 256
     min_lr: float = 0.0
     weight_decay: float = 0.05
+    # which parameters decay (mmtk.optim.decays): weights (the official finetuning's rule: not biases, norms,
+    # global tokens, position embeddings) | all (the official pretraining) | weights-except-tokens (mmtk's rule
+    # before; kept for resuming runs that started with it)
+    weight_decay_on: Literal["weights", "all", "weights-except-tokens"] = "weights"
     betas: tuple[float, float] = (0.9, 0.95)
     layer_decay: float = 1.0  # lr of encoder block i is lr * layer_decay ** (num_blocks + 1 - (i + 1))
     epochs: float = 1600
@@ -93,6 +100,12 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False  # torch.use_deterministic_algorithms; needed for bit-exact resume on GPU
     loss: Literal["ce", "berhu", "l1"] | None = None  # finetuning loss; None = ce for semseg, berhu for depth
+    # depth finetuning: image = berHu threshold and mean per image, then the mean over images; batch = one threshold
+    # (0.2 x the batch's largest error) and the mean over all valid pixels of the batch (the official MultiMAE's)
+    loss_reduction: Literal["image", "batch"] = "image"
+    # depth finetuning: [mean, std] in metres; the head predicts (depth - mean) / std (the model still returns
+    # metres) and the loss compares normalised values (the official: NYU_MEAN / NYU_STD); None = metres
+    target_norm: tuple[float, float] | None = None
     log_every: int = 10  # steps between progress lines and JSONL records
     ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # newest step checkpoints kept on disk
@@ -396,6 +409,17 @@ def validate(recipe: Recipe, source: str) -> None:
         raise MmtkError(f"{source}: optim.warmup_epochs: must be in [0, optim.epochs], got {optim.warmup_epochs}")
     if not 0 < optim.layer_decay <= 1:
         raise MmtkError(f"{source}: optim.layer_decay: must be in (0, 1], got {optim.layer_decay}")
+    if data.augmentation != "random-resized-crop":
+        from mmtk.data.augment import AUGMENTATIONS  # imports torchvision: only when asked for
+
+        if data.augmentation not in AUGMENTATIONS:
+            raise MmtkError(f"{source}: data.augmentation: unknown {data.augmentation!r}; choose one of "
+                            f"{', '.join(AUGMENTATIONS)}")
+        if data.image_size is None:
+            raise MmtkError(f"{source}: data.augmentation {data.augmentation} crops to data.image_size; set it, "
+                            f"e.g. data.image_size=[256,256]")
+    if train.target_norm is not None and not train.target_norm[1] > 0:
+        raise MmtkError(f"{source}: train.target_norm: the std must be > 0, got {list(train.target_norm)}")
     if not 0 < data.crop_scale[0] <= data.crop_scale[1] <= 1:
         raise MmtkError(f"{source}: data.crop_scale: need 0 < min <= max <= 1, got {list(data.crop_scale)}")
     if optim.batch_size % optim.accum_steps:
@@ -419,6 +443,9 @@ def validate(recipe: Recipe, source: str) -> None:
         if family is None:
             raise MmtkError(f"{source}: model.task: {model.task} is not a finetuning task (its adapter has no "
                             f"metric_family); use semseg or depth")
+        if train.target_norm is not None and not FAMILIES[family].get("target_norm"):
+            raise MmtkError(f"{source}: train.target_norm normalises regression targets such as depth; "
+                            f"{model.task} is a {family} task, remove it")
         if train.loss not in (None, *FAMILIES[family]["losses"]):
             raise MmtkError(f"{source}: train.loss: {model.task} finetuning uses "
                             f"{' or '.join(repr(x) for x in FAMILIES[family]['losses'])}, got {train.loss!r}")

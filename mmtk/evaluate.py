@@ -17,17 +17,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics import Metric
 
 from mmtk.runtime import pick_device, to_device
 from mmtk.errors import MmtkError
 from mmtk.data.info import strict_json
 from mmtk.data.transforms import robust_mean_std
 from mmtk.io import atomic_write, disk_errors, remove_dead_temps
-from mmtk.metrics import FAMILIES, DepthMetrics, SegmentationMetrics
+from mmtk.metrics import FAMILIES, SegmentationMetrics
 from mmtk.modality import get_modality
+from mmtk.protocols import EvalProtocol, View, get_protocol
 from mmtk.registry import model_from_checkpoint
-from mmtk.training import data_info, open_dataset, require_modalities
+from mmtk.training import data_info, require_modalities
 from mmtk.visualize import class_legend, colorize_depth, depth_bar, label_palette
 
 
@@ -105,16 +107,17 @@ def _predict(model: nn.Module, kind: str, batch: dict[str, Tensor], combo: tuple
 @torch.no_grad()
 def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | None = None, split: str = "test",
              limit: int | None = None, batch_size: int = 4, device: str = "auto",
-             save_predictions: str | Path | None = None) -> tuple[list[EvalRow], int]:
-    """Evaluate ``checkpoint`` on the ``split`` of ``data`` for each input combination.
+             save_predictions: str | Path | None = None, protocol: str = "standard") -> tuple[list[EvalRow], int]:
+    """Evaluate ``checkpoint`` on the ``split`` of ``data`` for each input combination under ``protocol`` (a name
+    of :data:`mmtk.protocols.PROTOCOLS`: which part of each frame the model sees and how it is scored).
 
-    Returns (rows, frames used). Metrics are pooled over all frames of the split (or the first
-    ``limit`` frames).
+    Returns (rows, frames used): all frames of the split, or the first ``limit``.
     """
     if limit is not None and limit <= 0:
         raise MmtkError(f"--limit must be > 0, got {limit}")
     if batch_size <= 0:
         raise MmtkError(f"--batch-size must be > 0, got {batch_size}")
+    chosen = get_protocol(protocol)
     torch_device = pick_device(device)
     model = load_trained_model(checkpoint, torch_device)
     config = model.config
@@ -141,31 +144,35 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
     wanted = tuple(dict.fromkeys(available + tasks))
     require_modalities(wanted, info, f"evaluating {checkpoint}",
                        fix="pass --data with a file that has it (e.g. the file the run trained on)")
-    dataset = open_dataset(data, split, wanted, tuple(config.image_size), augment=False)
-    frames = len(dataset) if limit is None else min(limit, len(dataset))
+    frames = min(info.frames, limit or info.frames)
     if frames == 0:
         raise MmtkError(f"split '{split}' of {data} has no frames; pick another with --split")
-    loader = DataLoader(Subset(dataset, range(frames)), batch_size=batch_size, shuffle=False)
     num_classes = config.num_classes
-    metrics = {(combo, task): _new_metric(task, num_classes) for combo in combos for task in tasks}
+    metrics = {(combo, task): _new_metric(task, num_classes, chosen) for combo in combos for task in tasks}
     skipped: set[tuple[tuple[str, ...], str]] = set()
     saver = PredictionWriter(save_predictions, num_classes, info, kind != "finetune") if save_predictions else None
-    seen = 0
-    for batch in loader:
-        batch = to_device(batch, torch_device)
-        for combo in combos:
-            for task, pred in _predict(model, kind, batch, combo, tasks, tuple(config.image_size)).items():
+    for task in tasks:
+        view = chosen.view(get_modality(task).metric_family, tuple(info.image_size), tuple(config.image_size))
+        region = chosen.depth_region(tuple(info.image_size), view.target_size)
+        seen = 0
+        for batch in DataLoader(_ProtocolFrames(data, split, wanted, task, view, frames), batch_size=batch_size):
+            batch = to_device(batch, torch_device)
+            for combo in combos:
+                pred = _predict(model, kind, _padded(batch, combo, view), combo, (task,),
+                                view.padded_size or view.input_size)[task]
                 if pred is None:
                     skipped.add((combo, task))
                     continue
-                pred = pred.cpu()
+                pred = _to_target(pred.float(), view).cpu()
                 if get_modality(task).metric_family == "segmentation":
                     metrics[combo, task].update(pred, batch[f"{task}_full"].cpu())
                 else:
-                    metrics[combo, task].update(pred, batch[f"{task}_m"].cpu(), batch[f"{task}_valid"].cpu())
+                    valid = batch[f"{task}_valid"].cpu().bool()
+                    metrics[combo, task].update(pred, batch[f"{task}_m"].cpu(),
+                                                valid if region is None else valid & region)
                 if saver:
                     saver.write(batch, pred, combo, task, seen)
-        seen += next(iter(batch.values())).shape[0]
+            seen += next(iter(batch.values())).shape[0]
     rows = [EvalRow(combo, task, frames, {}, note=skipped_labels) for combo in combos for task in skipped_tasks]
     for (combo, task), metric in metrics.items():
         if (combo, task) in skipped:
@@ -175,18 +182,65 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
         keys = FAMILIES[get_modality(task).metric_family]["keys"]
         row = EvalRow(combo, task, frames, {k: float(result[k]) for k in keys} | {"pixels": int(result["pixels"])},
                       note=_pretrained_note(kind, combo, task),
-                      relative_depth=kind != "finetune" and isinstance(metric, DepthMetrics))
+                      relative_depth=kind != "finetune" and get_modality(task).metric_family == "depth")
         if isinstance(metric, SegmentationMetrics):
             row.per_class = {k: [float(x) for x in result[k]] for k in ("iou", "intersection", "union")}
         rows.append(row)
     return rows, frames
 
 
-def _new_metric(task: str, num_classes: int) -> SegmentationMetrics | DepthMetrics:
+class _ProtocolFrames(Dataset):
+    """The first ``frames`` frames of a split as a protocol's view shows them: inputs (and the task) read from
+    ``view.window`` at ``view.input_size``; the task's targets at ``view.target_size`` when that differs."""
+
+    def __init__(self, data: str | Path, split: str, wanted: tuple[str, ...], task: str, view: View,
+                 frames: int) -> None:
+        from mmtk.data import H5Dataset
+
+        self.inputs = H5Dataset(data, split, wanted, view.input_size, window=view.window)
+        self.targets = None if view.target_size == view.input_size else \
+            H5Dataset(data, split, (task,), view.target_size, window=view.window)
+        self.target_keys = (f"{task}_full", f"{task}_m", f"{task}_valid")  # the data contract's target tensors
+        self.frames = frames
+
+    def __len__(self) -> int:
+        return self.frames
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        sample = self.inputs[index]
+        if self.targets is not None:
+            sample.update({k: v for k, v in self.targets[index].items() if k in self.target_keys})
+        return sample
+
+
+def _padded(batch: dict[str, Tensor], combo: tuple[str, ...], view: View) -> dict[str, Tensor]:
+    """The inputs of ``combo`` padded at the bottom and right to ``view.padded_size`` (a prepared tensor at
+    1/stride keeps its stride); the pad is 0 (the mean of normalised inputs) or the modality's ignore index."""
+    if view.padded_size is None:
+        return batch
+    padded = dict(batch)
+    for name in combo:
+        x = batch[name]
+        stride = view.input_size[0] // x.shape[-2]
+        rows, cols = view.padded_size[0] // stride - x.shape[-2], view.padded_size[1] // stride - x.shape[-1]
+        fill = get_modality(name).ignore_index
+        padded[name] = F.pad(x, (0, cols, 0, rows), value=0 if fill is None else fill)
+    return padded
+
+
+def _to_target(pred: Tensor, view: View) -> Tensor:
+    """A prediction [B, C, H, W] on the model's input, cropped to the frame's pixels and resized to the target size."""
+    pred = pred[..., : view.input_size[0], : view.input_size[1]]
+    if tuple(pred.shape[-2:]) == tuple(view.target_size):
+        return pred
+    return F.interpolate(pred, size=view.target_size, mode="bilinear", align_corners=False)
+
+
+def _new_metric(task: str, num_classes: int, protocol: EvalProtocol) -> Metric:
     adapter = get_modality(task)
     if adapter.metric_family == "segmentation":
         return SegmentationMetrics(num_classes, adapter.ignore_index)
-    return DepthMetrics()
+    return protocol.depth_metric()
 
 
 def _pretrained_note(kind: str, combo: tuple[str, ...], task: str) -> str:
@@ -197,10 +251,12 @@ def _pretrained_note(kind: str, combo: tuple[str, ...], task: str) -> str:
     return f"{task} is hidden when it is the target, so this row predicts from {given} alone (as --inputs {given} would)"
 
 
-def results_json(checkpoint: str | Path, data: str | Path, split: str, frames: int, rows: list[EvalRow]) -> str:
-    """The results of :func:`evaluate` as strict JSON: a metric that does not exist (a class absent from the
-    split, no valid depth pixel) is null, never NaN."""
+def results_json(checkpoint: str | Path, data: str | Path, split: str, frames: int, rows: list[EvalRow],
+                 protocol: str = "standard") -> str:
+    """The results of :func:`evaluate` as strict JSON, with the protocol's name and source: a metric that does not
+    exist (a class absent from the split, no valid depth pixel, a metric the protocol lacks) is null, never NaN."""
     payload = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "frames": frames,
+               "protocol": {"name": protocol, "source": get_protocol(protocol).source},
                "results": [{"inputs": list(r.inputs), "task": r.task, "frames": r.frames, "metrics": r.metrics,
                             **({"per_class": r.per_class} if r.per_class else {}),
                             **({"note": r.note} if r.note else {}),

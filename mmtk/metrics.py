@@ -16,12 +16,12 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.regression import MeanAbsolutePercentageError, MeanSquaredError
 
 
-# Metric families (Modality.metric_family): the finetuning losses each accepts (first = default) and the
-# metrics each reports.
+# Metric families (Modality.metric_family): the finetuning losses each accepts (first = default), the
+# metrics each reports and whether its targets can be normalised (train.target_norm).
 FAMILIES = {
-    "segmentation": {"losses": ("ce",), "keys": ("miou", "pixel_acc", "mean_acc")},
+    "segmentation": {"losses": ("ce",), "keys": ("miou", "pixel_acc", "mean_acc"), "target_norm": False},
     "depth": {"losses": ("berhu", "l1"), "keys": ("delta1", "delta2", "delta3", "abs_rel", "sq_rel", "rmse", "rmse_log",
-                                                   "log10")},
+                                                   "log10"), "target_norm": True},
 }
 
 
@@ -133,3 +133,59 @@ class DepthMetrics(Metric):
         super().reset()
         self.rmse.reset()
         self.abs_rel.reset()
+
+
+class BatchMeanDepthMetrics(Metric):
+    """Depth metrics as the official MultiMAE evaluation computes them (run_finetuning_depth.py,
+    ``masked_nyu_metrics`` averaged by its metric logger): each metric over the valid pixels of one evaluation
+    batch of ``batch_frames`` frames (1.5 x the training batch of 64 = 96, one process), then the plain mean over
+    batches. No depth cap, no clamping of predictions (only 1e-6 guards in ratios and logs).
+
+    ``update(pred, target, valid=None)`` in metres, [B, ...]; frames are grouped in the order they arrive.
+    Returns the keys of :data:`FAMILIES` ``depth`` in metres; ``rmse_log`` is what the official code calls
+    ``log10`` (the RMSE of natural logs); ``log10`` itself is not computed there and is NaN.
+    """
+
+    full_state_update = False
+    SUMS = ("pixels", "sq", "rel", "sq_rel", "sq_log", "delta1", "delta2", "delta3")  # per-frame sums
+
+    def __init__(self, batch_frames: int = 96) -> None:
+        super().__init__()
+        self.batch_frames = batch_frames
+        self.add_state("frames", default=[], dist_reduce_fx="cat")
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        p, t = pred.detach().double().flatten(1), target.detach().double().flatten(1)  # [B, P]
+        keep = (t > 0) if valid is None else valid.reshape(t.shape).bool()
+        diff = (p - t).abs() * keep
+        ratio = torch.maximum(p / t.clamp_min(1e-6), t / p.clamp_min(1e-6))
+        log_diff = (p.clamp_min(1e-6).log() - t.clamp_min(1e-6).log()) * keep
+        sums = [keep.sum(1), diff.square().sum(1), (diff / t.clamp_min(1e-6)).sum(1),
+                (diff.square() / t.clamp_min(1e-6)).sum(1), log_diff.square().sum(1)]
+        sums += [((ratio < 1.25**k) & keep).sum(1) for k in (1, 2, 3)]
+        self.frames.append(torch.stack([s.double() for s in sums], dim=1))  # [B, 8]
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        frames = torch.cat(self.frames) if isinstance(self.frames, list) and self.frames else self.frames
+        if isinstance(frames, list):  # nothing was updated
+            frames = torch.zeros(0, len(self.SUMS), dtype=torch.float64)
+        per_batch = [dict(zip(self.SUMS, chunk.sum(0))) for chunk in frames.split(self.batch_frames)]
+        per_batch = [s for s in per_batch if s["pixels"] > 0]
+        nan = torch.tensor(float("nan"), dtype=torch.float64)
+        if not per_batch:
+            return dict.fromkeys(FAMILIES["depth"]["keys"], nan) | {"pixels": frames[:, 0].sum()}
+
+        def mean(value) -> torch.Tensor:
+            return torch.stack([value(s) for s in per_batch]).mean()
+
+        return {
+            "delta1": mean(lambda s: s["delta1"] / s["pixels"]),
+            "delta2": mean(lambda s: s["delta2"] / s["pixels"]),
+            "delta3": mean(lambda s: s["delta3"] / s["pixels"]),
+            "abs_rel": mean(lambda s: s["rel"] / s["pixels"]),
+            "sq_rel": mean(lambda s: s["sq_rel"] / s["pixels"]),
+            "rmse": mean(lambda s: (s["sq"] / s["pixels"]).sqrt()),
+            "rmse_log": mean(lambda s: (s["sq_log"] / s["pixels"]).sqrt()),
+            "log10": nan,
+            "pixels": frames[:, 0].sum(),
+        }

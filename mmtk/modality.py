@@ -90,6 +90,8 @@ class Modality:
       pos_mode:      interpolation of its positional grid at other image sizes.
       ignore_index:  the target value that marks unlabelled pixels, for class-index targets.
       fp32_decoder:  its decoder runs in fp32 under autocast unless ModelConfig.fp32_decoders says otherwise.
+      colour:        its stored arrays are colour images: the colour steps of whole-frame augmentations
+                     (mmtk.data.augment: colour jitter, grayscale) apply to them; geometry applies to all.
       metric_family: how a finetuning head predicting it is trained and scored (mmtk.metrics.FAMILIES):
                      "segmentation" (cross-entropy, mIoU; targets `<name>_full`) or "depth" (berHu/L1,
                      delta/AbsRel/RMSE in metres; targets `<name>_m` with `<name>_valid`); None: not a task.
@@ -108,6 +110,7 @@ class Modality:
     ignore_index: ClassVar[int | None] = None  # target value that marks "no label" (semseg: 255)
     metric_family: ClassVar[str | None] = None  # "segmentation" | "depth": how it is finetuned and scored
     fp32_decoder: ClassVar[bool] = False  # its decoder runs in fp32 under autocast (ModelConfig.fp32_decoders)
+    colour: ClassVar[bool] = False  # colour augmentations (jitter, grayscale) apply to its stored arrays
     stores: ClassVar[tuple[StoredArray, ...]] = ()
     stored_from: ClassVar[tuple[str, ...]] = ()
 

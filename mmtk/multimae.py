@@ -67,6 +67,7 @@ class ModelConfig:
     hooks: tuple[int, ...] = (2, 5, 8, 11)  # DPT: 0-based encoder blocks read (blocks 3/6/9/12)
     layer_dims: tuple[int, ...] = (96, 192, 384, 768)  # DPT: widths of the reassembled maps
     dpt_dim: int = 256  # DPT: width of the fused feature maps
+    output_norm: tuple[float, float] | None = None  # (mean, std): the head predicts (y - mean) / std, forward gives y
 
     def __post_init__(self) -> None:
         self.image_size = _pair(self.image_size)
@@ -446,15 +447,22 @@ class DenseModel(nn.Module):
         init_weights(self)
 
     def forward(self, inputs: dict[str, Tensor], present: dict[str, Tensor] | None = None) -> Tensor:
-        """Prediction at full image resolution: semseg logits [B, C, H, W] or depth [B, 1, H, W].
+        """Prediction at full image resolution: semseg logits [B, C, H, W] or depth [B, 1, H, W] (in the task's
+        units also when the head predicts normalised values, ``config.output_norm``).
 
         `present`: optional [B] bool per input, False where a sample lacks it (see `forward_features`).
         """
         features = self.forward_features(inputs, isinstance(self.head, DPTHead), present)
         if isinstance(self.head, DPTHead):
             hooked = [features.select(self.config.main_inputs, features.blocks[i]) for i in self.head.hooks]
-            return self.head(hooked, features.layout.grid)
-        return self.head(features.select(self.config.main_inputs), features.layout.grid, features.layout.image_size)
+            pred = self.head(hooked, features.layout.grid)
+        else:
+            pred = self.head(features.select(self.config.main_inputs), features.layout.grid,
+                             features.layout.image_size)
+        if self.config.output_norm is None:
+            return pred
+        mean, std = self.config.output_norm
+        return pred * std + mean
 
     def forward_features(self, inputs: dict[str, Tensor], return_all_blocks: bool = False,
                          present: dict[str, Tensor] | None = None) -> EncoderFeatures:

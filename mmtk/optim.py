@@ -30,21 +30,42 @@ def count_blocks(model: nn.Module) -> int:
     return max(ids) + 1 if ids else 0
 
 
-def _no_weight_decay(name: str, param: torch.Tensor, extra: set[str]) -> bool:
-    # Biases, norm scales, learned tokens and position embeddings are not decayed (MAE/BEiT convention).
-    return param.ndim <= 1 or name.endswith(".bias") or name in extra or "token" in name or "pos_emb" in name
+# Parameters never decayed by name (the last part of the dotted name), as the official MultiMAE's
+# ``no_weight_decay()`` lists them for its models: the global tokens, position embeddings (when learned) and
+# decoder mask tokens.
+NO_DECAY_NAMES = frozenset({"global_tokens", "pos_emb", "mask_token"})
+
+# optim.weight_decay_on: which parameters AdamW decays.
+#   weights: every weight of >= 2 dims except NO_DECAY_NAMES; never biases or 1-D parameters (norms). The
+#            official finetuning's rule (utils/optim_factory.py get_parameter_groups with the model's
+#            no_weight_decay list); input projections and class embeddings are decayed.
+#   all:     every parameter (the official pretraining hands AdamW the model without groups).
+#   weights-except-tokens: mmtk 0.1.0 before this rule (also skips every name containing "token", so the tokenizers'
+#            projections and the class embedding); only so that runs started then resume as they began.
+WEIGHT_DECAY_RULES = ("weights", "all", "weights-except-tokens")
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
-    """AdamW groups: (decay / no decay) x layer, each with its own ``lr`` (layer-wise decay) and ``weight_decay``."""
+def decays(name: str, param: torch.Tensor, rule: str = "weights") -> bool:
+    """Whether AdamW decays the parameter ``name`` under ``rule`` (one of :data:`WEIGHT_DECAY_RULES`)."""
+    if rule == "all":
+        return True
+    if param.ndim <= 1 or name.endswith(".bias") or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES:
+        return False
+    return rule == "weights" or not ("token" in name or "pos_emb" in name)
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float = 1.0,
+                 rule: str = "weights") -> list[dict]:
+    """AdamW groups: (decay / no decay) x layer, each with its own ``lr`` (layer-wise decay) and ``weight_decay``.
+
+    ``rule`` says which parameters decay (:func:`decays`)."""
     num_blocks = count_blocks(model)
-    extra = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         lid = layer_id(name, num_blocks)
-        decay = not _no_weight_decay(name, param, extra)
+        decay = decays(name, param, rule)
         scale = layer_decay ** (num_blocks + 1 - lid)
         group = groups.setdefault((lid, decay), {
             "params": [], "names": [], "lr": lr * scale, "lr_scale": scale,
@@ -76,7 +97,7 @@ def build_optimizer(model: nn.Module, recipe: Recipe, total_steps: int,
     """AdamW + per-step warm-up/cosine LambdaLR for ``model`` as the recipe says."""
     optim = recipe.optim
     lr = optim.lr * optim.batch_size / 256 if optim.scale_lr else optim.lr
-    groups = param_groups(model, lr, optim.weight_decay, optim.layer_decay)
+    groups = param_groups(model, lr, optim.weight_decay, optim.layer_decay, optim.weight_decay_on)
     for group in groups:
         group.pop("names")
     # fused: one kernel for all parameters (on a CPU about 3x faster than the default per-parameter loop)

@@ -61,7 +61,7 @@ def mixture_info(parts: list[DataInfo]) -> DataInfo:
 
 def open_dataset(path: str | Path, split: str, modalities: tuple[str, ...], image_size: tuple[int, int] | None,
                  augment: bool, crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True,
-                 sources: dict[str, str] | None = None):
+                 sources: dict[str, str] | None = None, augmentation: str = "random-resized-crop"):
     """One split of an HDF5 file as prepared tensors (the data contract); only ``modalities`` are read.
 
     ``sources`` maps a modality to the stored dataset it reads (``{"depth": "depth_pseudo"}``).
@@ -69,7 +69,7 @@ def open_dataset(path: str | Path, split: str, modalities: tuple[str, ...], imag
     from mmtk.data import H5Dataset
 
     return H5Dataset(path, split=split, modalities=modalities, image_size=image_size, augment=augment,
-                     crop_scale=crop_scale, hflip=hflip, dataset_map=sources)
+                     crop_scale=crop_scale, hflip=hflip, dataset_map=sources, augmentation=augmentation)
 
 
 def data_info(path: str | Path, split: str = "train", sources: dict[str, str] | None = None,
@@ -147,6 +147,8 @@ def model_args(recipe: Recipe, info: DataInfo) -> dict[str, Any]:
     else:
         args.update(outputs=[], head=model.head, task=model.task,
                     main_inputs=list(model.main_inputs or model.inputs[:1]))
+        if recipe.train.target_norm is not None:  # the head predicts normalised depth (the official MultiMAE's)
+            args["output_norm"] = list(recipe.train.target_norm)
     args.update(model.overrides)
     return args
 
@@ -189,18 +191,23 @@ def segmentation_loss(logits: Tensor, target: Tensor, ignore_index: int) -> Tens
     return (pixel.flatten(1).sum(1) / labelled.sum(1).clamp(min=1)).mean()
 
 
-def depth_loss(pred: Tensor, target: Tensor, valid: Tensor, kind: str = "berhu") -> Tensor:
-    """berHu (reverse Huber, threshold 0.2 x the image's largest error) or L1, in metres, valid pixels only.
+def depth_loss(pred: Tensor, target: Tensor, valid: Tensor, kind: str = "berhu", reduction: str = "image",
+               scale: float = 1.0) -> Tensor:
+    """berHu (reverse Huber, threshold 0.2 x the largest error) or L1 on valid pixels, errors in metres / ``scale``.
 
-    pred, target: [B, 1, H, W] metres; valid: [B, 1, H, W] bool. Mean per image, then over images.
+    pred, target: [B, 1, H, W] metres; valid: [B, 1, H, W] bool. ``reduction`` "image": threshold and mean per
+    image, then the mean over images; "batch": one threshold for the batch and the mean over all its valid pixels
+    (the official MultiMAE ``masked_berhu_loss``). ``scale``: the std of ``train.target_norm`` (normalised depth
+    differs from metres by it; the mean cancels in the error).
     """
     valid = valid.bool() & (target > 0)
-    error = (pred.float() - target).abs() * valid  # [B, 1, H, W]
-    flat = error.flatten(1)
+    error = (pred.float() - target).abs() * valid / scale  # [B, 1, H, W]
+    rows = 1 if reduction == "batch" else error.shape[0]
+    flat, mask = error.reshape(rows, -1), valid.reshape(rows, -1)
     if kind == "berhu":
-        c = (0.2 * flat.max(dim=1, keepdim=True).values).detach().clamp(min=1e-6)  # [B, 1]
-        flat = torch.where(flat <= c, flat, (flat**2 + c**2) / (2 * c)) * valid.flatten(1)
-    return (flat.sum(1) / valid.flatten(1).sum(1).clamp(min=1)).mean()
+        c = (0.2 * flat.max(dim=1, keepdim=True).values).detach().clamp(min=1e-6)  # [rows, 1]
+        flat = torch.where(flat <= c, flat, (flat**2 + c**2) / (2 * c)) * mask
+    return (flat.sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
 def finetune_loss_fn(recipe: Recipe) -> LossFn:
@@ -210,6 +217,8 @@ def finetune_loss_fn(recipe: Recipe) -> LossFn:
     adapter = get_modality(task)
     family = adapter.metric_family
     kind = recipe.train.loss or FAMILIES[family]["losses"][0]
+    train = recipe.train
+    scale = train.target_norm[1] if train.target_norm is not None else 1.0
 
     def compute(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         present = present_masks(batch, (*inputs, task))
@@ -222,7 +231,7 @@ def finetune_loss_fn(recipe: Recipe) -> LossFn:
         if family == "segmentation":
             loss = segmentation_loss(pred, batch[f"{task}_full"], adapter.ignore_index)
         else:
-            loss = depth_loss(pred, batch[f"{task}_m"], batch[f"{task}_valid"], kind)
+            loss = depth_loss(pred, batch[f"{task}_m"], batch[f"{task}_valid"], kind, train.loss_reduction, scale)
         return loss, {task: loss}
 
     return compute
@@ -254,7 +263,8 @@ def _prepare(recipe: Recipe) -> tuple[DataInfo, Any]:
             raise MmtkError(f"{part.path} has none of the model's inputs {', '.join(recipe.model.inputs)} (it has "
                             f"{', '.join(part.modalities)}); drop it from data.path or add an input it has")
         opened.append(open_dataset(part.path, data.train_split, has, image_size, augment=True,
-                                   crop_scale=data.crop_scale, hflip=data.hflip, sources=data.sources))
+                                   crop_scale=data.crop_scale, hflip=data.hflip, sources=data.sources,
+                                   augmentation=data.augmentation))
     if len(opened) == 1:
         return info, opened[0]
     return info, Mixture(opened, [dataset.modalities for dataset in opened])
@@ -301,6 +311,17 @@ def init_summary(model: nn.Module) -> str:
     return "; ".join(parts + list(report.notes))  # what the file made mmtk decide (e.g. no class token)
 
 
+def keep_legacy_weight_decay(recipe: Recipe, resume_state: dict | None) -> None:
+    """A run that started before ``optim.weight_decay_on`` existed resumes with the rule it started with (its
+    optimizer state has that rule's parameter groups), said once."""
+    recorded = (resume_state or {}).get("recipe")
+    optim = recorded.get("optim") if isinstance(recorded, dict) else None
+    if isinstance(optim, dict) and "weight_decay_on" not in optim:
+        recipe.optim.weight_decay_on = "weights-except-tokens"
+        main_process_print("resume: this run started before optim.weight_decay_on existed; it continues with the "
+                           "weight-decay groups it began with (weights-except-tokens)")
+
+
 def run_training(recipe: Recipe, run_dir: str | Path, init: str | Path | None = None,
                  resume: bool = False) -> FitResult:
     """Pretrain or finetune (``recipe.kind``) into ``run_dir``; ``init`` seeds a finetuning encoder."""
@@ -315,6 +336,7 @@ def run_training(recipe: Recipe, run_dir: str | Path, init: str | Path | None = 
     # recipe says (e.g. a ViT without class token); fit then restores the optimizer and the rest from the same
     # state, read once.
     point = find_resume_point(run_dir, recipe) if resume else None
+    keep_legacy_weight_decay(recipe, point.state if point else None)
     model = mmtk.create_model(recipe.model.name, pretrained=point.state if point else init, verbose=False, **args)
     if init is not None and not resume:
         main_process_print(f"init from {init}: {init_summary(model)}")

@@ -89,6 +89,7 @@ def test_base_recipe_has_paper_values():
     assert recipe.model.outputs == ("rgb", "norm_rgb", "depth", "semseg")
     assert recipe.model.num_visible == 98 and recipe.model.alphas == 1.0
     assert recipe.optim.betas == (0.9, 0.95) and recipe.optim.weight_decay == 0.05
+    assert recipe.optim.weight_decay_on == "all"  # the official pretraining decays every parameter
     assert recipe.optim.lr == pytest.approx(1e-4) and recipe.optim.scale_lr
     assert (recipe.optim.warmup_epochs, recipe.optim.epochs) == (40, 1600)
     assert recipe.data.crop_scale == (0.2, 1.0) and recipe.data.hflip and recipe.train.precision == "bf16"

@@ -15,6 +15,7 @@ from mmtk.checkpoint import checkpoint_paths, load_checkpoint
 from mmtk.engine import read_metrics
 from mmtk.errors import MmtkError
 from mmtk.evaluate import evaluate
+from mmtk.protocols import eigen_crop
 from mmtk.training import run_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,7 +49,8 @@ def test_pretraining_lowers_every_task_loss(sample_h5, tmp_path):
     by_key = {(r.inputs, r.task): r for r in rows}
     assert by_key[("depth",), "depth"].note  # depth cannot be predicted from depth once it is hidden
     assert 0 <= by_key[("rgb",), "depth"].metrics["delta1"] <= 1
-    assert by_key[("rgb",), "depth"].metrics["pixels"] == 64 * 64  # the sample frame has no depth holes
+    # standard protocol: scored at the file's 120 x 160 inside the Eigen crop; the sample frame has no depth holes
+    assert by_key[("rgb",), "depth"].metrics["pixels"] == int(eigen_crop((120, 160)).sum())
     assert 0 <= by_key[("depth",), "semseg"].metrics["miou"] <= 1
 
 
@@ -70,10 +72,10 @@ def test_semseg_finetuning_with_each_input_subset(sample_h5, tmp_path, inputs):
 
 
 def _labels(path):
-    """Labels of the test frame at the 64x64 evaluation size (nearest), 0 = unlabeled."""
+    """Labels of the test frame at the file's size (where the standard protocol scores), 0 = unlabeled."""
     from mmtk.data import H5Dataset
 
-    full = H5Dataset(path, split="test", modalities=("semseg",), image_size=(64, 64))[0]["semseg_full"]
+    full = H5Dataset(path, split="test", modalities=("semseg",), image_size=None)[0]["semseg_full"]
     return (full + 1).where(full != 255, torch.zeros((), dtype=full.dtype)).numpy()
 
 
@@ -87,7 +89,8 @@ def test_depth_finetuning_and_missing_sensor_rows(sample_h5, tmp_path):
     rows, _ = evaluate(result.last_checkpoint, sample_h5, ["rgb", "depth", "rgb,depth"], limit=1)
     assert [r.inputs for r in rows] == [("rgb",), ("depth",), ("rgb", "depth")]
     for row in rows:
-        assert row.metrics["pixels"] == 64 * 64 and math.isfinite(row.metrics["rmse"]) and row.metrics["rmse"] > 0
+        assert row.metrics["pixels"] == int(eigen_crop((120, 160)).sum())
+        assert math.isfinite(row.metrics["rmse"]) and row.metrics["rmse"] > 0
     assert len({round(r.metrics["rmse"], 6) for r in rows}) == 3  # removing a sensor changes the prediction
 
 

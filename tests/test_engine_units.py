@@ -78,7 +78,9 @@ def test_build_optimizer_lr_per_step_is_the_recipe_curve(tiny):
                                  0.0006579634, 0.000505, 0.0003520366, 0.0002140463, 0.0001045366, 3.4227e-05],
                                 rel=1e-6)
     groups = [(group["weight_decay"], len(group["params"])) for group in optimizer.param_groups]
-    assert groups == [(0.0, 8), (0.0, 8), (0.05, 4), (0.0, 8), (0.05, 4), (0.0, 8), (0.05, 4), (0.0, 88), (0.05, 56)]
+    # layer 0: global token + 3 tokenizer biases undecayed, 3 tokenizer projections + the class embedding decayed
+    assert groups == [(0.0, 4), (0.05, 4), (0.0, 8), (0.05, 4), (0.0, 8), (0.05, 4), (0.0, 8), (0.05, 4), (0.0, 88),
+                      (0.05, 56)]
 
 
 def test_frame_bar_counts_frames_from_a_resumed_start(capsys):

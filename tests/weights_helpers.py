@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from mmtk.metrics import DepthMetrics, SegmentationMetrics
+from mmtk.protocols import eigen_crop
 from mmtk.training import open_dataset
 
 SIZE = (64, 64)  # the image size of the test models (their positional grid x 16)
@@ -22,15 +24,20 @@ def strict_loads(text: str):
 
 
 def reference_metrics(model: torch.nn.Module, data: Path, inputs: tuple[str, ...], task: str) -> dict[str, float]:
-    """The metrics of `model` run on the test split of `data` prepared at SIZE, frame by frame."""
+    """The metrics of `model` run on the test split of `data` prepared at SIZE, frame by frame, scored as the
+    standard protocol does: upsampled to the file's frame size, depth inside the Eigen crop."""
     dataset = open_dataset(data, "test", ("rgb", "depth", "semseg"), SIZE, augment=False)
+    targets = open_dataset(data, "test", ("depth", "semseg"), None, augment=False)
     metric = SegmentationMetrics(40, ignore_index=255) if task == "semseg" else DepthMetrics()
     with torch.no_grad():
         for i in range(len(dataset)):
             frame = {k: v[None] for k, v in dataset[i].items()}
-            pred = model({name: frame[name] for name in inputs})
+            target = {k: v[None] for k, v in targets[i].items()}
+            pred = model({name: frame[name] for name in inputs}).float()
+            pred = F.interpolate(pred, size=target["depth_m"].shape[-2:], mode="bilinear", align_corners=False)
             if task == "semseg":
-                metric.update(pred, frame["semseg_full"])
+                metric.update(pred, target["semseg_full"])
             else:
-                metric.update(pred, frame["depth_m"], frame["depth_valid"])
+                region = eigen_crop(tuple(target["depth_m"].shape[-2:]))
+                metric.update(pred, target["depth_m"], target["depth_valid"] & region)
     return {k: float(v) for k, v in metric.compute().items() if v.ndim == 0}

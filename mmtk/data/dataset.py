@@ -225,10 +225,15 @@ class H5Dataset(Dataset):
         modalities: registered modality names ("rgb", "depth", "semseg", "xyz", a plugin's ...); None: every
             registered modality the split stores under its own name.
         image_size: output (H, W); None keeps the file's size.
-        augment: random resized crop + horizontal flip, identical for every modality.
+        augment: random resized crop + horizontal flip (or ``augmentation``), identical for every modality.
         crop_scale: area fraction range of the random crop.
         hflip: allow horizontal flips when augmenting.
         dataset_map: modality -> stored dataset name, e.g. {"depth": "depth_raw"}.
+        window: one crop window for every frame (an evaluation protocol's); None: the full frame (or a random
+            crop when augmenting).
+        augmentation: when augmenting, "random-resized-crop" (the window above, chosen before reading) or a
+            whole-frame augmentation of :data:`mmtk.data.augment.AUGMENTATIONS` (e.g. "multimae-depth"), whose
+            output is ``image_size``.
 
     Safe with DataLoader workers: every process opens its own file handle on first use. A folder ``path`` (a
     shard folder, :mod:`mmtk.data.shards`) gives a :class:`~mmtk.data.shards.ShardedDataset` over its shards.
@@ -245,8 +250,10 @@ class H5Dataset(Dataset):
                  modalities: Sequence[str] | None = None,
                  image_size: tuple[int, int] | None = (224, 224), augment: bool = False,
                  crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True,
-                 dataset_map: Mapping[str, str] | None = None) -> None:
+                 dataset_map: Mapping[str, str] | None = None, window: CropWindow | None = None,
+                 augmentation: str = "random-resized-crop") -> None:
         self.path = Path(path)
+        self.fixed_window = window
         self.split = split
         self.modalities = tuple(modalities) if modalities is not None else self._stored_modalities()
         self.augment = augment
@@ -272,10 +279,21 @@ class H5Dataset(Dataset):
             for modality, name in self._stored_names():
                 self.adapters[modality].bind_stored(name, dict(group[name].attrs))
         self.image_size = tuple(image_size) if image_size is not None else self.file_size
+        self.frame_augmentation = self._frame_augmentation(augmentation) if augment else None
         self._handle: h5py.File | None = None
         self._pid: int | None = None
         self._open: dict[str, h5py.Dataset] = {}
         self._readers: dict[str, FrameReader] = {}
+
+    def _frame_augmentation(self, name: str):
+        """The whole-frame augmentation ``name`` bound to this dataset's arrays; None for the crop window."""
+        if name == "random-resized-crop":
+            return None
+        from mmtk.data.augment import bind_augmentation
+
+        sources = {source: (self.dataset_map.get(source, source), type(adapter).colour)
+                   for adapter in self.adapters.values() for source in adapter.reads()}
+        return bind_augmentation(name, tuple(self.image_size), sources)
 
     def _stored_modalities(self) -> tuple[str, ...]:
         """The registered modalities this split stores under their own name, in registry order."""
@@ -333,6 +351,10 @@ class H5Dataset(Dataset):
     def window(self) -> CropWindow:
         """Crop window for the next sample (random when augmenting, else the full frame)."""
         height, width = self.file_size
+        if self.fixed_window is not None:
+            return self.fixed_window
+        if self.frame_augmentation is not None:  # reads whole frames
+            return full_window(height, width)
         if self.augment:
             return random_resized_crop(height, width, scale=self.crop_scale, hflip=self.hflip)
         return full_window(height, width)
@@ -351,6 +373,8 @@ class H5Dataset(Dataset):
 
         sample: dict[str, torch.Tensor] = {}
         try:
+            if self.frame_augmentation is not None:
+                read, win = self.frame_augmentation.read(read), full_window(*self.image_size)
             for adapter in self.adapters.values():
                 sample.update(adapter.load(read, win, self.image_size))
         except MmtkError as err:

@@ -128,3 +128,4 @@ def prepare_depth(depth: np.ndarray, size: tuple[int, int], flip: bool) -> dict[
     d, valid = resize_depth(d, size)
     d, valid = flip_width(d[0], flip), flip_width(valid[0], flip)  # [1, H, W]
     return {"depth": standardize_depth(d, valid), "depth_valid": valid, "depth_m": d}
+
