@@ -34,7 +34,7 @@ class DataConfig:
     # working directory (stored absolute)
     path: str | tuple[str, ...] | None = None
     weights: tuple[float, ...] | None = None  # per data.path entry, share of each epoch's draws; None: by size
-    train_split: str = "train"
+    train_split: str | tuple[str, ...] = "train"  # one split for every dataset, or one per data.path entry
     eval_split: str = "test"
     image_size: tuple[int, int] | None = None  # (H, W); None = the file's frame size
     num_classes: int | None = None  # None = the file's class count
@@ -44,7 +44,8 @@ class DataConfig:
     # mmtk.data.augment (multimae-semseg, multimae-depth: the official MultiMAE finetuning's), output image_size
     augmentation: str = "random-resized-crop"
     repeat: int = 1  # an epoch visits every frame this many times (differently augmented); for tiny files
-    sources: dict[str, str] = field(default_factory=dict)  # modality -> stored dataset, e.g. {depth: depth_pseudo}
+    # modality -> stored dataset it reads, e.g. {depth: depth_pseudo}; or one such mapping per data.path entry
+    sources: dict[str, str] | tuple[dict[str, str], ...] = field(default_factory=dict)
     num_workers: int | Literal["auto"] = "auto"  # loader worker processes; auto: from the machine (loader_workers)
     pin_memory: bool = True  # only has an effect on CUDA
 
@@ -374,6 +375,24 @@ def data_paths(data: DataConfig) -> list[str]:
     return [] if data.path is None else [data.path] if isinstance(data.path, str) else list(data.path)
 
 
+@dataclass(frozen=True)
+class DatasetPart:
+    """One dataset of ``data.path`` with the split it trains on and the stored arrays its modalities read."""
+
+    path: str
+    train_split: str
+    sources: dict[str, str]
+
+
+def dataset_parts(data: DataConfig) -> list[DatasetPart]:
+    """The datasets of ``data.path``: ``data.train_split`` and ``data.sources`` are one value for all of them or a
+    list with one per entry (a bag's shards hold split ``all``, an image folder's ``train``)."""
+    paths = data_paths(data)
+    splits = [data.train_split] * len(paths) if isinstance(data.train_split, str) else list(data.train_split)
+    sources = [data.sources] * len(paths) if isinstance(data.sources, dict) else list(data.sources)
+    return [DatasetPart(path, split, dict(mapping)) for path, split, mapping in zip(paths, splits, sources)]
+
+
 def validate(recipe: Recipe, source: str) -> None:
     """Checks that need more than one field, or the file system; raise one-line MmtkErrors."""
     data, model, optim, train = recipe.data, recipe.model, recipe.optim, recipe.train
@@ -387,6 +406,10 @@ def validate(recipe: Recipe, source: str) -> None:
             raise MmtkError(f"{source}: data.path: {path} not found; convert frames with `mmtk convert`")
     if data.path is not None and not paths:
         raise MmtkError(f"{source}: data.path: an empty list; give one data file or several")
+    for key, value in (("data.train_split", data.train_split), ("data.sources", data.sources)):
+        if not isinstance(value, (str, dict)) and len(value) != len(paths):
+            raise MmtkError(f"{source}: {key} lists {len(value)} values for {len(paths)} data.path entries; give one "
+                            f"value for all, or one per entry")
     if data.weights is not None and (len(data.weights) != len(paths) or min(data.weights) < 0
                                      or not 0 < sum(data.weights) < float("inf")):
         raise MmtkError(f"{source}: data.weights {list(data.weights)}: give one finite weight >= 0 per data.path "

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmtk.checkpoint import find_resume_point
-from mmtk.config import Recipe, data_paths
+from mmtk.config import Recipe, dataset_parts
 from mmtk.data.mixture import Mixture, present_masks
 from mmtk.engine import FitResult, fit
 from mmtk.errors import MmtkError
@@ -242,11 +242,11 @@ def finetune_loss_fn(recipe: Recipe) -> LossFn:
 
 
 def _prepare(recipe: Recipe) -> tuple[DataInfo, Any]:
-    data, paths = recipe.data, data_paths(recipe.data)
-    if not paths:
+    data, datasets = recipe.data, dataset_parts(recipe.data)
+    if not datasets:
         raise MmtkError("no data file: pass --data FILE.h5 (written by `mmtk convert`) or set data.path in the recipe")
-    parts = [data_info(path, data.train_split, data.sources, split_fix="choose one with --set data.train_split=NAME")
-             for path in paths]
+    parts = [data_info(d.path, d.train_split, d.sources, split_fix="choose one with --set data.train_split=NAME "
+                       "(or one per dataset: --set 'data.train_split=[all, train]')") for d in datasets]
     info = parts[0] if len(parts) == 1 else mixture_info(parts)
     needed = needed_modalities(recipe)
     require_modalities(needed, info, f"the recipe ({recipe.kind})")
@@ -257,13 +257,13 @@ def _prepare(recipe: Recipe) -> tuple[DataInfo, Any]:
                         "pseudo-labels of a metric network (`mmtk pseudo-label --depth-kind metric`)")
     image_size = tuple(data.image_size or info.image_size)
     opened = []
-    for part in parts:
+    for part, dataset in zip(parts, datasets):
         has = tuple(name for name in needed if name in part.modalities)
         if not set(has) & set(recipe.model.inputs):
             raise MmtkError(f"{part.path} has none of the model's inputs {', '.join(recipe.model.inputs)} (it has "
                             f"{', '.join(part.modalities)}); drop it from data.path or add an input it has")
-        opened.append(open_dataset(part.path, data.train_split, has, image_size, augment=True,
-                                   crop_scale=data.crop_scale, hflip=data.hflip, sources=data.sources,
+        opened.append(open_dataset(part.path, dataset.train_split, has, image_size, augment=True,
+                                   crop_scale=data.crop_scale, hflip=data.hflip, sources=dataset.sources,
                                    augmentation=data.augmentation))
     if len(opened) == 1:
         return info, opened[0]

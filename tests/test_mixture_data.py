@@ -166,3 +166,35 @@ def test_a_weighted_mixture_stopped_mid_epoch_and_resumed_repeats_the_uninterrup
     assert [r["step"] for r in full] == [r["step"] for r in cut] == list(range(1, 7))
     assert [{k: v for k, v in r.items() if k != "images_per_s"} for r in cut] == \
         [{k: v for k, v in r.items() if k != "images_per_s"} for r in full]  # bit-identical losses and lr
+
+
+def test_each_dataset_may_name_its_own_split_and_sources(rgb_h5, tmp_path):
+    """A bag's shards hold split 'all', an image folder's 'train': data.train_split (and data.sources) take one value
+    per data.path entry; a list of the wrong length is one line."""
+    from mmtk.data.convert import convert_to_shards
+
+    folder = tmp_path / "sync_shards"  # BTS sync frames in one split 'all', one frame a shard
+    convert_to_shards("rgbd", [SYNC], folder, {"size": (120, 160)}, shard_frames=1, progress=False)
+    sets = ["model.inputs=[rgb,depth]", "model.outputs=[rgb,depth]"]
+    with pytest.raises(MmtkError, match=r"has no split 'train'.*data.train_split=\[all, train\]"):
+        _prepare(_recipe([folder, rgb_h5], *sets))
+    info, mixture = _prepare(_recipe([folder, rgb_h5], *sets, "data.train_split=[all, train]",
+                                     "data.sources=[{}, {}]"))
+    assert mixture.sizes == [3, 3] and info.modalities[:2] == ("rgb", "depth")
+    batch = torch.utils.data.default_collate([mixture[i] for i in range(6)])
+    assert batch["depth_present"].tolist() == [True] * 3 + [False] * 3
+    with pytest.raises(MmtkError, match=r"data.train_split lists 3 values for 2 data.path entries"):
+        _recipe([folder, rgb_h5], *sets, "data.train_split=[all, train, test]")
+
+
+def test_a_whole_frame_augmentation_reads_a_shard_folder(tmp_path):
+    """The paper's whole-frame augmentations go through a shard folder's shards like through a file."""
+    from mmtk.data import H5Dataset
+    from mmtk.data.convert import convert_to_shards
+
+    folder = tmp_path / "sync_shards"
+    convert_to_shards("rgbd", [SYNC], folder, {"size": (120, 160)}, shard_frames=2, progress=False)
+    dataset = H5Dataset(folder, split="all", modalities=("rgb", "depth"), image_size=(64, 64), augment=True,
+                        augmentation="multimae-depth")
+    sample = dataset[2]  # a frame of the second shard
+    assert sample["rgb"].shape == (3, 64, 64) and sample["depth"].shape == (1, 64, 64)

@@ -167,8 +167,10 @@ class ShardedDataset(H5Dataset):
     def __init__(self, path: str | os.PathLike, split: str = "train", modalities: Sequence[str] | None = None,
                  image_size: tuple[int, int] | None = (224, 224), augment: bool = False,
                  crop_scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True,
-                 dataset_map: Mapping[str, str] | None = None, max_open: int = MAX_OPEN_SHARDS) -> None:
+                 dataset_map: Mapping[str, str] | None = None, window: Any = None,
+                 augmentation: str = "random-resized-crop", max_open: int = MAX_OPEN_SHARDS) -> None:
         self.path, self.split = Path(path), split
+        self.fixed_window, self.augmentation = window, augmentation  # handed to each shard's H5Dataset
         index = read_index(self.path)
         if split not in index["splits"]:
             raise MmtkError(f"{self.path} has no split {split!r}; it has {', '.join(index['splits'])}")
@@ -234,7 +236,8 @@ class ShardedDataset(H5Dataset):
             self._shards.popitem(last=False)[1].close()
         dataset = H5Dataset(self.path / self.shard_names[number], split=self.split, modalities=self.modalities,
                             image_size=self.image_size, augment=self.augment, crop_scale=self.crop_scale,
-                            hflip=self.hflip, dataset_map=self.dataset_map)
+                            hflip=self.hflip, dataset_map=self.dataset_map, window=self.fixed_window,
+                            augmentation=self.augmentation)
         self._shards[number] = dataset
         return dataset
 
