@@ -145,10 +145,12 @@ def predict_frame(predictor: Predictor, frame: Frame, outputs: tuple[str, ...] =
     """Cross-modal prediction for one frame.
 
     A pretrained MultiMAE sees every token of the given inputs except those of requested outputs (every
-    target token is masked); a finetuned model runs its head. Results are resized back to the frame.
+    target token is masked); a finetuned model runs its head. Results are resized back to the frame. ``frame``
+    may hold what a source hands over (JPEG bytes, integer depth): it is decoded first.
     """
     import torch
 
+    frame = decoded(frame)
     unknown = [name for name in outputs if name not in predictor.available_outputs]
     if unknown:
         raise MmtkError(f"the model cannot predict {unknown}; it predicts {list(predictor.available_outputs)}")

@@ -261,7 +261,7 @@ def test_real_entry_point_prints_one_line_and_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script, "convert", "--rgbd", str(tmp_path / "nope"),
                            str(tmp_path / "o.h5")], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'} does not exist"]
+    assert proc.stderr.strip().splitlines() == [f"error: --rgbd {tmp_path / 'nope'}: no such file or folder"]
 
 
 def test_depth_statistics_keep_samples_not_frames():

@@ -15,13 +15,13 @@ import json
 import math
 from types import SimpleNamespace
 
-import h5py
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import mmtk.evaluate as evaluate_module
+from data_helpers import DecodedFile
 from engine_helpers import SAMPLES
 from mmtk.errors import MmtkError
 from mmtk.metrics import BatchMeanDepthMetrics
@@ -63,8 +63,8 @@ def fixed_model(monkeypatch):
 
 
 def stored_depth(path) -> np.ndarray:
-    with h5py.File(path, "r") as handle:
-        return handle["test"]["depth"][0].astype(np.float64)  # [480, 640] metres, 0 = invalid
+    with DecodedFile(path) as handle:
+        return handle["test/depth"][0].astype(np.float64)  # [480, 640] metres, 0 = invalid
 
 
 def pooled(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
@@ -156,8 +156,8 @@ def test_multimae_semseg_pads_the_input_and_scores_the_frame(full_h5, monkeypatc
     monkeypatch.setattr(evaluate_module, "_predict", predict)
     rows, _ = evaluate_module.evaluate("fixed", full_h5, ["rgb"], protocol="multimae")
     assert seen[0].shape[-2:] == (640, 640) and not seen[0][..., 480:, :].any()
-    with h5py.File(full_h5, "r") as handle:
-        labels = handle["test"]["semseg"][0].astype(np.int64) - 1  # stored 0 = unlabelled
+    with DecodedFile(full_h5) as handle:
+        labels = handle["test/semseg"][0].astype(np.int64) - 1  # stored 0 = unlabelled
     labelled = labels >= 0
     present = np.unique(labels[labelled])
     iou = [np.sum((labels == c) & labelled & (c == 3)) / np.sum(((labels == c) & labelled) | (c == 3) & labelled)

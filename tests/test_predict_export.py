@@ -18,7 +18,7 @@ from data_helpers import KINECT, KINECT_FRAME, SHARED, kinect_frame, kinect_intr
 import mmtk
 from mmtk.pointcloud import depth_to_xyz, intrinsics_matrix, read_cloud
 from mmtk.data.sources.base import Frame
-from mmtk.predict import load_predictor, predict_frame, prepare_inputs
+from mmtk.predict import decoded, load_predictor, predict_frame, prepare_inputs
 from mmtk.visualize import colorize_labels, label_palette
 
 FRAME = KINECT_FRAME
@@ -175,8 +175,8 @@ def test_ply_reuses_the_label_colours_of_the_picture(rgb, depth_m, tmp_path, mon
 def test_predict_cli_rosbag(checkpoints, tmp_path, capsys, monkeypatch):
     from mmtk.data.sources.rosbag import open_rosbag_source
 
-    frames = list(open_rosbag_source(BAG, "/camera/rgb/image_color", "/camera/depth_registered/image_raw",
-                                     max_dt=0.05).frames())
+    frames = [decoded(frame) for frame in open_rosbag_source(BAG, "/camera/rgb/image_color",
+                                                             "/camera/depth_registered/image_raw", max_dt=0.05).frames()]
     tiffs = sorted((SHARED / "pcl_kinect_grabber" / "tiff").glob("*_depth.tiff"))
     for frame, tiff in zip(frames, tiffs, strict=True):
         np.testing.assert_allclose(frame.arrays["depth"], np.array(Image.open(tiff)) / 1000.0, rtol=0, atol=1e-6)

@@ -19,7 +19,7 @@ import mmtk
 from cli_helpers import run_cli
 from data_helpers import BAG1, DEPTH_TOPIC, MULTIMAE, RGB_TOPIC, SYNC
 from mmtk.data.sources.base import Frame
-from mmtk.predict import load_predictor, predict_frame
+from mmtk.predict import decoded, load_predictor, predict_frame
 from mmtk.visualize import label_palette
 from test_plugin_modality import IR_ADAPTER, IR_TOPIC, write_bag_with_ir
 
@@ -82,7 +82,7 @@ def test_bag_predictions_are_stamped_and_framed_like_their_inputs(suffix, rgbd_m
     # The messages hold what predict_frame gives on the bag's frames: labels, depth in metres, labelled points.
     from mmtk.data.sources.rosbag import open_rosbag_source
 
-    frames = list(open_rosbag_source(BAG1, RGB_TOPIC, DEPTH_TOPIC).frames())
+    frames = [decoded(frame) for frame in open_rosbag_source(BAG1, RGB_TOPIC, DEPTH_TOPIC).frames()]
     predictor = load_predictor(rgbd_model)
     for i, frame in enumerate(frames):
         expected = predict_frame(predictor, frame, ("depth", "semseg")).outputs

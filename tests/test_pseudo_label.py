@@ -258,7 +258,7 @@ def test_convert_images_then_pseudo_label_from_rgb_alone(model_dirs, tmp_path, c
         assert f["train/depth_pseudo"].shape == (2, 120, 160) and f["test/semseg_pseudo"].shape == (1, 120, 160)
     code, _, err = run_cli(["convert", "--images", str(tmp_path / "nothing"), str(tmp_path / "x.h5")], capsys,
                            monkeypatch)
-    assert code == 2 and "no such folder" in err and not (tmp_path / "x.h5").exists()
+    assert code == 2 and "no such file or folder" in err and not (tmp_path / "x.h5").exists()
     code, _, err = run_cli(["convert", "--images", str(root), "--rosbag", str(root), str(tmp_path / "x.h5")], capsys,
                            monkeypatch)
     assert code == 2 and err.strip() == "error: give exactly one source: --rgbd FOLDER, --rosbag BAG or --images FOLDER"

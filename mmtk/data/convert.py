@@ -347,7 +347,7 @@ def expand_inputs(values: Iterable[str | os.PathLike], option: str) -> list[Path
                                 f"the shell, expands it)")
             found += [Path(match) for match in matches]
         elif not Path(text).exists():
-            raise MmtkError(f"{text} does not exist")
+            raise MmtkError(f"{option} {text}: no such file or folder")
         else:
             found.append(Path(text))
     return list(dict.fromkeys(found))
