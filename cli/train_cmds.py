@@ -168,21 +168,21 @@ def _eval_checkpoint(run: Optional[Path], checkpoint: Optional[Path]) -> Path:
     return found
 
 
-def _training_file(checkpoint: Path) -> Path:
-    """The data file a run trained on, as its checkpoint records it."""
+def _training_data(checkpoint: Path) -> list[Path]:
+    """The datasets a run trained on, as its checkpoint records them (one, or each of a mixture's)."""
     from mmtk.formats import locate_weights, read_state_dict
 
     entry = read_state_dict(locate_weights(checkpoint)[0], mmap=True).get("data")
-    recorded = entry.get("path") if isinstance(entry, dict) else None
-    if not recorded or not isinstance(recorded, str):  # official, timm or folder weights: no training file
+    recorded = (entry.get("paths") or [entry.get("path")]) if isinstance(entry, dict) else [None]
+    if not all(isinstance(path, str) and path for path in recorded):  # official, timm or folder weights
         raise MmtkError(f"{checkpoint} records no data file (it is not from an mmtk run); pass --data FILE.h5")
-    data = Path(recorded)
-    if not data.exists():  # a file or a shard folder
-        relative = " (a relative path, from the folder the run was started in)" if not data.is_absolute() else ""
-        raise MmtkError(f"no --data given and the training file {recorded}{relative} that "
-                        f"{checkpoint} records is not there; pass --data FILE.h5")
-    typer.echo(f"data: {data} (the file the run trained on)")
-    return data
+    for path in map(Path, recorded):
+        if not path.exists():  # a file or a shard folder
+            relative = " (a relative path, from the folder the run was started in)" if not path.is_absolute() else ""
+            raise MmtkError(f"no --data given and the training data {path}{relative} that {checkpoint} records is "
+                            f"not there; pass --data FILE.h5")
+    typer.echo(f"data: {', '.join(recorded)} (the {'file' if len(recorded) == 1 else 'datasets'} the run trained on)")
+    return [Path(path) for path in recorded]
 
 
 def _fmt(value: float, key: str) -> str:
@@ -204,7 +204,8 @@ def eval_cmd(
                                        "checkpoint; default: the newest run trained from this folder)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint file, or a run folder "
                                               "(its newest checkpoint)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="HDF5 file (default: the one the run trained on)."),
+    data: Optional[list[Path]] = typer.Option(None, "--data", help="HDF5 file or shard folder; repeat it for one "
+                                              "table per dataset (default: what the run trained on)."),
     inputs: list[str] = typer.Option([], "--inputs", help="Input combination, e.g. rgb,depth; repeat for more rows "
                                      "(default: each input alone and all together)."),
     split: str = typer.Option("test", "--split", help="Split of the data file."),
@@ -224,27 +225,50 @@ def eval_cmd(
     """Evaluate a checkpoint: one row per input combination (what does each sensor buy?)."""
     load_plugins(plugin)
     from rich.console import Console
-    from rich.table import Table
 
     from mmtk.evaluate import evaluate, results_json
     from mmtk.io import atomic_write_text
-    from mmtk.metrics import FAMILIES
-    from mmtk.modality import get_modality
     from mmtk.progress import counted
     from mmtk.protocols import PROTOCOLS, get_protocol
 
     get_protocol(protocol)  # an unknown name fails before the model is loaded
     checkpoint = _eval_checkpoint(run, checkpoint)
-    data = data or _training_file(checkpoint)
-    rows, frames = evaluate(checkpoint, data, inputs, split=split, limit=limit, batch_size=batch_size,
-                            device=device, save_predictions=save_predictions, protocol=protocol)
+    datasets = data or _training_data(checkpoint)
     console = Console() if sys.stdout.isatty() else Console(width=160)
+    results = []
+    for dataset in datasets:
+        try:
+            rows, frames = evaluate(checkpoint, dataset, inputs, split=split, limit=limit, batch_size=batch_size,
+                                    device=device, save_predictions=save_predictions, protocol=protocol)
+        except MmtkError as err:
+            if len(datasets) == 1:
+                raise
+            console.print(f"{dataset}: not evaluated: {err}", soft_wrap=True)  # a mixture's dataset without the task
+            continue
+        _print_tables(console, rows, frames, split, dataset, protocol)
+        where = f" of {dataset}" if len(datasets) > 1 else ""
+        console.print(f"{counted(frames, 'frame')}{where} evaluated (split '{split}'"
+                      f"{', --limit ' + str(limit) if limit else ', full split'}); "
+                      f"protocol {protocol}: {PROTOCOLS[protocol].source}", soft_wrap=True)
+        results.append(results_json(checkpoint, dataset, split, frames, rows, protocol))
+    if not results:
+        raise MmtkError(f"none of the {len(datasets)} datasets could be evaluated (the reasons are above)")
+    if json_out:  # strict JSON: NaN is null; several datasets: a list of their results
+        atomic_write_text(json_out, results[0] if len(datasets) == 1 else "[" + ",\n".join(results) + "]\n")
+
+
+def _print_tables(console, rows: list, frames: int, split: str, data: Path, protocol: str) -> None:
+    """One table per task of one dataset's rows, with each row's note under it."""
+    from rich.table import Table
+
+    from mmtk.metrics import FAMILIES
+    from mmtk.modality import get_modality
+    from mmtk.progress import counted
+
     for task in dict.fromkeys(r.task for r in rows):
         family = get_modality(task).metric_family
         keys = FAMILIES[family]["keys"]
         task_rows = [r for r in rows if r.task == task]
-        if not task_rows:
-            continue
         relative = any(row.relative_depth for row in task_rows)
         title = "semantic segmentation" if family == "segmentation" else \
             "relative depth (valid pixels)" if relative else "depth (metres, valid pixels)"
@@ -266,7 +290,3 @@ def eval_cmd(
         for row in task_rows:
             if row.note:
                 console.print(f"  {','.join(row.inputs)} -> {task}: {row.note}", soft_wrap=True)
-    console.print(f"{counted(frames, 'frame')} evaluated (split '{split}'{', --limit ' + str(limit) if limit else ', full split'}); "
-                  f"protocol {protocol}: {PROTOCOLS[protocol].source}", soft_wrap=True)
-    if json_out:  # strict JSON: NaN is null
-        atomic_write_text(json_out, results_json(checkpoint, data, split, frames, rows, protocol))

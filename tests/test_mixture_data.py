@@ -198,3 +198,20 @@ def test_a_whole_frame_augmentation_reads_a_shard_folder(tmp_path):
                         augmentation="multimae-depth")
     sample = dataset[2]  # a frame of the second shard
     assert sample["rgb"].shape == (3, 64, 64) and sample["depth"].shape == (1, 64, 64)
+
+
+def test_eval_of_a_mixture_run_gives_one_table_per_dataset(sample_h5, rgb_h5, tmp_path):
+    """A run finetuned on an RGB-D file and an RGB-only file: `mmtk eval` takes the datasets it recorded (or --data
+    repeated), one table each; a dataset without the target is one line, and the others are still evaluated."""
+    args = [f"--set={s}" for s in TINY_SEMSEG + ["optim.batch_size=2", "train.max_steps=2", "model.inputs=[rgb]",
+                                                 "data.train_split=[train, train]"]]
+    code, text = run_cli("finetune", RECIPES / "tiny_finetune_semseg.yaml", "--data", sample_h5, "--data", rgb_h5,
+                         "--out", tmp_path / "ft", *args)
+    assert code == 0, text
+    code, text = run_cli("eval", "--checkpoint", tmp_path / "ft", "--split", "train", "--json", tmp_path / "e.json")
+    assert code == 0, text
+    assert f"data: {sample_h5}, {rgb_h5} (the datasets the run trained on)" in text, text
+    assert "│ rgb " in text and f"1 frame of {sample_h5} evaluated (split 'train'" in text
+    assert f"{rgb_h5}: not evaluated:" in text and "semseg" in text
+    results = json.loads((tmp_path / "e.json").read_text())
+    assert isinstance(results, list) and len(results) == 1 and results[0]["results"][0]["inputs"] == ["rgb"] and results[0]["data"] == str(sample_h5)
