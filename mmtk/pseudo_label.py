@@ -311,7 +311,7 @@ def _prepare_dataset(group: Any, key: str, shape: tuple[int, int, int], dtype: A
                             "settings; rerun with the same model, or pass --overwrite to start again")
         del group[partial_key]
     dataset = group.create_dataset(partial_key, shape=shape, dtype=dtype, chunks=(1, *shape[1:]),
-                                   compression="gzip", compression_opts=4)
+                                   compression="gzip", compression_opts=4, fletcher32=True)
     for name, value in attrs.items():
         dataset.attrs[name] = value
     dataset.attrs["frames_done"] = 0
@@ -342,14 +342,15 @@ def files_to_label(path: str | os.PathLike) -> list[Path]:
 
 def _reindex(folders: list[Path], config: PseudoLabelConfig, log: Callable[[str], None]) -> None:
     """Rewrite the index of each shard folder labelled here (it lists each shard's arrays), or say who must."""
+    from mmtk.data.shard_index import read_index
     from mmtk.data.shards import write_index
 
     for folder in folders:
         if config.num_shards > 1:
             log(f"{folder}: once every --shard-index has finished, run `mmtk index {folder}` (the shards gained "
                 f"arrays, so its index is stale until then)")
-        else:
-            write_index(folder)
+        else:  # a folder indexed with --partial stays partial
+            write_index(folder, partial=bool(read_index(folder, check_fresh=False).get("ignored")))
             log(f"{folder}: index rewritten")
 
 

@@ -142,9 +142,13 @@ def test_ir_pretrains_finetunes_and_evaluates_through_the_cli(ir_setup):
 
 
 def test_recipe_plugins_are_relative_to_the_recipe_file(tmp_path, monkeypatch):
+    import mmtk.modality
     from mmtk.config import load_recipe
     from mmtk.modality import list_modalities
 
+    # 'thermal' registered for this test only: test_predict_sources registers a 'thermal' plugin of its own
+    list_modalities()  # mmtk's own adapters registered (once per process) before the copy
+    monkeypatch.setattr(mmtk.modality, "_REGISTRY", dict(mmtk.modality._REGISTRY))
     folder = tmp_path / "robot"
     folder.mkdir()
     (folder / "thermal_adapter.py").write_text(IR_ADAPTER.replace('"ir"', '"thermal"').replace("Infrared", "Thermal"))

@@ -21,6 +21,7 @@ from mmtk.modality import stored_array
 from mmtk.data.values import check_label_ids, check_metric_values, check_plausible_metres, intrinsics_problem
 from mmtk.data.codecs import read_frame
 from mmtk.data.dataset import is_image, open_mmtk_file
+from mmtk.data.format import PARTIAL_SUFFIX
 from mmtk.errors import MmtkError
 from mmtk.progress import counted
 
@@ -71,8 +72,8 @@ def check_file(path: str | os.PathLike) -> CheckReport:
             ids = _frame_ids(group)
             report.frames[split] = 0
             for name, dataset in group.items():
-                if not isinstance(dataset, h5py.Dataset) or name == "frame_id":
-                    continue
+                if not isinstance(dataset, h5py.Dataset) or name == "frame_id" or name.endswith(PARTIAL_SUFFIX):
+                    continue  # (a .partial array is a pseudo-label run in progress, resumed by rerunning it)
                 if dataset.ndim >= 3:  # images; timestamps are written in blocks without checksums
                     report.checksummed &= dataset.fletcher32  # (encoded images carry a CRC-32 each)
                 check, counter = _counting_valid(name, _value_check(name, dataset))

@@ -279,6 +279,8 @@ def _write_parts(frames: Iterable[Frame], out_path: Path, provenance: str, total
             counts[split] = counts.get(split, 0) + count
         metrics = metrics or result.metrics
         part += 1
+    if part == 0:
+        raise MmtkError(f"{out_path.name}: the input gave no frames; check it (or drop it from the inputs)")
     return ConvertResult(out_path, counts, metrics)
 
 

@@ -27,7 +27,7 @@ from mmtk.errors import MmtkError
 from mmtk.io import is_temp_name
 
 INDEX_NAME = "index.json"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: each array says how it is stored (codec, scale, stored bytes) and its classes
 SHARD_SUFFIXES = (".h5", ".hdf5")
 CONVERT_STATE = ".convert"  # `mmtk convert`'s plan and per-input done markers
 PLAN_FILE = "plan.json"
@@ -67,6 +67,8 @@ def read_index(folder: str | os.PathLike, check_fresh: bool = True) -> dict[str,
         index["shards"], index["splits"]  # noqa: B018  (the keys every reader uses)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise MmtkError(f"{index_path} is not a readable shard index ({type(err).__name__}); {fix}") from None
+    if version < INDEX_VERSION:
+        raise MmtkError(f"{index_path} is stale (index version {version}, this mmtk writes {INDEX_VERSION}); {fix}")
     if version > INDEX_VERSION:
         raise MmtkError(f"{index_path} has index version {version}, newer than this mmtk ({INDEX_VERSION}); "
                         f"upgrade mmtk")

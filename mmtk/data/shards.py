@@ -120,7 +120,7 @@ def _merged_split(infos: list[dict[str, Any]], split: str) -> dict[str, Any]:
             "modalities": [name for name in list_modalities()
                            if all(source in arrays for source in get_modality(name).reads())],
             "depth": {name: _merged_depth([part["depth"][name] for part in parts], [part["frames"] for part in parts])
-                      for name in parts[0]["depth"] if name in arrays},
+                      for name in parts[0]["depth"] if name in arrays and all(name in part["depth"] for part in parts)},
             "class_histogram": histogram, "intrinsics": parts[0]["intrinsics"]}
 
 
@@ -128,6 +128,10 @@ def _merged_array(datasets: list[dict[str, Any]], where: str) -> dict[str, Any]:
     """One array over the shards: its frame shape, dtype, units, how it is kept (codec and scale, or "mixed" /
     None where shards differ), its stored bytes, and a label array's classes (which every shard must share)."""
     first = datasets[0]
+    units = sorted({str(d["units"]) for d in datasets})
+    if len(units) > 1:
+        raise MmtkError(f"{where}: shards hold it in different units ({', '.join(units)}), e.g. pseudo-labels of "
+                        f"different depth networks; label every shard alike, or keep them in separate folders")
     classes = {json.dumps(d["classes"]) for d in datasets if "classes" in d}
     if len(classes) > 1:
         raise MmtkError(f"{where}: shards label it with different classes; pseudo-label every shard with the same "
@@ -188,7 +192,9 @@ class ShardedDataset(H5Dataset):
         self._check_parts(parts, total)
         self.file_size = tuple(total["image_size"])
         self.image_size = tuple(image_size) if image_size is not None else self.file_size
-        self.classes = index["classes"]
+        read = [total["arrays"][self.dataset_map.get(source, source)] for adapter in self.adapters.values()
+                for source in adapter.reads()]  # as H5Dataset: the classes of the label arrays it reads
+        self.classes = next((array["classes"] for array in read if "classes" in array), None)
         if self.classes:
             for adapter in self.adapters.values():  # lets label adapters refuse ids beyond the folder's classes
                 adapter.num_classes = adapter.num_classes or len(self.classes)
