@@ -239,7 +239,9 @@ def eval_cmd(
     for dataset in datasets:
         try:
             rows, frames = evaluate(checkpoint, dataset, inputs, split=split, limit=limit, batch_size=batch_size,
-                                    device=device, save_predictions=save_predictions, protocol=protocol)
+                                    device=device, protocol=protocol,  # several datasets: a picture folder each
+                                    save_predictions=save_predictions / Path(dataset).stem
+                                    if save_predictions and len(datasets) > 1 else save_predictions)
         except MmtkError as err:
             if len(datasets) == 1:
                 raise

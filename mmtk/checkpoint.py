@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import yaml
 import torch.distributed as dist
 from torch import nn
 
-from mmtk.config import Recipe, recipe_to_dict
+from mmtk.config import Recipe, TrainConfig, recipe_to_dict
 from mmtk.errors import MmtkError
 from mmtk.formats import read_state_dict
 from mmtk.io import atomic_write, discard, disk_errors, make_temp, publish
@@ -28,6 +28,8 @@ CHECKPOINT_VERSION = 1
 RESUMABLE_OPTIM = ("micro_batch", "accum_steps")
 # What a resume may change in the model section: the masking (which tokens the encoder sees), not the weights.
 RESUMABLE_MODEL = ("num_visible", "alphas")
+# train settings a resume may change: all but what the head was trained to predict (its loss, target normalisation)
+RESUMABLE_TRAIN = tuple(f.name for f in fields(TrainConfig) if f.name not in ("loss", "loss_reduction", "target_norm"))
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -131,10 +133,27 @@ def find_resume_point(run_dir: str | Path, recipe: Recipe) -> ResumePoint:
     recorded = point.state.get("recipe")
     if isinstance(recorded, dict):
         _check_recipe_file(run_dir, recipe, recorded, point)
+        recorded = _legacy_weight_decay(recipe, recorded)
         _check_same(recipe, recorded, point, "model", RESUMABLE_MODEL, "the checkpoint's weights only fit its model")
         _check_same(recipe, recorded, point, "optim", RESUMABLE_OPTIM,
                     "the checkpoint's optimizer and schedule would override the change")
+        _check_same(recipe, recorded, point, "train", RESUMABLE_TRAIN,
+                    "the head was trained for that loss and target normalisation")
     return point
+
+
+def _legacy_weight_decay(recipe: Recipe, recorded: dict[str, Any]) -> dict[str, Any]:
+    """A run begun before ``optim.weight_decay_on`` existed excluded every "token" parameter from decay, and its
+    optimizer state has that rule's groups: it continues with that rule (said once), whatever the recipe says."""
+    optim = recorded.get("optim")
+    legacy = "weights-except-tokens"
+    if not isinstance(optim, dict) or optim.get("weight_decay_on", legacy) != legacy:
+        return recorded
+    if recipe.optim.weight_decay_on != legacy:
+        main_process_print(f"resume: this run started with optim.weight_decay_on {legacy} (mmtk's rule before the key "
+                           f"existed); it continues with it, since its optimizer state has that rule's groups")
+        recipe.optim.weight_decay_on = legacy
+    return {**recorded, "optim": {**optim, "weight_decay_on": legacy}}
 
 
 def _flat(values: Any, prefix: str = "") -> dict[str, Any]:

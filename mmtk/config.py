@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import os
 import types
 import typing
@@ -410,7 +411,7 @@ def validate(recipe: Recipe, source: str) -> None:
         if not isinstance(value, (str, dict)) and len(value) != len(paths):
             raise MmtkError(f"{source}: {key} lists {len(value)} values for {len(paths)} data.path entries; give one "
                             f"value for all, or one per entry")
-    if data.weights is not None and (len(data.weights) != len(paths) or min(data.weights) < 0
+    if data.weights is not None and (len(data.weights) != len(paths) or not data.weights or min(data.weights) < 0
                                      or not 0 < sum(data.weights) < float("inf")):
         raise MmtkError(f"{source}: data.weights {list(data.weights)}: give one finite weight >= 0 per data.path "
                         f"entry ({len(paths)}), not all 0; or leave it out to draw by dataset size")
@@ -441,8 +442,9 @@ def validate(recipe: Recipe, source: str) -> None:
         if data.image_size is None:
             raise MmtkError(f"{source}: data.augmentation {data.augmentation} crops to data.image_size; set it, "
                             f"e.g. data.image_size=[256,256]")
-    if train.target_norm is not None and not train.target_norm[1] > 0:
-        raise MmtkError(f"{source}: train.target_norm: the std must be > 0, got {list(train.target_norm)}")
+    if train.target_norm is not None and not (math.isfinite(train.target_norm[0]) and 0 < train.target_norm[1] < math.inf):
+        raise MmtkError(f"{source}: train.target_norm: [mean, std] in the task's units, finite, std > 0; got "
+                        f"{list(train.target_norm)}")
     if not 0 < data.crop_scale[0] <= data.crop_scale[1] <= 1:
         raise MmtkError(f"{source}: data.crop_scale: need 0 < min <= max <= 1, got {list(data.crop_scale)}")
     if optim.batch_size % optim.accum_steps:

@@ -147,8 +147,9 @@ def model_args(recipe: Recipe, info: DataInfo) -> dict[str, Any]:
     else:
         args.update(outputs=[], head=model.head, task=model.task,
                     main_inputs=list(model.main_inputs or model.inputs[:1]))
-        if recipe.train.target_norm is not None:  # the head predicts normalised depth (the official MultiMAE's)
-            args["output_norm"] = list(recipe.train.target_norm)
+        # the head predicts normalised depth (the official MultiMAE's) or the task's units; said explicitly, so an
+        # --init file's own setting is not taken over unrecorded
+        args["output_norm"] = list(recipe.train.target_norm) if recipe.train.target_norm is not None else None
     args.update(model.overrides)
     return args
 
@@ -311,17 +312,6 @@ def init_summary(model: nn.Module) -> str:
     return "; ".join(parts + list(report.notes))  # what the file made mmtk decide (e.g. no class token)
 
 
-def keep_legacy_weight_decay(recipe: Recipe, resume_state: dict | None) -> None:
-    """A run that started before ``optim.weight_decay_on`` existed resumes with the rule it started with (its
-    optimizer state has that rule's parameter groups), said once."""
-    recorded = (resume_state or {}).get("recipe")
-    optim = recorded.get("optim") if isinstance(recorded, dict) else None
-    if isinstance(optim, dict) and "weight_decay_on" not in optim:
-        recipe.optim.weight_decay_on = "weights-except-tokens"
-        main_process_print("resume: this run started before optim.weight_decay_on existed; it continues with the "
-                           "weight-decay groups it began with (weights-except-tokens)")
-
-
 def run_training(recipe: Recipe, run_dir: str | Path, init: str | Path | None = None,
                  resume: bool = False) -> FitResult:
     """Pretrain or finetune (``recipe.kind``) into ``run_dir``; ``init`` seeds a finetuning encoder."""
@@ -336,7 +326,6 @@ def run_training(recipe: Recipe, run_dir: str | Path, init: str | Path | None = 
     # recipe says (e.g. a ViT without class token); fit then restores the optimizer and the rest from the same
     # state, read once.
     point = find_resume_point(run_dir, recipe) if resume else None
-    keep_legacy_weight_decay(recipe, point.state if point else None)
     model = mmtk.create_model(recipe.model.name, pretrained=point.state if point else init, verbose=False, **args)
     if init is not None and not resume:
         main_process_print(f"init from {init}: {init_summary(model)}")

@@ -159,6 +159,16 @@ def test_paper_recipes_train_on_the_sample_frame(recipe, sizes, sample_h5, tmp_p
         assert run.train.loss_reduction == "batch" and run.train.target_norm == (2.0707764, 0.7775723)
         state = mmtk.checkpoint.load_checkpoint(result.last_checkpoint)
         assert state["model_args"]["output_norm"] == [2.0707764, 0.7775723]  # eval rebuilds a metric model
+        # what the head was trained to predict cannot change on a resume
+        changed = load_recipe(recipe, overrides + ["train.target_norm=null"], data_path=str(sample_h5))
+        with pytest.raises(MmtkError, match=r"train.target_norm \[2.0707764, 0.7775723\] -> None: the recipe "
+                                            r"contradicts checkpoint"):
+            run_training(changed, tmp_path / "run", resume=True)
+        # a finetune from this run without target_norm records that its head predicts metres
+        plain = load_recipe(recipe, overrides + ["train.target_norm=null", "train.max_steps=1"],
+                            data_path=str(sample_h5))
+        again = run_training(plain, tmp_path / "plain", init=result.last_checkpoint)
+        assert mmtk.checkpoint.load_checkpoint(again.last_checkpoint)["model_args"]["output_norm"] is None
 
 
 def test_augmentation_errors_are_one_line(sample_h5):

@@ -18,7 +18,7 @@ import pytest
 
 import mmtk
 from mmtk.optim import param_groups
-from mmtk.training import keep_legacy_weight_decay
+from mmtk.checkpoint import _legacy_weight_decay
 
 WEIGHT_DECAY, LAYER_DECAY = 0.05, 0.75
 
@@ -86,9 +86,10 @@ def test_older_runs_resume_with_the_rule_they_started_with(finetune_model):
     model, _ = finetune_model
     legacy = mmtk_rule(model, "weights-except-tokens")
     assert legacy["encoder.tokenizers.rgb.proj.weight"][1] == 0.0  # the old rule: "token" in the name
+    for recorded in ({"weight_decay": 1e-4}, {"weight_decay_on": "weights-except-tokens"}):  # before the option;
+        recipe = mmtk.config.load_recipe("tiny_finetune_depth")                          # a resumed legacy run's
+        checked = _legacy_weight_decay(recipe, {"optim": recorded})
+        assert recipe.optim.weight_decay_on == checked["optim"]["weight_decay_on"] == "weights-except-tokens"
     recipe = mmtk.config.load_recipe("tiny_finetune_depth")
-    keep_legacy_weight_decay(recipe, {"recipe": {"optim": {"weight_decay": 1e-4}}})  # written before the option
-    assert recipe.optim.weight_decay_on == "weights-except-tokens"
-    recipe = mmtk.config.load_recipe("tiny_finetune_depth")
-    keep_legacy_weight_decay(recipe, {"recipe": {"optim": {"weight_decay_on": "all"}}})
+    _legacy_weight_decay(recipe, {"optim": {"weight_decay_on": "all"}})
     assert recipe.optim.weight_decay_on == "weights"  # a recorded value is checked by the resume, not replaced
