@@ -71,13 +71,13 @@ def _train(recipe_arg: str, kind: str, data: Optional[list[Path]], out: Optional
             typer.echo(f"stopped at step {stopped.step}; resume with: "
                        f"{_resume_command(kind, recipe_arg, data, run_dir, overrides)}", err=True)
         raise typer.Exit(128 + stopped.signum)
-    except KeyboardInterrupt:  # the second Ctrl-C: stopped at once, mid-step
+    except KeyboardInterrupt as err:  # the second Ctrl-C or SIGTERM: stopped at once, mid-step
         if main:
             newest = run_checkpoint(run_dir)
             typer.echo("stopped at once; " + (f"the newest checkpoint is {newest}; resume with: "
                        f"{_resume_command(kind, recipe_arg, data, run_dir, overrides)}" if newest else
                        "no checkpoint was written yet"), err=True)
-        raise typer.Exit(130)
+        raise typer.Exit(128 + getattr(err, "signum", 2))  # 130 for Ctrl-C, 143 for SIGTERM
     finally:
         cleanup_distributed()
     if main:

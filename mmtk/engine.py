@@ -163,10 +163,18 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.step, self.stop, self.checkpoint, self.signum = step, stop, checkpoint, int(signum)
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second Ctrl-C or SIGTERM: the run stops mid-step, without a checkpoint (the CLI exits with 128 + ``signum``)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped at once by signal {signum}")
+        self.signum = int(signum)
+
+
 class StopRequest:
     """Ctrl-C and SIGTERM (what SLURM and Kubernetes send before killing) as save points: the first one asks the
     loop to stop after the current optimizer step (which then writes a checkpoint), saying about how long that
-    takes (``time_left()`` seconds); a second one raises KeyboardInterrupt at once. Only in the main thread."""
+    takes (``time_left()`` seconds); a second one raises :class:`StoppedAtOnce` at once. Only in the main thread."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -187,7 +195,7 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            raise StoppedAtOnce(signum)
         self.requested, self.signum = True, int(signum)
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         left = self.time_left() if self.time_left is not None else float("nan")

@@ -749,3 +749,24 @@ def test_reliability_fuzz_checkpoint_model_args(overrides):
     except MmtkError as err:
         assert "\n" not in str(err) and "<state dict>" in str(err), str(err)
 
+
+
+def test_reliability_a_second_sigterm_stops_at_once_with_its_own_exit_status(tmp_path, sample_h5, monkeypatch):
+    """A second SIGTERM (a scheduler's kill after its grace period) stops mid-step like a second Ctrl-C, and the exit
+    status still says SIGTERM (143), not Ctrl-C (130)."""
+    import mmtk.training
+    from mmtk.engine import StopRequest, StoppedAtOnce
+
+    stop = StopRequest()
+    stop._handle(signal.SIGTERM, None)  # the first: a save point
+    assert stop.requested and stop.signum == signal.SIGTERM
+    with pytest.raises(StoppedAtOnce) as raised:
+        stop._handle(signal.SIGTERM, None)
+    assert raised.value.signum == signal.SIGTERM and isinstance(raised.value, KeyboardInterrupt)
+
+    def killed(*args, **kwargs):
+        raise StoppedAtOnce(signal.SIGTERM)
+
+    monkeypatch.setattr(mmtk.training, "run_training", killed)
+    code, output = _pretrain(sample_h5, tmp_path / "run")
+    assert code == 143 and "stopped at once; no checkpoint was written yet" in output, output
