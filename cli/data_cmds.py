@@ -175,11 +175,12 @@ def index(
     """Write (or rebuild) FOLDER/index.json from its shards: after `mmtk convert --shard-index` parts, or when
     readers say the index is missing or stale. Reads each shard once."""
     from mmtk.data.shards import write_index
+    from mmtk.io import format_bytes
 
     summary = write_index(folder, partial=partial, log=_log)
     frames = ", ".join(f"{split} {part['frames']}" for split, part in summary["splits"].items())
     typer.echo(f"{folder}/index.json: {len(summary['shards'])} shards, {frames} frames, "
-               f"{summary['bytes'] / 1e9:.3f} GB")
+               f"{format_bytes(summary['bytes'])}")
 
 
 @app.command("info")
@@ -202,6 +203,7 @@ def check(
     """Read every frame of an mmtk file (or of each shard of a folder) and list each bad one (checksum,
     non-finite or > 1000 m depth, class ids beyond the classes); exit 1 when any is bad."""
     from mmtk.data.shards import check_files
+    from mmtk.progress import counted
 
     _require_stdout("check")
     frames = bad_frames = unreadable = 0
@@ -218,6 +220,6 @@ def check(
         checksummed &= report.checksummed
     checksums = "" if checksummed else " (no checksums in this file: flipped image bytes go unnoticed)"
     shards = f", {unreadable} shard(s) unreadable" if unreadable else ""
-    typer.echo(f"{path}: {frames} frames checked, {bad_frames} bad{shards}{checksums}")
+    typer.echo(f"{path}: {counted(frames, 'frame')} checked, {bad_frames} bad{shards}{checksums}")
     if bad_frames or unreadable:
         raise typer.Exit(1)

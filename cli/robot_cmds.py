@@ -85,9 +85,8 @@ def export_pointcloud_command(
             raise MmtkError("--rgb needs --depth (a depth image aligned with it)")
         if label_key is not None:
             raise MmtkError(f"--color {color}: label colouring needs --h5 (or --checkpoint with `mmtk predict`)")
-        image, depth_m, k_file = _read_rgb(rgb), _read_depth(depth, depth_scale), None
-        if depth_m.shape != image.shape[:2]:
-            raise MmtkError(f"{depth}: depth is {depth_m.shape} but {rgb} is {image.shape[:2]}; they must be aligned")
+        frame = next(_image_frames(rgb, depth, depth_scale))
+        image, depth_m, k_file = frame.arrays["rgb"], frame.arrays["depth"], None
     k = parse_intrinsics(intrinsics) if intrinsics is not None else k_file
     if k is None:
         raise MmtkError("no camera intrinsics to back-project the depth; pass --intrinsics fx,fy,cx,cy")
@@ -116,12 +115,6 @@ def _parse_size(text: Optional[str], option: str) -> Optional[tuple[int, int]]:
     return height, width
 
 
-def _read_rgb(path: Path) -> np.ndarray:
-    from mmtk.data.sources.base import read_rgb
-
-    return read_rgb(path)
-
-
 def _read_depth(path: Path, depth_scale: Optional[float]) -> np.ndarray:
     """Depth in metres from an image or .npy: integers in --depth-scale units per metre (default 1000, mm), floats
     in metres unless --depth-scale is given."""
@@ -138,10 +131,10 @@ def _read_depth(path: Path, depth_scale: Optional[float]) -> np.ndarray:
 
 
 def _image_frames(rgb: Path, depth: Optional[Path], depth_scale: Optional[float]) -> Iterator[Frame]:
-    from mmtk.data.sources.base import Frame
+    from mmtk.data.sources.base import Frame, read_rgb
     from mmtk.errors import MmtkError
 
-    arrays = {"rgb": _read_rgb(rgb)}
+    arrays = {"rgb": read_rgb(rgb)}
     if depth is not None:
         arrays["depth"] = _read_depth(depth, depth_scale)
         if arrays["depth"].shape != arrays["rgb"].shape[:2]:
@@ -151,7 +144,7 @@ def _image_frames(rgb: Path, depth: Optional[Path], depth_scale: Optional[float]
 
 
 def _folder_images(folder: Path) -> Iterator[Frame]:
-    from mmtk.data.sources.base import Frame
+    from mmtk.data.sources.base import Frame, read_rgb
     from mmtk.data.sources.images import list_images
     from mmtk.errors import MmtkError
 
@@ -160,7 +153,7 @@ def _folder_images(folder: Path) -> Iterator[Frame]:
         raise MmtkError(f"--images {folder}: no image files found (a folder of .png/.jpg images)")
     for split, files in found.items():
         for path, frame_id in files:
-            yield Frame(split, {"rgb": _read_rgb(path)}, frame_id=frame_id)
+            yield Frame(split, {"rgb": read_rgb(path)}, frame_id=frame_id)
 
 
 @app.command("predict")

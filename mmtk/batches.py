@@ -15,6 +15,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 from mmtk.config import Recipe, loader_workers
 from mmtk.data.mixture import Mixture, mixture_order, seeded_rngs
 from mmtk.errors import MmtkError
+from mmtk.progress import counted
 from mmtk.runtime import DistInfo, main_process_print
 
 
@@ -124,7 +125,7 @@ def make_batches(recipe: Recipe, train_set: Dataset, info: DistInfo, micro_batch
     if len(train_set) * repeat < opt.batch_size:  # e.g. 795 NYUv2 frames and the paper's batch of 2048
         repeat = math.ceil(opt.batch_size / len(train_set))
         if info.is_main:
-            main_process_print(f"note: {len(train_set)} frames x data.repeat {recipe.data.repeat} is less than one "
+            main_process_print(f"note: {counted(len(train_set), 'frame')} x data.repeat {recipe.data.repeat} is less than one "
                                f"global batch of {opt.batch_size}; each epoch repeats the frames {repeat} times")
     epoch_order = None
     if recipe.data.weights is not None:  # a weighted draw of len x repeat per epoch, passes over a frame included

@@ -42,11 +42,10 @@ NO_DECAY_NAMES = frozenset({"global_tokens", "pos_emb", "mask_token"})
 #   all:     every parameter (the official pretraining hands AdamW the model without groups).
 #   weights-except-tokens: mmtk 0.1.0 before this rule (also skips every name containing "token", so the tokenizers'
 #            projections and the class embedding); only so that runs started then resume as they began.
-WEIGHT_DECAY_RULES = ("weights", "all", "weights-except-tokens")
 
 
 def decays(name: str, param: torch.Tensor, rule: str = "weights") -> bool:
-    """Whether AdamW decays the parameter ``name`` under ``rule`` (one of :data:`WEIGHT_DECAY_RULES`)."""
+    """Whether AdamW decays the parameter ``name`` under ``rule`` (a value of ``OptimConfig.weight_decay_on``)."""
     if rule == "all":
         return True
     if param.ndim <= 1 or name.endswith(".bias") or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES:

@@ -306,7 +306,7 @@ def write_prediction(out_dir: Path, stem: str, frame: Frame, prediction: Predict
     """
     from mmtk.pointcloud import depth_to_cloud, write_cloud
 
-    source, k = cloud_source(frame, prediction), frame.intrinsics
+    source, k = (cloud_source(frame, prediction) if ply else None), frame.intrinsics
     if ply and source is None:  # refused before anything of the frame is written
         raise MmtkError("--ply needs metric depth: a finetuned depth model, or sensor depth in the frame (--depth, "
                         "a dataset or bag with depth); a pretrained MultiMAE predicts relative depth only")

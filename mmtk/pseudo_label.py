@@ -330,14 +330,12 @@ def files_to_label(path: str | os.PathLike) -> list[Path]:
 
     A folder's index goes stale as its shards gain labels, so a resumed run lists them from the index unchecked;
     :func:`pseudo_label` rewrites the index when every shard is done."""
-    from mmtk.data.shard_index import read_index
+    from mmtk.data.shard_index import dataset_files
 
     path = Path(path)
-    if path.is_dir():
-        return [path / shard["file"] for shard in read_index(path, check_fresh=False)["shards"]]
-    if not path.is_file():
+    if not path.exists():
         raise MmtkError(f"{path}: no such HDF5 file or shard folder")
-    return [path]
+    return dataset_files(path, check_fresh=False)
 
 
 def _reindex(folders: list[Path], config: PseudoLabelConfig, log: Callable[[str], None]) -> None:
@@ -442,13 +440,14 @@ def _label_file(path: Path, labellers: list[tuple[LoadedModel, dict[str, Any]]],
 
 def _label_split(group: Any, key: str, loaded: LoadedModel, attrs: dict[str, Any], config: PseudoLabelConfig,
                  device: str, dtype: Any, log: Callable[[str], None]) -> int:
-    from mmtk.data.codecs import frame_dtype, frame_shape, read_frame
+    from mmtk.data.codecs import frame_dtype, frame_reader, frame_shape
 
     rgb = group["rgb"]
     shape = (rgb.shape[0], *frame_shape(rgb))
     if len(shape) != 4 or shape[-1] != 3 or frame_dtype(rgb) != np.uint8:
         raise MmtkError(f"{rgb.name}: expected uint8 [N, H, W, 3], got {frame_dtype(rgb)} {list(shape)}")
     count = rgb.shape[0]
+    read = frame_reader(rgb)  # the layout looked up once for the split
     if loaded.task == "depth":
         out_dtype: Any = np.float32
     else:
@@ -465,7 +464,7 @@ def _label_split(group: Any, key: str, loaded: LoadedModel, attrs: dict[str, Any
                    done=start) as advance:
         for first in range(start, count, config.batch_size):
             last = min(first + config.batch_size, count)
-            frames = np.stack([read_frame(rgb, index) for index in range(first, last)])
+            frames = np.stack([read(index) for index in range(first, last)])
             labels = predict_batch(loaded, frames, device, dtype)
             _write_batch(dataset, first, labels)
             advance(last - first)

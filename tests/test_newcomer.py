@@ -419,7 +419,8 @@ def test_quick_commands_answer_without_importing_torch():
             model = mmtk.create_model(name, verbose=False)
         assert sum(p.numel() for p in model.parameters() if p.requires_grad) == PARAMETERS[name], name
     probe = ("import sys\nfrom mmtk.cli.main import main\nsys.argv = ['mmtk', *sys.argv[1:]]\ntry:\n    main()\n"
-             "except SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch was imported'\n")
+             "except SystemExit as done:\n    assert done.code in (0, None), f'exit {done.code}'\n"
+             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     for args in (["--help"], ["--version"], ["recipes"], ["models"], ["runs"], ["pretrain", "--help"]):
         done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120,
                               env={**ONE_THREAD_ENV, "COLUMNS": "120"})

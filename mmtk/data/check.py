@@ -12,14 +12,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import h5py
 import numpy as np
 
 from mmtk.modality import stored_array
 from mmtk.data.values import check_label_ids, check_metric_values, check_plausible_metres, intrinsics_problem
-from mmtk.data.codecs import read_frame
+from mmtk.data.codecs import frame_reader
 from mmtk.data.dataset import is_image, open_mmtk_file
 from mmtk.data.format import PARTIAL_SUFFIX
 from mmtk.errors import MmtkError
@@ -79,9 +79,9 @@ def check_file(path: str | os.PathLike) -> CheckReport:
                 check, counter = _counting_valid(name, _value_check(name, dataset))
                 scanned = _frames_to_scan(split, name, dataset, report)
                 report.frames[split] = max(report.frames[split], scanned)
-                image = is_image(name, dataset)
+                read = frame_reader(dataset) if is_image(name, dataset) else dataset.__getitem__  # once per array
                 for index in range(scanned):
-                    problem = _frame_problem(dataset, index, check, image)
+                    problem = _frame_problem(read, index, check)
                     if problem:
                         report.bad.append(BadFrame(split, index, name, problem,
                                                    ids[index] if ids and index < len(ids) else None))
@@ -165,10 +165,9 @@ def _value_check(name: str, dataset: h5py.Dataset) -> Callable[[np.ndarray], Non
     return lambda value: None  # images: any value of their dtype is valid; only checksums catch flips
 
 
-def _frame_problem(dataset: h5py.Dataset, index: int, check: Callable[[np.ndarray], None],
-                   image: bool) -> str | None:
+def _frame_problem(read: Callable[[int], Any], index: int, check: Callable[[np.ndarray], None]) -> str | None:
     try:
-        value = read_frame(dataset, index) if image else dataset[index]
+        value = read(index)
     except OSError as err:
         return f"cannot be read: damaged data or checksum mismatch ({str(err).split(';')[0]})"
     except MmtkError as err:  # an encoded image that fails its CRC-32 or does not decode

@@ -34,15 +34,16 @@ PLAN_FILE = "plan.json"
 DONE_FOLDER = "done"
 
 
-def dataset_files(path: str | os.PathLike) -> list[Path]:
+def dataset_files(path: str | os.PathLike, check_fresh: bool = True) -> list[Path]:
     """The mmtk files of a dataset: a file -> [file]; a shard folder -> its shards in index order.
 
-    A folder's index must exist and be fresh (one ``stat`` per shard); otherwise one-line :class:`MmtkError`.
+    A folder's index must exist and be fresh (one ``stat`` per shard; ``check_fresh=False`` for a writer that
+    changes its shards, such as `mmtk pseudo-label`); otherwise one-line :class:`MmtkError`.
     """
     path = Path(path)
     if not path.is_dir():
         return [path]
-    return [path / shard["file"] for shard in read_index(path)["shards"]]
+    return [path / shard["file"] for shard in read_index(path, check_fresh)["shards"]]
 
 
 def shard_names(folder: Path) -> list[str]:

@@ -195,9 +195,6 @@ class ShardedDataset(H5Dataset):
         read = [total["arrays"][self.dataset_map.get(source, source)] for adapter in self.adapters.values()
                 for source in adapter.reads()]  # as H5Dataset: the classes of the label arrays it reads
         self.classes = next((array["classes"] for array in read if "classes" in array), None)
-        if self.classes:
-            for adapter in self.adapters.values():  # lets label adapters refuse ids beyond the folder's classes
-                adapter.num_classes = adapter.num_classes or len(self.classes)
         self.shard_names = [name for name, _ in parts]  # names, not Paths: 10,000 Paths take 0.5 s
         self._starts = np.cumsum([0] + [part["frames"] for _, part in parts]).tolist()
         self.length = self._starts[-1]
