@@ -51,7 +51,7 @@ class Semseg(Modality):
     def tokenizer(self, dim: int, grid: tuple[int, int]) -> nn.Module:
         if self.num_classes < 1:
             raise ValueError("semseg needs num_classes >= 1")
-        from mmtk.layers import ClassMapTokenizer  # (timm) only when a model is built, not when data is read
+        from mmtk.model.layers import ClassMapTokenizer  # (timm) only when a model is built, not when data is read
 
         return ClassMapTokenizer(self.num_classes, CLASS_EMBED_DIM, dim, self.patch_size, grid, IGNORE_INDEX,
                                  stride=self.stride, pos_mode=self.pos_mode)

@@ -34,7 +34,8 @@ from PIL import Image
 from mmtk.data import H5Dataset
 from mmtk.adapters.semseg import prepare_semseg  # noqa: E402 (adapters sit above mmtk.data)
 from mmtk.data.convert import convert_rgbd, write_frames
-from mmtk.data.sources.base import ConvertOptions, nyuv2_meta
+from mmtk.data.sources.frame import ConvertOptions
+from mmtk.data.sources.nyuv2_meta import nyuv2_meta
 from mmtk.data.sources.folders import open_rgbd_source
 from mmtk.data.transforms import prepare_depth, prepare_rgb, random_resized_crop
 
@@ -109,7 +110,7 @@ def convert_bts_with_labels(root: Path, out: Path) -> None:
 
 def write_format_1(path: Path, triples: list[tuple[Path, Path, Path]], units_per_metre: float) -> None:
     """The same frames as format 1 stored them: raw chunked arrays, depth float32 metres (mmtk still reads it)."""
-    from mmtk.data.sources.base import DepthEncoding, read_depth
+    from mmtk.data.sources.depth_encoding import DepthEncoding, read_depth
 
     first = [np.array(Image.open(p)) for p in triples[0]]
     with h5py.File(path, "w") as f:

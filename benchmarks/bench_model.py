@@ -30,7 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import mmtk
-from mmtk.multimae import compile_step
+from mmtk.model.multimae import compile_step
 
 MODES = ("eager", "blocks", "step", "step-cudagraphs")
 

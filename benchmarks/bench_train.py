@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from mmtk.batches import SeededDataset
+from mmtk.train.batches import SeededDataset
 from mmtk.config import load_recipe
-from mmtk.optim import build_optimizer
+from mmtk.train.optim import build_optimizer
 from mmtk.runtime import autocast, pick_device, to_device
-from mmtk.training import DataInfo, model_args, needed_modalities, open_dataset, pretrain_loss_fn
+from mmtk.data.contents import DataInfo, open_dataset
+from mmtk.train.run import model_args, needed_modalities, pretrain_loss_fn
 
 REPO = Path(__file__).resolve().parents[1]
 

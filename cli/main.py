@@ -29,7 +29,7 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 def _instead_of_corrupt(path: object) -> str:
     """The fix for a corrupt checkpoint: the older intact one of the same run, when there is one."""
-    from mmtk.checkpoint import older_intact
+    from mmtk.train.checkpoint import older_intact
 
     older = older_intact(path) if path is not None else None
     if older is None:

@@ -10,7 +10,7 @@ import typer
 from mmtk.cli.app import app
 
 if TYPE_CHECKING:
-    from mmtk.multimae import ModelConfig
+    from mmtk.model.multimae import ModelConfig
 
 
 @app.command("models")
@@ -19,7 +19,7 @@ def models() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from mmtk.sizes import NAMED_MODELS, PAPER_CLASSES, PARAMETERS
+    from mmtk.model.sizes import NAMED_MODELS, PAPER_CLASSES, PARAMETERS
 
     pretraining = "; ".join(dict.fromkeys(f"{', '.join(sizes['inputs'])} in; {', '.join(sizes['outputs'])} out"
                                           for sizes in NAMED_MODELS.values()))  # as declared
@@ -57,11 +57,11 @@ def weights(
     from dataclasses import asdict
 
     from mmtk.config import parse_override
-    from mmtk.checkpoint import save_checkpoint
+    from mmtk.train.checkpoint import save_checkpoint
     from mmtk.errors import MmtkError
-    from mmtk.formats import mmtk_to_official, write_model_folder, write_safetensors
+    from mmtk.weights.formats import mmtk_to_official, write_model_folder, write_safetensors
     from mmtk.registry import describe_weights
-    from mmtk.sizes import reported_name
+    from mmtk.model.sizes import reported_name
 
     overrides = {}
     for text in set_:

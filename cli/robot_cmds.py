@@ -12,7 +12,7 @@ from mmtk.cli.app import DEVICE_HELP, PLUGIN_HELP, app, load_plugins
 if TYPE_CHECKING:
     import numpy as np
 
-    from mmtk.data.sources.base import Frame
+    from mmtk.data.sources.frame import Frame
 
 
 @app.command("pseudo-label")
@@ -120,7 +120,7 @@ def _read_depth(path: Path, depth_scale: Optional[float]) -> np.ndarray:
     in metres unless --depth-scale is given."""
     import numpy as np
 
-    from mmtk.data.sources.base import read_depth_units, to_metres
+    from mmtk.data.sources.depth_encoding import read_depth_units, to_metres
     from mmtk.errors import MmtkError
 
     if depth_scale is not None and depth_scale <= 0:
@@ -131,7 +131,8 @@ def _read_depth(path: Path, depth_scale: Optional[float]) -> np.ndarray:
 
 
 def _image_frames(rgb: Path, depth: Optional[Path], depth_scale: Optional[float]) -> Iterator[Frame]:
-    from mmtk.data.sources.base import Frame, read_rgb
+    from mmtk.data.sources.frame import Frame
+    from mmtk.data.sources.image_files import read_rgb
     from mmtk.errors import MmtkError
 
     arrays = {"rgb": read_rgb(rgb)}
@@ -144,7 +145,8 @@ def _image_frames(rgb: Path, depth: Optional[Path], depth_scale: Optional[float]
 
 
 def _folder_images(folder: Path) -> Iterator[Frame]:
-    from mmtk.data.sources.base import Frame, read_rgb
+    from mmtk.data.sources.frame import Frame
+    from mmtk.data.sources.image_files import read_rgb
     from mmtk.data.sources.images import list_images
     from mmtk.errors import MmtkError
 
@@ -195,7 +197,7 @@ def predict_command(
     from mmtk.pointcloud import parse_intrinsics
     from mmtk.predict import decoded, file_stem, load_predictor, predict_frame, write_prediction
     from mmtk.progress import counted
-    from mmtk.runs import resolve_checkpoint
+    from mmtk.train.run_folders import resolve_checkpoint
     from mmtk.runtime import pick_device
 
     if sum(source is not None for source in (rgb, images, rgbd, data, rosbag)) != 1:
@@ -222,7 +224,7 @@ def predict_command(
     elif images is not None:
         frames = _folder_images(images)
     elif rgbd is not None:
-        from mmtk.data.sources.base import ConvertOptions
+        from mmtk.data.sources.frame import ConvertOptions
         from mmtk.data.sources.folders import open_rgbd_source
 
         options = ConvertOptions(depth_scale=depth_scale, depth_format=depth_format, layout=layout)
@@ -293,7 +295,7 @@ def export_command(
     """Export a finetuned model to ONNX (fixed inputs and size), checked against ONNX Runtime."""
     load_plugins(plugin)
     from mmtk.export import export_onnx
-    from mmtk.runs import resolve_checkpoint
+    from mmtk.train.run_folders import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(checkpoint, "CHECKPOINT")
     names = tuple(n.strip() for n in inputs.split(",")) if inputs else None

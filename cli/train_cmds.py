@@ -19,7 +19,7 @@ SET_HELP = "Override a recipe value, e.g. --set optim.lr=2e-4 (repeatable)."
 
 def _run_dir(recipe: str, out: Optional[Path], resume: bool) -> Path:
     """--out, else runs/<recipe name>; refuses to mix a new run into a folder that has checkpoints."""
-    from mmtk.checkpoint import newest_checkpoint
+    from mmtk.train.checkpoint import newest_checkpoint
 
     run_dir = out or Path("runs") / Path(recipe).stem
     blocking = next((folder for folder in (run_dir, *run_dir.parents) if folder.exists() and not folder.is_dir()),
@@ -46,11 +46,11 @@ def _resume_command(kind: str, recipe: str, data: list[Path], run_dir: Path, ove
 def _train(recipe_arg: str, kind: str, data: Optional[list[Path]], out: Optional[Path], overrides: list[str],
            resume: bool, init: Optional[Path] = None) -> None:
     from mmtk.config import load_recipe
-    from mmtk.engine import TrainingInterrupted
+    from mmtk.train.engine import TrainingInterrupted
     from mmtk.progress import counted
     from mmtk.runtime import cleanup_distributed
-    from mmtk.runs import record_run, resolve_checkpoint, run_checkpoint
-    from mmtk.training import run_training
+    from mmtk.train.run_folders import record_run, resolve_checkpoint, run_checkpoint
+    from mmtk.train.run import run_training
 
     data = data or []
     data_path = [str(path) for path in data] if len(data) > 1 else str(data[0]) if data else None  # >1: a mixture
@@ -136,7 +136,7 @@ def runs() -> None:
     it was started from (`mmtk eval --run RUN_FOLDER` evaluates one)."""
     import time
 
-    from mmtk.runs import index_path, list_runs
+    from mmtk.train.run_folders import index_path, list_runs
 
     found = list_runs()
     if not found:
@@ -153,7 +153,7 @@ def runs() -> None:
 
 def _eval_checkpoint(run: Optional[Path], checkpoint: Optional[Path]) -> Path:
     """The checkpoint eval means: --run's or --checkpoint's, else the newest run trained from this folder."""
-    from mmtk.runs import newest_run_checkpoint, resolve_checkpoint
+    from mmtk.train.run_folders import newest_run_checkpoint, resolve_checkpoint
 
     if run is not None and checkpoint is not None:
         raise MmtkError("give --run RUN_FOLDER or --checkpoint FILE, not both")
@@ -170,7 +170,7 @@ def _eval_checkpoint(run: Optional[Path], checkpoint: Optional[Path]) -> Path:
 
 def _training_data(checkpoint: Path) -> list[Path]:
     """The datasets a run trained on, as its checkpoint records them (one, or each of a mixture's)."""
-    from mmtk.formats import locate_weights, read_state_dict
+    from mmtk.weights.formats import locate_weights, read_state_dict
 
     entry = read_state_dict(locate_weights(checkpoint)[0], mmap=True).get("data")
     recorded = (entry.get("paths") or [entry.get("path")]) if isinstance(entry, dict) else [None]
@@ -226,10 +226,10 @@ def eval_cmd(
     load_plugins(plugin)
     from rich.console import Console
 
-    from mmtk.evaluate import evaluate, results_json
+    from mmtk.evaluation.evaluate import evaluate, results_json
     from mmtk.io import atomic_write_text
     from mmtk.progress import counted
-    from mmtk.protocols import PROTOCOLS, get_protocol
+    from mmtk.evaluation.protocols import PROTOCOLS, get_protocol
 
     get_protocol(protocol)  # an unknown name fails before the model is loaded
     checkpoint = _eval_checkpoint(run, checkpoint)
@@ -263,7 +263,7 @@ def _print_tables(console, rows: list, frames: int, split: str, data: Path, prot
     """One table per task of one dataset's rows, with each row's note under it."""
     from rich.table import Table
 
-    from mmtk.metrics import FAMILIES
+    from mmtk.evaluation.metrics import FAMILIES
     from mmtk.modality import get_modality
     from mmtk.progress import counted
 

@@ -10,17 +10,17 @@ from typing import TYPE_CHECKING
 from mmtk.errors import MmtkError
 
 if TYPE_CHECKING:  # what editors and type checkers see
-    from mmtk.formats import LoadReport, export_official, load_weights  # noqa: F401
-    from mmtk.multimae import (DenseModel, ModelConfig, MultiMAE, MultiMAEOutput, compile_blocks,  # noqa: F401
+    from mmtk.weights.formats import LoadReport, export_official, load_weights  # noqa: F401
+    from mmtk.model.multimae import (DenseModel, ModelConfig, MultiMAE, MultiMAEOutput, compile_blocks,  # noqa: F401
                                compile_step)
     from mmtk.registry import build_model, create_model, list_models, model_config  # noqa: F401
 
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "LoadReport": "mmtk.formats", "export_official": "mmtk.formats", "load_weights": "mmtk.formats",
-    "DenseModel": "mmtk.multimae", "ModelConfig": "mmtk.multimae", "MultiMAE": "mmtk.multimae",
-    "MultiMAEOutput": "mmtk.multimae", "compile_blocks": "mmtk.multimae", "compile_step": "mmtk.multimae",
+    "LoadReport": "mmtk.weights.formats", "export_official": "mmtk.weights.formats", "load_weights": "mmtk.weights.formats",
+    "DenseModel": "mmtk.model.multimae", "ModelConfig": "mmtk.model.multimae", "MultiMAE": "mmtk.model.multimae",
+    "MultiMAEOutput": "mmtk.model.multimae", "compile_blocks": "mmtk.model.multimae", "compile_step": "mmtk.model.multimae",
     "build_model": "mmtk.registry", "create_model": "mmtk.registry", "list_models": "mmtk.registry",
     "model_config": "mmtk.registry",
 }

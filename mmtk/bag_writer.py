@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from mmtk.data.sources.base import Frame
+from mmtk.data.sources.frame import Frame
 from mmtk.errors import MmtkError
 from mmtk.io import atomic_path, temp_prefix
 from mmtk.predict import Output, Prediction, cloud_source, palette_of

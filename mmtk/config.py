@@ -75,7 +75,7 @@ class OptimConfig:
     scale_lr: bool = True  # effective lr = lr * batch_size / 256
     min_lr: float = 0.0
     weight_decay: float = 0.05
-    # which parameters decay (mmtk.optim.decays): weights (the official finetuning's rule: not biases, norms,
+    # which parameters decay (mmtk.train.optim.decays): weights (the official finetuning's rule: not biases, norms,
     # global tokens, position embeddings) | all (the official pretraining) | weights-except-tokens (mmtk's rule
     # before; kept for resuming runs that started with it)
     weight_decay_on: Literal["weights", "all", "weights-except-tokens"] = "weights"
@@ -461,7 +461,7 @@ def validate(recipe: Recipe, source: str) -> None:
     if recipe.kind == "finetune":
         if model.head is None or model.task is None:
             raise MmtkError(f"{source}: a finetune recipe needs model.head (convnext|dpt) and model.task (semseg|depth)")
-        from mmtk.metrics import FAMILIES
+        from mmtk.evaluation.metrics import FAMILIES
         from mmtk.modality import get_modality
 
         family = get_modality(model.task).metric_family

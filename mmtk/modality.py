@@ -92,7 +92,7 @@ class Modality:
       fp32_decoder:  its decoder runs in fp32 under autocast unless ModelConfig.fp32_decoders says otherwise.
       colour:        its stored arrays are colour images: the colour steps of whole-frame augmentations
                      (mmtk.data.augment: colour jitter, grayscale) apply to them; geometry applies to all.
-      metric_family: how a finetuning head predicting it is trained and scored (mmtk.metrics.FAMILIES):
+      metric_family: how a finetuning head predicting it is trained and scored (mmtk.evaluation.metrics.FAMILIES):
                      "segmentation" (cross-entropy, mIoU; targets `<name>_full`) or "depth" (berHu/L1,
                      delta/AbsRel/RMSE in metres; targets `<name>_m` with `<name>_valid`); None: not a task.
       stores:        the per-frame arrays it keeps in mmtk HDF5 files (dataset name, dtype, units, validity);
@@ -139,7 +139,7 @@ class Modality:
         """
         if not self.is_input:
             raise MmtkError(f"modality '{self.name}' is target-only; remove it from the model inputs")
-        from mmtk.layers import PatchTokenizer
+        from mmtk.model.layers import PatchTokenizer
 
         return PatchTokenizer(self.channels, dim, self.patch_size, grid, stride=self.stride, pos_mode=self.pos_mode)
 

@@ -1,6 +1,6 @@
 """``mmtk predict``: the data path run forward.
 
-A source yields frames (:class:`mmtk.data.sources.base.Frame`: image files, RGB-D folders, mmtk datasets, ROS
+A source yields frames (:class:`mmtk.data.sources.frame.Frame`: image files, RGB-D folders, mmtk datasets, ROS
 bags); every model input is prepared from the frame by its adapter's :meth:`~mmtk.modality.Modality.load`, as
 training prepares it; the model runs; each output comes back at the frame's resolution as its adapter stores it
 (labels, values in the adapter's units, images) and is written as pictures with legends and units, arrays and
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from mmtk.data.sources.base import Frame
+from mmtk.data.sources.frame import Frame
 from mmtk.errors import MmtkError
 from mmtk.io import atomic_write
 from mmtk.modality import StoredArray, get_modality, stored_array
@@ -324,7 +324,7 @@ def write_prediction(out_dir: Path, stem: str, frame: Frame, prediction: Predict
 
 def file_stem(frame: Frame, index: int) -> str:
     """A file-name stem for a frame: its id with path separators and odd characters replaced, image suffix dropped."""
-    from mmtk.data.sources.base import IMAGE_SUFFIXES
+    from mmtk.data.sources.image_files import IMAGE_SUFFIXES
 
     text = str(frame.frame_id) if frame.frame_id is not None else f"frame_{index:06d}"
     for suffix in IMAGE_SUFFIXES:

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from mmtk.errors import MmtkError
-from mmtk.formats import Weights, default_hooks, load_weights, read_weights
-from mmtk.multimae import DenseModel, ModelConfig, MultiMAE
-from mmtk.sizes import NAMED_MODELS, PAPER_MODALITIES, SIZE_KEYS, reported_name, size_name  # noqa: F401  (API)
+from mmtk.weights.formats import Weights, default_hooks, load_weights, read_weights
+from mmtk.model.multimae import DenseModel, ModelConfig, MultiMAE
+from mmtk.model.sizes import NAMED_MODELS, PAPER_MODALITIES, SIZE_KEYS, reported_name, size_name  # noqa: F401  (API)
 # What a weights file fixes and no argument can change: the encoder's trunk.
 TRUNK = ("dim", "depth", "mlp_ratio", "patch_size", "num_global_tokens")
 HEAD_DIM = 64  # width per attention head of every released ViT and MultiMAE (heads are not in the shapes)
@@ -266,7 +266,7 @@ def create_model(name: str | None = None, pretrained: str | Path | dict | Weight
             safetensors, any file name), a model folder (config.json + model.safetensors) or a huggingface_hub
             cache folder. The file determines the model; see :func:`config_from_weights` for arguments.
         verbose: print what was loaded, assumed, and which parameters start fresh.
-        overrides: any :class:`mmtk.multimae.ModelConfig` field.
+        overrides: any :class:`mmtk.model.multimae.ModelConfig` field.
     """
     if pretrained is None:
         if name is None:

@@ -1,4 +1,4 @@
-"""Test-wide settings: the run index (mmtk.runs) goes to a temporary folder, not the user's home."""
+"""Test-wide settings: the run index (mmtk.train.run_folders) goes to a temporary folder, not the user's home."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from cli_helpers import invoke as run_cli  # noqa: F401  (the tests' way to run `mmtk ...`)
-from mmtk.data.sources.base import nyuv2_meta
+from mmtk.data.sources.nyuv2_meta import nyuv2_meta
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"

@@ -63,10 +63,10 @@ def assert_same_final_weights(one: Path, two: Path, recipe: Path, sets: list[str
     """The newest checkpoints of run folders ``one`` and ``two`` hold the same weights, and those moved away from the
     initialisation both runs started from (same seed, same create_model call), so the runs did train."""
     import mmtk
-    from mmtk.checkpoint import checkpoint_paths, load_checkpoint
+    from mmtk.train.checkpoint import checkpoint_paths, load_checkpoint
     from mmtk.config import load_recipe
     from mmtk.runtime import seed_everything
-    from mmtk.training import _prepare, model_args
+    from mmtk.train.run import _prepare, model_args
 
     final_one = load_checkpoint(checkpoint_paths(one)[-1])["model"]
     final_two = load_checkpoint(checkpoint_paths(two)[-1])["model"]

@@ -17,9 +17,9 @@ from torch._dynamo.utils import counters
 from engine_helpers import RECIPES, TINY, one_thread, sample_h5  # noqa: F401
 from helpers import needs_cuda, random_batch, tiny_model
 from mmtk.config import load_recipe
-from mmtk.engine import read_metrics
-from mmtk.multimae import compile_step
-from mmtk.training import pretrain_loss_fn, run_training
+from mmtk.train.engine import read_metrics
+from mmtk.model.multimae import compile_step
+from mmtk.train.run import pretrain_loss_fn, run_training
 
 LOSSES = ("loss", "rgb", "norm_rgb", "depth", "semseg")
 pretrain_loss = pretrain_loss_fn()
@@ -56,7 +56,7 @@ def test_compiled_step_is_one_graph_and_equals_eager_over_20_steps(sample_h5, tm
         compiled.append(type(model).__name__)
         return compile_step(model, backend="aot_eager")
 
-    monkeypatch.setattr("mmtk.engine.compile_step", aot_eager_step)
+    monkeypatch.setattr("mmtk.train.engine.compile_step", aot_eager_step)
     start = time.perf_counter()
     run_training(_recipe(sample_h5, "step"), tmp_path / "compiled")
     print(f"compiled run: {time.perf_counter() - start:.1f} s including compilation")

@@ -220,7 +220,7 @@ def test_resize_keeps_labels_as_labels(tmp_path):
 
 @pytest.mark.parametrize("mode", ["P", "LA", "RGBA", "CMYK", "1"])
 def test_colour_images_in_other_modes_are_read_as_rgb(tmp_path, mode):
-    from mmtk.data.sources.base import read_rgb
+    from mmtk.data.sources.image_files import read_rgb
 
     rgb, _, _ = labeled_frame()
     image = Image.fromarray(rgb).quantize(256) if mode == "P" else Image.fromarray(rgb).convert(mode)
@@ -242,7 +242,7 @@ def test_guessed_units_compute_each_reading_of_a_frame_s_percentiles_once(monkey
 
     import mmtk.data.sources.folders as folders
     import mmtk.data.values as values
-    from mmtk.data.sources.base import ConvertOptions
+    from mmtk.data.sources.frame import ConvertOptions
 
     computed: list[str] = []
     original = values.depth_percentiles

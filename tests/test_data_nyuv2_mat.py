@@ -9,7 +9,7 @@ import pytest
 from scipy.io import savemat
 
 from data_helpers import DecodedFile, labeled_frame, nyu_mat_frames, run_cli, shared, write_nyu_mat
-from mmtk.data.sources.base import nyuv2_meta
+from mmtk.data.sources.nyuv2_meta import nyuv2_meta
 from mmtk.data.sources.nyuv2 import nyuv2_split_indices
 from mmtk.data import read_info
 

@@ -8,8 +8,8 @@ import sys
 
 from engine_helpers import (CLI, ONE_THREAD_ENV, RECIPES, TINY, TINY_SEMSEG, assert_same_final_weights,  # noqa: F401
                             sample_h5)
-from mmtk.checkpoint import checkpoint_paths, load_checkpoint
-from mmtk.engine import read_metrics
+from mmtk.train.checkpoint import checkpoint_paths, load_checkpoint
+from mmtk.train.engine import read_metrics
 
 
 def _args(data, out):
@@ -47,8 +47,8 @@ import torch
 import torch.distributed as dist
 import mmtk
 from mmtk.config import load_recipe
-from mmtk.engine import TrainingInterrupted, fit
-from mmtk.training import _prepare, model_args, pretrain_loss_fn
+from mmtk.train.engine import TrainingInterrupted, fit
+from mmtk.train.run import _prepare, model_args, pretrain_loss_fn
 
 recipe = load_recipe(sys.argv[1], json.loads(sys.argv[2]), data_path=sys.argv[3])
 info, train_set = _prepare(recipe)

@@ -12,8 +12,8 @@ import pytest
 
 from engine_helpers import CLI, ONE_THREAD_ENV, RECIPES, TINY, one_thread, run_cli, sample_h5  # noqa: F401
 from helpers import needs_cuda
-from mmtk.checkpoint import checkpoint_paths
-from mmtk.engine import read_metrics
+from mmtk.train.checkpoint import checkpoint_paths
+from mmtk.train.engine import read_metrics
 
 LOSSES = ("loss", "rgb", "norm_rgb", "depth", "semseg", "lr")
 
@@ -65,10 +65,10 @@ def test_resume_reads_its_checkpoint_once_and_lets_it_go(sample_h5, tmp_path, mo
 
     import torch
 
-    import mmtk.checkpoint as checkpoint
-    from mmtk.batches import Batches
+    import mmtk.train.checkpoint as checkpoint
+    from mmtk.train.batches import Batches
     from mmtk.config import load_recipe
-    from mmtk.training import run_training
+    from mmtk.train.run import run_training
 
     sets = TINY + ["optim.batch_size=4", "data.repeat=8", "optim.epochs=20", "train.ckpt_every=3",
                    "model.num_visible=12", "train.device=cpu"]
@@ -165,9 +165,9 @@ def test_auto_micro_batch_resumes_with_the_micro_batch_the_run_used(sample_h5, t
     """Masks are drawn per micro-batch: a resumed ``micro_batch: auto`` run keeps the size its checkpoint
     records (here 2 of a batch of 4, chosen under little memory) even where more memory would now fit 4, so it
     repeats the uninterrupted run's losses exactly."""
-    from mmtk import memory
+    from mmtk.train import memory
     from mmtk.config import load_recipe
-    from mmtk.training import run_training
+    from mmtk.train.run import run_training
 
     sets = TINY + ["optim.batch_size=4", "optim.micro_batch=auto", "data.repeat=8", "optim.epochs=20",
                    "train.ckpt_every=2", "model.num_visible=12", "train.device=cpu"]
@@ -189,10 +189,10 @@ def test_auto_micro_batch_resumes_with_the_micro_batch_the_run_used(sample_h5, t
         recipe = load_recipe(RECIPES / "tiny.yaml", sets + [f"train.max_steps={steps}"], data_path=str(sample_h5))
         return run_training(recipe, out, resume=resume)
 
-    monkeypatch.setattr("mmtk.engine.plan_memory", plan_with(0.5))  # room for 2 images per micro-step, not 4
+    monkeypatch.setattr("mmtk.train.engine.plan_memory", plan_with(0.5))  # room for 2 images per micro-step, not 4
     run(tmp_path / "whole", 4)
     run(tmp_path / "cut", 2)
-    monkeypatch.setattr("mmtk.engine.plan_memory", plan_with(2.0))  # now 4 would fit
+    monkeypatch.setattr("mmtk.train.engine.plan_memory", plan_with(2.0))  # now 4 would fit
     run(tmp_path / "cut", 4, resume=True)
     assert chosen == [2, 2, 2]
     whole, cut = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "cut")

@@ -11,12 +11,12 @@ import torch
 from engine_helpers import (RECIPES, TINY, TINY_DEPTH, TINY_SEMSEG, one_thread, run_cli, sample_h5,  # noqa: F401
                             sync_h5)
 from mmtk.config import load_recipe
-from mmtk.checkpoint import checkpoint_paths, load_checkpoint
-from mmtk.engine import read_metrics
+from mmtk.train.checkpoint import checkpoint_paths, load_checkpoint
+from mmtk.train.engine import read_metrics
 from mmtk.errors import MmtkError
-from mmtk.evaluate import evaluate
-from mmtk.protocols import eigen_crop
-from mmtk.training import run_training
+from mmtk.evaluation.evaluate import evaluate
+from mmtk.evaluation.protocols import eigen_crop
+from mmtk.train.run import run_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,8 +95,9 @@ def test_depth_finetuning_and_missing_sensor_rows(sample_h5, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(sample_h5, tmp_path, monkeypatch):
-    from mmtk.engine import MetricsLog, fit
-    from mmtk.training import finetune_loss_fn, open_dataset
+    from mmtk.train.engine import MetricsLog, fit
+    from mmtk.train.run import finetune_loss_fn
+    from mmtk.data.contents import open_dataset
 
     import mmtk
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import mmtk
-from mmtk.checkpoint import checkpoint_paths, load_checkpoint, newest_checkpoint, save_checkpoint
-from mmtk.optim import WarmupCosine, layer_id, param_groups
+from mmtk.train.checkpoint import checkpoint_paths, load_checkpoint, newest_checkpoint, save_checkpoint
+from mmtk.train.optim import WarmupCosine, layer_id, param_groups
 from mmtk.runtime import rng_state, set_rng_state
 from mmtk.errors import MmtkError
 
@@ -62,7 +62,7 @@ def test_build_optimizer_lr_per_step_is_the_recipe_curve(tiny):
     warm-up reaches the peak one step later (warmup_t=4, warmup_lr_init=0, warmup_prefix=True, stepped per update:
     0, 0.25, 0.5, 0.75, 1.0 of the lr where ours gives 0.25, 0.5, 0.75, 1.0)."""
     from mmtk.config import load_recipe
-    from mmtk.optim import build_optimizer
+    from mmtk.train.optim import build_optimizer
 
     recipe = load_recipe("tiny", ["optim.lr=1e-3", "optim.min_lr=1e-5", "optim.layer_decay=0.5",
                                   "optim.batch_size=256", "optim.scale_lr=false"])
@@ -131,7 +131,7 @@ def test_load_checkpoint_errors(tmp_path):
 
 
 def test_global_batch_split_over_processes_and_accumulation():
-    from mmtk.batches import make_batches
+    from mmtk.train.batches import make_batches
     from mmtk.config import recipe_from_dict
     from mmtk.runtime import DistInfo
 
@@ -152,7 +152,7 @@ def test_global_batch_split_over_processes_and_accumulation():
 
 
 def test_run_sampler_streams_whole_step_epochs_and_resumes_at_any_step():
-    from mmtk.batches import RunSampler
+    from mmtk.train.batches import RunSampler
 
     sampler = RunSampler(list(range(10)), num_replicas=1, rank=0, seed=0, samples_per_step=4)
     assert sampler.steps_per_epoch == 2  # 10 frames: 2 steps of 4, the last 2 of each permutation unused
@@ -173,7 +173,7 @@ def test_sigkill_during_checkpoint_writes_leaves_a_loadable_file(tmp_path):
 
     path = tmp_path / "checkpoints" / "step_00000001.pt"
     save_checkpoint({"step": 0, "w": torch.zeros(4)}, path)
-    writer = ("import sys, torch\nfrom mmtk.checkpoint import save_checkpoint\n"
+    writer = ("import sys, torch\nfrom mmtk.train.checkpoint import save_checkpoint\n"
               "for i in range(1, 10**6):\n"
               "    save_checkpoint({'step': i, 'w': torch.full((4_000_000,), float(i))}, sys.argv[1])\n")
     process = subprocess.Popen([sys.executable, "-c", writer, str(path)])
@@ -206,7 +206,7 @@ def test_pretrain_loss_reads_the_modality_registry_once_per_run(monkeypatch):
     the validity map beside them goes to the model as `valid`, not as an input."""
     from helpers import random_batch, tiny_model
 
-    import mmtk.training as training
+    import mmtk.train.run as training
 
     reads = []
     registry = training.list_modalities

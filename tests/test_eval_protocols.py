@@ -20,12 +20,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mmtk.evaluate as evaluate_module
+import mmtk.evaluation.evaluate as evaluate_module
 from data_helpers import DecodedFile
 from engine_helpers import SAMPLES
 from mmtk.errors import MmtkError
-from mmtk.metrics import BatchMeanDepthMetrics
-from mmtk.multimae import ModelConfig
+from mmtk.evaluation.metrics import BatchMeanDepthMetrics
+from mmtk.model.multimae import ModelConfig
 
 MODEL_SIZE = (256, 256)
 

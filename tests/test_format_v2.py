@@ -16,7 +16,9 @@ from mmtk.data import H5Dataset, H5Writer, read_info
 from mmtk.data.check import check_file
 from mmtk.data.codecs import Quantized, read_frame
 from mmtk.data.convert import convert_rgbd
-from mmtk.data.sources.base import DepthEncoding, keep_depth, nyuv2_meta, read_colour, read_depth
+from mmtk.data.sources.depth_encoding import DepthEncoding, keep_depth, read_depth
+from mmtk.data.sources.nyuv2_meta import nyuv2_meta
+from mmtk.data.sources.image_files import read_colour
 from mmtk.errors import MmtkError
 
 MULTIMAE_DEPTH = DepthEncoding("multimae", 6553.6)

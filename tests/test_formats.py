@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mmtk
-from mmtk.layers import resize_pos_embed
+from mmtk.model.layers import resize_pos_embed
 from helpers import TINY
 
 LISTINGS = Path(__file__).parent / "parity"

@@ -14,7 +14,9 @@ from PIL import Image
 from scipy import ndimage
 
 from data_helpers import DecodedFile, run_cli, shared
-from mmtk.data.sources.base import DepthEncoding, nyuv2_intrinsics, read_depth, read_rgb
+from mmtk.data.sources.depth_encoding import DepthEncoding, read_depth
+from mmtk.data.sources.nyuv2_meta import nyuv2_intrinsics
+from mmtk.data.sources.image_files import read_rgb
 from mmtk.data.sources.kinect_nyu import (KinectCalibration, NyuRegistration, distort, nyu_kinect_calibration,
                                           undistort)
 from mmtk.data.sources.tf import invert_rigid

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmtk.masking import apportion, sample_masks, sample_shares
+from mmtk.model.masking import apportion, sample_masks, sample_shares
 
 
 @settings(max_examples=200, deadline=None)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mmtk.metrics import DepthMetrics, SegmentationMetrics
+from mmtk.evaluation.metrics import DepthMetrics, SegmentationMetrics
 
 
 def test_segmentation_pooled_over_batches_with_ignored_labels():

@@ -13,11 +13,11 @@ import torch
 
 from data_helpers import SAMPLES, SYNC
 from engine_helpers import RECIPES, TINY, TINY_SEMSEG, one_thread, run_cli, sample_h5  # noqa: F401
-from mmtk.batches import RunSampler, WeightedEpochs, make_batches
+from mmtk.train.batches import RunSampler, WeightedEpochs, make_batches
 from mmtk.config import load_recipe
 from mmtk.errors import MmtkError
 from mmtk.runtime import DistInfo
-from mmtk.training import _prepare
+from mmtk.train.run import _prepare
 
 ONE = DistInfo(0, 1, 0, torch.device("cpu"))
 
@@ -134,7 +134,7 @@ def test_files_with_the_same_modalities_carry_no_presence_flags(sample_h5, tmp_p
 
 def test_finetuning_loss_counts_only_samples_that_have_the_target(sample_h5, rgb_h5):
     import mmtk
-    from mmtk.training import finetune_loss_fn, model_args
+    from mmtk.train.run import finetune_loss_fn, model_args
 
     recipe = _recipe([sample_h5, rgb_h5], "model.inputs=[rgb,depth]", "model.overrides.convnext_dim=64",
                      "model.overrides.convnext_depth=1", name="tiny_finetune_semseg.yaml")
@@ -154,7 +154,7 @@ def test_finetuning_loss_counts_only_samples_that_have_the_target(sample_h5, rgb
 
 def test_a_weighted_mixture_stopped_mid_epoch_and_resumed_repeats_the_uninterrupted_run(sample_h5, rgb_h5, tmp_path,
                                                                                        one_thread):
-    from mmtk.engine import read_metrics
+    from mmtk.train.engine import read_metrics
 
     # 1 + 3 frames x data.repeat 2 = 8 draws per epoch: 2 steps of 4; the step-3 checkpoint lies mid-epoch
     sets = [f"--set={s}" for s in TINY + ["optim.batch_size=4", "data.repeat=2", "optim.epochs=3", "train.ckpt_every=3",

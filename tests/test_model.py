@@ -58,7 +58,7 @@ def test_loss_ignores_targets_of_visible_patches():
              for i, k in enumerate(("rgb", "depth", "semseg"))}
     with torch.no_grad():
         out = model(batch, masks=masks)
-    visible = {k: mmtk.multimae.hidden_pixels(~m, (4, 4), batch[k] if k != "semseg" else batch[k][:, None])
+    visible = {k: mmtk.model.multimae.hidden_pixels(~m, (4, 4), batch[k] if k != "semseg" else batch[k][:, None])
                for k, m in masks.items()}
     changed = {
         "rgb": torch.where(visible["rgb"][:, None], batch["rgb"] + 10.0, batch["rgb"]),
@@ -197,7 +197,7 @@ def test_patch_embedding_equals_the_strided_convolution():
 
 
 def test_cpu_bf16_attention_matches_sdpa():
-    from mmtk.layers import attention
+    from mmtk.model.layers import attention
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 20, 16, generator=gen) for _ in range(3))
@@ -210,7 +210,7 @@ def test_cpu_bf16_attention_matches_sdpa():
 
 
 def test_masked_mean_averages_samples_that_have_hidden_pixels():
-    from mmtk.multimae import masked_mean
+    from mmtk.model.multimae import masked_mean
 
     loss = torch.tensor([[[1.0, 3.0]], [[5.0, 7.0]], [[100.0, 100.0]]], requires_grad=True)  # [B=3, 1, 2]
     weight = torch.tensor([[[True, True]], [[True, False]], [[False, False]]])

@@ -11,8 +11,8 @@ import pytest
 
 from engine_helpers import (CLI, ONE_THREAD_ENV, RECIPES, SAMPLES, TINY_DEPTH, assert_same_final_weights,  # noqa: F401
                             sample_h5)
-from mmtk.checkpoint import checkpoint_paths, load_checkpoint
-from mmtk.engine import read_metrics
+from mmtk.train.checkpoint import checkpoint_paths, load_checkpoint
+from mmtk.train.engine import read_metrics
 
 
 def _args(data, out):

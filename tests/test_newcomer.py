@@ -150,7 +150,7 @@ def _tiny_run_parts(sample_h5, overrides: list[str]):
     import mmtk
     from mmtk.config import load_recipe
     from mmtk.runtime import setup_distributed
-    from mmtk.training import _prepare, model_args, pretrain_loss_fn
+    from mmtk.train.run import _prepare, model_args, pretrain_loss_fn
 
     recipe = load_recipe("tiny", TINY + overrides, data_path=str(sample_h5))
     info, train_set = _prepare(recipe)
@@ -159,7 +159,7 @@ def _tiny_run_parts(sample_h5, overrides: list[str]):
 
 
 def test_memory_check_refuses_a_micro_batch_that_does_not_fit(sample_h5, monkeypatch, tmp_path):
-    from mmtk import memory
+    from mmtk.train import memory
 
     recipe, model, train_set, loss, info = _tiny_run_parts(sample_h5, ["optim.batch_size=8", "optim.micro_batch=8"])
     estimate = memory.estimate_memory(model, loss, train_set, recipe, info.device)
@@ -201,8 +201,8 @@ def test_loader_workers_default_from_the_machine(monkeypatch):
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(sample_h5, tmp_path):
-    from mmtk.checkpoint import checkpoint_paths, load_checkpoint
-    from mmtk.engine import read_metrics
+    from mmtk.train.checkpoint import checkpoint_paths, load_checkpoint
+    from mmtk.train.engine import read_metrics
 
     out = tmp_path / "run"
     command = CLI + ["pretrain", "tiny", "--data", str(sample_h5), "--out", str(out),
@@ -232,8 +232,8 @@ def test_ctrl_c_saves_a_resumable_checkpoint(sample_h5, tmp_path):
 def test_ctrl_c_writes_one_checkpoint_with_logging_off_and_at_the_last_step(sample_h5, tmp_path, one_thread):
     """A Ctrl-C inside step 2 of 3 with no step logged stops after step 2 with its one checkpoint; one inside the
     last step finishes the run as usual: one checkpoint, the final one, and no interruption."""
-    from mmtk.checkpoint import checkpoint_paths
-    from mmtk.engine import TrainingInterrupted, fit
+    from mmtk.train.checkpoint import checkpoint_paths
+    from mmtk.train.engine import TrainingInterrupted, fit
 
     def run(stop_in_step: int, out: Path):
         recipe, model, train_set, loss_fn, _ = _tiny_run_parts(
@@ -264,7 +264,7 @@ def test_ctrl_c_writes_one_checkpoint_with_logging_off_and_at_the_last_step(samp
 def test_second_ctrl_c_stops_at_once(capsys):
     import torch
 
-    from mmtk.engine import StopRequest
+    from mmtk.train.engine import StopRequest
     from mmtk.runtime import DistInfo
 
     before = signal.getsignal(signal.SIGINT)
@@ -388,7 +388,7 @@ def test_export_takes_a_run_folder_as_eval_and_predict_do(tmp_path):
     import torch
 
     import mmtk
-    from mmtk.checkpoint import link_last, save_checkpoint
+    from mmtk.train.checkpoint import link_last, save_checkpoint
 
     if any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxscript", "onnxruntime")):
         pytest.skip("ONNX export is an optional extra (mmtk[onnx])")
@@ -412,7 +412,7 @@ def test_quick_commands_answer_without_importing_torch():
     import torch
 
     import mmtk
-    from mmtk.sizes import NAMED_MODELS, PARAMETERS
+    from mmtk.model.sizes import NAMED_MODELS, PARAMETERS
 
     for name in NAMED_MODELS:
         with torch.device("meta"):
@@ -463,8 +463,8 @@ def test_pretrain_device_option_is_the_recipes_train_device(work, sample_h5):
 def test_one_name_is_one_model(sample_h5, tmp_path):
     """Issue 20 item 16: the tiny recipe's 4-block model is not reported as multimae-tiny (12 blocks)."""
     import mmtk
-    from mmtk.checkpoint import load_checkpoint
-    from mmtk.sizes import reported_name
+    from mmtk.train.checkpoint import load_checkpoint
+    from mmtk.model.sizes import reported_name
 
     code, output = run_cli("pretrain", "tiny", "--data", sample_h5, "--out", tmp_path / "run",
                            *sets(["optim.batch_size=4", "train.max_steps=1", "data.num_workers=0"]))
@@ -484,7 +484,7 @@ def test_a_cpu_run_of_hours_says_so_and_ctrl_c_says_how_long_the_step_takes(caps
     """Issue 20 item 17: after two micro-steps a CPU run estimated beyond an hour says so in one line, with what
     a GPU would take; the first Ctrl-C says how long finishing the step under way takes."""
     from mmtk import progress
-    from mmtk.engine import StopRequest
+    from mmtk.train.engine import StopRequest
 
     clock = [0.0]
     monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])

@@ -17,9 +17,9 @@ import mmtk
 from engine_helpers import RECIPES, TINY_DEPTH, TINY_SEMSEG, one_thread, sample_h5  # noqa: F401
 from mmtk.config import load_recipe
 from mmtk.data.augment import multimae_depth, multimae_semseg
-from mmtk.engine import read_metrics
+from mmtk.train.engine import read_metrics
 from mmtk.errors import MmtkError
-from mmtk.training import depth_loss, run_training
+from mmtk.train.run import depth_loss, run_training
 
 KINDS = {"rgb": "image", "ir": "image", "depth": "metric", "semseg": "labels"}
 
@@ -157,7 +157,7 @@ def test_paper_recipes_train_on_the_sample_frame(recipe, sizes, sample_h5, tmp_p
     assert result.steps == 3 and all(math.isfinite(r["loss"]) for r in records)
     if recipe == "nyuv2_depth_paper":
         assert run.train.loss_reduction == "batch" and run.train.target_norm == (2.0707764, 0.7775723)
-        state = mmtk.checkpoint.load_checkpoint(result.last_checkpoint)
+        state = mmtk.train.checkpoint.load_checkpoint(result.last_checkpoint)
         assert state["model_args"]["output_norm"] == [2.0707764, 0.7775723]  # eval rebuilds a metric model
         # what the head was trained to predict cannot change on a resume
         changed = load_recipe(recipe, overrides + ["train.target_norm=null"], data_path=str(sample_h5))
@@ -168,7 +168,7 @@ def test_paper_recipes_train_on_the_sample_frame(recipe, sizes, sample_h5, tmp_p
         plain = load_recipe(recipe, overrides + ["train.target_norm=null", "train.max_steps=1"],
                             data_path=str(sample_h5))
         again = run_training(plain, tmp_path / "plain", init=result.last_checkpoint)
-        assert mmtk.checkpoint.load_checkpoint(again.last_checkpoint)["model_args"]["output_norm"] is None
+        assert mmtk.train.checkpoint.load_checkpoint(again.last_checkpoint)["model_args"]["output_norm"] is None
 
 
 def test_augmentation_errors_are_one_line(sample_h5):

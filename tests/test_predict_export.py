@@ -17,7 +17,7 @@ from cli_helpers import run_cli
 from data_helpers import KINECT, KINECT_FRAME, SHARED, kinect_frame, kinect_intrinsics
 import mmtk
 from mmtk.pointcloud import depth_to_xyz, intrinsics_matrix, read_cloud
-from mmtk.data.sources.base import Frame
+from mmtk.data.sources.frame import Frame
 from mmtk.predict import decoded, load_predictor, predict_frame, prepare_inputs
 from mmtk.visualize import colorize_labels, label_palette
 

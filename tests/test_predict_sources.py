@@ -18,7 +18,7 @@ from PIL import Image
 import mmtk
 from cli_helpers import run_cli
 from data_helpers import BAG1, DEPTH_TOPIC, MULTIMAE, RGB_TOPIC, SYNC
-from mmtk.data.sources.base import Frame
+from mmtk.data.sources.frame import Frame
 from mmtk.predict import decoded, load_predictor, predict_frame
 from mmtk.visualize import label_palette
 from test_plugin_modality import IR_ADAPTER, IR_TOPIC, write_bag_with_ir

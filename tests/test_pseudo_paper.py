@@ -20,11 +20,11 @@ from cli_helpers import run_cli  # noqa: E402
 from engine_helpers import CLI, ONE_THREAD_ENV, TINY, TINY_DEPTH, one_thread  # noqa: E402,F401
 from pseudo_helpers import (COCO_PANOPTIC_CLASSES, expected_depth, real_frames, reference, save_models,  # noqa: E402
                             write_h5)
-from mmtk.checkpoint import checkpoint_paths, load_checkpoint  # noqa: E402
+from mmtk.train.checkpoint import checkpoint_paths, load_checkpoint  # noqa: E402
 from mmtk.data import H5Dataset  # noqa: E402
 from mmtk.data.transforms import standardize_depth  # noqa: E402
-from mmtk.engine import read_metrics  # noqa: E402
-from mmtk.training import data_info  # noqa: E402
+from mmtk.train.engine import read_metrics  # noqa: E402
+from mmtk.data.contents import data_info
 
 SIZE = (64, 64)
 # The paper's recipe at CPU size: a 2-block ViT of width 64 on 64x64 crops, 2 steps of 2 frames, fp32.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mmtk.data.convert import read_ahead
-from mmtk.data.sources.base import Frame
+from mmtk.data.sources.frame import Frame
 from mmtk.errors import MmtkError
 
 

@@ -12,7 +12,7 @@ from data_helpers import DecodedFile
 from mmtk.config import load_recipe
 from mmtk.data import convert_rgbd
 from mmtk.errors import MmtkError
-from mmtk.training import _prepare
+from mmtk.train.run import _prepare
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_sensor_and_pseudo_depth_together(file_with_pseudo_depth):
     assert batch["depth_pseudo"].shape == batch["depth"].shape and not torch.allclose(batch["depth_pseudo"], batch["depth"])
 
     import mmtk
-    from mmtk.training import model_args, pretrain_loss_fn
+    from mmtk.train.run import model_args, pretrain_loss_fn
 
     model = mmtk.create_model(recipe.model.name, **model_args(recipe, info))
     loss, losses = pretrain_loss_fn()(model, batch)

@@ -16,7 +16,7 @@ import mmtk.io
 from cli_helpers import invoke
 from engine_helpers import sample_h5  # noqa: F401  (fixture)
 from mmtk.config import shipped_recipes
-from mmtk.checkpoint import save_checkpoint
+from mmtk.train.checkpoint import save_checkpoint
 from mmtk.errors import MmtkError
 
 ARGS = dict(dim=64, depth=2, num_heads=2, decoder_dim=32, decoder_depth=1, image_size=[64, 64],
@@ -125,7 +125,7 @@ def test_predict_refuses_forged_checkpoint_entries_in_one_line(tmp_path, entry):
 def test_a_model_folder_whose_config_json_is_not_a_description_is_refused_in_one_line(tmp_path, config):
     import json
 
-    from mmtk.formats import write_model_folder
+    from mmtk.weights.formats import write_model_folder
 
     folder = write_model_folder(mmtk.create_model("multimae-tiny", verbose=False, **ARGS).state_dict(),
                                 tmp_path / "folder", "multimae-tiny", ARGS)
@@ -185,7 +185,7 @@ PAPER_OUTPUTS = ("rgb", "norm_rgb", "depth", "semseg")
 
 def test_named_models_declare_their_modalities_and_the_core_names_none():
     from mmtk.modality import list_modalities
-    from mmtk.multimae import ModelConfig
+    from mmtk.model.multimae import ModelConfig
 
     for name in mmtk.list_models():
         config = mmtk.model_config(name)

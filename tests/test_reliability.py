@@ -84,7 +84,7 @@ def _one_error_line(output: str) -> str:
 
 def _tiny_checkpoint(path: Path, **model_args) -> Path:
     import mmtk
-    from mmtk.checkpoint import save_checkpoint
+    from mmtk.train.checkpoint import save_checkpoint
 
     args = dict(dim=64, depth=2, num_heads=2, decoder_dim=32, decoder_depth=1, image_size=[64, 64],
                 inputs=["rgb", "depth"], outputs=["rgb", "depth"])
@@ -141,7 +141,7 @@ def test_reliability_hdf5_disk_full_midway_is_one_line_without_crash(small_disk)
 
 
 def test_reliability_checkpoint_on_a_full_disk_keeps_the_older_one(small_disk):
-    from mmtk.checkpoint import save_checkpoint
+    from mmtk.train.checkpoint import save_checkpoint
 
     path = small_disk / "run" / "checkpoints" / "step_00000001.pt"
     save_checkpoint({"w": torch.ones(1000)}, path)
@@ -275,7 +275,7 @@ def test_reliability_a_live_writers_temp_is_left_alone(tmp_path):
 
 def test_reliability_planted_symlinks_are_never_followed(tmp_path, monkeypatch):
     from mmtk.config import load_recipe, save_recipe
-    from mmtk.engine import MetricsLog
+    from mmtk.train.engine import MetricsLog
     from mmtk.io import atomic_write_text, temp_prefix
 
     victim = tmp_path / "victim.txt"
@@ -326,7 +326,7 @@ def _png_header(width: int, height: int) -> bytes:
 
 @pytest.mark.parametrize("side", [40000, 10000])  # PIL's bomb error; PIL's mere warning (100 Mpx)
 def test_reliability_png_bomb_is_refused_before_decoding(tmp_path, side):
-    from mmtk.data.sources.base import read_image
+    from mmtk.data.sources.image_files import read_image
 
     path = tmp_path / "bomb.png"
     path.write_bytes(_png_header(side, side))
@@ -469,8 +469,8 @@ def test_reliability_resume_of_a_missing_folder_creates_nothing(tmp_path, sample
 
 
 def test_reliability_resume_after_a_kill_before_last_pt_uses_the_newest_checkpoint(tmp_path, sample_h5):
-    from mmtk.checkpoint import checkpoint_paths
-    from mmtk.engine import read_metrics
+    from mmtk.train.checkpoint import checkpoint_paths
+    from mmtk.train.engine import read_metrics
 
     run = tmp_path / "run"
     code, output = _pretrain(sample_h5, run)
@@ -508,9 +508,9 @@ def test_reliability_checkpoint_with_flipped_bytes_is_refused_naming_the_older_i
                                                                                           capsys, monkeypatch):
     """Issue 20 item 4: four flipped bytes in the weights, or in the optimizer's exp_avg_sq, no longer load silently;
     the CLI's one line names the file and the older intact checkpoint. Weights without a digest still load."""
-    from mmtk.checkpoint import checkpoint_paths, load_checkpoint
+    from mmtk.train.checkpoint import checkpoint_paths, load_checkpoint
     from mmtk.errors import CorruptCheckpoint
-    from mmtk.formats import read_state_dict
+    from mmtk.weights.formats import read_state_dict
 
     run = tmp_path / "run"
     code, output = _pretrain(sample_h5, run)
@@ -543,8 +543,8 @@ def test_reliability_sigterm_saves_a_checkpoint_and_says_where_it_stopped(tmp_pa
     whole process group, as a scheduler may, the loader's worker process ignores it and the main process decides."""
     import time
 
-    from mmtk.checkpoint import checkpoint_paths, load_checkpoint
-    from mmtk.engine import read_metrics
+    from mmtk.train.checkpoint import checkpoint_paths, load_checkpoint
+    from mmtk.train.engine import read_metrics
 
     out = tmp_path / "run"
     sets = TINY + ["optim.batch_size=2", "optim.epochs=500", "model.num_visible=12", "train.ckpt_every=100000",
@@ -571,7 +571,7 @@ def test_reliability_sigterm_saves_a_checkpoint_and_says_where_it_stopped(tmp_pa
 def test_reliability_resume_after_editing_the_runs_recipe_is_refused_naming_the_edit(tmp_path, sample_h5):
     """Issue 20 item 7: an edited RUN/recipe.yaml is neither ignored nor overwritten by --resume: refused in one
     line naming the changed keys and the command that applies them; that command resumes with the edit."""
-    from mmtk.engine import read_metrics
+    from mmtk.train.engine import read_metrics
 
     run = tmp_path / "run"
     assert _pretrain(sample_h5, run)[0] == 0
@@ -593,8 +593,8 @@ def test_reliability_resume_after_editing_the_runs_recipe_is_refused_naming_the_
 def test_reliability_resume_falls_back_to_the_older_intact_checkpoint_and_names_contradictions(tmp_path, sample_h5):
     """Issue 20 item 11: a truncated newest checkpoint on --resume: the older intact one is used, with a note; a
     recipe that contradicts the checkpoint says which setting contradicts which file (not '<state dict>')."""
-    from mmtk.checkpoint import checkpoint_paths
-    from mmtk.engine import read_metrics
+    from mmtk.train.checkpoint import checkpoint_paths
+    from mmtk.train.engine import read_metrics
 
     run = tmp_path / "run"
     assert _pretrain(sample_h5, run)[0] == 0
@@ -754,8 +754,8 @@ def test_reliability_fuzz_checkpoint_model_args(overrides):
 def test_reliability_a_second_sigterm_stops_at_once_with_its_own_exit_status(tmp_path, sample_h5, monkeypatch):
     """A second SIGTERM (a scheduler's kill after its grace period) stops mid-step like a second Ctrl-C, and the exit
     status still says SIGTERM (143), not Ctrl-C (130)."""
-    import mmtk.training
-    from mmtk.engine import StopRequest, StoppedAtOnce
+    import mmtk.train.run
+    from mmtk.train.engine import StopRequest, StoppedAtOnce
 
     stop = StopRequest()
     stop._handle(signal.SIGTERM, None)  # the first: a save point
@@ -767,6 +767,6 @@ def test_reliability_a_second_sigterm_stops_at_once_with_its_own_exit_status(tmp
     def killed(*args, **kwargs):
         raise StoppedAtOnce(signal.SIGTERM)
 
-    monkeypatch.setattr(mmtk.training, "run_training", killed)
+    monkeypatch.setattr(mmtk.train.run, "run_training", killed)
     code, output = _pretrain(sample_h5, tmp_path / "run")
     assert code == 143 and "stopped at once; no checkpoint was written yet" in output, output

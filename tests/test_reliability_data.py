@@ -109,7 +109,7 @@ def test_reliability_depth_range_flag(tmp_path):
 
 
 def test_reliability_kinect_disparity_in_either_byte_order(tmp_path):
-    from mmtk.data.sources.base import DepthEncoding, decode_depth
+    from mmtk.data.sources.depth_encoding import DepthEncoding, decode_depth
 
     disparity = np.array([[839, 1000], [2047, 700]], np.uint16)
     expected = decode_depth(disparity, DepthEncoding("kinect-disparity"), "le")
@@ -180,7 +180,7 @@ def test_reliability_metres_read_as_millimetres_refused(tmp_path):
 
 
 def test_reliability_intrinsics_files_json_and_text(tmp_path):
-    from mmtk.data.sources.base import find_intrinsics, read_intrinsics_file
+    from mmtk.data.sources.intrinsics import find_intrinsics, read_intrinsics_file
 
     k = np.array([[517.3, 0, 318.6], [0, 516.5, 255.3], [0, 0, 1]], np.float32)
     (tmp_path / "open3d.json").write_text(json.dumps(
@@ -686,7 +686,7 @@ def test_reliability_bag_pairs_survive_stamps_against_log_order_repeated_or_zero
 
 
 def test_reliability_stream_pairer_waits_a_bounded_time_for_partners_logged_out_of_stamp_order():
-    from mmtk.data.sources.base import associate_by_time
+    from mmtk.data.sources.pairing import associate_by_time
     from mmtk.data.sources.rosbag import MAX_STREAM_LAG_S, StreamPairer
 
     assert associate_by_time([5.0] * 3, [5.0] * 3, 0.02, [0, 1, 2], [2.1, 1.1, 0.1]) == [(0, 2), (1, 1), (2, 0)]

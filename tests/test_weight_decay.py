@@ -1,7 +1,7 @@
 """Weight decay and layer-wise lr per parameter against the official MultiMAE finetuning's rules.
 
 The official rules (EPFL-VILAB/MultiMAE, utils/optim_factory.py and run_finetuning_{semseg,depth}.py), restated
-here independently of mmtk.optim, on the official parameter names:
+here independently of mmtk.train.optim, on the official parameter names:
   - no decay when the parameter is 1-D, its name ends in ".bias", or its name is exactly one of the model's
     no_weight_decay() entries: "global_tokens", "input_adapters.<t>.pos_emb", "input_adapters.semseg.class_emb"
     (the last names a module, so the embedding's ".weight" does not match and is decayed);
@@ -17,8 +17,8 @@ import re
 import pytest
 
 import mmtk
-from mmtk.optim import param_groups
-from mmtk.checkpoint import _legacy_weight_decay
+from mmtk.train.optim import param_groups
+from mmtk.train.checkpoint import _legacy_weight_decay
 
 WEIGHT_DECAY, LAYER_DECAY = 0.05, 0.75
 

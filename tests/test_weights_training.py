@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine_helpers import RECIPES, TINY_SEMSEG, one_thread, run_cli, sample_h5  # noqa: F401
-from mmtk.checkpoint import checkpoint_paths, load_checkpoint
+from mmtk.train.checkpoint import checkpoint_paths, load_checkpoint
 
 timm = pytest.importorskip("timm")
 pytestmark = pytest.mark.usefixtures("one_thread")

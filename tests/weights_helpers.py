@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmtk.metrics import DepthMetrics, SegmentationMetrics
-from mmtk.protocols import eigen_crop
-from mmtk.training import open_dataset
+from mmtk.evaluation.metrics import DepthMetrics, SegmentationMetrics
+from mmtk.evaluation.protocols import eigen_crop
+from mmtk.data.contents import open_dataset
 
 SIZE = (64, 64)  # the image size of the test models (their positional grid x 16)
 

@@ -18,7 +18,7 @@ from mmtk.data.codecs import plain
 from mmtk.data.format import H5Writer, check_out_path
 from mmtk.data.shard_index import CONVERT_STATE, DONE_FOLDER, PLAN_FILE, finished_inputs, read_plan
 from mmtk.data.resize import resize_intrinsics, resize_stored
-from mmtk.data.sources.base import Frame, RgbdSource
+from mmtk.data.sources.frame import Frame, RgbdSource
 from mmtk.errors import MmtkError
 from mmtk.io import atomic_write_text, check_free_space, discard, disk_errors
 from mmtk.modality import stored_array
@@ -170,7 +170,7 @@ def parse_named(values: list[str] | None, option: str) -> dict[str, str]:
 
 def _with_streams(frames: Iterable[Frame], src: Path, streams: dict[str, str]) -> Iterator[Frame]:
     """Add each extra stream's image (files matching GLOB under ``src``, matched to a frame by file stem)."""
-    from mmtk.data.sources.base import read_image
+    from mmtk.data.sources.image_files import read_image
 
     files = {name: {path.stem: path for path in sorted(src.glob(pattern)) if path.is_file()}
              for name, pattern in streams.items()}
@@ -199,7 +199,7 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
         out_path: the .h5 to create (never overwritten unless ``force``).
         classes: NYUv2 label space, 40, 13 or 894.
         depth_scale: stored depth units per metre, overriding the layout's (e.g. 1000 for mm).
-        depth_format: a named depth encoding (``mmtk.data.sources.base.DEPTH_FORMATS``), overriding the layout's.
+        depth_format: a named depth encoding (``mmtk.data.sources.depth_encoding.DEPTH_FORMATS``), overriding the layout's.
         depth_range: the sensor's plausible range, "indoor" (default, 0.2-12 m), "outdoor", "lidar" or
             "MIN-MAX" metres; depth whose units were not given must fall inside it.
         layout: a layout name to use instead of detecting one.
@@ -209,7 +209,8 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
             already there are kept (a resumed input: their frames are read, not written again).
         jpeg_quality: store colour that arrives raw as JPEG at this quality (lossy; default: lossless).
     """
-    from mmtk.data.sources.base import ConvertOptions, DepthEncoding, encoding_for, parse_depth_range
+    from mmtk.data.sources.frame import ConvertOptions
+    from mmtk.data.sources.depth_encoding import DepthEncoding, encoding_for, parse_depth_range
     from mmtk.data.sources.folders import open_rgbd_source
 
     if depth_scale is not None and depth_scale <= 0:

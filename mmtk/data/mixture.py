@@ -5,7 +5,7 @@ Every sample carries the keys of every modality of the mixture: a sample whose d
 ``m`` gets a placeholder of zeros in each of ``m``'s tensors and ``<m>_present`` False (a bool scalar,
 [B] once batched); ``<m>_present`` is only added for modalities some dataset lacks, so a mixture of
 datasets with the same modalities gives the samples of a single file. The model gives such a sample
-no tokens and no loss for ``m`` (:class:`mmtk.multimae.MultiMAE`, ``present=``).
+no tokens and no loss for ``m`` (:class:`mmtk.model.multimae.MultiMAE`, ``present=``).
 
 Sampling weights (``data.weights``) are a per-epoch draw (:func:`mixture_order`): each epoch takes
 the dataset counts the weights give, exactly, and frames inside a dataset without replacement.
@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mmtk.errors import MmtkError
-from mmtk.masking import largest_remainder
+from mmtk.model.masking import largest_remainder
 
 PRESENT_SUFFIX = "_present"
 

@@ -19,12 +19,13 @@ import numpy as np
 from mmtk.data.values import Percentiles, check_plausible_metres, depth_percentiles
 from mmtk.data.codecs import plain
 from mmtk.data.dataset import check_dataset_size
-from mmtk.data.sources.base import (DEPTH_FORMATS, FORMAT_UNITS, IMAGE_SUFFIXES, ConvertOptions, DepthEncoding, Frame,
-                                    RgbdSource, associate_by_time, decode_depth, find_intrinsics,
-                                    looks_like_kinect_disparity, multiple_of_8_fraction, nyuv2_intrinsics, nyuv2_meta,
-                                    read_colour, read_depth, read_depth_kept, read_depth_units, read_image,
-                                    read_rgb)
-from mmtk.data.sources.base import IntrinsicsFile
+from mmtk.data.sources.depth_encoding import DEPTH_FORMATS, FORMAT_UNITS, DepthEncoding, decode_depth, looks_like_kinect_disparity, multiple_of_8_fraction, read_depth, read_depth_kept, read_depth_units
+from mmtk.data.sources.image_files import IMAGE_SUFFIXES, read_colour, read_image, read_rgb
+from mmtk.data.sources.frame import ConvertOptions, Frame, RgbdSource
+from mmtk.data.sources.pairing import associate_by_time
+from mmtk.data.sources.intrinsics import find_intrinsics
+from mmtk.data.sources.nyuv2_meta import nyuv2_intrinsics, nyuv2_meta
+from mmtk.data.sources.intrinsics import IntrinsicsFile
 from mmtk.data.sources.kinect_nyu import NyuRegistration
 from mmtk.data.sources.nyuv2 import NYU_MAT_NAME, nyu_mat_path, open_nyu_mat
 from mmtk.errors import MmtkError

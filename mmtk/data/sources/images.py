@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mmtk.data.sources.base import IMAGE_SUFFIXES, encoded_colour
+from mmtk.data.sources.image_files import IMAGE_SUFFIXES, encoded_colour
 from mmtk.errors import MmtkError
 from mmtk.progress import frame_bar
 

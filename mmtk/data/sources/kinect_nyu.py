@@ -22,7 +22,7 @@ Calibration (``camera_params.m``, calibrated by NYU with RGBDemo; read from the 
 github.com/onmyoji-xiao/NYU_Raw_extract @ a21cdaf, files ``camera_params.m``, ``project_depth_map.m``,
 ``depth_world2rgb_world.m``, ``undistort.m``, ``apply_distortion.m``). The toolbox projects with 1-based pixel
 coordinates (``meshgrid(1:640, 1:480)``), so every principal point here is the toolbox's minus 1 (mmtk's pixels
-are 0-based), as in :func:`mmtk.data.sources.base.nyuv2_intrinsics`. (Its ``undistort.m``, taken from Bouguet's
+are 0-based), as in :func:`mmtk.data.sources.nyuv2_meta.nyuv2_intrinsics`. (Its ``undistort.m``, taken from Bouguet's
 calibration toolbox, counts pixels from 0 with the same principal point; using the minus-1 point for the lens
 too moves the colour correction by at most 0.14 px: 0.11 px across, 0.09 px down, at the top-left corner.)
 """
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from mmtk.data.sources.base import nyuv2_intrinsics
+from mmtk.data.sources.nyuv2_meta import nyuv2_intrinsics
 from mmtk.errors import MmtkError
 from mmtk.pointcloud import PointCloud, intrinsics_matrix, project_points
 

@@ -1,4 +1,4 @@
-"""Frames of an mmtk dataset file, as every source yields them (:class:`~mmtk.data.sources.base.Frame`).
+"""Frames of an mmtk dataset file, as every source yields them (:class:`~mmtk.data.sources.frame.Frame`).
 
 What `mmtk predict --data` and `mmtk export-pointcloud --h5` read: each frame holds every per-frame array a
 registered adapter stores (``rgb``, ``depth``, ``semseg``, a plugin's ``ir`` ...) whole, with its intrinsics,
@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from mmtk.data.codecs import read_frame as read_stored
-from mmtk.data.sources.base import Frame
+from mmtk.data.sources.frame import Frame
 from mmtk.errors import MmtkError
 from mmtk.modality import stored_array
 

@@ -8,8 +8,9 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from mmtk.data.sources.base import (ConvertOptions, DepthEncoding, Frame, RgbdSource, decode_depth, nyuv2_intrinsics,
-                                    nyuv2_meta)
+from mmtk.data.sources.frame import ConvertOptions, Frame, RgbdSource
+from mmtk.data.sources.depth_encoding import DepthEncoding, decode_depth
+from mmtk.data.sources.nyuv2_meta import nyuv2_intrinsics, nyuv2_meta
 from mmtk.data.dataset import check_dataset_size
 from mmtk.errors import MmtkError
 

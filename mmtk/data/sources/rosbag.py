@@ -25,8 +25,10 @@ from PIL import Image, UnidentifiedImageError
 
 from mmtk.data.dataset import MAX_IMAGE_SIDE
 from mmtk.data.codecs import Encoded, Quantized, plain
-from mmtk.data.sources.base import (DepthEncoding, Frame, RgbdSource, associate_by_time, check_image_size,
-                                    encoded_colour, keep_depth, to_metres)
+from mmtk.data.sources.depth_encoding import DepthEncoding, keep_depth, to_metres
+from mmtk.data.sources.frame import Frame, RgbdSource
+from mmtk.data.sources.pairing import associate_by_time
+from mmtk.data.sources.image_files import check_image_size, encoded_colour
 from mmtk.data.values import intrinsics_problem
 from mmtk.data.sources.tf import TransformTree, read_transforms
 from mmtk.errors import MmtkError

@@ -107,7 +107,7 @@ def resolve_checkpoint(path: str | Path, option: str = "--checkpoint") -> Path:
     `mmtk weights --to`, or a huggingface_hub cache entry) as it is.
 
     A missing path, a folder without checkpoints and an HDF5 data file are one-line errors."""
-    from mmtk.formats import WEIGHT_FILES
+    from mmtk.weights.formats import WEIGHT_FILES
 
     path = Path(path)
     if path.is_dir() and ((path / "snapshots").is_dir() or any((path / name).is_file() for name in WEIGHT_FILES)):

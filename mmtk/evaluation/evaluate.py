@@ -25,11 +25,11 @@ from mmtk.errors import MmtkError
 from mmtk.data.info import strict_json
 from mmtk.data.transforms import robust_mean_std
 from mmtk.io import atomic_write, disk_errors, remove_dead_temps
-from mmtk.metrics import FAMILIES, SegmentationMetrics
+from mmtk.evaluation.metrics import FAMILIES, SegmentationMetrics
 from mmtk.modality import get_modality
-from mmtk.protocols import EvalProtocol, View, get_protocol
+from mmtk.evaluation.protocols import EvalProtocol, View, get_protocol
 from mmtk.registry import model_from_checkpoint
-from mmtk.training import data_info, require_modalities
+from mmtk.data.contents import data_info, require_modalities
 from mmtk.visualize import class_legend, colorize_depth, depth_bar, label_palette
 
 
@@ -109,7 +109,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
              limit: int | None = None, batch_size: int = 4, device: str = "auto",
              save_predictions: str | Path | None = None, protocol: str = "standard") -> tuple[list[EvalRow], int]:
     """Evaluate ``checkpoint`` on the ``split`` of ``data`` for each input combination under ``protocol`` (a name
-    of :data:`mmtk.protocols.PROTOCOLS`: which part of each frame the model sees and how it is scored).
+    of :data:`mmtk.evaluation.protocols.PROTOCOLS`: which part of each frame the model sees and how it is scored).
 
     Returns (rows, frames used): all frames of the split, or the first ``limit``.
     """

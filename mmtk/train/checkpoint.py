@@ -15,10 +15,10 @@ from torch import nn
 
 from mmtk.config import Recipe, TrainConfig, recipe_to_dict
 from mmtk.errors import MmtkError
-from mmtk.formats import read_state_dict
+from mmtk.weights.formats import read_state_dict
 from mmtk.io import atomic_write, discard, disk_errors, make_temp, publish
-from mmtk.integrity import seal
-from mmtk.runs import checkpoint_paths, checkpoint_step
+from mmtk.weights.integrity import seal
+from mmtk.train.run_folders import checkpoint_paths, checkpoint_step
 from mmtk.runtime import DistInfo, main_process_print, rng_state, seed_everything, set_rng_state
 
 CHECKPOINT_FORMAT = "mmtk-checkpoint"
@@ -38,7 +38,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     Keep ``state`` to tensors, plain containers, numbers and strings so it loads with
     ``weights_only=True``. A full disk or a read-only folder is one :class:`MmtkError` line.
     """
-    sealed = seal(state)  # its SHA-256, checked whenever the file is read (mmtk.integrity)
+    sealed = seal(state)  # its SHA-256, checked whenever the file is read (mmtk.weights.integrity)
     return atomic_write(path, lambda handle: torch.save(sealed, handle))
 
 
@@ -61,7 +61,7 @@ def link_last(path: Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load an mmtk checkpoint safely (``weights_only=True``; see :func:`mmtk.formats.read_state_dict`)."""
+    """Load an mmtk checkpoint safely (``weights_only=True``; see :func:`mmtk.weights.formats.read_state_dict`)."""
     return read_state_dict(path, map_location)
 
 

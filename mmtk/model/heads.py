@@ -13,7 +13,7 @@ from einops import rearrange
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from mmtk.layers import layer_norm
+from mmtk.model.layers import layer_norm
 
 
 class ConvNeXtBlock(nn.Module):

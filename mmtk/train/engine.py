@@ -2,12 +2,12 @@
 
 One loop: gradient accumulation, optional clipping, autocast (bf16/fp16), optional ``torch.compile``, DDP under
 ``torchrun``, Ctrl-C as a save point, JSONL metrics (and TensorBoard when installed). Its parts live beside it:
-:mod:`mmtk.runtime` (processes, devices, RNGs, precision), :mod:`mmtk.optim` (AdamW groups, warm-up/cosine),
-:mod:`mmtk.batches` (the resumable data feed), :mod:`mmtk.memory` (will a micro-step fit),
-:mod:`mmtk.checkpoint` (bit-exact resume) and :mod:`mmtk.progress` (the progress line).
+:mod:`mmtk.runtime` (processes, devices, RNGs, precision), :mod:`mmtk.train.optim` (AdamW groups, warm-up/cosine),
+:mod:`mmtk.train.batches` (the resumable data feed), :mod:`mmtk.train.memory` (will a micro-step fit),
+:mod:`mmtk.train.checkpoint` (bit-exact resume) and :mod:`mmtk.progress` (the progress line).
 
 What is being trained comes in as a model, a dataset and a ``compute_loss(model, batch)`` function,
-so the loop knows nothing about MultiMAE; :mod:`mmtk.training` builds those from a recipe.
+so the loop knows nothing about MultiMAE; :mod:`mmtk.train.run` builds those from a recipe.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
-from mmtk.batches import make_batches
-from mmtk.checkpoint import Checkpointer, ResumePoint, find_resume_point
+from mmtk.train.batches import make_batches
+from mmtk.train.checkpoint import Checkpointer, ResumePoint, find_resume_point
 from mmtk.config import Recipe, save_recipe
 from mmtk.errors import MmtkError
 from mmtk.io import atomic_write_text, disk_errors
-from mmtk.memory import plan_memory
-from mmtk.multimae import compile_blocks, compile_step
-from mmtk.optim import build_optimizer
+from mmtk.train.memory import plan_memory
+from mmtk.model.multimae import compile_blocks, compile_step
+from mmtk.train.optim import build_optimizer
 from mmtk.progress import ProgressLine, format_duration
 from mmtk.runtime import DistInfo, LossFn, autocast, main_process_print, seed_everything, setup_distributed, to_device
 
@@ -60,7 +60,7 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
     losses to log. ``extra_state`` (plain values) is stored in every checkpoint, e.g. how to rebuild
     the model. With ``resume`` the newest checkpoint in ``run_dir`` is loaded and training continues
     from its step, reproducing an uninterrupted run; ``resume_from`` is that checkpoint when the caller
-    has read it already (:func:`mmtk.checkpoint.find_resume_point`), so the file is read once.
+    has read it already (:func:`mmtk.train.checkpoint.find_resume_point`), so the file is read once.
     """
     opt, cfg, run_dir = recipe.optim, recipe.train, Path(run_dir)
     if resume and resume_from is None:  # before anything is created or written

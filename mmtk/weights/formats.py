@@ -21,9 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from mmtk.errors import CorruptCheckpoint, MmtkError
-from mmtk.integrity import verify
+from mmtk.weights.integrity import verify
 from mmtk.io import atomic_path, atomic_write_text
-from mmtk.layers import resize_pos_embed
+from mmtk.model.layers import resize_pos_embed
 
 # The modalities foreign layouts imply, in one place (mmtk's own files record theirs): a timm/MAE ViT's patch
 # embedding reads RGB; the official MultiMAE files hold the class map whose tokenizer embeds classes, and a
@@ -441,7 +441,7 @@ def _read_config_json(path: Path) -> dict[str, Any]:
 
 
 def _config_fields() -> set[str]:
-    from mmtk.multimae import ModelConfig
+    from mmtk.model.multimae import ModelConfig
 
     return {f.name for f in fields(ModelConfig)}
 

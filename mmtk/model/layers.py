@@ -1,6 +1,6 @@
 """Building blocks shared by tokenizers and decoders.
 
-The transformer block, MLP and DropPath come from timm (weight init is mmtk.multimae.init_weights);
+The transformer block, MLP and DropPath come from timm (weight init is mmtk.model.multimae.init_weights);
 what timm does not have is here: fixed 2D sin-cos positional embeddings, the patch tokenizer that uses them, the
 cross-attention of MultiMAE's decoders, and the attention kernel choice both attentions share.
 """

@@ -8,7 +8,7 @@ NeurIPS 2014: rows 45-470, columns 41-600 of 480 x 640; other frame sizes scale 
 ``multimae`` is the official MultiMAE evaluation (EPFL-VILAB/MultiMAE): depth as ``nyu_transform(train=False)``
 in utils/dataset_regression.py (short side resized to the input size, 256 for NYUv2, then the centre crop of the
 input size) scored at that size with ``masked_nyu_metrics`` of run_finetuning_depth.py, averaged over evaluation
-batches (:class:`mmtk.metrics.BatchMeanDepthMetrics`); semantic segmentation as ``simple_transform(train=False)``
+batches (:class:`mmtk.evaluation.metrics.BatchMeanDepthMetrics`); semantic segmentation as ``simple_transform(train=False)``
 in utils/datasets_semseg.py (longest side resized to the input size, 640 for NYUv2, padded at the bottom and
 right to a square the input size) scored on the frame's pixels with mmseg's pooled ``mean_iou``.
 """
@@ -22,7 +22,7 @@ from torchmetrics import Metric
 
 from mmtk.data.transforms import CropWindow, full_window
 from mmtk.errors import MmtkError
-from mmtk.metrics import BatchMeanDepthMetrics, DepthMetrics
+from mmtk.evaluation.metrics import BatchMeanDepthMetrics, DepthMetrics
 
 EIGEN_CROP_480x640 = (45, 471, 41, 601)  # top, bottom, left, right (exclusive) on a 480 x 640 frame
 

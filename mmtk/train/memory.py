@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from mmtk.batches import SeededDataset, accum_steps_for
+from mmtk.train.batches import SeededDataset, accum_steps_for
 from mmtk.config import Recipe, loader_workers
 from mmtk.errors import MmtkError
 from mmtk.io import available_ram

@@ -18,7 +18,7 @@ from einops import rearrange
 from timm.layers import Mlp, trunc_normal_
 from torch import Tensor, nn
 
-from mmtk.layers import Block, CrossAttention, layer_norm, pos_embed_tokens, sincos_pos_embed_2d
+from mmtk.model.layers import Block, CrossAttention, layer_norm, pos_embed_tokens, sincos_pos_embed_2d
 
 
 @dataclass

@@ -23,11 +23,11 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from mmtk.modality import Modality, get_modality
-from mmtk.decoder import MaskedDecoder, TokenLayout, VisibleTokens
+from mmtk.model.decoder import MaskedDecoder, TokenLayout, VisibleTokens
 from mmtk.errors import MmtkError
-from mmtk.heads import ConvNeXtHead, DPTHead
-from mmtk.layers import Block, TimmBlock, layer_norm
-from mmtk.masking import sample_masks
+from mmtk.model.heads import ConvNeXtHead, DPTHead
+from mmtk.model.layers import Block, TimmBlock, layer_norm
+from mmtk.model.masking import sample_masks
 
 
 @dataclass

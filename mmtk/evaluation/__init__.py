@@ -1,0 +1,1 @@
+"""Evaluation: metrics pooled over a split, the evaluation protocols, and the evaluation loop."""

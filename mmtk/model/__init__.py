@@ -1,0 +1,1 @@
+"""The model: MultiMAE and its parts (layers, decoders, heads, masking), the model registry and sizes."""
