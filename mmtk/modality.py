@@ -2,9 +2,10 @@
 
 A modality is one file: a subclass of :class:`Modality` decorated with :func:`register_modality`.
 It says what a frame of it stores in mmtk HDF5 files (:class:`StoredArray`) and how a stored crop becomes
-its prepared tensor (:meth:`Modality.load`), how the prepared tensor becomes tokens (tokenizer), how many
-values each output pixel has (the generic decoder un-patchifies to that), where its training target comes
-from, and its per-pixel loss. The core never names a modality; it looks them up here.
+its prepared tensor (:meth:`Modality.load`: the one home of its preparation and statistics), how the prepared
+tensor becomes tokens (tokenizer), how many values each output pixel has (the generic decoder un-patchifies to
+that), where its training target comes from, its per-pixel loss, and how a prediction goes back to its units
+(:meth:`Modality.to_units`). The core never names a modality; it looks them up here.
 """
 
 from __future__ import annotations

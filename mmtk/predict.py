@@ -197,7 +197,7 @@ def _metric(predictor: Predictor, frame: Frame, name: str, stored: StoredArray, 
     if scaled is None:
         return Output(name, stored, values, RELATIVE)
     return Output(name, stored, np.clip(scaled[0, 0].numpy(), 0, None).astype(np.float32), stored.units,
-                  f"relative {name} scaled to the frame's sensor {name}'s robust mean and spread")
+                  f"relative {name} scaled by its adapter to the frame's sensor {name}")
 
 
 def _image(predictor: Predictor, frame: Frame, name: str, stored: StoredArray, prepared: torch.Tensor) -> Output:
