@@ -183,7 +183,7 @@ def _labels(predictor: Predictor, frame: Frame, name: str, stored: StoredArray, 
 
 def _metric(predictor: Predictor, frame: Frame, name: str, stored: StoredArray, values: torch.Tensor) -> Output:
     """A finetuned head predicts the adapter's units; a pretrained MultiMAE predicts standardised values, which the
-    frame's own measurement of the same modality scales back (its robust mean and spread), else stay relative."""
+    adapter scales back with the frame's measurement of the same modality (Modality.to_units), else stay relative."""
     values = values[0].numpy().astype(np.float32)
     if predictor.finetuned:
         return Output(name, stored, np.clip(values, 0, None), stored.units)
