@@ -19,7 +19,7 @@ from torch import Tensor
 
 from mmtk.data.values import check_metric_values
 from mmtk.modality import register_modality
-from mmtk.adapters.depth import Depth
+from mmtk.adapters.depth import Depth, robust_mean_std
 
 
 @register_modality
@@ -31,6 +31,8 @@ class XYZ(Depth):
     metric_family = None  # not a finetuning task (yet): no metric on camera-frame points
     stores = ()  # nothing of its own: computed per crop from metric depth and K
     stored_from = ("depth", "intrinsics")
+    preparation = ("camera-frame metres from depth and intrinsics, divided by the robust std of z (10-90% quantile "
+                   "slice), z less its robust mean; invalid = 0")
 
     def load(self, read, window, image_size: tuple[int, int]) -> dict[str, Tensor]:
         from mmtk.data.resize import resize_depth
@@ -62,8 +64,6 @@ def normalise_xyz(xyz: np.ndarray) -> tuple[Tensor, Tensor]:
     valid = np.isfinite(xyz).all(axis=-1) & (xyz[..., 2] > 0)
     out = np.zeros(xyz.shape, dtype=np.float32)
     if valid.any():
-        from mmtk.data.transforms import robust_mean_std
-
         mean, scale = robust_mean_std(xyz[..., 2][valid])
         out[valid] = ((xyz[valid] - [0.0, 0.0, mean]) / scale).astype(np.float32)
     return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))), torch.from_numpy(valid)[None]

@@ -32,12 +32,14 @@ import torch
 from PIL import Image
 
 from mmtk.data import H5Dataset
-from mmtk.adapters.semseg import prepare_semseg  # noqa: E402 (adapters sit above mmtk.data)
+from mmtk.adapters.depth import prepare_depth  # noqa: E402 (adapters sit above mmtk.data)
+from mmtk.adapters.rgb import prepare_rgb
+from mmtk.adapters.semseg import prepare_semseg
 from mmtk.data.convert import convert_rgbd, write_frames
 from mmtk.data.sources.frame import ConvertOptions
 from mmtk.data.sources.nyuv2_meta import nyuv2_meta
 from mmtk.data.sources.folders import open_rgbd_source
-from mmtk.data.transforms import prepare_depth, prepare_rgb, random_resized_crop
+from mmtk.data.transforms import random_resized_crop
 
 REPO = Path(__file__).resolve().parents[1]
 MULTIMAE = REPO / "samples" / "nyuv2_multimae" / "train"

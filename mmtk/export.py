@@ -113,8 +113,8 @@ def _add_metadata(path: Path, predictor: Predictor, names: tuple[str, ...], size
     meta = {"mmtk_model": predictor.model_name, "mmtk_inputs": json.dumps(list(names)),
             "mmtk_image_size": json.dumps(list(size)), "mmtk_task": str(predictor.config.task),
             "mmtk_num_classes": str(predictor.config.num_classes),
-            "mmtk_input_preparation": "rgb: uint8/255 then ImageNet mean/std; depth: metres, robust per-image "
-                                      "standardisation (10-90% quantile slice), invalid = 0"}
+            "mmtk_input_preparation": "; ".join(f"{name}: {get_modality(name).preparation or 'see its adapter'}"
+                                                for name in names)}
     for key, value in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value

@@ -2,9 +2,10 @@
 
 A modality is one file: a subclass of :class:`Modality` decorated with :func:`register_modality`.
 It says what a frame of it stores in mmtk HDF5 files (:class:`StoredArray`) and how a stored crop becomes
-its prepared tensor (:meth:`Modality.load`), how the prepared tensor becomes tokens (tokenizer), how many
-values each output pixel has (the generic decoder un-patchifies to that), where its training target comes
-from, and its per-pixel loss. The core never names a modality; it looks them up here.
+its prepared tensor (:meth:`Modality.load`: the one home of its preparation and statistics), how the prepared
+tensor becomes tokens (tokenizer), how many values each output pixel has (the generic decoder un-patchifies to
+that), where its training target comes from, its per-pixel loss, and how a prediction goes back to its units
+(:meth:`Modality.to_units`). The core never names a modality; it looks them up here.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ _ORIGINS: dict[str, str] = {}  # modality -> where it came from: "mmtk", "packag
 _LOADING: list[str] = ["mmtk"]  # the origin of modalities registered right now
 ENTRY_POINT_GROUP = "mmtk.modalities"
 STORED_KINDS = ("image", "metric", "labels")
+# The ``units`` attr of a "metric" array known only up to an unknown scale and shift (written by a pseudo-labeller,
+# read by the adapter that prepares it): the quantity itself, or its inverse (larger = nearer for depth).
+RELATIVE_UNITS = "relative"
+RELATIVE_INVERSE_UNITS = "relative-inverse"
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,7 @@ class Modality:
       fp32_decoder:  its decoder runs in fp32 under autocast unless ModelConfig.fp32_decoders says otherwise.
       colour:        its stored arrays are colour images: the colour steps of whole-frame augmentations
                      (mmtk.data.augment: colour jitter, grayscale) apply to them; geometry applies to all.
+      preparation:   one line saying how :meth:`load` prepares it (the metadata of an exported ONNX model).
       metric_family: how a finetuning head predicting it is trained and scored (mmtk.evaluation.metrics.FAMILIES):
                      "segmentation" (cross-entropy, mIoU; targets `<name>_full`) or "depth" (berHu/L1,
                      delta/AbsRel/RMSE in metres; targets `<name>_m` with `<name>_valid`); None: not a task.
@@ -111,6 +117,7 @@ class Modality:
     metric_family: ClassVar[str | None] = None  # "segmentation" | "depth": how it is finetuned and scored
     fp32_decoder: ClassVar[bool] = False  # its decoder runs in fp32 under autocast (ModelConfig.fp32_decoders)
     colour: ClassVar[bool] = False  # colour augmentations (jitter, grayscale) apply to its stored arrays
+    preparation: ClassVar[str] = ""  # how load prepares it, in one line (exported models' metadata)
     stores: ClassVar[tuple[StoredArray, ...]] = ()
     stored_from: ClassVar[tuple[str, ...]] = ()
 
@@ -164,6 +171,15 @@ class Modality:
 
     def picture(self, prepared: Tensor) -> np.ndarray | None:
         """A uint8 RGB picture [H, W, 3] of one prepared tensor (for evaluation pictures), or None for none."""
+        return None
+
+    def to_units(self, standardised: Tensor, measured: Tensor, valid: Tensor) -> Tensor | None:
+        """A prediction of the prepared tensor [B, C, H, W] in the stored array's units; None: no way back.
+
+        For a modality prepared by a per-frame standardisation: its inverse, with each frame's statistics taken from
+        ``measured`` [B, C, H, W] (the same frame's stored values, at the prediction's size) where ``valid``. Used
+        to score and write what a pretrained model predicts. Default: None (the prediction stays relative).
+        """
         return None
 
     def check_stored(self, stored: StoredArray, array: Any, frame_id: object) -> np.ndarray:

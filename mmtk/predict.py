@@ -183,19 +183,21 @@ def _labels(predictor: Predictor, frame: Frame, name: str, stored: StoredArray, 
 
 def _metric(predictor: Predictor, frame: Frame, name: str, stored: StoredArray, values: torch.Tensor) -> Output:
     """A finetuned head predicts the adapter's units; a pretrained MultiMAE predicts standardised values, which the
-    frame's own measurement of the same modality scales back (its robust mean and spread), else stay relative."""
+    adapter scales back with the frame's measurement of the same modality (Modality.to_units), else stay relative."""
     values = values[0].numpy().astype(np.float32)
     if predictor.finetuned:
         return Output(name, stored, np.clip(values, 0, None), stored.units)
     measured = frame.arrays.get(name)
     if measured is None or not (np.asarray(measured) > 0).any():
         return Output(name, stored, values, RELATIVE)
-    from mmtk.data.transforms import robust_mean_std
+    import torch
 
-    measured = np.asarray(measured, dtype=np.float32)
-    mean, std = robust_mean_std(measured[measured > 0])
-    return Output(name, stored, np.clip(values * std + mean, 0, None).astype(np.float32), stored.units,
-                  f"relative {name} scaled to the frame's sensor {name}'s robust mean and spread")
+    measured = torch.from_numpy(np.asarray(measured, dtype=np.float32))[None, None]
+    scaled = get_modality(name)().to_units(torch.from_numpy(values)[None, None], measured, measured > 0)
+    if scaled is None:
+        return Output(name, stored, values, RELATIVE)
+    return Output(name, stored, np.clip(scaled[0, 0].numpy(), 0, None).astype(np.float32), stored.units,
+                  f"relative {name} scaled by its adapter to the frame's sensor {name}")
 
 
 def _image(predictor: Predictor, frame: Frame, name: str, stored: StoredArray, prepared: torch.Tensor) -> Output:

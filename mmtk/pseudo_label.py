@@ -49,12 +49,11 @@ import numpy as np
 
 from mmtk.data.format import PARTIAL_SUFFIX, PREDICTED_ATTR
 from mmtk.errors import MmtkError
+from mmtk.modality import RELATIVE_INVERSE_UNITS, RELATIVE_UNITS
 from mmtk.progress import frame_bar
 
 DEPTH_KEY = "depth_pseudo"
 SEMSEG_KEY = "semseg_pseudo"
-RELATIVE_UNITS = "relative"  # units attr of depth known up to scale (and shift)
-RELATIVE_INVERSE_UNITS = "relative-inverse"  # units attr of inverse depth known up to scale and shift
 
 
 @dataclass(frozen=True)

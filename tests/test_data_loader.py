@@ -9,7 +9,9 @@ from torch.utils.data import DataLoader
 
 from data_helpers import DecodedFile, MULTIMAE, SYNC, labeled_frame, run_cli
 from mmtk.data import H5Dataset
-from mmtk.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropWindow, standardize_depth
+from mmtk.adapters.depth import standardize_depth
+from mmtk.adapters.rgb import IMAGENET_MEAN, IMAGENET_STD
+from mmtk.data.transforms import CropWindow
 from mmtk.errors import MmtkError
 
 

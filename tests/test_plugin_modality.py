@@ -157,3 +157,89 @@ def test_recipe_plugins_are_relative_to_the_recipe_file(tmp_path, monkeypatch):
     recipe = load_recipe(str(folder / "my.yaml"))
     assert recipe.plugins == (str((folder / "thermal_adapter.py").resolve()),)
     assert "thermal" in list_modalities() and recipe.model.inputs == ("rgb", "thermal")
+
+
+SENSOR_ADAPTER = '''
+"""Two metric sensors that prepare themselves (per-frame standardisation, no mmtk helper); only temperature says
+how a standardised prediction goes back to its units (to_units), humidity does not."""
+import numpy as np
+import torch
+
+from mmtk.data.resize import resize_stored
+from mmtk.data.transforms import flip_width
+from mmtk.modality import Modality, StoredArray, register_modality
+
+
+def frame_stats(values):
+    measured = values[values > 0]
+    return float(measured.mean()), float(measured.std()) + 1.0
+
+
+class Standardised(Modality):
+    def load(self, read, window, image_size):
+        values = resize_stored("metric", read(self.name), image_size)
+        mean, std = frame_stats(values)
+        x = np.where(values > 0, (values - mean) / std, 0).astype(np.float32)
+        return {self.name: flip_width(torch.from_numpy(x)[None], window.flip)}
+
+    def pixel_loss(self, pred, target):
+        return (pred - target).abs().mean(dim=1)
+
+
+@register_modality
+class Temperature(Standardised):
+    name = "temperature"
+    stores = (StoredArray("temperature", "metric", ("float32",), "K"),)
+
+    def to_units(self, standardised, measured, valid):
+        stats = [frame_stats(np.where(v, m, 0)) for m, v in zip(measured.numpy(), valid.numpy())]
+        mean, std = torch.tensor(stats, dtype=standardised.dtype).T.reshape(2, -1, 1, 1, 1)
+        return standardised * std + mean
+
+
+@register_modality
+class Humidity(Standardised):
+    name = "humidity"
+    stores = (StoredArray("humidity", "metric", ("float32",), "%"),)
+'''
+
+
+def test_a_plugin_modality_prepares_itself_and_puts_predictions_back_in_its_units(tmp_path, monkeypatch):
+    """Preparation and its inverse live in the plugin file: predict writes temperature in kelvin, scaled by the
+    frame's own measurement through the adapter's to_units; humidity, whose adapter has none, stays relative."""
+    import torch
+
+    import mmtk
+    import mmtk.modality
+    from data_helpers import kinect_frame
+    from mmtk.data.sources.frame import Frame
+    from mmtk.modality import list_modalities, load_plugin
+    from mmtk.predict import load_predictor, predict_frame
+
+    list_modalities()  # mmtk's own adapters registered before the copies: the plugin's stay in this test
+    monkeypatch.setattr(mmtk.modality, "_REGISTRY", dict(mmtk.modality._REGISTRY))
+    monkeypatch.setattr(mmtk.modality, "_ORIGINS", dict(mmtk.modality._ORIGINS))
+    (tmp_path / "sensors.py").write_text(SENSOR_ADAPTER)
+    assert load_plugin(tmp_path / "sensors.py") == ["humidity", "temperature"]
+    # Stand-ins DERIVED from the real Kinect frame: 293-308 K and 30-70 % from its luminance where depth is measured.
+    rgb, depth_m = kinect_frame()
+    luminance = (rgb @ np.float32([0.299, 0.587, 0.114])) / 255
+    kelvin = np.where(depth_m > 0, 293.0 + 15.0 * luminance, 0).astype(np.float32)
+    humidity = np.where(depth_m > 0, 30.0 + 40.0 * luminance, 0).astype(np.float32)
+    args = dict(dim=64, depth=2, num_heads=2, image_size=(64, 96), decoder_dim=32, decoder_depth=1, decoder_heads=2,
+                inputs=("rgb", "temperature", "humidity"), outputs=("temperature", "humidity"))
+    torch.manual_seed(0)
+    model = mmtk.create_model("multimae-tiny", verbose=False, **args)
+    torch.save({"model_name": "multimae-tiny", "model_args": args, "model": model.state_dict()}, tmp_path / "m.pt")
+    predictor = load_predictor(tmp_path / "m.pt")
+    outputs = ("temperature", "humidity")
+    alone = predict_frame(predictor, Frame("all", {"rgb": rgb}), outputs).outputs
+    measured = predict_frame(predictor, Frame("all", {"rgb": rgb, "temperature": kelvin, "humidity": humidity}),
+                             outputs).outputs  # both requested, so both are hidden: they only give the frame's scale
+    assert alone["temperature"].units == "relative" and measured["temperature"].units == "K"
+    valid = kelvin[kelvin > 0]
+    expected = np.clip(alone["temperature"].values * (valid.std() + 1.0) + valid.mean(), 0, None)
+    np.testing.assert_allclose(measured["temperature"].values, expected, rtol=0, atol=1e-3)
+    assert 250 < measured["temperature"].values.mean() < 350  # kelvin, not standardised values
+    assert measured["humidity"].units == "relative"
+    np.testing.assert_allclose(measured["humidity"].values, alone["humidity"].values, rtol=0, atol=1e-5)

@@ -246,7 +246,8 @@ def test_xyz_prepared_from_depth_equals_from_organized_and_projected_cloud(pcd, 
 def test_xyz_modality_pretrains_and_finetunes_without_core_changes(depth_mm, rgb):
     import mmtk
     from mmtk.adapters.xyz import flip_xyz, prepare_xyz_from_depth
-    from mmtk.data.transforms import prepare_depth, prepare_rgb
+    from mmtk.adapters.depth import prepare_depth
+    from mmtk.adapters.rgb import prepare_rgb
 
     small = slice(96, 96 + 64), slice(160, 160 + 96)
     xyz, valid = prepare_xyz_from_depth(depth_mm[small] / 1000.0, intrinsics_matrix(525, 525, 320 - 160, 240 - 96))

@@ -84,7 +84,7 @@ def test_pretrained_prediction_masks_every_target_token(checkpoints, rgb, depth_
     # Depth is requested, so the given sensor depth is entirely hidden: the prediction must not change; the
     # sensor only gives it the frame's scale (its robust mean and spread), so it comes back in metres.
     with_depth = predict_frame(predictor, Frame("all", {"rgb": rgb, "depth": depth_m}), ("depth",)).outputs["depth"]
-    from mmtk.data.transforms import robust_mean_std
+    from mmtk.adapters.depth import robust_mean_std
 
     mean, std = robust_mean_std(depth_m[depth_m > 0])
     np.testing.assert_allclose(with_depth.values, np.clip(from_rgb.values * std + mean, 0, None), rtol=0, atol=1e-4)
@@ -234,6 +234,9 @@ def test_onnx_export_matches_pytorch_on_a_real_frame(kind, checkpoints, rgb, dep
 
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(meta["mmtk_inputs"]) == ["rgb", "depth"] and json.loads(meta["mmtk_image_size"]) == [64, 96]
+    # How each input is prepared, in its adapter's words.
+    assert meta["mmtk_input_preparation"] == ("rgb: uint8/255 then ImageNet mean/std; depth: metres, robust per-image "
+                                              "standardisation (10-90% quantile slice), invalid = 0")
     # A real frame, prepared and resized as `mmtk predict` does, through both runtimes.
     predictor = load_predictor(checkpoints[kind])
     inputs, _ = prepare_inputs(predictor, Frame("all", {"rgb": rgb, "depth": depth_m}), (64, 96))

@@ -22,7 +22,7 @@ from pseudo_helpers import (COCO_PANOPTIC_CLASSES, expected_depth, real_frames, 
                             write_h5)
 from mmtk.train.checkpoint import checkpoint_paths, load_checkpoint  # noqa: E402
 from mmtk.data import H5Dataset  # noqa: E402
-from mmtk.data.transforms import standardize_depth  # noqa: E402
+from mmtk.adapters.depth import standardize_depth  # noqa: E402
 from mmtk.train.engine import read_metrics  # noqa: E402
 from mmtk.data.contents import data_info
 

@@ -1,6 +1,8 @@
-"""Shared augmentation and the model's input preparation (see notes: contract "Prepared tensors").
+"""Modality-free geometry of the loader's augmentation: crop windows and horizontal flips.
 
-The crop window is chosen before reading, so the loader reads only the pixels it needs from HDF5.
+The crop window is chosen before reading, so the loader reads only the pixels it needs from HDF5. How a crop
+becomes a prepared tensor (colour normalisation, depth standardisation, ...) is each adapter's own
+(`Modality.load` in adapters/).
 """
 
 from __future__ import annotations
@@ -8,13 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-
-from mmtk.data.resize import resize_depth, resize_rgb
-
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -72,60 +68,5 @@ def random_resized_crop(height: int, width: int, scale: tuple[float, float] = (0
 
 
 def flip_width(x: torch.Tensor, flip: bool) -> torch.Tensor:
+    """``x`` [..., W] mirrored along its last (width) axis when ``flip``, else ``x`` itself."""
     return x.flip(-1) if flip else x
-
-
-def prepare_rgb(rgb: np.ndarray, size: tuple[int, int], flip: bool) -> torch.Tensor:
-    """uint8 [h, w, 3] crop -> float32 [3, H, W], ImageNet-normalised."""
-    rgb = np.require(rgb, requirements=["C", "W"])  # frames decoded from bags are read-only buffers
-    x = torch.from_numpy(rgb).permute(2, 0, 1)[None]  # [1, 3, h, w] uint8
-    x = flip_width(resize_rgb(x, size), flip)[0]
-    return (x.to(torch.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-
-
-def robust_mean_std(values: np.ndarray) -> tuple[float, float]:
-    """Mean and std (sqrt(var + 1e-6)) of the 10-90 % quantile slice of `values` (1-D, non-empty).
-
-    The statistics of mmtk's robust depth standardisation (MultiMAE's), shared by data preparation,
-    xyz normalisation and mapping predicted depth back to metres.
-    """
-    low, high = _quantiles(values, 0.1, 0.9)
-    kept = values[(values >= low) & (values <= high)]
-    kept = kept if kept.size else values
-    return float(kept.mean(dtype=np.float64)), float(np.sqrt(kept.var(dtype=np.float64) + 1e-6))
-
-
-def standardize_depth(depth_m: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Robust per-image standardisation (:func:`robust_mean_std` of the valid pixels).
-
-    depth_m, valid: [1, H, W]. Invalid pixels are 0 in the result; no valid pixel gives all zeros.
-    """
-    depth, mask = depth_m.numpy(), valid.numpy()  # numpy: masked selection is several times faster here
-    values = depth[mask]
-    if values.size == 0:
-        return torch.zeros_like(depth_m)
-    mean, std = robust_mean_std(values)
-    out = np.where(mask, (depth - np.float32(mean)) / np.float32(std), np.float32(0.0))
-    return torch.from_numpy(out.astype(np.float32, copy=False))
-
-
-def _quantiles(values: np.ndarray, q_low: float, q_high: float) -> tuple[float, float]:
-    """Linear-interpolated quantiles (same definition as torch.quantile) by partial sort, O(n)."""
-    positions = [q * (values.size - 1) for q in (q_low, q_high)]
-    ranks = sorted({int(np.floor(p)) for p in positions} | {int(np.ceil(p)) for p in positions})
-    part = np.partition(values, ranks)
-
-    def at(p: float) -> float:
-        below, above = float(part[int(np.floor(p))]), float(part[int(np.ceil(p))])
-        return below + (above - below) * (p - np.floor(p))
-
-    return at(positions[0]), at(positions[1])
-
-
-def prepare_depth(depth: np.ndarray, size: tuple[int, int], flip: bool) -> dict[str, torch.Tensor]:
-    """Metric depth crop [h, w] (0 = invalid) -> depth (standardised), depth_valid, depth_m, each [1, H, W]."""
-    d = torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32))[None, None]
-    d, valid = resize_depth(d, size)
-    d, valid = flip_width(d[0], flip), flip_width(valid[0], flip)  # [1, H, W]
-    return {"depth": standardize_depth(d, valid), "depth_valid": valid, "depth_m": d}
-

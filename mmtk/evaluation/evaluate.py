@@ -23,7 +23,6 @@ from torchmetrics import Metric
 from mmtk.runtime import pick_device, to_device
 from mmtk.errors import MmtkError
 from mmtk.data.info import strict_json
-from mmtk.data.transforms import robust_mean_std
 from mmtk.io import atomic_write, disk_errors, remove_dead_temps
 from mmtk.evaluation.metrics import FAMILIES, SegmentationMetrics
 from mmtk.modality import get_modality
@@ -66,19 +65,6 @@ def parse_input_sets(values: list[str] | None, available: tuple[str, ...]) -> li
     return sets
 
 
-def robust_stats(depth_m: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-frame robust mean and std of the valid depths, as the data standardises them.
-
-    depth_m, valid: [B, 1, H, W] -> (m, s) each [B, 1, 1, 1]; a frame without valid depth gives (0, 1).
-    """
-    stats = []
-    for d, v in zip(depth_m.cpu().numpy(), valid.cpu().numpy()):
-        values = d[v.astype(bool) & (d > 0)]
-        stats.append(robust_mean_std(values) if values.size else (0.0, 1.0))
-    mean, std = torch.tensor(stats, dtype=depth_m.dtype, device=depth_m.device).unbind(1)
-    return mean.view(-1, 1, 1, 1), std.view(-1, 1, 1, 1)
-
-
 def _predict(model: nn.Module, kind: str, batch: dict[str, Tensor], combo: tuple[str, ...],
              tasks: tuple[str, ...], full_size: tuple[int, int]) -> dict[str, Tensor | None]:
     """Predictions at full resolution per task: class logits [B, C, H, W] or depth metres [B, 1, H, W]."""
@@ -97,8 +83,10 @@ def _predict(model: nn.Module, kind: str, batch: dict[str, Tensor], combo: tuple
         out = model(inputs, masks=masks)
         pred = out.preds[task]
         if get_modality(task).metric_family == "depth":  # standardised -> metres with the frame's statistics
-            mean, std = robust_stats(batch[f"{task}_m"], batch[f"{task}_valid"])
-            preds[task] = pred.float() * std + mean
+            preds[task] = get_modality(task)().to_units(pred.float(), batch[f"{task}_m"], batch[f"{task}_valid"])
+            if preds[task] is None:
+                raise MmtkError(f"a pretrained model's {task} cannot be scored in its units: its adapter has no "
+                                f"to_units (see Modality.to_units); add one, or evaluate a finetuned model")
         else:
             preds[task] = F.interpolate(pred.float(), size=full_size, mode="bilinear", align_corners=False)
     return preds
