@@ -59,7 +59,9 @@ def weights(
     from mmtk.config import parse_override
     from mmtk.train.checkpoint import save_checkpoint
     from mmtk.errors import MmtkError
-    from mmtk.weights.formats import mmtk_to_official, write_model_folder, write_safetensors
+    from mmtk.weights.files import write_safetensors
+    from mmtk.weights.folders import write_model_folder
+    from mmtk.weights.official import mmtk_to_official
     from mmtk.registry import describe_weights
     from mmtk.model.sizes import reported_name
 

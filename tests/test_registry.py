@@ -125,7 +125,7 @@ def test_predict_refuses_forged_checkpoint_entries_in_one_line(tmp_path, entry):
 def test_a_model_folder_whose_config_json_is_not_a_description_is_refused_in_one_line(tmp_path, config):
     import json
 
-    from mmtk.weights.formats import write_model_folder
+    from mmtk.weights.folders import write_model_folder
 
     folder = write_model_folder(mmtk.create_model("multimae-tiny", verbose=False, **ARGS).state_dict(),
                                 tmp_path / "folder", "multimae-tiny", ARGS)

@@ -15,7 +15,7 @@ import torch
 
 import mmtk
 from engine_helpers import run_cli, sample_h5  # noqa: F401
-from mmtk.weights.formats import is_safetensors, read_state_dict
+from mmtk.weights.files import is_safetensors, read_state_dict
 from weights_helpers import reference_metrics, strict_loads
 
 PARITY = Path(__file__).parent / "parity"
