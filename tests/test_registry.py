@@ -222,7 +222,7 @@ def test_named_models_declare_their_modalities_and_the_core_names_none():
         ModelConfig()
     assert ModelConfig(inputs=("depth", "rgb")).main_inputs == ("depth",)  # the head reads the first input's tokens
     core = Path(mmtk.__file__).parent
-    for module in ("config.py", "multimae.py"):
+    for module in ("config.py", "model/multimae.py"):
         text = (core / module).read_text()
         assert not [m for m in list_modalities() if f'"{m}"' in text or f"'{m}'" in text], module
 
