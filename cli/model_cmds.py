@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from mmtk.cli.app import app
+from mmtk.cli.app import PLUGIN_HELP, app, load_plugins
 
 if TYPE_CHECKING:
     from mmtk.model.multimae import ModelConfig
@@ -40,18 +40,26 @@ def _has_classes(config: ModelConfig) -> bool:
     return any(get_modality(name).ignore_index is not None for name in names)
 
 
+WEIGHTS_HELP = {
+    "checkpoint": "Weights: an mmtk checkpoint or run folder (its newest checkpoint), an official MultiMAE checkpoint, "
+                  "timm/DeiT/MAE ViT weights (PyTorch or safetensors, any file name), a model folder or a "
+                  "huggingface_hub cache folder.",
+    "to": "Write a model folder: config.json (the model) + model.safetensors (mmtk names), which every command "
+          "accepts.",
+    "to_official": "Write the weights in the official MultiMAE layout ({'model': state_dict}; safetensors when the "
+                   "name ends in .safetensors).",
+    "set": "Record what the file cannot say, e.g. --set num_heads=4 (any model option that changes no tensor; "
+           "repeatable).",
+}
+
+
 @app.command("weights")
 def weights(
-    checkpoint: Path = typer.Argument(..., help="Weights: an mmtk checkpoint, an official MultiMAE checkpoint, timm/DeiT/"
-                                      "MAE ViT weights (PyTorch or safetensors, any file name), a model folder or a "
-                                      "huggingface_hub cache folder."),
-    to: Optional[Path] = typer.Option(None, "--to", help="Write a model folder: config.json (the model) + "
-                                      "model.safetensors (mmtk names), which every command accepts."),
-    to_official: Optional[Path] = typer.Option(None, "--to-official", help="Write the weights in the official "
-                                               "MultiMAE layout ({'model': state_dict}; safetensors when the name ends "
-                                               "in .safetensors)."),
-    set_: list[str] = typer.Option([], "--set", help="Record what the file cannot say, e.g. --set num_heads=4 "
-                                   "(any model option that changes no tensor; repeatable)."),
+    checkpoint: Path = typer.Argument(..., help=WEIGHTS_HELP["checkpoint"]),
+    to: Optional[Path] = typer.Option(None, "--to", help=WEIGHTS_HELP["to"]),
+    to_official: Optional[Path] = typer.Option(None, "--to-official", help=WEIGHTS_HELP["to_official"]),
+    set_: list[str] = typer.Option([], "--set", help=WEIGHTS_HELP["set"]),
+    plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
     """Say what model a weights file holds, and convert it (model folder, official layout)."""
     from dataclasses import asdict
@@ -59,10 +67,13 @@ def weights(
     from mmtk.config import parse_override
     from mmtk.train.checkpoint import save_checkpoint
     from mmtk.errors import MmtkError
-    from mmtk.weights.formats import mmtk_to_official, write_model_folder, write_safetensors
+    from mmtk.weights.files import write_safetensors
+    from mmtk.weights.folders import write_model_folder
+    from mmtk.weights.official import mmtk_to_official
     from mmtk.registry import describe_weights
     from mmtk.model.sizes import reported_name
 
+    load_plugins(plugin)
     overrides = {}
     for text in set_:
         keys, value = parse_override(text)

@@ -49,7 +49,8 @@ def _train(recipe_arg: str, kind: str, data: Optional[list[Path]], out: Optional
     from mmtk.train.engine import TrainingInterrupted
     from mmtk.progress import counted
     from mmtk.runtime import cleanup_distributed
-    from mmtk.train.run_folders import record_run, resolve_checkpoint, run_checkpoint
+    from mmtk.train.run_folders import record_run, resolve_checkpoint
+    from mmtk.weights.folders import run_checkpoint
     from mmtk.train.run import run_training
 
     data = data or []
@@ -170,7 +171,8 @@ def _eval_checkpoint(run: Optional[Path], checkpoint: Optional[Path]) -> Path:
 
 def _training_data(checkpoint: Path) -> list[Path]:
     """The datasets a run trained on, as its checkpoint records them (one, or each of a mixture's)."""
-    from mmtk.weights.formats import locate_weights, read_state_dict
+    from mmtk.weights.files import read_state_dict
+    from mmtk.weights.folders import locate_weights
 
     entry = read_state_dict(locate_weights(checkpoint)[0], mmap=True).get("data")
     recorded = (entry.get("paths") or [entry.get("path")]) if isinstance(entry, dict) else [None]

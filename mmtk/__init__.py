@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 from mmtk.errors import MmtkError
 
 if TYPE_CHECKING:  # what editors and type checkers see
-    from mmtk.weights.formats import LoadReport, export_official, load_weights  # noqa: F401
+    from mmtk.weights.load import LoadReport, load_weights  # noqa: F401
+    from mmtk.weights.official import export_official  # noqa: F401
     from mmtk.model.multimae import (DenseModel, ModelConfig, MultiMAE, MultiMAEOutput, compile_blocks,  # noqa: F401
                                compile_step)
     from mmtk.registry import build_model, create_model, list_models, model_config  # noqa: F401
@@ -18,7 +19,7 @@ if TYPE_CHECKING:  # what editors and type checkers see
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "LoadReport": "mmtk.weights.formats", "export_official": "mmtk.weights.formats", "load_weights": "mmtk.weights.formats",
+    "LoadReport": "mmtk.weights.load", "export_official": "mmtk.weights.official", "load_weights": "mmtk.weights.load",
     "DenseModel": "mmtk.model.multimae", "ModelConfig": "mmtk.model.multimae", "MultiMAE": "mmtk.model.multimae",
     "MultiMAEOutput": "mmtk.model.multimae", "compile_blocks": "mmtk.model.multimae", "compile_step": "mmtk.model.multimae",
     "build_model": "mmtk.registry", "create_model": "mmtk.registry", "list_models": "mmtk.registry",

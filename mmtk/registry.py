@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from mmtk.errors import MmtkError
-from mmtk.weights.formats import Weights, default_hooks, load_weights, read_weights
+from mmtk.weights.infer import default_hooks
+from mmtk.weights.load import Weights, load_weights, read_weights
+from mmtk.weights.sources import get_format
 from mmtk.model.multimae import DenseModel, ModelConfig, MultiMAE
 from mmtk.model.sizes import NAMED_MODELS, PAPER_MODALITIES, SIZE_KEYS, reported_name, size_name  # noqa: F401  (API)
 # What a weights file fixes and no argument can change: the encoder's trunk.
@@ -126,7 +128,7 @@ def config_from_weights(weights: Weights, name: str | None = None, **overrides: 
                          "with `mmtk weights FILE --to DIR --set num_heads=N`)")
     if file.get("outputs") and "decoder_heads" not in file and "decoder_heads" not in overrides:
         file["decoder_heads"] = DECODER_HEADS
-        if weights.format != "mmtk":  # an mmtk file without it was trained with the default
+        if not get_format(weights.format).native:  # an mmtk file without it was trained with the default
             notes.append(f"decoder_heads={DECODER_HEADS} assumed (the official decoders')")
     changed = [f"{key} {_show(file[key])} -> {_show(value)}" for key, value in overrides.items()
                if key in file and _plain(file[key]) != _plain(value)]

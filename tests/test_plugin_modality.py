@@ -135,6 +135,9 @@ def test_ir_pretrains_finetunes_and_evaluates_through_the_cli(ir_setup):
     rows = {line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│")}
     assert rows == {"rgb", "rgb,ir"}, text
 
+    code, text = run_cli("weights", folder / "pre", "--plugin", plugin)  # a run folder means its newest checkpoint
+    assert code == 0 and "format mmtk" in text and "inputs rgb,ir" in text and "outputs rgb,ir" in text, text
+
     # A fresh process without --plugin: the checkpoint names the plugin file its modality came from.
     done = subprocess.run([*CLI, "eval", "--checkpoint", str(folder / "ft" / "last.pt"), "--data", str(data),
                            "--split", "all"], capture_output=True, text=True, env=ONE_THREAD_ENV)

@@ -121,11 +121,39 @@ def test_predict_refuses_forged_checkpoint_entries_in_one_line(tmp_path, entry):
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
+def test_model_from_checkpoint_takes_a_file_a_model_folder_and_a_run_folder(tmp_path):
+    """One loader for what `--checkpoint` names: a file, a model folder (`mmtk weights --to`), and a run folder,
+    whose newest checkpoint it reads (last.pt, else the highest step; RUN/checkpoints/ means the same run)."""
+    from mmtk.registry import model_from_checkpoint
+    from mmtk.weights.folders import write_model_folder
+
+    older, newer = (mmtk.create_model("multimae-tiny", verbose=False, **ARGS).state_dict() for _ in range(2))
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    _checkpoint(run / "checkpoints" / "step_00000009.pt", older)
+    _checkpoint(run / "checkpoints" / "step_00000010.pt", newer)  # newest by step, not by name order
+    folder = write_model_folder(newer, tmp_path / "folder", "multimae-tiny", ARGS)
+
+    def loads(source: Path, expected: dict) -> bool:
+        return all(torch.equal(t, expected[k]) for k, t in model_from_checkpoint(source).state_dict().items())
+
+    assert loads(run / "checkpoints" / "step_00000009.pt", older)
+    assert loads(folder, newer) and loads(run, newer) and loads(run / "checkpoints", newer)
+    _checkpoint(run / "last.pt", older)  # what the run points at wins over the step files
+    assert loads(run, older)
+    (run / "last.pt").unlink()
+    for step in (run / "checkpoints").iterdir():
+        step.unlink()
+    with pytest.raises(MmtkError, match="holds no model.safetensors .* and no checkpoint") as err:
+        model_from_checkpoint(run)
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("config", [[], "x", {"model_type": "mmtk-multimae", "model_args": 5}])
 def test_a_model_folder_whose_config_json_is_not_a_description_is_refused_in_one_line(tmp_path, config):
     import json
 
-    from mmtk.weights.formats import write_model_folder
+    from mmtk.weights.folders import write_model_folder
 
     folder = write_model_folder(mmtk.create_model("multimae-tiny", verbose=False, **ARGS).state_dict(),
                                 tmp_path / "folder", "multimae-tiny", ARGS)

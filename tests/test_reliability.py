@@ -510,7 +510,7 @@ def test_reliability_checkpoint_with_flipped_bytes_is_refused_naming_the_older_i
     the CLI's one line names the file and the older intact checkpoint. Weights without a digest still load."""
     from mmtk.train.checkpoint import checkpoint_paths, load_checkpoint
     from mmtk.errors import CorruptCheckpoint
-    from mmtk.weights.formats import read_state_dict
+    from mmtk.weights.files import read_state_dict
 
     run = tmp_path / "run"
     code, output = _pretrain(sample_h5, run)

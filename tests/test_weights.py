@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mmtk
-from mmtk.weights.formats import read_weights
+from mmtk.weights.load import read_weights
 
 PARITY = Path(__file__).parent / "parity"
 CASES = torch.load(PARITY / "cases.pt", weights_only=True)

@@ -15,7 +15,7 @@ import torch
 
 import mmtk
 from engine_helpers import run_cli, sample_h5  # noqa: F401
-from mmtk.weights.formats import is_safetensors, read_state_dict
+from mmtk.weights.files import is_safetensors, read_state_dict
 from weights_helpers import reference_metrics, strict_loads
 
 PARITY = Path(__file__).parent / "parity"
@@ -159,3 +159,43 @@ def test_every_command_takes_a_folder(sample_h5, tmp_path):
     assert "4 attention heads" in convert(tmp_path / "semseg")
     ft = mmtk.create_model(pretrained=tmp_path / "semseg", head="dpt", task="depth", inputs=("rgb",), verbose=False)
     assert ft.config.num_heads == 4  # finetune --init DIR goes through create_model(pretrained=DIR)
+
+
+def _checkpoint_state(device: str) -> dict:
+    weights = torch.arange(12, dtype=torch.float32, device=device).reshape(3, 4)
+    return {"model": {"w": weights, "w_t": weights.t(), "first_row": weights[0]}, "step": 3,
+            "optimizer": {"state": {0: {"exp_avg": torch.ones(4, device=device)}}, "param_groups": [{"lr": 0.1}]},
+            "rng": [(1, (2, 3), None)]}
+
+
+def test_sealing_copies_no_host_tensor_and_the_written_file_verifies(tmp_path):
+    """The digest is taken of the tensors torch.save writes: host tensors are neither copied by sealing nor
+    unshared (views of one tensor stay one storage in the file), and the file reads back with its digest."""
+    from mmtk.weights.integrity import content_digest, seal
+
+    state = _checkpoint_state("cpu")
+    sealed = seal(state)
+    assert all(sealed["model"][k] is not state["model"][k] and sealed["model"][k].data_ptr() == t.data_ptr()
+               for k, t in state["model"].items())
+    assert sealed["sha256"] == content_digest(state) and sealed["rng"] == state["rng"]
+    torch.save(sealed, tmp_path / "ckpt.pt")
+    back = read_state_dict(tmp_path / "ckpt.pt")  # checks the digest
+    assert back["model"]["w_t"].untyped_storage().data_ptr() == back["model"]["w"].untyped_storage().data_ptr()
+    assert torch.equal(back["model"]["w_t"], state["model"]["w"].t())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sealing_copies_each_device_tensor_to_the_host_once(tmp_path):
+    """Device tensors are copied to the host once, by sealing (same digest as on the device); torch.save then
+    copies nothing, and views of one device tensor stay one host tensor."""
+    from mmtk.weights.integrity import content_digest, seal
+
+    state = _checkpoint_state("cuda")
+    sealed = seal(state)
+    host = [*sealed["model"].values(), sealed["optimizer"]["state"][0]["exp_avg"]]
+    assert all(t.device.type == "cpu" for t in host)
+    assert sealed["sha256"] == content_digest(state) == content_digest(_checkpoint_state("cpu"))
+    again = seal({"a": state["model"]["w"], "b": state["model"]["w"].detach()})
+    assert again["a"] is again["b"]  # the same view of the same memory: one copy
+    torch.save(sealed, tmp_path / "ckpt.pt")
+    assert torch.equal(read_state_dict(tmp_path / "ckpt.pt")["model"]["w"], state["model"]["w"].cpu())

@@ -15,10 +15,10 @@ from torch import nn
 
 from mmtk.config import Recipe, TrainConfig, recipe_to_dict
 from mmtk.errors import MmtkError
-from mmtk.weights.formats import read_state_dict
+from mmtk.weights.files import read_state_dict
 from mmtk.io import atomic_write, discard, disk_errors, make_temp, publish
 from mmtk.weights.integrity import seal
-from mmtk.train.run_folders import checkpoint_paths, checkpoint_step
+from mmtk.weights.folders import checkpoint_paths, checkpoint_step
 from mmtk.runtime import DistInfo, main_process_print, rng_state, seed_everything, set_rng_state
 
 CHECKPOINT_FORMAT = "mmtk-checkpoint"
@@ -61,7 +61,7 @@ def link_last(path: Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load an mmtk checkpoint safely (``weights_only=True``; see :func:`mmtk.weights.formats.read_state_dict`)."""
+    """Load an mmtk checkpoint safely (``weights_only=True``; see :func:`mmtk.weights.files.read_state_dict`)."""
     return read_state_dict(path, map_location)
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from mmtk.errors import MmtkError
 from mmtk.io import atomic_write_text
+from mmtk.weights.folders import checkpoint_paths, checkpoint_step, is_model_folder, run_checkpoint
 
 INDEX_ENTRIES = 200  # newest records kept
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -78,39 +78,13 @@ def list_runs() -> list[RunRecord]:
     return found
 
 
-def checkpoint_paths(run_dir: str | Path) -> list[Path]:
-    """Step checkpoints of a run (``RUN/checkpoints/step_N.pt``), oldest first."""
-    folder = Path(run_dir) / "checkpoints"
-    found = [(step, p) for p in folder.glob("step_*.pt") if (step := checkpoint_step(p)) is not None]
-    return [p for _, p in sorted(found)]
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """N of a step checkpoint ``step_N.pt``, else None."""
-    match = re.fullmatch(r"step_(\d+)\.pt", path.name)
-    return int(match.group(1)) if match else None
-
-
-def run_checkpoint(run_dir: str | Path) -> Path | None:
-    """A run folder's newest checkpoint: ``last.pt``, else its newest ``checkpoints/step_*.pt``."""
-    run_dir = Path(run_dir)
-    if run_dir.name == "checkpoints" and not (run_dir / "last.pt").exists():
-        run_dir = run_dir.parent  # RUN/checkpoints given: the run's newest
-    if (run_dir / "last.pt").is_file():
-        return run_dir / "last.pt"
-    found = checkpoint_paths(run_dir)
-    return found[-1] if found else None
-
-
 def resolve_checkpoint(path: str | Path, option: str = "--checkpoint") -> Path:
     """The checkpoint ``path`` means: a file as it is, a run folder's newest checkpoint, a model folder (written by
     `mmtk weights --to`, or a huggingface_hub cache entry) as it is.
 
     A missing path, a folder without checkpoints and an HDF5 data file are one-line errors."""
-    from mmtk.weights.formats import WEIGHT_FILES
-
     path = Path(path)
-    if path.is_dir() and ((path / "snapshots").is_dir() or any((path / name).is_file() for name in WEIGHT_FILES)):
+    if is_model_folder(path):
         return path  # a model folder: the weights loader reads it
     if path.is_dir():
         found = run_checkpoint(path)

@@ -3,8 +3,8 @@
 A flipped byte in a tensor of a PyTorch file still loads (its zip container keeps no checksum that torch checks),
 so weights or optimizer moments would change silently. mmtk's checkpoints therefore carry ``sha256``: the digest
 of everything else they hold (tensors by dtype, shape and bytes; other values by type and value, keys sorted), so
-the digest is the same whichever way the dict was written. Files without one (official, timm, older mmtk files)
-load as before.
+the digest is the same whichever way the dict was written (and wherever its tensors were). Files without one
+(official, timm, older mmtk files) load as before.
 """
 
 from __future__ import annotations
@@ -28,8 +28,15 @@ def content_digest(state: dict[str, Any]) -> str:
 
 
 def seal(state: dict[str, Any]) -> dict[str, Any]:
-    """``state`` with its content digest added (what :func:`verify` checks when the file is read back)."""
-    return {**state, DIGEST_KEY: content_digest(state)}
+    """``state`` on the host with its content digest added (what :func:`verify` checks when the file is read back).
+
+    Each tensor on an accelerator is copied to the host once: the digest is taken of that copy and ``torch.save``
+    writes it as it is (a save would otherwise copy every tensor off the device a second time). Host tensors are
+    not copied; tensors that are the same view of the same memory stay one tensor. The copies are held until the
+    sealed state is dropped: a checkpoint's size in host memory while it is written.
+    """
+    host = _on_host(state, {})
+    return {**host, DIGEST_KEY: content_digest(host)}
 
 
 def verify(state: Any, path: str | Path) -> None:
@@ -59,3 +66,21 @@ def _feed(digest: Any, value: Any) -> None:
             _feed(digest, item)
     else:
         digest.update(f"{type(value).__name__} {value!r};".encode())
+
+
+def _on_host(value: Any, copies: dict[tuple, torch.Tensor]) -> Any:
+    """``value`` with every tensor moved to the host (containers rebuilt, other values as they are)."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach()
+        if tensor.device.type == "cpu":
+            return tensor
+        view = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.dtype,
+                tuple(tensor.shape), tensor.stride())
+        if view not in copies:
+            copies[view] = tensor.to("cpu")
+        return copies[view]
+    if isinstance(value, dict):
+        return {key: _on_host(item, copies) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_on_host(item, copies) for item in value)
+    return value
