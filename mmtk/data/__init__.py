@@ -10,8 +10,8 @@ Public API:
 """
 
 from mmtk.data.convert import ConvertResult, build_demo_file, convert_rgbd, convert_rosbag, parse_size, samples_dir, write_frames
-from mmtk.data.dataset import H5Dataset, open_mmtk_file
-from mmtk.data.format import FORMAT_VERSION, H5Writer
+from mmtk.data.dataset import H5Dataset
+from mmtk.data.format import FORMAT_VERSION, H5Writer, open_mmtk_file
 from mmtk.data.info import format_info, read_info
 from mmtk.data.shards import ShardedDataset, dataset_files, write_index
 

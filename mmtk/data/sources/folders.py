@@ -18,7 +18,7 @@ import numpy as np
 
 from mmtk.data.values import Percentiles, check_plausible_metres, depth_percentiles
 from mmtk.data.codecs import plain
-from mmtk.data.dataset import check_dataset_size
+from mmtk.data.format import check_dataset_size
 from mmtk.data.sources.depth_encoding import DEPTH_FORMATS, FORMAT_UNITS, DepthEncoding, decode_depth, looks_like_kinect_disparity, multiple_of_8_fraction, read_depth, read_depth_kept, read_depth_units
 from mmtk.data.sources.image_files import IMAGE_SUFFIXES, read_colour, read_image, read_rgb
 from mmtk.data.sources.frame import ConvertOptions, Frame, RgbdSource

@@ -11,7 +11,7 @@ import numpy as np
 from mmtk.data.sources.frame import ConvertOptions, Frame, RgbdSource
 from mmtk.data.sources.depth_encoding import DepthEncoding, decode_depth
 from mmtk.data.sources.nyuv2_meta import nyuv2_intrinsics, nyuv2_meta
-from mmtk.data.dataset import check_dataset_size
+from mmtk.data.format import check_dataset_size
 from mmtk.errors import MmtkError
 
 NYU_MAT_NAME = "nyu_depth_v2_labeled.mat"
