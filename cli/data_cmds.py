@@ -49,8 +49,9 @@ def convert(
     depth_range: Optional[str] = typer.Option(None, "--depth-range", help="--rgbd: plausible sensor range for depth "
                                               "whose units were not given: indoor (0.2-12 m, default), outdoor "
                                               "(0.5-120 m), lidar (0.3-250 m) or MIN-MAX metres."),
-    layout: Optional[str] = typer.Option(None, "--layout", help="--rgbd: use this layout instead of detecting one: "
-                                         "nyuv2-mat, multimae, bts-sync, sparse-to-dense, tum, nyuv2-raw, paired."),
+    layout: Optional[str] = typer.Option(None, "--layout", help="--rgbd: read the folder as layout NAME instead of "
+                                         "detecting one (README, Source layouts; an unknown NAME lists them; a "
+                                         "--plugin file may add one)."),
     size: Optional[str] = typer.Option(None, "--size", help="Resize on the way in, HxW pixels (e.g. 240x320); "
                                        "--images: default the first image's size, others resized to cover and "
                                        "centre-cropped."),

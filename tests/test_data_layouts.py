@@ -241,6 +241,7 @@ def test_guessed_units_compute_each_reading_of_a_frame_s_percentiles_once(monkey
     import hashlib
 
     import mmtk.data.sources.folders as folders
+    import mmtk.data.sources.layouts.depth_units as depth_units
     import mmtk.data.values as values
     from mmtk.data.sources.frame import ConvertOptions
 
@@ -252,7 +253,7 @@ def test_guessed_units_compute_each_reading_of_a_frame_s_percentiles_once(monkey
         return original(depth)
 
     monkeypatch.setattr(values, "depth_percentiles", counted)
-    monkeypatch.setattr(folders, "depth_percentiles", counted)
+    monkeypatch.setattr(depth_units, "depth_percentiles", counted)
     source = folders.open_rgbd_source(shared("esanet_kinect2_sample"), ConvertOptions())  # Kinect v2: guessed
     assert any("read as 0.1 mm" in note for note in source.notes)
     assert len(computed) == len(set(computed)) >= 3  # mm (the guess), 0.1 mm (the check), the other formats
