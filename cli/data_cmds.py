@@ -52,9 +52,10 @@ def convert(
     layout: Optional[str] = typer.Option(None, "--layout", help="--rgbd: read the folder as layout NAME instead of "
                                          "detecting one (README, Source layouts; an unknown NAME lists them; a "
                                          "--plugin file may add one)."),
-    size: Optional[str] = typer.Option(None, "--size", help="Resize on the way in, HxW pixels (e.g. 240x320); "
-                                       "--images: default the first image's size, others resized to cover and "
-                                       "centre-cropped."),
+    size: Optional[str] = typer.Option(None, "--size", help="Store every frame at HxW pixels (e.g. 240x320), for "
+                                       "every source alike: resized to cover HxW with its aspect ratio kept, then "
+                                       "centre-cropped (intrinsics follow). Default: as read; --images: the first "
+                                       "image's size."),
     topic: Optional[list[str]] = typer.Option(None, "--topic", help="--rosbag: a further image topic stored as "
                                               "modality NAME, paired by time like depth: NAME=/topic (repeatable)."),
     stream: Optional[list[str]] = typer.Option(None, "--stream", help="--rgbd: a further image stream stored as "
@@ -135,7 +136,7 @@ def _convert_shards(kind: str, inputs: list[Path], out: Path, options: dict, sha
 
 def _convert_images(images: Path, out: Path, size: Optional[tuple[int, int]], force: bool, progress: bool,
                     jpeg_quality: Optional[int]) -> None:
-    from mmtk.data.sources.images import convert_images
+    from mmtk.data.convert import convert_images
 
     result = convert_images(images, out, size, force=force, progress=progress, jpeg_quality=jpeg_quality)
     counts = ", ".join(f"{split}: {n}" for split, n in result.frames.items())
