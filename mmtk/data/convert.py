@@ -194,6 +194,20 @@ def _with_streams(frames: Iterable[Frame], src: Path, streams: dict[str, str]) -
         yield frame
 
 
+def check_options(*, depth_scale: float | None = None, max_dt: float | None = None,
+                  depth_format: str | None = None, depth_range: str | None = None, **_: Any) -> None:
+    """Refuse, before any input is read, conversion options out of range (one input, or a shard folder's many):
+    the one place they are checked (other keyword options are the converters' and pass through)."""
+    from mmtk.data.sources.depth_encoding import DepthEncoding, encoding_for, parse_depth_range
+
+    if depth_scale is not None and depth_scale <= 0:
+        raise MmtkError(f"--depth-scale must be positive (units per metre), got {depth_scale}")
+    if max_dt is not None and max_dt <= 0:
+        raise MmtkError(f"--max-dt must be positive seconds, got {max_dt}")
+    encoding_for(depth_format, depth_scale, DepthEncoding())  # unknown or conflicting units
+    parse_depth_range(depth_range)
+
+
 def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes: int = 40,
                  depth_scale: float | None = None, depth_format: str | None = None, depth_range: str | None = None,
                  layout: str | None = None, size: tuple[int, int] | None = None, force: bool = False,
@@ -217,14 +231,12 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
         jpeg_quality: store colour that arrives raw as JPEG at this quality (lossy; default: lossless).
     """
     from mmtk.data.sources.frame import ConvertOptions
-    from mmtk.data.sources.depth_encoding import DepthEncoding, encoding_for, parse_depth_range
+    from mmtk.data.sources.depth_encoding import parse_depth_range
     from mmtk.data.sources.folders import open_rgbd_source
 
-    if depth_scale is not None and depth_scale <= 0:
-        raise MmtkError(f"--depth-scale must be positive (units per metre), got {depth_scale}")
+    check_options(depth_scale=depth_scale, depth_format=depth_format, depth_range=depth_range)
     options = ConvertOptions(classes=classes, depth_scale=depth_scale, depth_format=depth_format,
                              depth_range=parse_depth_range(depth_range), layout=layout)
-    encoding_for(depth_format, depth_scale, DepthEncoding())  # refuses unknown or conflicting flags early
     check_out_path(out_path, force)  # before reading any input
     source = open_rgbd_source(src, options)
     provenance = f"mmtk convert --rgbd {Path(src).name}: {source.description}"
@@ -353,6 +365,7 @@ def convert_rosbag(bag: str | os.PathLike, out_path: str | os.PathLike, rgb_topi
     """
     from mmtk.data.sources.rosbag import open_rosbag_source
 
+    check_options(depth_scale=depth_scale, max_dt=max_dt)
     check_out_path(out_path, force)  # before reading any input
     source = open_rosbag_source(bag, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale,
                                 cloud_topic=cloud_topic, extra_topics=extra_topics)
@@ -432,6 +445,7 @@ def convert_to_shards(kind: str, inputs: list[Path], out: str | os.PathLike, opt
     """
     folder = Path(out)
     _check_scale_out(kind, folder, shard_frames, workers, shard_index, num_shards)
+    check_options(**options)
     keys = input_keys(inputs)
     by_key = dict(sorted(zip(keys, inputs)))
     plan = json.loads(json.dumps({"version": PLAN_VERSION, "source": kind, "shard_frames": shard_frames,

@@ -32,6 +32,7 @@ class Layout:
 
     name: ClassVar[str]
     description: ClassVar[str]
+    reads_a_file: ClassVar[bool] = False  # whether ``src`` may be a file; layouts of folders are asked of folders only
 
     def detect(self, src: Path) -> str | None:
         """The evidence that ``src`` (a folder or file) holds this layout, in a few words shown to the user, or
@@ -86,7 +87,8 @@ def open_rgbd_source(src: str | Path, options: ConvertOptions | None = None) -> 
     if options.layout is not None and options.layout not in _LAYOUTS:
         raise MmtkError(f"--layout {options.layout!r} is unknown; use one of {', '.join(_LAYOUTS)}")
     names = [options.layout] if options.layout else list(_LAYOUTS)
-    found = {name: evidence for name in names if (evidence := _LAYOUTS[name].detect(src))}
+    asked = [_LAYOUTS[name] for name in names if src.is_dir() or _LAYOUTS[name].reads_a_file]
+    found = {layout.name: evidence for layout in asked if (evidence := layout.detect(src))}
     if options.layout and not found:
         raise MmtkError(f"--layout {options.layout}: {src} does not hold that layout "
                         f"({_LAYOUTS[options.layout].description})")

@@ -34,7 +34,7 @@ class BtsSync(Layout):
     description = "BTS/sync: rgb_XXXXX.jpg + sync_depth_XXXXX.png (uint16 mm)"
 
     def detect(self, src: Path) -> str | None:
-        first = next(src.rglob("sync_depth_*.png"), None) if src.is_dir() else None
+        first = next(src.rglob("sync_depth_*.png"), None)
         return f"sync_depth_*.png files (e.g. {first.relative_to(src)})" if first else None
 
     def open(self, src: Path, options: ConvertOptions) -> RgbdSource:

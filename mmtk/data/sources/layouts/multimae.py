@@ -26,7 +26,7 @@ class MultiMAE(Layout):
     description = "MultiMAE prepared: {train,test}/{rgb,depth[,semseg]}/data/NNNN.png (depth uint16, 6553.6/m)"
 
     def detect(self, src: Path) -> str | None:
-        splits = [s for s in ("train", "test", "val") if src.is_dir() and (src / s / "rgb" / "data").is_dir()]
+        splits = [s for s in ("train", "test", "val") if (src / s / "rgb" / "data").is_dir()]
         return f"{', '.join(f'{s}/rgb/data/' for s in splits)} folders" if splits else None
 
     def open(self, src: Path, options: ConvertOptions) -> RgbdSource:

@@ -134,6 +134,7 @@ def _nyu_frame(mat: h5py.File, i: int, split: str, encoding: DepthEncoding, mapp
 class NyuMat(Layout):
     name = "nyuv2-mat"
     description = f"NYUv2 labeled release: a folder with {NYU_MAT_NAME} (+ optional splits.mat)"
+    reads_a_file = True  # the .mat itself
 
     def detect(self, src: Path) -> str | None:
         return f"{src.name if src.suffix == '.mat' else NYU_MAT_NAME} found" if nyu_mat_path(src) else None

@@ -25,43 +25,6 @@ NYU_RAW_DEPTH = DepthEncoding("kinect-disparity")
 NYU_RAW_MAX_DT_S = 1 / 30  # one Kinect frame period: a farther colour frame shows another moment
 
 
-def _nyu_raw_files(folder: Path) -> tuple[dict[float, Path], dict[float, Path]]:
-    """Colour (r-*.ppm) and depth (d-*.pgm) files of one raw scene dump by their time (s, from the name)."""
-    found: dict[str, dict[float, Path]] = {"r": {}, "d": {}}
-    for path in sorted(folder.iterdir()):
-        match = _NYU_RAW_NAME.match(path.name)
-        if match and path.is_file() and (match[1], match[3]) in (("r", "ppm"), ("d", "pgm")):
-            found[match[1]][float(match[2])] = path
-    return found["r"], found["d"]
-
-
-def _nyu_raw_scenes(src: Path) -> list[Path]:
-    """``src`` itself when it is one scene dump, else its sub-folders that are."""
-    if not src.is_dir():
-        return []
-    if all(_nyu_raw_files(src)):
-        return [src]
-    return [sub for sub in sorted(src.iterdir()) if sub.is_dir() and all(_nyu_raw_files(sub))]
-
-
-def _nyu_raw_pairs(scene: Path, notes: list[str]) -> list[tuple[float, Path, Path]]:
-    """(depth time, colour, depth) per depth frame with the nearest colour frame in time, as the NYU toolbox's
-    get_synched_frames.m pairs them (a colour frame may serve two depth frames), within one frame period."""
-    colour, depth = _nyu_raw_files(scene)
-    colour_t = np.array(sorted(colour))
-    rows, far = [], []
-    for t, path in sorted(depth.items()):
-        after = int(np.searchsorted(colour_t, t))
-        nearest = min((colour_t[i] for i in (after - 1, after) if 0 <= i < len(colour_t)), key=lambda c: abs(c - t))
-        if abs(nearest - t) <= NYU_RAW_MAX_DT_S:
-            rows.append((t, colour[nearest], path))
-        else:
-            far.append(path.name)
-    report_unpaired(notes, f"depth frames in {scene.name}/ without a colour frame within "
-                            f"{NYU_RAW_MAX_DT_S * 1000:.0f} ms", far)
-    return rows
-
-
 @register_layout
 class NyuRaw(Layout):
     name = "nyuv2-raw"
@@ -96,3 +59,38 @@ class NyuRaw(Layout):
 
         frames = layout_checked(frames, options, encoding)
         return RgbdSource("nyuv2-raw", f"NYUv2 raw Kinect dumps (depth {encoding.text})", len(rows), frames, None, notes)
+
+
+def _nyu_raw_files(folder: Path) -> tuple[dict[float, Path], dict[float, Path]]:
+    """Colour (r-*.ppm) and depth (d-*.pgm) files of one raw scene dump by their time (s, from the name)."""
+    found: dict[str, dict[float, Path]] = {"r": {}, "d": {}}
+    for path in sorted(folder.iterdir()):
+        match = _NYU_RAW_NAME.match(path.name)
+        if match and path.is_file() and (match[1], match[3]) in (("r", "ppm"), ("d", "pgm")):
+            found[match[1]][float(match[2])] = path
+    return found["r"], found["d"]
+
+
+def _nyu_raw_scenes(src: Path) -> list[Path]:
+    """``src`` itself when it is one scene dump, else its sub-folders that are."""
+    if all(_nyu_raw_files(src)):
+        return [src]
+    return [sub for sub in sorted(src.iterdir()) if sub.is_dir() and all(_nyu_raw_files(sub))]
+
+
+def _nyu_raw_pairs(scene: Path, notes: list[str]) -> list[tuple[float, Path, Path]]:
+    """(depth time, colour, depth) per depth frame with the nearest colour frame in time, as the NYU toolbox's
+    get_synched_frames.m pairs them (a colour frame may serve two depth frames), within one frame period."""
+    colour, depth = _nyu_raw_files(scene)
+    colour_t = np.array(sorted(colour))
+    rows, far = [], []
+    for t, path in sorted(depth.items()):
+        after = int(np.searchsorted(colour_t, t))
+        nearest = min((colour_t[i] for i in (after - 1, after) if 0 <= i < len(colour_t)), key=lambda c: abs(c - t))
+        if abs(nearest - t) <= NYU_RAW_MAX_DT_S:
+            rows.append((t, colour[nearest], path))
+        else:
+            far.append(path.name)
+    report_unpaired(notes, f"depth frames in {scene.name}/ without a colour frame within "
+                            f"{NYU_RAW_MAX_DT_S * 1000:.0f} ms", far)
+    return rows

@@ -128,8 +128,6 @@ class Paired(Layout):
     description = "generic: color/depth (+label) folders with matching names, or files named *color*/*depth*"
 
     def detect(self, src: Path) -> str | None:
-        if not src.is_dir():
-            return None
         color, depth, _, how = _paired_files(src)
         common = sorted(set(color) & set(depth))
         return f"{how} ({len(common)} pairs, e.g. {color[common[0]].relative_to(src)})" if common else None

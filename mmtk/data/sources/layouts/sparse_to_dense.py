@@ -25,8 +25,6 @@ class SparseToDense(Layout):
     description = "sparse-to-dense: *.h5 files with rgb [3,H,W] and depth [H,W] in metres"
 
     def detect(self, src: Path) -> str | None:
-        if not src.is_dir():
-            return None
         first = next((p for p in sorted(src.rglob("*.h5"))), None)
         if first is None:
             return None

@@ -60,8 +60,6 @@ class Tum(Layout):
     def detect(self, src: Path) -> str | None:
         """TUM: rgb/ and depth/ with numeric names, and either TUM's list files or Unix-time names (0000.png
         is a frame number, not a time)."""
-        if not src.is_dir():
-            return None
         rgb, depth = _timestamped(src / "rgb"), _timestamped(src / "depth")
         if not rgb or not depth:
             return None
