@@ -20,6 +20,16 @@ from mmtk.errors import MmtkError
 MULTIMAE_DEPTH = DepthEncoding("multimae", FORMAT_UNITS["multimae"])  # uint16: 10 m -> 65536
 
 
+def _label_space(classes: int) -> tuple[list[str], np.ndarray | None]:
+    """The class names of ``--classes`` and the map from MultiMAE's 40-class ids to them (None: kept as they are)."""
+    meta = nyuv2_meta()
+    if classes == 13:
+        return list(meta["names13"]), np.asarray(meta["map40_to_13"], np.uint8)
+    if classes == 40:
+        return list(meta["names40"]), None
+    raise MmtkError("MultiMAE's layout holds 40-class labels; use --classes 40 or 13")
+
+
 @register_layout
 class MultiMAE(Layout):
     name = "multimae"
@@ -52,16 +62,8 @@ class MultiMAE(Layout):
                 report_unpaired(notes, f"{folder}/{name} files without all other modalities",
                                  sorted(set(files) - set(common)))
             plan += [(split, rgb[s], depth[s], semseg.get(s) if has_semseg else None) for s in common]
-        classes = None
-        label_map = None
-        if True in with_labels:
-            meta = nyuv2_meta()
-            if options.classes == 13:
-                label_map, classes = np.asarray(meta["map40_to_13"], np.uint8), list(meta["names13"])
-            elif options.classes == 40:
-                classes = list(meta["names40"])
-            else:
-                raise MmtkError("MultiMAE's layout holds 40-class labels; use --classes 40 or 13")
+        classes, label_map = _label_space(options.classes) if True in with_labels else (None, None)
+        if classes is not None:
             notes.append(f"semseg PNGs read as NYUv2 40-class ids (0 = unlabeled) -> {len(classes)} classes")
 
         def frames() -> Iterator[Frame]:

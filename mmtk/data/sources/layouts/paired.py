@@ -17,7 +17,7 @@ from mmtk.data.sources.depth_encoding import (DEPTH_SUFFIXES, FORMAT_UNITS, Dept
 from mmtk.data.sources.folders import Layout, register_layout
 from mmtk.data.sources.frame import ConvertOptions, Frame, RgbdSource
 from mmtk.data.sources.image_files import IMAGE_SUFFIXES, read_colour, read_image
-from mmtk.data.sources.intrinsics import find_intrinsics, frame_intrinsics
+from mmtk.data.sources.intrinsics import IntrinsicsFile, find_intrinsics, frame_intrinsics
 from mmtk.data.sources.kinect_nyu import kinect_registration
 from mmtk.data.sources.layouts.depth_units import (Decodings, checked_frames, decodings, reading_median,
                                                    reading_plausible, units_fix, units_given)
@@ -122,6 +122,40 @@ def _label_names(src: Path, options: ConvertOptions) -> list[str]:
     raise MmtkError(f"{src}: labels found but no classes.txt (one class name per line, class 1 first)")
 
 
+def _paired_keys(src: Path, color: dict[str, Path], depth: dict[str, Path], labels: dict[str, Path],
+                 notes: list[str]) -> list[str]:
+    """The keys of the frames to convert (colour and depth, and a label when the folder has labels); the files
+    left out are listed in ``notes``."""
+    pairs = set(color) & set(depth)
+    keys = sorted(k for k in pairs if not labels or k in labels)
+    if labels and not keys:
+        raise MmtkError(f"{src}: no label file shares its name with a colour/depth pair; name each label like "
+                        f"its frame (e.g. 0001.png beside 0001.jpg and 0001 depth), or move the labels away")
+    report_unpaired(notes, "colour files without depth", [color[k].name for k in sorted(set(color) - set(depth))])
+    report_unpaired(notes, "depth files without colour", [depth[k].name for k in sorted(set(depth) - set(color))])
+    report_unpaired(notes, "colour/depth pairs without a label", [color[k].name for k in sorted(pairs - set(keys))])
+    if labels:
+        report_unpaired(notes, "label files without colour/depth",
+                        [labels[k].name for k in sorted(set(labels) - set(keys))])
+    return keys
+
+
+def _folder_encoding(src: Path, path: Path, first: np.ndarray, decoded: Decodings, camera: IntrinsicsFile | None,
+                     options: ConvertOptions, notes: list[str]) -> DepthEncoding:
+    """The depth encoding of the folder: the user's, or guessed from its first depth file ``path`` (``first``,
+    read by each format in ``decoded``), with the evidence in ``notes``."""
+    if units_given(options):
+        encoding = options.encoding(DepthEncoding())
+        notes.append(f"depth read as {encoding.text} (given)")
+        return encoding
+    encoding, evidence = _guess_encoding(first, path, src, camera.depth_units_per_metre if camera else None,
+                                         camera.path.name if camera else "", decoded, options.depth_range)
+    notes.append(f"{'GUESSED ' if 'declared' not in evidence else ''}depth units: {evidence}; checked against "
+                 f"{options.depth_range[0]:g}-{options.depth_range[1]:g} m (pass --depth-format or --depth-scale "
+                 f"if wrong)")
+    return encoding
+
+
 @register_layout
 class Paired(Layout):
     name = "paired"
@@ -134,34 +168,15 @@ class Paired(Layout):
 
     def open(self, src: Path, options: ConvertOptions) -> RgbdSource:
         color, depth, labels, _ = _paired_files(src)
-        keys = sorted(set(color) & set(depth))
-        if labels:
-            keys = [k for k in keys if k in labels]
-            if not keys:
-                raise MmtkError(f"{src}: no label file shares its name with a colour/depth pair; name each label like "
-                                f"its frame (e.g. 0001.png beside 0001.jpg and 0001 depth), or move the labels away")
         notes: list[str] = []
-        pairs = set(color) & set(depth)
-        report_unpaired(notes, "colour files without depth", [color[k].name for k in sorted(set(color) - set(depth))])
-        report_unpaired(notes, "depth files without colour", [depth[k].name for k in sorted(set(depth) - set(color))])
-        report_unpaired(notes, "colour/depth pairs without a label", [color[k].name for k in sorted(pairs - set(keys))])
-        if labels:
-            report_unpaired(notes, "label files without colour/depth", [labels[k].name for k in sorted(set(labels) - set(keys))])
+        keys = _paired_keys(src, color, depth, labels, notes)
         camera = find_intrinsics(src) or find_intrinsics(depth[keys[0]].parent)
         if camera is not None:
             notes.append(f"intrinsics from {camera.path.name}")
         guessed = not units_given(options)
         first = read_depth_units(depth[keys[0]])
         decoded = decodings(first)
-        if guessed:
-            encoding, evidence = _guess_encoding(first, depth[keys[0]], src,
-                                                 camera.depth_units_per_metre if camera else None,
-                                                 camera.path.name if camera else "", decoded, options.depth_range)
-            notes.append(f"{'GUESSED ' if 'declared' not in evidence else ''}depth units: {evidence}; checked against {options.depth_range[0]:g}-"
-                         f"{options.depth_range[1]:g} m (pass --depth-format or --depth-scale if wrong)")
-        else:
-            encoding = options.encoding(DepthEncoding())
-            notes.append(f"depth read as {encoding.text} (given)")
+        encoding = _folder_encoding(src, depth[keys[0]], first, decoded, camera, options, notes)
         register = kinect_registration(src, camera, notes) if encoding.format == "kinect-disparity" else None
         fix = units_fix(decoded, encoding, "guessed" if guessed else "given", options)
         if guessed:
