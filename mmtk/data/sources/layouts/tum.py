@@ -26,32 +26,6 @@ _UNIX_TIME = re.compile(r"^\d{9,}\.\d+$")  # what TUM names its frames: seconds 
 _TUM_LISTS = ("associations.txt", "rgb.txt", "depth.txt")
 
 
-def _timestamped(folder: Path) -> dict[float, Path]:
-    out = {}
-    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if path.suffix.lower() in IMAGE_SUFFIXES and _TIMESTAMP.match(path.stem):
-            out[float(path.stem)] = path
-    return out
-
-
-def _read_associations(path: Path, src: Path) -> list[tuple[float, Path, Path]]:
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        fields = line.split()
-        if not fields or line.startswith("#"):
-            continue
-        if len(fields) < 4:
-            raise MmtkError(f"{path}:{number}: expected 'time rgb/file time depth/file', got {line!r}")
-        first, second = src / fields[1], src / fields[3]
-        rgb_path, depth_path = (first, second) if "depth" not in fields[1] else (second, first)
-        try:
-            stamp = float(fields[0] if rgb_path is first else fields[2])
-        except ValueError:
-            raise MmtkError(f"{path}:{number}: the time stamps must be numbers (seconds), got {line!r}") from None
-        rows.append((stamp, rgb_path, depth_path))
-    return rows
-
-
 @register_layout
 class Tum(Layout):
     name = "tum"
@@ -102,3 +76,29 @@ class Tum(Layout):
         frames = layout_checked(frames, options, encoding)
         note_unread_labels(src, self.name, notes)
         return RgbdSource("tum", f"TUM RGB-D folder (depth {encoding.text})", len(rows), frames, None, notes)
+
+
+def _timestamped(folder: Path) -> dict[float, Path]:
+    out = {}
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if path.suffix.lower() in IMAGE_SUFFIXES and _TIMESTAMP.match(path.stem):
+            out[float(path.stem)] = path
+    return out
+
+
+def _read_associations(path: Path, src: Path) -> list[tuple[float, Path, Path]]:
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields or line.startswith("#"):
+            continue
+        if len(fields) < 4:
+            raise MmtkError(f"{path}:{number}: expected 'time rgb/file time depth/file', got {line!r}")
+        first, second = src / fields[1], src / fields[3]
+        rgb_path, depth_path = (first, second) if "depth" not in fields[1] else (second, first)
+        try:
+            stamp = float(fields[0] if rgb_path is first else fields[2])
+        except ValueError:
+            raise MmtkError(f"{path}:{number}: the time stamps must be numbers (seconds), got {line!r}") from None
+        rows.append((stamp, rgb_path, depth_path))
+    return rows
