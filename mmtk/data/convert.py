@@ -224,7 +224,7 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
         depth_range: the sensor's plausible range, "indoor" (default, 0.2-12 m), "outdoor", "lidar" or
             "MIN-MAX" metres; depth whose units were not given must fall inside it.
         layout: a layout name to use instead of detecting one.
-        size: optional (H, W) to resize to on the way in.
+        size: optional (H, W) to store the frames at (resized to cover it, aspect ratio kept, centre-cropped).
         streams: extra stored arrays, name -> glob under ``src`` (matched to frames by file stem).
         parts: frames per part: split the output into ``OUT-00000.h5``, ``OUT-00001.h5``, ... instead; parts
             already there are kept (a resumed input: their frames are read, not written again).
