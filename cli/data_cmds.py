@@ -49,16 +49,18 @@ def convert(
     depth_range: Optional[str] = typer.Option(None, "--depth-range", help="--rgbd: plausible sensor range for depth "
                                               "whose units were not given: indoor (0.2-12 m, default), outdoor "
                                               "(0.5-120 m), lidar (0.3-250 m) or MIN-MAX metres."),
-    layout: Optional[str] = typer.Option(None, "--layout", help="--rgbd: use this layout instead of detecting one: "
-                                         "nyuv2-mat, multimae, bts-sync, sparse-to-dense, tum, nyuv2-raw, paired."),
-    size: Optional[str] = typer.Option(None, "--size", help="Resize on the way in, HxW pixels (e.g. 240x320); "
-                                       "--images: default the first image's size, others resized to cover and "
-                                       "centre-cropped."),
-    topic: Optional[list[str]] = typer.Option(None, "--topic", help="--rosbag: a further image topic stored as "
-                                              "modality NAME, paired by time like depth: NAME=/topic (repeatable)."),
+    layout: Optional[str] = typer.Option(None, "--layout", help="--rgbd: read the folder as layout NAME instead of "
+                                         "detecting one (README, Source layouts; an unknown NAME lists them; a "
+                                         "--plugin file may add one)."),
     stream: Optional[list[str]] = typer.Option(None, "--stream", help="--rgbd: a further image stream stored as "
                                                "modality NAME, matched to colour by file stem: NAME=GLOB "
                                                "(e.g. ir='ir/*.png'; repeatable)."),
+    size: Optional[str] = typer.Option(None, "--size", help="Store every frame at HxW pixels (e.g. 240x320), for "
+                                       "every source alike: resized to cover HxW with its aspect ratio kept, then "
+                                       "centre-cropped (intrinsics follow). Default: as read; --images: the first "
+                                       "image's size."),
+    topic: Optional[list[str]] = typer.Option(None, "--topic", help="--rosbag: a further image topic stored as "
+                                              "modality NAME, paired by time like depth: NAME=/topic (repeatable)."),
     plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
     shard_frames: Optional[int] = typer.Option(None, "--shard-frames", help="Write OUT as a folder of shards, "
                                                "starting a new shard every N frames of an input."),
@@ -67,12 +69,12 @@ def convert(
                                               "inputs i (sorted) with i % N == I; N machines build one folder."),
     num_shards: Optional[int] = typer.Option(None, "--num-shards", help="How many parts the inputs are split into "
                                              "(see --shard-index)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     jpeg_quality: Optional[int] = typer.Option(None, "--jpeg-quality", help="Store colour that arrives raw (PNG, "
                                                "raw Image) as JPEG at this quality, 1-100: smaller, lossy. Default: "
                                                "lossless; JPEG input is always kept as its own bytes."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists (a shard folder: convert every "
                                                       "input again)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Convert RGB-D data, ROS bags or RGB image folders into one mmtk HDF5 file (metres, labels, intrinsics), or
     several inputs into a folder of shards (one per input; kept on a rerun, so a killed run resumes)."""
@@ -94,7 +96,7 @@ def convert(
         raise MmtkError(f"{', '.join(rgbd_only)} only apply to --rgbd folders; remove them")
     kind = given[0][0].removeprefix("--")
     inputs = expand_inputs(given[0][1], given[0][0])
-    if kind == "rosbag" and not _rosbag_ready(inputs[0], rgb_topic, depth_topic, cloud_topic, max_dt, depth_scale):
+    if kind == "rosbag" and not _rosbag_ready(inputs[0], rgb_topic, depth_topic, cloud_topic):
         return
     options = {"rgbd": dict(classes=classes, depth_scale=depth_scale, depth_format=depth_format,
                             depth_range=depth_range, layout=layout, size=shape,
@@ -134,7 +136,7 @@ def _convert_shards(kind: str, inputs: list[Path], out: Path, options: dict, sha
 
 def _convert_images(images: Path, out: Path, size: Optional[tuple[int, int]], force: bool, progress: bool,
                     jpeg_quality: Optional[int]) -> None:
-    from mmtk.data.sources.images import convert_images
+    from mmtk.data.convert import convert_images
 
     result = convert_images(images, out, size, force=force, progress=progress, jpeg_quality=jpeg_quality)
     counts = ", ".join(f"{split}: {n}" for split, n in result.frames.items())
@@ -143,13 +145,11 @@ def _convert_images(images: Path, out: Path, size: Optional[tuple[int, int]], fo
                   if result.skipped else ""))
 
 
-def _rosbag_ready(bag: Path, rgb_topic: Optional[str], depth_topic: Optional[str], cloud_topic: Optional[str],
-                  max_dt: float, depth_scale: Optional[float]) -> bool:
-    """Whether the topics and numbers to convert ``bag`` are given; without topics, list the bag's and say so."""
+def _rosbag_ready(bag: Path, rgb_topic: Optional[str], depth_topic: Optional[str], cloud_topic: Optional[str]) -> bool:
+    """Whether the topics to convert ``bag`` are given; without them, list the bag's and say so (the library checks
+    the options when it converts)."""
     from mmtk.data.sources.rosbag import image_topics
 
-    if depth_topic is not None and cloud_topic is not None:
-        raise MmtkError("--depth-topic and --cloud-topic both give depth; pass only one of them")
     if rgb_topic is None or (depth_topic is None and cloud_topic is None):
         topics = image_topics(bag)
         typer.echo(f"image and point-cloud topics in {bag} (pass --rgb-topic and --depth-topic or --cloud-topic "
@@ -159,10 +159,6 @@ def _rosbag_ready(bag: Path, rgb_topic: Optional[str], depth_topic: Optional[str
         if not topics:
             typer.echo("  (none)")
         return False
-    if max_dt <= 0:
-        raise MmtkError(f"--max-dt must be positive seconds, got {max_dt}")
-    if depth_scale is not None and depth_scale <= 0:
-        raise MmtkError(f"--depth-scale must be positive (units per metre), got {depth_scale}")
     return True
 
 

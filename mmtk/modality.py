@@ -26,6 +26,7 @@ from mmtk.errors import MmtkError
 _REGISTRY: dict[str, type["Modality"]] = {}
 _ORIGINS: dict[str, str] = {}  # modality -> where it came from: "mmtk", "package:<entry point>", "file:<path>"
 _LOADING: list[str] = ["mmtk"]  # the origin of modalities registered right now
+_REGISTERED_BY: dict[str, list[str]] = {}  # origin -> what its code registered ("modality ir", "source layout x")
 ENTRY_POINT_GROUP = "mmtk.modalities"
 STORED_KINDS = ("image", "metric", "labels")
 # The ``units`` attr of a "metric" array known only up to an unknown scale and shift (written by a pseudo-labeller,
@@ -204,18 +205,27 @@ class Modality:
 def register_modality(cls: type[Modality]) -> type[Modality]:
     """Class decorator: make a modality available to `mmtk.create_model` by its `name`."""
     _REGISTRY[cls.name] = cls
-    _ORIGINS[cls.name] = _LOADING[-1]
+    _ORIGINS[cls.name] = record_registration(f"modality {cls.name}")
     return cls
 
 
+def record_registration(what: str) -> str:
+    """Note that the code being loaded now registered ``what`` (a modality, a source layout, ...), so that
+    :func:`load_plugin` knows the file registered something; returns the origin ("mmtk", "file:<path>", ...)."""
+    origin = _LOADING[-1]
+    _REGISTERED_BY.setdefault(origin, []).append(what)
+    return origin
+
+
 def load_plugin(path: str | Path) -> list[str]:
-    """Register the modalities of an adapter file (``--plugin FILE.py``); returns their names.
+    """Register the modalities (and source layouts, ...) of a plugin file (``--plugin FILE.py``); returns the
+    modalities' names.
 
     Loading a plugin runs its code, as importing any Python module does: load only files you trust.
     """
     path = Path(path).expanduser().resolve()
     origin = f"file:{path}"
-    if origin in _ORIGINS.values():
+    if origin in _REGISTERED_BY:
         return [name for name, where in _ORIGINS.items() if where == origin]
     if not path.is_file() or path.suffix != ".py":
         raise MmtkError(f"plugin {path} is not a Python file; pass --plugin path/to/adapter.py")
@@ -224,7 +234,6 @@ def load_plugin(path: str | Path) -> list[str]:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # so that its classes pickle into DataLoader workers
-    before = set(_REGISTRY)
     _LOADING.append(origin)
     try:
         spec.loader.exec_module(module)
@@ -234,11 +243,10 @@ def load_plugin(path: str | Path) -> list[str]:
         raise MmtkError(f"plugin {path} failed to load: {type(err).__name__}: {err}") from None
     finally:
         _LOADING.pop()
-    added = sorted(set(_REGISTRY) - before)
-    if not added:
-        raise MmtkError(f"plugin {path} registers no modality; decorate its Modality subclass with "
-                        f"@register_modality")
-    return added
+    if origin not in _REGISTERED_BY:
+        raise MmtkError(f"plugin {path} registers nothing; decorate its Modality subclass with @register_modality "
+                        f"(a source layout: its Layout subclass with @register_layout)")
+    return sorted(name for name, where in _ORIGINS.items() if where == origin)
 
 
 def load_entry_points() -> None:

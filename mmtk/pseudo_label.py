@@ -420,7 +420,7 @@ def _label_file(path: Path, labellers: list[tuple[LoadedModel, dict[str, Any]]],
     """Label every split of one file with every (model, its attrs); frames computed per ``FILE:/split/name``."""
     import h5py
 
-    from mmtk.data.dataset import check_declared_sizes
+    from mmtk.data.format import check_declared_sizes
 
     try:
         handle = h5py.File(path, "r+")

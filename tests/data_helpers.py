@@ -144,7 +144,7 @@ class DecodedFile:
 
     def __getitem__(self, key: str):
         from mmtk.data.codecs import FrameView
-        from mmtk.data.dataset import is_image
+        from mmtk.data.format import is_image
 
         value = self.handle[key]
         if isinstance(value, h5py.Group):

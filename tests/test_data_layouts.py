@@ -208,6 +208,22 @@ def test_resize_on_the_way_in(tmp_path):
     assert valid.mean() == pytest.approx((mm > 0).mean(), abs=0.02)
 
 
+def test_size_of_another_aspect_ratio_crops_the_centre_and_moves_the_principal_point(tmp_path):
+    # --size means the same for every source: resize to cover HxW keeping the aspect ratio, crop the centre.
+    # 480x640 -> 240x240: the centred 480x480 window (columns 80-559) is halved.
+    from mmtk.data.resize import resize_stored
+
+    out = tmp_path / "square.h5"
+    convert(SYNC, out, "--size", "240x240")
+    mm = np.array(Image.open(SYNC / "depth/sync_depth_00000.png")).astype(np.float32) / 1000.0
+    with DecodedFile(out) as f:
+        depth, k, rgb = f["all/depth"][0], f["all/intrinsics"][0], f["all/rgb"][0]
+    assert depth.shape == (240, 240) and rgb.shape == (240, 240, 3)
+    np.testing.assert_allclose(depth, resize_stored("metric", mm[:, 80:560], (240, 240)), rtol=1e-6)
+    assert k[0, 0] == pytest.approx(518.8579 / 2, abs=1e-3) and k[1, 1] == pytest.approx(519.4696 / 2, abs=1e-3)
+    assert k[0, 2] == pytest.approx((324.5824 - 80 + 0.5) / 2 - 0.5, abs=1e-3)
+
+
 def test_resize_keeps_labels_as_labels(tmp_path):
     out = tmp_path / "mm_small.h5"
     convert(MULTIMAE, out, "--size", "120x160")
@@ -241,6 +257,7 @@ def test_guessed_units_compute_each_reading_of_a_frame_s_percentiles_once(monkey
     import hashlib
 
     import mmtk.data.sources.folders as folders
+    import mmtk.data.sources.layouts.depth_units as depth_units
     import mmtk.data.values as values
     from mmtk.data.sources.frame import ConvertOptions
 
@@ -252,7 +269,7 @@ def test_guessed_units_compute_each_reading_of_a_frame_s_percentiles_once(monkey
         return original(depth)
 
     monkeypatch.setattr(values, "depth_percentiles", counted)
-    monkeypatch.setattr(folders, "depth_percentiles", counted)
+    monkeypatch.setattr(depth_units, "depth_percentiles", counted)
     source = folders.open_rgbd_source(shared("esanet_kinect2_sample"), ConvertOptions())  # Kinect v2: guessed
     assert any("read as 0.1 mm" in note for note in source.notes)
     assert len(computed) == len(set(computed)) >= 3  # mm (the guess), 0.1 mm (the check), the other formats

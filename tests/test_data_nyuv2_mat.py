@@ -10,7 +10,7 @@ from scipy.io import savemat
 
 from data_helpers import DecodedFile, labeled_frame, nyu_mat_frames, run_cli, shared, write_nyu_mat
 from mmtk.data.sources.nyuv2_meta import nyuv2_meta
-from mmtk.data.sources.nyuv2 import nyuv2_split_indices
+from mmtk.data.sources.layouts.nyuv2_mat import nyuv2_split_indices
 from mmtk.data import read_info
 
 SCENES = ["kitchen_0004", "office_0003", "kitchen_0004"]

@@ -278,10 +278,15 @@ def test_bad_scale_out_requests_are_one_line_each(bags, tmp_path):
     ]
     (tmp_path / "file.h5").write_bytes(b"")
     cases.append((["--rosbag", f"{bags}/*", tmp_path / "file.h5"], "is a file"))
+    # the library's option checks, made once for all inputs, before the folder is made
+    cases.append((["--rosbag", f"{bags}/*", tmp_path / "x", "--max-dt", "0"], "--max-dt must be positive seconds"))
+    cases.append((["--rgbd", bags, "--rgbd", bags / "d_ros2", tmp_path / "x", "--depth-scale", "-5"],
+                  "--depth-scale must be positive"))
     for args, message in cases:
         extra = TOPICS if "--rosbag" in args else []
         code, text = run_cli("convert", *args, *extra)
         assert code == 2 and message in text and len(text.strip().splitlines()) == 1, (args, text)
+        assert not (tmp_path / "x").exists(), args
 
 
 def test_finetune_and_eval_take_a_shard_folder_as_data(tmp_path):

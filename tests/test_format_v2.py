@@ -193,7 +193,7 @@ def test_convert_jpeg_quality_flag_and_image_folders_keep_jpeg_bytes(tmp_path):
         assert f["train/rgb"].attrs["codec"] == "jpeg"  # the PNG's pixels, lossy only because it was asked
     code, text = run_cli("convert", "--rgbd", MULTIMAE, tmp_path / "bad.h5", "--jpeg-quality", "101", "--no-progress")
     assert code != 0 and "1..100" in text
-    from mmtk.data.sources.images import convert_images
+    from mmtk.data.convert import convert_images
 
     convert_images(SYNC / "rgb", tmp_path / "photos.h5", progress=False)
     with h5py.File(tmp_path / "photos.h5") as f:

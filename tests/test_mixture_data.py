@@ -25,7 +25,7 @@ ONE = DistInfo(0, 1, 0, torch.device("cpu"))
 @pytest.fixture(scope="module")
 def rgb_h5(tmp_path_factory):
     """3 real NYUv2 colour images alone (no depth, no labels), as `mmtk convert --images` writes them."""
-    from mmtk.data.sources.images import convert_images
+    from mmtk.data.convert import convert_images
 
     out = tmp_path_factory.mktemp("rgb") / "photos.h5"
     convert_images(SYNC / "rgb", out, (120, 160), progress=False)

@@ -18,7 +18,7 @@ from data_helpers import DecodedFile, KINECT, KINECT_FRAME
 from helpers import needs_cuda
 from pseudo_helpers import CLASSES, expected_depth, real_frames, reference, save_models, tiny_models, write_h5
 import mmtk.pseudo_label as pl  # noqa: E402
-from mmtk.data.sources.images import fit_image  # noqa: E402
+from mmtk.data.resize import resize_stored  # noqa: E402
 
 SAMPLES, FRAME = KINECT, KINECT_FRAME
 
@@ -248,9 +248,11 @@ def test_convert_images_then_pseudo_label_from_rgb_alone(model_dirs, tmp_path, c
     with DecodedFile(out) as f:
         assert f.attrs["mmtk_format"] >= 1 and set(f) == {"train", "test"}
         assert [s.decode() for s in f["train/frame_id"][:]] == ["box/b.jpg", "laptop/a.png"]
-        np.testing.assert_array_equal(f["test/rgb"][0], fit_image(source.crop((320, 0, 640, 480)), (120, 160)))
-        # 640x480 covers 160x120 exactly: a plain resize, compare with PIL's.
-        np.testing.assert_array_equal(f["train/rgb"][1], np.array(source.resize((160, 120), Image.BILINEAR)))
+        # --size means what it means for every source: the 320x480 crop keeps its aspect ratio, so its centred
+        # 320x240 window (rows 120-359) is resized to 160x120; the 640x480 image is a plain resize
+        portrait = np.array(source.crop((320, 0, 640, 480)))
+        np.testing.assert_array_equal(f["test/rgb"][0], resize_stored("image", portrait[120:360], (120, 160)))
+        np.testing.assert_array_equal(f["train/rgb"][1], resize_stored("image", np.array(source), (120, 160)))
     code, _, err = run_cli(["pseudo-label", str(out), "--depth-model", str(model_dirs["dpt"]), "--depth-kind", "depth",
                             "--semseg-model", str(model_dirs["upernet"]), "--no-progress"], capsys, monkeypatch)
     assert code == 0, err

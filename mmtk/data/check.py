@@ -20,8 +20,7 @@ import numpy as np
 from mmtk.modality import stored_array
 from mmtk.data.values import check_label_ids, check_metric_values, check_plausible_metres, intrinsics_problem
 from mmtk.data.codecs import frame_reader
-from mmtk.data.dataset import is_image, open_mmtk_file
-from mmtk.data.format import PARTIAL_SUFFIX
+from mmtk.data.format import PARTIAL_SUFFIX, is_image, open_mmtk_file
 from mmtk.errors import MmtkError
 from mmtk.progress import counted
 
@@ -95,7 +94,7 @@ def check_file(path: str | os.PathLike) -> CheckReport:
 def _frames_to_scan(split: str, name: str, dataset: h5py.Dataset, report: CheckReport) -> int:
     """How many frames of ``dataset`` to read: no more than the file holds chunks for (a declared count beyond
     that is reported, not allocated). Absurd frame sizes never get here: opening the file refuses them
-    (:func:`mmtk.data.dataset.check_declared_sizes`)."""
+    (:func:`mmtk.data.format.check_declared_sizes`)."""
     frames = dataset.shape[0]
     if dataset.chunks is not None and dataset.chunks[0] == 1:
         held = dataset.id.get_num_chunks()

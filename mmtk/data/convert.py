@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator
 from mmtk.data.codecs import plain
 from mmtk.data.format import H5Writer, check_out_path
 from mmtk.data.shard_index import CONVERT_STATE, DONE_FOLDER, PLAN_FILE, finished_inputs, read_plan
-from mmtk.data.resize import resize_intrinsics, resize_stored
+from mmtk.data.resize import cover_window, crop_intrinsics, resize_intrinsics, resize_stored
 from mmtk.data.sources.frame import Frame, RgbdSource
 from mmtk.errors import MmtkError
 from mmtk.io import atomic_write_text, check_free_space, discard, disk_errors
@@ -47,20 +47,27 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
 
 
 def _resized(frame: Frame, size: tuple[int, int] | None) -> Frame:
-    """The frame at ``size`` (H, W): each array resized as its kind needs, intrinsics scaled to match."""
+    """The frame at ``size`` (H, W), its aspect ratio kept: the centred window of that aspect ratio
+    (:func:`~mmtk.data.resize.cover_window`) of each array resized as its kind needs, intrinsics moved and scaled to
+    match. A frame of that size already is kept as it is (JPEG bytes included)."""
     first = next(iter(frame.arrays.values()))
     if size is None or first.shape[:2] == size:
         return frame
-    arrays = {name: resize_stored(stored_array(name)[1].kind, plain(value), size) for name, value in frame.arrays.items()}
-    k = None if frame.intrinsics is None else resize_intrinsics(frame.intrinsics, first.shape[:2], size)
+    top, left, height, width = cover_window(first.shape[:2], size)
+    window = (slice(top, top + height), slice(left, left + width))
+    arrays = {name: resize_stored(stored_array(name)[1].kind, plain(value)[window], size)
+              for name, value in frame.arrays.items()}
+    k = None if frame.intrinsics is None else \
+        resize_intrinsics(crop_intrinsics(frame.intrinsics, top, left), (height, width), size)
     return Frame(frame.split, arrays, k, frame.timestamp, frame.frame_id)
 
 
 def write_frames(frames: Iterable[Frame], out_path: str | os.PathLike, *, source: str, total: int | None,
                  classes: list[str] | None = None, size: tuple[int, int] | None = None, force: bool = False,
                  progress: bool = True, log: Log | None = None, jpeg_quality: int | None = None) -> ConvertResult:
-    """Write ``frames`` to ``out_path`` atomically, resizing to ``size`` (H, W) if given (``jpeg_quality``: store raw
-    colour as JPEG at that quality instead of losslessly; see :class:`H5Writer`).
+    """Write ``frames`` to ``out_path`` atomically, each at ``size`` (H, W) if given: resized to cover it, its aspect
+    ratio kept, and centre-cropped (``jpeg_quality``: store raw colour as JPEG at that quality instead of
+    losslessly; see :class:`H5Writer`).
 
     The one conversion path: every source's frames are resized here once and validated and written once by
     :class:`H5Writer`. Shows a rich progress bar (frames/s) when ``progress`` is true. Returns a summary
@@ -187,6 +194,20 @@ def _with_streams(frames: Iterable[Frame], src: Path, streams: dict[str, str]) -
         yield frame
 
 
+def check_options(*, depth_scale: float | None = None, max_dt: float | None = None,
+                  depth_format: str | None = None, depth_range: str | None = None, **_: Any) -> None:
+    """Refuse, before any input is read, conversion options out of range (one input, or a shard folder's many):
+    the one place they are checked (other keyword options are the converters' and pass through)."""
+    from mmtk.data.sources.depth_encoding import DepthEncoding, encoding_for, parse_depth_range
+
+    if depth_scale is not None and depth_scale <= 0:
+        raise MmtkError(f"--depth-scale must be positive (units per metre), got {depth_scale}")
+    if max_dt is not None and max_dt <= 0:
+        raise MmtkError(f"--max-dt must be positive seconds, got {max_dt}")
+    encoding_for(depth_format, depth_scale, DepthEncoding())  # unknown or conflicting units
+    parse_depth_range(depth_range)
+
+
 def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes: int = 40,
                  depth_scale: float | None = None, depth_format: str | None = None, depth_range: str | None = None,
                  layout: str | None = None, size: tuple[int, int] | None = None, force: bool = False,
@@ -203,21 +224,19 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
         depth_range: the sensor's plausible range, "indoor" (default, 0.2-12 m), "outdoor", "lidar" or
             "MIN-MAX" metres; depth whose units were not given must fall inside it.
         layout: a layout name to use instead of detecting one.
-        size: optional (H, W) to resize to on the way in.
+        size: optional (H, W) to store the frames at (resized to cover it, aspect ratio kept, centre-cropped).
         streams: extra stored arrays, name -> glob under ``src`` (matched to frames by file stem).
         parts: frames per part: split the output into ``OUT-00000.h5``, ``OUT-00001.h5``, ... instead; parts
             already there are kept (a resumed input: their frames are read, not written again).
         jpeg_quality: store colour that arrives raw as JPEG at this quality (lossy; default: lossless).
     """
     from mmtk.data.sources.frame import ConvertOptions
-    from mmtk.data.sources.depth_encoding import DepthEncoding, encoding_for, parse_depth_range
+    from mmtk.data.sources.depth_encoding import parse_depth_range
     from mmtk.data.sources.folders import open_rgbd_source
 
-    if depth_scale is not None and depth_scale <= 0:
-        raise MmtkError(f"--depth-scale must be positive (units per metre), got {depth_scale}")
+    check_options(depth_scale=depth_scale, depth_format=depth_format, depth_range=depth_range)
     options = ConvertOptions(classes=classes, depth_scale=depth_scale, depth_format=depth_format,
                              depth_range=parse_depth_range(depth_range), layout=layout)
-    encoding_for(depth_format, depth_scale, DepthEncoding())  # refuses unknown or conflicting flags early
     check_out_path(out_path, force)  # before reading any input
     source = open_rgbd_source(src, options)
     provenance = f"mmtk convert --rgbd {Path(src).name}: {source.description}"
@@ -230,6 +249,34 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
     frames = read_ahead(decoded) if source.decode_apart else decoded()
     return _write_source(source, frames, out_path, provenance, size=size, force=force, progress=progress, log=log,
                          parts=parts, jpeg_quality=jpeg_quality)
+
+
+@dataclass
+class ImagesResult:
+    """What :func:`convert_images` wrote: frames per split, frame size (H, W), files skipped as unreadable."""
+
+    frames: dict[str, int]
+    size: tuple[int, int]
+    skipped: list[str]
+
+
+def convert_images(root: str | os.PathLike, out_path: str | os.PathLike, size: tuple[int, int] | None = None, *,
+                   force: bool = False, progress: bool = True, jpeg_quality: int | None = None) -> ImagesResult:
+    """Convert a folder of RGB images (:func:`mmtk.data.sources.images.list_images`) to an RGB-only mmtk file.
+
+    Every frame is stored at ``size`` (default: the first readable image's), resized and cropped like every
+    source's frames (:func:`write_frames`); a JPEG that has that size already is stored as its own bytes.
+    Unreadable files are skipped and listed.
+    """
+    from mmtk.data.sources.images import open_image_folder
+
+    check_out_path(out_path, force)  # before reading any input
+    folder = open_image_folder(root)
+    size = size or folder.first_size
+    result = write_frames(folder.source.frames(), out_path, source=folder.source.description,
+                          total=folder.source.total, size=size, force=force, progress=progress,
+                          jpeg_quality=jpeg_quality)
+    return ImagesResult(result.frames, size, folder.skipped)
 
 
 def _write_source(source: RgbdSource, frames: Iterable[Frame], out_path: str | os.PathLike, provenance: str, *,
@@ -318,6 +365,7 @@ def convert_rosbag(bag: str | os.PathLike, out_path: str | os.PathLike, rgb_topi
     """
     from mmtk.data.sources.rosbag import open_rosbag_source
 
+    check_options(depth_scale=depth_scale, max_dt=max_dt)
     check_out_path(out_path, force)  # before reading any input
     source = open_rosbag_source(bag, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale,
                                 cloud_topic=cloud_topic, extra_topics=extra_topics)
@@ -397,6 +445,7 @@ def convert_to_shards(kind: str, inputs: list[Path], out: str | os.PathLike, opt
     """
     folder = Path(out)
     _check_scale_out(kind, folder, shard_frames, workers, shard_index, num_shards)
+    check_options(**options)
     keys = input_keys(inputs)
     by_key = dict(sorted(zip(keys, inputs)))
     plan = json.loads(json.dumps({"version": PLAN_VERSION, "source": kind, "shard_frames": shard_frames,
@@ -567,8 +616,6 @@ def _rosbag_frames(src: str, out: Path, **options: Any) -> dict[str, int]:
 
 def _images_frames(src: str, out: Path, *, progress: bool, log: Log | None, size: list[int] | None = None,
                    jpeg_quality: int | None = None) -> dict[str, int]:
-    from mmtk.data.sources.images import convert_images
-
     result = convert_images(src, out, tuple(size) if size else None, progress=progress, jpeg_quality=jpeg_quality)
     if log and result.skipped:
         log(f"{src}: skipped {len(result.skipped)} unreadable file(s), first: {result.skipped[0]}")

@@ -1,4 +1,8 @@
-"""The mmtk HDF5 dataset format (version :data:`FORMAT_VERSION`) and its atomic writer.
+"""The mmtk HDF5 dataset format (version :data:`FORMAT_VERSION`): its atomic writer, and opening a file to read it.
+
+Every reader (the loader, sources, ``mmtk info``/``check``/``index``) opens a file with :func:`open_mmtk_file`,
+which refuses, in one line, a file that is not mmtk's, is newer, or declares more than it stores
+(:func:`check_declared_sizes`); :func:`check_dataset_size` bounds any HDF5 dataset, an input's too (NYUv2's .mat).
 
 Layout (documented in ``docs/dataset-format.md``)::
 
@@ -32,11 +36,12 @@ from typing import Mapping, Sequence
 import h5py
 import numpy as np
 
-from mmtk.data.codecs import FrameArray, Storage, plain, record_element, storage_for
+from mmtk.data.codecs import (ARRAY_CODECS, CODEC_ATTR, DTYPE_ATTR, SCALE_ATTR, SHAPE_ATTR, FrameArray, Storage,
+                              frame_dtype, frame_shape, is_bytes, plain, record_element, storage_for)
 from mmtk.modality import StoredArray, stored_array
 from mmtk.errors import MmtkError
 from mmtk.data.values import intrinsics_problem
-from mmtk.io import check_writable, discard, disk_error, disk_errors, make_temp, publish
+from mmtk.io import check_writable, discard, disk_error, disk_errors, format_bytes, make_temp, publish
 
 FORMAT_VERSION = 2
 """Integer written to the root attr ``mmtk_format``; bumped on incompatible changes. Version 2 keeps arrays by
@@ -386,3 +391,201 @@ class H5Writer:
                 group[key].attrs.update(stats.attrs())
             for key, histogram in self._histograms[split].items():
                 group[key].attrs["histogram"] = histogram
+
+
+# -- opening a file: what a reader may trust before reading a frame -----------------------------------------
+
+def open_mmtk_file(path: str | os.PathLike) -> h5py.File:
+    """Open an mmtk HDF5 file read-only, with a clear error if it is missing, corrupt or not mmtk."""
+    path = Path(path)
+    if not path.is_file():
+        raise MmtkError(f"{path} does not exist; create it with `mmtk convert`")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as err:
+        if is_locked_error(err):
+            raise MmtkError(f"{path} is in use: another process has it open for writing (HDF5 file lock); wait "
+                            f"for that process to finish or close the file, then retry") from None
+        raise MmtkError(f"{path} is not a readable HDF5 file ({str(err).split(';')[0]}); re-create it with "
+                        f"`mmtk convert`") from None
+    version = handle.attrs.get("mmtk_format")
+    if version is None:
+        handle.close()
+        raise MmtkError(f"{path} is HDF5 but not an mmtk dataset (no mmtk_format attr); convert the source "
+                        f"with `mmtk convert`")
+    if int(version) > FORMAT_VERSION:
+        handle.close()
+        raise MmtkError(f"{path} has mmtk_format {int(version)}, newer than this mmtk ({FORMAT_VERSION}); "
+                        f"upgrade mmtk")
+    try:
+        check_declared_sizes(handle, path)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def is_locked_error(err: OSError) -> bool:
+    """Whether opening an HDF5 file failed on HDF5's file lock (another process writes it), not on its bytes."""
+    return isinstance(err, BlockingIOError) or "unable to lock file" in str(err)
+
+
+MAX_IMAGE_SIDE = 16384  # px; also bounds every non-frame axis of a stored dataset
+MAX_FRAME_BYTES = 2**30  # one frame of one dataset (a 16384x16384 float32 depth map)
+MAX_COMPRESSION_RATIO = 2048  # gzip cannot exceed about 1032:1; declared bytes beyond this are not in the file
+UNSTORED_SLACK_BYTES = 2**20  # small datasets HDF5 has not allocated yet (e.g. an empty contiguous one)
+MAX_MEMBERS = 256  # groups and datasets per group: an mmtk file has a few splits of a few datasets
+
+
+def check_declared_sizes(handle: h5py.File, path: str | os.PathLike) -> None:
+    """Refuse, in one line and before anything is read, datasets whose declared size the file cannot back.
+
+    HDF5 lets a file of a few KB declare any shape (unwritten chunks read as the fill value), so
+    memory would follow the declaration. Every dataset of every split must: live inside the file (no
+    external, virtual or linked storage), have a frame (one index along axis 0) of at most
+    :data:`MAX_FRAME_BYTES` with axes up to :data:`MAX_IMAGE_SIDE`, and declare at most
+    :data:`MAX_COMPRESSION_RATIO` times the bytes it stores (arrays behind a format-2 codec: a chunk for every
+    frame it declares). Labels must be 8- or 16-bit unsigned. Only metadata is read.
+    """
+    fix = "re-create the file with `mmtk convert`"
+    for group_name, group in _members(handle, path, "/"):
+        if not isinstance(group, h5py.Group):
+            continue
+        for name, dataset in _members(group, path, f"/{group_name}/"):
+            where = f"{path}:/{group_name}/{name}"
+            if not isinstance(dataset, h5py.Dataset):
+                raise MmtkError(f"{where} is a {type(dataset).__name__}, not a dataset; {fix}")
+            check_dataset_size(dataset, where, fix, backed=not name.endswith(PARTIAL_SUFFIX))
+            _check_layout(name.removesuffix(PARTIAL_SUFFIX), dataset, where, fix)
+            _check_summaries(dataset, where, fix)
+
+
+def check_dataset_size(dataset: h5py.Dataset, where: str, fix: str, backed: bool = True) -> None:
+    """One HDF5 dataset (an mmtk file's or an input's, e.g. NYUv2's .mat) can be read frame by frame: its data
+    lives in the file, a frame (one index along axis 0) is at most :data:`MAX_FRAME_BYTES` with axes up to
+    :data:`MAX_IMAGE_SIDE`, and, when ``backed``, it declares at most :data:`MAX_COMPRESSION_RATIO` times the
+    bytes it stores. Only metadata is read."""
+    if dataset.is_virtual or dataset.id.get_create_plist().get_external_count():
+        raise MmtkError(f"{where} keeps its data outside the file (virtual or external storage); "
+                        f"mmtk reads data held inside; {fix}")
+    shape, itemsize = dataset.shape or (), dataset.dtype.itemsize
+    # a byte dataset (one encoded image per element) declares its images in attrs; its elements are references
+    _check_frames(*(_declared_frames(dataset, where, fix) if is_bytes(dataset) else (shape, itemsize)), where, fix)
+    if backed and str(dataset.attrs.get(CODEC_ATTR, "")) in ARRAY_CODECS and dataset.chunks and dataset.chunks[0] == 1:
+        held = dataset.id.get_num_chunks()  # compressed frames have no bounded byte ratio: count their chunks
+        if shape[0] > held * MAX_COMPRESSION_RATIO + 1:
+            raise MmtkError(f"{where} declares {shape[0]} frames but the file stores {held}; the file is truncated "
+                            f"or forged; {fix}")
+        return
+    declared = float(np.prod(shape, dtype=np.float64)) * itemsize
+    stored = dataset.id.get_storage_size()
+    if backed and declared > stored * MAX_COMPRESSION_RATIO + UNSTORED_SLACK_BYTES:
+        raise MmtkError(f"{where} declares {format_bytes(declared)} (shape {shape}) but the file stores "
+                        f"{format_bytes(stored)} of it; the file is truncated or forged; {fix}")
+
+
+def _declared_frames(dataset: h5py.Dataset, where: str, fix: str) -> tuple[tuple[int, ...], int]:
+    """(N, *frame shape) and the decoded itemsize a byte dataset declares in its attrs, or a one-line MmtkError."""
+    try:
+        shape = tuple(int(v) for v in np.asarray(dataset.attrs[SHAPE_ATTR]).ravel())
+        itemsize = np.dtype(str(dataset.attrs[DTYPE_ATTR])).itemsize
+    except (KeyError, TypeError, ValueError):
+        raise MmtkError(f"{where} holds encoded images without valid {SHAPE_ATTR}/{DTYPE_ATTR} attrs; {fix}") from None
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        raise MmtkError(f"{where}: attr {SHAPE_ATTR} {list(shape)} is not [H, W] or [H, W, C]; {fix}")
+    return (dataset.shape[0], *shape), itemsize
+
+
+def _check_frames(shape: tuple[int, ...], itemsize: int, where: str, fix: str) -> None:
+    """A frame (one index along axis 0) of at most MAX_IMAGE_SIDE a side and MAX_FRAME_BYTES."""
+    if any(side > MAX_IMAGE_SIDE for side in shape[1:]):
+        raise MmtkError(f"{where} declares shape {shape}: axes beyond {MAX_IMAGE_SIDE} px are implausible; {fix}")
+    frame_bytes = int(np.prod(shape[1:], dtype=np.float64)) * itemsize
+    if frame_bytes > MAX_FRAME_BYTES:
+        raise MmtkError(f"{where} declares {format_bytes(frame_bytes)} per frame (shape {shape}), over "
+                        f"the {format_bytes(MAX_FRAME_BYTES)} limit; {fix}")
+
+
+def _check_summaries(dataset: h5py.Dataset, where: str, fix: str) -> None:
+    """The writer's summary attrs, where present, have their documented types (``mmtk info`` shows them)."""
+    attrs = dataset.attrs
+    for key in ("valid_fraction", "min_m", "max_m", SCALE_ATTR):
+        if key in attrs and not (np.ndim(attrs[key]) == 0 and np.issubdtype(np.asarray(attrs[key]).dtype, np.number)):
+            raise MmtkError(f"{where}: attr {key} is {attrs[key]!r}, expected a number; {fix}")
+    if SCALE_ATTR in attrs and not 0 < float(attrs[SCALE_ATTR]) < np.inf:
+        raise MmtkError(f"{where}: attr {SCALE_ATTR} is {attrs[SCALE_ATTR]!r}, expected integers per unit > 0; {fix}")
+    if "histogram" in attrs:
+        histogram = np.asarray(attrs["histogram"])
+        if histogram.ndim != 1 or not np.issubdtype(histogram.dtype, np.integer):
+            raise MmtkError(f"{where}: attr histogram is not a list of pixel counts; {fix}")
+    if "classes" in attrs:
+        try:
+            classes = json.loads(attrs["classes"])
+        except (TypeError, ValueError):
+            classes = None
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise MmtkError(f"{where}: attr classes is not a JSON list of class names; {fix}")
+
+
+# (ndim, trailing axes, allowed dtype kinds or dtypes) of the per-frame metadata every mmtk file may hold.
+_META_LAYOUTS: dict[str, tuple[int, tuple[int, ...], tuple]] = {
+    "intrinsics": (3, (3, 3), ("f",)),
+    "timestamp": (1, (), ("f",)),
+}
+_KIND_DTYPES = {"metric": ("f",), "labels": (np.uint8, np.uint16)}  # as the writer stores them
+_QUANTIZED_DTYPES = (np.uint8, np.uint16, np.uint32)  # metric arrays kept as the source's integers (attr scale)
+
+
+def _layout(name: str) -> tuple[int, tuple[int, ...], tuple] | None:
+    """The documented layout of a dataset: metadata's, or what the adapter storing it declares (None: unknown)."""
+    if name in _META_LAYOUTS:
+        return _META_LAYOUTS[name]
+    try:
+        _, stored = stored_array(name)
+    except MmtkError:
+        return None  # an array of a plugin that is not loaded, or another tool's: not checked
+    trailing = (stored.channels,) if stored.channels else ()
+    return 3 + len(trailing), trailing, _KIND_DTYPES.get(stored.kind, tuple(np.dtype(d) for d in stored.dtypes))
+
+
+def _check_layout(name: str, dataset: h5py.Dataset, where: str, fix: str) -> None:
+    """A known dataset must have its documented number of axes and dtype (docs/dataset-format.md)."""
+    layout = _layout(name)
+    if layout is None:
+        return
+    ndim, trailing, dtypes = layout
+    shape, dtype = dataset.shape or (), dataset.dtype
+    if is_bytes(dataset):
+        shape, dtype = (shape[0], *frame_shape(dataset)), frame_dtype(dataset)
+    elif SCALE_ATTR in dataset.attrs:
+        dtypes = tuple(np.dtype(d) for d in _QUANTIZED_DTYPES)
+    if len(shape) != ndim or (trailing and tuple(shape[-len(trailing):]) != trailing):
+        expected = f"{ndim} axes" + (f" ending in {'x'.join(map(str, trailing))}" if trailing else "")
+        raise MmtkError(f"{where} has shape {shape}, expected {expected}; {fix}")
+    if not any(dtype == d if not isinstance(d, str) else dtype.kind == d for d in dtypes):
+        names = ", ".join(np.dtype(d).name if not isinstance(d, str) else "float" for d in dtypes)
+        raise MmtkError(f"{where} has dtype {dtype}, expected {names}; {fix}")
+
+
+def _members(group: h5py.Group, path: str | os.PathLike, prefix: str) -> list[tuple[str, object]]:
+    """(name, object) of a group's members; links to other files and oversized groups are refused."""
+    if len(group) > MAX_MEMBERS:
+        raise MmtkError(f"{path}:{prefix} has {len(group)} members, over the {MAX_MEMBERS} an mmtk file can "
+                        f"have; re-create the file with `mmtk convert`")
+    members = []
+    for name in group:
+        if isinstance(group.get(name, getlink=True), h5py.ExternalLink):
+            raise MmtkError(f"{path}:{prefix}{name} links to another file; mmtk files hold their data inside; "
+                            f"re-create the file with `mmtk convert`")
+        try:
+            members.append((name, group[name]))
+        except (KeyError, OSError) as err:  # e.g. a soft link to nothing
+            raise MmtkError(f"{path}:{prefix}{name} cannot be opened ({err}); re-create the file with "
+                            f"`mmtk convert`") from None
+    return members
+
+
+def is_image(name: str, dataset: h5py.Dataset) -> bool:
+    """Whether a split's dataset holds a per-frame image (read with :func:`mmtk.data.codecs.read_frame`), not
+    per-frame metadata (intrinsics, timestamp, frame_id)."""
+    return is_bytes(dataset) or (dataset.ndim >= 3 and name != "intrinsics")

@@ -11,8 +11,7 @@ import h5py
 import numpy as np
 
 from mmtk.data.codecs import CODEC_ATTR, SCALE_ATTR, frame_dtype, frame_shape, read_frame, stored_bytes
-from mmtk.data.dataset import is_image, open_mmtk_file
-from mmtk.data.format import PREDICTED_ATTR, MetricStats
+from mmtk.data.format import PREDICTED_ATTR, MetricStats, is_image, open_mmtk_file
 from mmtk.errors import MmtkError
 from mmtk.io import format_bytes
 from mmtk.modality import stored_array

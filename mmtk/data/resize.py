@@ -1,7 +1,8 @@
 """Resizing that respects each modality: bilinear RGB, nearest labels, validity-aware depth.
 
 All functions work on torch tensors with a leading batch/channel layout ``[1, C, H, W]`` and are used
-both when converting (``--size``) and when augmenting in the loader.
+both when converting (``--size``) and when augmenting in the loader. ``--size`` keeps the aspect ratio: the
+centred window :func:`cover_window` is cut out and resized, as resizing to cover the size and cropping would.
 """
 
 from __future__ import annotations
@@ -85,4 +86,21 @@ def resize_intrinsics(intrinsics: np.ndarray, from_size: tuple[int, int], size: 
     k[1, 1] *= sy
     k[0, 2] = (k[0, 2] + 0.5) * sx - 0.5
     k[1, 2] = (k[1, 2] + 0.5) * sy - 0.5
+    return k.astype(np.float32)
+
+
+def cover_window(from_size: tuple[int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The centred window (top, left, height, width) of an image of from_size=(H, W) that has the aspect ratio of
+    size=(h, w): what resizing the image to cover ``size`` and cropping the overflow keeps (the whole image when
+    the aspect ratios match)."""
+    scale = max(size[0] / from_size[0], size[1] / from_size[1])
+    height, width = min(from_size[0], round(size[0] / scale)), min(from_size[1], round(size[1] / scale))
+    return (from_size[0] - height) // 2, (from_size[1] - width) // 2, height, width
+
+
+def crop_intrinsics(intrinsics: np.ndarray, top: int, left: int) -> np.ndarray:
+    """K [3, 3] of the window of an image whose top-left pixel is (top, left): the principal point moves."""
+    k = np.array(intrinsics, dtype=np.float64)
+    k[0, 2] -= left
+    k[1, 2] -= top
     return k.astype(np.float32)

@@ -1,8 +1,9 @@
 """Data sources: where frames come from before `mmtk convert` writes them (one file per source family).
 
-- ``base``: :class:`Frame` (what every source yields), :class:`RgbdSource`, time pairing, image decoding.
-- ``nyuv2``: the NYUv2 labeled release (.mat).
-- ``folders``: RGB-D folder layouts (MultiMAE, BTS sync, sparse-to-dense, TUM, NYUv2 raw dumps, paired folders).
+- ``frame``: :class:`Frame` (what every source yields), :class:`ConvertOptions`, :class:`RgbdSource`; ``pairing``,
+  ``image_files``, ``depth_encoding``, ``intrinsics``, ``nyuv2_meta``: what several sources read with.
+- ``folders``: the RGB-D folder layout interface, its registry and detection; ``layouts/``: one file per layout
+  (NYUv2 .mat, MultiMAE, BTS sync, sparse-to-dense, TUM, NYUv2 raw dumps, paired folders).
 - ``kinect_nyu``: registration of raw Kinect v1 frames with the NYU Depth v2 calibration.
 - ``rosbag`` and ``tf``: ROS1/ROS2 bags (images, CameraInfo, PointCloud2) and their transform tree.
 - ``images``: folders of RGB images alone.

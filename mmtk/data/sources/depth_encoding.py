@@ -26,6 +26,7 @@ DEPTH_FORMATS = {
 FORMAT_UNITS = {"m": 1.0, "mm": 1000.0, "0.1mm": 10000.0, "tum": 5000.0, "multimae": 6553.6}
 
 
+DEPTH_SUFFIXES = (".png", ".tif", ".tiff", ".npy", ".pgm")  # depth files the readers decode
 DEPTH_RANGES = {"indoor": (0.2, 12.0), "outdoor": (0.5, 120.0), "lidar": (0.3, 250.0)}  # metres, sensor ranges
 
 

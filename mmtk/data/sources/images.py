@@ -1,33 +1,31 @@
-"""Folders of RGB images alone (flat, class folders, or train/ val/ test/ above them) -> RGB-only mmtk files.
+"""Folders of RGB images alone (flat, class folders, or train/ val/ test/ above them): a source of RGB-only frames,
+written like every source's by :func:`mmtk.data.convert.convert_images`.
 
 Depth and semantics can be added afterwards with `mmtk pseudo-label`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Iterator
 
-import numpy as np
-
-from mmtk.data.sources.image_files import IMAGE_SUFFIXES, encoded_colour
+from mmtk.data.sources.frame import Frame, RgbdSource
+from mmtk.data.sources.image_files import IMAGE_SUFFIXES, read_colour
 from mmtk.errors import MmtkError
-from mmtk.progress import frame_bar
-
-if TYPE_CHECKING:
-    from PIL import Image
 
 SPLIT_FOLDERS = {"train": "train", "val": "test", "test": "test"}
 
 
 @dataclass
-class ImagesResult:
-    """What ``convert_images`` wrote: frames per split, frame size (H, W), files skipped as unreadable."""
+class ImageFolder:
+    """A folder of RGB images as a frame source, the size its frames are stored at unless another is given (the
+    first readable image's, H x W) and the files skipped as unreadable (filled while the frames are read)."""
 
-    frames: dict[str, int]
-    size: tuple[int, int]
+    source: RgbdSource
+    first_size: tuple[int, int]
     skipped: list[str]
 
 
@@ -49,30 +47,13 @@ def list_images(root: Path) -> dict[str, list[tuple[Path, str]]]:
     return {split: files for split, files in found.items() if files}
 
 
-def fit_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """Resize so the image covers (H, W) keeping its aspect ratio, then centre-crop: uint8 [H, W, 3]."""
-    from PIL import Image
+def open_image_folder(root: str | os.PathLike) -> ImageFolder:
+    """The RGB images under ``root`` as a frame source (RGB only; see :func:`list_images`).
 
-    height, width = size
-    scale = max(height / image.height, width / image.width)
-    resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
-                           Image.BILINEAR)
-    left, top = (resized.width - width) // 2, (resized.height - height) // 2
-    return np.array(resized.crop((left, top, left + width, top + height)))
-
-
-def convert_images(root: str | os.PathLike, out: str | os.PathLike, size: tuple[int, int] | None = None,
-                   force: bool = False, progress: bool = True, jpeg_quality: int | None = None) -> ImagesResult:
-    """Write the RGB images under ``root`` to an mmtk HDF5 file (RGB only; see :func:`list_images`).
-
-    Every frame gets the size ``size`` (default: the first readable image's) by resize-to-cover and centre
-    crop. Unreadable files are skipped and listed; the output appears only once complete (H5Writer). A JPEG that
-    already has that size is stored as its own bytes; other images losslessly, or as JPEG at ``jpeg_quality``.
+    A JPEG of 8-bit RGB is handed over as its own bytes (stored as they are when no resize is needed), any other
+    image decoded to RGB. Unreadable files are skipped and listed in the result's ``skipped`` as the frames are
+    read (in this process: the source is not decoded apart).
     """
-    from PIL import Image, UnidentifiedImageError
-
-    from mmtk.data import H5Writer
-
     root = Path(root)
     if not root.is_dir():
         raise MmtkError(f"{root}: no such folder of images")
@@ -81,19 +62,26 @@ def convert_images(root: str | os.PathLike, out: str | os.PathLike, size: tuple[
     if total == 0:
         raise MmtkError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
     skipped: list[str] = []
-    with H5Writer(out, source=f"images from {root.resolve()}", force=force, jpeg_quality=jpeg_quality) as writer, \
-            frame_bar("images", total, progress) as advance:
+
+    def frames() -> Iterator[Frame]:
         for split, files in images.items():
             for path, frame_id in files:
-                advance(1)
                 try:
-                    with Image.open(path) as image:
-                        rgb_image = image.convert("RGB")
-                    encoded = encoded_colour(path.read_bytes(), path)
-                except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+                    rgb = read_colour(path)
+                except MmtkError:
                     skipped.append(str(path))
                     continue
-                size = size or (rgb_image.height, rgb_image.width)
-                kept = encoded is not None and encoded.shape[:2] == tuple(size)  # the JPEG as it is, no resampling
-                writer.add_frame(split, {"rgb": encoded if kept else fit_image(rgb_image, size)}, frame_id=frame_id)
-    return ImagesResult(writer.frame_counts, tuple(size), skipped)
+                yield Frame(split, {"rgb": rgb}, frame_id=frame_id)
+
+    source = RgbdSource("images", f"images from {root.resolve()}", total, frames, decode_apart=False)
+    return ImageFolder(source, _first_size(root, images), skipped)
+
+
+def _first_size(root: Path, images: dict[str, list[tuple[Path, str]]]) -> tuple[int, int]:
+    """(H, W) of the first readable image, the size an image folder is stored at unless one is given."""
+    for files in images.values():
+        for path, _ in files:
+            with contextlib.suppress(MmtkError):
+                return tuple(read_colour(path).shape[:2])
+    raise MmtkError(f"{root}: none of its image files can be read (e.g. {next(iter(images.values()))[0][0]}); "
+                    f"re-export them as PNG or JPEG")

@@ -46,6 +46,20 @@ def find_intrinsics(folder: Path) -> IntrinsicsFile | None:
     return found[0]
 
 
+def frame_intrinsics(found: IntrinsicsFile | None, rgb: np.ndarray) -> np.ndarray | None:
+    """The intrinsics file's K for this frame, refused when the file names another image size."""
+    if found is None:
+        return None
+    if found.size is not None and found.size != rgb.shape[:2]:
+        raise MmtkError(f"{found.path} is for {found.size[0]}x{found.size[1]} images but the frames are "
+                        f"{rgb.shape[0]}x{rgb.shape[1]}; fix or remove the intrinsics file")
+    cx, cy = float(found.matrix[0, 2]), float(found.matrix[1, 2])
+    if not (0 < cx < rgb.shape[1] and 0 < cy < rgb.shape[0]):
+        raise MmtkError(f"{found.path}: principal point ({cx:g}, {cy:g}) px lies outside the {rgb.shape[0]}x"
+                        f"{rgb.shape[1]} frames; the file is for another image size: fix or remove it")
+    return found.matrix
+
+
 def read_intrinsics_file(path: Path) -> IntrinsicsFile:
     """K from a PCL grabber XML (<rgb><focal_length_x>...), a JSON camera file or a text file."""
     if path.stat().st_size > MAX_INTRINSICS_BYTES:

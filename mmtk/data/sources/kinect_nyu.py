@@ -30,10 +30,12 @@ too moves the colour correction by at most 0.14 px: 0.11 px across, 0.09 px down
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
+from mmtk.data.sources.intrinsics import IntrinsicsFile
 from mmtk.data.sources.nyuv2_meta import nyuv2_intrinsics
 from mmtk.errors import MmtkError
 from mmtk.pointcloud import PointCloud, intrinsics_matrix, project_points
@@ -177,3 +179,15 @@ class NyuRegistration:
         if "semseg" in arrays:
             out["semseg"] = self.undistort_image(arrays["semseg"], nearest=True, fill=0)
         return out
+
+
+def kinect_registration(src: Path, camera: IntrinsicsFile | None, notes: list[str]) -> NyuRegistration:
+    """The registration of raw Kinect v1 frames (NYU Depth v2 calibration), refused beside another camera file."""
+    if camera is not None:
+        raise MmtkError(f"{src}: raw Kinect disparity is registered to the colour image with the NYU Depth v2 "
+                        f"calibration, which brings its own intrinsics, but {camera.path.name} gives others; "
+                        f"move {camera.path.name} away, or convert the depth to millimetres first")
+    notes.append("raw Kinect depth registered to the colour image with the NYU Depth v2 toolbox calibration "
+                 "(camera_params.m): colour undistorted, each depth pixel projected into it (nearest wins, "
+                 "pixels no depth reaches = 0, invalid); intrinsics: the NYUv2 RGB camera")
+    return NyuRegistration()

@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 
 from mmtk.data.codecs import read_frame as read_stored
+from mmtk.data.format import open_mmtk_file
 from mmtk.data.sources.frame import Frame
 from mmtk.errors import MmtkError
 from mmtk.modality import stored_array
@@ -28,8 +29,6 @@ METRE_UNITS = ("m", "metre", "metres", "meter", "meters")
 @contextlib.contextmanager
 def open_split(path: str | os.PathLike, split: str) -> Iterator[h5py.Group]:
     """The group of ``split`` in an mmtk file (opened read-only and checked), or a one-line MmtkError."""
-    from mmtk.data.dataset import open_mmtk_file
-
     with open_mmtk_file(path) as handle:
         if split not in handle:
             raise MmtkError(f"{path}: no split {split!r}; splits: {sorted(handle)}")

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mmtk.data.dataset import MAX_IMAGE_SIDE
+from mmtk.data.format import MAX_IMAGE_SIDE
 from mmtk.data.codecs import Encoded, Quantized, plain
 from mmtk.data.sources.depth_encoding import DepthEncoding, keep_depth, to_metres
 from mmtk.data.sources.frame import Frame, RgbdSource

@@ -1,4 +1,5 @@
-"""The NYUv2 labeled release (``nyu_depth_v2_labeled.mat``, MATLAB v7.3 = HDF5), streamed frame by frame."""
+"""The NYUv2 labeled release (``nyu_depth_v2_labeled.mat``, MATLAB v7.3 = HDF5), streamed frame by frame; with an
+optional ``splits.mat`` beside it (else the official 795/654 split)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,19 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from mmtk.data.sources.frame import ConvertOptions, Frame, RgbdSource
+from mmtk.data.format import check_dataset_size
 from mmtk.data.sources.depth_encoding import DepthEncoding, decode_depth
+from mmtk.data.sources.folders import Layout, register_layout
+from mmtk.data.sources.frame import ConvertOptions, Frame, RgbdSource
 from mmtk.data.sources.nyuv2_meta import nyuv2_intrinsics, nyuv2_meta
-from mmtk.data.dataset import check_dataset_size
 from mmtk.errors import MmtkError
 
 NYU_MAT_NAME = "nyu_depth_v2_labeled.mat"
 NYU_LABELED_FRAMES = 1449
 
+
 def nyu_mat_path(src: Path) -> Path | None:
+    """``src`` itself when it is a .mat file, else the labeled release inside the folder ``src``, if any."""
     if src.is_file() and src.suffix == ".mat":
         return src
     candidate = src / NYU_MAT_NAME
@@ -65,9 +69,7 @@ def _mat_strings(handle: h5py.File, key: str) -> list[str] | None:
     return ["".join(chr(int(c)) for c in np.ravel(handle[ref][()])) for ref in refs]
 
 
-def open_nyu_mat(src: Path, options: ConvertOptions) -> RgbdSource:
-    mat_path = nyu_mat_path(src)
-    assert mat_path is not None
+def _open_nyu_mat(mat_path: Path, options: ConvertOptions) -> RgbdSource:
     mapping, names = _class_space(options.classes)
     try:
         handle = h5py.File(mat_path, "r")
@@ -126,3 +128,19 @@ def _nyu_frame(mat: h5py.File, i: int, split: str, encoding: DepthEncoding, mapp
         raise MmtkError(f"frame {i} of the .mat cannot be read ({err}); the file may be truncated") from None
     frame_id = f"{i:04d}" + (f" {scene}" if scene else "")
     return Frame(split, arrays, intrinsics if rgb.shape[:2] == (480, 640) else None, None, frame_id)
+
+
+@register_layout
+class NyuMat(Layout):
+    name = "nyuv2-mat"
+    description = f"NYUv2 labeled release: a folder with {NYU_MAT_NAME} (+ optional splits.mat)"
+    reads_a_file = True  # the .mat itself
+
+    def detect(self, src: Path) -> str | None:
+        return f"{src.name if src.suffix == '.mat' else NYU_MAT_NAME} found" if nyu_mat_path(src) else None
+
+    def open(self, src: Path, options: ConvertOptions) -> RgbdSource:
+        mat_path = nyu_mat_path(src)
+        if mat_path is None:
+            raise MmtkError(f"{src}: no {NYU_MAT_NAME} (nor a .mat file) to read")
+        return _open_nyu_mat(mat_path, options)
