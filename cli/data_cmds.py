@@ -146,7 +146,7 @@ def _convert_images(images: Path, out: Path, size: Optional[tuple[int, int]], fo
 def _rosbag_ready(bag: Path, rgb_topic: Optional[str], depth_topic: Optional[str], cloud_topic: Optional[str],
                   max_dt: float, depth_scale: Optional[float]) -> bool:
     """Whether the topics and numbers to convert ``bag`` are given; without topics, list the bag's and say so."""
-    from mmtk.data.sources.rosbag import image_topics
+    from mmtk.data.sources.ros.bag import image_topics
 
     if depth_topic is not None and cloud_topic is not None:
         raise MmtkError("--depth-topic and --cloud-topic both give depth; pass only one of them")

@@ -244,9 +244,9 @@ def predict_command(
 
     count = 0
     if to_bag:
-        from mmtk.bag_writer import PredictionBag, input_headers
+        from mmtk.bag_writer import PredictionBag
 
-        with PredictionBag(out, input_headers(rosbag, rgb_topic)) as bag:
+        with PredictionBag(out) as bag:
             for frame, prediction in predicted():
                 bag.write(frame, prediction)
                 count += 1
@@ -270,16 +270,10 @@ def _bag_frames(bag: Path, rgb_topic: str, depth_topic: Optional[str], cloud_top
                 topic: Optional[list[str]]) -> Iterator[Frame]:
     """The frames of a bag, read as `mmtk convert --rosbag` reads them (colour alone without a depth topic)."""
     from mmtk.data.convert import parse_named
-    from mmtk.data.sources.rosbag import open_rosbag_source, read_colour_frames
-    from mmtk.errors import MmtkError
+    from mmtk.data.sources.ros.source import open_rosbag_source
 
-    extra = parse_named(topic, "--topic")
-    if depth_topic is None and cloud_topic is None:
-        if extra:
-            raise MmtkError("--topic NAME=/topic is paired by stamp with depth: give --depth-topic or --cloud-topic")
-        return read_colour_frames(bag, rgb_topic, camera_info_topic)
     return open_rosbag_source(bag, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale,
-                              cloud_topic=cloud_topic, extra_topics=extra).frames()
+                              cloud_topic=cloud_topic, extra_topics=parse_named(topic, "--topic")).frames()
 
 
 @app.command("export")

@@ -173,7 +173,7 @@ def test_ply_reuses_the_label_colours_of_the_picture(rgb, depth_m, tmp_path, mon
 
 @pytest.mark.skipif(not BAG.is_file(), reason="../shared/data not present")
 def test_predict_cli_rosbag(checkpoints, tmp_path, capsys, monkeypatch):
-    from mmtk.data.sources.rosbag import open_rosbag_source
+    from mmtk.data.sources.ros.source import open_rosbag_source
 
     frames = [decoded(frame) for frame in open_rosbag_source(BAG, "/camera/rgb/image_color",
                                                              "/camera/depth_registered/image_raw", max_dt=0.05).frames()]

@@ -316,7 +316,7 @@ def convert_rosbag(bag: str | os.PathLike, out_path: str | os.PathLike, rgb_topi
     ``extra_topics`` maps a stored array name (e.g. "ir") to a further image topic, paired by stamp like depth.
     ``parts`` splits the output as in :func:`convert_rgbd`.
     """
-    from mmtk.data.sources.rosbag import open_rosbag_source
+    from mmtk.data.sources.ros.source import open_rosbag_source
 
     check_out_path(out_path, force)  # before reading any input
     source = open_rosbag_source(bag, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale,
