@@ -6,8 +6,8 @@ classes; class k as k + 1, 0 = unlabeled) with their colour picture on ``/mmtk/<
 known, ``/mmtk/points`` is a ``sensor_msgs/PointCloud2`` (x, y, z float32 metres; rgb packed; ``label`` uint16 when
 labels are predicted). Every message carries the header stamp and frame_id of the colour image it was predicted
 from, as recorded (:attr:`Frame.header <mmtk.data.sources.frame.Frame.header>`; a stamp never set stays 0), and is
-logged at that image's log time, so Foxglove or RViz show it beside the recording. A ``.bag`` output is a ROS1 bag, a ``.mcap`` output a
-ROS 2 MCAP file; both are written with ``rosbags`` and appear only once complete.
+logged at that image's log time, so Foxglove or RViz show it beside the recording. A ``.bag`` output is a ROS1
+bag, a ``.mcap`` output a ROS 2 MCAP file; both are written with ``rosbags`` and appear only once complete.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ class PredictionBag:
         """The messages of one frame, stamped, framed and logged like the colour message it came from."""
         header = frame.header
         if header is None:
-            raise MmtkError(f"frame {frame.frame_id} was not read from a bag message, so a bag output cannot be stamped "
-                            f"like it; give --rosbag BAG, or an output folder")
+            raise MmtkError(f"frame {frame.frame_id} was not read from a bag message, so a bag output cannot be "
+                            f"stamped like it; give --rosbag BAG, or an output folder")
         for output in prediction.outputs.values():
             for topic, encoding, pixels in _images(output):
                 self._send(topic, IMAGE_TYPE, header, _image_msg(self.store, header, encoding, pixels, self.ros1))

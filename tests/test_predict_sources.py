@@ -149,6 +149,29 @@ def test_predictions_of_a_bag_without_stamps_keep_its_zero_stamps_and_log_times(
         assert all((msg.header.stamp.sec, msg.header.stamp.nanosec) == (0, 0) for _, _, msg in messages), topic
 
 
+def test_checkpoint_is_a_file_a_model_folder_or_a_run_folder(rgbd_model, tmp_path, capsys, monkeypatch):
+    """--checkpoint takes the weights file, the model folder `mmtk weights --to` writes from it, and a run folder
+    holding it as last.pt: the same model each time, so the same predictions."""
+    import shutil
+
+    folder, run = tmp_path / "model", tmp_path / "run"
+    code, _, err = run_cli(["weights", rgbd_model, "--to", folder], capsys, monkeypatch)
+    assert code == 0 and (folder / "config.json").is_file(), err
+    run.mkdir()
+    shutil.copy(rgbd_model, run / "last.pt")
+    image = MULTIMAE / "train" / "rgb" / "data" / "0000.png"
+    predictions = []
+    for name, checkpoint in (("file", rgbd_model), ("folder", folder), ("run", run)):
+        code, stdout, err = run_cli(["predict", "--checkpoint", checkpoint, "--rgb", image, "--outputs", "semseg",
+                                     "--out", tmp_path / name], capsys, monkeypatch)
+        assert code == 0 and "1 frame predicted" in stdout, err
+        predictions.append(np.array(Image.open(tmp_path / name / "0000_semseg_labels.png")))
+    assert all(np.array_equal(predictions[0], other) for other in predictions[1:])
+    code, _, err = run_cli(["predict", "--checkpoint", tmp_path / "empty", "--rgb", image, "--out", tmp_path / "x"],
+                           capsys, monkeypatch)
+    assert code == 2 and "no such file or folder" in err
+
+
 def test_bag_output_needs_a_bag_source(rgbd_model, tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(["predict", "--checkpoint", rgbd_model, "--rgbd", MULTIMAE, "--out", tmp_path / "p.mcap"],
                            capsys, monkeypatch)
@@ -206,8 +229,8 @@ def test_a_model_whose_inputs_the_source_lacks_is_one_line(thermal, capsys, monk
                             "--out", tmp_path / "out"], capsys, monkeypatch)
     assert code == 2 and "the model takes ['thermal'] but frame rgb_00000.jpg holds ['rgb']" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
-    code, _, err = run_cli(["predict", "--checkpoint", model, "--rosbag", BAG1, "--plugin", plugin, "--out",
-                            tmp_path / "out.mcap"], capsys, monkeypatch)  # fails inside the open bag: nothing is left
+    code, _, err = run_cli(["predict", "--checkpoint", model, "--rosbag", BAG1, "--rgb-topic", RGB_TOPIC, "--plugin",
+                            plugin, "--out", tmp_path / "out.mcap"], capsys, monkeypatch)  # fails inside the open bag: nothing is left
     assert code == 2 and "the model takes ['thermal']" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thermal_only.pt"]
 

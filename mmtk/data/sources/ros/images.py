@@ -92,7 +92,7 @@ def _check_image_fields(role: str, encoding: str, height: int, width: int, step:
                         f"corrupt")
 
 
-def _decode_compressed(msg: Any, role: str, depth_scale: float | None) -> np.ndarray:
+def _decode_compressed(msg: Any, role: str, depth_scale: float | None) -> np.ndarray | Encoded | Quantized:
     fmt = str(msg.format)
     payload = bytes(np.asarray(msg.data, dtype=np.uint8))
     if "compressedDepth" in fmt:
@@ -108,7 +108,7 @@ def _decode_compressed(msg: Any, role: str, depth_scale: float | None) -> np.nda
             valid = values > 0
             depth[valid] = quant_a / (values[valid].astype(np.float32) - quant_b)
             return to_metres(depth, depth_scale)
-        return keep_depth(values, DepthEncoding(None, depth_scale if depth_scale is not None else 1000.0), f"compressed depth ({fmt!r})")
+        return _integer_depth(values, depth_scale, fmt)
     if role == "rgb" and (encoded := encoded_colour(payload, f"compressed image ({fmt!r})")) is not None:
         return encoded  # the JPEG as the camera sent it; decoded (and so checked) when written
     array = _decode_bytes(payload, fmt)
@@ -124,7 +124,13 @@ def _decode_compressed(msg: Any, role: str, depth_scale: float | None) -> np.nda
         return np.ascontiguousarray(array[:, :, :3])
     if array.ndim != 2 or array.dtype != np.uint16:
         raise MmtkError(f"compressed depth image has dtype {array.dtype} {array.shape}; expected 16-bit mono PNG")
-    return keep_depth(array, DepthEncoding(None, depth_scale if depth_scale is not None else 1000.0), f"compressed depth ({fmt!r})")
+    return _integer_depth(array, depth_scale, fmt)
+
+
+def _integer_depth(values: np.ndarray, depth_scale: float | None, fmt: str) -> np.ndarray | Quantized:
+    """Compressed integer depth kept with its scale (default millimetres)."""
+    scale = depth_scale if depth_scale is not None else 1000.0
+    return keep_depth(values, DepthEncoding(None, scale), f"compressed depth ({fmt!r})")
 
 
 def _decode_bytes(payload: bytes, fmt: str) -> np.ndarray:

@@ -176,7 +176,8 @@ def _stream_frames(bag: Path, plan: BagPlan, max_dt: float, depth_scale: float |
         seen = ", ".join(f"{n} {plan.label(role)}" for role, n in pairer.seen.items())
         if len(plan.topics) == 1:
             raise MmtkError(f"no colour message on {plan.topics['rgb']} ({seen} messages)")
-        others = "a " + plan.label("depth") if list(plan.topics) == ["rgb", "depth"] else "a partner on every other topic"
+        others = ("a " + plan.label("depth") if list(plan.topics) == ["rgb", "depth"]
+                  else "a partner on every other topic")
         raise MmtkError(f"no colour message has {others} message within --max-dt {max_dt} s ({seen} messages)")
 
 
