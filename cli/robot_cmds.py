@@ -24,7 +24,8 @@ def pseudo_label_command(
     depth_kind: Optional[str] = typer.Option(None, help="What the depth model outputs: depth (Omnidata DPT), "
                                                         "relative-inverse (MiDaS, DPT-Large) or metric (metres); "
                                                         "needed only where its config does not say."),
-    semseg_model: Optional[Path] = typer.Option(None, help="Local folder of a Mask2Former / SegFormer / UperNet model."),
+    semseg_model: Optional[Path] = typer.Option(None, help="Local folder of a Mask2Former / SegFormer / UperNet "
+                                                           "model."),
     batch_size: int = typer.Option(8, help="Frames per forward pass."),
     device: str = typer.Option("auto", help="auto (GPU when available; the local rank's under torchrun), cpu or cuda."),
     bf16: bool = typer.Option(True, help="bfloat16 on GPU (CPU always runs float32)."),
@@ -61,7 +62,8 @@ def export_pointcloud_command(
     depth: Optional[Path] = typer.Option(None, help="... and a depth image (PNG/TIFF/.npy) aligned with it."),
     depth_scale: Optional[float] = typer.Option(None, help="Depth units per metre (default 1000 for integer images)."),
     intrinsics: Optional[str] = typer.Option(None, help="fx,fy,cx,cy in pixels (overrides the HDF5 intrinsics)."),
-    color: str = typer.Option("rgb", help="Colour points by 'rgb', 'none' or an HDF5 label dataset (e.g. semseg_pseudo)."),
+    color: str = typer.Option("rgb", help="Colour points by 'rgb', 'none' or an HDF5 label dataset (e.g. "
+                                          "semseg_pseudo)."),
 ) -> None:
     """Write a coloured point cloud from a frame's depth (optionally coloured by semantic labels)."""
     from mmtk.errors import MmtkError
@@ -100,20 +102,6 @@ def export_pointcloud_command(
     skipped = cloud.num_invalid
     written = write_cloud(out, cloud)
     typer.echo(f"{out}: {written} points written ({skipped} pixels without depth skipped)")
-
-
-def _parse_size(text: Optional[str], option: str) -> Optional[tuple[int, int]]:
-    from mmtk.errors import MmtkError
-
-    if text is None:
-        return None
-    try:
-        height, width = (int(v) for v in text.lower().replace("x", ",").split(","))
-    except ValueError:
-        raise MmtkError(f"{option} {text!r}: give HxW in pixels, e.g. 480x640") from None
-    if height < 8 or width < 8:
-        raise MmtkError(f"{option} {text!r}: height and width must be at least 8 pixels")
-    return height, width
 
 
 def _read_depth(path: Path, depth_scale: Optional[float]) -> np.ndarray:
@@ -165,6 +153,7 @@ def predict_command(
 ) -> None:
     """Predict depth / semantics (any output of the model) from any source `mmtk convert` takes, an mmtk dataset or
     one image."""
+    from mmtk.data.convert import parse_size
     from mmtk.errors import MmtkError
     from mmtk.io import remove_dead_temps
     from mmtk.pointcloud import parse_intrinsics
@@ -183,7 +172,7 @@ def predict_command(
     if to_bag and ply:
         raise MmtkError("--ply writes files into a folder; a bag output carries the point cloud as /mmtk/points")
     frames = _image_frames(rgb, depth, source.depth_scale) if chosen is None else _source_frames(chosen, split, index)
-    size = _parse_size(image_size, "--image-size")
+    size = parse_size(image_size, "--image-size")
     k_override = parse_intrinsics(intrinsics) if intrinsics is not None else None
     predictor = load_predictor(resolve_checkpoint(checkpoint), str(pick_device(device)))
     wanted = [name.strip() for name in outputs.split(",") if name.strip()]
@@ -241,11 +230,12 @@ def export_command(
 ) -> None:
     """Export a finetuned model to ONNX (fixed inputs and size), checked against ONNX Runtime."""
     load_plugins(plugin)
+    from mmtk.data.convert import parse_size
     from mmtk.export import export_onnx
     from mmtk.train.run_folders import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(checkpoint, "CHECKPOINT")
     names = tuple(n.strip() for n in inputs.split(",")) if inputs else None
-    result = export_onnx(checkpoint, onnx, names, _parse_size(image_size, "--image-size"), opset)
+    result = export_onnx(checkpoint, onnx, names, parse_size(image_size, "--image-size"), opset)
     typer.echo(f"{result.path}: inputs {', '.join(result.inputs)} at {result.image_size[0]}x{result.image_size[1]} px, "
                f"output {result.output}; max |onnxruntime - pytorch| = {result.max_abs_diff:.2e}")

@@ -106,18 +106,13 @@ class SourceFlags:
         return SourceChoice(kind, expand_inputs(getattr(self, kind), f"--{kind}"), self._reading_options(kind))
 
     def _check_applies(self, kind: str) -> None:
+        """Refuse an option of another kind of source (the values themselves are checked by the library)."""
         if self.topic and kind != "rosbag":
             raise MmtkError("--topic NAME=/topic is for --rosbag; folders take --stream NAME=GLOB")
         for only, source in ((BAG_ONLY, "rosbag"), (RGBD_ONLY, "rgbd")):
             extra = [f"--{name.replace('_', '-')}" for name in only if getattr(self, name) and kind != source]
             if extra:
                 raise MmtkError(f"{', '.join(extra)} only apply to --{source} {KINDS[source].lower()}s; remove them")
-        if self.depth_scale is not None and self.depth_scale <= 0:
-            raise MmtkError(f"--depth-scale must be positive (units per metre), got {self.depth_scale}")
-        if self.max_dt <= 0:
-            raise MmtkError(f"--max-dt must be positive seconds, got {self.max_dt}")
-        if self.depth_topic is not None and self.cloud_topic is not None:
-            raise MmtkError("--depth-topic and --cloud-topic both give depth; pass only one of them")
 
     def _reading_options(self, kind: str) -> dict[str, Any]:
         from mmtk.data.convert import parse_named

@@ -36,13 +36,13 @@ class ConvertResult:
     metrics: dict[str, dict[str, float]]  # per metric array (depth): valid_fraction, min_m, median_m, max_m, ...
 
 
-def parse_size(text: str | None) -> tuple[int, int] | None:
-    """Parse "HxW" (e.g. "240x320") into (H, W); None stays None."""
+def parse_size(text: str | None, option: str = "--size") -> tuple[int, int] | None:
+    """Parse "HxW" (e.g. "240x320") into (H, W) pixels, given with ``option``; None stays None."""
     if text is None:
         return None
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
     if not match or int(match.group(1)) < 8 or int(match.group(2)) < 8:
-        raise MmtkError(f"--size {text!r} is not HxW in pixels (e.g. 240x320, each at least 8)")
+        raise MmtkError(f"{option} {text!r} is not HxW in pixels (e.g. 240x320, each at least 8)")
     return int(match.group(1)), int(match.group(2))
 
 
