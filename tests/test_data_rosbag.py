@@ -406,7 +406,8 @@ def test_cloud_topic_errors(tmp_path):
     out = tmp_path / "o.h5"
     code, text = run_cli("convert", "--rosbag", bag, out, "--rgb-topic", "/cam/color", "--cloud-topic", "/cam/points",
                          "--depth-topic", "/cam/depth")
-    assert code == 2 and "--depth-topic and --cloud-topic both give depth; pass only one" in text
+    assert code == 2 and "give exactly one depth source: --depth-topic (depth images) or --cloud-topic" in text
+    assert not out.exists()
     code, text = run_cli("convert", "--rosbag", bag, out, "--rgb-topic", "/cam/color", "--cloud-topic", "/cam/points",
                          "--no-progress")
     error = text.split("error: ", 1)[1]

@@ -72,7 +72,8 @@ def open_rosbag_source(bag: str | Path, rgb_topic: str, depth_topic: str | None 
     whose K is usable; frames before the first usable one take its K.
     """
     if depth_topic is not None and cloud_topic is not None:
-        raise MmtkError("--depth-topic and --cloud-topic both give depth; pass only one of them")
+        raise MmtkError("give exactly one depth source: --depth-topic (depth images) or --cloud-topic (PointCloud2), "
+                        "not both (neither: colour alone)")
     if cloud_topic is not None and depth_scale is not None:
         raise MmtkError("--depth-scale applies to depth images; PointCloud2 points are already in metres")
     for name in extra_topics or {}:
