@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from mmtk.cli.app import PLUGIN_HELP, app, load_plugins
+from mmtk.cli.app import app
+from mmtk.cli.source_options import SourceFlags, bag_topics, source_options
 from mmtk.errors import MmtkError
 
 
@@ -25,43 +26,19 @@ def _require_stdout(command: str) -> None:
 
 
 @app.command("convert")
+@source_options("rgbd", "rosbag", "images")
 def convert(
+    source: SourceFlags,
     out: Optional[Path] = typer.Argument(None, help="Output .h5 file (written atomically); with several inputs or "
                                          "--shard-frames, a folder of shards."),
-    rgbd: Optional[list[str]] = typer.Option(None, "--rgbd", help="RGB-D dataset folder (layout auto-detected) or "
-                                             "NYUv2 .mat; repeat it or give a quoted glob for several."),
-    rosbag: Optional[list[str]] = typer.Option(None, "--rosbag", help="ROS1 .bag or ROS2 bag directory "
-                                               "(sqlite3/mcap); repeat it or give a quoted glob for several."),
-    images: Optional[list[str]] = typer.Option(None, "--images", help="Folder of RGB images (flat, class folders, or "
-                                               "train/val/test above them); RGB only, add depth with `mmtk "
-                                               "pseudo-label`; repeat it or give a quoted glob for several."),
-    rgb_topic: Optional[str] = typer.Option(None, "--rgb-topic", help="Colour Image/CompressedImage topic."),
-    depth_topic: Optional[str] = typer.Option(None, "--depth-topic", help="Depth Image topic (16UC1 mm, 32FC1 m)."),
-    cloud_topic: Optional[str] = typer.Option(None, "--cloud-topic", help="Or a PointCloud2 topic (metres; moved into "
-                                              "the colour camera's frame with /tf_static and /tf) as the depth source."),
-    camera_info_topic: Optional[str] = typer.Option(None, "--camera-info-topic", help="CameraInfo topic for intrinsics."),
-    max_dt: float = typer.Option(0.02, "--max-dt", help="Max colour/depth stamp difference for a pair, seconds."),
     classes: int = typer.Option(40, "--classes", help="NYUv2 label space: 40, 13 or 894."),
-    depth_scale: Optional[float] = typer.Option(None, "--depth-scale", help="Stored depth units per metre (1000 = mm)."),
-    depth_format: Optional[str] = typer.Option(None, "--depth-format", help="--rgbd: depth encoding instead of the "
-                                               "layout's or a guess: m, mm, 0.1mm, tum, multimae, sun (bit-rotated "
-                                               "mm), kinect-disparity (raw 11-bit Kinect v1)."),
-    depth_range: Optional[str] = typer.Option(None, "--depth-range", help="--rgbd: plausible sensor range for depth "
-                                              "whose units were not given: indoor (0.2-12 m, default), outdoor "
-                                              "(0.5-120 m), lidar (0.3-250 m) or MIN-MAX metres."),
-    layout: Optional[str] = typer.Option(None, "--layout", help="--rgbd: read the folder as layout NAME instead of "
-                                         "detecting one (README, Source layouts; an unknown NAME lists them; a "
-                                         "--plugin file may add one)."),
-    stream: Optional[list[str]] = typer.Option(None, "--stream", help="--rgbd: a further image stream stored as "
-                                               "modality NAME, matched to colour by file stem: NAME=GLOB "
-                                               "(e.g. ir='ir/*.png'; repeatable)."),
     size: Optional[str] = typer.Option(None, "--size", help="Store every frame at HxW pixels (e.g. 240x320), for "
                                        "every source alike: resized to cover HxW with its aspect ratio kept, then "
                                        "centre-cropped (intrinsics follow). Default: as read; --images: the first "
                                        "image's size."),
-    topic: Optional[list[str]] = typer.Option(None, "--topic", help="--rosbag: a further image topic stored as "
-                                              "modality NAME, paired by time like depth: NAME=/topic (repeatable)."),
-    plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
+    stream: Optional[list[str]] = typer.Option(None, "--stream", help="--rgbd: a further image stream stored as "
+                                               "modality NAME, matched to colour by file stem: NAME=GLOB "
+                                               "(e.g. ir='ir/*.png'; repeatable)."),
     shard_frames: Optional[int] = typer.Option(None, "--shard-frames", help="Write OUT as a folder of shards, "
                                                "starting a new shard every N frames of an input."),
     workers: int = typer.Option(1, "--workers", help="Inputs converted at once (processes), into a shard folder."),
@@ -78,33 +55,17 @@ def convert(
 ) -> None:
     """Convert RGB-D data, ROS bags or RGB image folders into one mmtk HDF5 file (metres, labels, intrinsics), or
     several inputs into a folder of shards (one per input; kept on a rerun, so a killed run resumes)."""
-    from mmtk.data.convert import convert_rgbd, convert_rosbag, expand_inputs, parse_named, parse_size
+    from mmtk.data.convert import convert_rgbd, convert_rosbag, parse_named, parse_size
 
-    load_plugins(plugin)
-    given = [(flag, values) for flag, values in (("--rgbd", rgbd), ("--rosbag", rosbag), ("--images", images))
-             if values]
-    if len(given) != 1:
-        raise MmtkError("give exactly one source: --rgbd FOLDER, --rosbag BAG or --images FOLDER")
-    if topic and not rosbag:
-        raise MmtkError("--topic NAME=/topic is for --rosbag; folders take --stream NAME=GLOB")
-    if stream and not rgbd:
+    chosen = source.choose(("rgbd", "rosbag", "images"))
+    if stream and chosen.kind != "rgbd":
         raise MmtkError("--stream NAME=GLOB is for --rgbd; bags take --topic NAME=/topic")
     shape = parse_size(size)
-    rgbd_only = [flag for flag, value in (("--depth-format", depth_format), ("--depth-range", depth_range),
-                                          ("--layout", layout)) if value is not None]
-    if not rgbd and rgbd_only:
-        raise MmtkError(f"{', '.join(rgbd_only)} only apply to --rgbd folders; remove them")
-    kind = given[0][0].removeprefix("--")
-    inputs = expand_inputs(given[0][1], given[0][0])
-    if kind == "rosbag" and not _rosbag_ready(inputs[0], rgb_topic, depth_topic, cloud_topic):
+    kind, inputs, options = chosen.kind, chosen.inputs, chosen.options
+    if kind == "rosbag" and not _rosbag_ready(inputs[0], options):
         return
-    options = {"rgbd": dict(classes=classes, depth_scale=depth_scale, depth_format=depth_format,
-                            depth_range=depth_range, layout=layout, size=shape,
-                            streams=parse_named(stream, "--stream")),
-               "rosbag": dict(rgb_topic=rgb_topic, depth_topic=depth_topic, camera_info_topic=camera_info_topic,
-                              max_dt=max_dt, depth_scale=depth_scale, size=shape, cloud_topic=cloud_topic,
-                              extra_topics=parse_named(topic, "--topic")),
-               "images": dict(size=shape)}[kind]
+    options.update(size=shape, **(dict(classes=classes, streams=parse_named(stream, "--stream")) if kind == "rgbd"
+                                  else {}))
     options["jpeg_quality"] = jpeg_quality
     if len(inputs) > 1 or shard_frames is not None or shard_index is not None or num_shards is not None:
         if out is None:
@@ -145,19 +106,11 @@ def _convert_images(images: Path, out: Path, size: Optional[tuple[int, int]], fo
                   if result.skipped else ""))
 
 
-def _rosbag_ready(bag: Path, rgb_topic: Optional[str], depth_topic: Optional[str], cloud_topic: Optional[str]) -> bool:
-    """Whether the topics to convert ``bag`` are given; without them, list the bag's and say so (the library checks
-    the options when it converts)."""
-    from mmtk.data.sources.rosbag import image_topics
-
-    if rgb_topic is None or (depth_topic is None and cloud_topic is None):
-        topics = image_topics(bag)
+def _rosbag_ready(bag: Path, options: dict) -> bool:
+    """Whether the topics to convert ``bag`` are given; without them, list the bag's and say so."""
+    if options["rgb_topic"] is None or (options["depth_topic"] is None and options["cloud_topic"] is None):
         typer.echo(f"image and point-cloud topics in {bag} (pass --rgb-topic and --depth-topic or --cloud-topic "
-                   f"to convert):")
-        for topic in topics:
-            typer.echo(f"  {topic.topic:<45} {topic.msgtype:<35} {topic.count} messages")
-        if not topics:
-            typer.echo("  (none)")
+                   f"to convert):\n{bag_topics(bag)}")
         return False
     return True
 

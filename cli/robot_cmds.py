@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 import typer
 
 from mmtk.cli.app import DEVICE_HELP, PLUGIN_HELP, app, load_plugins
+from mmtk.cli.source_options import SourceChoice, SourceFlags, bag_topics, source_options
 
 if TYPE_CHECKING:
     import numpy as np
@@ -23,7 +24,8 @@ def pseudo_label_command(
     depth_kind: Optional[str] = typer.Option(None, help="What the depth model outputs: depth (Omnidata DPT), "
                                                         "relative-inverse (MiDaS, DPT-Large) or metric (metres); "
                                                         "needed only where its config does not say."),
-    semseg_model: Optional[Path] = typer.Option(None, help="Local folder of a Mask2Former / SegFormer / UperNet model."),
+    semseg_model: Optional[Path] = typer.Option(None, help="Local folder of a Mask2Former / SegFormer / UperNet "
+                                                           "model."),
     batch_size: int = typer.Option(8, help="Frames per forward pass."),
     device: str = typer.Option("auto", help="auto (GPU when available; the local rank's under torchrun), cpu or cuda."),
     bf16: bool = typer.Option(True, help="bfloat16 on GPU (CPU always runs float32)."),
@@ -60,7 +62,8 @@ def export_pointcloud_command(
     depth: Optional[Path] = typer.Option(None, help="... and a depth image (PNG/TIFF/.npy) aligned with it."),
     depth_scale: Optional[float] = typer.Option(None, help="Depth units per metre (default 1000 for integer images)."),
     intrinsics: Optional[str] = typer.Option(None, help="fx,fy,cx,cy in pixels (overrides the HDF5 intrinsics)."),
-    color: str = typer.Option("rgb", help="Colour points by 'rgb', 'none' or an HDF5 label dataset (e.g. semseg_pseudo)."),
+    color: str = typer.Option("rgb", help="Colour points by 'rgb', 'none' or an HDF5 label dataset (e.g. "
+                                          "semseg_pseudo)."),
 ) -> None:
     """Write a coloured point cloud from a frame's depth (optionally coloured by semantic labels)."""
     from mmtk.errors import MmtkError
@@ -101,20 +104,6 @@ def export_pointcloud_command(
     typer.echo(f"{out}: {written} points written ({skipped} pixels without depth skipped)")
 
 
-def _parse_size(text: Optional[str], option: str) -> Optional[tuple[int, int]]:
-    from mmtk.errors import MmtkError
-
-    if text is None:
-        return None
-    try:
-        height, width = (int(v) for v in text.lower().replace("x", ",").split(","))
-    except ValueError:
-        raise MmtkError(f"{option} {text!r}: give HxW in pixels, e.g. 480x640") from None
-    if height < 8 or width < 8:
-        raise MmtkError(f"{option} {text!r}: height and width must be at least 8 pixels")
-    return height, width
-
-
 def _read_depth(path: Path, depth_scale: Optional[float]) -> np.ndarray:
     """Depth in metres from an image or .npy: integers in --depth-scale units per metre (default 1000, mm), floats
     in metres unless --depth-scale is given."""
@@ -144,110 +133,59 @@ def _image_frames(rgb: Path, depth: Optional[Path], depth_scale: Optional[float]
     yield Frame("all", arrays, frame_id=rgb.name)
 
 
-def _folder_images(folder: Path) -> Iterator[Frame]:
-    from mmtk.data.sources.frame import Frame
-    from mmtk.data.sources.image_files import read_rgb
-    from mmtk.data.sources.images import list_images
-    from mmtk.errors import MmtkError
-
-    found = list_images(folder) if folder.is_dir() else {}
-    if not found:
-        raise MmtkError(f"--images {folder}: no image files found (a folder of .png/.jpg images)")
-    for split, files in found.items():
-        for path, frame_id in files:
-            yield Frame(split, {"rgb": read_rgb(path)}, frame_id=frame_id)
-
-
 @app.command("predict")
+@source_options("rgbd", "rosbag", "images", "data")
 def predict_command(
-    checkpoint: Path = typer.Option(..., help="mmtk checkpoint (pretrained MultiMAE or finetuned model), a model "
+    source: SourceFlags,
+    checkpoint: Path = typer.Option(..., help="A weights file (mmtk checkpoint, official MultiMAE, ...), a model "
                                     "folder, or a run folder (its newest checkpoint)."),
     out: Path = typer.Option(..., help="Output folder (PNGs with legends, .npy arrays, optional .ply); with --rosbag, "
                              "or a .bag (ROS1) / .mcap (ROS 2) file of prediction topics stamped like the input."),
     rgb: Optional[Path] = typer.Option(None, help="One RGB image ..."),
     depth: Optional[Path] = typer.Option(None, help="... with an optional aligned depth image (PNG/TIFF/.npy)."),
-    depth_scale: Optional[float] = typer.Option(None, help="Depth units per metre (default 1000 for integer images; "
-                                                "--rgbd: the layout's)."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Or a folder of RGB images (as `mmtk convert`)."),
-    rgbd: Optional[Path] = typer.Option(None, "--rgbd", help="Or an RGB-D folder (layout detected, as `mmtk convert`)."),
-    depth_format: Optional[str] = typer.Option(None, help="--rgbd: the depth encoding (see `mmtk convert --help`)."),
-    layout: Optional[str] = typer.Option(None, help="--rgbd: this layout instead of detecting one."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Or an mmtk dataset (every split's stored arrays) ..."),
-    split: str = typer.Option("test", help="... this split of it ..."),
+    split: str = typer.Option("test", help="--data: this split ..."),
     index: Optional[int] = typer.Option(None, help="... or only this frame of it."),
-    rosbag: Optional[Path] = typer.Option(None, "--rosbag", help="Or a ROS1 .bag or ROS 2 bag ..."),
-    rgb_topic: str = typer.Option("/camera/rgb/image_color", help="... its colour Image topic ..."),
-    depth_topic: Optional[str] = typer.Option(None, help="... with depth from this topic (paired by stamp) ..."),
-    cloud_topic: Optional[str] = typer.Option(None, help="... or from this PointCloud2 topic ..."),
-    camera_info_topic: Optional[str] = typer.Option(None, help="... intrinsics from this CameraInfo topic ..."),
-    topic: Optional[list[str]] = typer.Option(None, "--topic", help="... and further image topics stored as modality "
-                                              "NAME: NAME=/topic (repeatable; needs --depth-topic or --cloud-topic)."),
-    max_dt: float = typer.Option(0.02, help="Max stamp difference of paired bag messages, seconds."),
     outputs: str = typer.Option("depth,semseg", help="Comma-separated tasks to predict (those the model has)."),
     ply: bool = typer.Option(False, help="Also write a coloured .ply per frame (needs metric depth + intrinsics)."),
     intrinsics: Optional[str] = typer.Option(None, help="fx,fy,cx,cy in pixels (default: the source's)."),
     image_size: Optional[str] = typer.Option(None, help="HxW the model runs at (default: its training size)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
-    plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
-    """Predict depth / semantics (any output of the model) from image files, RGB-D folders, datasets or bags."""
-    load_plugins(plugin)
+    """Predict depth / semantics (any output of the model) from any source `mmtk convert` takes, an mmtk dataset or
+    one image."""
+    from mmtk.data.convert import parse_size
     from mmtk.errors import MmtkError
     from mmtk.io import remove_dead_temps
     from mmtk.pointcloud import parse_intrinsics
-    from mmtk.predict import decoded, file_stem, load_predictor, predict_frame, write_prediction
+    from mmtk.predict import file_stem, load_predictor, predicted_frames, write_prediction
     from mmtk.progress import counted
     from mmtk.train.run_folders import resolve_checkpoint
     from mmtk.runtime import pick_device
 
-    if sum(source is not None for source in (rgb, images, rgbd, data, rosbag)) != 1:
-        raise MmtkError("give exactly one source: --rgb IMAGE, --images FOLDER, --rgbd FOLDER, --data DATASET or "
-                        "--rosbag BAG")
+    chosen = source.choose(("rgbd", "rosbag", "images", "data"), {"--rgb IMAGE": rgb is not None})
     if depth is not None and rgb is None:
         raise MmtkError("--depth goes with --rgb (folders, datasets and bags bring their own depth)")
     to_bag = out.suffix in (".bag", ".mcap")
-    if to_bag and rosbag is None:
-        raise MmtkError(f"--out {out}: a bag output is stamped like its input bag; give --rosbag BAG, or an output "
-                        f"folder")
+    if to_bag and (chosen is None or chosen.kind != "rosbag" or len(chosen.inputs) != 1):
+        raise MmtkError(f"--out {out}: a bag output is stamped like its input bag; give --rosbag BAG (one bag), or an "
+                        f"output folder")
     if to_bag and ply:
         raise MmtkError("--ply writes files into a folder; a bag output carries the point cloud as /mmtk/points")
-    size = _parse_size(image_size, "--image-size")
+    frames = _image_frames(rgb, depth, source.depth_scale) if chosen is None else _source_frames(chosen, split, index)
+    size = parse_size(image_size, "--image-size")
     k_override = parse_intrinsics(intrinsics) if intrinsics is not None else None
     predictor = load_predictor(resolve_checkpoint(checkpoint), str(pick_device(device)))
     wanted = [name.strip() for name in outputs.split(",") if name.strip()]
     if predictor.finetuned:  # a finetuned model has one task; keep what was asked of it
         wanted = [name for name in wanted if name in predictor.available_outputs] or wanted
-    wanted_t = tuple(wanted)
-
-    if rgb is not None:
-        frames = _image_frames(rgb, depth, depth_scale)
-    elif images is not None:
-        frames = _folder_images(images)
-    elif rgbd is not None:
-        from mmtk.data.sources.frame import ConvertOptions
-        from mmtk.data.sources.folders import open_rgbd_source
-
-        options = ConvertOptions(depth_scale=depth_scale, depth_format=depth_format, layout=layout)
-        frames = open_rgbd_source(rgbd, options).frames()
-    elif data is not None:
-        from mmtk.data.sources.mmtk_files import dataset_frames
-
-        frames = dataset_frames(data, split, index)
-    else:
-        frames = _bag_frames(rosbag, rgb_topic, depth_topic, cloud_topic, camera_info_topic, max_dt, depth_scale, topic)
-
-    def predicted():
-        for frame in map(decoded, frames):
-            if k_override is not None:  # every use of the camera (an xyz input, point clouds) takes the user's
-                frame.intrinsics = k_override
-            yield frame, predict_frame(predictor, frame, wanted_t, size)
+    predicted = predicted_frames(predictor, frames, tuple(wanted), size, k_override)
 
     count = 0
     if to_bag:
-        from mmtk.bag_writer import PredictionBag, input_headers
+        from mmtk.bag_writer import PredictionBag
 
-        with PredictionBag(out, input_headers(rosbag, rgb_topic)) as bag:
-            for frame, prediction in predicted():
+        with PredictionBag(out) as bag:
+            for frame, prediction in predicted:
                 bag.write(frame, prediction)
                 count += 1
         topics = ", ".join(f"{name} ({n})" for name, n in bag.counts.items())
@@ -255,7 +193,7 @@ def predict_command(
         return
     remove_dead_temps(out)  # once: each picture's atomic write skips the sweep
     stems: set[str] = set()
-    for frame, prediction in predicted():
+    for frame, prediction in predicted:
         stem = file_stem(frame, count)
         stem = stem if stem not in stems else f"{stem}_{count:06d}"
         stems.add(stem)
@@ -265,21 +203,19 @@ def predict_command(
     typer.echo(f"{counted(count, 'frame')} predicted into {out}")
 
 
-def _bag_frames(bag: Path, rgb_topic: str, depth_topic: Optional[str], cloud_topic: Optional[str],
-                camera_info_topic: Optional[str], max_dt: float, depth_scale: Optional[float],
-                topic: Optional[list[str]]) -> Iterator[Frame]:
-    """The frames of a bag, read as `mmtk convert --rosbag` reads them (colour alone without a depth topic)."""
-    from mmtk.data.convert import parse_named
-    from mmtk.data.sources.rosbag import open_rosbag_source, read_colour_frames
+def _source_frames(chosen: SourceChoice, split: str, index: Optional[int]) -> Iterator[Frame]:
+    """The frames of every input of the chosen source, each opened (and so checked) before any frame is read."""
+    from mmtk.data.sources.open_source import open_source
     from mmtk.errors import MmtkError
 
-    extra = parse_named(topic, "--topic")
-    if depth_topic is None and cloud_topic is None:
-        if extra:
-            raise MmtkError("--topic NAME=/topic is paired by stamp with depth: give --depth-topic or --cloud-topic")
-        return read_colour_frames(bag, rgb_topic, camera_info_topic)
-    return open_rosbag_source(bag, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale,
-                              cloud_topic=cloud_topic, extra_topics=extra).frames()
+    if chosen.kind == "rosbag" and chosen.options["rgb_topic"] is None:
+        bag = chosen.inputs[0]
+        raise MmtkError(f"--rosbag {bag}: give its colour topic with --rgb-topic (and --depth-topic or --cloud-topic "
+                        f"for depth); its image and point-cloud topics: "
+                        + "; ".join(" ".join(line.split()) for line in bag_topics(bag).splitlines()))
+    options = dict(chosen.options, **(dict(split=split, index=index) if chosen.kind == "data" else {}))
+    sources = [open_source(chosen.kind, path, **options) for path in chosen.inputs]
+    return (frame for opened in sources for frame in opened.frames())
 
 
 @app.command("export")
@@ -294,11 +230,12 @@ def export_command(
 ) -> None:
     """Export a finetuned model to ONNX (fixed inputs and size), checked against ONNX Runtime."""
     load_plugins(plugin)
+    from mmtk.data.convert import parse_size
     from mmtk.export import export_onnx
     from mmtk.train.run_folders import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(checkpoint, "CHECKPOINT")
     names = tuple(n.strip() for n in inputs.split(",")) if inputs else None
-    result = export_onnx(checkpoint, onnx, names, _parse_size(image_size, "--image-size"), opset)
+    result = export_onnx(checkpoint, onnx, names, parse_size(image_size, "--image-size"), opset)
     typer.echo(f"{result.path}: inputs {', '.join(result.inputs)} at {result.image_size[0]}x{result.image_size[1]} px, "
                f"output {result.output}; max |onnxruntime - pytorch| = {result.max_abs_diff:.2e}")

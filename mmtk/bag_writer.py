@@ -5,21 +5,21 @@ classes; class k as k + 1, 0 = unlabeled) with their colour picture on ``/mmtk/<
 ``32FC1`` in the adapter's units (depth: metres), images ``rgb8``. Where depth in metres and the intrinsics are
 known, ``/mmtk/points`` is a ``sensor_msgs/PointCloud2`` (x, y, z float32 metres; rgb packed; ``label`` uint16 when
 labels are predicted). Every message carries the header stamp and frame_id of the colour image it was predicted
-from, so Foxglove or RViz show it beside the recording. A ``.bag`` output is a ROS1 bag, a ``.mcap`` output a
-ROS 2 MCAP file; both are written with ``rosbags`` and appear only once complete.
+from, as recorded (:attr:`Frame.header <mmtk.data.sources.frame.Frame.header>`; a stamp never set stays 0), and is
+logged at that image's log time, so Foxglove or RViz show it beside the recording. A ``.bag`` output is a ROS1
+bag, a ``.mcap`` output a ROS 2 MCAP file; both are written with ``rosbags`` and appear only once complete.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mmtk.data.sources.frame import Frame
+from mmtk.data.sources.frame import Frame, MessageHeader
 from mmtk.errors import MmtkError
 from mmtk.io import atomic_path, temp_prefix
 from mmtk.predict import Output, Prediction, cloud_source, palette_of
@@ -30,42 +30,10 @@ IMAGE_TYPE = "sensor_msgs/msg/Image"
 CLOUD_TYPE = "sensor_msgs/msg/PointCloud2"
 
 
-@dataclass(frozen=True)
-class Header:
-    """The stamp (s, ns) and coordinate frame of an input message."""
-
-    sec: int
-    nanosec: int
-    frame_id: str
-
-    @property
-    def nanoseconds(self) -> int:
-        return self.sec * 1_000_000_000 + self.nanosec
-
-
-def input_headers(bag: str | os.PathLike, topic: str) -> dict[float, Header]:
-    """The headers of a topic's messages, by the time stamp in seconds the bag's frames carry (Frame.timestamp)."""
-    from mmtk.data.sources.rosbag import deserialize, open_reader
-
-    reader = open_reader(Path(bag))
-    try:
-        headers = {}
-        for conn, log_time, raw in reader.messages(connections=[c for c in reader.connections if c.topic == topic]):
-            header = deserialize(reader, raw, conn).header
-            sec, nanosec = int(header.stamp.sec), int(header.stamp.nanosec)
-            stamp = sec + nanosec * 1e-9  # as the bag reader computes it
-            if not stamp:  # no stamp: the reader falls back to the time of recording
-                stamp, (sec, nanosec) = log_time * 1e-9, divmod(log_time, 1_000_000_000)
-            headers[stamp] = Header(sec, nanosec, str(header.frame_id))
-        return headers
-    finally:
-        reader.close()
-
-
 class PredictionBag:
     """A ROS1 bag or MCAP file of prediction messages, published atomically when the ``with`` block ends."""
 
-    def __init__(self, out: str | os.PathLike, headers: dict[float, Header]) -> None:
+    def __init__(self, out: str | os.PathLike) -> None:
         from rosbags.typesys import Stores, get_typestore
 
         self.out = Path(out)
@@ -73,7 +41,6 @@ class PredictionBag:
             raise MmtkError(f"--out {self.out}: a bag output ends in .bag (ROS1) or .mcap (ROS 2)")
         self.ros1 = self.out.suffix == ".bag"
         self.store = get_typestore(Stores.ROS1_NOETIC if self.ros1 else Stores.ROS2_HUMBLE)
-        self.headers = headers
         self.connections: dict[str, Any] = {}
         self.counts: dict[str, int] = {}
 
@@ -104,10 +71,11 @@ class PredictionBag:
         return False
 
     def write(self, frame: Frame, prediction: Prediction) -> None:
-        """The messages of one frame, stamped and framed like the colour image it came from."""
-        header = self.headers.get(frame.timestamp) if frame.timestamp is not None else None
+        """The messages of one frame, stamped, framed and logged like the colour message it came from."""
+        header = frame.header
         if header is None:
-            raise MmtkError(f"frame {frame.frame_id}: no colour message of the bag has its stamp {frame.timestamp}")
+            raise MmtkError(f"frame {frame.frame_id} was not read from a bag message, so a bag output cannot be "
+                            f"stamped like it; give --rosbag BAG, or an output folder")
         for output in prediction.outputs.values():
             for topic, encoding, pixels in _images(output):
                 self._send(topic, IMAGE_TYPE, header, _image_msg(self.store, header, encoding, pixels, self.ros1))
@@ -116,11 +84,11 @@ class PredictionBag:
             cloud = _cloud_msg(self.store, header, source, frame.intrinsics, self.ros1)
             self._send(f"{TOPIC_PREFIX}/points", CLOUD_TYPE, header, cloud)
 
-    def _send(self, topic: str, msgtype: str, header: Header, message: Any) -> None:
+    def _send(self, topic: str, msgtype: str, header: MessageHeader, message: Any) -> None:
         if topic not in self.connections:
             self.connections[topic] = self.writer.add_connection(topic, msgtype, typestore=self.store)
         data = self.store.serialize_ros1(message, msgtype) if self.ros1 else self.store.serialize_cdr(message, msgtype)
-        self.writer.write(self.connections[topic], header.nanoseconds, data)
+        self.writer.write(self.connections[topic], header.log_time_ns, data)
         self.counts[topic] = self.counts.get(topic, 0) + 1
 
 
@@ -137,13 +105,14 @@ def _images(output: Output) -> list[tuple[str, str, np.ndarray]]:
     return [(topic, "rgb8", output.values)]
 
 
-def _header_msg(store: Any, header: Header, ros1: bool) -> Any:
-    stamp = store.types["builtin_interfaces/msg/Time"](sec=header.sec, nanosec=header.nanosec)
+def _header_msg(store: Any, header: MessageHeader, ros1: bool) -> Any:
+    sec, nanosec = divmod(header.stamp_ns, 1_000_000_000)
+    stamp = store.types["builtin_interfaces/msg/Time"](sec=sec, nanosec=nanosec)
     fields = dict(stamp=stamp, frame_id=header.frame_id)
     return store.types["std_msgs/msg/Header"](seq=0, **fields) if ros1 else store.types["std_msgs/msg/Header"](**fields)
 
 
-def _image_msg(store: Any, header: Header, encoding: str, pixels: np.ndarray, ros1: bool) -> Any:
+def _image_msg(store: Any, header: MessageHeader, encoding: str, pixels: np.ndarray, ros1: bool) -> Any:
     pixels = np.ascontiguousarray(pixels)
     height, width = pixels.shape[:2]
     data = pixels.astype(pixels.dtype.newbyteorder("<")).view(np.uint8).reshape(-1)
@@ -151,7 +120,7 @@ def _image_msg(store: Any, header: Header, encoding: str, pixels: np.ndarray, ro
                                    encoding=encoding, is_bigendian=0, step=data.size // height, data=data)
 
 
-def _cloud_msg(store: Any, header: Header, source: Any, intrinsics: np.ndarray, ros1: bool) -> Any:
+def _cloud_msg(store: Any, header: MessageHeader, source: Any, intrinsics: np.ndarray, ros1: bool) -> Any:
     """An unorganized PointCloud2 of the valid pixels: x, y, z (float32 m), rgb (packed), label (uint16) if any."""
     from mmtk.pointcloud import depth_to_xyz
 

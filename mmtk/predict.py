@@ -14,15 +14,16 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
 from mmtk.data.sources.frame import Frame
 from mmtk.errors import MmtkError
 from mmtk.io import atomic_write
-from mmtk.modality import StoredArray, get_modality, stored_array
+from mmtk.modality import Modality, StoredArray, get_modality, stored_array
 from mmtk.visualize import label_palette, label_picture, value_picture
 
 if TYPE_CHECKING:
@@ -52,6 +53,16 @@ class Predictor:
     @property
     def available_outputs(self) -> tuple[str, ...]:
         return (self.config.task,) if self.finetuned else tuple(self.config.outputs)
+
+    @cached_property
+    def input_adapters(self) -> dict[str, Modality]:
+        """The adapter of each model input, built once for every frame it prepares."""
+        return input_adapters(self.config)
+
+
+def input_adapters(config) -> dict[str, Modality]:
+    """The adapter of each input of a model config (an :class:`mmtk.ModelConfig`), by name."""
+    return {name: get_modality(name)(config.patch_size, config.num_classes) for name in config.inputs}
 
 
 def load_predictor(path: str | os.PathLike, device: str = "cpu") -> Predictor:
@@ -122,22 +133,41 @@ def prepare_inputs(predictor: Predictor, frame: Frame, image_size: tuple[int, in
 
     have = set(frame.arrays) | ({"intrinsics"} if frame.intrinsics is not None else set())
     inputs, valid = {}, {}
-    config = predictor.config
-    for name in config.inputs:
-        cls = get_modality(name)
-        if not set(cls.reads()) <= have:
+    for name, adapter in predictor.input_adapters.items():
+        if not set(adapter.reads()) <= have:
             continue
         try:
-            prepared = cls(config.patch_size, config.num_classes).load(read, window, image_size)
+            prepared = adapter.load(read, window, image_size)
         except MmtkError as err:
             raise MmtkError(f"frame {frame.frame_id}: {err}") from None
         inputs[name] = prepared[name][None]
         if f"{name}_valid" in prepared:
             valid[name] = prepared[f"{name}_valid"][None]
     if not inputs:
-        raise MmtkError(f"the model takes {list(config.inputs)} but frame {frame.frame_id} holds {sorted(have)}; "
-                        f"give a source with one of its inputs (a plugin modality: --topic/--plugin)")
+        raise MmtkError(f"the model takes {list(predictor.config.inputs)} but frame {frame.frame_id} holds "
+                        f"{sorted(have)}; give a source with one of its inputs (a plugin modality: --topic/--plugin)")
     return inputs, valid
+
+
+def predicted_frames(predictor: Predictor, frames: Iterable[Frame], outputs: tuple[str, ...],
+                     image_size: tuple[int, int] | None = None,
+                     intrinsics: np.ndarray | None = None) -> Iterator[tuple[Frame, Prediction]]:
+    """Each frame of a source, decoded once (with ``intrinsics`` instead of its own, when given: every use of the
+    camera, an xyz input or a point cloud, takes them), and what the model predicts of it (:func:`predict_frame`)."""
+    stores = output_arrays(predictor, outputs)
+    for frame in frames:
+        frame = decoded(frame)
+        if intrinsics is not None:
+            frame = replace(frame, intrinsics=intrinsics)
+        yield frame, _predict_decoded(predictor, frame, stores, image_size)
+
+
+def output_arrays(predictor: Predictor, outputs: tuple[str, ...]) -> dict[str, StoredArray]:
+    """How each requested output is written (:func:`output_array`); MmtkError for one the model cannot predict."""
+    unknown = [name for name in outputs if name not in predictor.available_outputs]
+    if unknown:
+        raise MmtkError(f"the model cannot predict {unknown}; it predicts {list(predictor.available_outputs)}")
+    return {name: output_array(name) for name in outputs}
 
 
 def predict_frame(predictor: Predictor, frame: Frame, outputs: tuple[str, ...] = ("depth", "semseg"),
@@ -148,13 +178,15 @@ def predict_frame(predictor: Predictor, frame: Frame, outputs: tuple[str, ...] =
     target token is masked); a finetuned model runs its head. Results are resized back to the frame. ``frame``
     may hold what a source hands over (JPEG bytes, integer depth): it is decoded first.
     """
+    return _predict_decoded(predictor, decoded(frame), output_arrays(predictor, outputs), image_size)
+
+
+def _predict_decoded(predictor: Predictor, frame: Frame, stores: dict[str, StoredArray],
+                     image_size: tuple[int, int] | None) -> Prediction:
+    """:func:`predict_frame` of a decoded frame, its outputs checked."""
     import torch
 
-    frame = decoded(frame)
-    unknown = [name for name in outputs if name not in predictor.available_outputs]
-    if unknown:
-        raise MmtkError(f"the model cannot predict {unknown}; it predicts {list(predictor.available_outputs)}")
-    stores = {name: output_array(name) for name in outputs}
+    outputs = tuple(stores)
     inputs, valid = prepare_inputs(predictor, frame, tuple(image_size or predictor.config.image_size))
     inputs = {k: v.to(predictor.device) for k, v in inputs.items()}
     valid = {k: v.to(predictor.device) for k, v in valid.items()}

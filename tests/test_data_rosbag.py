@@ -12,7 +12,7 @@ from PIL import Image
 
 from data_helpers import DecodedFile, BAG1, DEPTH_TOPIC, RGB_TOPIC, SAMPLES, kinect_intrinsics, run_cli, shared
 from mmtk.data.codecs import Encoded, Quantized, plain
-from mmtk.data.sources.rosbag import decode_image
+from mmtk.data.sources.ros.images import decode_image
 from mmtk.errors import MmtkError
 
 
@@ -333,7 +333,7 @@ def test_cloud_topic_gives_the_depth_image_values(tmp_path, kind):
 
 
 def test_transform_tree_walks_mounts_both_ways():
-    from mmtk.data.sources.tf import TransformTree, rigid_matrix
+    from mmtk.data.sources.ros.tf import TransformTree, rigid_matrix
 
     tree = TransformTree()
     for parent, child, t, q in TF_STATIC:
@@ -443,10 +443,10 @@ def test_shared_bags_cloud_topic_ros1_and_ros2(tmp_path):
 
 
 def test_colour_frames_without_depth_for_prediction():
-    from mmtk.data.sources.rosbag import read_colour_frames
+    from mmtk.data.sources.ros.source import open_rosbag_source
 
     bag = SAMPLES / "rosbag_pcl_kinect" / "pcl_kinect_2frames.bag"
-    frames = list(read_colour_frames(bag, "/camera/rgb/image_color"))
+    frames = list(open_rosbag_source(bag, "/camera/rgb/image_color").frames())
     assert len(frames) == 2 and all(list(f.arrays) == ["rgb"] for f in frames)
     assert frames[0].arrays["rgb"].shape == (480, 640, 3) and frames[0].arrays["rgb"].dtype == np.uint8
     np.testing.assert_allclose(frames[0].intrinsics, [[525, 0, 320], [0, 525, 240], [0, 0, 1]])
@@ -454,18 +454,18 @@ def test_colour_frames_without_depth_for_prediction():
 
 
 def test_colour_frames_of_a_bag_without_camera_info(tmp_path):
-    from mmtk.data.sources.rosbag import read_colour_frames
+    from mmtk.data.sources.ros.source import open_rosbag_source
 
     bag = copy_ros1_bag_without(SAMPLES / "rosbag_pcl_kinect" / "pcl_kinect_2frames.bag", tmp_path / "b.bag",
                                 "/camera/rgb/camera_info")
-    frames = list(read_colour_frames(bag, "/camera/rgb/image_color"))
+    frames = list(open_rosbag_source(bag, "/camera/rgb/image_color").frames())
     assert len(frames) == 2 and all(f.intrinsics is None and f.arrays["rgb"].shape == (480, 640, 3) for f in frames)
 
 
 def test_camera_infos_nearest_in_time_and_linear_in_the_bag_length():
     import time
 
-    from mmtk.data.sources.rosbag import CameraInfos
+    from mmtk.data.sources.ros.camera_info import CameraInfos
 
     infos = CameraInfos()
     assert infos.nearest(1.0, (480, 640)) is None
@@ -488,7 +488,7 @@ def test_camera_infos_nearest_in_time_and_linear_in_the_bag_length():
 def test_a_stream_that_stops_does_not_hold_every_later_colour_message():
     """Depth drops out after 10 of 1000 colour messages (30 Hz): colour is decided once the bag is 2 s past it,
     instead of waiting for depth to the bag's end with every message in memory (990 were held)."""
-    from mmtk.data.sources.rosbag import MAX_STREAM_LAG_S, StreamPairer
+    from mmtk.data.sources.ros.pairer import MAX_STREAM_LAG_S, StreamPairer
 
     pairer, frames, held = StreamPairer(["rgb", "depth"], 0.02), [], 0
     for index in range(1000):

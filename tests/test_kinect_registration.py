@@ -19,7 +19,7 @@ from mmtk.data.sources.nyuv2_meta import nyuv2_intrinsics
 from mmtk.data.sources.image_files import read_rgb
 from mmtk.data.sources.kinect_nyu import (KinectCalibration, NyuRegistration, distort, nyu_kinect_calibration,
                                           undistort)
-from mmtk.data.sources.tf import invert_rigid
+from mmtk.data.sources.ros.tf import invert_rigid
 from mmtk.errors import MmtkError
 from mmtk.pointcloud import depth_to_xyz, intrinsics_matrix
 

@@ -17,7 +17,7 @@ from mmtk.pointcloud import (
     PointCloud, cloud_to_depth, cloud_to_image_depth, cloud_to_xyz, depth_to_cloud, depth_to_xyz, intrinsics_matrix,
     parse_intrinsics, project_points, read_cloud, write_cloud,
 )
-from mmtk.data.sources.rosbag import pointcloud2_to_cloud, read_bag_clouds
+from mmtk.data.sources.ros.clouds import pointcloud2_to_cloud, read_bag_clouds
 
 SAMPLES, FRAME = KINECT, KINECT_FRAME
 K = kinect_intrinsics()

@@ -18,7 +18,7 @@ from data_helpers import KINECT, KINECT_FRAME, SHARED, kinect_frame, kinect_intr
 import mmtk
 from mmtk.pointcloud import depth_to_xyz, intrinsics_matrix, read_cloud
 from mmtk.data.sources.frame import Frame
-from mmtk.predict import decoded, load_predictor, predict_frame, prepare_inputs
+from mmtk.predict import decoded, input_adapters, load_predictor, predict_frame, prepare_inputs
 from mmtk.visualize import colorize_labels, label_palette
 
 FRAME = KINECT_FRAME
@@ -64,7 +64,8 @@ def depth_m() -> np.ndarray:
 
 
 def test_prepared_tensors_follow_the_data_contract(rgb, depth_m):
-    predictor = SimpleNamespace(config=SimpleNamespace(inputs=("rgb", "depth"), patch_size=16, num_classes=0))
+    config = SimpleNamespace(inputs=("rgb", "depth"), patch_size=16, num_classes=0)
+    predictor = SimpleNamespace(config=config, input_adapters=input_adapters(config))
     inputs, valids = prepare_inputs(predictor, Frame("all", {"rgb": rgb, "depth": depth_m}), (480, 640))
     prepared, depth, valid = inputs["rgb"][0], inputs["depth"][0], valids["depth"][0]
     assert prepared.shape == (3, 480, 640)
@@ -173,7 +174,7 @@ def test_ply_reuses_the_label_colours_of_the_picture(rgb, depth_m, tmp_path, mon
 
 @pytest.mark.skipif(not BAG.is_file(), reason="../shared/data not present")
 def test_predict_cli_rosbag(checkpoints, tmp_path, capsys, monkeypatch):
-    from mmtk.data.sources.rosbag import open_rosbag_source
+    from mmtk.data.sources.ros.source import open_rosbag_source
 
     frames = [decoded(frame) for frame in open_rosbag_source(BAG, "/camera/rgb/image_color",
                                                              "/camera/depth_registered/image_raw", max_dt=0.05).frames()]
@@ -184,7 +185,8 @@ def test_predict_cli_rosbag(checkpoints, tmp_path, capsys, monkeypatch):
         np.testing.assert_array_equal(frame.intrinsics, K)
     out = tmp_path / "out"
     code, stdout, err = run_cli(["predict", "--checkpoint", str(checkpoints["depth"]), "--rosbag", str(BAG),
-                                 "--depth-topic", "/camera/depth_registered/image", "--out", str(out), "--ply"],
+                                 "--rgb-topic", "/camera/rgb/image_color", "--depth-topic",
+                                 "/camera/depth_registered/image", "--out", str(out), "--ply"],
                                 capsys, monkeypatch)
     assert code == 0, err
     assert "3 frames predicted" in stdout and (out / "camera_rgb_image_color_2.ply").is_file()

@@ -80,7 +80,7 @@ def test_bag_predictions_are_stamped_and_framed_like_their_inputs(suffix, rgbd_m
             assert stamp == sec * 10**9 + nanosec
 
     # The messages hold what predict_frame gives on the bag's frames: labels, depth in metres, labelled points.
-    from mmtk.data.sources.rosbag import open_rosbag_source
+    from mmtk.data.sources.ros.source import open_rosbag_source
 
     frames = [decoded(frame) for frame in open_rosbag_source(BAG1, RGB_TOPIC, DEPTH_TOPIC).frames()]
     predictor = load_predictor(rgbd_model)
@@ -97,7 +97,7 @@ def test_bag_predictions_are_stamped_and_framed_like_their_inputs(suffix, rgbd_m
         assert 0.3 < np.median(metres[metres > 0]) < 10  # scaled to the sensor depth: metres, not relative
         colour = np.asarray(topics["/mmtk/semseg/color"][i][2].data).reshape(480, 640, 3)
         assert np.array_equal(colour, label_palette(6)[labels])
-        from mmtk.data.sources.rosbag import pointcloud2_to_cloud
+        from mmtk.data.sources.ros.clouds import pointcloud2_to_cloud
 
         points = pointcloud2_to_cloud(cloud)
         valid = frame.arrays["depth"] > 0  # the sensor's depth: the prediction was only rescaled to it
@@ -107,6 +107,69 @@ def test_bag_predictions_are_stamped_and_framed_like_their_inputs(suffix, rgbd_m
         fields = {f.name: f for f in cloud.fields}
         point_labels = np.asarray(cloud.data).reshape(-1, cloud.point_step)[:, fields["label"].offset:][:, :2]
         assert np.array_equal(np.ascontiguousarray(point_labels).view("<u2")[:, 0], labels[valid])
+
+
+def write_unstamped_bag(out: Path) -> list[tuple[int, str]]:
+    """The sample bag with every header stamp 0 (a driver that never sets them), messages logged as recorded;
+    returns (log time ns, frame_id) of its colour messages."""
+    from dataclasses import replace
+
+    from rosbags.highlevel import AnyReader
+    from rosbags.rosbag1 import Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    store, colour = get_typestore(Stores.ROS1_NOETIC), []
+    with AnyReader([BAG1]) as reader, Writer(out) as writer:
+        conns = {c.id: writer.add_connection(c.topic, c.msgtype, typestore=store) for c in reader.connections}
+        for conn, log_time, raw in reader.messages():
+            msg = reader.deserialize(raw, conn.msgtype)
+            msg = replace(msg, header=replace(msg.header, stamp=replace(msg.header.stamp, sec=0, nanosec=0)))
+            writer.write(conns[conn.id], log_time, store.serialize_ros1(msg, conn.msgtype))
+            if conn.topic == RGB_TOPIC:
+                colour.append((log_time, msg.header.frame_id))
+    return colour
+
+
+@pytest.mark.parametrize("suffix", [".bag", ".mcap"])
+def test_predictions_of_a_bag_without_stamps_keep_its_zero_stamps_and_log_times(suffix, rgbd_model, tmp_path,
+                                                                                 capsys, monkeypatch):
+    """The writer looked each frame's header up again by non-zero stamp: a bag whose stamps were never set failed.
+    Every prediction now carries its colour message's header as recorded, and is logged when that message was."""
+    bag = tmp_path / "unstamped.bag"
+    colour = write_unstamped_bag(bag)
+    out = tmp_path / f"pred{suffix}"
+    code, stdout, err = run_cli(["predict", "--checkpoint", rgbd_model, "--rosbag", bag, "--rgb-topic", RGB_TOPIC,
+                                 "--depth-topic", DEPTH_TOPIC, "--out", out], capsys, monkeypatch)
+    assert code == 0, err
+    assert "2 frames predicted" in stdout and len(colour) == 2
+    topics = read_back(out)
+    assert sorted(topics) == ["/mmtk/depth", "/mmtk/points", "/mmtk/semseg", "/mmtk/semseg/color"]
+    for topic, messages in topics.items():
+        assert [(log_time, msg.header.frame_id) for _, log_time, msg in messages] == colour, topic
+        assert all((msg.header.stamp.sec, msg.header.stamp.nanosec) == (0, 0) for _, _, msg in messages), topic
+
+
+def test_checkpoint_is_a_file_a_model_folder_or_a_run_folder(rgbd_model, tmp_path, capsys, monkeypatch):
+    """--checkpoint takes the weights file, the model folder `mmtk weights --to` writes from it, and a run folder
+    holding it as last.pt: the same model each time, so the same predictions."""
+    import shutil
+
+    folder, run = tmp_path / "model", tmp_path / "run"
+    code, _, err = run_cli(["weights", rgbd_model, "--to", folder], capsys, monkeypatch)
+    assert code == 0 and (folder / "config.json").is_file(), err
+    run.mkdir()
+    shutil.copy(rgbd_model, run / "last.pt")
+    image = MULTIMAE / "train" / "rgb" / "data" / "0000.png"
+    predictions = []
+    for name, checkpoint in (("file", rgbd_model), ("folder", folder), ("run", run)):
+        code, stdout, err = run_cli(["predict", "--checkpoint", checkpoint, "--rgb", image, "--outputs", "semseg",
+                                     "--out", tmp_path / name], capsys, monkeypatch)
+        assert code == 0 and "1 frame predicted" in stdout, err
+        predictions.append(np.array(Image.open(tmp_path / name / "0000_semseg_labels.png")))
+    assert all(np.array_equal(predictions[0], other) for other in predictions[1:])
+    code, _, err = run_cli(["predict", "--checkpoint", tmp_path / "empty", "--rgb", image, "--out", tmp_path / "x"],
+                           capsys, monkeypatch)
+    assert code == 2 and "no such file or folder" in err
 
 
 def test_bag_output_needs_a_bag_source(rgbd_model, tmp_path, capsys, monkeypatch):
@@ -151,7 +214,7 @@ def test_a_plugin_input_modality_predicts_from_a_bag_and_from_its_dataset(therma
         labels = np.array(Image.open(bag_file))
         assert np.array_equal(labels, np.array(Image.open(data_file)))
     # The thermal image is an input that counts: without it (rgb alone) the prediction differs.
-    from mmtk.data.sources.rosbag import open_rosbag_source
+    from mmtk.data.sources.ros.source import open_rosbag_source
 
     frame = next(open_rosbag_source(bag, RGB_TOPIC, DEPTH_TOPIC, extra_topics={"thermal": IR_TOPIC}).frames())
     both = predict_frame(predictor, frame, ("semseg",)).outputs["semseg"].values
@@ -166,8 +229,8 @@ def test_a_model_whose_inputs_the_source_lacks_is_one_line(thermal, capsys, monk
                             "--out", tmp_path / "out"], capsys, monkeypatch)
     assert code == 2 and "the model takes ['thermal'] but frame rgb_00000.jpg holds ['rgb']" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
-    code, _, err = run_cli(["predict", "--checkpoint", model, "--rosbag", BAG1, "--plugin", plugin, "--out",
-                            tmp_path / "out.mcap"], capsys, monkeypatch)  # fails inside the open bag: nothing is left
+    code, _, err = run_cli(["predict", "--checkpoint", model, "--rosbag", BAG1, "--rgb-topic", RGB_TOPIC, "--plugin",
+                            plugin, "--out", tmp_path / "out.mcap"], capsys, monkeypatch)  # fails inside the open bag: nothing is left
     assert code == 2 and "the model takes ['thermal']" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thermal_only.pt"]
 

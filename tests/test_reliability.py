@@ -421,7 +421,7 @@ def _image_msg(**fields):
     (dict(encoding="16UC1", step=8, data=np.zeros(32, np.uint8)), "step is shorter than a row"),
 ])
 def test_reliability_ros_image_fields_are_checked(fields, expected):
-    from mmtk.data.sources.rosbag import decode_image
+    from mmtk.data.sources.ros.images import decode_image
 
     role = "depth" if fields.get("encoding") == "16UC1" else "rgb"
     with pytest.raises(MmtkError, match=expected):
@@ -722,7 +722,7 @@ def test_reliability_fuzz_hdf5_attrs_and_shapes(spec, modalities):
        length=st.integers(0, 4096), big=st.booleans(), role=st.sampled_from(["rgb", "depth"]),
        small=st.booleans())
 def test_reliability_fuzz_bag_image_fields(encoding, height, width, step, length, big, role, small):
-    from mmtk.data.sources.rosbag import decode_image
+    from mmtk.data.sources.ros.images import decode_image
 
     if small:  # also explore the plausible corner, where decoding really runs
         height, width, step = height % 9, width % 9, step % 40

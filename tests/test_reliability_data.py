@@ -573,6 +573,26 @@ def test_reliability_writer_refuses_an_unusable_k_and_later_bad_camera_infos_are
         np.testing.assert_array_equal(f["all/intrinsics"][:], np.asarray([K_GOOD] * 3, np.float32).reshape(3, 3, 3))
 
 
+def test_reliability_a_first_unusable_camera_info_gives_way_to_the_first_usable_one(tmp_path):
+    """An uncalibrated first CameraInfo (K all zeros) made the source drop the topic: every frame lost its
+    intrinsics although the later CameraInfos were calibrated. The first usable K now serves the frames before it."""
+    _, types = _bag_types()
+    messages = []
+    for index in range(3):
+        ns = T0 + index * FRAME_NS
+        messages += [("/cam/camera_info", "sensor_msgs/msg/CameraInfo", ns,
+                      info_msg(types, ns, [0.0] * 9 if index == 0 else K_GOOD)),
+                     ("/cam/color", "sensor_msgs/msg/Image", ns, colour_msg(types, ns, 10 * index)),
+                     ("/cam/depth", "sensor_msgs/msg/Image", ns + 1000, depth_msg(types, ns, 2000))]
+    write_bag(tmp_path / "bag", messages)
+    code, text = convert_bag(tmp_path / "bag", tmp_path / "out.h5")
+    assert code == 0 and "NO intrinsics" not in text, text
+    assert (f"the first CameraInfo on /cam/camera_info is unusable (camera matrix K is all zeros" in text
+            and f"intrinsics from the first usable one ({(T0 + FRAME_NS) * 1e-9:.6f} s) on" in text), text
+    with h5py.File(tmp_path / "out.h5") as f:
+        np.testing.assert_array_equal(f["all/intrinsics"][:], np.asarray([K_GOOD] * 3, np.float32).reshape(3, 3, 3))
+
+
 @pytest.mark.parametrize("values", [-1.0, np.nan, 0.0, 65535], ids=["negative", "nan", "zero", "saturated"])
 def test_reliability_depth_with_no_valid_value_is_refused_not_written(tmp_path, values):
     """Item 5: all-invalid depth was written as a complete file with "0.0 % valid"; `mmtk check` said nothing."""
@@ -687,7 +707,7 @@ def test_reliability_bag_pairs_survive_stamps_against_log_order_repeated_or_zero
 
 def test_reliability_stream_pairer_waits_a_bounded_time_for_partners_logged_out_of_stamp_order():
     from mmtk.data.sources.pairing import associate_by_time
-    from mmtk.data.sources.rosbag import MAX_STREAM_LAG_S, StreamPairer
+    from mmtk.data.sources.ros.pairer import MAX_STREAM_LAG_S, StreamPairer
 
     assert associate_by_time([5.0] * 3, [5.0] * 3, 0.02, [0, 1, 2], [2.1, 1.1, 0.1]) == [(0, 2), (1, 1), (2, 0)]
     pairer, frames = StreamPairer(["rgb", "depth"], 0.02), []

@@ -19,6 +19,7 @@ from mmtk.data.format import H5Writer, check_out_path
 from mmtk.data.shard_index import CONVERT_STATE, DONE_FOLDER, PLAN_FILE, finished_inputs, read_plan
 from mmtk.data.resize import cover_window, crop_intrinsics, resize_intrinsics, resize_stored
 from mmtk.data.sources.frame import Frame, RgbdSource
+from mmtk.data.sources.open_source import check_options, open_source
 from mmtk.errors import MmtkError
 from mmtk.io import atomic_write_text, check_free_space, discard, disk_errors
 from mmtk.modality import stored_array
@@ -36,13 +37,13 @@ class ConvertResult:
     metrics: dict[str, dict[str, float]]  # per metric array (depth): valid_fraction, min_m, median_m, max_m, ...
 
 
-def parse_size(text: str | None) -> tuple[int, int] | None:
-    """Parse "HxW" (e.g. "240x320") into (H, W); None stays None."""
+def parse_size(text: str | None, option: str = "--size") -> tuple[int, int] | None:
+    """Parse "HxW" (e.g. "240x320") into (H, W) pixels, given with ``option``; None stays None."""
     if text is None:
         return None
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
     if not match or int(match.group(1)) < 8 or int(match.group(2)) < 8:
-        raise MmtkError(f"--size {text!r} is not HxW in pixels (e.g. 240x320, each at least 8)")
+        raise MmtkError(f"{option} {text!r} is not HxW in pixels (e.g. 240x320, each at least 8)")
     return int(match.group(1)), int(match.group(2))
 
 
@@ -194,20 +195,6 @@ def _with_streams(frames: Iterable[Frame], src: Path, streams: dict[str, str]) -
         yield frame
 
 
-def check_options(*, depth_scale: float | None = None, max_dt: float | None = None,
-                  depth_format: str | None = None, depth_range: str | None = None, **_: Any) -> None:
-    """Refuse, before any input is read, conversion options out of range (one input, or a shard folder's many):
-    the one place they are checked (other keyword options are the converters' and pass through)."""
-    from mmtk.data.sources.depth_encoding import DepthEncoding, encoding_for, parse_depth_range
-
-    if depth_scale is not None and depth_scale <= 0:
-        raise MmtkError(f"--depth-scale must be positive (units per metre), got {depth_scale}")
-    if max_dt is not None and max_dt <= 0:
-        raise MmtkError(f"--max-dt must be positive seconds, got {max_dt}")
-    encoding_for(depth_format, depth_scale, DepthEncoding())  # unknown or conflicting units
-    parse_depth_range(depth_range)
-
-
 def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes: int = 40,
                  depth_scale: float | None = None, depth_format: str | None = None, depth_range: str | None = None,
                  layout: str | None = None, size: tuple[int, int] | None = None, force: bool = False,
@@ -230,15 +217,9 @@ def convert_rgbd(src: str | os.PathLike, out_path: str | os.PathLike, *, classes
             already there are kept (a resumed input: their frames are read, not written again).
         jpeg_quality: store colour that arrives raw as JPEG at this quality (lossy; default: lossless).
     """
-    from mmtk.data.sources.frame import ConvertOptions
-    from mmtk.data.sources.depth_encoding import parse_depth_range
-    from mmtk.data.sources.folders import open_rgbd_source
-
-    check_options(depth_scale=depth_scale, depth_format=depth_format, depth_range=depth_range)
-    options = ConvertOptions(classes=classes, depth_scale=depth_scale, depth_format=depth_format,
-                             depth_range=parse_depth_range(depth_range), layout=layout)
     check_out_path(out_path, force)  # before reading any input
-    source = open_rgbd_source(src, options)
+    source = open_source("rgbd", src, classes=classes, depth_scale=depth_scale, depth_format=depth_format,
+                         depth_range=depth_range, layout=layout)
     provenance = f"mmtk convert --rgbd {Path(src).name}: {source.description}"
     if size:
         provenance += f", resized to {size[0]}x{size[1]}"
@@ -363,12 +344,10 @@ def convert_rosbag(bag: str | os.PathLike, out_path: str | os.PathLike, rgb_topi
     ``extra_topics`` maps a stored array name (e.g. "ir") to a further image topic, paired by stamp like depth.
     ``parts`` splits the output as in :func:`convert_rgbd`.
     """
-    from mmtk.data.sources.rosbag import open_rosbag_source
-
-    check_options(depth_scale=depth_scale, max_dt=max_dt)
     check_out_path(out_path, force)  # before reading any input
-    source = open_rosbag_source(bag, rgb_topic, depth_topic, camera_info_topic, max_dt, depth_scale,
-                                cloud_topic=cloud_topic, extra_topics=extra_topics)
+    source = open_source("rosbag", bag, rgb_topic=rgb_topic, depth_topic=depth_topic,
+                         camera_info_topic=camera_info_topic, max_dt=max_dt, depth_scale=depth_scale,
+                         cloud_topic=cloud_topic, extra_topics=extra_topics)
     frames = read_ahead(source.frames) if source.decode_apart else source.frames()
     return _write_source(source, frames, out_path, f"mmtk convert --rosbag {source.description}",
                          size=size, force=force, progress=progress, log=log, parts=parts,

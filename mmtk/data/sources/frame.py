@@ -11,6 +11,17 @@ from mmtk.data.codecs import FrameArray
 from mmtk.data.sources.depth_encoding import DEPTH_RANGES, DepthEncoding, encoding_for
 
 
+@dataclass(frozen=True)
+class MessageHeader:
+    """The header of the message a frame was read from, as recorded (a ROS bag's colour image): its stamp (0 when
+    the publisher never set it), its coordinate frame, and when the recorder logged it. A prediction of the frame
+    is stamped and framed with it."""
+
+    stamp_ns: int
+    frame_id: str
+    log_time_ns: int
+
+
 @dataclass
 class Frame:
     """One frame as a source yields it, in mmtk units or as the source got it.
@@ -18,7 +29,8 @@ class Frame:
     ``arrays`` maps stored array names to images of one size: "rgb" uint8 [H, W, 3], "depth" float32 [H, W]
     metres (0 = invalid), optional "depth_raw" (metres), "semseg" [H, W] (0 = unlabeled), and any further
     stream a source was asked for ("ir": ...). Each name is stored by a modality adapter, which validates it
-    when the frame is written. Plus intrinsics [3, 3] (pixels, 0-based), timestamp (s) and frame_id.
+    when the frame is written. Plus intrinsics [3, 3] (pixels, 0-based), timestamp (s, what the source paired by),
+    frame_id (the frame's name in its source) and, from a bag, the colour message's ``header``.
     A source hands over what it got, so the file keeps it losslessly: colour a file or message holds as JPEG as
     :class:`~mmtk.data.codecs.Encoded` bytes (:func:`read_colour`), depth a file holds as integers with a scale
     as :class:`~mmtk.data.codecs.Quantized` (:func:`keep_depth`); ``mmtk.data.codecs.plain`` gives the numbers.
@@ -29,6 +41,7 @@ class Frame:
     intrinsics: np.ndarray | None = None
     timestamp: float | None = None
     frame_id: str | None = None
+    header: MessageHeader | None = None
 
 
 @dataclass
