@@ -21,10 +21,12 @@ import numpy as np
 from torch import Tensor, nn
 
 from mmtk.errors import MmtkError
+from mmtk.task import TaskFamily, get_task_family, registered_task_families
 
 _REGISTRY: dict[str, type["Modality"]] = {}
 _ORIGINS: dict[str, str] = {}  # modality -> where it came from: "mmtk", "package:<entry point>", "file:<path>"
 _LOADING: list[str] = ["mmtk"]  # the origin of modalities registered right now
+_PLUGIN_FILES: dict[str, list[str]] = {}  # plugin origin "file:<path>" -> the modalities and task families it registered
 ENTRY_POINT_GROUP = "mmtk.modalities"
 STORED_KINDS = ("image", "metric", "labels")
 
@@ -92,9 +94,9 @@ class Modality:
       fp32_decoder:  its decoder runs in fp32 under autocast unless ModelConfig.fp32_decoders says otherwise.
       colour:        its stored arrays are colour images: the colour steps of whole-frame augmentations
                      (mmtk.data.augment: colour jitter, grayscale) apply to them; geometry applies to all.
-      metric_family: how a finetuning head predicting it is trained and scored (mmtk.evaluation.metrics.FAMILIES):
-                     "segmentation" (cross-entropy, mIoU; targets `<name>_full`) or "depth" (berHu/L1,
-                     delta/AbsRel/RMSE in metres; targets `<name>_m` with `<name>_valid`); None: not a task.
+      task_family:   the registered task family (:mod:`mmtk.task`) that trains and scores a finetuning head
+                     predicting it: mmtk's "segmentation" (cross-entropy, mIoU) or "depth" (berHu/L1, delta/AbsRel/
+                     RMSE in metres), or a plugin's; None: not a finetuning task.
       stores:        the per-frame arrays it keeps in mmtk HDF5 files (dataset name, dtype, units, validity);
                      empty for modalities computed from others (xyz) or target-only ones (norm_rgb).
       stored_from:   HDF5 datasets of a split it is read or computed from (default: its own name);
@@ -108,7 +110,7 @@ class Modality:
     mask_source: ClassVar[str | None] = None
     pos_mode: ClassVar[str] = "bicubic"
     ignore_index: ClassVar[int | None] = None  # target value that marks "no label" (semseg: 255)
-    metric_family: ClassVar[str | None] = None  # "segmentation" | "depth": how it is finetuned and scored
+    task_family: ClassVar[str | None] = None  # a registered task family's name: how it is finetuned and scored
     fp32_decoder: ClassVar[bool] = False  # its decoder runs in fp32 under autocast (ModelConfig.fp32_decoders)
     colour: ClassVar[bool] = False  # colour augmentations (jitter, grayscale) apply to its stored arrays
     stores: ClassVar[tuple[StoredArray, ...]] = ()
@@ -122,6 +124,15 @@ class Modality:
     def __init__(self, patch_size: int = 16, num_classes: int = 0) -> None:
         self.patch_size = patch_size
         self.num_classes = num_classes
+
+    @classmethod
+    def family(cls) -> TaskFamily:
+        """The task family that trains and scores a finetuning head predicting this modality, or MmtkError."""
+        if cls.task_family is None:
+            tasks = [name for name, modality in _REGISTRY.items() if modality.task_family is not None]
+            raise MmtkError(f"{cls.name} is not a finetuning task (its adapter names no task_family); finetuning "
+                            f"tasks: {', '.join(tasks)}")
+        return get_task_family(cls.task_family, needed_by=cls.name)
 
     @property
     def loss_mask_source(self) -> str:
@@ -193,14 +204,14 @@ def register_modality(cls: type[Modality]) -> type[Modality]:
 
 
 def load_plugin(path: str | Path) -> list[str]:
-    """Register the modalities of an adapter file (``--plugin FILE.py``); returns their names.
+    """Register the modalities and task families of an adapter file (``--plugin FILE.py``); returns their names.
 
     Loading a plugin runs its code, as importing any Python module does: load only files you trust.
     """
     path = Path(path).expanduser().resolve()
     origin = f"file:{path}"
-    if origin in _ORIGINS.values():
-        return [name for name, where in _ORIGINS.items() if where == origin]
+    if origin in _PLUGIN_FILES:
+        return _PLUGIN_FILES[origin]
     if not path.is_file() or path.suffix != ".py":
         raise MmtkError(f"plugin {path} is not a Python file; pass --plugin path/to/adapter.py")
     module_name = f"mmtk_plugin_{path.stem}"
@@ -208,7 +219,7 @@ def load_plugin(path: str | Path) -> list[str]:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # so that its classes pickle into DataLoader workers
-    before = set(_REGISTRY)
+    modalities, families = set(_REGISTRY), registered_task_families()
     _LOADING.append(origin)
     try:
         spec.loader.exec_module(module)
@@ -218,10 +229,11 @@ def load_plugin(path: str | Path) -> list[str]:
         raise MmtkError(f"plugin {path} failed to load: {type(err).__name__}: {err}") from None
     finally:
         _LOADING.pop()
-    added = sorted(set(_REGISTRY) - before)
+    added = sorted(set(_REGISTRY) - modalities) + sorted(registered_task_families() - families)
     if not added:
-        raise MmtkError(f"plugin {path} registers no modality; decorate its Modality subclass with "
-                        f"@register_modality")
+        raise MmtkError(f"plugin {path} registers no modality and no task family; decorate its Modality subclass "
+                        f"with @register_modality (a TaskFamily subclass with @register_task_family)")
+    _PLUGIN_FILES[origin] = added
     return added
 
 
@@ -244,10 +256,13 @@ def modality_origins(names: Any) -> dict[str, str]:
 
 
 def require_registered(origins: dict[str, str], what: str) -> None:
-    """Every modality of a checkpoint or recipe is registered; a missing one names its plugin."""
+    """Every modality of a checkpoint or recipe, and the task family each names, is registered; a missing modality
+    names its plugin."""
     _load_adapters()
     for name, origin in origins.items():
         if name in _REGISTRY:
+            if _REGISTRY[name].task_family is not None:
+                _REGISTRY[name].family()  # a family from another plugin file: one line asking for it
             continue
         if origin.startswith("file:"):
             raise MmtkError(f"{what} uses modality {name!r} from the plugin {origin[5:]}; pass --plugin {origin[5:]}")
