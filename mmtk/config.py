@@ -101,7 +101,7 @@ class TrainConfig:
     compile: Literal["none", "blocks", "step", True, False] = "none"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False  # torch.use_deterministic_algorithms; needed for bit-exact resume on GPU
-    loss: Literal["ce", "berhu", "l1"] | None = None  # finetuning loss; None = ce for semseg, berhu for depth
+    loss: str | None = None  # finetuning loss, a name of the task family's losses; None = its first (semseg: ce, depth: berhu)
     # depth finetuning: image = berHu threshold and mean per image, then the mean over images; batch = one threshold
     # (0.2 x the batch's largest error) and the mean over all valid pixels of the batch (the official MultiMAE's)
     loss_reduction: Literal["image", "batch"] = "image"

@@ -52,13 +52,19 @@ class DepthMetrics(Metric):
         self.abs_rel = MeanAbsolutePercentageError()
 
     def update(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        self.accumulate(*self.scored(pred, target, valid))
+
+    def scored(self, pred: Tensor, target: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The scored pixels: predictions clamped to the depth range and their targets, float64 [N] each."""
         keep = _scored(target, valid, self.region).reshape(-1)
         pred, target = pred.detach().double().reshape(-1), target.detach().double().reshape(-1)
         keep &= (target > self.min_depth) & (target <= self.max_depth)
-        p = pred[keep].clamp(self.min_depth, self.max_depth)
-        t = target[keep]
+        return pred[keep].clamp(self.min_depth, self.max_depth), target[keep]
+
+    def accumulate(self, p: Tensor, t: Tensor) -> None:
+        """Add scored pixels to the sums (a metric added here is one more sum, its value in :meth:`compute`)."""
         ratio = torch.maximum(p / t, t / p)
-        self.pixels += keep.sum()
+        self.pixels += p.numel()
         self.delta1 += (ratio < 1.25).sum()
         self.delta2 += (ratio < 1.25**2).sum()
         self.delta3 += (ratio < 1.25**3).sum()
