@@ -82,7 +82,7 @@ def _main_options(version: bool = typer.Option(False, "--version", callback=_pri
     """Multi-modal masked autoencoders (MultiMAE) for RGB-D robotics data."""
 
 
-PLUGIN_HELP = "A Python file registering a modality adapter (repeatable); see README, Adapters."
+PLUGIN_HELP = "A Python file registering modality adapters or task families (repeatable); see README, Adapters."
 
 
 def load_plugins(paths: list | None) -> None:

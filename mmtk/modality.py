@@ -1,4 +1,4 @@
-"""The modality interface, its registry and the plugins that add modalities.
+"""The modality interface, its registry and the plugins that add modalities (and task families, :mod:`mmtk.task`).
 
 A modality is one file: a subclass of :class:`Modality` decorated with :func:`register_modality`.
 It says what a frame of it stores in mmtk HDF5 files (:class:`StoredArray`) and how a stored crop becomes
@@ -9,7 +9,6 @@ from, and its per-pixel loss. The core never names a modality; it looks them up 
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import sys
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from mmtk.errors import MmtkError
-from mmtk.task import TaskFamily, get_task_family, registered_task_families
+from mmtk.task import TaskFamily, get_task_family, load_adapters, registered_task_families
 
 _REGISTRY: dict[str, type["Modality"]] = {}
 _ORIGINS: dict[str, str] = {}  # modality -> where it came from: "mmtk", "package:<entry point>", "file:<path>"
@@ -258,7 +257,7 @@ def modality_origins(names: Any) -> dict[str, str]:
 def require_registered(origins: dict[str, str], what: str) -> None:
     """Every modality of a checkpoint or recipe, and the task family each names, is registered; a missing modality
     names its plugin."""
-    _load_adapters()
+    load_adapters()
     for name, origin in origins.items():
         if name in _REGISTRY:
             if _REGISTRY[name].task_family is not None:
@@ -272,14 +271,9 @@ def require_registered(origins: dict[str, str], what: str) -> None:
         raise MmtkError(f"{what} uses modality {name!r}, which no loaded adapter registers; pass its --plugin")
 
 
-def _load_adapters() -> None:
-    """Register mmtk's own adapters and installed plugins (once; imported by name so the core never imports one)."""
-    importlib.import_module("mmtk.adapters")
-
-
 def get_modality(name: str) -> type[Modality]:
     """Look up a registered modality class by name."""
-    _load_adapters()
+    load_adapters()
     if name not in _REGISTRY:
         raise MmtkError(f"unknown modality '{name}'; registered: {', '.join(_REGISTRY)} (a modality of your own: "
                         f"pass its adapter file with --plugin FILE.py or list it under plugins: in the recipe)")
@@ -288,13 +282,13 @@ def get_modality(name: str) -> type[Modality]:
 
 def list_modalities() -> list[str]:
     """Names of all registered modalities, in registration order (mmtk's own first, then plugins)."""
-    _load_adapters()
+    load_adapters()
     return list(_REGISTRY)
 
 
 def stored_array(name: str) -> tuple[type[Modality], StoredArray]:
     """The modality that stores the HDF5 dataset ``name``, and its :class:`StoredArray`."""
-    _load_adapters()
+    load_adapters()
     for cls in _REGISTRY.values():
         for stored in cls.stores:
             if stored.name == name:

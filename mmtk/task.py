@@ -170,24 +170,26 @@ def register_task_family(cls: type[TaskFamily]) -> type[TaskFamily]:
     return cls
 
 
-def _load_adapters() -> None:
-    """Register mmtk's own families and installed plugins (imported by name: the core never imports an adapter)."""
+def load_adapters() -> None:
+    """Register mmtk's own modalities and task families and installed plugins (once; imported by name so the core
+    never imports an adapter)."""
     importlib.import_module("mmtk.adapters")
 
 
 def get_task_family(name: str, needed_by: str = "") -> TaskFamily:
     """The registered task family ``name``; an unknown one names the registered ones and how to add one."""
-    _load_adapters()
-    if name not in _FAMILIES:
+    load_adapters()
+    family = _FAMILIES.get(name)
+    if family is None:
         who = f" (the task family of modality {needed_by!r})" if needed_by else ""
-        raise MmtkError(f"unknown task family {name!r}{who}; registered: {', '.join(_FAMILIES)} (a family of your "
-                        f"own: a @register_task_family class in a file passed with --plugin FILE.py)")
-    return _FAMILIES[name]
+        raise MmtkError(f"unknown task family {name!r}{who}; registered: {', '.join(list_task_families())} (a family "
+                        f"of your own: a @register_task_family class in a file passed with --plugin FILE.py)")
+    return family
 
 
 def list_task_families() -> list[str]:
     """Names of all registered task families, in registration order (mmtk's own first, then plugins)."""
-    _load_adapters()
+    load_adapters()
     return list(_FAMILIES)
 
 

@@ -139,8 +139,21 @@ def write_bag_with_thermal(out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def thermal_run(tmp_path_factory):
-    """The plugin file, the converted bag (60 x 80) and a tiny model finetuned on rgb -> thermal."""
-    folder = tmp_path_factory.mktemp("thermal")
+    """The plugin file, the converted bag (60 x 80) and a tiny model finetuned on rgb -> thermal. The plugin's
+    registrations stay in this module (test_predict_sources registers a 'thermal' of its own)."""
+    import mmtk.modality
+    import mmtk.task
+    from mmtk.modality import list_modalities
+
+    list_modalities()  # mmtk's own adapters and families registered before the copies
+    with pytest.MonkeyPatch.context() as patch:
+        for module, name in ((mmtk.modality, "_REGISTRY"), (mmtk.modality, "_ORIGINS"),
+                             (mmtk.modality, "_PLUGIN_FILES"), (mmtk.task, "_FAMILIES")):
+            patch.setattr(module, name, dict(getattr(module, name)))
+        yield _convert_and_finetune(tmp_path_factory.mktemp("thermal"))
+
+
+def _convert_and_finetune(folder: Path) -> tuple[Path, Path, Path]:
     plugin = folder / "thermal_plugin.py"
     plugin.write_text(THERMAL_PLUGIN)
     bag = folder / "kinect_thermal.bag"
@@ -276,3 +289,29 @@ def test_a_metric_added_to_a_family_is_one_column_and_one_sum(sample_h5, tmp_pat
     expected = (pred.double().clamp(1e-3, 10) - target).abs()[keep].mean()
     assert got["mae"] == pytest.approx(float(expected), rel=1e-6) and got["mae"] <= got["rmse"]
     assert f"{got['mae']:.3f}" in text
+
+
+def test_training_evaluation_export_and_the_cli_compare_no_family_or_modality_name():
+    """No `==`/`in` against a registered task family's or modality's name in the code that trains, evaluates,
+    exports, predicts or prints (cli/robot_cmds.py, the predict/convert sources, is checked by its own owner)."""
+    import ast
+
+    from mmtk.modality import list_modalities
+    from mmtk.task import list_task_families
+
+    repo = Path(__file__).resolve().parents[1]
+    names = set(list_modalities()) | set(list_task_families())
+    files = [*(repo / "mmtk" / "train").glob("*.py"), *(repo / "mmtk" / "evaluation").glob("*.py"),
+             *(repo / "mmtk" / "weights").glob("*.py"), *(repo / "cli").glob("*.py")]
+    files += [repo / "mmtk" / name for name in ("export.py", "predict.py", "config.py", "task.py", "modality.py")]
+    compared = []
+    for path in files:
+        if path.name == "robot_cmds.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                constants = [c for side in sides for c in (getattr(side, "elts", None) or [side])]
+                compared += [f"{path.name}:{node.lineno} {c.value!r}" for c in constants
+                             if isinstance(c, ast.Constant) and c.value in names]
+    assert len(files) > 20 and not compared
