@@ -261,7 +261,10 @@ def require_registered(origins: dict[str, str], what: str) -> None:
     for name, origin in origins.items():
         if name in _REGISTRY:
             if _REGISTRY[name].task_family is not None:
-                _REGISTRY[name].family()  # a family from another plugin file: one line asking for it
+                try:
+                    _REGISTRY[name].family()
+                except MmtkError as err:  # a family from another plugin file than its modality's
+                    raise MmtkError(f"{what}: {err}") from None
             continue
         if origin.startswith("file:"):
             raise MmtkError(f"{what} uses modality {name!r} from the plugin {origin[5:]}; pass --plugin {origin[5:]}")

@@ -13,6 +13,7 @@ A second test adds a metric to mmtk's own depth family from this file: one colum
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from data_helpers import BAG1, DEPTH_TOPIC, RGB_TOPIC
-from engine_helpers import RECIPES, TINY_DEPTH, run_cli, sample_h5  # noqa: F401
+from engine_helpers import CLI, ONE_THREAD_ENV, RECIPES, TINY_DEPTH, run_cli, sample_h5  # noqa: F401
 from mmtk.errors import MmtkError
 
 THERMAL_TOPIC = "/camera/thermal/image_raw"
@@ -211,21 +212,27 @@ def test_plugin_task_family_finetunes_evaluates_and_exports(thermal_run):
 
     assert [output.name for output in onnx.load(str(out)).graph.output] == ["thermal_K"]
 
+    # A fresh process without --plugin: the checkpoint names the file its task (modality and family) came from.
+    done = subprocess.run([*CLI, "export", str(folder / "ft"), "--onnx", str(folder / "again.onnx")],
+                          capture_output=True, text=True, env=ONE_THREAD_ENV)
+    assert done.returncode == 2 and f"modality 'thermal' from the plugin {plugin}; pass --plugin {plugin}" in done.stderr
+
 
 def test_plugin_family_mistakes_are_one_line(thermal_run, tmp_path, monkeypatch):
     folder, plugin, data = thermal_run
     code, text = run_cli("finetune", RECIPES / "tiny_finetune_depth.yaml", "--data", data, "--out", tmp_path / "x",
                          "--plugin", plugin, "--set", "model.task=thermal")  # the recipe's berhu is depth's
     assert code == 2 and "train.loss: thermal finetuning uses 'l1_kelvin', got 'berhu'" in text
-    import mmtk.modality
     import mmtk.task
-    from mmtk.modality import get_modality, load_plugin
+    from mmtk.modality import get_modality, load_plugin, require_registered
 
     monkeypatch.setattr(mmtk.task, "_FAMILIES", dict(mmtk.task._FAMILIES))
     del mmtk.task._FAMILIES["kelvin"]  # as in a process that loaded the modality but not the family's file
     with pytest.raises(MmtkError, match=r"unknown task family 'kelvin' \(the task family of modality 'thermal'\); "
                                         r"registered: depth, segmentation .*--plugin FILE.py"):
         get_modality("thermal").family()
+    with pytest.raises(MmtkError, match=r"^checkpoint ft.pt: unknown task family 'kelvin' .*--plugin FILE.py\)$"):
+        require_registered({"thermal": f"file:{plugin}"}, "checkpoint ft.pt")  # as a checkpoint is read
     families_only = tmp_path / "kelvin_family.py"
     families_only.write_text(THERMAL_PLUGIN.split("@register_modality")[0] + "class KelvinMAE" +
                              THERMAL_PLUGIN.split("class KelvinMAE")[1])
