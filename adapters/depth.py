@@ -33,7 +33,7 @@ METRES = ("float32", "float64")
 class Depth(Modality):
     name = "depth"
     channels = 1
-    metric_family = "depth"
+    task_family = "depth"
     stores = (StoredArray("depth", "metric", METRES, "m"), StoredArray("depth_raw", "metric", METRES, "m"))
     inverse = False  # the stored dataset holds relative inverse depth (set by bind_stored)
     preparation = "metres, robust per-image standardisation (10-90% quantile slice), invalid = 0"

@@ -30,7 +30,7 @@ class Semseg(Modality):
     stride = 4
     pos_mode = "bilinear"
     ignore_index = IGNORE_INDEX
-    metric_family = "segmentation"
+    task_family = "segmentation"
     fp32_decoder = True  # logits over many classes lose too much in bf16
     stores = (StoredArray("semseg", "labels", ("uint8", "uint16", "int32", "int64", "uint32"),
                           "class id, 0 = unlabeled, k = classes[k-1]"),)

@@ -28,7 +28,7 @@ class XYZ(Depth):
 
     name = "xyz"
     channels = 3
-    metric_family = None  # not a finetuning task (yet): no metric on camera-frame points
+    task_family = None  # not a finetuning task (yet): no metric on camera-frame points
     stores = ()  # nothing of its own: computed per crop from metric depth and K
     stored_from = ("depth", "intrinsics")
     preparation = ("camera-frame metres from depth and intrinsics, divided by the robust std of z (10-90% quantile "

@@ -82,14 +82,14 @@ def _main_options(version: bool = typer.Option(False, "--version", callback=_pri
     """Multi-modal masked autoencoders (MultiMAE) for RGB-D robotics data."""
 
 
-PLUGIN_HELP = ("A Python file registering a modality adapter or a source layout (repeatable); see README, Adapters "
-               "and Source layouts.")
+PLUGIN_HELP = ("A Python file registering modality adapters, task families or source layouts (repeatable); see "
+               "README, Adapters, Task families and Source layouts.")
 
 
 def load_plugins(paths: list | None) -> None:
     """Register the modality adapters of ``--plugin`` files (every command that reads or builds modalities)."""
     if paths:
-        from mmtk.modality import load_plugin
+        from mmtk.plugins import load_plugin
 
         for path in paths:
             load_plugin(path)

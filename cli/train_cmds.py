@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import shlex
 import sys
@@ -187,19 +186,6 @@ def _training_data(checkpoint: Path) -> list[Path]:
     return [Path(path) for path in recorded]
 
 
-def _fmt(value: float, key: str) -> str:
-    if isinstance(value, float) and math.isnan(value):
-        return "-"
-    if key in ("miou", "pixel_acc", "mean_acc", "delta1", "delta2", "delta3"):
-        return f"{100 * value:.1f}"
-    return f"{value:.3f}"
-
-
-HEADERS = {"miou": "mIoU %", "pixel_acc": "pixel acc %", "mean_acc": "mean acc %", "delta1": "δ1 %",
-           "delta2": "δ2 %", "delta3": "δ3 %", "abs_rel": "AbsRel", "sq_rel": "SqRel m", "rmse": "RMSE m",
-           "rmse_log": "RMSE log", "log10": "log10"}
-
-
 @app.command("eval")
 def eval_cmd(
     run: Optional[Path] = typer.Option(None, "--run", help="Run folder of `mmtk pretrain`/`finetune` (its newest "
@@ -262,35 +248,30 @@ def eval_cmd(
 
 
 def _print_tables(console, rows: list, frames: int, split: str, data: Path, protocol: str) -> None:
-    """One table per task of one dataset's rows, with each row's note under it."""
+    """One table per task of one dataset's rows, with each row's note under it; the task's family gives the title,
+    the columns (headers with units) and how each value prints."""
     from rich.table import Table
 
-    from mmtk.evaluation.metrics import FAMILIES
     from mmtk.modality import get_modality
     from mmtk.progress import counted
 
     for task in dict.fromkeys(r.task for r in rows):
-        family = get_modality(task).metric_family
-        keys = FAMILIES[family]["keys"]
+        family = get_modality(task).family()
         task_rows = [r for r in rows if r.task == task]
-        relative = any(row.relative_depth for row in task_rows)
-        title = "semantic segmentation" if family == "segmentation" else \
-            "relative depth (valid pixels)" if relative else "depth (metres, valid pixels)"
-        table = Table(title=f"{title}: {counted(frames, 'frame')} of split '{split}' of {data}, protocol {protocol}")
+        rescaled = any(row.rescaled for row in task_rows)
+        table = Table(title=f"{family.table_title(rescaled)}: {counted(frames, 'frame')} of split '{split}' of {data}, "
+                            f"protocol {protocol}")
         table.add_column("inputs")
-        for key in keys:
-            header = HEADERS[key]
-            table.add_column(header.replace(" m", " m*") if relative and header.endswith(" m") else header,
-                             justify="right")
+        for column in family.columns:
+            table.add_column(family.header(column, rescaled), justify="right")
         table.add_column("pixels", justify="right")
         for row in task_rows:
-            cells = [_fmt(row.metrics[k], k) for k in keys] if row.metrics else ["-"] * len(keys)
+            cells = [column.format(row.metrics[column.key]) for column in family.columns] if row.metrics \
+                else ["-"] * len(family.columns)
             table.add_row(",".join(row.inputs), *cells, str(row.metrics.get("pixels", "-")))
         console.print(table)
-        if relative:
-            console.print("  * a pretrained model predicts relative depth: each frame's prediction is scaled and "
-                          "shifted to its ground truth's robust mean and spread before comparing, so these metres "
-                          "measure shape, not scale", soft_wrap=True)
+        if family.footnote(rescaled):
+            console.print(family.footnote(rescaled), soft_wrap=True)
         for row in task_rows:
             if row.note:
                 console.print(f"  {','.join(row.inputs)} -> {task}: {row.note}", soft_wrap=True)

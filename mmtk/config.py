@@ -101,7 +101,7 @@ class TrainConfig:
     compile: Literal["none", "blocks", "step", True, False] = "none"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False  # torch.use_deterministic_algorithms; needed for bit-exact resume on GPU
-    loss: Literal["ce", "berhu", "l1"] | None = None  # finetuning loss; None = ce for semseg, berhu for depth
+    loss: str | None = None  # finetuning loss, a name of the task family's losses; None = its first (semseg: ce, depth: berhu)
     # depth finetuning: image = berHu threshold and mean per image, then the mean over images; batch = one threshold
     # (0.2 x the batch's largest error) and the mean over all valid pixels of the batch (the official MultiMAE's)
     loss_reduction: Literal["image", "batch"] = "image"
@@ -222,7 +222,7 @@ def recipe_from_dict(values: dict[str, Any], source: str = "<recipe>") -> Recipe
     recipe = _build(Recipe, values, "", source)
     _resolve_model(recipe.model, source)
     if recipe.plugins:
-        from mmtk.modality import load_plugin
+        from mmtk.plugins import load_plugin
 
         for plugin in recipe.plugins:
             load_plugin(plugin)
@@ -461,18 +461,17 @@ def validate(recipe: Recipe, source: str) -> None:
     if recipe.kind == "finetune":
         if model.head is None or model.task is None:
             raise MmtkError(f"{source}: a finetune recipe needs model.head (convnext|dpt) and model.task (semseg|depth)")
-        from mmtk.evaluation.metrics import FAMILIES
         from mmtk.modality import get_modality
 
-        family = get_modality(model.task).metric_family
-        if family is None:
-            raise MmtkError(f"{source}: model.task: {model.task} is not a finetuning task (its adapter has no "
-                            f"metric_family); use semseg or depth")
-        if train.target_norm is not None and not FAMILIES[family].get("target_norm"):
+        try:
+            family = get_modality(model.task).family()
+        except MmtkError as err:
+            raise MmtkError(f"{source}: model.task: {err}") from None
+        if train.target_norm is not None and not family.target_norm:
             raise MmtkError(f"{source}: train.target_norm normalises regression targets such as depth; "
-                            f"{model.task} is a {family} task, remove it")
-        if train.loss not in (None, *FAMILIES[family]["losses"]):
+                            f"{model.task} is a {family.name} task, remove it")
+        if train.loss not in (None, *family.losses):
             raise MmtkError(f"{source}: train.loss: {model.task} finetuning uses "
-                            f"{' or '.join(repr(x) for x in FAMILIES[family]['losses'])}, got {train.loss!r}")
+                            f"{' or '.join(repr(x) for x in family.losses)}, got {train.loss!r}")
     elif not model.outputs:
         raise MmtkError(f"{source}: model.outputs: pretraining needs at least one output task")

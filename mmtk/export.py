@@ -2,8 +2,8 @@
 
 The exported graph has a fixed input set and image size: one input per modality, named after it and
 holding the *prepared* tensor of the data contract (``rgb`` [1, 3, H, W] ImageNet-normalised; ``depth``
-[1, 1, H, W] robustly standardised), and one output: ``semseg_logits`` [1, C, H, W] or ``depth_m``
-[1, 1, H, W] (metres). The mmtk model name, inputs, image size and task are stored as ONNX metadata.
+[1, 1, H, W] robustly standardised), and one output named by the task's family: ``semseg_logits`` [1, C, H, W],
+``depth_m`` [1, 1, H, W] (metres), a plugin family's own. The mmtk model name, inputs, image size and task are stored as ONNX metadata.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ class ExportResult:
 
 
 def output_name(predictor: Predictor) -> str:
-    """``<task>_m`` for a depth-family task (metres), else ``<task>_logits``."""
+    """The output name the task's family gives it (``<task>_logits``, ``<task>_m`` for depth in metres, ...)."""
     task = predictor.config.task
-    return f"{task}_m" if get_modality(task).metric_family == "depth" else f"{task}_logits"
+    return get_modality(task).family().output_name(task)
 
 
 def example_inputs(inputs: tuple[str, ...], image_size: tuple[int, int], seed: int = 0) -> list[Tensor]:

@@ -1,4 +1,4 @@
-"""The modality interface, its registry and the plugins that add modalities.
+"""The modality interface, its registry and the plugins that add modalities (and task families, :mod:`mmtk.task`).
 
 A modality is one file: a subclass of :class:`Modality` decorated with :func:`register_modality`.
 It says what a frame of it stores in mmtk HDF5 files (:class:`StoredArray`) and how a stored crop becomes
@@ -10,24 +10,18 @@ that), where its training target comes from, its per-pixel loss, and how a predi
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 from dataclasses import dataclass
-from importlib.metadata import entry_points
-from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import numpy as np
 from torch import Tensor, nn
 
 from mmtk.errors import MmtkError
+from mmtk.plugins import ENTRY_POINT_GROUP, load_adapters, record_registration
+from mmtk.task import TaskFamily, get_task_family
 
 _REGISTRY: dict[str, type["Modality"]] = {}
 _ORIGINS: dict[str, str] = {}  # modality -> where it came from: "mmtk", "package:<entry point>", "file:<path>"
-_LOADING: list[str] = ["mmtk"]  # the origin of modalities registered right now
-_REGISTERED_BY: dict[str, list[str]] = {}  # origin -> what its code registered ("modality ir", "source layout x")
-ENTRY_POINT_GROUP = "mmtk.modalities"
 STORED_KINDS = ("image", "metric", "labels")
 # The ``units`` attr of a "metric" array known only up to an unknown scale and shift (written by a pseudo-labeller,
 # read by the adapter that prepares it): the quantity itself, or its inverse (larger = nearer for depth).
@@ -99,9 +93,9 @@ class Modality:
       colour:        its stored arrays are colour images: the colour steps of whole-frame augmentations
                      (mmtk.data.augment: colour jitter, grayscale) apply to them; geometry applies to all.
       preparation:   one line saying how :meth:`load` prepares it (the metadata of an exported ONNX model).
-      metric_family: how a finetuning head predicting it is trained and scored (mmtk.evaluation.metrics.FAMILIES):
-                     "segmentation" (cross-entropy, mIoU; targets `<name>_full`) or "depth" (berHu/L1,
-                     delta/AbsRel/RMSE in metres; targets `<name>_m` with `<name>_valid`); None: not a task.
+      task_family:   the registered task family (:mod:`mmtk.task`) that trains and scores a finetuning head
+                     predicting it: mmtk's "segmentation" (cross-entropy, mIoU) or "depth" (berHu/L1, delta/AbsRel/
+                     RMSE in metres), or a plugin's; None: not a finetuning task.
       stores:        the per-frame arrays it keeps in mmtk HDF5 files (dataset name, dtype, units, validity);
                      empty for modalities computed from others (xyz) or target-only ones (norm_rgb).
       stored_from:   HDF5 datasets of a split it is read or computed from (default: its own name);
@@ -115,7 +109,7 @@ class Modality:
     mask_source: ClassVar[str | None] = None
     pos_mode: ClassVar[str] = "bicubic"
     ignore_index: ClassVar[int | None] = None  # target value that marks "no label" (semseg: 255)
-    metric_family: ClassVar[str | None] = None  # "segmentation" | "depth": how it is finetuned and scored
+    task_family: ClassVar[str | None] = None  # a registered task family's name: how it is finetuned and scored
     fp32_decoder: ClassVar[bool] = False  # its decoder runs in fp32 under autocast (ModelConfig.fp32_decoders)
     colour: ClassVar[bool] = False  # colour augmentations (jitter, grayscale) apply to its stored arrays
     preparation: ClassVar[str] = ""  # how load prepares it, in one line (exported models' metadata)
@@ -130,6 +124,15 @@ class Modality:
     def __init__(self, patch_size: int = 16, num_classes: int = 0) -> None:
         self.patch_size = patch_size
         self.num_classes = num_classes
+
+    @classmethod
+    def family(cls) -> TaskFamily:
+        """The task family that trains and scores a finetuning head predicting this modality, or MmtkError."""
+        if cls.task_family is None:
+            tasks = [name for name, modality in _REGISTRY.items() if modality.task_family is not None]
+            raise MmtkError(f"{cls.name} is not a finetuning task (its adapter names no task_family); finetuning "
+                            f"tasks: {', '.join(tasks)}")
+        return get_task_family(cls.task_family, needed_by=cls.name)
 
     @property
     def loss_mask_source(self) -> str:
@@ -205,61 +208,8 @@ class Modality:
 def register_modality(cls: type[Modality]) -> type[Modality]:
     """Class decorator: make a modality available to `mmtk.create_model` by its `name`."""
     _REGISTRY[cls.name] = cls
-    _ORIGINS[cls.name] = record_registration(f"modality {cls.name}")
+    _ORIGINS[cls.name] = record_registration(cls.name)
     return cls
-
-
-def record_registration(what: str) -> str:
-    """Note that the code being loaded now registered ``what`` (a modality, a source layout, ...), so that
-    :func:`load_plugin` knows the file registered something; returns the origin ("mmtk", "file:<path>", ...)."""
-    origin = _LOADING[-1]
-    _REGISTERED_BY.setdefault(origin, []).append(what)
-    return origin
-
-
-def load_plugin(path: str | Path) -> list[str]:
-    """Register the modalities (and source layouts, ...) of a plugin file (``--plugin FILE.py``); returns the
-    modalities' names.
-
-    Loading a plugin runs its code, as importing any Python module does: load only files you trust.
-    """
-    path = Path(path).expanduser().resolve()
-    origin = f"file:{path}"
-    if origin in _REGISTERED_BY:
-        return [name for name, where in _ORIGINS.items() if where == origin]
-    if not path.is_file() or path.suffix != ".py":
-        raise MmtkError(f"plugin {path} is not a Python file; pass --plugin path/to/adapter.py")
-    module_name = f"mmtk_plugin_{path.stem}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # so that its classes pickle into DataLoader workers
-    _LOADING.append(origin)
-    try:
-        spec.loader.exec_module(module)
-    except MmtkError:
-        raise
-    except Exception as err:  # a user's file: any error it raises is reported in one line
-        raise MmtkError(f"plugin {path} failed to load: {type(err).__name__}: {err}") from None
-    finally:
-        _LOADING.pop()
-    if origin not in _REGISTERED_BY:
-        raise MmtkError(f"plugin {path} registers nothing; decorate its Modality subclass with @register_modality "
-                        f"(a source layout: its Layout subclass with @register_layout)")
-    return sorted(name for name, where in _ORIGINS.items() if where == origin)
-
-
-def load_entry_points() -> None:
-    """Register the modalities of installed packages (entry-point group ``mmtk.modalities``)."""
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        _LOADING.append(f"package:{point.value}")
-        try:
-            point.load()
-        except Exception as err:  # a broken third-party package must not break mmtk itself
-            print(f"warning: modality plugin {point.value} failed to load: {type(err).__name__}: {err}",
-                  file=sys.stderr)
-        finally:
-            _LOADING.pop()
 
 
 def modality_origins(names: Any) -> dict[str, str]:
@@ -268,10 +218,16 @@ def modality_origins(names: Any) -> dict[str, str]:
 
 
 def require_registered(origins: dict[str, str], what: str) -> None:
-    """Every modality of a checkpoint or recipe is registered; a missing one names its plugin."""
-    _load_adapters()
+    """Every modality of a checkpoint or recipe, and the task family each names, is registered; a missing modality
+    names its plugin."""
+    load_adapters()
     for name, origin in origins.items():
         if name in _REGISTRY:
+            if _REGISTRY[name].task_family is not None:
+                try:
+                    _REGISTRY[name].family()
+                except MmtkError as err:  # a family from another plugin file than its modality's
+                    raise MmtkError(f"{what}: {err}") from None
             continue
         if origin.startswith("file:"):
             raise MmtkError(f"{what} uses modality {name!r} from the plugin {origin[5:]}; pass --plugin {origin[5:]}")
@@ -281,14 +237,9 @@ def require_registered(origins: dict[str, str], what: str) -> None:
         raise MmtkError(f"{what} uses modality {name!r}, which no loaded adapter registers; pass its --plugin")
 
 
-def _load_adapters() -> None:
-    """Register mmtk's own adapters and installed plugins (once; imported by name so the core never imports one)."""
-    importlib.import_module("mmtk.adapters")
-
-
 def get_modality(name: str) -> type[Modality]:
     """Look up a registered modality class by name."""
-    _load_adapters()
+    load_adapters()
     if name not in _REGISTRY:
         raise MmtkError(f"unknown modality '{name}'; registered: {', '.join(_REGISTRY)} (a modality of your own: "
                         f"pass its adapter file with --plugin FILE.py or list it under plugins: in the recipe)")
@@ -297,13 +248,13 @@ def get_modality(name: str) -> type[Modality]:
 
 def list_modalities() -> list[str]:
     """Names of all registered modalities, in registration order (mmtk's own first, then plugins)."""
-    _load_adapters()
+    load_adapters()
     return list(_REGISTRY)
 
 
 def stored_array(name: str) -> tuple[type[Modality], StoredArray]:
     """The modality that stores the HDF5 dataset ``name``, and its :class:`StoredArray`."""
-    _load_adapters()
+    load_adapters()
     for cls in _REGISTRY.values():
         for stored in cls.stores:
             if stored.name == name:

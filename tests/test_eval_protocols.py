@@ -24,7 +24,7 @@ import mmtk.evaluation.evaluate as evaluate_module
 from data_helpers import DecodedFile
 from engine_helpers import SAMPLES
 from mmtk.errors import MmtkError
-from mmtk.evaluation.metrics import BatchMeanDepthMetrics
+from mmtk.adapters.tasks.depth import BatchMeanDepthMetrics
 from mmtk.model.multimae import ModelConfig
 
 MODEL_SIZE = (256, 256)

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from mmtk.evaluation.metrics import DepthMetrics, SegmentationMetrics
+from mmtk.adapters.tasks.depth import DepthMetrics
+from mmtk.adapters.tasks.segmentation import SegmentationMetrics
 
 
 def test_segmentation_pooled_over_batches_with_ignored_labels():

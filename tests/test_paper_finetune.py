@@ -19,7 +19,8 @@ from mmtk.config import load_recipe
 from mmtk.data.augment import multimae_depth, multimae_semseg
 from mmtk.train.engine import read_metrics
 from mmtk.errors import MmtkError
-from mmtk.train.run import depth_loss, run_training
+from mmtk.adapters.tasks.depth import depth_loss
+from mmtk.train.run import run_training
 
 KINDS = {"rgb": "image", "ir": "image", "depth": "metric", "semseg": "labels"}
 

@@ -216,7 +216,8 @@ def test_a_plugin_modality_prepares_itself_and_puts_predictions_back_in_its_unit
     import mmtk.modality
     from data_helpers import kinect_frame
     from mmtk.data.sources.frame import Frame
-    from mmtk.modality import list_modalities, load_plugin
+    from mmtk.modality import list_modalities
+    from mmtk.plugins import load_plugin
     from mmtk.predict import load_predictor, predict_frame
 
     list_modalities()  # mmtk's own adapters registered before the copies: the plugin's stay in this test

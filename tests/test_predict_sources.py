@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import mmtk
+import mmtk.plugins
 from cli_helpers import run_cli
 from data_helpers import BAG1, DEPTH_TOPIC, MULTIMAE, RGB_TOPIC, SYNC
 from mmtk.data.sources.frame import Frame
@@ -184,7 +185,7 @@ def thermal(tmp_path_factory):
     folder = tmp_path_factory.mktemp("thermal")
     plugin = folder / "thermal_adapter.py"
     plugin.write_text(THERMAL_ADAPTER)
-    mmtk.modality.load_plugin(plugin)
+    mmtk.plugins.load_plugin(plugin)
     bag = folder / "kinect_thermal.bag"
     write_bag_with_ir(bag)
     model = save_tiny(folder / "thermal.pt", **TINY, inputs=("rgb", "thermal"))

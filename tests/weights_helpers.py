@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmtk.evaluation.metrics import DepthMetrics, SegmentationMetrics
+from mmtk.adapters.tasks.depth import DepthMetrics
+from mmtk.adapters.tasks.segmentation import SegmentationMetrics
 from mmtk.evaluation.protocols import eigen_crop
 from mmtk.data.contents import open_dataset
 

@@ -1,35 +1,35 @@
 """Evaluation of a checkpoint on a split, one row per input combination ("what does each sensor buy me?").
 
 A finetuned checkpoint is run with only the given inputs. A pretrained MultiMAE checkpoint is
-evaluated on cross-modal prediction: every output with a metric family (depth, semantic segmentation, a
-plugin's) is predicted from the given inputs with every token of the predicted modality hidden. The pretrained model predicts
-standardised depth; it is mapped back to metres with each frame's own robust statistics (the
-inverse of the standardisation in the data contract), so its depth numbers measure relative depth.
+evaluated on cross-modal prediction: every output with a task family (depth, semantic segmentation, a
+plugin's) is predicted from the given inputs with every token of the predicted modality hidden. The pretrained model
+predicts standardised values; its task family maps them back to the targets' units (depth: with each frame's own
+robust statistics, the inverse of the standardisation in the data contract, so those numbers measure relative depth).
+Each task's family (:mod:`mmtk.task`) says how it is viewed, scored and pictured.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-from torchmetrics import Metric
 
 from mmtk.runtime import pick_device, to_device
 from mmtk.errors import MmtkError
 from mmtk.data.info import strict_json
 from mmtk.io import atomic_write, disk_errors, remove_dead_temps
-from mmtk.evaluation.metrics import FAMILIES, SegmentationMetrics
 from mmtk.modality import get_modality
-from mmtk.evaluation.protocols import EvalProtocol, View, get_protocol
+from mmtk.evaluation.protocols import View, get_protocol
 from mmtk.registry import model_from_checkpoint
 from mmtk.data.contents import data_info, require_modalities
-from mmtk.visualize import class_legend, colorize_depth, depth_bar, label_palette
+from mmtk.task import PictureStyle
+from mmtk.visualize import label_palette
 
 
 @dataclass
@@ -40,9 +40,9 @@ class EvalRow:
     task: str
     frames: int
     metrics: dict[str, float]
-    per_class: dict[str, list[float]] = field(default_factory=dict)  # semseg: iou, intersection, union
+    per_class: dict[str, list[float]] = field(default_factory=dict)  # the family's details (semseg: iou, ...)
     note: str = ""
-    relative_depth: bool = False  # a pretrained model's depth: rescaled per frame to the ground truth, not metric
+    rescaled: bool = False  # a pretrained model's values, rescaled per frame to the ground truth (TaskFamily.rescaled)
 
 
 def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
@@ -67,7 +67,8 @@ def parse_input_sets(values: list[str] | None, available: tuple[str, ...]) -> li
 
 def _predict(model: nn.Module, kind: str, batch: dict[str, Tensor], combo: tuple[str, ...],
              tasks: tuple[str, ...], full_size: tuple[int, int]) -> dict[str, Tensor | None]:
-    """Predictions at full resolution per task: class logits [B, C, H, W] or depth metres [B, 1, H, W]."""
+    """Predictions per task as its family scores them: a head's output, or a pretrained model's standardised
+    prediction mapped by the family to the targets' units (class logits [B, C, H, W], depth metres [B, 1, H, W])."""
     if kind == "finetune":
         return {tasks[0]: model({name: batch[name] for name in combo})}
     preds: dict[str, Tensor | None] = {}
@@ -81,14 +82,7 @@ def _predict(model: nn.Module, kind: str, batch: dict[str, Tensor], combo: tuple
         masks = {name: torch.zeros(batch[name].shape[0], tokens, dtype=torch.bool, device=batch[name].device)
                  for name in given}
         out = model(inputs, masks=masks)
-        pred = out.preds[task]
-        if get_modality(task).metric_family == "depth":  # standardised -> metres with the frame's statistics
-            preds[task] = get_modality(task)().to_units(pred.float(), batch[f"{task}_m"], batch[f"{task}_valid"])
-            if preds[task] is None:
-                raise MmtkError(f"a pretrained model's {task} cannot be scored in its units: its adapter has no "
-                                f"to_units (see Modality.to_units); add one, or evaluate a finetuned model")
-        else:
-            preds[task] = F.interpolate(pred.float(), size=full_size, mode="bilinear", align_corners=False)
+        preds[task] = get_modality(task).family().from_pretrained(out.preds[task], batch, task, full_size)
     return preds
 
 
@@ -114,12 +108,13 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
     if kind == "finetune":
         tasks: tuple[str, ...] = (config.task,)
     else:
-        tasks = tuple(t for t in config.outputs if get_modality(t).metric_family is not None)
+        tasks = tuple(t for t in config.outputs if get_modality(t).task_family is not None)
         if not tasks:
             raise MmtkError(f"{checkpoint}: the pretrained model predicts no output with a metric (such as depth or "
                             f"semseg); nothing to evaluate")
     info = data_info(data, split)
-    labelled = [n for n in dict.fromkeys(available + tasks) if get_modality(n).metric_family == "segmentation"]
+    labelled = [n for n in dict.fromkeys(available + tasks)
+                if get_modality(n).task_family is not None and get_modality(n).family().class_labels]
     skipped_labels, skipped_tasks = "", []
     if labelled and info.num_classes and info.num_classes != config.num_classes:
         why = f"{checkpoint} knows {config.num_classes} semantic classes but {data} is labelled with {info.num_classes}"
@@ -136,14 +131,17 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
     if frames == 0:
         raise MmtkError(f"split '{split}' of {data} has no frames; pick another with --split")
     num_classes = config.num_classes
-    metrics = {(combo, task): _new_metric(task, num_classes, chosen) for combo in combos for task in tasks}
+    metrics = {}
     skipped: set[tuple[tuple[str, ...], str]] = set()
     saver = PredictionWriter(save_predictions, num_classes, info, kind != "finetune") if save_predictions else None
     for task in tasks:
-        view = chosen.view(get_modality(task).metric_family, tuple(info.image_size), tuple(config.image_size))
-        region = chosen.depth_region(tuple(info.image_size), view.target_size)
+        family, frame_size = get_modality(task).family(), tuple(info.image_size)
+        view = family.view(chosen, frame_size, tuple(config.image_size))
+        metrics.update({(combo, task): family.metric(get_modality(task), num_classes, chosen, view, frame_size)
+                        for combo in combos})
         seen = 0
-        for batch in DataLoader(_ProtocolFrames(data, split, wanted, task, view, frames), batch_size=batch_size):
+        for batch in DataLoader(_ProtocolFrames(data, split, wanted, task, family.targets(task), view, frames),
+                                batch_size=batch_size):
             batch = to_device(batch, torch_device)
             for combo in combos:
                 pred = _predict(model, kind, _padded(batch, combo, view), combo, (task,),
@@ -152,12 +150,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
                     skipped.add((combo, task))
                     continue
                 pred = _to_target(pred.float(), view).cpu()
-                if get_modality(task).metric_family == "segmentation":
-                    metrics[combo, task].update(pred, batch[f"{task}_full"].cpu())
-                else:
-                    valid = batch[f"{task}_valid"].cpu().bool()
-                    metrics[combo, task].update(pred, batch[f"{task}_m"].cpu(),
-                                                valid if region is None else valid & region)
+                family.update(metrics[combo, task], pred, {key: batch[key].cpu() for key in family.targets(task)},
+                              task)
                 if saver:
                     saver.write(batch, pred, combo, task, seen)
             seen += next(iter(batch.values())).shape[0]
@@ -166,14 +160,10 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
         if (combo, task) in skipped:
             rows.append(EvalRow(combo, task, frames, {}, note=f"no input left once {task} is hidden"))
             continue
-        result = metric.compute()
-        keys = FAMILIES[get_modality(task).metric_family]["keys"]
-        row = EvalRow(combo, task, frames, {k: float(result[k]) for k in keys} | {"pixels": int(result["pixels"])},
-                      note=_pretrained_note(kind, combo, task),
-                      relative_depth=kind != "finetune" and get_modality(task).metric_family == "depth")
-        if isinstance(metric, SegmentationMetrics):
-            row.per_class = {k: [float(x) for x in result[k]] for k in ("iou", "intersection", "union")}
-        rows.append(row)
+        result, family = metric.compute(), get_modality(task).family()
+        rows.append(EvalRow(combo, task, frames, {column.key: float(result[column.key]) for column in family.columns}
+                            | {"pixels": int(result["pixels"])}, family.details(result),
+                            note=_pretrained_note(kind, combo, task), rescaled=kind != "finetune" and family.rescaled))
     return rows, frames
 
 
@@ -181,14 +171,14 @@ class _ProtocolFrames(Dataset):
     """The first ``frames`` frames of a split as a protocol's view shows them: inputs (and the task) read from
     ``view.window`` at ``view.input_size``; the task's targets at ``view.target_size`` when that differs."""
 
-    def __init__(self, data: str | Path, split: str, wanted: tuple[str, ...], task: str, view: View,
-                 frames: int) -> None:
+    def __init__(self, data: str | Path, split: str, wanted: tuple[str, ...], task: str, target_keys: tuple[str, ...],
+                 view: View, frames: int) -> None:
         from mmtk.data import H5Dataset
 
         self.inputs = H5Dataset(data, split, wanted, view.input_size, window=view.window)
         self.targets = None if view.target_size == view.input_size else \
             H5Dataset(data, split, (task,), view.target_size, window=view.window)
-        self.target_keys = (f"{task}_full", f"{task}_m", f"{task}_valid")  # the data contract's target tensors
+        self.target_keys = target_keys  # the task family's target tensors
         self.frames = frames
 
     def __len__(self) -> int:
@@ -224,13 +214,6 @@ def _to_target(pred: Tensor, view: View) -> Tensor:
     return F.interpolate(pred, size=view.target_size, mode="bilinear", align_corners=False)
 
 
-def _new_metric(task: str, num_classes: int, protocol: EvalProtocol) -> Metric:
-    adapter = get_modality(task)
-    if adapter.metric_family == "segmentation":
-        return SegmentationMetrics(num_classes, adapter.ignore_index)
-    return protocol.depth_metric()
-
-
 def _pretrained_note(kind: str, combo: tuple[str, ...], task: str) -> str:
     """Why a pretrained model's row equals another: the predicted modality is hidden, so it is no input."""
     if kind == "finetune" or task not in combo:
@@ -248,8 +231,8 @@ def results_json(checkpoint: str | Path, data: str | Path, split: str, frames: i
                "results": [{"inputs": list(r.inputs), "task": r.task, "frames": r.frames, "metrics": r.metrics,
                             **({"per_class": r.per_class} if r.per_class else {}),
                             **({"note": r.note} if r.note else {}),
-                            **({"depth": "relative, rescaled per frame to the ground truth"}
-                               if r.relative_depth else {})} for r in rows]}
+                            **({"values": "relative, rescaled per frame to the ground truth"}
+                               if r.rescaled else {})} for r in rows]}
     return strict_json(payload)
 
 
@@ -257,64 +240,46 @@ def results_json(checkpoint: str | Path, data: str | Path, split: str, frames: i
 # Pictures
 
 class PredictionWriter:
-    """Writes input | prediction | ground truth side by side as PNG, with a legend strip."""
+    """Writes input | prediction | ground truth side by side as PNG, with the task family's legend strip."""
 
-    def __init__(self, folder: str | Path, num_classes: int, info: Any, relative_depth: bool = False) -> None:
-        self.relative_depth = relative_depth  # a pretrained model's depth, rescaled per frame to the ground truth
+    def __init__(self, folder: str | Path, num_classes: int, info: Any, rescaled: bool = False) -> None:
         self.folder = Path(folder)
         with disk_errors(self.folder):
             self.folder.mkdir(parents=True, exist_ok=True)
         remove_dead_temps(self.folder)  # once here; each picture's write skips the sweep
-        self.palette = label_palette(num_classes + 1)  # row 0: unlabeled (black), row k + 1: class k
         names = list(info.class_names)
-        self.names = names + [f"class {k}" for k in range(len(names), num_classes)]
+        # palette row 0: unlabeled (black), row k + 1: class k; rescaled: a pretrained model's values
+        self.style = PictureStyle(label_palette(num_classes + 1),
+                                  tuple(names + [f"class {k}" for k in range(len(names), num_classes)]), rescaled)
 
     def write(self, batch: dict[str, Tensor], pred: Tensor, combo: tuple[str, ...], task: str, first: int) -> None:
         from PIL import Image
 
+        family = get_modality(task).family()
         for b in range(pred.shape[0]):
             panels, labels = self._inputs(batch, b, combo), list(combo)
-            if get_modality(task).metric_family == "segmentation":
-                target = batch[f"{task}_full"][b].cpu().numpy()
-                guess = pred[b].argmax(0).numpy()
-                guess_img, target_img = self._seg(guess), self._seg(target)
-                present = np.unique(np.concatenate([guess.ravel(), target.ravel()]))
-                legend = ("classes", [int(c) for c in present if c != get_modality(task).ignore_index])
-            else:
-                target = batch[f"{task}_m"][b, 0].cpu().numpy()
-                valid = batch[f"{task}_valid"][b, 0].cpu().numpy().astype(bool) & (target > 0)
-                lo, hi = (float(target[valid].min()), float(target[valid].max())) if valid.any() else (0.0, 10.0)
-                guess_img = colorize_depth(pred[b, 0].numpy(), value_range=(lo, hi))
-                target_img = colorize_depth(np.where(valid, target, 0), value_range=(lo, hi))
-                legend = ("depth", lo, hi, "depth, metres" + (" (prediction: relative depth rescaled to the ground "
-                                                              "truth)" if self.relative_depth else ""))
-            panels += [guess_img, target_img]
+            picture = family.picture(batch, b, task, self.style, pred[b])
+            panels += [picture.prediction, picture.truth]
             labels += [f"predicted {task}", f"ground truth {task}"]
-            image = self._compose(panels, labels, legend)
+            image = Image.fromarray(self._compose(panels, labels, picture.legend))
             name = f"frame{first + b:05d}_{'+'.join(combo)}_{task}.png"
-            picture = Image.fromarray(image)
-            atomic_write(self.folder / name, lambda handle: picture.save(handle, format="PNG"), sweep=False)
+            atomic_write(self.folder / name, lambda handle: image.save(handle, format="PNG"), sweep=False)
 
     def _inputs(self, batch: dict[str, Tensor], b: int, combo: tuple[str, ...]) -> list[np.ndarray]:
+        """A panel per input: its ground truth as its task family draws it (depth in metres, classes), else the
+        adapter's picture of the prepared tensor (when it draws one)."""
         panels = []
         for name in combo:
-            family = get_modality(name).metric_family
-            if family == "depth" and f"{name}_m" in batch:
-                d = batch[f"{name}_m"][b, 0].cpu().numpy()
-                panels.append(colorize_depth(d, value_range=(float(d[d > 0].min()), float(d.max())) if (d > 0).any() else None))
-            elif family == "segmentation":
-                panels.append(self._seg(batch[f"{name}_full"][b].cpu().numpy()))
-            else:
-                picture = get_modality(name)().picture(batch[name][b].cpu())
-                if picture is not None:
-                    panels.append(picture)
+            adapter = get_modality(name)
+            if adapter.task_family is not None and all(key in batch for key in adapter.family().targets(name)):
+                panels.append(adapter.family().picture(batch, b, name, self.style).truth)
+                continue
+            picture = adapter().picture(batch[name][b].cpu())
+            if picture is not None:
+                panels.append(picture)
         return panels
 
-    def _seg(self, labels: np.ndarray) -> np.ndarray:
-        known = (labels >= 0) & (labels < len(self.palette) - 1)  # the ignore index (255) is beyond the classes
-        return self.palette[np.where(known, labels + 1, 0)]
-
-    def _compose(self, panels: list[np.ndarray], labels: list[str], legend: tuple) -> np.ndarray:
+    def _compose(self, panels: list[np.ndarray], labels: list[str], legend: Callable[[int], np.ndarray]) -> np.ndarray:
         from PIL import Image, ImageDraw
 
         scale = max(1, -(-160 // max(p.shape[0] for p in panels)))  # small frames are enlarged (nearest)
@@ -329,9 +294,4 @@ class PredictionWriter:
             canvas.paste(Image.fromarray(np.ascontiguousarray(panel)), (x, title))
             draw.text((x + 2, 1), label, fill="black")
             x += panel.shape[1] + 4
-        if legend[0] == "classes":
-            strip = class_legend(width, self.palette, legend[1], self.names)
-        else:
-            _, lo, hi, caption = legend
-            strip = depth_bar(width, lo, hi, "m", caption)
-        return np.concatenate([np.asarray(canvas), strip])
+        return np.concatenate([np.asarray(canvas), legend(width)])

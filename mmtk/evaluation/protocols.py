@@ -8,9 +8,13 @@ NeurIPS 2014: rows 45-470, columns 41-600 of 480 x 640; other frame sizes scale 
 ``multimae`` is the official MultiMAE evaluation (EPFL-VILAB/MultiMAE): depth as ``nyu_transform(train=False)``
 in utils/dataset_regression.py (short side resized to the input size, 256 for NYUv2, then the centre crop of the
 input size) scored at that size with ``masked_nyu_metrics`` of run_finetuning_depth.py, averaged over evaluation
-batches (:class:`mmtk.evaluation.metrics.BatchMeanDepthMetrics`); semantic segmentation as ``simple_transform(train=False)``
+batches (``BatchMeanDepthMetrics`` of the depth task family); semantic segmentation as ``simple_transform(train=False)``
 in utils/datasets_semseg.py (longest side resized to the input size, 640 for NYUv2, padded at the bottom and
 right to a square the input size) scored on the frame's pixels with mmseg's pooled ``mean_iou``.
+
+A protocol says how it shows per-pixel values and class maps (:meth:`EvalProtocol.values_view`,
+:meth:`EvalProtocol.labels_view`) and its depth rules; each task family (:mod:`mmtk.task`) picks its view and
+builds its metric from them.
 """
 
 from __future__ import annotations
@@ -18,11 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torchmetrics import Metric
 
 from mmtk.data.transforms import CropWindow, full_window
 from mmtk.errors import MmtkError
-from mmtk.evaluation.metrics import BatchMeanDepthMetrics, DepthMetrics
 
 EIGEN_CROP_480x640 = (45, 471, 41, 601)  # top, bottom, left, right (exclusive) on a 480 x 640 frame
 
@@ -42,18 +44,24 @@ class View:
 
 
 class EvalProtocol:
-    """A named evaluation protocol; :data:`PROTOCOLS` holds them."""
+    """A named evaluation protocol; :data:`PROTOCOLS` holds them.
+
+    depth_range: ground truth kept in (min, max] metres, predictions clamped to it (None: no cap);
+    depth_batch_frames: depth metrics per evaluation batch of this many frames, then averaged (None: pooled over
+    all pixels of all frames)."""
 
     name: str = ""
     source: str = ""  # where it is defined, for the README, --help and the JSON record
+    depth_range: tuple[float, float] | None = None
+    depth_batch_frames: int | None = None
 
-    def view(self, family: str, frame_size: tuple[int, int], model_size: tuple[int, int]) -> View:
-        """The view of a task of metric family ``family`` (segmentation | depth) on frames of ``frame_size``."""
-        raise NotImplementedError
+    def values_view(self, frame_size: tuple[int, int], model_size: tuple[int, int]) -> View:
+        """The view of a task of per-pixel values (depth, a plugin's regression) on frames of ``frame_size``."""
+        return View(full_window(*frame_size), tuple(model_size), tuple(frame_size))
 
-    def depth_metric(self) -> Metric:
-        """The depth metric object; ``update(pred, target, valid)`` in metres."""
-        raise NotImplementedError
+    def labels_view(self, frame_size: tuple[int, int], model_size: tuple[int, int]) -> View:
+        """The view of a task of class maps (segmentation) on frames of ``frame_size``."""
+        return View(full_window(*frame_size), tuple(model_size), tuple(frame_size))
 
     def depth_region(self, frame_size: tuple[int, int], target_size: tuple[int, int]) -> torch.Tensor | None:
         """bool [H, W] at ``target_size`` of the pixels depth is scored on (None: all valid pixels)."""
@@ -65,11 +73,7 @@ class StandardProtocol(EvalProtocol):
     source = ("common NYUv2 protocol: full frame at full resolution; depth in the Eigen crop (Eigen et al. 2014), "
               "capped at 10 m, metrics pooled over all frames")
 
-    def view(self, family: str, frame_size: tuple[int, int], model_size: tuple[int, int]) -> View:
-        return View(full_window(*frame_size), tuple(model_size), tuple(frame_size))
-
-    def depth_metric(self) -> Metric:
-        return DepthMetrics(min_depth=1e-3, max_depth=10.0)
+    depth_range = (1e-3, 10.0)
 
     def depth_region(self, frame_size: tuple[int, int], target_size: tuple[int, int]) -> torch.Tensor:
         return eigen_crop(target_size)
@@ -81,20 +85,23 @@ class MultiMAEProtocol(EvalProtocol):
               "crop, metrics per evaluation batch of 96 frames then averaged; semseg: longest side to the input "
               "size, padded, pooled mIoU")
 
-    def view(self, family: str, frame_size: tuple[int, int], model_size: tuple[int, int]) -> View:
+    depth_batch_frames = 96
+
+    def values_view(self, frame_size: tuple[int, int], model_size: tuple[int, int]) -> View:
+        """Depth's ``nyu_transform``: resized to cover the input, centre crop."""
         height, width = frame_size
-        if family == "depth":  # resize to cover the input, centre crop it
-            scale = max(model_size[0] / height, model_size[1] / width)
-            crop_h, crop_w = min(height, round(model_size[0] / scale)), min(width, round(model_size[1] / scale))
-            window = CropWindow((height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w)
-            return View(window, tuple(model_size), tuple(model_size))
-        scale = min(model_size[0] / height, model_size[1] / width)  # resize to fit the input, pad the rest
+        scale = max(model_size[0] / height, model_size[1] / width)
+        crop_h, crop_w = min(height, round(model_size[0] / scale)), min(width, round(model_size[1] / scale))
+        window = CropWindow((height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w)
+        return View(window, tuple(model_size), tuple(model_size))
+
+    def labels_view(self, frame_size: tuple[int, int], model_size: tuple[int, int]) -> View:
+        """Semseg's ``simple_transform``: resized to fit the input, the rest padded."""
+        height, width = frame_size
+        scale = min(model_size[0] / height, model_size[1] / width)
         fitted = (round(height * scale), round(width * scale))
         padded = None if fitted == tuple(model_size) else tuple(model_size)
         return View(full_window(height, width), fitted, fitted, padded)
-
-    def depth_metric(self) -> Metric:
-        return BatchMeanDepthMetrics(batch_frames=96)
 
 
 def eigen_crop(size: tuple[int, int]) -> torch.Tensor:

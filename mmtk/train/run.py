@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmtk.config import Recipe, dataset_parts
@@ -14,9 +12,9 @@ from mmtk.data.contents import (DataInfo, data_info, data_source, label_stores, 
                                  require_modalities)
 from mmtk.data.mixture import Mixture, present_masks
 from mmtk.errors import MmtkError
-from mmtk.evaluation.metrics import FAMILIES
 from mmtk.modality import get_modality, list_modalities, modality_origins
 from mmtk.runtime import LossFn, main_process_print, seed_everything
+from mmtk.task import LossSettings
 from mmtk.train.checkpoint import find_resume_point
 from mmtk.train.engine import FitResult, fit
 
@@ -78,44 +76,13 @@ def pretrain_loss_fn() -> LossFn:
     return compute
 
 
-def segmentation_loss(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
-    """Cross-entropy at full resolution, unlabeled pixels ignored; mean per image, then over images.
-
-    logits: [B, C, H, W]; target: [B, H, W].
-    """
-    pixel = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")  # [B, H, W]
-    labelled = (target != ignore_index).flatten(1)
-    return (pixel.flatten(1).sum(1) / labelled.sum(1).clamp(min=1)).mean()
-
-
-def depth_loss(pred: Tensor, target: Tensor, valid: Tensor, kind: str = "berhu", reduction: str = "image",
-               scale: float = 1.0) -> Tensor:
-    """berHu (reverse Huber, threshold 0.2 x the largest error) or L1 on valid pixels, errors in metres / ``scale``.
-
-    pred, target: [B, 1, H, W] metres; valid: [B, 1, H, W] bool. ``reduction`` "image": threshold and mean per
-    image, then the mean over images; "batch": one threshold for the batch and the mean over all its valid pixels
-    (the official MultiMAE ``masked_berhu_loss``). ``scale``: the std of ``train.target_norm`` (normalised depth
-    differs from metres by it; the mean cancels in the error).
-    """
-    valid = valid.bool() & (target > 0)
-    error = (pred.float() - target).abs() * valid / scale  # [B, 1, H, W]
-    rows = 1 if reduction == "batch" else error.shape[0]
-    flat, mask = error.reshape(rows, -1), valid.reshape(rows, -1)
-    if kind == "berhu":
-        c = (0.2 * flat.max(dim=1, keepdim=True).values).detach().clamp(min=1e-6)  # [rows, 1]
-        flat = torch.where(flat <= c, flat, (flat**2 + c**2) / (2 * c)) * mask
-    return (flat.sum(1) / mask.sum(1).clamp(min=1)).mean()
-
-
 def finetune_loss_fn(recipe: Recipe) -> LossFn:
     """compute_loss(model, batch) for the recipe's finetuning task."""
-    inputs, task = recipe.model.inputs, recipe.model.task
+    inputs, task, train = recipe.model.inputs, recipe.model.task, recipe.train
     assert task is not None
-    adapter = get_modality(task)
-    family = adapter.metric_family
-    kind = recipe.train.loss or FAMILIES[family]["losses"][0]
-    train = recipe.train
-    scale = train.target_norm[1] if train.target_norm is not None else 1.0
+    family = get_modality(task).family()
+    settings = LossSettings(train.loss or family.default_loss, train.loss_reduction,
+                            train.target_norm[1] if train.target_norm is not None else 1.0)
 
     def compute(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         present = present_masks(batch, (*inputs, task))
@@ -125,10 +92,7 @@ def finetune_loss_fn(recipe: Recipe) -> LossFn:
             if not bool(labelled.any()):
                 return pred.sum() * 0.0, {task: pred.new_zeros(())}
             pred, batch = pred[labelled], {key: value[labelled] for key, value in batch.items()}
-        if family == "segmentation":
-            loss = segmentation_loss(pred, batch[f"{task}_full"], adapter.ignore_index)
-        else:
-            loss = depth_loss(pred, batch[f"{task}_m"], batch[f"{task}_valid"], kind, train.loss_reduction, scale)
+        loss = family.loss(pred, batch, task, settings)
         return loss, {task: loss}
 
     return compute
@@ -148,10 +112,8 @@ def _prepare(recipe: Recipe) -> tuple[DataInfo, Any]:
     needed = needed_modalities(recipe)
     require_modalities(needed, info, f"the recipe ({recipe.kind})")
     task = recipe.model.task if recipe.kind == "finetune" else None
-    if task and get_modality(task).metric_family == "depth" and info.units.get(task, "m") != "m":
-        raise MmtkError(f"finetuning {task} trains and scores it in metres, but {info.path} holds it in "
-                        f"'{info.units[task]}' units (a relative pseudo-label); finetune on sensor depth or on "
-                        "pseudo-labels of a metric network (`mmtk pseudo-label --depth-kind metric`)")
+    if task:
+        get_modality(task).family().check_units(task, info.units.get(task), info.path)
     image_size = tuple(data.image_size or info.image_size)
     opened = []
     for part, dataset in zip(parts, datasets):

@@ -87,6 +87,6 @@ def _infer_head(state: dict[str, Tensor], dim: int, config: dict[str, Any], task
         return {"head": None}
     head["main_inputs"] = config["inputs"][: max(in_dim // dim, 1)]
     head["outputs"] = ()
-    if get_modality(head["task"]).metric_family == "segmentation":  # one output channel per class
+    if get_modality(head["task"]).family().class_labels:  # one output channel per class
         head["num_classes"] = out
     return head

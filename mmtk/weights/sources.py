@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from mmtk.errors import MmtkError
+from mmtk.plugins import record_registration
 from mmtk.weights.foreign import Renamed, WeightFormat
 from mmtk.weights.official import OFFICIAL
 from mmtk.weights.timm import TIMM
@@ -28,6 +29,7 @@ def register_format(weight_format: WeightFormat) -> WeightFormat:
         raise MmtkError(f"a weights format named '{weight_format.name}' is already registered; give yours another "
                         "name")
     _FORMATS.append(weight_format)
+    record_registration(weight_format.name)
     return weight_format
 
 

@@ -18,7 +18,7 @@ from mmtk.data.sources.depth_encoding import DEPTH_SUFFIXES
 from mmtk.data.sources.frame import ConvertOptions, RgbdSource
 from mmtk.data.sources.image_files import IMAGE_SUFFIXES
 from mmtk.errors import MmtkError
-from mmtk.modality import record_registration
+from mmtk.plugins import record_registration
 
 UNREAD_FRAME_SUFFIXES = {".gif": "GIF files (256 colours of 8 bits, no 16-bit depth)"}
 
@@ -58,7 +58,7 @@ def register_layout(cls: type[Layout]) -> type[Layout]:
         raise MmtkError(f"layout {cls.name!r} is already registered (from {_ORIGINS[cls.name]}); give "
                         f"{cls.__name__} another name")
     _LAYOUTS[cls.name] = cls()
-    _ORIGINS[cls.name] = record_registration(f"source layout {cls.name}")
+    _ORIGINS[cls.name] = record_registration(cls.name)
     return cls
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-from mmtk.data.sources.frame import Frame, RgbdSource
+from mmtk.data.sources.frame import RgbdSource
 from mmtk.errors import MmtkError
-from mmtk.progress import counted
 
 
 def open_source(kind: str, path: str | os.PathLike, **options: Any) -> RgbdSource:
