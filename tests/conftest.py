@@ -22,7 +22,8 @@ def _registries_per_test_file():
     from mmtk.data.sources import folders
     from mmtk.weights import sources
 
-    plugins.load_adapters()
+    plugins.load_adapters()  # mmtk's own entries are registered before the snapshot
+    folders.list_layouts()
     saved = [(registry, registry.copy()) for registry in (
         modality._REGISTRY, modality._ORIGINS, task._FAMILIES, folders._LAYOUTS, folders._ORIGINS,
         plugins._REGISTERED_BY, sources._FORMATS)]

@@ -140,18 +140,9 @@ def write_bag_with_thermal(out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def thermal_run(tmp_path_factory):
-    """The plugin file, the converted bag (60 x 80) and a tiny model finetuned on rgb -> thermal. The plugin's
-    registrations stay in this module (test_predict_sources registers a 'thermal' of its own)."""
-    import mmtk.modality
-    import mmtk.task
-    from mmtk.modality import list_modalities
-
-    list_modalities()  # mmtk's own adapters and families registered before the copies
-    with pytest.MonkeyPatch.context() as patch:
-        for module, name in ((mmtk.modality, "_REGISTRY"), (mmtk.modality, "_ORIGINS"),
-                             (mmtk.modality, "_PLUGIN_FILES"), (mmtk.task, "_FAMILIES")):
-            patch.setattr(module, name, dict(getattr(module, name)))
-        yield _convert_and_finetune(tmp_path_factory.mktemp("thermal"))
+    """The plugin file, the converted bag (60 x 80) and a tiny model finetuned on rgb -> thermal (the plugin's
+    registrations end with this file: tests/conftest.py)."""
+    yield _convert_and_finetune(tmp_path_factory.mktemp("thermal"))
 
 
 def _convert_and_finetune(folder: Path) -> tuple[Path, Path, Path]:
