@@ -129,7 +129,8 @@ def fit(loop: LoopSettings, run_dir: Path, model: nn.Module, compute_loss: LossF
                     sums[name] = sums.get(name, 0) + value.detach().float() / feed.accum_steps
                 progress.micro_step(step, micro_step + 1)
             # One all_reduce per step carries the losses and the stop flag, so every rank decides alike.
-            reduced = _mean_over_ranks(torch.stack([*sums.values(), stop_request.flag(process.device)]), process).tolist()
+            flag = stop_request.flag(process.device)
+            reduced = _mean_over_ranks(torch.stack([*sums.values(), flag]), process).tolist()
             values, stop_flag = reduced[:-1], reduced[-1]
             step_losses = dict(zip(sums, values))
             if not all(math.isfinite(v) for v in values):
