@@ -118,11 +118,11 @@ def pretrain(
 @app.command()
 def finetune(
     recipe: str = typer.Argument(..., help=f"{RECIPE_HELP}, e.g. tiny_finetune_semseg or my.yaml."),
-    init: Optional[Path] = typer.Option(None, "--init", help="Pretrained weights: a run folder of `mmtk pretrain` "
-                                        "(its newest checkpoint), a checkpoint file, official MultiMAE or timm ViT."),
     data: Optional[list[Path]] = DATA_OPTION,
     out: Optional[Path] = OUT_OPTION,
     set_: list[str] = SET_OPTION,
+    init: Optional[Path] = typer.Option(None, "--init", help="Pretrained weights: a run folder of `mmtk pretrain` "
+                                        "(its newest checkpoint), a checkpoint file, official MultiMAE or timm ViT."),
     resume: bool = RESUME_OPTION,
     device: Optional[str] = DEVICE_OPTION,
     plugin: Optional[list[Path]] = PLUGIN_OPTION,

@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,15 +100,7 @@ def fit(loop: LoopSettings, run_dir: Path, model: nn.Module, compute_loss: LossF
     if ckpt.last is not None and process.is_main:
         main_process_print(f"resumed from step {step} of {stop} ({ckpt.last})")
     metrics.truncate_after(step)
-    if loop.compile == "blocks":
-        compile_blocks(model)  # the transformer blocks; masking and gathers stay eager
-    elif loop.compile == "step":
-        compile_step(model)  # the whole forward (masking, decoders, losses) and its backward: one graph
-    train_model = model
-    if process.world_size > 1:
-        ids = [process.device.index] if process.device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
-
+    train_model = _compiled_and_wrapped(model, loop.compile, process)
     progress, last_losses = ProgressLine(process.is_main, stop, feed.accum_steps, feed.micro * process.world_size,
                                          on_cpu=process.device.type == "cpu"), {}
     tick, tick_step = time.perf_counter(), step
@@ -117,17 +109,8 @@ def fit(loop: LoopSettings, run_dir: Path, model: nn.Module, compute_loss: LossF
     with progress, StopRequest(progress.step_time_left) as stop_request, contextlib.closing(metrics):  # closed however the loop ends
         progress.start(step)
         while step < stop:
-            sums: dict[str, torch.Tensor] = {}
-            for micro_step in range(feed.accum_steps):
-                batch = to_device(next(batches), process.device)
-                sync = micro_step == feed.accum_steps - 1 or process.world_size == 1
-                with contextlib.nullcontext() if sync else train_model.no_sync():
-                    with autocast(process.device, loop.precision):
-                        loss, losses = compute_loss(train_model, batch)
-                    scaler.scale(loss / feed.accum_steps).backward()
-                for name, value in {"loss": loss, **losses}.items():
-                    sums[name] = sums.get(name, 0) + value.detach().float() / feed.accum_steps
-                progress.micro_step(step, micro_step + 1)
+            sums = _accumulate(train_model, compute_loss, batches, feed.accum_steps, scaler, loop.precision, process,
+                               lambda micro_step: progress.micro_step(step, micro_step))
             # One all_reduce per step carries the losses and the stop flag, so every rank decides alike.
             flag = stop_request.flag(process.device)
             reduced = _mean_over_ranks(torch.stack([*sums.values(), flag]), process).tolist()
@@ -161,6 +144,37 @@ def fit(loop: LoopSettings, run_dir: Path, model: nn.Module, compute_loss: LossF
             if stopping:
                 raise TrainingInterrupted(step, stop, ckpt.last, stop_request.signum)
     return FitResult(run_dir, step, ckpt.last, last_losses)
+
+
+def _compiled_and_wrapped(model: nn.Module, compile_mode: str, process: DistInfo) -> nn.Module:
+    """``model`` compiled as ``train.compile`` says, and wrapped in DDP under torchrun: what the loop calls."""
+    if compile_mode == "blocks":
+        compile_blocks(model)  # the transformer blocks; masking and gathers stay eager
+    elif compile_mode == "step":
+        compile_step(model)  # the whole forward (masking, decoders, losses) and its backward: one graph
+    if process.world_size == 1:
+        return model
+    ids = [process.device.index] if process.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+
+def _accumulate(train_model: nn.Module, compute_loss: LossFn, batches: Iterator[dict[str, torch.Tensor]],
+                accum_steps: int, scaler: torch.amp.GradScaler, precision: str, process: DistInfo,
+                micro_step_done: Callable[[int], None]) -> dict[str, torch.Tensor]:
+    """Forward and backward over one optimizer step's ``accum_steps`` micro-batches (gradients synchronised only on
+    the last); returns this process's mean of each named loss, ``loss`` first."""
+    sums: dict[str, torch.Tensor] = {}
+    for micro_step in range(accum_steps):
+        batch = to_device(next(batches), process.device)
+        sync = micro_step == accum_steps - 1 or process.world_size == 1
+        with contextlib.nullcontext() if sync else train_model.no_sync():
+            with autocast(process.device, precision):
+                loss, losses = compute_loss(train_model, batch)
+            scaler.scale(loss / accum_steps).backward()
+        for name, value in {"loss": loss, **losses}.items():
+            sums[name] = sums.get(name, 0) + value.detach().float() / accum_steps
+        micro_step_done(micro_step + 1)
+    return sums
 
 
 class TrainingInterrupted(KeyboardInterrupt):
