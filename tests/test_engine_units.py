@@ -231,3 +231,30 @@ def test_pretrain_loss_reads_the_modality_registry_once_per_run(monkeypatch):
     torch.manual_seed(0)
     _, without = compute_loss(model, {k: v for k, v in batch.items() if k != "depth_valid"})
     assert with_holes["rgb"] == without["rgb"] and with_holes["depth"] != without["depth"]
+
+
+def test_seed_run_seeds_init_then_a_stream_per_process_and_restores_a_resumed_one():
+    from mmtk.runtime import DistInfo, seed_run
+
+    def draws():
+        return torch.rand(2).tolist(), random.random(), float(np.random.rand())
+
+    rank_1_of_2 = DistInfo(1, 2, 1, torch.device("cpu"))
+    seed_run(5)  # before the model is built: the same on every process
+    init = draws()
+    seed_run(5, rank_1_of_2)  # before the first step of a new run: seed + rank
+    fresh = draws()
+    torch.manual_seed(6)
+    random.seed(6)
+    np.random.seed(6)
+    assert fresh == draws() and init != fresh
+    saved = [rng_state(), rng_state()]  # what a checkpoint of 2 processes holds
+    expected = draws()
+    seed_run(5, rank_1_of_2, saved, step=9)  # resumed with as many processes: rank 1's saved states
+    assert draws() == expected
+    seed_run(5, DistInfo(1, 3, 1, torch.device("cpu")), saved, step=9)  # another process count: seed + rank + step
+    changed = draws()
+    torch.manual_seed(15)
+    random.seed(15)
+    np.random.seed(15)
+    assert changed == draws()
