@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from mmtk.train.batches import SeededDataset
 from mmtk.config import load_recipe
 from mmtk.train.optim import build_optimizer
+from mmtk.train.settings import train_settings
 from mmtk.runtime import autocast, pick_device, to_device
 from mmtk.data.contents import DataInfo, open_dataset
 from mmtk.train.run import model_args, needed_modalities, pretrain_loss_fn
@@ -62,7 +63,7 @@ def build(recipe_name: str, precision: str, batch: int | None, compile_mode: str
 def time_steps(recipe, model, batches, device, steps: int) -> float:
     """Seconds per optimizer step (median of `steps` after one warm-up step)."""
     model.to(device).train()
-    optimizer, _ = build_optimizer(model, recipe, total_steps=1000, warmup_steps=10)
+    optimizer = build_optimizer(model, train_settings(recipe).optim, steps_per_epoch=1).optimizer
     pretrain_loss = pretrain_loss_fn()
     times = []
     for i in range(steps + 1):

@@ -42,8 +42,11 @@ def _resume_command(kind: str, recipe: str, data: list[Path], run_dir: Path, ove
     return " ".join(shlex.quote(word) for word in words)
 
 
-def _train(recipe_arg: str, kind: str, data: Optional[list[Path]], out: Optional[Path], overrides: list[str],
-           resume: bool, init: Optional[Path] = None) -> None:
+def _train(recipe_arg: str, kind: str, data: Optional[list[Path]], out: Optional[Path], sets: list[str],
+           resume: bool, device: Optional[str], plugins: Optional[list[Path]], init: Optional[Path] = None) -> None:
+    """Run `mmtk pretrain`/`finetune`: the recipe with its overrides, the run folder, then the run itself; a stop
+    by Ctrl-C or SIGTERM exits with 128 + the signal, after printing the command that resumes."""
+    load_plugins(plugins)
     from mmtk.config import load_recipe
     from mmtk.train.engine import TrainingInterrupted
     from mmtk.progress import counted
@@ -53,6 +56,7 @@ def _train(recipe_arg: str, kind: str, data: Optional[list[Path]], out: Optional
     from mmtk.train.run import run_training
 
     data = data or []
+    overrides = sets + ([f"train.device={device}"] if device is not None else [])  # --device: so resumes carry it
     data_path = [str(path) for path in data] if len(data) > 1 else str(data[0]) if data else None  # >1: a mixture
     recipe = load_recipe(recipe_arg, overrides, data_path=data_path)
     if recipe.kind != kind:
@@ -86,48 +90,46 @@ def _train(recipe_arg: str, kind: str, data: Optional[list[Path]], out: Optional
 
 
 RECIPE_HELP = "A shipped recipe's name (`mmtk recipes` lists them) or your own YAML file"
-TRAIN_DEVICE_HELP = "auto, cpu, cuda or cuda:N: the same as --set train.device=... (default: the recipe's, auto)."
-
-
-def _device_setting(device: Optional[str]) -> list[str]:
-    """--device as the recipe override it stands for (so the resume command carries it too)."""
-    return [f"train.device={device}"] if device is not None else []
+DATA_OPTION = typer.Option(None, "--data", help="HDF5 file from `mmtk convert` (overrides data.path); repeat it to "
+                           "train on a mixture (data.weights).")
+OUT_OPTION = typer.Option(None, "--out", help="Run folder (default runs/<recipe name>).")
+SET_OPTION = typer.Option([], "--set", help=SET_HELP)
+RESUME_OPTION = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run folder.")
+DEVICE_OPTION = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N: the same as --set train.device=... "
+                             "(default: the recipe's, auto).")
+PLUGIN_OPTION = typer.Option(None, "--plugin", help=PLUGIN_HELP)
 
 
 @app.command()
 def pretrain(
     recipe: str = typer.Argument(..., help=f"{RECIPE_HELP}, e.g. tiny or my.yaml."),
-    data: Optional[list[Path]] = typer.Option(None, "--data", help="HDF5 file from `mmtk convert` (overrides "
-                                              "data.path); repeat it to train on a mixture (data.weights)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<recipe name>)."),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run folder."),
-    device: Optional[str] = typer.Option(None, "--device", help=TRAIN_DEVICE_HELP),
-    plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
+    data: Optional[list[Path]] = DATA_OPTION,
+    out: Optional[Path] = OUT_OPTION,
+    set_: list[str] = SET_OPTION,
+    resume: bool = RESUME_OPTION,
+    device: Optional[str] = DEVICE_OPTION,
+    plugin: Optional[list[Path]] = PLUGIN_OPTION,
 ) -> None:
     """Pretrain a MultiMAE (masked multi-modal autoencoder) as the recipe says. Ctrl-C or SIGTERM saves and
     stops."""
-    load_plugins(plugin)
-    _train(recipe, "pretrain", data, out, set_ + _device_setting(device), resume)
+    _train(recipe, "pretrain", data, out, set_, resume, device, plugin)
 
 
 @app.command()
 def finetune(
     recipe: str = typer.Argument(..., help=f"{RECIPE_HELP}, e.g. tiny_finetune_semseg or my.yaml."),
+    data: Optional[list[Path]] = DATA_OPTION,
+    out: Optional[Path] = OUT_OPTION,
+    set_: list[str] = SET_OPTION,
     init: Optional[Path] = typer.Option(None, "--init", help="Pretrained weights: a run folder of `mmtk pretrain` "
                                         "(its newest checkpoint), a checkpoint file, official MultiMAE or timm ViT."),
-    data: Optional[list[Path]] = typer.Option(None, "--data", help="HDF5 file from `mmtk convert` (overrides "
-                                              "data.path); repeat it to train on a mixture (data.weights)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<recipe name>)."),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run folder."),
-    device: Optional[str] = typer.Option(None, "--device", help=TRAIN_DEVICE_HELP),
-    plugin: Optional[list[Path]] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
+    resume: bool = RESUME_OPTION,
+    device: Optional[str] = DEVICE_OPTION,
+    plugin: Optional[list[Path]] = PLUGIN_OPTION,
 ) -> None:
     """Finetune a dense head (semantic segmentation or depth) on top of a pretrained encoder. Ctrl-C or SIGTERM
     saves and stops."""
-    load_plugins(plugin)
-    _train(recipe, "finetune", data, out, set_ + _device_setting(device), resume, init=init)
+    _train(recipe, "finetune", data, out, set_, resume, device, plugin, init=init)
 
 
 @app.command("runs")

@@ -68,7 +68,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW, warm-up + cosine schedule, batch size and gradient handling."""
+    """AdamW, lr schedule, batch size and gradient handling."""
 
     batch_size: int = 256  # global batch per optimizer step, over all processes and accumulation steps
     lr: float = 1e-4
@@ -83,6 +83,9 @@ class OptimConfig:
     layer_decay: float = 1.0  # lr of encoder block i is lr * layer_decay ** (num_blocks + 1 - (i + 1))
     epochs: float = 1600
     warmup_epochs: float = 40
+    # lr schedule per optimizer step, a name registered in mmtk.train.schedules (plugins may add some): cosine =
+    # linear warm-up over warmup_epochs, then cosine down to min_lr
+    schedule: str = "cosine"
     accum_steps: int = 1  # micro-batches per optimizer step (at least)
     # most samples per process per micro-step (more accumulation steps if needed); auto: the largest that fits
     micro_batch: int | Literal["auto"] | None = None
@@ -366,9 +369,11 @@ def loader_workers(setting: int | str, device_type: str, processes: int = 1) -> 
     return min(4, per_process // 4) if per_process > 4 else 0
 
 
-def save_recipe(recipe: Recipe, path: str | Path) -> None:
-    """Write the fully resolved recipe as YAML (atomically, :func:`mmtk.io.atomic_write_text`)."""
-    atomic_write_text(path, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+def save_recipe(recipe: Recipe | dict[str, Any], path: str | Path) -> None:
+    """Write the fully resolved recipe (or its :func:`recipe_to_dict` values) as YAML (atomically,
+    :func:`mmtk.io.atomic_write_text`)."""
+    values = recipe if isinstance(recipe, dict) else recipe_to_dict(recipe)
+    atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
 
 
 def data_paths(data: DataConfig) -> list[str]:

@@ -71,11 +71,26 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python's, numpy's and torch's global RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+def seed_run(seed: int, process: DistInfo | None = None, saved: list[dict[str, Any]] | None = None,
+             step: int = 0) -> None:
+    """Every seeding of a training run's global RNGs (Python's, numpy's, torch's), at its two moments.
+
+    - Before the model is built (no ``process``): ``seed`` on every process, so all draw the same initial
+      weights (DDP broadcasts them anyway; a resumed run overwrites them).
+    - Before the first step (``process`` given): each process its own stream, so each draws other masks:
+      ``seed + rank`` for a new run; for a resumed one the states its checkpoint saved (``saved``, one per rank,
+      :func:`rng_state`), or, when the process count changed, ``seed + rank + step`` (the same data order, new
+      mask draws).
+
+    The loader's sampling and augmentation do not use these: they are seeded per sample (mmtk.train.batches).
+    """
+    if process is not None and saved is not None and len(saved) == process.world_size:
+        set_rng_state(saved[process.rank])
+        return
+    value = seed if process is None else seed + process.rank + (step if saved is not None else 0)
+    random.seed(value)
+    np.random.seed(value % (2**32))
+    torch.manual_seed(value)
 
 
 def rng_state() -> dict[str, Any]:

@@ -15,18 +15,20 @@ def pytest_configure(config) -> None:
 
 @pytest.fixture(autouse=True, scope="module")
 def _registries_per_test_file():
-    """What a test file's plugins register (modalities, task families, layouts, weights formats) is gone after the
+    """What a test file's plugins register (modalities, task families, layouts, schedules,
+    weights formats) is gone after the
     file, so no test depends on the order files run in."""
     import mmtk.plugins as plugins
     from mmtk import modality, task
     from mmtk.data.sources import folders
+    from mmtk.train import schedules
     from mmtk.weights import sources
 
     plugins.load_adapters()  # mmtk's own entries are registered before the snapshot
     folders.list_layouts()
     saved = [(registry, registry.copy()) for registry in (
         modality._REGISTRY, modality._ORIGINS, task._FAMILIES, folders._LAYOUTS, folders._ORIGINS,
-        plugins._REGISTERED_BY, sources._FORMATS)]
+        plugins._REGISTERED_BY, sources._FORMATS, schedules._SCHEDULES)]
     yield
     for registry, before in saved:
         registry.clear()

@@ -65,7 +65,7 @@ def assert_same_final_weights(one: Path, two: Path, recipe: Path, sets: list[str
     import mmtk
     from mmtk.train.checkpoint import checkpoint_paths, load_checkpoint
     from mmtk.config import load_recipe
-    from mmtk.runtime import seed_everything
+    from mmtk.runtime import seed_run
     from mmtk.train.run import _prepare, model_args
 
     final_one = load_checkpoint(checkpoint_paths(one)[-1])["model"]
@@ -76,7 +76,7 @@ def assert_same_final_weights(one: Path, two: Path, recipe: Path, sets: list[str
         torch.testing.assert_close(final_two[name], weight, rtol=1e-4, atol=1e-4, msg=name)
     loaded = load_recipe(recipe, sets, data_path=data)
     info, _ = _prepare(loaded)
-    seed_everything(loaded.train.seed)
+    seed_run(loaded.train.seed)
     initial = mmtk.create_model(loaded.model.name, verbose=False, **model_args(loaded, info)).state_dict()
     moved = max((final_one[n] - w).abs().max().item() for n, w in initial.items())
     assert moved > 1e-3  # the runs trained: the comparison is not between two untouched initialisations

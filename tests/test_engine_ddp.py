@@ -47,8 +47,9 @@ import torch
 import torch.distributed as dist
 import mmtk
 from mmtk.config import load_recipe
-from mmtk.train.engine import TrainingInterrupted, fit
+from mmtk.train.engine import TrainingInterrupted, train
 from mmtk.train.run import _prepare, model_args, pretrain_loss_fn
+from mmtk.train.settings import train_settings
 
 recipe = load_recipe(sys.argv[1], json.loads(sys.argv[2]), data_path=sys.argv[3])
 info, train_set = _prepare(recipe)
@@ -68,7 +69,7 @@ def counted_all_reduce(*args, **kwargs):
 
 all_reduce, dist.all_reduce = dist.all_reduce, counted_all_reduce
 try:
-    fit(recipe, sys.argv[4], model, train_set, compute_loss)
+    train(train_settings(recipe), sys.argv[4], model, train_set, compute_loss)
     stopped = None
 except TrainingInterrupted as stop:
     stopped = stop.step

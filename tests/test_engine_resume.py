@@ -175,13 +175,13 @@ def test_auto_micro_batch_resumes_with_the_micro_batch_the_run_used(sample_h5, t
     plan = memory.plan_memory
 
     def plan_with(room: float):
-        def planned(model, loss, train_set, recipe, info, resumed_micro=None):
-            estimate = memory.estimate_memory(model, loss, train_set, recipe, info.device)
+        def planned(model, loss, train_set, feed, precision, info, resumed_micro=None):
+            estimate = memory.estimate_memory(model, loss, train_set, info.device, precision, feed.seed)
             monkeypatch.setattr(memory, "available_memory",
                                 lambda device: int(estimate.total(2, 0) + room * (estimate.total(4, 0)
                                                                                   - estimate.total(2, 0))) * 10 // 9)
             resumed = {"resumed_micro": resumed_micro} if resumed_micro is not None else {}
-            chosen.append(plan(model, loss, train_set, recipe, info, **resumed)[0])
+            chosen.append(plan(model, loss, train_set, feed, precision, info, **resumed)[0])
             return chosen[-1], 0
         return planned
 

@@ -95,7 +95,8 @@ def test_depth_finetuning_and_missing_sensor_rows(sample_h5, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(sample_h5, tmp_path, monkeypatch):
-    from mmtk.train.engine import MetricsLog, fit
+    from mmtk.train.engine import MetricsLog, train
+    from mmtk.train.settings import train_settings
     from mmtk.train.run import finetune_loss_fn
     from mmtk.data.contents import open_dataset
 
@@ -119,7 +120,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(sample_h5, tmp_pat
     monkeypatch.setattr(MetricsLog, "close", lambda log: closed.append(log) or close(log))
     data = open_dataset(sample_h5, "train", ("rgb", "depth", "semseg"), (64, 64), augment=True)
     with pytest.raises(MmtkError) as info:
-        fit(recipe, tmp_path / "run", model, data, loss_that_explodes)
+        train(train_settings(recipe), tmp_path / "run", model, data, loss_that_explodes)
     assert len(closed) == 1  # the metrics log (and TensorBoard's writer, which buffers) is flushed on the way out
     message = str(info.value)
     assert "non-finite at step 3" in message and "step_00000002.pt" in message and "\n" not in message

@@ -10,7 +10,8 @@ import torch
 
 import mmtk
 from mmtk.train.checkpoint import checkpoint_paths, load_checkpoint, newest_checkpoint, save_checkpoint
-from mmtk.train.optim import WarmupCosine, layer_id, param_groups
+from mmtk.train.optim import layer_id, param_groups
+from mmtk.train.schedules import LrSchedule
 from mmtk.runtime import rng_state, set_rng_state
 from mmtk.errors import MmtkError
 
@@ -49,7 +50,7 @@ def test_param_groups_decay_and_layer_scales(tiny):
 
 
 def test_warmup_cosine_values():
-    schedule = WarmupCosine(warmup_steps=4, total_steps=14, min_ratio=0.1)
+    schedule = LrSchedule("cosine", warmup_steps=4, total_steps=14, min_ratio=0.1)
     assert [schedule(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert schedule(4) == pytest.approx(1.0)
     assert schedule(9) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
@@ -63,10 +64,14 @@ def test_build_optimizer_lr_per_step_is_the_recipe_curve(tiny):
     0, 0.25, 0.5, 0.75, 1.0 of the lr where ours gives 0.25, 0.5, 0.75, 1.0)."""
     from mmtk.config import load_recipe
     from mmtk.train.optim import build_optimizer
+    from mmtk.train.settings import train_settings
 
     recipe = load_recipe("tiny", ["optim.lr=1e-3", "optim.min_lr=1e-5", "optim.layer_decay=0.5",
-                                  "optim.batch_size=256", "optim.scale_lr=false"])
-    optimizer, scheduler = build_optimizer(tiny, recipe, total_steps=14, warmup_steps=4)
+                                  "optim.batch_size=256", "optim.scale_lr=false", "optim.epochs=14",
+                                  "optim.warmup_epochs=4"])
+    built = build_optimizer(tiny, train_settings(recipe).optim, steps_per_epoch=1)  # 14 steps, 4 of warm-up
+    optimizer, scheduler = built.optimizer, built.scheduler
+    assert built.total_steps == 14
     top = []
     for _ in range(14):
         lrs = [group["lr"] for group in optimizer.param_groups]
@@ -133,21 +138,23 @@ def test_load_checkpoint_errors(tmp_path):
 def test_global_batch_split_over_processes_and_accumulation():
     from mmtk.train.batches import make_batches
     from mmtk.config import recipe_from_dict
+    from mmtk.train.settings import train_settings
     from mmtk.runtime import DistInfo
 
     frames = [{"x": torch.tensor([float(i)])} for i in range(10)]
-    recipe = recipe_from_dict({"optim": {"batch_size": 8, "micro_batch": 2, "epochs": 1, "warmup_epochs": 0}})
-    one = make_batches(recipe, frames, DistInfo(0, 1, 0, torch.device("cpu")))
+    feed = train_settings(recipe_from_dict({"optim": {"batch_size": 8, "micro_batch": 2, "epochs": 1,
+                                                      "warmup_epochs": 0}})).feed
+    one = make_batches(feed, frames, DistInfo(0, 1, 0, torch.device("cpu")))
     assert (one.micro, one.accum_steps, one.steps_per_epoch) == (2, 4, 1)
-    two = make_batches(recipe, frames, DistInfo(1, 2, 1, torch.device("cpu")))
+    two = make_batches(feed, frames, DistInfo(1, 2, 1, torch.device("cpu")))
     assert (two.micro, two.accum_steps) == (2, 2)
     # rank 1 of 2 sees the odd positions of the epoch's permutation (DistributedSampler, seed 0 + epoch 0)
     first = torch.cat([b["x"] for b in itertools.islice(two.from_step(0), 2)]).flatten().tolist()
     full = [int(i) for i in torch.randperm(10, generator=torch.Generator().manual_seed(0))]
     assert first == [float(i) for i in full[1:8:2]]
     with pytest.raises(MmtkError, match="divisible"):
-        make_batches(recipe_from_dict({"optim": {"batch_size": 6, "micro_batch": 2, "epochs": 1,
-                                                 "warmup_epochs": 0}}), frames,
+        make_batches(train_settings(recipe_from_dict({"optim": {"batch_size": 6, "micro_batch": 2, "epochs": 1,
+                                                                "warmup_epochs": 0}})).feed, frames,
                      DistInfo(0, 4, 0, torch.device("cpu")))
 
 
@@ -224,3 +231,30 @@ def test_pretrain_loss_reads_the_modality_registry_once_per_run(monkeypatch):
     torch.manual_seed(0)
     _, without = compute_loss(model, {k: v for k, v in batch.items() if k != "depth_valid"})
     assert with_holes["rgb"] == without["rgb"] and with_holes["depth"] != without["depth"]
+
+
+def test_seed_run_seeds_init_then_a_stream_per_process_and_restores_a_resumed_one():
+    from mmtk.runtime import DistInfo, seed_run
+
+    def draws():
+        return torch.rand(2).tolist(), random.random(), float(np.random.rand())
+
+    rank_1_of_2 = DistInfo(1, 2, 1, torch.device("cpu"))
+    seed_run(5)  # before the model is built: the same on every process
+    init = draws()
+    seed_run(5, rank_1_of_2)  # before the first step of a new run: seed + rank
+    fresh = draws()
+    torch.manual_seed(6)
+    random.seed(6)
+    np.random.seed(6)
+    assert fresh == draws() and init != fresh
+    saved = [rng_state(), rng_state()]  # what a checkpoint of 2 processes holds
+    expected = draws()
+    seed_run(5, rank_1_of_2, saved, step=9)  # resumed with as many processes: rank 1's saved states
+    assert draws() == expected
+    seed_run(5, DistInfo(1, 3, 1, torch.device("cpu")), saved, step=9)  # another process count: seed + rank + step
+    changed = draws()
+    torch.manual_seed(15)
+    random.seed(15)
+    np.random.seed(15)
+    assert changed == draws()

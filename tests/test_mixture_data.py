@@ -18,6 +18,7 @@ from mmtk.config import load_recipe
 from mmtk.errors import MmtkError
 from mmtk.runtime import DistInfo
 from mmtk.train.run import _prepare
+from mmtk.train.settings import train_settings
 
 ONE = DistInfo(0, 1, 0, torch.device("cpu"))
 
@@ -65,7 +66,7 @@ def test_weights_set_each_epochs_draws_exactly_and_ranks_split_them(sample_h5, r
     assert [*ranks[0]] == draws[0::2] and [*ranks[1]] == draws[1::2]  # the same epoch, dealt out
     # through the run's data feed: a quarter of the samples come without depth, every epoch
     recipe = _recipe([sample_h5, rgb_h5], "data.weights=[3,1]", "data.repeat=8", "optim.batch_size=8")
-    feed = make_batches(recipe, mixture, ONE)
+    feed = make_batches(train_settings(recipe).feed, mixture, ONE)
     batches = list(itertools.islice(feed.from_step(0), 2 * feed.steps_per_epoch))
     present = torch.cat([batch["depth_present"] for batch in batches])
     assert feed.steps_per_epoch == 4 and present.sum().item() == 48 and len(present) == 64
@@ -83,7 +84,8 @@ def test_a_weighted_feed_resumed_at_any_step_continues_the_same_keys():
 
 def test_without_weights_each_epoch_visits_every_frame_of_every_file_once(sample_h5, rgb_h5):
     _, mixture = _prepare(_recipe([sample_h5, rgb_h5], "data.repeat=2"))
-    feed = make_batches(_recipe([sample_h5, rgb_h5], "data.repeat=2", "optim.batch_size=4"), mixture, ONE)
+    feed = make_batches(train_settings(_recipe([sample_h5, rgb_h5], "data.repeat=2", "optim.batch_size=4")).feed,
+                        mixture, ONE)
     batches = list(itertools.islice(feed.from_step(0), feed.steps_per_epoch))
     present = torch.cat([batch["depth_present"] for batch in batches])
     assert len(present) == 8 and present.sum().item() == 2  # 1 of 4 frames has depth, twice (data.repeat 2)

@@ -160,22 +160,24 @@ def _tiny_run_parts(sample_h5, overrides: list[str]):
 
 def test_memory_check_refuses_a_micro_batch_that_does_not_fit(sample_h5, monkeypatch, tmp_path):
     from mmtk.train import memory
+    from mmtk.train.settings import train_settings
 
     recipe, model, train_set, loss, info = _tiny_run_parts(sample_h5, ["optim.batch_size=8", "optim.micro_batch=8"])
-    estimate = memory.estimate_memory(model, loss, train_set, recipe, info.device)
+    estimate = memory.estimate_memory(model, loss, train_set, info.device, recipe.train.precision)
     assert estimate.model == 16 * sum(p.numel() for p in model.parameters()) and estimate.per_image > 0
     # The machine has room for 4 images per micro-step, not 8.
     available = (estimate.total(4, 0) + estimate.total(8, 0)) / 2 / 0.9
     monkeypatch.setattr(memory, "available_memory", lambda device: int(available))
     with pytest.raises(MmtkError) as refused:
-        memory.plan_memory(model, loss, train_set, recipe, info)
+        memory.plan_memory(model, loss, train_set, train_settings(recipe).feed, recipe.train.precision, info)
     message = str(refused.value)
     assert "\n" not in message
     assert f"a micro-step of 8 images needs about {estimate.total(8, 0) / 1e9:.1f} GB" in message
     assert f"but {int(0.9 * int(available)) / 1e9:.1f} GB is usable on cpu" in message
     assert "use --set optim.micro_batch=4 (or --set optim.micro_batch=auto)" in message
     recipe.optim.micro_batch = "auto"  # picks the largest that fits
-    assert memory.plan_memory(model, loss, train_set, recipe, info) == (4, 0)
+    assert memory.plan_memory(model, loss, train_set, train_settings(recipe).feed, recipe.train.precision,
+                              info) == (4, 0)
 
     # Through the CLI: one line, and nothing written.
     monkeypatch.setattr(memory, "available_memory", lambda device: 10**6)
@@ -233,7 +235,8 @@ def test_ctrl_c_writes_one_checkpoint_with_logging_off_and_at_the_last_step(samp
     """A Ctrl-C inside step 2 of 3 with no step logged stops after step 2 with its one checkpoint; one inside the
     last step finishes the run as usual: one checkpoint, the final one, and no interruption."""
     from mmtk.train.checkpoint import checkpoint_paths
-    from mmtk.train.engine import TrainingInterrupted, fit
+    from mmtk.train.engine import TrainingInterrupted, train
+    from mmtk.train.settings import train_settings
 
     def run(stop_in_step: int, out: Path):
         recipe, model, train_set, loss_fn, _ = _tiny_run_parts(
@@ -247,7 +250,7 @@ def test_ctrl_c_writes_one_checkpoint_with_logging_off_and_at_the_last_step(samp
                 os.kill(os.getpid(), signal.SIGINT)  # the handler runs at once, in this (main) thread
             return loss_fn(model, batch)
 
-        return fit(recipe, out, model, train_set, compute_loss)
+        return train(train_settings(recipe), out, model, train_set, compute_loss)
 
     with pytest.raises(TrainingInterrupted) as stopped:
         run(2, tmp_path / "mid")

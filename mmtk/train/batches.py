@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 
-from mmtk.config import Recipe, loader_workers
+from mmtk.config import loader_workers
 from mmtk.data.mixture import Mixture, mixture_order, seeded_rngs
 from mmtk.errors import MmtkError
 from mmtk.progress import counted
 from mmtk.runtime import DistInfo, main_process_print
+from mmtk.train.settings import FeedSettings
 
 
 class RunSampler(Sampler):
@@ -107,49 +108,47 @@ class Batches:
         return iter(self.loader)
 
 
-def make_batches(recipe: Recipe, train_set: Dataset, info: DistInfo, micro_batch: int | None = None,
+def make_batches(feed: FeedSettings, train_set: Dataset, info: DistInfo, micro_batch: int | None = None,
                  workers: int | None = None) -> Batches:
     """Split the global batch over processes and accumulation steps; seed sampling and augmentation.
 
     ``micro_batch`` and ``workers`` are the resolved values of ``optim.micro_batch`` and ``data.num_workers``
-    (:func:`plan_memory` resolves ``auto``); by default the recipe's numbers.
+    (:func:`plan_memory` resolves ``auto``); by default the settings' numbers.
     """
-    opt, seed = recipe.optim, recipe.train.seed
-    if micro_batch is None and isinstance(opt.micro_batch, int):
-        micro_batch = opt.micro_batch
+    if micro_batch is None and isinstance(feed.micro_batch, int):
+        micro_batch = feed.micro_batch
     if workers is None:
-        workers = loader_workers(recipe.data.num_workers, info.device.type, info.world_size)
-    accum = accum_steps_for(recipe, info.world_size, micro_batch)
-    micro = opt.batch_size // (info.world_size * accum)
-    repeat = recipe.data.repeat
-    if len(train_set) * repeat < opt.batch_size:  # e.g. 795 NYUv2 frames and the paper's batch of 2048
-        repeat = math.ceil(opt.batch_size / len(train_set))
+        workers = loader_workers(feed.num_workers, info.device.type, info.world_size)
+    accum = accum_steps_for(feed, info.world_size, micro_batch)
+    micro = feed.batch_size // (info.world_size * accum)
+    repeat = feed.repeat
+    if len(train_set) * repeat < feed.batch_size:  # e.g. 795 NYUv2 frames and the paper's batch of 2048
+        repeat = math.ceil(feed.batch_size / len(train_set))
         if info.is_main:
-            main_process_print(f"note: {counted(len(train_set), 'frame')} x data.repeat {recipe.data.repeat} is less than one "
-                               f"global batch of {opt.batch_size}; each epoch repeats the frames {repeat} times")
+            main_process_print(f"note: {counted(len(train_set), 'frame')} x data.repeat {feed.repeat} is less than one "
+                               f"global batch of {feed.batch_size}; each epoch repeats the frames {repeat} times")
     epoch_order = None
-    if recipe.data.weights is not None:  # a weighted draw of len x repeat per epoch, passes over a frame included
+    if feed.weights is not None:  # a weighted draw of len x repeat per epoch, passes over a frame included
         sizes = train_set.sizes if isinstance(train_set, Mixture) else [len(train_set)]
-        epoch_order = WeightedEpochs(sizes, recipe.data.weights, len(train_set) * repeat, info.world_size, info.rank,
-                                     seed)
+        epoch_order = WeightedEpochs(sizes, feed.weights, len(train_set) * repeat, info.world_size, info.rank,
+                                     feed.seed)
     elif repeat > 1:
         train_set = ConcatDataset([train_set] * repeat)
-    sampler = RunSampler(train_set, info.world_size, info.rank, seed, micro * accum, epoch_order)
+    sampler = RunSampler(train_set, info.world_size, info.rank, feed.seed, micro * accum, epoch_order)
     # Its own generator: creating an iterator must not draw from the global RNG (the masks' RNG).
-    loader = DataLoader(SeededDataset(train_set, seed), batch_size=micro, sampler=sampler, num_workers=workers,
-                        generator=torch.Generator().manual_seed(seed), worker_init_fn=_ignore_sigint,
-                        pin_memory=recipe.data.pin_memory and info.device.type == "cuda")
+    loader = DataLoader(SeededDataset(train_set, feed.seed), batch_size=micro, sampler=sampler, num_workers=workers,
+                        generator=torch.Generator().manual_seed(feed.seed), worker_init_fn=_ignore_sigint,
+                        pin_memory=feed.pin_memory and info.device.type == "cuda")
     return Batches(loader, sampler, micro, accum, sampler.steps_per_epoch)
 
 
-def accum_steps_for(recipe: Recipe, world_size: int, micro_batch: int | None) -> int:
+def accum_steps_for(feed: FeedSettings, world_size: int, micro_batch: int | None) -> int:
     """Micro-steps per optimizer step: optim.accum_steps, or more so that no micro-batch exceeds ``micro_batch``."""
-    opt = recipe.optim
-    accum = opt.accum_steps
+    accum = feed.accum_steps
     if micro_batch is not None:  # e.g. the paper's 2048 on one GPU: 8 micro-steps of 256
-        accum = max(accum, math.ceil(opt.batch_size / (world_size * micro_batch)))
-    if opt.batch_size % (world_size * accum):
-        raise MmtkError(f"optim.batch_size {opt.batch_size} must be divisible by processes x accumulation steps "
+        accum = max(accum, math.ceil(feed.batch_size / (world_size * micro_batch)))
+    if feed.batch_size % (world_size * accum):
+        raise MmtkError(f"optim.batch_size {feed.batch_size} must be divisible by processes x accumulation steps "
                         f"= {world_size} x {accum}; change optim.batch_size or optim.micro_batch")
     return accum
 

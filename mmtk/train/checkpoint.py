@@ -19,7 +19,8 @@ from mmtk.weights.files import read_state_dict
 from mmtk.io import atomic_write, discard, disk_errors, make_temp, publish
 from mmtk.weights.integrity import seal
 from mmtk.weights.folders import checkpoint_paths, checkpoint_step
-from mmtk.runtime import DistInfo, main_process_print, rng_state, seed_everything, set_rng_state
+from mmtk.runtime import DistInfo, main_process_print, rng_state
+from mmtk.train.optim import Optimization
 
 CHECKPOINT_FORMAT = "mmtk-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -212,13 +213,16 @@ def _check_same(recipe: Recipe, recorded: dict[str, Any], point: ResumePoint, se
 
 
 class Checkpointer:
-    """Writes and restores everything a bit-exact resume needs; only rank 0 writes."""
+    """Writes and restores everything a bit-exact resume needs; only rank 0 writes.
 
-    def __init__(self, recipe: Recipe, run_dir: Path, info: DistInfo, model: nn.Module, optimizer, scheduler,
-                 scaler, steps_per_epoch: int, extra_state: dict[str, Any] | None) -> None:
-        self.recipe, self.run_dir, self.info, self.model = recipe, run_dir, info, model
-        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
-        self.steps_per_epoch, self.extra = steps_per_epoch, extra_state or {}
+    ``record`` (plain values) goes into every checkpoint besides the training state: the run's kind, its
+    recipe and how to rebuild its model (:func:`mmtk.train.run.run_training` says what)."""
+
+    def __init__(self, run_dir: Path, keep: int, info: DistInfo, model: nn.Module, optimization: Optimization,
+                 scaler: torch.amp.GradScaler, steps_per_epoch: int, record: dict[str, Any]) -> None:
+        self.run_dir, self.keep, self.info, self.model = run_dir, keep, info, model
+        self.optimizer, self.scheduler, self.scaler = optimization.optimizer, optimization.scheduler, scaler
+        self.steps_per_epoch, self.record = steps_per_epoch, record
         self.last: Path | None = None
 
     def save(self, step: int) -> Path:
@@ -232,20 +236,21 @@ class Checkpointer:
         path = self.run_dir / "checkpoints" / f"step_{step:08d}.pt"
         if self.info.is_main:
             save_checkpoint({
-                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": self.recipe.kind,
+                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": states,
-                "step": step, "epoch": step / self.steps_per_epoch, "recipe": recipe_to_dict(self.recipe),
-                **self.extra,
+                "step": step, "epoch": step / self.steps_per_epoch, **self.record,
             }, path)
             link_last(path)
-            for old in checkpoint_paths(self.run_dir)[:-self.recipe.train.keep_checkpoints]:
+            for old in checkpoint_paths(self.run_dir)[:-self.keep]:
                 old.unlink(missing_ok=True)
         self.last = path
         return path
 
-    def restore(self, point: ResumePoint) -> int:
-        """Load the checkpoint ``point`` (checked by :func:`find_resume_point`) into everything; returns its step.
+    def restore(self, point: ResumePoint) -> tuple[int, list[dict[str, Any]]]:
+        """Load the checkpoint ``point`` (found and checked by :func:`find_resume_point`) into the model, optimizer,
+        scheduler and scaler; returns its step and the RNG states it saved, one per process
+        (:func:`mmtk.runtime.seed_run` restores them).
 
         Its state is emptied here, so no second copy of the weights and optimizer moments stays in host memory
         for the run (the caller read it once, to build the model from it too).
@@ -256,7 +261,7 @@ class Checkpointer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
-            step = int(state["step"])
+            step, saved_rng = int(state["step"]), list(state["rng"])
         except (KeyError, RuntimeError, ValueError) as err:  # another image size, other outputs or depth
             raise MmtkError(f"--resume: {self.last} does not fit this run ({_mismatch(err)}); resume with the "
                             f"settings of {self.run_dir / 'recipe.yaml'}, or start a new run in another --out "
@@ -265,12 +270,8 @@ class Checkpointer:
             last = self.run_dir / "last.pt"
             if not (last.exists() and os.path.samefile(last, self.last)):
                 link_last(self.last)
-        if len(state["rng"]) == self.info.world_size:
-            set_rng_state(state["rng"][self.info.rank])
-        else:  # resumed with another process count: same data order, new mask draws
-            seed_everything(self.recipe.train.seed + self.info.rank + step)
         state.clear()
-        return step
+        return step, saved_rng
 
 
 def _mismatch(err: Exception) -> str:

@@ -1,8 +1,9 @@
-"""The training loop shared by pretraining and finetuning: :func:`fit`.
+"""The training loop shared by pretraining and finetuning: :func:`train` builds its parts, :func:`fit` runs it.
 
 One loop: gradient accumulation, optional clipping, autocast (bf16/fp16), optional ``torch.compile``, DDP under
 ``torchrun``, Ctrl-C as a save point, JSONL metrics (and TensorBoard when installed). Its parts live beside it:
-:mod:`mmtk.runtime` (processes, devices, RNGs, precision), :mod:`mmtk.train.optim` (AdamW groups, warm-up/cosine),
+:mod:`mmtk.train.settings` (the typed settings made once from a recipe), :mod:`mmtk.runtime` (processes, devices,
+seeding, precision), :mod:`mmtk.train.optim` (AdamW groups) with :mod:`mmtk.train.schedules` (the lr schedules),
 :mod:`mmtk.train.batches` (the resumable data feed), :mod:`mmtk.train.memory` (will a micro-step fit),
 :mod:`mmtk.train.checkpoint` (bit-exact resume) and :mod:`mmtk.progress` (the progress line).
 
@@ -19,7 +20,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,16 +30,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
-from mmtk.train.batches import make_batches
-from mmtk.train.checkpoint import Checkpointer, ResumePoint, find_resume_point
-from mmtk.config import Recipe, save_recipe
+from mmtk.config import save_recipe
 from mmtk.errors import MmtkError
 from mmtk.io import atomic_write_text, disk_errors
-from mmtk.train.memory import plan_memory
 from mmtk.model.multimae import compile_blocks, compile_step
-from mmtk.train.optim import build_optimizer
 from mmtk.progress import ProgressLine, format_duration
-from mmtk.runtime import DistInfo, LossFn, autocast, main_process_print, seed_everything, setup_distributed, to_device
+from mmtk.runtime import DistInfo, LossFn, autocast, main_process_print, seed_run, setup_distributed, to_device
+from mmtk.train.batches import Batches, make_batches
+from mmtk.train.checkpoint import Checkpointer, ResumePoint
+from mmtk.train.memory import plan_memory
+from mmtk.train.optim import Optimization, build_optimizer
+from mmtk.train.settings import LoopSettings, TrainSettings
 
 
 @dataclass
@@ -51,77 +53,67 @@ class FitResult:
     last_losses: dict[str, float]
 
 
-def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Dataset, compute_loss: LossFn,
-        resume: bool = False, extra_state: dict[str, Any] | None = None,
-        resume_from: ResumePoint | None = None) -> FitResult:
-    """Train ``model`` on ``train_set`` as ``recipe`` says, writing checkpoints and metrics to ``run_dir``.
+def train(settings: TrainSettings, run_dir: str | Path, model: nn.Module, train_set: Dataset, compute_loss: LossFn,
+          record: dict[str, Any] | None = None, resume_from: ResumePoint | None = None) -> FitResult:
+    """Train ``model`` on ``train_set`` as ``settings`` say, writing checkpoints and metrics to ``run_dir``.
 
-    ``compute_loss(model, batch)`` returns the scalar loss to minimise and a dict of named scalar
-    losses to log. ``extra_state`` (plain values) is stored in every checkpoint, e.g. how to rebuild
-    the model. With ``resume`` the newest checkpoint in ``run_dir`` is loaded and training continues
-    from its step, reproducing an uninterrupted run; ``resume_from`` is that checkpoint when the caller
-    has read it already (:func:`mmtk.train.checkpoint.find_resume_point`), so the file is read once.
+    ``compute_loss(model, batch)`` returns the scalar loss to minimise and a dict of named scalar losses to log.
+    ``record`` (plain values) is stored in every checkpoint; its ``recipe`` also as ``RUN/recipe.yaml``.
+    ``resume_from`` is the checkpoint a ``--resume`` continues from (:func:`mmtk.train.checkpoint.find_resume_point`
+    found, checked and read it): it is loaded here, once, before the loop; without it the run starts fresh.
+    Nothing is written before the memory check and the restore have passed.
     """
-    opt, cfg, run_dir = recipe.optim, recipe.train, Path(run_dir)
-    if resume and resume_from is None:  # before anything is created or written
-        resume_from = find_resume_point(run_dir, recipe)
-    info = setup_distributed(cfg.device)
-    if cfg.precision == "fp16" and info.device.type != "cuda":
+    loop, run_dir = settings.loop, Path(run_dir)
+    process = setup_distributed(loop.device)
+    if loop.precision == "fp16" and process.device.type != "cuda":
         raise MmtkError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    if cfg.deterministic:
+    if loop.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-    model.to(info.device)
+    model.to(process.device)
     resumed_micro = resume_from.state.get("micro_batch") if resume_from is not None else None
-    micro_batch, workers = plan_memory(model, compute_loss, train_set, recipe, info,  # before anything is written
+    micro_batch, workers = plan_memory(model, compute_loss, train_set, settings.feed, loop.precision, process,
                                        resumed_micro if isinstance(resumed_micro, int) else None)
-    data = make_batches(recipe, train_set, info, micro_batch, workers)
-    total_steps = max(1, math.ceil(opt.epochs * data.steps_per_epoch))
-    stop = min(total_steps, cfg.max_steps or total_steps)
-    optimizer, scheduler = build_optimizer(model, recipe, total_steps, round(opt.warmup_epochs * data.steps_per_epoch))
-    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
-    ckpt = Checkpointer(recipe, run_dir, info, model, optimizer, scheduler, scaler, data.steps_per_epoch,
-                        {**(extra_state or {}), "micro_batch": data.micro})
-    seed_everything(cfg.seed + info.rank)  # different masks per process, same init (weights are broadcast)
-    # refuses a checkpoint of another model before any write
-    step = ckpt.restore(resume_from) if resume_from is not None else 0
-    if info.is_main:
+    feed = make_batches(settings.feed, train_set, process, micro_batch, workers)
+    optimization = build_optimizer(model, settings.optim, feed.steps_per_epoch)
+    scaler = torch.amp.GradScaler(process.device.type, enabled=loop.precision == "fp16")
+    ckpt = Checkpointer(run_dir, loop.keep_checkpoints, process, model, optimization, scaler, feed.steps_per_epoch,
+                        {**(record or {}), "micro_batch": feed.micro})
+    step, saved_rng = ckpt.restore(resume_from) if resume_from is not None else (0, None)  # refuses another model
+    seed_run(settings.seed, process, saved_rng, step)
+    if process.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_recipe(recipe, run_dir / "recipe.yaml")
-    metrics = MetricsLog(run_dir, info.is_main)
-    if resume and info.is_main:
+        if record and "recipe" in record:
+            save_recipe(record["recipe"], run_dir / "recipe.yaml")
+    return fit(loop, run_dir, model, compute_loss, feed, optimization, scaler, ckpt, process, step)
+
+
+def fit(loop: LoopSettings, run_dir: Path, model: nn.Module, compute_loss: LossFn, feed: Batches,
+        optimization: Optimization, scaler: torch.amp.GradScaler, ckpt: Checkpointer, process: DistInfo,
+        start_step: int = 0) -> FitResult:
+    """The loop: optimizer steps from ``start_step`` (a restored run's, else 0) to the schedule's end or
+    ``loop.max_steps``, with the parts :func:`train` built."""
+    optimizer, scheduler = optimization.optimizer, optimization.scheduler
+    stop = min(optimization.total_steps, loop.max_steps or optimization.total_steps)
+    step = start_step
+    metrics = MetricsLog(run_dir, process.is_main)
+    if ckpt.last is not None and process.is_main:
         main_process_print(f"resumed from step {step} of {stop} ({ckpt.last})")
     metrics.truncate_after(step)
-    if cfg.compile == "blocks":
-        compile_blocks(model)  # the transformer blocks; masking and gathers stay eager
-    elif cfg.compile == "step":
-        compile_step(model)  # the whole forward (masking, decoders, losses) and its backward: one graph
-    train_model = model
-    if info.world_size > 1:
-        ids = [info.device.index] if info.device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
-
-    progress, last_losses = ProgressLine(info.is_main, stop, data.accum_steps, data.micro * info.world_size,
-                                         on_cpu=info.device.type == "cpu"), {}
+    train_model = _compiled_and_wrapped(model, loop.compile, process)
+    progress, last_losses = ProgressLine(process.is_main, stop, feed.accum_steps, feed.micro * process.world_size,
+                                         on_cpu=process.device.type == "cpu"), {}
     tick, tick_step = time.perf_counter(), step
     train_model.train()
-    batches = data.from_step(step)
+    batches = feed.from_step(step)
     with progress, StopRequest(progress.step_time_left) as stop_request, contextlib.closing(metrics):  # closed however the loop ends
         progress.start(step)
         while step < stop:
-            sums: dict[str, torch.Tensor] = {}
-            for micro_step in range(data.accum_steps):
-                batch = to_device(next(batches), info.device)
-                sync = micro_step == data.accum_steps - 1 or info.world_size == 1
-                with contextlib.nullcontext() if sync else train_model.no_sync():
-                    with autocast(info.device, cfg.precision):
-                        loss, losses = compute_loss(train_model, batch)
-                    scaler.scale(loss / data.accum_steps).backward()
-                for name, value in {"loss": loss, **losses}.items():
-                    sums[name] = sums.get(name, 0) + value.detach().float() / data.accum_steps
-                progress.micro_step(step, micro_step + 1)
+            sums = _accumulate(train_model, compute_loss, batches, feed.accum_steps, scaler, loop.precision, process,
+                               lambda micro_step: progress.micro_step(step, micro_step))
             # One all_reduce per step carries the losses and the stop flag, so every rank decides alike.
-            reduced = _mean_over_ranks(torch.stack([*sums.values(), stop_request.flag(info.device)]), info).tolist()
+            flag = stop_request.flag(process.device)
+            reduced = _mean_over_ranks(torch.stack([*sums.values(), flag]), process).tolist()
             values, stop_flag = reduced[:-1], reduced[-1]
             step_losses = dict(zip(sums, values))
             if not all(math.isfinite(v) for v in values):
@@ -129,9 +121,9 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
                     f"loss became non-finite at step {step + 1} ({_fmt_losses(step_losses)}); stopped. "
                     f"Last good checkpoint: {ckpt.last or 'none yet'}. Lower optim.lr, set optim.clip_grad "
                     f"or train.precision=fp32, then rerun with --resume")
-            if opt.clip_grad is not None:
+            if loop.clip_grad is not None:
                 scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), opt.clip_grad)
+                nn.utils.clip_grad_norm_(model.parameters(), loop.clip_grad)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -139,19 +131,50 @@ def fit(recipe: Recipe, run_dir: str | Path, model: nn.Module, train_set: Datase
             scheduler.step()
             step, last_losses = step + 1, step_losses
             progress.step_done(step, step_losses, lr)
-            if step % cfg.log_every == 0 or step == stop:
+            if step % loop.log_every == 0 or step == stop:
                 now = time.perf_counter()
-                images_per_s = (step - tick_step) * opt.batch_size / max(now - tick, 1e-9)
+                images_per_s = (step - tick_step) * loop.batch_size / max(now - tick, 1e-9)
                 tick, tick_step = now, step
-                metrics.write({"step": step, "epoch": round(step / data.steps_per_epoch, 4), **step_losses,
+                metrics.write({"step": step, "epoch": round(step / feed.steps_per_epoch, 4), **step_losses,
                                "lr": lr, "images_per_s": round(images_per_s, 2)})
                 progress.log()
-            stopping = stop_request.agreed(stop_flag, info) and step < stop
-            if step % cfg.ckpt_every == 0 or step == stop or stopping:
+            stopping = stop_request.agreed(stop_flag, process) and step < stop
+            if step % loop.ckpt_every == 0 or step == stop or stopping:
                 ckpt.save(step)
             if stopping:
                 raise TrainingInterrupted(step, stop, ckpt.last, stop_request.signum)
     return FitResult(run_dir, step, ckpt.last, last_losses)
+
+
+def _compiled_and_wrapped(model: nn.Module, compile_mode: str, process: DistInfo) -> nn.Module:
+    """``model`` compiled as ``train.compile`` says, and wrapped in DDP under torchrun: what the loop calls."""
+    if compile_mode == "blocks":
+        compile_blocks(model)  # the transformer blocks; masking and gathers stay eager
+    elif compile_mode == "step":
+        compile_step(model)  # the whole forward (masking, decoders, losses) and its backward: one graph
+    if process.world_size == 1:
+        return model
+    ids = [process.device.index] if process.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+
+def _accumulate(train_model: nn.Module, compute_loss: LossFn, batches: Iterator[dict[str, torch.Tensor]],
+                accum_steps: int, scaler: torch.amp.GradScaler, precision: str, process: DistInfo,
+                micro_step_done: Callable[[int], None]) -> dict[str, torch.Tensor]:
+    """Forward and backward over one optimizer step's ``accum_steps`` micro-batches (gradients synchronised only on
+    the last); returns this process's mean of each named loss, ``loss`` first."""
+    sums: dict[str, torch.Tensor] = {}
+    for micro_step in range(accum_steps):
+        batch = to_device(next(batches), process.device)
+        sync = micro_step == accum_steps - 1 or process.world_size == 1
+        with contextlib.nullcontext() if sync else train_model.no_sync():
+            with autocast(process.device, precision):
+                loss, losses = compute_loss(train_model, batch)
+            scaler.scale(loss / accum_steps).backward()
+        for name, value in {"loss": loss, **losses}.items():
+            sums[name] = sums.get(name, 0) + value.detach().float() / accum_steps
+        micro_step_done(micro_step + 1)
+    return sums
 
 
 class TrainingInterrupted(KeyboardInterrupt):

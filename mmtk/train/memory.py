@@ -12,10 +12,11 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from mmtk.train.batches import SeededDataset, accum_steps_for
-from mmtk.config import Recipe, loader_workers
+from mmtk.config import loader_workers
 from mmtk.errors import MmtkError
 from mmtk.io import available_ram
 from mmtk.runtime import DistInfo, LossFn, autocast, main_process_print, to_device
+from mmtk.train.settings import FeedSettings
 
 GB = 1e9
 WORKER_BYTES = 300e6  # a forked loader worker's own memory (torch, h5py, decoded frames), besides its batches
@@ -68,13 +69,14 @@ def _saved_bytes(model: nn.Module, compute_loss: LossFn, batch: dict[str, torch.
     return sum(kept.values())
 
 
-def estimate_memory(model: nn.Module, compute_loss: LossFn, train_set: Dataset, recipe: Recipe,
-                    device: torch.device) -> MemoryEstimate:
+def estimate_memory(model: nn.Module, compute_loss: LossFn, train_set: Dataset, device: torch.device,
+                    precision: str, seed: int = 0) -> MemoryEstimate:
     """Measure what a micro-step needs: forward passes at 1 and 2 images give the activations per image.
 
-    Runs on ``device`` with the recipe's precision; the global RNGs and the model's mode are left as they were.
+    Runs on ``device`` in ``precision`` on the first samples augmented with ``seed``; the global RNGs and the
+    model's mode are left as they were.
     """
-    dataset = SeededDataset(train_set, recipe.train.seed)
+    dataset = SeededDataset(train_set, seed)
     samples = [dataset[(0, i % len(train_set))] for i in range(2)]  # type: ignore[arg-type]
     sample_bytes = sum(v.numel() * v.element_size() for v in samples[0].values() if torch.is_tensor(v))
     was_training = model.training
@@ -84,7 +86,7 @@ def estimate_memory(model: nn.Module, compute_loss: LossFn, train_set: Dataset, 
         model.eval()  # no running statistics change; the saved activations are those of training
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             one, two = (_saved_bytes(model, compute_loss, to_device(default_collate(samples[:n]), device), device,
-                                     recipe.train.precision) for n in (1, 2))
+                                     precision) for n in (1, 2))
     finally:
         model.train(was_training)
         random.setstate(py_state)
@@ -95,14 +97,14 @@ def estimate_memory(model: nn.Module, compute_loss: LossFn, train_set: Dataset, 
                           fixed=max(one - per_image, 0), sample=sample_bytes)
 
 
-def _micro_choices(recipe: Recipe, world_size: int) -> list[int]:
+def _micro_choices(feed: FeedSettings, world_size: int) -> list[int]:
     """Micro-batch sizes the global batch can be split into on this many processes, largest first."""
-    per_process = recipe.optim.batch_size // world_size
-    return [per_process // accum for accum in range(recipe.optim.accum_steps, per_process + 1)
+    per_process = feed.batch_size // world_size
+    return [per_process // accum for accum in range(feed.accum_steps, per_process + 1)
             if per_process % accum == 0]
 
 
-def plan_memory(model: nn.Module, compute_loss: LossFn, train_set: Dataset, recipe: Recipe,
+def plan_memory(model: nn.Module, compute_loss: LossFn, train_set: Dataset, feed: FeedSettings, precision: str,
                 info: DistInfo, resumed_micro: int | None = None) -> tuple[int | None, int]:
     """(micro-batch, loader workers) for this run, checked against the device's memory before training starts.
 
@@ -111,18 +113,17 @@ def plan_memory(model: nn.Module, compute_loss: LossFn, train_set: Dataset, reci
     reproduce the uninterrupted run. A fixed micro-batch that does not fit stops with one line naming the
     estimate, what is available and the ``--set`` values that fit.
     """
-    opt = recipe.optim
-    workers = loader_workers(recipe.data.num_workers, info.device.type, info.world_size)
-    setting = opt.micro_batch if isinstance(opt.micro_batch, int) else None
-    micro = opt.batch_size // (info.world_size * accum_steps_for(recipe, info.world_size, setting))
-    estimate = estimate_memory(model, compute_loss, train_set, recipe, info.device)
+    workers = loader_workers(feed.num_workers, info.device.type, info.world_size)
+    setting = feed.micro_batch if isinstance(feed.micro_batch, int) else None
+    micro = feed.batch_size // (info.world_size * accum_steps_for(feed, info.world_size, setting))
+    estimate = estimate_memory(model, compute_loss, train_set, info.device, precision, feed.seed)
     on_device = sum(p.numel() * p.element_size() for p in model.parameters()) if info.device.type == "cuda" else 0
     # 90 %: room for the allocator's fragmentation and for what the estimate leaves out
     budget = int(0.9 * (available_memory(info.device) + on_device))
-    fitting = [m for m in _micro_choices(recipe, info.world_size) if estimate.total(m, workers) <= budget]
-    if opt.micro_batch == "auto":
+    fitting = [m for m in _micro_choices(feed, info.world_size) if estimate.total(m, workers) <= budget]
+    if feed.micro_batch == "auto":
         if not fitting:
-            raise MmtkError(_does_not_fit(estimate, 1, workers, budget, info, recipe))
+            raise MmtkError(_does_not_fit(estimate, 1, workers, budget, info, feed))
         chosen = resumed_micro if resumed_micro in fitting else fitting[0]
         if info.is_main:
             why = ("as the run it resumes" if chosen == resumed_micro else
@@ -133,19 +134,19 @@ def plan_memory(model: nn.Module, compute_loss: LossFn, train_set: Dataset, reci
                                f"on {info.device.type})")
         return chosen, workers
     if estimate.total(micro, workers) > budget:
-        raise MmtkError(_does_not_fit(estimate, micro, workers, budget, info, recipe))
+        raise MmtkError(_does_not_fit(estimate, micro, workers, budget, info, feed))
     return setting, workers
 
 
 def _does_not_fit(estimate: MemoryEstimate, micro: int, workers: int, budget: int, info: DistInfo,
-                  recipe: Recipe) -> str:
+                  feed: FeedSettings) -> str:
     """The one line that says how much a micro-step needs, what there is, and which settings fit."""
     need = (f"a micro-step of {micro} images needs about {estimate.total(micro, workers) / GB:.1f} GB "
             f"(model and optimizer {estimate.model / GB:.1f} GB, activations {micro * estimate.per_image / GB:.1f} GB, "
             f"{workers} loader workers {estimate.loader(micro, workers) / GB:.1f} GB) but {budget / GB:.1f} GB is "
             f"usable on {info.device.type}")
     for try_workers in dict.fromkeys((workers, min(workers, 2), 0)):
-        fitting = [m for m in _micro_choices(recipe, info.world_size) if estimate.total(m, try_workers) <= budget]
+        fitting = [m for m in _micro_choices(feed, info.world_size) if estimate.total(m, try_workers) <= budget]
         if fitting:
             sets = f"--set optim.micro_batch={fitting[0]}"
             if try_workers != workers:

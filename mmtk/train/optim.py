@@ -1,4 +1,4 @@
-"""AdamW with weight-decay groups and layer-wise lr decay; linear warm-up then cosine per optimizer step."""
+"""AdamW with weight-decay groups and layer-wise lr decay, and its lr schedule per optimizer step."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmtk.config import Recipe
+from mmtk.train.schedules import LrSchedule
+from mmtk.train.settings import OptimSettings
 
 BLOCK_PARAM = re.compile(r"encoder\.blocks\.(\d+)\.")  # a parameter of encoder block N
 
@@ -76,31 +77,23 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: 
 
 
 @dataclass
-class WarmupCosine:
-    """lr multiplier at optimizer step s: linear warm-up to 1, then cosine down to ``min_ratio``."""
+class Optimization:
+    """A run's optimizer, its per-step lr scheduler and the number of optimizer steps the schedule spans."""
 
-    warmup_steps: int
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
     total_steps: int
-    min_ratio: float = 0.0
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        span = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, recipe: Recipe, total_steps: int,
-                    warmup_steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW + per-step warm-up/cosine LambdaLR for ``model`` as the recipe says."""
-    optim = recipe.optim
-    lr = optim.lr * optim.batch_size / 256 if optim.scale_lr else optim.lr
-    groups = param_groups(model, lr, optim.weight_decay, optim.layer_decay, optim.weight_decay_on)
+def build_optimizer(model: nn.Module, optim: OptimSettings, steps_per_epoch: int) -> Optimization:
+    """AdamW over ``model``'s groups and ``optim.schedule`` stepped per optimizer step (``steps_per_epoch`` of them
+    an epoch)."""
+    total_steps = max(1, math.ceil(optim.epochs * steps_per_epoch))
+    groups = param_groups(model, optim.lr, optim.weight_decay, optim.layer_decay, optim.weight_decay_on)
     for group in groups:
         group.pop("names")
     # fused: one kernel for all parameters (on a CPU about 3x faster than the default per-parameter loop)
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=optim.betas, weight_decay=optim.weight_decay, fused=True)
-    schedule = WarmupCosine(warmup_steps, total_steps, optim.min_lr / lr if lr > 0 else 0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    return optimizer, scheduler
+    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay, fused=True)
+    schedule = LrSchedule(optim.schedule, round(optim.warmup_epochs * steps_per_epoch), total_steps,
+                          optim.min_lr / optim.lr if optim.lr > 0 else 0.0)
+    return Optimization(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), total_steps)

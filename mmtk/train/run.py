@@ -7,16 +7,17 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from mmtk.config import Recipe, dataset_parts
+from mmtk.config import Recipe, dataset_parts, recipe_to_dict
 from mmtk.data.contents import (DataInfo, data_info, data_source, label_stores, mixture_info, open_dataset,
                                  require_modalities)
 from mmtk.data.mixture import Mixture, present_masks
 from mmtk.errors import MmtkError
 from mmtk.modality import get_modality, list_modalities, modality_origins
-from mmtk.runtime import LossFn, main_process_print, seed_everything
+from mmtk.runtime import LossFn, main_process_print, seed_run
 from mmtk.task import LossSettings
 from mmtk.train.checkpoint import find_resume_point
-from mmtk.train.engine import FitResult, fit
+from mmtk.train.engine import FitResult, train
+from mmtk.train.settings import train_settings
 
 
 def model_args(recipe: Recipe, info: DataInfo) -> dict[str, Any]:
@@ -172,26 +173,36 @@ def init_summary(model: nn.Module) -> str:
 
 def run_training(recipe: Recipe, run_dir: str | Path, init: str | Path | None = None,
                  resume: bool = False) -> FitResult:
-    """Pretrain or finetune (``recipe.kind``) into ``run_dir``; ``init`` seeds a finetuning encoder."""
+    """Pretrain or finetune (``recipe.kind``) into ``run_dir``; ``init`` seeds a finetuning encoder.
+
+    The path from a recipe to the loop, in order: the checkpoint a ``resume`` continues from (found, checked
+    against the recipe and read once), the engine's settings, the data, the model (a resumed run rebuilds the
+    model its checkpoint describes: an --init file may have fixed more than the recipe says, e.g. a ViT without
+    class token), the loss; then :func:`mmtk.train.engine.train` loads the checkpoint into them and trains.
+    """
     import mmtk
 
+    point = find_resume_point(run_dir, recipe) if resume else None  # before anything is built or written
+    settings = train_settings(recipe)  # after the resume check, which may keep a legacy weight-decay rule
     info, train_set = _prepare(recipe)
     args = model_args(recipe, info)
-    seed_everything(recipe.train.seed)  # identical initial weights on every process
+    seed_run(settings.seed)  # identical initial weights on every process
     if recipe.kind == "finetune" and init is None and not resume:
         main_process_print("warning: finetuning without --init starts from random weights")
-    # A resumed run rebuilds the model its checkpoint describes: an --init file may have fixed more than the
-    # recipe says (e.g. a ViT without class token); fit then restores the optimizer and the rest from the same
-    # state, read once.
-    point = find_resume_point(run_dir, recipe) if resume else None
     model = mmtk.create_model(recipe.model.name, pretrained=point.state if point else init, verbose=False, **args)
     if init is not None and not resume:
         main_process_print(f"init from {init}: {init_summary(model)}")
     compute_loss = pretrain_loss_fn() if recipe.kind == "pretrain" else finetune_loss_fn(recipe)
+    return train(settings, run_dir, model, train_set, compute_loss, _record(recipe, args, info), point)
+
+
+def _record(recipe: Recipe, args: dict[str, Any], info: DataInfo) -> dict[str, Any]:
+    """What every checkpoint of the run records besides its training state (plain values): the kind and recipe,
+    how to rebuild the model, the modalities' origins and the data it trained on."""
     used = [*args["inputs"], *args.get("outputs", []), *([args["task"]] if args.get("task") else [])]
     paths = [str(Path(part.path).resolve()) for part in info.parts or [info]]
-    extra = {"model_name": recipe.model.name, "model_args": args, "modalities": modality_origins(dict.fromkeys(used)),
-             "data": {"path": paths[0], **({"paths": paths} if info.parts else {}), "modalities": list(info.modalities),
-                      "image_size": list(info.image_size), "num_classes": info.num_classes,
-                      "class_names": list(info.class_names)}}
-    return fit(recipe, run_dir, model, train_set, compute_loss, resume=resume, extra_state=extra, resume_from=point)
+    return {"kind": recipe.kind, "recipe": recipe_to_dict(recipe), "model_name": recipe.model.name, "model_args": args,
+            "modalities": modality_origins(dict.fromkeys(used)),
+            "data": {"path": paths[0], **({"paths": paths} if info.parts else {}), "modalities": list(info.modalities),
+                     "image_size": list(info.image_size), "num_classes": info.num_classes,
+                     "class_names": list(info.class_names)}}
