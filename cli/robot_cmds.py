@@ -11,8 +11,6 @@ from mmtk.cli.app import DEVICE_HELP, PLUGIN_HELP, app, load_plugins
 from mmtk.cli.source_options import SourceChoice, SourceFlags, bag_topics, source_options
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from mmtk.data.sources.frame import Frame
 
 
@@ -62,75 +60,41 @@ def export_pointcloud_command(
     depth: Optional[Path] = typer.Option(None, help="... and a depth image (PNG/TIFF/.npy) aligned with it."),
     depth_scale: Optional[float] = typer.Option(None, help="Depth units per metre (default 1000 for integer images)."),
     intrinsics: Optional[str] = typer.Option(None, help="fx,fy,cx,cy in pixels (overrides the HDF5 intrinsics)."),
-    color: str = typer.Option("rgb", help="Colour points by 'rgb', 'none' or an HDF5 label dataset (e.g. "
-                                          "semseg_pseudo)."),
+    color: str = typer.Option("rgb", help="Colour points by a stored array: a colour image ('rgb'), labels (e.g. "
+                                          "semseg_pseudo), or 'none'."),
 ) -> None:
     """Write a coloured point cloud from a frame's depth (optionally coloured by semantic labels)."""
     from mmtk.errors import MmtkError
-    from mmtk.pointcloud import depth_to_cloud, parse_intrinsics, write_cloud
-    from mmtk.visualize import colorize_labels
+    from mmtk.pointcloud import depth_to_cloud, frame_colours, parse_intrinsics, write_cloud
 
     if (h5 is None) == (rgb is None):
         raise MmtkError("give the frame either with --h5 FILE (--split, --index) or with --rgb IMAGE --depth IMAGE")
-    label_key = color if color not in ("rgb", "none") else None
+    colour = None if color == "none" else color
     num_labels = None
     if h5 is not None:
         from mmtk.data.sources.mmtk_files import check_metres, class_count, frame_location, open_split, read_frame
 
         h5, index = frame_location(h5, split, index)
         with open_split(h5, split) as group:
-            frame = read_frame(group, index, ["rgb", depth_key] + ([label_key] if label_key else []))
+            frame = read_frame(group, index, [depth_key] + ([colour] if colour else []))
             check_metres(group, depth_key)
-            num_labels = class_count(group, label_key) if label_key else None
-        image, depth_m, k_file = frame.arrays["rgb"], frame.arrays[depth_key], frame.intrinsics
+            num_labels = class_count(group, colour) if colour else None
     else:
+        from mmtk.data.sources.open_source import open_source
+
         if depth is None:
             raise MmtkError("--rgb needs --depth (a depth image aligned with it)")
-        if label_key is not None:
-            raise MmtkError(f"--color {color}: label colouring needs --h5 (or --checkpoint with `mmtk predict`)")
-        frame = next(_image_frames(rgb, depth, depth_scale))
-        image, depth_m, k_file = frame.arrays["rgb"], frame.arrays["depth"], None
-    k = parse_intrinsics(intrinsics) if intrinsics is not None else k_file
+        frame = next(open_source("image", rgb, depth=depth, depth_scale=depth_scale).frames())
+        if depth_key not in frame.arrays:
+            raise MmtkError(f"--depth-key {depth_key} names an array of an --h5 file; with --rgb and --depth leave it "
+                            f"out")
+    k = parse_intrinsics(intrinsics) if intrinsics is not None else frame.intrinsics
     if k is None:
         raise MmtkError("no camera intrinsics to back-project the depth; pass --intrinsics fx,fy,cx,cy")
-    colors = None
-    if color == "rgb":
-        colors = image
-    elif label_key is not None:
-        colors = colorize_labels(frame.arrays[label_key], num_labels)
-    cloud = depth_to_cloud(depth_m, k, colors, organized=True)
-    skipped = cloud.num_invalid
+    cloud = depth_to_cloud(frame.arrays[depth_key], k, frame_colours(frame.arrays, colour, num_labels),
+                           organized=True)
     written = write_cloud(out, cloud)
-    typer.echo(f"{out}: {written} points written ({skipped} pixels without depth skipped)")
-
-
-def _read_depth(path: Path, depth_scale: Optional[float]) -> np.ndarray:
-    """Depth in metres from an image or .npy: integers in --depth-scale units per metre (default 1000, mm), floats
-    in metres unless --depth-scale is given."""
-    import numpy as np
-
-    from mmtk.data.sources.depth_encoding import read_depth_units, to_metres
-    from mmtk.errors import MmtkError
-
-    if depth_scale is not None and depth_scale <= 0:
-        raise MmtkError(f"--depth-scale {depth_scale}: must be positive (units per metre, e.g. 1000 for mm)")
-    raw = read_depth_units(path)
-    default = 1000.0 if np.issubdtype(raw.dtype, np.integer) else None
-    return to_metres(raw, depth_scale if depth_scale is not None else default)
-
-
-def _image_frames(rgb: Path, depth: Optional[Path], depth_scale: Optional[float]) -> Iterator[Frame]:
-    from mmtk.data.sources.frame import Frame
-    from mmtk.data.sources.image_files import read_rgb
-    from mmtk.errors import MmtkError
-
-    arrays = {"rgb": read_rgb(rgb)}
-    if depth is not None:
-        arrays["depth"] = _read_depth(depth, depth_scale)
-        if arrays["depth"].shape != arrays["rgb"].shape[:2]:
-            raise MmtkError(f"{depth}: depth is {arrays['depth'].shape} but {rgb} is {arrays['rgb'].shape[:2]}; they "
-                            f"must be aligned")
-    yield Frame("all", arrays, frame_id=rgb.name)
+    typer.echo(f"{out}: {written} points written ({cloud.num_invalid} pixels without depth skipped)")
 
 
 @app.command("predict")
@@ -157,6 +121,7 @@ def predict_command(
     from mmtk.errors import MmtkError
     from mmtk.io import remove_dead_temps
     from mmtk.pointcloud import parse_intrinsics
+    from mmtk.data.sources.open_source import open_source
     from mmtk.predict import file_stem, load_predictor, predicted_frames, write_prediction
     from mmtk.progress import counted
     from mmtk.train.run_folders import resolve_checkpoint
@@ -171,7 +136,8 @@ def predict_command(
                         f"output folder")
     if to_bag and ply:
         raise MmtkError("--ply writes files into a folder; a bag output carries the point cloud as /mmtk/points")
-    frames = _image_frames(rgb, depth, source.depth_scale) if chosen is None else _source_frames(chosen, split, index)
+    frames = (open_source("image", rgb, depth=depth, depth_scale=source.depth_scale).frames() if chosen is None
+              else _source_frames(chosen, split, index))
     size = parse_size(image_size, "--image-size")
     k_override = parse_intrinsics(intrinsics) if intrinsics is not None else None
     predictor = load_predictor(resolve_checkpoint(checkpoint), str(pick_device(device)))

@@ -322,3 +322,23 @@ def write_cloud(path: str | os.PathLike, cloud: PointCloud, binary: bool = True,
         if not o3d.io.write_point_cloud(str(tmp), legacy, write_ascii=not binary):
             raise MmtkError(f"{path}: open3d could not write the point cloud (check the folder is writable)")
     return len(valid.points)
+
+
+def frame_colours(arrays: dict[str, np.ndarray], colour: str | None, num_labels: int | None = None
+                  ) -> np.ndarray | None:
+    """Point colours uint8 [H, W, 3] from a frame's array ``colour``: a colour image (uint8 [H, W, 3]) as it is,
+    integer class labels [H, W] through the label palette (``num_labels``: ids incl. unlabeled, when known); None
+    for no colour."""
+    from mmtk.visualize import colorize_labels
+
+    if colour is None:
+        return None
+    if colour not in arrays:
+        raise MmtkError(f"--color {colour}: the frame has no {colour!r} array (it has {', '.join(sorted(arrays))})")
+    values = np.asarray(arrays[colour])
+    if values.ndim == 3 and values.shape[2] == 3 and values.dtype == np.uint8:
+        return values
+    if values.ndim == 2 and np.issubdtype(values.dtype, np.integer):
+        return colorize_labels(values, num_labels)
+    raise MmtkError(f"--color {colour}: a {values.dtype} array of shape {list(values.shape)} is neither a colour "
+                    f"image nor class labels; give one of those, or none")

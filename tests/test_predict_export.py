@@ -311,3 +311,11 @@ def test_export_pointcloud_from_images_and_h5(rgb, depth_m, tmp_path, capsys, mo
     valid = depth_m[::4, ::4] > 0
     assert np.array_equal(cloud.colors, colorize_labels(labels, 3)[valid])
     assert set(map(tuple, cloud.colors)) == {(0, 0, 0), tuple(label_palette(3)[2])}
+    code, _, err = run_cli(["export-pointcloud", str(tmp_path / "plain.ply"), "--h5", str(path), "--color", "none",
+                            "--intrinsics", "131.25,131.25,80,60"], capsys, monkeypatch)
+    assert code == 0, err
+    plain = read_cloud(tmp_path / "plain.ply")
+    assert len(plain.points) == valid.sum() and (plain.colors is None or len(plain.colors) == 0)
+    code, _, err = run_cli(["export-pointcloud", str(tmp_path / "bad.ply"), "--h5", str(path), "--color", "depth",
+                            "--intrinsics", "131.25,131.25,80,60"], capsys, monkeypatch)
+    assert code == 2 and "--color depth: a float32 array of shape [120, 160] is neither" in err and not (tmp_path / "bad.ply").exists()

@@ -7,15 +7,15 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from mmtk.data.sources.frame import RgbdSource
+from mmtk.data.sources.frame import Frame, RgbdSource
 from mmtk.errors import MmtkError
 
 
 def open_source(kind: str, path: str | os.PathLike, **options: Any) -> RgbdSource:
     """The source of kind ``kind`` at ``path`` with its reading ``options``: those of
     :func:`~mmtk.data.convert.convert_rgbd` (classes, depth_scale, depth_format, depth_range, layout) for "rgbd",
-    of :func:`~mmtk.data.sources.ros.source.open_rosbag_source` for "rosbag", none for "images", and split and
-    index for "data"."""
+    of :func:`~mmtk.data.sources.ros.source.open_rosbag_source` for "rosbag", none for "images", depth and
+    depth_scale for "image" (one colour image), and split and index for "data"."""
     if kind not in OPENERS:
         raise MmtkError(f"unknown source kind {kind!r}; one of {', '.join(OPENERS)}")
     check_options(**options)
@@ -61,6 +61,24 @@ def _images(path: Path) -> RgbdSource:
     return open_image_folder(path).source
 
 
+def _image(path: Path, depth: Path | None = None, depth_scale: float | None = None) -> RgbdSource:
+    """One colour image, with an optional depth image aligned with it (PNG/TIFF/.npy: integers in ``depth_scale``
+    units per metre, default 1000 = mm; floats in metres unless a scale is given)."""
+    from mmtk.data.sources.depth_encoding import read_depth_units, to_metres
+    from mmtk.data.sources.image_files import read_rgb
+
+    arrays = {"rgb": read_rgb(path)}
+    if depth is not None:
+        raw = read_depth_units(depth)
+        default = 1000.0 if raw.dtype.kind in "iu" else None
+        arrays["depth"] = to_metres(raw, depth_scale if depth_scale is not None else default)
+        if arrays["depth"].shape != arrays["rgb"].shape[:2]:
+            raise MmtkError(f"{depth}: depth is {arrays['depth'].shape} but {path} is {arrays['rgb'].shape[:2]}; "
+                            f"they must be aligned")
+    frame = Frame("all", arrays, frame_id=path.name)
+    return RgbdSource("image", path.name, 1, lambda: iter([frame]))
+
+
 def _dataset(path: Path, split: str = "test", index: int | None = None) -> RgbdSource:
     """The frames of one split of an mmtk dataset (every array an adapter stores), or only its frame ``index``."""
     from mmtk.data.sources.mmtk_files import dataset_frames
@@ -85,4 +103,4 @@ def _split_frames(path: Path, split: str) -> int:
 
 
 OPENERS: dict[str, Callable[..., RgbdSource]] = {"rgbd": _rgbd, "rosbag": _rosbag, "images": _images,
-                                                 "data": _dataset}
+                                                 "image": _image, "data": _dataset}
