@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import inspect
+from typing import Any, Callable
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
@@ -93,3 +95,31 @@ def load_plugins(paths: list | None) -> None:
 
         for path in paths:
             load_plugin(path)
+
+
+def bundled_options(param: str, options: dict[str, Any], defaults: dict[str, Any],
+                    bundle: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: give a command the options ``options`` (parameter name -> its ``Annotated`` declaration; default
+    None unless in ``defaults``), declared once for every command that shares them; the command receives their
+    values as one parameter ``param`` = ``bundle(**values)``. In --help the command's arguments come first, then
+    these options, then its own."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+               for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != param]
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=declared,
+                                   default=defaults.get(name)) for name, declared in options.items()]
+
+        @functools.wraps(command)
+        def with_bundle(**values: Any) -> Any:
+            bundled = bundle(**{name: values.pop(name) for name in options})
+            return command(**values, **{param: bundled})
+
+        arguments = [p for p in own if isinstance(p.default, typer.models.ArgumentInfo)]
+        parameters = arguments + added + [p for p in own if p not in arguments]
+        with_bundle.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        with_bundle.__annotations__ = {p.name: p.annotation for p in parameters}
+        del with_bundle.__wrapped__  # typer reads the signature above, not the command's
+        return with_bundle
+
+    return decorate

@@ -8,15 +8,13 @@ A command takes them with :func:`source_options`; it receives them as one :class
 
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from mmtk.cli.app import PLUGIN_HELP, load_plugins
+from mmtk.cli.app import PLUGIN_HELP, bundled_options, load_plugins
 from mmtk.errors import MmtkError
 
 SEVERAL = "; repeat it or give a quoted glob for several."
@@ -141,23 +139,9 @@ def source_options(*kinds: str) -> Callable[[Callable[..., Any]], Callable[..., 
     ``source: SourceFlags`` parameter, with the ``--plugin`` files already loaded."""
     names = [name for name in OPTIONS if name not in KINDS or name in kinds]
 
-    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
-        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "source"]
-        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=OPTIONS[name],
-                                   default=DEFAULTS.get(name)) for name in names]
+    def flags(**values: Any) -> SourceFlags:
+        given = SourceFlags(**values)
+        load_plugins(given.plugin)  # before any name is looked up in the modality registry
+        return given
 
-        @functools.wraps(command)
-        def with_source(**values: Any) -> Any:
-            flags = SourceFlags(**{name: values.pop(name) for name in names})
-            load_plugins(flags.plugin)  # before any name is looked up in the modality registry
-            return command(**values, source=flags)
-
-        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
-        arguments = [p for p in own if isinstance(p.default, typer.models.ArgumentInfo)]
-        parameters = arguments + added + [p for p in own if p not in arguments]  # --help: the source first
-        with_source.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
-        with_source.__annotations__ = {p.name: p.annotation for p in parameters}
-        del with_source.__wrapped__  # typer reads the signature above, not the command's
-        return with_source
-
-    return decorate
+    return bundled_options("source", {name: OPTIONS[name] for name in names}, DEFAULTS, flags)

@@ -6,11 +6,12 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Annotated, Optional
 
 import typer
 
-from mmtk.cli.app import DEVICE_HELP, PLUGIN_HELP, app, load_plugins
+from mmtk.cli.app import DEVICE_HELP, PLUGIN_HELP, app, bundled_options, load_plugins
 from mmtk.errors import MmtkError
 
 SET_HELP = "Override a recipe value, e.g. --set optim.lr=2e-4 (repeatable)."
@@ -42,11 +43,10 @@ def _resume_command(kind: str, recipe: str, data: list[Path], run_dir: Path, ove
     return " ".join(shlex.quote(word) for word in words)
 
 
-def _train(recipe_arg: str, kind: str, data: Optional[list[Path]], out: Optional[Path], sets: list[str],
-           resume: bool, device: Optional[str], plugins: Optional[list[Path]], init: Optional[Path] = None) -> None:
+def _train(recipe_arg: str, kind: str, run: RunFlags, init: Optional[Path] = None) -> None:
     """Run `mmtk pretrain`/`finetune`: the recipe with its overrides, the run folder, then the run itself; a stop
     by Ctrl-C or SIGTERM exits with 128 + the signal, after printing the command that resumes."""
-    load_plugins(plugins)
+    load_plugins(run.plugin)
     from mmtk.config import load_recipe
     from mmtk.train.engine import TrainingInterrupted
     from mmtk.progress import counted
@@ -55,8 +55,8 @@ def _train(recipe_arg: str, kind: str, data: Optional[list[Path]], out: Optional
     from mmtk.weights.folders import run_checkpoint
     from mmtk.train.run import run_training
 
-    data = data or []
-    overrides = sets + ([f"train.device={device}"] if device is not None else [])  # --device: so resumes carry it
+    data, out, resume = run.data or [], run.out, run.resume
+    overrides = run.set_ + ([f"train.device={run.device}"] if run.device is not None else [])  # resumes carry it
     data_path = [str(path) for path in data] if len(data) > 1 else str(data[0]) if data else None  # >1: a mixture
     recipe = load_recipe(recipe_arg, overrides, data_path=data_path)
     if recipe.kind != kind:
@@ -90,46 +90,53 @@ def _train(recipe_arg: str, kind: str, data: Optional[list[Path]], out: Optional
 
 
 RECIPE_HELP = "A shipped recipe's name (`mmtk recipes` lists them) or your own YAML file"
-DATA_OPTION = typer.Option(None, "--data", help="HDF5 file from `mmtk convert` (overrides data.path); repeat it to "
-                           "train on a mixture (data.weights).")
-OUT_OPTION = typer.Option(None, "--out", help="Run folder (default runs/<recipe name>).")
-SET_OPTION = typer.Option([], "--set", help=SET_HELP)
-RESUME_OPTION = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run folder.")
-DEVICE_OPTION = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N: the same as --set train.device=... "
-                             "(default: the recipe's, auto).")
-PLUGIN_OPTION = typer.Option(None, "--plugin", help=PLUGIN_HELP)
+
+
+@dataclass
+class RunFlags:
+    """The options `mmtk pretrain` and `mmtk finetune` share, as given."""
+
+    data: Optional[list[Path]] = None
+    out: Optional[Path] = None
+    set_: list[str] = field(default_factory=list)
+    resume: bool = False
+    device: Optional[str] = None
+    plugin: Optional[list[Path]] = None
+
+
+RUN_OPTIONS = {
+    "data": Annotated[Optional[list[Path]], typer.Option("--data", help="HDF5 file from `mmtk convert` (overrides "
+                                                         "data.path); repeat it to train on a mixture "
+                                                         "(data.weights).")],
+    "out": Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/<recipe name>).")],
+    "set_": Annotated[list[str], typer.Option("--set", help=SET_HELP)],
+    "resume": Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run folder.")],
+    "device": Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N: the same as --set "
+                                                    "train.device=... (default: the recipe's, auto).")],
+    "plugin": Annotated[Optional[list[Path]], typer.Option("--plugin", help=PLUGIN_HELP)],
+}
+run_options = bundled_options("run", RUN_OPTIONS, {"set_": [], "resume": False}, RunFlags)
 
 
 @app.command()
-def pretrain(
-    recipe: str = typer.Argument(..., help=f"{RECIPE_HELP}, e.g. tiny or my.yaml."),
-    data: Optional[list[Path]] = DATA_OPTION,
-    out: Optional[Path] = OUT_OPTION,
-    set_: list[str] = SET_OPTION,
-    resume: bool = RESUME_OPTION,
-    device: Optional[str] = DEVICE_OPTION,
-    plugin: Optional[list[Path]] = PLUGIN_OPTION,
-) -> None:
+@run_options
+def pretrain(run: RunFlags, recipe: str = typer.Argument(..., help=f"{RECIPE_HELP}, e.g. tiny or my.yaml.")) -> None:
     """Pretrain a MultiMAE (masked multi-modal autoencoder) as the recipe says. Ctrl-C or SIGTERM saves and
     stops."""
-    _train(recipe, "pretrain", data, out, set_, resume, device, plugin)
+    _train(recipe, "pretrain", run)
 
 
 @app.command()
+@run_options
 def finetune(
+    run: RunFlags,
     recipe: str = typer.Argument(..., help=f"{RECIPE_HELP}, e.g. tiny_finetune_semseg or my.yaml."),
-    data: Optional[list[Path]] = DATA_OPTION,
-    out: Optional[Path] = OUT_OPTION,
-    set_: list[str] = SET_OPTION,
     init: Optional[Path] = typer.Option(None, "--init", help="Pretrained weights: a run folder of `mmtk pretrain` "
                                         "(its newest checkpoint), a checkpoint file, official MultiMAE or timm ViT."),
-    resume: bool = RESUME_OPTION,
-    device: Optional[str] = DEVICE_OPTION,
-    plugin: Optional[list[Path]] = PLUGIN_OPTION,
 ) -> None:
     """Finetune a dense head (semantic segmentation or depth) on top of a pretrained encoder. Ctrl-C or SIGTERM
     saves and stops."""
-    _train(recipe, "finetune", data, out, set_, resume, device, plugin, init=init)
+    _train(recipe, "finetune", run, init=init)
 
 
 @app.command("runs")
