@@ -59,23 +59,39 @@ def split_length(group: h5py.Group) -> int:
     return lengths.pop()
 
 
+class SplitFrames:
+    """The frames of one split of an open mmtk file: its length and the arrays to read (``names``, default
+    :func:`stored_arrays`) are worked out once, then each frame is read by its index."""
+
+    def __init__(self, group: h5py.Group, names: Sequence[str] | None = None) -> None:
+        self.group, self.split = group, group.name.lstrip("/")
+        self.count = split_length(group)
+        self.names = stored_arrays(group) if names is None else list(names)
+        missing = [name for name in self.names if name not in group]
+        if missing:
+            raise MmtkError(f"{group.file.filename}: split {self.split!r} has no dataset {missing[0]!r}; "
+                            f"datasets: {sorted(group)}")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def read(self, index: int) -> Frame:
+        """Frame ``index`` (negative counts from the end): its arrays, decoded in the file's units, and metadata."""
+        group = self.group
+        if not -self.count <= index < self.count:
+            raise MmtkError(f"{group.file.filename}: split {self.split!r} has {self.count} frames; index {index} is "
+                            f"out of range")
+        index %= self.count
+        arrays = {name: read_stored(group[name], index) for name in self.names}
+        intrinsics = np.asarray(group["intrinsics"][index], np.float32) if "intrinsics" in group else None
+        timestamp = float(group["timestamp"][index]) if "timestamp" in group else None
+        frame_id = group["frame_id"].asstr()[index] if "frame_id" in group else f"{self.split}_{index:06d}"
+        return Frame(self.split, arrays, intrinsics, timestamp, frame_id)
+
+
 def read_frame(group: h5py.Group, index: int, names: Sequence[str] | None = None) -> Frame:
     """Frame ``index`` of a split: the arrays ``names`` (default :func:`stored_arrays`) and its metadata."""
-    count = split_length(group)
-    if not -count <= index < count:
-        raise MmtkError(f"{group.file.filename}: split {group.name.lstrip('/')!r} has {count} frames; index {index} is "
-                        f"out of range")
-    index %= count
-    names = stored_arrays(group) if names is None else names
-    for name in names:
-        if name not in group:
-            raise MmtkError(f"{group.file.filename}: split {group.name.lstrip('/')!r} has no dataset {name!r}; "
-                            f"datasets: {sorted(group)}")
-    arrays = {name: read_stored(group[name], index) for name in names}  # decoded, in the file's units
-    intrinsics = np.asarray(group["intrinsics"][index], np.float32) if "intrinsics" in group else None
-    timestamp = float(group["timestamp"][index]) if "timestamp" in group else None
-    frame_id = group["frame_id"].asstr()[index] if "frame_id" in group else f"{group.name.lstrip('/')}_{index:06d}"
-    return Frame(group.name.lstrip("/"), arrays, intrinsics, timestamp, frame_id)
+    return SplitFrames(group, names).read(index)
 
 
 def frame_location(path: str | os.PathLike, split: str, index: int) -> tuple[Path, int]:
@@ -106,8 +122,9 @@ def dataset_frames(path: str | os.PathLike, split: str, index: int | None = None
             raise MmtkError(f"{path}: no shard has split {split!r}; `mmtk info {path}` lists the splits")
     for file in files:
         with open_split(file, split) as group:
-            for i in range(split_length(group)):
-                yield read_frame(group, i)
+            frames = SplitFrames(group)
+            for i in range(len(frames)):
+                yield frames.read(i)
 
 
 def check_metres(group: h5py.Group, name: str) -> None:

@@ -81,11 +81,17 @@ def header_stamp_ns(raw: bytes, ros2: bool) -> int:
     return sec * 1_000_000_000 + nsec
 
 
+def ns_to_seconds(ns: int) -> float:
+    """Seconds of a ROS time in nanoseconds, as ``sec + nanosec * 1e-9`` (the digits ROS tools print)."""
+    sec, nsec = divmod(ns, 1_000_000_000)
+    return sec + nsec * 1e-9
+
+
 def pairing_time(raw: bytes, log_time_ns: int, ros2: bool, by_log_time: bool) -> float:
     """The time (s) a message is paired by: its header stamp, or when the recorder logged it (``by_log_time``, or
     a stamp never set)."""
     stamp = 0 if by_log_time else header_stamp_ns(raw, ros2)
-    return (stamp or log_time_ns) * 1e-9
+    return ns_to_seconds(stamp or log_time_ns)
 
 
 def is_ros2(reader: Any) -> bool:
@@ -118,7 +124,7 @@ def check_type(conn: Any, role: str, types: tuple[str, ...], expected: str) -> N
 def first_stamp(reader: Any, conns: list[Any]) -> float | None:
     """Header stamp (s) of the first message of ``conns`` (None when there is none)."""
     first = next(iter(reader.messages(connections=conns)), None)
-    return None if first is None else header_stamp_ns(first[2], is_ros2(reader)) * 1e-9
+    return None if first is None else ns_to_seconds(header_stamp_ns(first[2], is_ros2(reader)))
 
 
 def first_header(reader: Any, conn: Any) -> tuple[str, float]:
