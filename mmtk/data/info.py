@@ -35,7 +35,7 @@ def read_info(path: str | os.PathLike) -> dict[str, Any]:
          "classes": [names] | None, "units": {dataset: unit}}
 
     ``classes`` are the sensor labels' (not a network's); each label array's own are in its ``datasets`` entry.
-    A shard folder is summarised from its index alone (:func:`mmtk.data.shards.folder_info`), with "shards"
+    A shard folder is summarised from its index alone (:func:`mmtk.data.shard_index.folder_info`), with "shards"
     and "bytes" added.
     """
     if os.path.isdir(path):
