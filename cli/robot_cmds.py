@@ -109,7 +109,8 @@ def predict_command(
     depth: Optional[Path] = typer.Option(None, help="... with an optional aligned depth image (PNG/TIFF/.npy)."),
     split: str = typer.Option("test", help="--data: this split ..."),
     index: Optional[int] = typer.Option(None, help="... or only this frame of it."),
-    outputs: str = typer.Option("depth,semseg", help="Comma-separated tasks to predict (those the model has)."),
+    outputs: Optional[str] = typer.Option(None, help="Comma-separated outputs to predict (default: a finetuned "
+                                          "model's task; a pretrained model's task outputs, e.g. depth,semseg)."),
     ply: bool = typer.Option(False, help="Also write a coloured .ply per frame (needs metric depth + intrinsics)."),
     intrinsics: Optional[str] = typer.Option(None, help="fx,fy,cx,cy in pixels (default: the source's)."),
     image_size: Optional[str] = typer.Option(None, help="HxW the model runs at (default: its training size)."),
@@ -141,10 +142,8 @@ def predict_command(
     size = parse_size(image_size, "--image-size")
     k_override = parse_intrinsics(intrinsics) if intrinsics is not None else None
     predictor = load_predictor(resolve_checkpoint(checkpoint), str(pick_device(device)))
-    wanted = [name.strip() for name in outputs.split(",") if name.strip()]
-    if predictor.finetuned:  # a finetuned model has one task; keep what was asked of it
-        wanted = [name for name in wanted if name in predictor.available_outputs] or wanted
-    predicted = predicted_frames(predictor, frames, tuple(wanted), size, k_override)
+    wanted = tuple(name.strip() for name in outputs.split(",") if name.strip()) if outputs is not None else None
+    predicted = predicted_frames(predictor, frames, wanted, size, k_override)
 
     count = 0
     if to_bag:

@@ -54,6 +54,14 @@ class Predictor:
     def available_outputs(self) -> tuple[str, ...]:
         return (self.config.task,) if self.finetuned else tuple(self.config.outputs)
 
+    @property
+    def default_outputs(self) -> tuple[str, ...]:
+        """What is predicted unless asked otherwise: a finetuned model's task; a pretrained model's outputs that are
+        tasks (their modality names a task family: depth, semseg, a plugin's), not the reconstructed inputs."""
+        if self.finetuned:
+            return self.available_outputs
+        return tuple(name for name in self.available_outputs if get_modality(name).task_family is not None)
+
     @cached_property
     def input_adapters(self) -> dict[str, Modality]:
         """The adapter of each model input, built once for every frame it prepares."""
@@ -149,12 +157,12 @@ def prepare_inputs(predictor: Predictor, frame: Frame, image_size: tuple[int, in
     return inputs, valid
 
 
-def predicted_frames(predictor: Predictor, frames: Iterable[Frame], outputs: tuple[str, ...],
+def predicted_frames(predictor: Predictor, frames: Iterable[Frame], outputs: tuple[str, ...] | None = None,
                      image_size: tuple[int, int] | None = None,
                      intrinsics: np.ndarray | None = None) -> Iterator[tuple[Frame, Prediction]]:
     """Each frame of a source, decoded once (with ``intrinsics`` instead of its own, when given: every use of the
     camera, an xyz input or a point cloud, takes them), and what the model predicts of it (:func:`predict_frame`)."""
-    stores = output_arrays(predictor, outputs)
+    stores = output_arrays(predictor, predictor.default_outputs if outputs is None else outputs)
     for frame in frames:
         frame = decoded(frame)
         if intrinsics is not None:
@@ -170,15 +178,17 @@ def output_arrays(predictor: Predictor, outputs: tuple[str, ...]) -> dict[str, S
     return {name: output_array(name) for name in outputs}
 
 
-def predict_frame(predictor: Predictor, frame: Frame, outputs: tuple[str, ...] = ("depth", "semseg"),
+def predict_frame(predictor: Predictor, frame: Frame, outputs: tuple[str, ...] | None = None,
                   image_size: tuple[int, int] | None = None) -> Prediction:
     """Cross-modal prediction for one frame.
 
     A pretrained MultiMAE sees every token of the given inputs except those of requested outputs (every
     target token is masked); a finetuned model runs its head. Results are resized back to the frame. ``frame``
-    may hold what a source hands over (JPEG bytes, integer depth): it is decoded first.
+    may hold what a source hands over (JPEG bytes, integer depth): it is decoded first. ``outputs``: default
+    :attr:`Predictor.default_outputs`.
     """
-    return _predict_decoded(predictor, decoded(frame), output_arrays(predictor, outputs), image_size)
+    stores = output_arrays(predictor, predictor.default_outputs if outputs is None else outputs)
+    return _predict_decoded(predictor, decoded(frame), stores, image_size)
 
 
 def _predict_decoded(predictor: Predictor, frame: Frame, stores: dict[str, StoredArray],

@@ -203,6 +203,17 @@ def test_plugin_task_family_finetunes_evaluates_and_exports(thermal_run):
 
     assert [output.name for output in onnx.load(str(out)).graph.output] == ["thermal_K"]
 
+    # predict without --outputs: a finetuned model predicts its task, written in its adapter's units (kelvin)
+    code, text = run_cli("predict", "--checkpoint", folder / "ft", "--data", data, "--split", "all", "--index", "0",
+                         "--out", folder / "pred", "--plugin", plugin)
+    assert code == 0, text
+    written = sorted(p.name for p in (folder / "pred").iterdir())
+    assert len(written) == 2 and written[0].endswith("_thermal.npy") and written[1].endswith("_thermal.png")
+    with torch.no_grad():  # the model's kelvin at the frame's size, as computed above (negative kelvin clipped)
+        pred = F.interpolate(model({"rgb": inputs[0]["rgb"][None]}), size=(60, 80), mode="bilinear",
+                             align_corners=False)[0, 0].clamp(min=0).numpy()
+    np.testing.assert_allclose(np.load(folder / "pred" / written[0]), pred, atol=1e-4)
+
     # A fresh process without --plugin: the checkpoint names the file its task (modality and family) came from.
     done = subprocess.run([*CLI, "export", str(folder / "ft"), "--onnx", str(folder / "again.onnx")],
                           capture_output=True, text=True, env=ONE_THREAD_ENV)
