@@ -223,7 +223,8 @@ def eval_cmd(
     load_plugins(plugin)
     from rich.console import Console
 
-    from mmtk.evaluation.evaluate import evaluate, results_json
+    from mmtk.evaluation.evaluate import evaluate, load_trained_model, results_json
+    from mmtk.runtime import pick_device
     from mmtk.io import atomic_write_text
     from mmtk.progress import counted
     from mmtk.evaluation.protocols import PROTOCOLS, get_protocol
@@ -233,10 +234,11 @@ def eval_cmd(
     datasets = data or _training_data(checkpoint)
     console = Console() if sys.stdout.isatty() else Console(width=160)
     results = []
+    model = load_trained_model(checkpoint, pick_device(device)) if len(datasets) > 1 else None  # loaded once
     for dataset in datasets:
         try:
             rows, frames = evaluate(checkpoint, dataset, inputs, split=split, limit=limit, batch_size=batch_size,
-                                    device=device, protocol=protocol,  # several datasets: a picture folder each
+                                    device=device, protocol=protocol, model=model,  # a picture folder each
                                     save_predictions=save_predictions / Path(dataset).stem
                                     if save_predictions and len(datasets) > 1 else save_predictions)
         except MmtkError as err:

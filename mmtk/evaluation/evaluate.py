@@ -89,9 +89,12 @@ def _predict(model: nn.Module, kind: str, batch: dict[str, Tensor], combo: tuple
 @torch.no_grad()
 def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | None = None, split: str = "test",
              limit: int | None = None, batch_size: int = 4, device: str = "auto",
-             save_predictions: str | Path | None = None, protocol: str = "standard") -> tuple[list[EvalRow], int]:
+             save_predictions: str | Path | None = None, protocol: str = "standard",
+             model: nn.Module | None = None) -> tuple[list[EvalRow], int]:
     """Evaluate ``checkpoint`` on the ``split`` of ``data`` for each input combination under ``protocol`` (a name
     of :data:`mmtk.evaluation.protocols.PROTOCOLS`: which part of each frame the model sees and how it is scored).
+    ``model``: the checkpoint's model already loaded (:func:`load_trained_model`), when several datasets are
+    evaluated with it.
 
     Returns (rows, frames used): all frames of the split, or the first ``limit``.
     """
@@ -101,7 +104,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
         raise MmtkError(f"--batch-size must be > 0, got {batch_size}")
     chosen = get_protocol(protocol)
     torch_device = pick_device(device)
-    model = load_trained_model(checkpoint, torch_device)
+    model = load_trained_model(checkpoint, torch_device) if model is None else model.to(torch_device)
     config = model.config
     kind = "pretrain" if config.head is None else "finetune"
     available = tuple(config.inputs)
