@@ -478,5 +478,13 @@ def validate(recipe: Recipe, source: str) -> None:
         if train.loss not in (None, *family.losses):
             raise MmtkError(f"{source}: train.loss: {model.task} finetuning uses "
                             f"{' or '.join(repr(x) for x in family.losses)}, got {train.loss!r}")
-    elif not model.outputs:
-        raise MmtkError(f"{source}: model.outputs: pretraining needs at least one output task")
+    else:
+        if not model.outputs:
+            raise MmtkError(f"{source}: model.outputs: pretraining needs at least one output task")
+        finetuning_only = [key for key, value, unset in (("train.loss", train.loss, None),
+                                                         ("train.loss_reduction", train.loss_reduction, "image"),
+                                                         ("train.target_norm", train.target_norm, None))
+                           if value != unset]
+        if finetuning_only:  # pretraining scores each output with its adapter's own loss: they would do nothing
+            raise MmtkError(f"{source}: {', '.join(finetuning_only)} set the finetuning loss; pretraining scores each "
+                            f"output with its adapter's loss, so remove them")

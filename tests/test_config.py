@@ -37,6 +37,8 @@ def test_defaults_and_types(tmp_path):
     ("optim:\n  warmup_epochs: 50\n  epochs: 10\n", ["optim.warmup_epochs"]),
     ("kind: finetune\n", ["model.head"]),
     ("kind: finetune\nmodel: {head: dpt, task: depth}\ntrain: {loss: ce}\n", ["train.loss"]),
+    ("train: {loss_reduction: batch, target_norm: [2.0, 1.0]}\n", ["train.loss_reduction, train.target_norm",
+                                                                    "pretraining scores each output"]),
     ("optim: 3\n", ["optim", "mapping"]),
     ("- a\n- b\n", ["r.yaml", "mapping"]),
     ("optim: [\n", ["r.yaml", "not valid YAML"]),
