@@ -236,6 +236,18 @@ def test_reliability_loader_refuses_bad_values_naming_file_split_frame(mmtk_file
     assert "2 frames checked, 1 bad" in text
 
 
+def test_reliability_check_reads_pseudo_labels_as_the_labels_their_classes_name(mmtk_file):
+    """semseg_pseudo is no adapter's array (recipes map semseg to it): its classes attribute makes it labels."""
+    labels = np.zeros((1, 240, 320), np.uint8)
+    labels[0, 5, 5] = 4  # the third of two classes + unlabeled
+    with h5py.File(mmtk_file, "r+") as f:
+        f["test/semseg_pseudo"] = np.concatenate([labels, np.zeros_like(labels)])
+        f["test/semseg_pseudo"].attrs["classes"] = '["floor", "wall"]'
+    code, text = run_cli("check", mmtk_file)
+    assert code == 1 and f"{mmtk_file}:test frame 0 (" in text and "semseg_pseudo holds class id 4" in text
+    assert "1 bad" in text
+
+
 def test_reliability_flipped_bytes_fail_their_checksum(mmtk_file):
     from mmtk.data import H5Dataset
 

@@ -145,15 +145,16 @@ def _value_check(name: str, dataset: h5py.Dataset) -> Callable[[np.ndarray], Non
         return finite
     try:
         _, stored = stored_array(name)
-    except MmtkError:
-        return lambda value: None  # a plugin's array whose modality is not loaded: only readability is checked
-    if stored.kind == "metric":
+        kind, units = stored.kind, stored.units
+    except MmtkError:  # no loaded adapter stores it (a pseudo-label such as semseg_pseudo, a plugin's array)
+        kind, units = ("labels" if "classes" in dataset.attrs else None), None  # classes name what it labels
+    if kind == "metric":
         def metric(value: np.ndarray) -> None:
             check_metric_values(name, value)
-            if stored.units == "m":  # (depth_pseudo may be relative)
+            if units == "m":  # (depth_pseudo may be relative)
                 check_plausible_metres(name, value, "", fix="re-create the file with the right --depth-scale")
         return metric
-    if stored.kind == "labels":
+    if kind == "labels":
         classes = len(json.loads(dataset.attrs["classes"])) if "classes" in dataset.attrs else 0
 
         def labels(value: np.ndarray) -> None:
@@ -161,7 +162,7 @@ def _value_check(name: str, dataset: h5py.Dataset) -> Callable[[np.ndarray], Non
                 raise MmtkError("labels without a classes attribute; re-create the file with `mmtk convert`")
             check_label_ids(name, value, classes)
         return labels
-    return lambda value: None  # images: any value of their dtype is valid; only checksums catch flips
+    return lambda value: None  # images (any value of their dtype), unknown arrays: only readability is checked
 
 
 def _frame_problem(read: Callable[[int], Any], index: int, check: Callable[[np.ndarray], None]) -> str | None:
