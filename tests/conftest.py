@@ -15,9 +15,8 @@ def pytest_configure(config) -> None:
 
 @pytest.fixture(autouse=True, scope="module")
 def _registries_per_test_file():
-    """What a test file's plugins register (modalities, task families, layouts, schedules,
-    weights formats) is gone after the
-    file, so no test depends on the order files run in."""
+    """What a test file's plugins register (modalities, task families, layouts, schedules, weights formats) is gone
+    after the file, so no test depends on the order files run in."""
     import mmtk.plugins as plugins
     from mmtk import modality, task
     from mmtk.data.sources import folders

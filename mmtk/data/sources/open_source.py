@@ -22,8 +22,9 @@ def open_source(kind: str, path: str | os.PathLike, **options: Any) -> RgbdSourc
     return OPENERS[kind](Path(path), **options)
 
 
-def check_options(*, depth_scale: float | None = None, max_dt: float | None = None,
-                  depth_topic: str | None = None, cloud_topic: str | None = None, depth_format: str | None = None, depth_range: str | None = None, **_: Any) -> None:
+def check_options(*, depth_scale: float | None = None, max_dt: float | None = None, depth_topic: str | None = None,
+                  cloud_topic: str | None = None, depth_format: str | None = None, depth_range: str | None = None,
+                  **_: Any) -> None:
     """Refuse, before any input is read, conversion options out of range (one input, or a shard folder's many):
     the one place they are checked (other keyword options are the converters' and pass through)."""
     from mmtk.data.sources.depth_encoding import DepthEncoding, encoding_for, parse_depth_range
