@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Any, Callable
@@ -97,22 +98,27 @@ def load_plugins(paths: list | None) -> None:
             load_plugin(path)
 
 
-def bundled_options(param: str, options: dict[str, Any], defaults: dict[str, Any],
-                    bundle: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: give a command the options ``options`` (parameter name -> its ``Annotated`` declaration; default
-    None unless in ``defaults``), declared once for every command that shares them; the command receives their
-    values as one parameter ``param`` = ``bundle(**values)``. In --help the command's arguments come first, then
-    these options, then its own."""
+def bundled_options(param: str, options: dict[str, Any], flags: type,
+                    then: Callable[[Any], None] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: give a command the options ``options`` (parameter name -> its ``Annotated`` declaration), declared
+    once for every command that shares them; the command receives their values as one parameter ``param``, an
+    instance of the dataclass ``flags`` (whose fields give the defaults), after ``then(flags)`` when given. In
+    --help the command's arguments come first, then these options, then its own."""
+    fields = {field.name: field for field in dataclasses.fields(flags)}
+    defaults = {name: field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+                for name, field in fields.items()}
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
                for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != param]
         added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=declared,
-                                   default=defaults.get(name)) for name, declared in options.items()]
+                                   default=defaults[name]) for name, declared in options.items()]
 
         @functools.wraps(command)
         def with_bundle(**values: Any) -> Any:
-            bundled = bundle(**{name: values.pop(name) for name in options})
+            bundled = flags(**{name: values.pop(name) for name in options})
+            if then is not None:
+                then(bundled)
             return command(**values, **{param: bundled})
 
         arguments = [p for p in own if isinstance(p.default, typer.models.ArgumentInfo)]

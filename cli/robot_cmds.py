@@ -122,6 +122,7 @@ def predict_command(
     from mmtk.errors import MmtkError
     from mmtk.io import remove_dead_temps
     from mmtk.pointcloud import parse_intrinsics
+    from mmtk.bag_writer import BAG_SUFFIXES
     from mmtk.data.sources.open_source import open_source
     from mmtk.predict import file_stem, load_predictor, predicted_frames, write_prediction
     from mmtk.progress import counted
@@ -131,7 +132,7 @@ def predict_command(
     chosen = source.choose(("rgbd", "rosbag", "images", "data"), {"--rgb IMAGE": rgb is not None})
     if depth is not None and rgb is None:
         raise MmtkError("--depth goes with --rgb (folders, datasets and bags bring their own depth)")
-    to_bag = out.suffix in (".bag", ".mcap")
+    to_bag = out.suffix in BAG_SUFFIXES
     if to_bag and (chosen is None or chosen.kind != "rosbag" or len(chosen.inputs) != 1):
         raise MmtkError(f"--out {out}: a bag output is stamped like its input bag; give --rosbag BAG (one bag), or an "
                         f"output folder")

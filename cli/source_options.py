@@ -26,7 +26,7 @@ def _option(kind: Any, flag: str, help: str) -> Any:
     return Annotated[kind, typer.Option(flag, help=help)]
 
 
-OPTIONS: dict[str, Any] = {  # parameter -> its declaration; the default is None unless in DEFAULTS
+OPTIONS: dict[str, Any] = {  # parameter -> its declaration; defaults: SourceFlags
     "rgbd": _option(PATHS, "--rgbd", "RGB-D dataset folder (layout auto-detected) or NYUv2 .mat" + SEVERAL),
     "rosbag": _option(PATHS, "--rosbag", "ROS1 .bag or ROS2 bag directory (sqlite3/mcap)" + SEVERAL),
     "images": _option(PATHS, "--images", "Folder of RGB images (flat, class folders, or train/val/test above them); "
@@ -51,7 +51,6 @@ OPTIONS: dict[str, Any] = {  # parameter -> its declaration; the default is None
                                         "Source layouts; an unknown NAME lists them; a --plugin file may add one)."),
     "plugin": _option(Optional[list[Path]], "--plugin", PLUGIN_HELP),
 }
-DEFAULTS = {"max_dt": 0.02}
 KINDS = {"rgbd": "FOLDER", "rosbag": "BAG", "images": "FOLDER", "data": "DATASET"}  # source option -> its value
 BAG_ONLY = ("rgb_topic", "depth_topic", "cloud_topic", "camera_info_topic", "topic")
 RGBD_ONLY = ("depth_format", "depth_range", "layout")
@@ -139,9 +138,5 @@ def source_options(*kinds: str) -> Callable[[Callable[..., Any]], Callable[..., 
     ``source: SourceFlags`` parameter, with the ``--plugin`` files already loaded."""
     names = [name for name in OPTIONS if name not in KINDS or name in kinds]
 
-    def flags(**values: Any) -> SourceFlags:
-        given = SourceFlags(**values)
-        load_plugins(given.plugin)  # before any name is looked up in the modality registry
-        return given
-
-    return bundled_options("source", {name: OPTIONS[name] for name in names}, DEFAULTS, flags)
+    return bundled_options("source", {name: OPTIONS[name] for name in names}, SourceFlags,
+                           then=lambda flags: load_plugins(flags.plugin))  # before any registry lookup

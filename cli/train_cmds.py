@@ -115,7 +115,7 @@ RUN_OPTIONS = {
                                                     "train.device=... (default: the recipe's, auto).")],
     "plugin": Annotated[Optional[list[Path]], typer.Option("--plugin", help=PLUGIN_HELP)],
 }
-run_options = bundled_options("run", RUN_OPTIONS, {"set_": [], "resume": False}, RunFlags)
+run_options = bundled_options("run", RUN_OPTIONS, RunFlags)
 
 
 @app.command()

@@ -121,6 +121,9 @@ class TrainConfig:
             self.compile = "blocks" if self.compile else "none"
 
 
+FINETUNE_LOSS_KEYS = ("loss", "loss_reduction", "target_norm")  # train.* keys that shape only a finetuning loss
+
+
 @dataclass
 class Recipe:
     """A full training recipe."""
@@ -481,10 +484,8 @@ def validate(recipe: Recipe, source: str) -> None:
     else:
         if not model.outputs:
             raise MmtkError(f"{source}: model.outputs: pretraining needs at least one output task")
-        finetuning_only = [key for key, value, unset in (("train.loss", train.loss, None),
-                                                         ("train.loss_reduction", train.loss_reduction, "image"),
-                                                         ("train.target_norm", train.target_norm, None))
-                           if value != unset]
+        finetuning_only = [f"train.{key}" for key in FINETUNE_LOSS_KEYS
+                           if getattr(train, key) != getattr(TrainConfig(), key)]
         if finetuning_only:  # pretraining scores each output with its adapter's own loss: they would do nothing
             raise MmtkError(f"{source}: {', '.join(finetuning_only)} set the finetuning loss; pretraining scores each "
                             f"output with its adapter's loss, so remove them")

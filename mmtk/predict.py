@@ -5,8 +5,6 @@ bags); every model input is prepared from the frame by its adapter's :meth:`~mmt
 training prepares it; the model runs; each output comes back at the frame's resolution as its adapter stores it
 (labels, values in the adapter's units, images) and is written as pictures with legends and units, arrays and
 point clouds (:func:`write_prediction`), or as ROS messages (:mod:`mmtk.bag_writer`).
-
-torch is imported inside the functions that need it, so reading and writing frames stays light.
 """
 
 from __future__ import annotations
@@ -227,8 +225,8 @@ def _metric(predictor: Predictor, frame: Frame, name: str, stored: StoredArray, 
     """A finetuned head predicts the adapter's units; a pretrained MultiMAE predicts standardised values, which the
     adapter scales back with the frame's measurement of the same modality (Modality.to_units), else stay relative."""
     values = values[0].numpy().astype(np.float32)
-    if predictor.finetuned:
-        return Output(name, stored, np.clip(values, 0, None), stored.units)
+    if predictor.finetuned:  # in its task family's units (depth_pseudo stores several kinds; its head predicts m)
+        return Output(name, stored, np.clip(values, 0, None), get_modality(name).family().units or stored.units)
     measured = frame.arrays.get(name)
     if measured is None or not (np.asarray(measured) > 0).any():
         return Output(name, stored, values, RELATIVE)

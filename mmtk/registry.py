@@ -15,7 +15,7 @@ from mmtk.weights.infer import default_hooks
 from mmtk.weights.load import Weights, load_weights, read_weights
 from mmtk.weights.sources import get_format
 from mmtk.model.multimae import DenseModel, ModelConfig, MultiMAE
-from mmtk.model.sizes import NAMED_MODELS, PAPER_MODALITIES, SIZE_KEYS, reported_name, size_name  # noqa: F401  (API)
+from mmtk.model.sizes import NAMED_MODELS, reported_name, size_name
 # What a weights file fixes and no argument can change: the encoder's trunk.
 TRUNK = ("dim", "depth", "mlp_ratio", "patch_size", "num_global_tokens")
 HEAD_DIM = 64  # width per attention head of every released ViT and MultiMAE (heads are not in the shapes)

@@ -603,6 +603,8 @@ def test_reliability_resume_falls_back_to_the_older_intact_checkpoint_and_names_
     line = _one_error_line(output)
     assert code == 2 and "model.overrides.dim 64 -> 32" in line and f"contradicts checkpoint {newest}" in line
     assert "<state dict>" not in line
+    code, output = _pretrain(sample_h5, run, "--set=train.seed=7", "--resume", steps=3)  # data order and masks
+    assert code == 2 and "train.seed 0 -> 7" in _one_error_line(output)
 
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a kill mid-copy, a full disk
     code, output = _pretrain(sample_h5, run, "--resume", steps=3)

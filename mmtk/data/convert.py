@@ -6,6 +6,7 @@ import collections
 import itertools
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -144,10 +145,11 @@ def _produce(frames: Callable[[], Iterable[Frame]], queue: Any, parent: int) -> 
             put(frame)
         put(None)
     except BaseException as err:  # raised again in the parent, which owns the one-line error reporting
-        try:
-            put(err)
+        try:  # the queue pickles in a background thread, where a failure would go unseen: try it here
+            pickle.dumps(err)
         except Exception:  # an exception that does not pickle
-            put(RuntimeError(f"{type(err).__name__}: {err}"))
+            err = RuntimeError(f"{type(err).__name__}: {err}")
+        put(err)
 
 
 def _stored_bytes(frame: Frame) -> int:

@@ -260,40 +260,39 @@ class PredictionWriter:
 
         family = get_modality(task).family()
         for b in range(pred.shape[0]):
-            panels, labels = self._inputs(batch, b, combo), list(combo)
             picture = family.picture(batch, b, task, self.style, pred[b])
-            panels += [picture.prediction, picture.truth]
-            labels += [f"predicted {task}", f"ground truth {task}"]
-            image = Image.fromarray(self._compose(panels, labels, picture.legend))
+            panels = self._inputs(batch, b, combo) + [(f"predicted {task}", picture.prediction),
+                                                      (f"ground truth {task}", picture.truth)]
+            image = Image.fromarray(self._compose(panels, picture.legend))
             name = f"frame{first + b:05d}_{'+'.join(combo)}_{task}.png"
             atomic_write(self.folder / name, lambda handle: image.save(handle, format="PNG"), sweep=False)
 
-    def _inputs(self, batch: dict[str, Tensor], b: int, combo: tuple[str, ...]) -> list[np.ndarray]:
-        """A panel per input: its ground truth as its task family draws it (depth in metres, classes), else the
-        adapter's picture of the prepared tensor (when it draws one)."""
+    def _inputs(self, batch: dict[str, Tensor], b: int, combo: tuple[str, ...]) -> list[tuple[str, np.ndarray]]:
+        """A labelled panel per input: its ground truth as its task family draws it (depth in metres, classes), else
+        the adapter's picture of the prepared tensor; an input whose adapter draws none has no panel."""
         panels = []
         for name in combo:
             adapter = get_modality(name)
             if adapter.task_family is not None and all(key in batch for key in adapter.family().targets(name)):
-                panels.append(adapter.family().picture(batch, b, name, self.style).truth)
+                panels.append((name, adapter.family().picture(batch, b, name, self.style).truth))
                 continue
             picture = adapter().picture(batch[name][b].cpu())
             if picture is not None:
-                panels.append(picture)
+                panels.append((name, picture))
         return panels
 
-    def _compose(self, panels: list[np.ndarray], labels: list[str], legend: Callable[[int], np.ndarray]) -> np.ndarray:
+    def _compose(self, labelled: list[tuple[str, np.ndarray]], legend: Callable[[int], np.ndarray]) -> np.ndarray:
         from PIL import Image, ImageDraw
 
-        scale = max(1, -(-160 // max(p.shape[0] for p in panels)))  # small frames are enlarged (nearest)
-        panels = [np.repeat(np.repeat(p, scale, axis=0), scale, axis=1) for p in panels]
-        h = max(p.shape[0] for p in panels)
-        width = max(sum(p.shape[1] for p in panels) + 4 * (len(panels) - 1), 440)
+        scale = max(1, -(-160 // max(p.shape[0] for _, p in labelled)))  # small frames are enlarged (nearest)
+        labelled = [(label, np.repeat(np.repeat(p, scale, axis=0), scale, axis=1)) for label, p in labelled]
+        h = max(p.shape[0] for _, p in labelled)
+        width = max(sum(p.shape[1] for _, p in labelled) + 4 * (len(labelled) - 1), 440)
         title = 14
         canvas = Image.new("RGB", (width, h + title + 2), "white")
         draw = ImageDraw.Draw(canvas)
         x = 0
-        for panel, label in zip(panels, labels):
+        for label, panel in labelled:
             canvas.paste(Image.fromarray(np.ascontiguousarray(panel)), (x, title))
             draw.text((x + 2, 1), label, fill="black")
             x += panel.shape[1] + 4

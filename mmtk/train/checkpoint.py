@@ -13,7 +13,7 @@ import yaml
 import torch.distributed as dist
 from torch import nn
 
-from mmtk.config import Recipe, TrainConfig, recipe_to_dict
+from mmtk.config import FINETUNE_LOSS_KEYS, Recipe, TrainConfig, recipe_to_dict
 from mmtk.errors import MmtkError
 from mmtk.weights.files import read_state_dict
 from mmtk.io import atomic_write, discard, disk_errors, make_temp, publish
@@ -30,7 +30,7 @@ RESUMABLE_OPTIM = ("micro_batch", "accum_steps")
 # What a resume may change in the model section: the masking (which tokens the encoder sees), not the weights.
 RESUMABLE_MODEL = ("num_visible", "alphas")
 # train settings a resume may change: all but what the head was trained to predict (its loss, target normalisation)
-RESUMABLE_TRAIN = tuple(f.name for f in fields(TrainConfig) if f.name not in ("loss", "loss_reduction", "target_norm"))
+RESUMABLE_TRAIN = tuple(f.name for f in fields(TrainConfig) if f.name not in (*FINETUNE_LOSS_KEYS, "seed"))
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -139,7 +139,8 @@ def find_resume_point(run_dir: str | Path, recipe: Recipe) -> ResumePoint:
         _check_same(recipe, recorded, point, "optim", RESUMABLE_OPTIM,
                     "the checkpoint's optimizer and schedule would override the change")
         _check_same(recipe, recorded, point, "train", RESUMABLE_TRAIN,
-                    "the head was trained for that loss and target normalisation")
+                    "the head was trained for that loss and target normalisation; the data order and masks follow "
+                    "the seed")
     return point
 
 

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import h5py
 import numpy as np
 
-from mmtk.data.codecs import read_frame as read_stored
+from mmtk.data.codecs import frame_reader
 from mmtk.data.format import open_mmtk_file
 from mmtk.data.sources.frame import Frame
 from mmtk.errors import MmtkError
@@ -71,6 +71,7 @@ class SplitFrames:
         if missing:
             raise MmtkError(f"{group.file.filename}: split {self.split!r} has no dataset {missing[0]!r}; "
                             f"datasets: {sorted(group)}")
+        self.readers = {name: frame_reader(group[name]) for name in self.names}  # layouts looked up once
 
     def __len__(self) -> int:
         return self.count
@@ -82,7 +83,7 @@ class SplitFrames:
             raise MmtkError(f"{group.file.filename}: split {self.split!r} has {self.count} frames; index {index} is "
                             f"out of range")
         index %= self.count
-        arrays = {name: read_stored(group[name], index) for name in self.names}
+        arrays = {name: read(index) for name, read in self.readers.items()}  # decoded, in the file's units
         intrinsics = np.asarray(group["intrinsics"][index], np.float32) if "intrinsics" in group else None
         timestamp = float(group["timestamp"][index]) if "timestamp" in group else None
         frame_id = group["frame_id"].asstr()[index] if "frame_id" in group else f"{self.split}_{index:06d}"
