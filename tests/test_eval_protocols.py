@@ -123,7 +123,11 @@ def test_multimae_protocol_is_the_official_centre_crop_and_metrics(full_h5, fixe
 
 
 def test_official_metrics_average_over_batches_of_96_frames():
-    """3 frames in batches of 2 (the official logger's mean of per-batch values), not pooled over all pixels."""
+    """3 frames in batches of 2 (the official logger's mean of per-batch values), not pooled over all pixels; the
+    multimae protocol's batches are the official 96 frames (1.5 x its training batch of 64)."""
+    from mmtk.evaluation.protocols import get_protocol
+
+    assert get_protocol("multimae").depth_batch_frames == 96
     target = torch.tensor([[1.0, 2.0], [3.0, 0.0], [4.0, 4.0]]).view(3, 1, 1, 2)  # frame 2 has an invalid pixel
     pred = torch.tensor([[1.5, 2.0], [2.0, 9.0], [4.0, 5.0]]).view(3, 1, 1, 2)
     metric = BatchMeanDepthMetrics(batch_frames=2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from engine_helpers import RECIPES, TINY, one_thread, run_cli, sample_h5  # noqa: F401
@@ -32,17 +34,20 @@ def test_a_schedule_registered_in_a_test_file_sets_the_lr_of_each_step(sample_h5
 
 
 def test_the_default_schedule_is_warm_up_then_cosine_and_checkpoints_record_it(sample_h5, tmp_path, one_thread):
-    recipe = load_recipe(RECIPES / "tiny.yaml", FAST + ["optim.warmup_epochs=2"], data_path=str(sample_h5))
+    recipe = load_recipe(RECIPES / "tiny.yaml", FAST + ["optim.epochs=2", "optim.warmup_epochs=0.5"],
+                         data_path=str(sample_h5))
     assert recipe.optim.schedule == "cosine"
     run_training(recipe, tmp_path / "run")
     lrs = [r["lr"] for r in read_metrics(tmp_path / "run")]
     # the checkpoint keeps the schedule as plain values (it loads with weights_only=True)
     recorded = load_checkpoint(checkpoint_paths(tmp_path / "run")[-1])["scheduler"]["lr_lambdas"][0]
-    steps_per_epoch = recorded["total_steps"] // 50
-    assert recorded == {"name": "cosine", "warmup_steps": 2 * steps_per_epoch, "total_steps": 50 * steps_per_epoch,
-                        "min_ratio": 0.0}
-    warmup = [(step + 1) / (2 * steps_per_epoch) * 1e-3 for step in range(5)]  # linear warm-up, first steps
-    assert lrs == pytest.approx(warmup, rel=1e-12)
+    steps_per_epoch = recorded["total_steps"] // 2
+    warm, total = round(0.5 * steps_per_epoch), 2 * steps_per_epoch
+    assert recorded == {"name": "cosine", "warmup_steps": warm, "total_steps": total, "min_ratio": 0.0}
+    assert 0 < warm < 5 <= total  # the 5 steps cover warm-up and the start of the cosine
+    expected = [(step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
+                for step in range(5)]  # linear warm-up from 1/warm, then cosine from 1 down to 0 at the end
+    assert lrs == pytest.approx([1e-3 * value for value in expected], rel=1e-12)
 
 
 def test_an_unknown_schedule_is_one_line_naming_the_registered_ones(sample_h5, tmp_path):

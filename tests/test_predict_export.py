@@ -15,6 +15,7 @@ from PIL import Image
 
 from cli_helpers import run_cli
 from data_helpers import KINECT, KINECT_FRAME, SHARED, kinect_frame, kinect_intrinsics
+from weights_helpers import save_tiny
 import mmtk
 from mmtk.pointcloud import depth_to_xyz, intrinsics_matrix, read_cloud
 from mmtk.data.sources.frame import Frame
@@ -27,17 +28,6 @@ DEPTH_PNG = KINECT / f"{FRAME}_depth.png"
 BAG = SHARED / "rosbag_pcl_kinect" / "pcl_kinect_3frames.bag"
 K = kinect_intrinsics()
 TINY = dict(dim=64, depth=4, num_heads=2, image_size=(64, 96), num_classes=5)
-
-
-def save_tiny(path: Path, **args) -> Path:
-    """A randomly initialised tiny model saved like the engine's checkpoints (model_name, model_args, model)."""
-    torch.manual_seed(0)
-    model = mmtk.create_model("multimae-tiny", verbose=False, **args)
-    if args.get("task") == "depth":  # centre the random depth head's output near 1 m, like a trained one
-        with torch.no_grad():
-            model.head.output[-1].bias.fill_(1.0)
-    torch.save({"model_name": "multimae-tiny", "model_args": args, "model": model.state_dict()}, path)
-    return path
 
 
 @pytest.fixture(scope="module")

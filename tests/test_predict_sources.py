@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import mmtk
 import mmtk.plugins
 from cli_helpers import run_cli
 from data_helpers import BAG1, DEPTH_TOPIC, MULTIMAE, RGB_TOPIC, SYNC
+from weights_helpers import save_tiny
 from mmtk.data.sources.frame import Frame
 from mmtk.predict import decoded, load_predictor, predict_frame
 from mmtk.visualize import label_palette
@@ -27,14 +27,6 @@ from test_plugin_modality import IR_ADAPTER, IR_TOPIC, write_bag_with_ir
 TINY = dict(dim=64, depth=4, num_heads=2, image_size=(64, 96), num_classes=5, decoder_dim=32, decoder_depth=1,
             decoder_heads=2, outputs=("depth", "semseg"))
 THERMAL_ADAPTER = IR_ADAPTER.replace('"ir"', '"thermal"').replace("Infrared", "Thermal")
-
-
-def save_tiny(path: Path, **args) -> Path:
-    """A randomly initialised tiny pretrained model saved like the engine's checkpoints."""
-    torch.manual_seed(0)
-    model = mmtk.create_model("multimae-tiny", verbose=False, **args)
-    torch.save({"model_name": "multimae-tiny", "model_args": args, "model": model.state_dict()}, path)
-    return path
 
 
 @pytest.fixture(scope="module")

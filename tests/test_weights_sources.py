@@ -32,7 +32,7 @@ def registry(monkeypatch):
     monkeypatch.setattr(sources, "_FORMATS", list(sources._FORMATS))  # what this test registers goes away after it
 
 
-def test_a_format_registered_from_a_plugin_file_loads_with_create_model_and_mmtk_weights(tmp_path, registry):
+def test_a_format_registered_from_a_test_file_loads_with_create_model_and_mmtk_weights(tmp_path, registry):
     reference = mmtk.create_model("multimae-tiny", verbose=False, **ARGS)
     state = {PREFIX + name: tensor for name, tensor in reference.state_dict().items()}
     path = tmp_path / "lab.pth"

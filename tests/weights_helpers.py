@@ -1,4 +1,5 @@
-"""Helpers of the tests/test_weights_*.py files: a strict JSON parser and metrics computed outside `mmtk eval`."""
+"""Helpers of the weights, predict and export tests: a strict JSON parser, metrics computed outside `mmtk eval`, and
+tiny models saved as the engine saves them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import mmtk
 from mmtk.adapters.tasks.depth import DepthMetrics
 from mmtk.adapters.tasks.segmentation import SegmentationMetrics
 from mmtk.evaluation.protocols import eigen_crop
@@ -42,3 +44,14 @@ def reference_metrics(model: torch.nn.Module, data: Path, inputs: tuple[str, ...
                 region = eigen_crop(tuple(target["depth_m"].shape[-2:]))
                 metric.update(pred, target["depth_m"], target["depth_valid"] & region)
     return {k: float(v) for k, v in metric.compute().items() if v.ndim == 0}
+
+
+def save_tiny(path: Path, **args) -> Path:
+    """A randomly initialised tiny model saved like the engine's checkpoints (model_name, model_args, model)."""
+    torch.manual_seed(0)
+    model = mmtk.create_model("multimae-tiny", verbose=False, **args)
+    if args.get("task") == "depth":  # centre the random depth head's output near 1 m, like a trained one
+        with torch.no_grad():
+            model.head.output[-1].bias.fill_(1.0)
+    torch.save({"model_name": "multimae-tiny", "model_args": args, "model": model.state_dict()}, path)
+    return path
