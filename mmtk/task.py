@@ -100,6 +100,7 @@ class TaskFamily:
     target_norm: ClassVar[bool] = False
     class_labels: ClassVar[bool] = False
     rescaled: ClassVar[bool] = False
+    units_fix: ClassVar[str] = ""  # what to do with data in other units (:meth:`check_units`); "" for the generic
 
     @property
     def default_loss(self) -> str:
@@ -137,10 +138,10 @@ class TaskFamily:
                         f"standardised prediction becomes {self.units or 'its targets'}); evaluate a finetuned model")
 
     def check_units(self, task: str, stored_units: str | None, source: str) -> None:
-        """Refuse finetuning on a file whose ``task`` is stored in units other than :attr:`units`."""
+        """Refuse training or scoring ``task`` on a file that stores it in units other than :attr:`units`."""
         if self.units and stored_units not in (None, self.units):
-            raise MmtkError(f"finetuning {task} trains and scores it in {self.units}, but {source} holds it in "
-                            f"'{stored_units}'; finetune on data stored in {self.units}")
+            raise MmtkError(f"{task} is trained and scored in {self.units}, but {source} holds it in '{stored_units}' "
+                            f"units; {self.units_fix or f'use data that stores it in {self.units}'}")
 
     def output_name(self, task: str) -> str:
         """The name of the exported model's output (ONNX), e.g. ``<task>_logits``."""

@@ -196,6 +196,7 @@ class DepthRegression(TaskFamily):
     columns = COLUMNS
     units = "m"
     target_norm = True
+    units_fix = "use sensor depth, or pseudo-labels of a metric network (`mmtk pseudo-label --depth-kind metric`)"
     rescaled = True
 
     def targets(self, task: str) -> tuple[str, ...]:
@@ -220,12 +221,6 @@ class DepthRegression(TaskFamily):
             raise MmtkError(f"a pretrained model's {task} cannot be scored in {self.units}: its adapter has no "
                             f"to_units (see Modality.to_units); add one, or evaluate a finetuned model")
         return values
-
-    def check_units(self, task: str, stored_units: str | None, source: str) -> None:
-        if stored_units not in (None, self.units):
-            raise MmtkError(f"finetuning {task} trains and scores it in metres, but {source} holds it in "
-                            f"'{stored_units}' units (a relative pseudo-label); finetune on sensor depth or on "
-                            "pseudo-labels of a metric network (`mmtk pseudo-label --depth-kind metric`)")
 
     def output_name(self, task: str) -> str:
         return f"{task}_m"

@@ -116,6 +116,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
             raise MmtkError(f"{checkpoint}: the pretrained model predicts no output with a metric (such as depth or "
                             f"semseg); nothing to evaluate")
     info = data_info(data, split)
+    for task in tasks:  # a relative pseudo-label holds no metres to score against
+        get_modality(task).family().check_units(task, info.units.get(task), str(data))
     labelled = [n for n in dict.fromkeys(available + tasks)
                 if get_modality(n).task_family is not None and get_modality(n).family().class_labels]
     skipped_labels, skipped_tasks = "", []
