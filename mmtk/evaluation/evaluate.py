@@ -139,26 +139,31 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
     metrics = {}
     skipped: set[tuple[tuple[str, ...], str]] = set()
     saver = PredictionWriter(save_predictions, num_classes, info, kind != "finetune") if save_predictions else None
-    for task in tasks:
-        family, frame_size = get_modality(task).family(), tuple(info.image_size)
+    frame_size, views = tuple(info.image_size), {}
+    for task in tasks:  # tasks the protocol shows alike share one pass over the split
+        family = get_modality(task).family()
         view = family.view(chosen, frame_size, tuple(config.image_size))
+        views.setdefault(view, []).append(task)
         metrics.update({(combo, task): family.metric(get_modality(task), num_classes, chosen, view, frame_size)
                         for combo in combos})
+    for view, group in views.items():
         seen = 0
-        for batch in DataLoader(_ProtocolFrames(data, split, wanted, task, family.targets(task), view, frames),
+        for batch in DataLoader(_ProtocolFrames(data, split, wanted, tuple(group), view, frames),
                                 batch_size=batch_size):
             batch = to_device(batch, torch_device)
             for combo in combos:
-                pred = _predict(model, kind, _padded(batch, combo, view), combo, (task,),
-                                view.padded_size or view.input_size)[task]
-                if pred is None:
-                    skipped.add((combo, task))
-                    continue
-                pred = _to_target(pred.float(), view).cpu()
-                family.update(metrics[combo, task], pred, {key: batch[key].cpu() for key in family.targets(task)},
-                              task)
-                if saver:
-                    saver.write(batch, pred, combo, task, seen)
+                preds = _predict(model, kind, _padded(batch, combo, view), combo, tuple(group),
+                                 view.padded_size or view.input_size)
+                for task, pred in preds.items():
+                    if pred is None:
+                        skipped.add((combo, task))
+                        continue
+                    family = get_modality(task).family()
+                    pred = _to_target(pred.float(), view).cpu()
+                    family.update(metrics[combo, task], pred,
+                                  {key: batch[key].cpu() for key in family.targets(task)}, task)
+                    if saver:
+                        saver.write(batch, pred, combo, task, seen)
             seen += next(iter(batch.values())).shape[0]
     rows = [EvalRow(combo, task, frames, {}, note=skipped_labels) for combo in combos for task in skipped_tasks]
     for (combo, task), metric in metrics.items():
@@ -173,17 +178,17 @@ def evaluate(checkpoint: str | Path, data: str | Path, input_sets: list[str] | N
 
 
 class _ProtocolFrames(Dataset):
-    """The first ``frames`` frames of a split as a protocol's view shows them: inputs (and the task) read from
-    ``view.window`` at ``view.input_size``; the task's targets at ``view.target_size`` when that differs."""
+    """The first ``frames`` frames of a split as a protocol's view shows them: inputs (and the tasks) read from
+    ``view.window`` at ``view.input_size``; the tasks' targets at ``view.target_size`` when that differs."""
 
-    def __init__(self, data: str | Path, split: str, wanted: tuple[str, ...], task: str, target_keys: tuple[str, ...],
-                 view: View, frames: int) -> None:
+    def __init__(self, data: str | Path, split: str, wanted: tuple[str, ...], tasks: tuple[str, ...], view: View,
+                 frames: int) -> None:
         from mmtk.data import H5Dataset
 
         self.inputs = H5Dataset(data, split, wanted, view.input_size, window=view.window)
         self.targets = None if view.target_size == view.input_size else \
-            H5Dataset(data, split, (task,), view.target_size, window=view.window)
-        self.target_keys = target_keys  # the task family's target tensors
+            H5Dataset(data, split, tasks, view.target_size, window=view.window)
+        self.target_keys = {key for task in tasks for key in get_modality(task).family().targets(task)}
         self.frames = frames
 
     def __len__(self) -> int:
