@@ -35,27 +35,17 @@ class XYZ(Depth):
                    "slice), z less its robust mean; invalid = 0")
 
     def load(self, read, window, image_size: tuple[int, int]) -> dict[str, Tensor]:
-        from mmtk.data.resize import resize_depth
+        from mmtk.data.resize import resize_depth, window_intrinsics
 
         stored = read("depth")
         check_metric_values("depth", stored)  # as Depth.load refuses corrupt values
         depth = torch.from_numpy(np.ascontiguousarray(stored, dtype=np.float32))[None, None]
         depth, _ = resize_depth(depth, image_size)  # valid-aware resize of the crop, metres
-        intrinsics = crop_intrinsics(np.asarray(read("intrinsics"), dtype=np.float64), window, image_size)
+        intrinsics = window_intrinsics(read("intrinsics"), window, image_size)
         xyz, valid = prepare_xyz_from_depth(depth[0, 0].numpy(), intrinsics)
         if window.flip:
             xyz, valid = flip_xyz(xyz), valid.flip(-1)
         return {"xyz": xyz, "xyz_valid": valid}
-
-
-def crop_intrinsics(intrinsics: np.ndarray, window, image_size: tuple[int, int]) -> np.ndarray:
-    """K of a crop (top, left, height, width) resized to image_size (pixel centres stay aligned)."""
-    scale_y, scale_x = image_size[0] / window.height, image_size[1] / window.width
-    out = intrinsics.copy()
-    out[0, 0], out[1, 1] = intrinsics[0, 0] * scale_x, intrinsics[1, 1] * scale_y
-    out[0, 2] = (intrinsics[0, 2] - window.left + 0.5) * scale_x - 0.5
-    out[1, 2] = (intrinsics[1, 2] - window.top + 0.5) * scale_y - 0.5
-    return out
 
 
 def normalise_xyz(xyz: np.ndarray) -> tuple[Tensor, Tensor]:

@@ -15,11 +15,14 @@ from pathlib import Path
 from queue import Empty, Full
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
+
 from mmtk.data.codecs import plain
 from mmtk.data.format import H5Writer, check_out_path
 from mmtk.data.shard_index import CONVERT_STATE, DONE_FOLDER, PLAN_FILE, finished_inputs, read_plan
-from mmtk.data.resize import cover_window, crop_intrinsics, resize_intrinsics, resize_stored
+from mmtk.data.resize import cover_window, resize_stored, window_intrinsics
 from mmtk.data.sources.frame import Frame, RgbdSource
+from mmtk.data.transforms import CropWindow
 from mmtk.data.sources.open_source import check_options, open_source
 from mmtk.errors import MmtkError
 from mmtk.io import atomic_write_text, check_free_space, discard, disk_errors
@@ -55,12 +58,10 @@ def _resized(frame: Frame, size: tuple[int, int] | None) -> Frame:
     first = next(iter(frame.arrays.values()))
     if size is None or first.shape[:2] == size:
         return frame
-    top, left, height, width = cover_window(first.shape[:2], size)
-    window = (slice(top, top + height), slice(left, left + width))
-    arrays = {name: resize_stored(stored_array(name)[1].kind, plain(value)[window], size)
+    window = CropWindow(*cover_window(first.shape[:2], size))
+    arrays = {name: resize_stored(stored_array(name)[1].kind, plain(value)[window.rows, window.cols], size)
               for name, value in frame.arrays.items()}
-    k = None if frame.intrinsics is None else \
-        resize_intrinsics(crop_intrinsics(frame.intrinsics, top, left), (height, width), size)
+    k = None if frame.intrinsics is None else window_intrinsics(frame.intrinsics, window, size).astype(np.float32)
     return Frame(frame.split, arrays, k, frame.timestamp, frame.frame_id)
 
 

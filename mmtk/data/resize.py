@@ -7,6 +7,8 @@ centred window :func:`cover_window` is cut out and resized, as resizing to cover
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -78,17 +80,6 @@ def resize_stored(kind: str, array: np.ndarray, size: tuple[int, int]) -> np.nda
     return out.contiguous().numpy().astype(array.dtype, copy=False)
 
 
-def resize_intrinsics(intrinsics: np.ndarray, from_size: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-    """Scale K [3, 3] from an image of from_size=(H, W) to size=(h, w) so that pixel centres map exactly."""
-    sx, sy = size[1] / from_size[1], size[0] / from_size[0]
-    k = np.array(intrinsics, dtype=np.float64)
-    k[0, 0] *= sx
-    k[1, 1] *= sy
-    k[0, 2] = (k[0, 2] + 0.5) * sx - 0.5
-    k[1, 2] = (k[1, 2] + 0.5) * sy - 0.5
-    return k.astype(np.float32)
-
-
 def cover_window(from_size: tuple[int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
     """The centred window (top, left, height, width) of an image of from_size=(H, W) that has the aspect ratio of
     size=(h, w): what resizing the image to cover ``size`` and cropping the overflow keeps (the whole image when
@@ -98,9 +89,13 @@ def cover_window(from_size: tuple[int, int], size: tuple[int, int]) -> tuple[int
     return (from_size[0] - height) // 2, (from_size[1] - width) // 2, height, width
 
 
-def crop_intrinsics(intrinsics: np.ndarray, top: int, left: int) -> np.ndarray:
-    """K [3, 3] of the window of an image whose top-left pixel is (top, left): the principal point moves."""
+def window_intrinsics(intrinsics: np.ndarray, window: Any, size: tuple[int, int]) -> np.ndarray:
+    """K [3, 3] (float64) of a window (top, left, height, width: a :class:`~mmtk.data.transforms.CropWindow`) of an
+    image, resized to size=(h, w): the principal point moves with the window, and pixel centres stay aligned."""
+    sx, sy = size[1] / window.width, size[0] / window.height
     k = np.array(intrinsics, dtype=np.float64)
-    k[0, 2] -= left
-    k[1, 2] -= top
-    return k.astype(np.float32)
+    k[0, 0] *= sx
+    k[1, 1] *= sy
+    k[0, 2] = (k[0, 2] - window.left + 0.5) * sx - 0.5
+    k[1, 2] = (k[1, 2] - window.top + 0.5) * sy - 0.5
+    return k
